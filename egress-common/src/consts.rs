@@ -1,0 +1,48 @@
+//! Map names, counter indices, protocol bits and capacities.
+
+/// LPM trie of static `cidr:`/`ip:` rules: `Key<Addr>` to [`crate::AllowValue`].
+pub const MAP_ALLOW_CIDR: &str = "ALLOW_CIDR";
+/// Hash of addresses learned from DNS answers: [`crate::Addr`] to [`crate::AllowValue`]
+/// (with an expiry).
+pub const MAP_ALLOW_DNS: &str = "ALLOW_DNS";
+/// Ring buffer of [`crate::DenyEvent`]s.
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Per-CPU `u64` counters, indexed by the `COUNTER_*` constants.
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// One-element array holding the [`crate::Config`].
+pub const MAP_CONFIG: &str = "CONFIG";
+
+/// Connects and sends that were allowed.
+pub const COUNTER_ALLOW: u32 = 0;
+/// Connects and sends that were denied (or would have been, in audit mode).
+pub const COUNTER_DENY: u32 = 1;
+/// Deny events lost because the ring buffer was full.
+pub const COUNTER_RINGBUF_DROP: u32 = 2;
+/// Errors inside a program (each one also denied).
+pub const COUNTER_ERROR: u32 = 3;
+/// Number of slots in the counters map.
+pub const COUNTER_SLOTS: u32 = 8;
+
+/// Protocol bit for TCP in [`crate::PortRange::protos`].
+pub const PROTO_TCP: u8 = 1 << 0;
+/// Protocol bit for UDP in [`crate::PortRange::protos`].
+pub const PROTO_UDP: u8 = 1 << 1;
+/// TCP and UDP.
+pub const PROTO_ANY: u8 = PROTO_TCP | PROTO_UDP;
+
+/// How many port ranges one allow entry can hold. The verifier unrolls nothing: the check
+/// is a bounded loop (kernel >= 5.3), so this only sizes the value.
+pub const MAX_PORT_RANGES: usize = 16;
+
+/// Default capacity of the static CIDR trie (allocated lazily: LPM tries are never
+/// preallocated).
+pub const DEFAULT_CIDR_CAPACITY: u32 = 1 << 20;
+/// Default capacity of the DNS-derived hash.
+pub const DEFAULT_DNS_CAPACITY: u32 = 1 << 16;
+/// Size of the events ring buffer in bytes (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 1 << 18;
+
+/// Value returned by cgroup sock_addr programs to let the call proceed.
+pub const VERDICT_ALLOW: i32 = 1;
+/// Value returned by cgroup sock_addr programs to fail the call with EPERM.
+pub const VERDICT_DENY: i32 = 0;

@@ -1,0 +1,33 @@
+//! The maps, named as in `egress_common::consts`. Capacities are defaults: the agent sets
+//! them at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use egress_common::{
+    Addr, AllowValue, Config,
+    consts::{COUNTER_SLOTS, DEFAULT_CIDR_CAPACITY, DEFAULT_DNS_CAPACITY, EVENTS_RING_BYTES},
+};
+
+/// Static `cidr:`/`ip:` rules. Written by the agent at start and on reload; each entry already
+/// holds the union of every broader rule that covers it, so one longest-prefix lookup suffices.
+#[map]
+pub static ALLOW_CIDR: LpmTrie<Addr, AllowValue> =
+    LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+
+/// Addresses answered for allowed host names, each with its expiry.
+#[map]
+pub static ALLOW_DNS: HashMap<Addr, AllowValue> = HashMap::with_max_entries(DEFAULT_DNS_CAPACITY, 0);
+
+/// Deny events for the agent.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Allow/deny/drop/error counters.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Program settings (mode).
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

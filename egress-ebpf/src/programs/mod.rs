@@ -1,0 +1,4 @@
+//! Programs, named after their attach points.
+
+mod sock_addr;
+mod verdict;

@@ -1,0 +1,83 @@
+//! `cgroup/connect4`, `connect6`, `sendmsg4`, `sendmsg6`: TCP connects (TCP Fast Open
+//! included, which connects through the same `pre_connect` path), connected UDP, and
+//! unconnected UDP sends. All four read the destination and share [`super::verdict`].
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use egress_common::{Addr, addr_from_v4, events::hook};
+
+use super::verdict::{Destination, decide, deny_on_error};
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    match try_v4(&ctx, hook::CONNECT4) {
+        Ok(v) => v,
+        Err(()) => deny_on_error(hook::CONNECT4),
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    match try_v6(&ctx, hook::CONNECT6) {
+        Ok(v) => v,
+        Err(()) => deny_on_error(hook::CONNECT6),
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    match try_v4(&ctx, hook::SENDMSG4) {
+        Ok(v) => v,
+        Err(()) => deny_on_error(hook::SENDMSG4),
+    }
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    match try_v6(&ctx, hook::SENDMSG6) {
+        Ok(v) => v,
+        Err(()) => deny_on_error(hook::SENDMSG6),
+    }
+}
+
+fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
+    // SAFETY: the kernel hands every cgroup/sock_addr program a valid `bpf_sock_addr`; the
+    // verifier checks each field access (4-byte loads, as it requires).
+    let sa = unsafe { &*ctx.sock_addr };
+    // `user_ip4` holds the address in network byte order: its in-memory bytes are the octets.
+    let addr = addr_from_v4(sa.user_ip4.to_ne_bytes());
+    decide(&Destination {
+        addr,
+        port: port_of(sa.user_port),
+        ip_proto: sa.protocol,
+        hook,
+    })
+}
+
+fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
+    // SAFETY: as in `try_v4`.
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut addr: Addr = [0; 16];
+    // Four 4-byte loads: the verifier rejects wider or narrower access to `user_ip6`.
+    let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    decide(&Destination {
+        addr,
+        port: port_of(sa.user_port),
+        ip_proto: sa.protocol,
+        hook,
+    })
+}
+
+/// `user_port` holds the port in network byte order in its low 16 bits (as stored in memory).
+#[inline(always)]
+fn port_of(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}

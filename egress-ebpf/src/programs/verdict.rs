@@ -1,0 +1,160 @@
+//! The one verdict shared by every hook: is this destination, port and protocol allowed?
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+    },
+    maps::lpm_trie::Key,
+};
+use egress_common::{
+    Addr, DenyEvent,
+    config::FLAG_AUDIT,
+    consts::{
+        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, PROTO_TCP, PROTO_UDP,
+        VERDICT_ALLOW, VERDICT_DENY,
+    },
+    events::reason,
+};
+
+use crate::maps::{ALLOW_CIDR, ALLOW_DNS, CONFIG, COUNTERS, EVENTS};
+
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+
+/// What a hook saw.
+pub struct Destination {
+    /// Destination, IPv4 mapped, network byte order.
+    pub addr: Addr,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// The socket's IP protocol.
+    pub ip_proto: u32,
+    /// Which hook asks.
+    pub hook: u8,
+}
+
+/// Allow (1) or deny (0) `dst`, counting the outcome and reporting a deny.
+#[inline(always)]
+pub fn decide(dst: &Destination) -> Result<i32, ()> {
+    let why = match proto_bit(dst.ip_proto) {
+        None => reason::PROTOCOL,
+        Some(bit) => match lookup(&dst.addr, dst.port, bit) {
+            None => {
+                count(COUNTER_ALLOW);
+                return Ok(VERDICT_ALLOW);
+            }
+            Some(why) => why,
+        },
+    };
+    Ok(deny(dst, why))
+}
+
+/// The verdict when a program failed before it could decide: deny, count and report.
+#[inline(always)]
+pub fn deny_on_error(hook: u8) -> i32 {
+    count(COUNTER_ERROR);
+    let dst = Destination {
+        addr: [0; 16],
+        port: 0,
+        ip_proto: 0,
+        hook,
+    };
+    // An error never allows, not even in audit mode.
+    report(&dst, reason::ERROR);
+    count(COUNTER_DENY);
+    VERDICT_DENY
+}
+
+fn proto_bit(ip_proto: u32) -> Option<u8> {
+    match ip_proto {
+        IPPROTO_TCP => Some(PROTO_TCP),
+        IPPROTO_UDP => Some(PROTO_UDP),
+        _ => None,
+    }
+}
+
+/// `None` when allowed, else the reason for the deny.
+#[inline(always)]
+fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
+    let mut why = reason::NO_RULE;
+    // Static rules: the longest matching prefix already carries the union of every broader
+    // rule's ports (the agent merges them), so one lookup decides.
+    if let Some(v) = ALLOW_CIDR.get(Key::new(128, *addr)) {
+        if v.permits(port, proto) {
+            return None;
+        }
+        why = reason::PORT;
+    }
+    // SAFETY: the value is only read; a concurrent update from the agent replaces it whole
+    // (BPF_ANY update of a hash map swaps in a new element).
+    if let Some(v) = unsafe { ALLOW_DNS.get(addr) } {
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        if v.expires_ns != 0 && now >= v.expires_ns {
+            if why == reason::NO_RULE {
+                why = reason::EXPIRED;
+            }
+        } else if v.permits(port, proto) {
+            return None;
+        } else {
+            why = reason::PORT;
+        }
+    }
+    Some(why)
+}
+
+fn audit_mode() -> bool {
+    match CONFIG.get(0) {
+        Some(c) => c.flags & FLAG_AUDIT != 0,
+        // No config: strict.
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn deny(dst: &Destination, why: u8) -> i32 {
+    count(COUNTER_DENY);
+    report(dst, why);
+    if audit_mode() {
+        VERDICT_ALLOW
+    } else {
+        VERDICT_DENY
+    }
+}
+
+fn report(dst: &Destination, why: u8) {
+    let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) else {
+        count(COUNTER_RINGBUF_DROP);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // SAFETY: helpers without pointer arguments.
+    let (ts_ns, cgroup_id) = unsafe { (bpf_ktime_get_boot_ns(), bpf_get_current_cgroup_id()) };
+    entry.write(DenyEvent {
+        ts_ns,
+        cgroup_id,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        addr: dst.addr,
+        port: dst.port,
+        ip_proto: dst.ip_proto as u8,
+        hook: dst.hook,
+        reason: why,
+        _pad: [0; 3],
+        comm,
+    });
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot: no other writer runs on this CPU while this program does.
+        unsafe { *c += 1 };
+    }
+}

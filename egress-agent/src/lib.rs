@@ -1,1 +1,13 @@
 //! egress-agent as a library: the CLI in `main.rs` is a thin layer over these modules.
+
+pub mod cgroup;
+pub mod cli;
+pub mod confine;
+pub mod enforcer;
+pub mod events;
+pub mod hosts;
+pub mod launch;
+pub mod monitor;
+pub mod names;
+pub mod policy;
+pub mod run;

@@ -1,1 +1,16 @@
-fn main() {}
+//! The `egress-agent` binary: logging, then the CLI.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    egress_agent::cli::main(egress_agent::cli::Cli::parse())
+}

@@ -1,0 +1,164 @@
+//! cgroup v2: finding the mount, creating the enforced cgroup, emptying and removing it.
+
+use std::{
+    fs,
+    io::{self, BufRead as _},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// The mount point of the cgroup v2 hierarchy, read from `/proc/mounts` (it is not always
+/// `/sys/fs/cgroup`: hybrid systems mount it at `/sys/fs/cgroup/unified`).
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts = fs::File::open("/proc/mounts").context("cannot read /proc/mounts")?;
+    for line in io::BufReader::new(mounts).lines() {
+        let line = line.context("cannot read /proc/mounts")?;
+        let mut fields = line.split_whitespace();
+        let (Some(_dev), Some(dir), Some(fstype)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if fstype == "cgroup2" {
+            return Ok(PathBuf::from(unescape_mount_path(dir)));
+        }
+    }
+    bail!(
+        "no cgroup v2 hierarchy is mounted in this mount namespace (no cgroup2 in /proc/mounts); \
+         note that `ip netns exec` remounts /sys without it: enter a network namespace with \
+         `nsenter --net=/run/netns/NAME` instead"
+    )
+}
+
+/// `/proc/mounts` escapes space, tab, newline and backslash as octal (`\040`).
+pub(crate) fn unescape_mount_path(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup v2 id of a cgroup directory: its inode number (what `bpf_get_current_cgroup_id`
+/// returns for tasks in it).
+pub fn cgroup_id(path: &Path) -> anyhow::Result<u64> {
+    Ok(fs::metadata(path)
+        .with_context(|| format!("cannot stat cgroup {}", path.display()))?
+        .ino())
+}
+
+/// A cgroup this process created; [`OwnedCgroup::remove`] kills what is left in it and
+/// removes it.
+#[derive(Debug)]
+pub struct OwnedCgroup {
+    path: PathBuf,
+    removed: bool,
+}
+
+impl OwnedCgroup {
+    /// Creates `<cgroup2 mount>/<name>`. Fails if it exists: a cgroup we did not create is
+    /// never adopted (it may hold someone else's processes).
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            bail!("invalid cgroup name {name:?}");
+        }
+        let path = cgroup2_mount()?.join(name);
+        fs::create_dir(&path)
+            .with_context(|| format!("cannot create cgroup {}", path.display()))?;
+        Ok(Self {
+            path,
+            removed: false,
+        })
+    }
+
+    /// The cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Kills every process left in the cgroup (its command may have left children behind:
+    /// they must not outlive enforcement), then removes the directory.
+    pub fn remove(&mut self) -> anyhow::Result<()> {
+        if self.removed {
+            return Ok(());
+        }
+        kill_all(&self.path)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                // EBUSY while the killed tasks are still exiting.
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("cgroup {} not yet empty: {e}", self.path.display());
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot remove cgroup {}", self.path.display()));
+                }
+            }
+        }
+        self.removed = true;
+        Ok(())
+    }
+}
+
+impl Drop for OwnedCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// SIGKILLs every process in the cgroup: through `cgroup.kill` (kernel >= 5.14), else one
+/// pid at a time until `cgroup.procs` stays empty.
+pub fn kill_all(path: &Path) -> anyhow::Result<()> {
+    let kill = path.join("cgroup.kill");
+    if kill.exists() && fs::write(&kill, "1").is_ok() {
+        return Ok(());
+    }
+    let procs = path.join("cgroup.procs");
+    for _ in 0..100 {
+        let text = match fs::read_to_string(&procs) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", procs.display())),
+        };
+        let pids: Vec<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        for pid in pids {
+            // SAFETY: plain syscall; the pid was read from this cgroup's own member list.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    bail!("processes keep appearing in {}", path.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path("/sys/fs/cgroup/unified"), "/sys/fs/cgroup/unified");
+        assert_eq!(unescape_mount_path("/mnt/a\\040b"), "/mnt/a b");
+    }
+}

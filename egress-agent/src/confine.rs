@@ -1,0 +1,310 @@
+//! Workload confinement for `run`: a command, even one running as root, must not leave the
+//! enforced cgroup, detach the programs, or reach the network below the socket hooks.
+//!
+//! What the child does between `fork` and `exec`, after joining the cgroup (see
+//! docs/CONFINEMENT.md for why each step is there):
+//! 1. its own cgroup namespace: `clone3(CLONE_INTO_CGROUP)` and `cgroup.procs` writes can only
+//!    name cgroups below the enforced one (the kernel checks targets against the namespace
+//!    root, whatever the file permissions say);
+//! 2. its own mount namespace (slave: it still sees mounts the host adds later), where every
+//!    cgroup filesystem is remounted read-only and every bpffs is covered by an empty
+//!    read-only tmpfs (a read-only bind does not stop `BPF_OBJ_GET` on a pinned link, whose
+//!    permission check looks only at the inode, so the pins must be out of sight);
+//! 3. a capability bounding set (and inheritable and ambient sets) without the dropped
+//!    capabilities, so not even a setuid-root binary gets them back;
+//! 4. `no_new_privs`, after the identity change.
+
+use std::{ffi::CString, fs, io, str::FromStr};
+
+use anyhow::Context as _;
+
+/// A Linux capability, by number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Capability(pub u32);
+
+/// The capabilities a confined command never has (unless kept with `--keep-cap`).
+pub const DROPPED: [(Capability, &str); 8] = [
+    (Capability(12), "NET_ADMIN"),
+    (Capability(13), "NET_RAW"),
+    (Capability(16), "SYS_MODULE"),
+    (Capability(17), "SYS_RAWIO"),
+    (Capability(19), "SYS_PTRACE"),
+    (Capability(21), "SYS_ADMIN"),
+    (Capability(38), "PERFMON"),
+    (Capability(39), "BPF"),
+];
+
+impl Capability {
+    /// What keeping this capability lets the command do, for the warning event.
+    pub fn risk(self) -> &'static str {
+        match self.0 {
+            12 => "it can change network configuration and detach eBPF programs",
+            13 => "it can open raw and packet sockets, which the socket hooks do not see",
+            16 => "it can load kernel modules",
+            17 => "it can access devices and I/O ports directly",
+            19 => "it can trace and inject code into processes outside the cgroup",
+            21 => "it can remount the cgroup and bpf filesystems, leave the cgroup and detach the programs",
+            38 => "it can use performance monitoring and read kernel memory",
+            39 => "it can load eBPF programs and take the agent's maps and links",
+            _ => "unknown capability",
+        }
+    }
+
+    /// The capability's name without the `CAP_` prefix.
+    pub fn name(self) -> String {
+        DROPPED
+            .iter()
+            .find(|(c, _)| *c == self)
+            .map(|(_, n)| (*n).to_owned())
+            .unwrap_or_else(|| format!("{}", self.0))
+    }
+}
+
+impl FromStr for Capability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let upper = s.trim().to_ascii_uppercase();
+        let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+        DROPPED
+            .iter()
+            .find(|(_, n)| *n == bare)
+            .map(|(c, _)| *c)
+            .ok_or_else(|| {
+                let names: Vec<_> = DROPPED.iter().map(|(_, n)| format!("CAP_{n}")).collect();
+                format!(
+                    "{s:?} is not a capability that confinement drops (one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// One mount to change in the child's mount namespace.
+#[derive(Debug)]
+struct MountFix {
+    target: CString,
+    /// Per-mount flags to keep when remounting (`MS_NOSUID`, ...).
+    flags: libc::c_ulong,
+    hide: bool,
+}
+
+/// Everything the child needs, prepared before the fork.
+#[derive(Debug)]
+pub struct Confinement {
+    drop: Vec<Capability>,
+    mounts: Vec<MountFix>,
+    tmpfs: CString,
+    tmpfs_opts: CString,
+}
+
+impl Confinement {
+    /// Reads the mount table and prepares the steps; `keep` are capabilities not to drop.
+    pub fn prepare(keep: &[Capability]) -> anyhow::Result<Self> {
+        let drop = DROPPED
+            .iter()
+            .map(|(c, _)| *c)
+            .filter(|c| !keep.contains(c))
+            .collect();
+        let info = fs::read_to_string("/proc/self/mountinfo")
+            .context("cannot read /proc/self/mountinfo")?;
+        let mut mounts = Vec::new();
+        for line in info.lines() {
+            let Some(m) = parse_mountinfo_line(line) else {
+                continue;
+            };
+            let hide = m.fstype == "bpf";
+            if !(hide || m.fstype == "cgroup" || m.fstype == "cgroup2") {
+                continue;
+            }
+            mounts.push(MountFix {
+                target: CString::new(m.target).context("mount point with a NUL byte")?,
+                flags: m.flags,
+                hide,
+            });
+        }
+        Ok(Self {
+            drop,
+            mounts,
+            tmpfs: CString::from(c"tmpfs"),
+            tmpfs_opts: CString::from(c"mode=0555"),
+        })
+    }
+
+    /// The capabilities this confinement drops.
+    pub fn dropped(&self) -> &[Capability] {
+        &self.drop
+    }
+
+    /// Steps 1 and 2 and 3: namespaces, mounts, capability sets. Runs in the child after it
+    /// joined the cgroup and before it changes identity (they need CAP_SYS_ADMIN and
+    /// CAP_SETPCAP).
+    ///
+    /// # Safety
+    /// Only raw syscalls on data prepared by [`Confinement::prepare`]: fit for the window
+    /// between `fork` and `exec` of a multi-threaded parent.
+    pub unsafe fn apply_in_child(&self) -> io::Result<()> {
+        // SAFETY (whole body): raw syscalls with valid NUL-terminated strings and null pointers
+        // where the kernel accepts them.
+        unsafe {
+            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ))?;
+            for m in &self.mounts {
+                if m.hide {
+                    check(libc::mount(
+                        self.tmpfs.as_ptr(),
+                        m.target.as_ptr(),
+                        self.tmpfs.as_ptr(),
+                        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        self.tmpfs_opts.as_ptr().cast(),
+                    ))?;
+                } else {
+                    check(libc::mount(
+                        std::ptr::null(),
+                        m.target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | m.flags,
+                        std::ptr::null(),
+                    ))?;
+                }
+            }
+            for c in &self.drop {
+                check(libc::prctl(libc::PR_CAPBSET_DROP, c.0 as libc::c_ulong, 0, 0, 0))?;
+            }
+            // The bounding set does not limit inheritable capabilities carried through exec:
+            // clear those too, and the ambient set.
+            check(libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ))?;
+            clear_inheritable(&self.drop)?;
+        }
+        Ok(())
+    }
+
+    /// Step 4, after the identity change.
+    ///
+    /// # Safety
+    /// As for [`Confinement::apply_in_child`].
+    pub unsafe fn seal_in_child(&self) -> io::Result<()> {
+        // SAFETY: plain prctl.
+        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+    }
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Removes `caps` from the calling thread's inheritable set (capget/capset, no allocation).
+unsafe fn clear_inheritable(caps: &[Capability]) -> io::Result<()> {
+    let mut hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: header and two data words as the v3 ABI wants.
+    check(unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) } as libc::c_int)?;
+    for c in caps {
+        let (word, bit) = ((c.0 / 32) as usize, c.0 % 32);
+        data[word].inheritable &= !(1 << bit);
+    }
+    // SAFETY: as above.
+    check(unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) } as libc::c_int)
+}
+
+/// The parts of a mountinfo line that matter here.
+#[derive(Debug, PartialEq, Eq)]
+struct MountLine {
+    target: String,
+    fstype: String,
+    flags: libc::c_ulong,
+}
+
+/// Parses one `/proc/self/mountinfo` line: `id parent maj:min root target opts [optional...]
+/// - fstype source superopts`.
+fn parse_mountinfo_line(line: &str) -> Option<MountLine> {
+    let (left, right) = line.split_once(" - ")?;
+    let mut l = left.split(' ');
+    let target = l.nth(4)?;
+    let opts = l.next()?;
+    let fstype = right.split(' ').next()?;
+    let mut flags = 0;
+    for o in opts.split(',') {
+        flags |= match o {
+            "nosuid" => libc::MS_NOSUID,
+            "nodev" => libc::MS_NODEV,
+            "noexec" => libc::MS_NOEXEC,
+            "noatime" => libc::MS_NOATIME,
+            "nodiratime" => libc::MS_NODIRATIME,
+            "relatime" => libc::MS_RELATIME,
+            _ => 0,
+        };
+    }
+    Some(MountLine {
+        target: crate::cgroup::unescape_mount_path(target),
+        fstype: fstype.to_owned(),
+        flags,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_parse() {
+        let l = "35 24 0:30 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw";
+        let m = parse_mountinfo_line(l).unwrap();
+        assert_eq!(m.target, "/sys/fs/cgroup/unified");
+        assert_eq!(m.fstype, "cgroup2");
+        assert_eq!(
+            m.flags,
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RELATIME
+        );
+        let odd = "40 24 0:31 / /mnt/a\\040b rw - bpf bpf rw";
+        assert_eq!(parse_mountinfo_line(odd).unwrap().target, "/mnt/a b");
+        assert!(parse_mountinfo_line("garbage").is_none());
+    }
+
+    #[test]
+    fn capability_names_parse() {
+        assert_eq!("CAP_NET_RAW".parse::<Capability>(), Ok(Capability(13)));
+        assert_eq!("net_raw".parse::<Capability>(), Ok(Capability(13)));
+        assert!("CAP_CHOWN".parse::<Capability>().is_err());
+        assert_eq!(Capability(39).name(), "BPF");
+    }
+}

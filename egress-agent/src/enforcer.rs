@@ -1,0 +1,334 @@
+//! Loading the eBPF programs, writing their maps and attaching them to a cgroup.
+//!
+//! The maps are written before the programs are attached, so the first connect in the cgroup
+//! already sees the whole static policy. Until a DNS answer adds an address, the default for
+//! everything is deny.
+
+use std::{
+    collections::HashSet,
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader, include_bytes_aligned,
+    maps::{
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
+};
+use egress_common::{
+    Addr, AllowValue, Config,
+    config::FLAG_AUDIT,
+    consts::{
+        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
+        DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS,
+    },
+    keys::addr_from_ip,
+};
+
+use crate::{
+    events::{DenyRecord, boot_to_wall_offset},
+    policy::{self, Mode, Policy},
+};
+
+/// The eBPF object built by `build.rs`.
+static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
+
+/// The cgroup/sock_addr programs, in attach order.
+pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+
+/// How to load and attach.
+#[derive(Debug, Clone)]
+pub struct EnforcerOptions {
+    /// Capacity of the static CIDR trie.
+    pub cidr_capacity: u32,
+    /// Capacity of the DNS-derived address hash.
+    pub dns_capacity: u32,
+    /// Pin links and maps under this bpffs directory, so enforcement outlives the agent's
+    /// process (a killed agent leaves the cgroup closed, never open). `None`: links live as
+    /// long as the [`Enforcer`].
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Default for EnforcerOptions {
+    fn default() -> Self {
+        Self {
+            cidr_capacity: DEFAULT_CIDR_CAPACITY,
+            dns_capacity: DEFAULT_DNS_CAPACITY,
+            pin_dir: None,
+        }
+    }
+}
+
+/// Kernel counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Allowed connects and sends.
+    pub allow: u64,
+    /// Denied connects and sends.
+    pub deny: u64,
+    /// Deny events lost to a full ring buffer.
+    pub ringbuf_drop: u64,
+    /// Program errors (each denied).
+    pub error: u64,
+}
+
+enum Link {
+    Owned(FdLink),
+    Pinned(PinnedLink),
+}
+
+/// Programs attached to one cgroup, with handles on their maps.
+pub struct Enforcer {
+    cgroup: PathBuf,
+    links: Vec<Link>,
+    pin_dir: Option<PathBuf>,
+    cidr: LpmTrie<MapData, Addr, AllowValue>,
+    cidr_keys: HashSet<(Addr, u32)>,
+    dns: HashMap<MapData, Addr, AllowValue>,
+    config: Array<MapData, Config>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    boot_offset: Duration,
+    // Dropped last: the programs' file descriptors.
+    _ebpf: Ebpf,
+}
+
+impl Enforcer {
+    /// Loads the programs, writes `policy`'s static rules and mode, and attaches to the
+    /// cgroup v2 directory `cgroup`.
+    pub fn attach(cgroup: &Path, policy: &Policy, opts: &EnforcerOptions) -> anyhow::Result<Self> {
+        let cgroup_dir = fs::File::open(cgroup)
+            .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_ALLOW_CIDR, opts.cidr_capacity)
+            .map_max_entries(MAP_ALLOW_DNS, opts.dns_capacity)
+            .load(EBPF_OBJECT)
+            .context("cannot load the eBPF maps (are you root, with CAP_BPF?)")?;
+
+        let maps_dir = opts.pin_dir.as_ref().map(|d| d.join("maps"));
+        if let Some(dir) = &maps_dir {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let mut take = |name: &str| {
+            let map = ebpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+            if let Some(dir) = &maps_dir {
+                map.pin(dir.join(name))
+                    .with_context(|| format!("cannot pin map {name} under {}", dir.display()))?;
+            }
+            anyhow::Ok(map)
+        };
+        let cidr = LpmTrie::try_from(take(MAP_ALLOW_CIDR)?)?;
+        let dns = HashMap::try_from(take(MAP_ALLOW_DNS)?)?;
+        let config = Array::try_from(take(MAP_CONFIG)?)?;
+        let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
+        let events = RingBuf::try_from(take(MAP_EVENTS)?)?;
+
+        let mut me = Self {
+            cgroup: cgroup.to_owned(),
+            links: Vec::new(),
+            pin_dir: opts.pin_dir.clone(),
+            cidr,
+            cidr_keys: HashSet::new(),
+            dns,
+            config,
+            counters,
+            events: Some(events),
+            boot_offset: boot_to_wall_offset(),
+            _ebpf: ebpf,
+        };
+        me.apply_policy(policy)?;
+        if let Some(dir) = &opts.pin_dir {
+            let links = dir.join("links");
+            fs::create_dir_all(&links)
+                .with_context(|| format!("cannot create {}", links.display()))?;
+        }
+
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = me
+                ._ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel rejected program {name}"))?;
+            // A cgroup bpf_link is always multi-attach, and the kernel rejects any flag on
+            // BPF_LINK_CREATE for cgroups (EINVAL): `Single` passes 0. Other programs on this
+            // cgroup or its ancestors still run, and every one of them must allow.
+            let id = prog
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .with_context(|| format!("cannot attach {name} to {}", cgroup.display()))?;
+            let link: FdLink = prog
+                .take_link(id)?
+                .try_into()
+                .map_err(|e| anyhow!("{name}: not a bpf_link: {e:?}"))?;
+            let link = match &opts.pin_dir {
+                Some(dir) => {
+                    let path = dir.join("links").join(name);
+                    Link::Pinned(
+                        link.pin(&path)
+                            .with_context(|| format!("cannot pin {}", path.display()))?,
+                    )
+                }
+                None => Link::Owned(link),
+            };
+            me.links.push(link);
+        }
+        Ok(me)
+    }
+
+    /// The enforced cgroup.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Replaces the static rules and the mode with `policy`'s. New entries are written before
+    /// stale ones are removed, so an address allowed by both policies never sees a gap.
+    pub fn apply_policy(&mut self, policy: &Policy) -> anyhow::Result<()> {
+        let entries = policy::cidr_entries(policy)?;
+        let mut keys = HashSet::with_capacity(entries.len());
+        for e in &entries {
+            self.cidr
+                .insert(&Key::new(e.prefix_len, e.addr), e.value, 0)
+                .context("cannot write the CIDR rules map (is it full?)")?;
+            keys.insert((e.addr, e.prefix_len));
+        }
+        for (addr, len) in self.cidr_keys.difference(&keys) {
+            // Already gone is fine.
+            let _ = self.cidr.remove(&Key::new(*len, *addr));
+        }
+        self.cidr_keys = keys;
+        let flags = match policy.mode {
+            Mode::Enforce => 0,
+            Mode::Audit => FLAG_AUDIT,
+        };
+        self.config
+            .set(0, Config { flags, _pad: 0 }, 0)
+            .context("cannot write the config map")?;
+        Ok(())
+    }
+
+    /// Allows `ip` with `value` (its ports and expiry) in the DNS-derived map.
+    pub fn allow_dns(&mut self, ip: IpAddr, value: AllowValue) -> anyhow::Result<()> {
+        self.dns
+            .insert(addr_from_ip(ip), value, 0)
+            .with_context(|| format!("cannot allow {ip}: the DNS address map is full"))
+    }
+
+    /// Removes `ip` from the DNS-derived map.
+    pub fn forget_dns(&mut self, ip: IpAddr) {
+        let _ = self.dns.remove(&addr_from_ip(ip));
+    }
+
+    /// The DNS-derived entries.
+    pub fn dns_entries(&self) -> Vec<(Addr, AllowValue)> {
+        self.dns.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Counters summed over CPUs.
+    pub fn counters(&self) -> anyhow::Result<Counters> {
+        let sum = |slot: u32| -> anyhow::Result<u64> {
+            Ok(self.counters.get(&slot, 0)?.iter().sum())
+        };
+        Ok(Counters {
+            allow: sum(COUNTER_ALLOW)?,
+            deny: sum(COUNTER_DENY)?,
+            ringbuf_drop: sum(COUNTER_RINGBUF_DROP)?,
+            error: sum(COUNTER_ERROR)?,
+        })
+    }
+
+    /// Drains the deny events queued so far (non-blocking). Empty once
+    /// [`Enforcer::take_events`] has taken the ring buffer.
+    pub fn poll_denies(&mut self) -> Vec<DenyRecord> {
+        let offset = self.boot_offset;
+        let Some(ring) = self.events.as_mut() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(r) = DenyRecord::from_bytes(&item, offset) {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    /// Takes the ring buffer, for an async reader (see [`crate::monitor`]).
+    pub fn take_events(&mut self) -> Option<(RingBuf<MapData>, Duration)> {
+        self.events.take().map(|r| (r, self.boot_offset))
+    }
+
+    /// Detaches the programs and removes the pins. Without this, pinned links keep
+    /// enforcing after the agent is gone (by design: fail closed).
+    pub fn detach(mut self) -> anyhow::Result<()> {
+        for link in self.links.drain(..) {
+            match link {
+                Link::Owned(l) => drop(l),
+                Link::Pinned(p) => drop(p.unpin().context("cannot unpin a link")?),
+            }
+        }
+        if let Some(dir) = self.pin_dir.take() {
+            remove_pin_dir(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes a pin directory: unlinking a pin releases the kernel object once nothing else
+/// holds it.
+pub fn remove_pin_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot remove pins {}", dir.display()))?;
+    }
+    // The shared parent (`/sys/fs/bpf/egress`) goes too once no instance is left in it.
+    if let Some(parent) = dir.parent() {
+        let _ = fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+/// The bpffs mount point `/sys/fs/bpf`, mounting it there if no bpffs is mounted yet (as
+/// systemd does at boot).
+pub fn ensure_bpffs() -> anyhow::Result<PathBuf> {
+    let root = PathBuf::from("/sys/fs/bpf");
+    let mounts = fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, ty) = (f.next(), f.next(), f.next());
+        dir == Some("/sys/fs/bpf") && ty == Some("bpf")
+    });
+    if !mounted {
+        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+        let (src, dir, ty, data) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"), c("mode=0700"));
+        // SAFETY: valid NUL-terminated strings.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dir.as_ptr(),
+                ty.as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "no bpffs at /sys/fs/bpf and cannot mount one: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        tracing::info!("mounted a bpffs at /sys/fs/bpf");
+    }
+    Ok(root)
+}

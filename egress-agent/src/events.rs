@@ -1,0 +1,299 @@
+//! Events: decoding the kernel's deny records and writing them as JSON lines.
+//!
+//! Every line is one JSON object with an `event` field: `ready` once enforcement is attached,
+//! `deny` for each denied connect or send, `warning` for conditions the operator must know.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Write as _},
+    net::IpAddr,
+    path::Path,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use egress_common::{
+    DenyEvent,
+    events::{hook, reason},
+    keys::ip_from_addr,
+};
+use serde::Serialize;
+
+/// One denied connect or UDP send, decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DenyRecord {
+    /// When the kernel decided.
+    #[serde(serialize_with = "ser_time")]
+    pub ts: SystemTime,
+    /// `tcp`, `udp`, or `ip:N` for another IP protocol.
+    pub proto: String,
+    /// Destination; IPv4-mapped IPv6 is shown as the IPv4 address it carries.
+    pub dst: IpAddr,
+    /// Destination port.
+    pub port: u16,
+    /// Process id.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// The process's command name (`comm`).
+    pub comm: String,
+    /// Real user id.
+    pub uid: u32,
+    /// Real group id.
+    pub gid: u32,
+    /// cgroup v2 id of the process.
+    pub cgroup: u64,
+    /// Why: `no-rule`, `port`, `expired`, `protocol` or `error`.
+    pub reason: &'static str,
+    /// Which hook decided: `connect4`, `connect6`, `sendmsg4`, `sendmsg6`.
+    pub hook: &'static str,
+    /// The host name this address was last answered for, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+impl DenyRecord {
+    /// Decodes a kernel record. `boot_offset` converts `CLOCK_BOOTTIME` to wall time
+    /// (see [`boot_to_wall_offset`]).
+    pub fn from_kernel(e: &DenyEvent, boot_offset: Duration) -> Self {
+        let proto = match e.ip_proto {
+            6 => "tcp".to_owned(),
+            17 => "udp".to_owned(),
+            n => format!("ip:{n}"),
+        };
+        let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
+        Self {
+            ts: SystemTime::UNIX_EPOCH + boot_offset + Duration::from_nanos(e.ts_ns),
+            proto,
+            dst: ip_from_addr(&e.addr),
+            port: e.port,
+            pid: e.pid,
+            tid: e.tid,
+            comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+            uid: e.uid,
+            gid: e.gid,
+            cgroup: e.cgroup_id,
+            reason: reason_name(e.reason),
+            hook: hook_name(e.hook),
+            host: None,
+        }
+    }
+
+    /// Decodes a ring-buffer item; `None` if it is not a whole [`DenyEvent`].
+    pub fn from_bytes(bytes: &[u8], boot_offset: Duration) -> Option<Self> {
+        if bytes.len() < size_of::<DenyEvent>() {
+            return None;
+        }
+        // SAFETY: DenyEvent is plain old data of this size; read_unaligned needs no alignment.
+        let e = unsafe { bytes.as_ptr().cast::<DenyEvent>().read_unaligned() };
+        Some(Self::from_kernel(&e, boot_offset))
+    }
+}
+
+/// The name of a `reason` code.
+pub fn reason_name(code: u8) -> &'static str {
+    match code {
+        reason::NO_RULE => "no-rule",
+        reason::PORT => "port",
+        reason::EXPIRED => "expired",
+        reason::PROTOCOL => "protocol",
+        reason::ERROR => "error",
+        _ => "unknown",
+    }
+}
+
+/// The name of a `hook` code.
+pub fn hook_name(code: u8) -> &'static str {
+    match code {
+        hook::CONNECT4 => "connect4",
+        hook::CONNECT6 => "connect6",
+        hook::SENDMSG4 => "sendmsg4",
+        hook::SENDMSG6 => "sendmsg6",
+        _ => "unknown",
+    }
+}
+
+/// `CLOCK_REALTIME - CLOCK_BOOTTIME`: add it to a kernel boot-time stamp to get wall time.
+pub fn boot_to_wall_offset() -> Duration {
+    let boot = clock(libc::CLOCK_BOOTTIME);
+    let wall = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    wall.saturating_sub(boot)
+}
+
+/// Now on `CLOCK_BOOTTIME`, the clock of `bpf_ktime_get_boot_ns` (it counts suspend).
+pub fn boot_now() -> Duration {
+    clock(libc::CLOCK_BOOTTIME)
+}
+
+fn clock(id: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and a valid out pointer.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// An event line.
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event<'a> {
+    /// Enforcement is attached; the command starts next.
+    Ready {
+        /// When.
+        #[serde(serialize_with = "ser_time")]
+        ts: SystemTime,
+        /// Instance name (also the pin directory's name).
+        name: &'a str,
+        /// The enforced cgroup's path.
+        cgroup: &'a Path,
+        /// Its cgroup v2 id.
+        cgroup_id: u64,
+        /// The policy's name.
+        policy: &'a str,
+        /// The policy's mode.
+        mode: &'a str,
+        /// Number of allow rules.
+        rules: usize,
+    },
+    /// A connect or send was denied.
+    Deny(&'a DenyRecord),
+    /// Something the operator should know (a host that failed to resolve, ...).
+    Warning {
+        /// When.
+        #[serde(serialize_with = "ser_time")]
+        ts: SystemTime,
+        /// What happened.
+        message: &'a str,
+    },
+}
+
+fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t))
+}
+
+/// `2026-11-25T13:34:06.123456Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let (y, mo, da) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{mo:02}-{da:02}T{h:02}:{m:02}:{s:02}.{:06}Z",
+        d.subsec_micros()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Where event lines go: a file (appended to) or stderr. Each line is written whole and
+/// flushed, so a reader tailing the file sees it at once.
+pub struct EventSink {
+    out: Mutex<Box<dyn io::Write + Send>>,
+}
+
+impl EventSink {
+    /// Appends to `path`, or writes to stderr when `None`.
+    pub fn open(path: Option<&Path>) -> anyhow::Result<Self> {
+        let out: Box<dyn io::Write + Send> = match path {
+            Some(p) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("cannot open events file {}", p.display()))?,
+            ),
+            None => Box::new(io::stderr()),
+        };
+        Ok(Self {
+            out: Mutex::new(out),
+        })
+    }
+
+    /// A sink writing into an already open file.
+    pub fn from_file(f: File) -> Self {
+        Self {
+            out: Mutex::new(Box::new(f)),
+        }
+    }
+
+    /// Writes one event line. A failing sink is logged, never fatal: enforcement matters more
+    /// than reporting.
+    pub fn emit(&self, event: &Event<'_>) {
+        let mut line = match serde_json::to_vec(event) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("cannot encode event: {e}");
+                return;
+            }
+        };
+        line.push(b'\n');
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
+            tracing::error!("cannot write event: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_795_613_646, 123_456_000);
+        assert_eq!(rfc3339(t), "2026-11-25T13:34:06.123456Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn kernel_records_decode() {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let e = DenyEvent {
+            ts_ns: 1_000_000_000,
+            cgroup_id: 42,
+            pid: 7,
+            tid: 8,
+            uid: 1000,
+            gid: 1000,
+            addr: egress_common::addr_from_v4([198, 51, 100, 20]),
+            port: 443,
+            ip_proto: 6,
+            hook: hook::CONNECT4,
+            reason: reason::NO_RULE,
+            _pad: [0; 3],
+            comm,
+        };
+        let r = DenyRecord::from_kernel(&e, Duration::from_secs(10));
+        assert_eq!(r.dst.to_string(), "198.51.100.20");
+        assert_eq!(r.proto, "tcp");
+        assert_eq!(r.comm, "curl");
+        assert_eq!(r.ts, SystemTime::UNIX_EPOCH + Duration::from_secs(11));
+        let line = serde_json::to_string(&Event::Deny(&r)).unwrap();
+        assert!(
+            line.starts_with(r#"{"event":"deny","ts":"1970-01-01T00:00:11.000000Z","proto":"tcp","dst":"198.51.100.20","port":443,"pid":7,"#),
+            "{line}"
+        );
+        assert!(!line.contains("host"), "no host field when unknown: {line}");
+    }
+}

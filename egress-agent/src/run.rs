@@ -1,0 +1,295 @@
+//! `egress-agent run`: enforce an allowlist on one command, from start to exit.
+//!
+//! Order matters: the cgroup is created and the programs attached (with the whole static
+//! policy already in the maps) before the command starts, and the command joins the cgroup
+//! before `exec`. At exit everything still in the cgroup is killed *before* the programs are
+//! detached, so nothing the command left behind outlives enforcement.
+
+use std::{
+    ffi::OsString,
+    os::unix::process::ExitStatusExt as _,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    thread,
+    sync::atomic::{AtomicI32, Ordering},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use signal_hook::{
+    consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH},
+    iterator::{SignalsInfo, exfiltrator::WithOrigin},
+    low_level::siginfo::Cause,
+};
+use tokio::sync::{oneshot, watch};
+
+use crate::{
+    cgroup::{self, OwnedCgroup},
+    confine::{Capability, Confinement},
+    enforcer::{self, Enforcer, EnforcerOptions},
+    events::{Event, EventSink},
+    hosts,
+    launch::{self, Identity, SpawnError},
+    monitor,
+    names::Names,
+    policy::{self, Mode},
+};
+
+/// Exit status when the agent itself fails (as `env` and container runtimes use it).
+pub const EXIT_AGENT_ERROR: i32 = 125;
+/// Exit status when the command exists but cannot be executed.
+pub const EXIT_CANNOT_EXECUTE: i32 = 126;
+/// Exit status when the command does not exist.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// How long `run` waits for the first resolution of host rules before starting the command.
+const FIRST_RESOLVE_WAIT: Duration = Duration::from_millis(500);
+
+/// What `run` needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The allowlist file.
+    pub allowlist: PathBuf,
+    /// Where event lines go (`None`: stderr).
+    pub events: Option<PathBuf>,
+    /// Instance name; default `run-<agent pid>`.
+    pub name: Option<String>,
+    /// Capabilities confinement keeps (each weakens it; reported as a warning event).
+    pub keep_caps: Vec<Capability>,
+    /// The command and its arguments.
+    pub command: Vec<OsString>,
+}
+
+/// Runs the command under enforcement and returns the exit status to leave with: the
+/// command's own, or 128+N when a signal N killed it.
+pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
+    let policy = Arc::new(policy::load(&config.allowlist)?);
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "egress-agent run needs root: it creates a cgroup and attaches eBPF programs \
+             (try: sudo egress-agent run ...)"
+        );
+    }
+    let identity = Identity::sudo_invoker()?;
+    let confinement = Arc::new(Confinement::prepare(&config.keep_caps)?);
+    // Installed before anything is created, so a signal during set-up still ends in teardown.
+    let signals = SignalForwarder::install()?;
+    let name = config
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("run-{}", std::process::id()));
+    let sink = Arc::new(EventSink::open(config.events.as_deref())?);
+
+    let mut cg = OwnedCgroup::create(&format!("egress-{name}"))?;
+    let pin_dir = enforcer::ensure_bpffs()?.join("egress").join(&name);
+    if pin_dir.exists() {
+        bail!(
+            "{} already exists: another egress-agent uses the name {name:?} (or one was \
+             killed; remove its pins with rm -r {})",
+            pin_dir.display(),
+            pin_dir.display()
+        );
+    }
+    let attached = Enforcer::attach(
+        cg.path(),
+        &policy,
+        &EnforcerOptions {
+            pin_dir: Some(pin_dir.clone()),
+            ..EnforcerOptions::default()
+        },
+    );
+    let mut enf = match attached {
+        Ok(e) => e,
+        Err(e) => {
+            // Partly pinned state must not stay behind.
+            let _ = enforcer::remove_pin_dir(&pin_dir);
+            return Err(e);
+        }
+    };
+    let Some((ring, boot_offset)) = enf.take_events() else {
+        bail!("the events ring buffer is missing");
+    };
+    let exact_hosts = hosts::exact_hosts(&policy);
+    if !exact_hosts.is_empty() {
+        let servers = hosts::system_name_servers();
+        hosts::allow_name_servers(&mut enf, &servers)?;
+    }
+    let enf = Arc::new(Mutex::new(enf));
+    let names = Names::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let monitor = tokio::spawn(monitor::pump(
+        ring,
+        boot_offset,
+        sink.clone(),
+        names.clone(),
+        stop_rx.clone(),
+    ));
+    let resolver_task = if exact_hosts.is_empty() {
+        None
+    } else {
+        let resolver = hosts::system_resolver()?;
+        let (policy, enf, names, sink) = (policy.clone(), enf.clone(), names.clone(), sink.clone());
+        let stop = stop_rx.clone();
+        let (first_tx, first_rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let next = hosts::resolve_all(&resolver, &policy, &enf, &names, &sink).await;
+            let _ = first_tx.send(());
+            hosts::keep_resolved(policy, enf, names, sink, next, stop).await;
+        });
+        // Give the first round a moment, so the command's first connects find their
+        // addresses; a slow resolver does not hold the command back for long.
+        let _ = tokio::time::timeout(FIRST_RESOLVE_WAIT, first_rx).await;
+        Some(task)
+    };
+
+    let cgroup_id = cgroup::cgroup_id(cg.path())?;
+    sink.emit(&Event::Ready {
+        ts: SystemTime::now(),
+        name: &name,
+        cgroup: cg.path(),
+        cgroup_id,
+        policy: &policy.name,
+        mode: match policy.mode {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        },
+        rules: policy.rules.len(),
+    });
+    for cap in &config.keep_caps {
+        let message = format!(
+            "confinement weakened: the command keeps CAP_{}: {}",
+            cap.name(),
+            cap.risk()
+        );
+        tracing::warn!("{message}");
+        sink.emit(&Event::Warning {
+            ts: SystemTime::now(),
+            message: &message,
+        });
+    }
+
+    let spawned = match signals.early_signal() {
+        Some(sig) => Ok(Err(128 + sig)),
+        None => launch::spawn_in_cgroup(
+            &config.command,
+            cg.path(),
+            identity.as_ref(),
+            Some(confinement.clone()),
+        )
+        .map(Ok),
+    };
+    let outcome = match spawned {
+        Ok(Err(code)) => Ok(code),
+        Ok(Ok(mut child)) => {
+            if let Some(pid) = child.id() {
+                signals.set_child(pid as i32);
+            }
+            let status = child.wait().await.context("cannot wait for the command")?;
+            Ok(status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        }
+        Err(e) => {
+            let code = match e.downcast_ref::<SpawnError>() {
+                Some(s) if s.not_found => EXIT_NOT_FOUND,
+                _ => EXIT_CANNOT_EXECUTE,
+            };
+            tracing::error!("{e:#}");
+            eprintln!("egress-agent: {e:#}");
+            Ok(code)
+        }
+    };
+
+    // Teardown: stop the helpers, kill leftovers, then detach and remove.
+    let _ = stop_tx.send(true);
+    if let Some(t) = resolver_task {
+        let _ = t.await;
+    }
+    cgroup::kill_all(cg.path())?;
+    match monitor.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("event reader: {e:#}"),
+        Err(e) => tracing::warn!("event reader: {e}"),
+    }
+    let enf = Arc::into_inner(enf)
+        .context("the enforcer is still shared at exit")?
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    enf.detach()?;
+    cg.remove()?;
+    outcome
+}
+
+/// Forwards termination and user signals to the command. Signals the terminal sent to the
+/// whole foreground process group (Ctrl-C, Ctrl-\\) already reached the command, so those are
+/// not sent twice. A signal that arrives before the command exists stops the run before it
+/// starts.
+struct SignalForwarder {
+    handle: signal_hook::iterator::Handle,
+    state: Arc<ForwardState>,
+}
+
+#[derive(Default)]
+struct ForwardState {
+    /// The command's pid, 0 until it runs.
+    child: AtomicI32,
+    /// A signal that came before the command ran, 0 if none.
+    early: AtomicI32,
+}
+
+impl SignalForwarder {
+    fn install() -> anyhow::Result<Self> {
+        let mut signals = SignalsInfo::<WithOrigin>::new([
+            SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH,
+        ])
+        .context("cannot install signal handlers")?;
+        let handle = signals.handle();
+        let state = Arc::new(ForwardState::default());
+        let st = state.clone();
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for origin in signals.forever() {
+                    let child = st.child.load(Ordering::SeqCst);
+                    if child == 0 {
+                        if matches!(origin.signal, SIGINT | SIGTERM | SIGHUP | SIGQUIT) {
+                            st.early.store(origin.signal, Ordering::SeqCst);
+                        }
+                        continue;
+                    }
+                    if matches!(origin.cause, Cause::Kernel) {
+                        continue;
+                    }
+                    // SAFETY: plain syscall to our own child's pid.
+                    unsafe { libc::kill(child, origin.signal) };
+                }
+            })
+            .context("cannot start the signal thread")?;
+        Ok(Self { handle, state })
+    }
+
+    fn set_child(&self, pid: i32) {
+        self.state.child.store(pid, Ordering::SeqCst);
+        // A signal may have landed between the early check and now: pass it on.
+        let early = self.state.early.swap(0, Ordering::SeqCst);
+        if early != 0 {
+            // SAFETY: plain syscall to our own child's pid.
+            unsafe { libc::kill(pid, early) };
+        }
+    }
+
+    fn early_signal(&self) -> Option<i32> {
+        match self.state.early.load(Ordering::SeqCst) {
+            0 => None,
+            s => Some(s),
+        }
+    }
+}
+
+impl Drop for SignalForwarder {
+    fn drop(&mut self) {
+        self.handle.close();
+    }
+}

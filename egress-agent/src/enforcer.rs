@@ -42,8 +42,29 @@ use crate::{
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
 
-/// The cgroup/sock_addr programs, in attach order.
-pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The cgroup/sock_addr programs, in attach order: the ones that restore a steered DNS
+/// reply's source first, then the ones that decide.
+pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+];
+
+/// Where the agent's resolver listens, for DNS steering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolverAddr {
+    /// For IPv4 sockets (and IPv4-mapped destinations of IPv6 sockets).
+    pub v4: std::net::Ipv4Addr,
+    /// For IPv6 sockets.
+    pub v6: std::net::Ipv6Addr,
+    /// UDP and TCP port.
+    pub port: u16,
+}
 
 /// How to load and attach.
 #[derive(Debug, Clone)]
@@ -95,6 +116,7 @@ pub struct Enforcer {
     cidr_keys: HashSet<(Addr, u32)>,
     dns: HashMap<MapData, Addr, AllowValue>,
     config: Array<MapData, Config>,
+    config_value: Config,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     boot_offset: Duration,
@@ -142,6 +164,7 @@ impl Enforcer {
             cidr_keys: HashSet::new(),
             dns,
             config,
+            config_value: Config::default(),
             counters,
             events: Some(events),
             boot_offset: boot_to_wall_offset(),
@@ -208,14 +231,36 @@ impl Enforcer {
             let _ = self.cidr.remove(&Key::new(*len, *addr));
         }
         self.cidr_keys = keys;
-        let flags = match policy.mode {
+        self.config_value.flags = match policy.mode {
             Mode::Enforce => 0,
             Mode::Audit => FLAG_AUDIT,
         };
+        self.write_config()
+    }
+
+    /// Steers the cgroup's DNS (port 53, UDP and TCP, any address) to `resolver`; `None`
+    /// turns steering off (port 53 is then judged like any other port).
+    pub fn set_resolver(&mut self, resolver: Option<ResolverAddr>) -> anyhow::Result<()> {
+        let c = &mut self.config_value;
+        match resolver {
+            Some(r) => {
+                c.dns_port = r.port;
+                c.dns_v4 = r.v4.octets();
+                c.dns_v6 = r.v6.octets();
+            }
+            None => {
+                c.dns_port = 0;
+                c.dns_v4 = [0; 4];
+                c.dns_v6 = [0; 16];
+            }
+        }
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> anyhow::Result<()> {
         self.config
-            .set(0, Config { flags, _pad: 0 }, 0)
-            .context("cannot write the config map")?;
-        Ok(())
+            .set(0, self.config_value, 0)
+            .context("cannot write the config map")
     }
 
     /// Allows `ip` with `value` (its ports and expiry) in the DNS-derived map.

@@ -196,7 +196,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
                 Some(s) if s.not_found => EXIT_NOT_FOUND,
                 _ => EXIT_CANNOT_EXECUTE,
             };
-            tracing::error!("{e:#}");
             eprintln!("egress-agent: {e:#}");
             Ok(code)
         }

@@ -3,18 +3,47 @@
 /// Mode flag: report would-be denies but allow them (audit).
 pub const FLAG_AUDIT: u32 = 1 << 0;
 
-/// Program settings; a zeroed value is the strict default (enforce).
+/// Program settings; a zeroed value is the strict default (enforce, no DNS steering: port 53
+/// is then judged like any other port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// `FLAG_*` bits, host byte order.
     pub flags: u32,
+    /// Port of the agent's resolver, host byte order; 0 turns DNS steering off.
+    pub dns_port: u16,
     /// Always zero.
-    pub _pad: u32,
+    pub _pad: u16,
+    /// Resolver address for IPv4 sockets, network byte order.
+    pub dns_v4: [u8; 4],
+    /// Resolver address for IPv6 sockets, network byte order.
+    pub dns_v6: [u8; 16],
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 28);
+
+/// Where a steered DNS socket really wanted to go, keyed by socket cookie in `DNS_ORIG`, so
+/// that replies can be given back the source the client expects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Original destination, network byte order (IPv4 mapped).
+    pub addr: [u8; 16],
+    /// Original destination port, host byte order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: [u8; 6],
+}
+
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
+
+/// Port steered to the agent's resolver.
+pub const DNS_PORT: u16 = 53;
 
 #[cfg(feature = "user")]
 // SAFETY: plain old data with no padding holes.
 unsafe impl aya::Pod for Config {}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data with no padding holes.
+unsafe impl aya::Pod for OrigDst {}

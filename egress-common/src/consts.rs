@@ -11,6 +11,10 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// One-element array holding the [`crate::Config`].
 pub const MAP_CONFIG: &str = "CONFIG";
+/// LRU hash: socket cookie to the [`crate::config::OrigDst`] of a steered DNS socket.
+pub const MAP_DNS_ORIG: &str = "DNS_ORIG";
+/// Capacity of `DNS_ORIG` (least recently used entries are evicted).
+pub const DNS_ORIG_CAPACITY: u32 = 16_384;
 
 /// Connects and sends that were allowed.
 pub const COUNTER_ALLOW: u32 = 0;
@@ -20,6 +24,8 @@ pub const COUNTER_DENY: u32 = 1;
 pub const COUNTER_RINGBUF_DROP: u32 = 2;
 /// Errors inside a program (each one also denied).
 pub const COUNTER_ERROR: u32 = 3;
+/// DNS packets and connections steered to the agent's resolver.
+pub const COUNTER_DNS_STEERED: u32 = 4;
 /// Number of slots in the counters map.
 pub const COUNTER_SLOTS: u32 = 8;
 

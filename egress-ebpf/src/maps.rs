@@ -3,11 +3,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
     Addr, AllowValue, Config,
-    consts::{COUNTER_SLOTS, DEFAULT_CIDR_CAPACITY, DEFAULT_DNS_CAPACITY, EVENTS_RING_BYTES},
+    config::OrigDst,
+    consts::{
+        COUNTER_SLOTS, DEFAULT_CIDR_CAPACITY, DEFAULT_DNS_CAPACITY, DNS_ORIG_CAPACITY,
+        EVENTS_RING_BYTES,
+    },
 };
 
 /// Static `cidr:`/`ip:` rules. Written by the agent at start and on reload; each entry already
@@ -28,6 +32,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// Program settings (mode).
+/// Original destinations of DNS sockets steered to the agent's resolver, by socket cookie.
+#[map]
+pub static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(DNS_ORIG_CAPACITY, 0);
+
+/// Program settings (mode, resolver address).
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

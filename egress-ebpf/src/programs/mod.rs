@@ -1,4 +1,6 @@
 //! Programs, named after their attach points.
 
+mod dns;
+mod restore;
 mod sock_addr;
 mod verdict;

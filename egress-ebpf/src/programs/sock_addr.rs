@@ -5,7 +5,11 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use egress_common::{Addr, addr_from_v4, events::hook};
 
-use super::verdict::{Destination, decide, deny_on_error};
+use super::{
+    dns::{is_dns, steer_v4, steer_v6, steering},
+    verdict::{Destination, decide, deny_on_error},
+};
+use egress_common::consts::VERDICT_ALLOW;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -45,9 +49,16 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     let sa = unsafe { &*ctx.sock_addr };
     // `user_ip4` holds the address in network byte order: its in-memory bytes are the octets.
     let addr = addr_from_v4(sa.user_ip4.to_ne_bytes());
+    let port = port_of(sa.user_port);
+    if is_dns(port, sa.protocol) {
+        if let Some(cfg) = steering() {
+            steer_v4(ctx, cfg, &addr, port);
+            return Ok(VERDICT_ALLOW);
+        }
+    }
     decide(&Destination {
         addr,
-        port: port_of(sa.user_port),
+        port,
         ip_proto: sa.protocol,
         hook,
     })
@@ -56,24 +67,39 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
 fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     // SAFETY: as in `try_v4`.
     let sa = unsafe { &*ctx.sock_addr };
-    let mut addr: Addr = [0; 16];
-    // Four 4-byte loads: the verifier rejects wider or narrower access to `user_ip6`.
-    let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
-    let mut i = 0;
-    while i < 4 {
-        let b = words[i].to_ne_bytes();
-        addr[i * 4] = b[0];
-        addr[i * 4 + 1] = b[1];
-        addr[i * 4 + 2] = b[2];
-        addr[i * 4 + 3] = b[3];
-        i += 1;
+    let addr = read_v6(ctx);
+    let port = port_of(sa.user_port);
+    if is_dns(port, sa.protocol) {
+        if let Some(cfg) = steering() {
+            steer_v6(ctx, cfg, &addr, port);
+            return Ok(VERDICT_ALLOW);
+        }
     }
     decide(&Destination {
         addr,
-        port: port_of(sa.user_port),
+        port,
         ip_proto: sa.protocol,
         hook,
     })
+}
+
+/// The IPv6 address in `user_ip6`, network byte order.
+#[inline(always)]
+pub fn read_v6(ctx: &SockAddrContext) -> Addr {
+    // SAFETY: as in `try_v4`.
+    let sa = unsafe { &*ctx.sock_addr };
+    // Four 4-byte loads: the verifier rejects wider or narrower access to `user_ip6`.
+    let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
 }
 
 /// `user_port` holds the port in network byte order in its low 16 bits (as stored in memory).

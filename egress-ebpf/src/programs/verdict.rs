@@ -151,8 +151,9 @@ fn report(dst: &Destination, why: u8) {
     entry.submit(0);
 }
 
+/// Adds one to a per-CPU counter.
 #[inline(always)]
-fn count(slot: u32) {
+pub fn count(slot: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot: no other writer runs on this CPU while this program does.
         unsafe { *c += 1 };

@@ -162,6 +162,27 @@ pub enum Event<'a> {
     },
     /// A connect or send was denied.
     Deny(&'a DenyRecord),
+    /// A DNS query for a name no rule permits was refused.
+    DnsRefused {
+        /// When.
+        #[serde(serialize_with = "ser_time")]
+        ts: SystemTime,
+        /// The name asked for (lowercase, no trailing dot).
+        query: &'a str,
+        /// The record type asked for (`A`, `TXT`, ...).
+        qtype: &'a str,
+        /// `udp` or `tcp`.
+        proto: &'a str,
+        /// The querying process, when found.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        /// Its command name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        comm: Option<&'a str>,
+        /// Its user id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
+    },
     /// Something the operator should know (a host that failed to resolve, ...).
     Warning {
         /// When.

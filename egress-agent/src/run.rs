@@ -9,10 +9,10 @@ use std::{
     ffi::OsString,
     os::unix::process::ExitStatusExt as _,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     thread,
     sync::atomic::{AtomicI32, Ordering},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use anyhow::{Context as _, bail};
@@ -21,18 +21,19 @@ use signal_hook::{
     iterator::{SignalsInfo, exfiltrator::WithOrigin},
     low_level::siginfo::Cause,
 };
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use crate::{
     cgroup::{self, OwnedCgroup},
     confine::{Capability, Confinement},
     enforcer::{self, Enforcer, EnforcerOptions},
     events::{Event, EventSink},
-    hosts,
+    grants::Grants,
     launch::{self, Identity, SpawnError},
     monitor,
     names::Names,
     policy::{self, Mode},
+    resolver::{self, DnsContext, Resolver},
 };
 
 /// Exit status when the agent itself fails (as `env` and container runtimes use it).
@@ -41,9 +42,6 @@ pub const EXIT_AGENT_ERROR: i32 = 125;
 pub const EXIT_CANNOT_EXECUTE: i32 = 126;
 /// Exit status when the command does not exist.
 pub const EXIT_NOT_FOUND: i32 = 127;
-
-/// How long `run` waits for the first resolution of host rules before starting the command.
-const FIRST_RESOLVE_WAIT: Duration = Duration::from_millis(500);
 
 /// What `run` needs.
 #[derive(Debug, Clone)]
@@ -110,10 +108,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     let Some((ring, boot_offset)) = enf.take_events() else {
         bail!("the events ring buffer is missing");
     };
-    let exact_hosts = hosts::exact_hosts(&policy);
-    if !exact_hosts.is_empty() {
-        let servers = hosts::system_name_servers();
-        hosts::allow_name_servers(&mut enf, &servers)?;
+    // The cgroup's DNS goes to our resolver from the first packet on.
+    let resolver = Resolver::bind().await?;
+    enf.set_resolver(Some(resolver.addr()))?;
+    let upstreams = resolver::upstreams(&policy);
+    if upstreams.is_empty() {
+        warn(&sink, "no upstream DNS server (no dns.upstream, none in /etc/resolv.conf): permitted names will get SERVFAIL");
     }
     let enf = Arc::new(Mutex::new(enf));
     let names = Names::default();
@@ -126,23 +126,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         names.clone(),
         stop_rx.clone(),
     ));
-    let resolver_task = if exact_hosts.is_empty() {
-        None
-    } else {
-        let resolver = hosts::system_resolver()?;
-        let (policy, enf, names, sink) = (policy.clone(), enf.clone(), names.clone(), sink.clone());
-        let stop = stop_rx.clone();
-        let (first_tx, first_rx) = oneshot::channel();
-        let task = tokio::spawn(async move {
-            let next = hosts::resolve_all(&resolver, &policy, &enf, &names, &sink).await;
-            let _ = first_tx.send(());
-            hosts::keep_resolved(policy, enf, names, sink, next, stop).await;
-        });
-        // Give the first round a moment, so the command's first connects find their
-        // addresses; a slow resolver does not hold the command back for long.
-        let _ = tokio::time::timeout(FIRST_RESOLVE_WAIT, first_rx).await;
-        Some(task)
-    };
+    let dns = Arc::new(DnsContext {
+        policy: RwLock::new(policy.clone()),
+        upstreams,
+        enforcer: enf.clone(),
+        grants: Mutex::new(Grants::default()),
+        names,
+        sink: sink.clone(),
+        cgroup: cg.path().to_owned(),
+    });
+    let resolver_task = tokio::spawn(resolver.serve(dns.clone(), stop_rx.clone()));
 
     let cgroup_id = cgroup::cgroup_id(cg.path())?;
     sink.emit(&Event::Ready {
@@ -158,16 +151,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         rules: policy.rules.len(),
     });
     for cap in &config.keep_caps {
-        let message = format!(
-            "confinement weakened: the command keeps CAP_{}: {}",
-            cap.name(),
-            cap.risk()
+        warn(
+            &sink,
+            &format!(
+                "confinement weakened: the command keeps CAP_{}: {}",
+                cap.name(),
+                cap.risk()
+            ),
         );
-        tracing::warn!("{message}");
-        sink.emit(&Event::Warning {
-            ts: SystemTime::now(),
-            message: &message,
-        });
     }
 
     let spawned = match signals.early_signal() {
@@ -203,9 +194,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
 
     // Teardown: stop the helpers, kill leftovers, then detach and remove.
     let _ = stop_tx.send(true);
-    if let Some(t) = resolver_task {
-        let _ = t.await;
-    }
+    let _ = resolver_task.await;
+    drop(dns);
     cgroup::kill_all(cg.path())?;
     match monitor.await {
         Ok(Ok(())) => {}
@@ -291,4 +281,12 @@ impl Drop for SignalForwarder {
     fn drop(&mut self) {
         self.handle.close();
     }
+}
+
+fn warn(sink: &EventSink, message: &str) {
+    tracing::warn!("{message}");
+    sink.emit(&Event::Warning {
+        ts: SystemTime::now(),
+        message,
+    });
 }

@@ -1,0 +1,125 @@
+//! Which process sent a DNS query: the client's socket is found by its local port in
+//! `/proc/net/{udp,tcp}{,6}` (the agent shares the client's network namespace), then its
+//! owner among the processes of the enforced cgroup by their file descriptors. Only refused
+//! queries pay for this lookup; the client is still waiting for its answer, so its socket is
+//! still open.
+
+use std::{fs, path::Path};
+
+use super::upstream::Transport;
+
+/// The process behind a query.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Owner {
+    /// Process id.
+    pub pid: u32,
+    /// Command name.
+    pub comm: String,
+    /// Real user id.
+    pub uid: u32,
+}
+
+/// Finds the owner of the socket bound to `port` (`transport`), among the processes in the
+/// cgroup tree at `cgroup`.
+pub fn owner_of(transport: Transport, port: u16, cgroup: &Path) -> Option<Owner> {
+    let tables: [&str; 2] = match transport {
+        Transport::Udp => ["/proc/net/udp", "/proc/net/udp6"],
+        Transport::Tcp => ["/proc/net/tcp", "/proc/net/tcp6"],
+    };
+    let mut inodes = Vec::new();
+    for t in tables {
+        if let Ok(text) = fs::read_to_string(t) {
+            inodes.extend(socket_inodes(&text, port));
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    let mut pids = Vec::new();
+    collect_pids(cgroup, &mut pids, 0);
+    for pid in pids {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let t = target.to_string_lossy();
+            let Some(inode) = t
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if inodes.contains(&inode) {
+                return Some(describe(pid));
+            }
+        }
+    }
+    None
+}
+
+fn describe(pid: u32) -> Owner {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_owned())
+        .unwrap_or_default();
+    let uid = fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|r| r.split_whitespace().next().and_then(|u| u.parse().ok()))
+        })
+        .unwrap_or(u32::MAX);
+    Owner { pid, comm, uid }
+}
+
+fn collect_pids(dir: &Path, out: &mut Vec<u32>, depth: usize) {
+    if depth > 16 {
+        return;
+    }
+    if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_pids(&e.path(), out, depth + 1);
+            }
+        }
+    }
+}
+
+/// Inodes of the sockets whose local port is `port` in a `/proc/net/{udp,tcp}` table.
+fn socket_inodes(table: &str, port: u16) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local = f.get(1)?;
+            let (_, p) = local.rsplit_once(':')?;
+            if u16::from_str_radix(p, 16).ok()? != port {
+                return None;
+            }
+            f.get(9)?.parse().ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_tables_parse() {
+        let t = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+                 1234: 0100007F:D431 3500007F:0035 01 00000000:00000000 00:00000000 00000000  1000        0 987654 2 0000000000000000 0\n\
+                 1235: 0100007F:0050 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 111 2 0000000000000000 0\n";
+        assert_eq!(socket_inodes(t, 0xD431), vec![987654]);
+        assert_eq!(socket_inodes(t, 80), vec![111]);
+        assert!(socket_inodes(t, 53).is_empty());
+    }
+}

@@ -1,0 +1,408 @@
+//! The agent's DNS resolver: the only resolver the enforced cgroup can reach (the programs
+//! steer every port-53 packet and connection here).
+//!
+//! A query is answered only if every name in it is permitted by a `host:` rule; anything else
+//! gets REFUSED and a `dns-refused` event, so names cannot carry data out (DNS tunnelling).
+//! Permitted queries are forwarded upstream; the A/AAAA addresses of the answer (through CNAME
+//! chains) are written into the allow map *before* the answer goes back to the client, so the
+//! client's first connect already finds them.
+
+pub mod answer;
+pub mod attribution;
+pub mod upstream;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, ResponseCode},
+    rr::RecordType,
+};
+use tokio::{
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+
+use crate::{
+    enforcer::{Enforcer, ResolverAddr},
+    events::{Event, EventSink, boot_now},
+    grants::{self, Change, Grants},
+    names::Names,
+    policy::{self, Policy},
+};
+use answer::{addresses_for, normalize};
+use upstream::{Transport, read_framed, write_framed};
+
+/// Queries handled at once; more wait (UDP) or are read later (TCP).
+const MAX_IN_FLIGHT: usize = 512;
+/// An idle TCP client is dropped after this long.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// How often expired grants are swept from the map.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// What the resolver shares with the rest of the agent.
+pub struct DnsContext {
+    /// The running policy (replaced whole on reload).
+    pub policy: RwLock<Arc<Policy>>,
+    /// Upstream servers, tried in order.
+    pub upstreams: Vec<SocketAddr>,
+    /// The kernel maps.
+    pub enforcer: Arc<Mutex<Enforcer>>,
+    /// Which names each address was answered for.
+    pub grants: Mutex<Grants>,
+    /// Address to last name, for deny events.
+    pub names: Names,
+    /// Event output.
+    pub sink: Arc<EventSink>,
+    /// The enforced cgroup, to find who sent a refused query.
+    pub cgroup: PathBuf,
+}
+
+impl DnsContext {
+    fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The bound sockets.
+pub struct Resolver {
+    udp4: UdpSocket,
+    udp6: Option<UdpSocket>,
+    tcp4: TcpListener,
+    tcp6: Option<TcpListener>,
+    addr: ResolverAddr,
+}
+
+impl Resolver {
+    /// Binds UDP and TCP on 127.0.0.1 and ::1, all on one free port. IPv6 is optional (a
+    /// namespace without `::1` still gets IPv4 steering).
+    pub async fn bind() -> anyhow::Result<Self> {
+        let mut last = None;
+        for _ in 0..20 {
+            match Self::try_bind().await {
+                Ok(r) => return Ok(r),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried").context("cannot bind the DNS resolver on loopback"))
+    }
+
+    async fn try_bind() -> anyhow::Result<Self> {
+        let udp4 = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let port = udp4.local_addr()?.port();
+        let tcp4 = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
+        let udp6 = UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await.ok();
+        let tcp6 = match &udp6 {
+            Some(_) => Some(TcpListener::bind((Ipv6Addr::LOCALHOST, port)).await?),
+            None => None,
+        };
+        Ok(Self {
+            udp4,
+            udp6,
+            tcp4,
+            tcp6,
+            addr: ResolverAddr {
+                v4: Ipv4Addr::LOCALHOST,
+                v6: Ipv6Addr::LOCALHOST,
+                port,
+            },
+        })
+    }
+
+    /// Where the programs must steer DNS.
+    pub fn addr(&self) -> ResolverAddr {
+        self.addr
+    }
+
+    /// Serves until `stop` turns true, sweeping expired grants as it goes.
+    pub async fn serve(self, ctx: Arc<DnsContext>, stop: watch::Receiver<bool>) {
+        let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let mut tasks = JoinSet::new();
+        tasks.spawn(serve_udp(Arc::new(self.udp4), ctx.clone(), limit.clone()));
+        if let Some(u) = self.udp6 {
+            tasks.spawn(serve_udp(Arc::new(u), ctx.clone(), limit.clone()));
+        }
+        tasks.spawn(serve_tcp(self.tcp4, ctx.clone(), limit.clone()));
+        if let Some(t) = self.tcp6 {
+            tasks.spawn(serve_tcp(t, ctx.clone(), limit.clone()));
+        }
+        tasks.spawn(sweep_forever(ctx.clone()));
+        let mut stop = stop;
+        let _ = stop.wait_for(|s| *s).await;
+        tasks.abort_all();
+    }
+}
+
+async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, limit: Arc<Semaphore>) {
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, client) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("dns: receive failed: {e}");
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let query = buf[..n].to_vec();
+        let (sock, ctx) = (sock.clone(), ctx.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = handle(&ctx, &query, client, Transport::Udp).await {
+                if let Err(e) = sock.send_to(&reply, client).await {
+                    tracing::debug!("dns: cannot answer {client}: {e}");
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, ctx: Arc<DnsContext>, limit: Arc<Semaphore>) {
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("dns: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (ctx, limit) = (ctx.clone(), limit.clone());
+        tokio::spawn(async move { tcp_client(stream, client, &ctx, &limit).await });
+    }
+}
+
+async fn tcp_client(mut s: TcpStream, client: SocketAddr, ctx: &DnsContext, limit: &Semaphore) {
+    loop {
+        let query = match tokio::time::timeout(TCP_IDLE, read_framed(&mut s)).await {
+            Ok(Ok(Some(q))) => q,
+            _ => return,
+        };
+        let Ok(_permit) = limit.acquire().await else {
+            return;
+        };
+        let Some(reply) = handle(ctx, &query, client, Transport::Tcp).await else {
+            return;
+        };
+        if write_framed(&mut s, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers one query; `None` when there is nothing to answer (not even a header).
+pub async fn handle(
+    ctx: &DnsContext,
+    query: &[u8],
+    client: SocketAddr,
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let msg = match Message::from_vec(query) {
+        Ok(m) => m,
+        Err(_) => {
+            // Unparseable: answer FORMERR if there is an id to answer to.
+            if query.len() < 12 {
+                return None;
+            }
+            let id = u16::from_be_bytes([query[0], query[1]]);
+            return encode(&Message::error_msg(id, OpCode::Query, ResponseCode::FormErr));
+        }
+    };
+    if msg.message_type() != MessageType::Query {
+        return None;
+    }
+    if msg.op_code() != OpCode::Query || msg.queries().is_empty() {
+        return encode(&reply_to(&msg, ResponseCode::NotImp));
+    }
+
+    let policy = ctx.policy();
+    let refused: Vec<_> = msg
+        .queries()
+        .iter()
+        .filter(|q| policy.host_rules_for(&normalize(q.name())).is_empty())
+        .collect();
+    if !refused.is_empty() {
+        let owner = attribution::owner_of(transport, client.port(), &ctx.cgroup);
+        for q in refused {
+            let name = normalize(q.name());
+            let qtype = q.query_type().to_string();
+            ctx.sink.emit(&Event::DnsRefused {
+                ts: SystemTime::now(),
+                query: &name,
+                qtype: &qtype,
+                proto: match transport {
+                    Transport::Udp => "udp",
+                    Transport::Tcp => "tcp",
+                },
+                pid: owner.as_ref().map(|o| o.pid),
+                comm: owner.as_ref().map(|o| o.comm.as_str()),
+                uid: owner.as_ref().map(|o| o.uid),
+            });
+        }
+        return encode(&reply_to(&msg, ResponseCode::Refused));
+    }
+
+    let answer = match upstream::exchange(&ctx.upstreams, query, transport).await {
+        Ok(a) => a,
+        Err(e) => {
+            let names: Vec<_> = msg.queries().iter().map(|q| normalize(q.name())).collect();
+            warn(ctx, &format!("dns: upstream failed for {}: {e:#}", names.join(", ")));
+            return encode(&reply_to(&msg, ResponseCode::ServFail));
+        }
+    };
+    let parsed = match Message::from_vec(&answer) {
+        Ok(m) => m,
+        Err(e) => {
+            warn(ctx, &format!("dns: unparseable upstream answer: {e}"));
+            return encode(&reply_to(&msg, ResponseCode::ServFail));
+        }
+    };
+    for q in msg.queries() {
+        if !matches!(q.query_type(), RecordType::A | RecordType::AAAA | RecordType::ANY) {
+            // Other types carry no address to allow (HTTPS/SVCB hints are not followed).
+            continue;
+        }
+        let name = normalize(q.name());
+        if let Err(e) = allow_answer(ctx, &policy, &name, &addresses_for(&name, &parsed)) {
+            // The addresses are not allowed: say so rather than hand out an answer that
+            // only fails later.
+            warn(ctx, &format!("dns: {e:#}"));
+            return encode(&reply_to(&msg, ResponseCode::ServFail));
+        }
+    }
+    Some(answer)
+}
+
+/// Writes the answered addresses into the map; returns once every write is done.
+fn allow_answer(
+    ctx: &DnsContext,
+    policy: &Policy,
+    name: &str,
+    addrs: &[(IpAddr, u32)],
+) -> anyhow::Result<()> {
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    let now = boot_now();
+    let mut grants = ctx.grants.lock().unwrap_or_else(|p| p.into_inner());
+    let mut enf = ctx.enforcer.lock().unwrap_or_else(|p| p.into_inner());
+    for &(ip, ttl) in addrs {
+        let ttl = Duration::from_secs(ttl.into()).clamp(policy.dns.min_ttl, policy.dns.max_ttl);
+        let live = grants.add(ip, name, now + ttl + policy.dns.grace);
+        let value = entry_value(policy, &live)?;
+        if let Err(e) = enf.allow_dns(ip, value) {
+            grants.forget(&ip);
+            return Err(e).with_context(|| format!("{name} answered {ip}"));
+        }
+        ctx.names.remember(ip, name.to_owned());
+    }
+    Ok(())
+}
+
+/// The map value for an address: the union of the rules of every name it was answered for.
+fn entry_value(
+    policy: &Policy,
+    live: &[grants::Grant],
+) -> anyhow::Result<egress_common::AllowValue> {
+    let rules: Vec<_> = live
+        .iter()
+        .flat_map(|g| policy.host_rules_for(&g.name))
+        .collect();
+    let expires = grants::latest(live);
+    policy::rule_value(&rules, expires.as_nanos() as u64)
+        .map_err(|e| anyhow::anyhow!("too many port ranges for one address ({} needed)", e.0))
+}
+
+async fn sweep_forever(ctx: Arc<DnsContext>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        sweep(&ctx);
+    }
+}
+
+/// Removes expired grants from the map (the programs also check expiry themselves, so a late
+/// sweep never extends an entry).
+pub fn sweep(ctx: &DnsContext) {
+    let changes = ctx
+        .grants
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .sweep(boot_now());
+    if changes.is_empty() {
+        return;
+    }
+    let policy = ctx.policy();
+    let mut enf = ctx.enforcer.lock().unwrap_or_else(|p| p.into_inner());
+    for c in changes {
+        match c {
+            Change::Remove(ip) => enf.forget_dns(ip),
+            Change::Update(ip, live) => match entry_value(&policy, &live) {
+                Ok(v) => {
+                    if let Err(e) = enf.allow_dns(ip, v) {
+                        tracing::warn!("{e:#}");
+                    }
+                }
+                Err(e) => tracing::warn!("{e:#}"),
+            },
+        }
+    }
+}
+
+fn reply_to(q: &Message, code: ResponseCode) -> Message {
+    let mut r = Message::error_msg(q.id(), q.op_code(), code);
+    r.add_queries(q.queries().iter().cloned());
+    r.set_recursion_desired(q.recursion_desired());
+    r.set_recursion_available(true);
+    r
+}
+
+fn encode(m: &Message) -> Option<Vec<u8>> {
+    m.to_vec().ok()
+}
+
+fn warn(ctx: &DnsContext, message: &str) {
+    tracing::warn!("{message}");
+    ctx.sink.emit(&Event::Warning {
+        ts: SystemTime::now(),
+        message,
+    });
+}
+
+/// The upstream servers: the policy's `dns.upstream`, or the system resolver's name servers
+/// (read before steering, from the agent's own view).
+pub fn upstreams(policy: &Policy) -> Vec<SocketAddr> {
+    match &policy.dns.upstream {
+        policy::Upstream::Servers(list) => list.clone(),
+        policy::Upstream::System => system_name_servers(),
+    }
+}
+
+/// The system resolver's name servers (from `/etc/resolv.conf`), deduplicated, in order.
+pub fn system_name_servers() -> Vec<SocketAddr> {
+    match hickory_resolver::system_conf::read_system_conf() {
+        Ok((conf, _)) => {
+            let mut out: Vec<SocketAddr> = Vec::new();
+            for ns in conf.name_servers() {
+                if !out.contains(&ns.socket_addr) {
+                    out.push(ns.socket_addr);
+                }
+            }
+            out
+        }
+        Err(e) => {
+            tracing::warn!("cannot read the system resolver configuration: {e}");
+            Vec::new()
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Forwarding a client's query, byte for byte (its flags and EDNS options included), to the
+//! upstream servers: UDP for UDP clients (a truncated answer goes back truncated, so the client
+//! retries over TCP), TCP for TCP clients. Each query gets a fresh socket (random source
+//! port) and a random id, checked on the answer and restored for the client.
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpStream, UdpSocket},
+    time::timeout,
+};
+
+/// How long one upstream may take to answer.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest DNS message over UDP that we accept from upstream.
+const MAX_UDP: usize = 65_535;
+
+/// Transport of a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP.
+    Udp,
+    /// TCP (length-prefixed messages).
+    Tcp,
+}
+
+/// Sends `query` to each upstream in turn until one answers; returns its answer with the
+/// client's id.
+pub async fn exchange(
+    upstreams: &[SocketAddr],
+    query: &[u8],
+    transport: Transport,
+) -> anyhow::Result<Vec<u8>> {
+    if query.len() < 12 {
+        bail!("query shorter than a DNS header");
+    }
+    if upstreams.is_empty() {
+        bail!("no upstream DNS server is configured");
+    }
+    let client_id = [query[0], query[1]];
+    let mut last = None;
+    for server in upstreams {
+        let id: u16 = rand::random();
+        let mut q = query.to_vec();
+        q[..2].copy_from_slice(&id.to_be_bytes());
+        let res = match transport {
+            Transport::Udp => timeout(UPSTREAM_TIMEOUT, udp(*server, &q, id)).await,
+            Transport::Tcp => timeout(UPSTREAM_TIMEOUT, tcp(*server, &q, id)).await,
+        };
+        match res {
+            Ok(Ok(mut answer)) => {
+                answer[..2].copy_from_slice(&client_id);
+                return Ok(answer);
+            }
+            Ok(Err(e)) => last = Some(e.context(format!("upstream {server}"))),
+            Err(_) => last = Some(anyhow::anyhow!("upstream {server}: no answer within {UPSTREAM_TIMEOUT:?}")),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no upstream answered")))
+}
+
+async fn udp(server: SocketAddr, q: &[u8], id: u16) -> anyhow::Result<Vec<u8>> {
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let sock = UdpSocket::bind(bind).await?;
+    sock.connect(server).await?;
+    sock.send(q).await?;
+    let mut buf = vec![0u8; MAX_UDP];
+    loop {
+        // A connected UDP socket only receives from `server`.
+        let n = sock.recv(&mut buf).await?;
+        if n >= 12 && buf[..2] == id.to_be_bytes() && buf[2] & 0x80 != 0 {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+        // A stray or spoofed datagram: keep waiting for the real answer.
+    }
+}
+
+async fn tcp(server: SocketAddr, q: &[u8], id: u16) -> anyhow::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(server).await?;
+    write_framed(&mut s, q).await?;
+    let answer = read_framed(&mut s)
+        .await?
+        .context("connection closed before the answer")?;
+    if answer.len() < 12 || answer[..2] != id.to_be_bytes() {
+        bail!("answer does not match the query");
+    }
+    Ok(answer)
+}
+
+/// Writes one length-prefixed DNS message (RFC 1035 4.2.2).
+pub async fn write_framed<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, msg: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "DNS message over 65535 bytes"))?;
+    let mut framed = Vec::with_capacity(msg.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(msg);
+    w.write_all(&framed).await
+}
+
+/// Reads one length-prefixed DNS message; `None` at a clean end of stream.
+pub async fn read_framed<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+    r.read_exact(&mut buf).await?;
+    Ok(Some(buf))
+}

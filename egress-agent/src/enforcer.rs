@@ -20,7 +20,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr,
         links::{FdLink, PinnedLink},
     },
 };
@@ -54,6 +54,9 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     "sendmsg4",
     "sendmsg6",
 ];
+
+/// The cgroup/sock program that refuses raw and ICMP sockets.
+pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
 
 /// Where the agent's resolver listens, for DNS steering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,19 +198,40 @@ impl Enforcer {
                 .take_link(id)?
                 .try_into()
                 .map_err(|e| anyhow!("{name}: not a bpf_link: {e:?}"))?;
-            let link = match &opts.pin_dir {
-                Some(dir) => {
-                    let path = dir.join("links").join(name);
-                    Link::Pinned(
-                        link.pin(&path)
-                            .with_context(|| format!("cannot pin {}", path.display()))?,
-                    )
-                }
-                None => Link::Owned(link),
-            };
+            let link = me.keep_link(name, link)?;
             me.links.push(link);
         }
+        let prog: &mut CgroupSock = me
+            ._ebpf
+            .program_mut(SOCK_CREATE_PROGRAM)
+            .ok_or_else(|| anyhow!("program {SOCK_CREATE_PROGRAM} missing from the eBPF object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel rejected program {SOCK_CREATE_PROGRAM}"))?;
+        let id = prog
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .with_context(|| format!("cannot attach {SOCK_CREATE_PROGRAM} to {}", cgroup.display()))?;
+        let link: FdLink = prog
+            .take_link(id)?
+            .try_into()
+            .map_err(|e| anyhow!("{SOCK_CREATE_PROGRAM}: not a bpf_link: {e:?}"))?;
+        let link = me.keep_link(SOCK_CREATE_PROGRAM, link)?;
+        me.links.push(link);
         Ok(me)
+    }
+
+    /// Pins `link` when pinning, so it outlives the agent.
+    fn keep_link(&self, name: &str, link: FdLink) -> anyhow::Result<Link> {
+        Ok(match &self.pin_dir {
+            Some(dir) => {
+                let path = dir.join("links").join(name);
+                Link::Pinned(
+                    link.pin(&path)
+                        .with_context(|| format!("cannot pin {}", path.display()))?,
+                )
+            }
+            None => Link::Owned(link),
+        })
     }
 
     /// The enforced cgroup.

@@ -46,7 +46,7 @@ pub struct DenyRecord {
     pub cgroup: u64,
     /// Why: `no-rule`, `port`, `expired`, `protocol` or `error`.
     pub reason: &'static str,
-    /// Which hook decided: `connect4`, `connect6`, `sendmsg4`, `sendmsg6`.
+    /// Which hook decided: `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `sock_create`.
     pub hook: &'static str,
     /// The host name this address was last answered for, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -110,6 +110,7 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::CONNECT6 => "connect6",
         hook::SENDMSG4 => "sendmsg4",
         hook::SENDMSG6 => "sendmsg6",
+        hook::SOCK_CREATE => "sock_create",
         _ => "unknown",
     }
 }

@@ -10,6 +10,8 @@ pub mod hook {
     pub const SENDMSG4: u8 = 3;
     /// `cgroup/sendmsg6`.
     pub const SENDMSG6: u8 = 4;
+    /// `cgroup/sock_create` (raw and ICMP sockets).
+    pub const SOCK_CREATE: u8 = 5;
 }
 
 /// Why a destination was denied.
@@ -20,7 +22,7 @@ pub mod reason {
     pub const PORT: u8 = 2;
     /// The only entry for the address came from DNS and has expired.
     pub const EXPIRED: u8 = 3;
-    /// The socket's protocol is neither TCP nor UDP.
+    /// The socket's protocol is neither TCP nor UDP, or it is a raw or ICMP socket.
     pub const PROTOCOL: u8 = 4;
     /// The program could not read its context or maps (it denies).
     pub const ERROR: u8 = 5;

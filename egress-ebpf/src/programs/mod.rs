@@ -3,4 +3,5 @@
 mod dns;
 mod restore;
 mod sock_addr;
+mod sock_create;
 mod verdict;

@@ -112,8 +112,9 @@ fn audit_mode() -> bool {
     }
 }
 
+/// Counts and reports a deny; returns the verdict (allow in audit mode).
 #[inline(always)]
-fn deny(dst: &Destination, why: u8) -> i32 {
+pub fn deny(dst: &Destination, why: u8) -> i32 {
     count(COUNTER_DENY);
     report(dst, why);
     if audit_mode() {

@@ -1,0 +1,35 @@
+//! `cgroup/sock_create`: raw sockets (any protocol) and ICMP "ping" sockets never reach the
+//! connect/sendmsg hooks with a destination to judge, so they are refused when created.
+//! The hook sees AF_INET and AF_INET6 only; packet sockets (AF_PACKET) are closed by
+//! confinement (no CAP_NET_RAW), see docs/KERNEL-NOTES.md.
+
+use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
+use egress_common::{
+    consts::{COUNTER_ALLOW, VERDICT_ALLOW},
+    events::{hook, reason},
+};
+
+use super::verdict::{Destination, count, deny};
+
+const SOCK_DGRAM: u32 = 2;
+const SOCK_RAW: u32 = 3;
+const IPPROTO_ICMP: u32 = 1;
+const IPPROTO_ICMPV6: u32 = 58;
+
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel hands this program a valid `bpf_sock`; the verifier checks each load.
+    let (ty, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
+    let icmp = ty == SOCK_DGRAM && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6);
+    if ty != SOCK_RAW && !icmp {
+        count(COUNTER_ALLOW);
+        return VERDICT_ALLOW;
+    }
+    let dst = Destination {
+        addr: [0; 16],
+        port: 0,
+        ip_proto: protocol,
+        hook: hook::SOCK_CREATE,
+    };
+    deny(&dst, reason::PROTOCOL)
+}

@@ -158,7 +158,10 @@ mod tests {
 
     #[test]
     fn mount_paths_are_unescaped() {
-        assert_eq!(unescape_mount_path("/sys/fs/cgroup/unified"), "/sys/fs/cgroup/unified");
+        assert_eq!(
+            unescape_mount_path("/sys/fs/cgroup/unified"),
+            "/sys/fs/cgroup/unified"
+        );
         assert_eq!(unescape_mount_path("/mnt/a\\040b"), "/mnt/a b");
     }
 }

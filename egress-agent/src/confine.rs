@@ -43,7 +43,9 @@ impl Capability {
             16 => "it can load kernel modules",
             17 => "it can access devices and I/O ports directly",
             19 => "it can trace and inject code into processes outside the cgroup",
-            21 => "it can remount the cgroup and bpf filesystems, leave the cgroup and detach the programs",
+            21 => {
+                "it can remount the cgroup and bpf filesystems, leave the cgroup and detach the programs"
+            }
             38 => "it can use performance monitoring and read kernel memory",
             39 => "it can load eBPF programs and take the agent's maps and links",
             _ => "unknown capability",
@@ -175,7 +177,13 @@ impl Confinement {
                 }
             }
             for c in &self.drop {
-                check(libc::prctl(libc::PR_CAPBSET_DROP, c.0 as libc::c_ulong, 0, 0, 0))?;
+                check(libc::prctl(
+                    libc::PR_CAPBSET_DROP,
+                    c.0 as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ))?;
             }
             // The bounding set does not limit inheritable capabilities carried through exec:
             // clear those too, and the ambient set.

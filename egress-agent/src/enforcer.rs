@@ -210,7 +210,12 @@ impl Enforcer {
             .with_context(|| format!("the kernel rejected program {SOCK_CREATE_PROGRAM}"))?;
         let id = prog
             .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .with_context(|| format!("cannot attach {SOCK_CREATE_PROGRAM} to {}", cgroup.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot attach {SOCK_CREATE_PROGRAM} to {}",
+                    cgroup.display()
+                )
+            })?;
         let link: FdLink = prog
             .take_link(id)?
             .try_into()
@@ -306,9 +311,8 @@ impl Enforcer {
 
     /// Counters summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<Counters> {
-        let sum = |slot: u32| -> anyhow::Result<u64> {
-            Ok(self.counters.get(&slot, 0)?.iter().sum())
-        };
+        let sum =
+            |slot: u32| -> anyhow::Result<u64> { Ok(self.counters.get(&slot, 0)?.iter().sum()) };
         Ok(Counters {
             allow: sum(COUNTER_ALLOW)?,
             deny: sum(COUNTER_DENY)?,
@@ -340,7 +344,7 @@ impl Enforcer {
 
     /// Detaches the programs and removes the pins. Without this, pinned links keep
     /// enforcing after the agent is gone (by design: fail closed).
-    pub fn detach(mut self) -> anyhow::Result<()> {
+    pub fn detach(&mut self) -> anyhow::Result<()> {
         for link in self.links.drain(..) {
             match link {
                 Link::Owned(l) => drop(l),
@@ -358,8 +362,7 @@ impl Enforcer {
 /// holds it.
 pub fn remove_pin_dir(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
-        fs::remove_dir_all(dir)
-            .with_context(|| format!("cannot remove pins {}", dir.display()))?;
+        fs::remove_dir_all(dir).with_context(|| format!("cannot remove pins {}", dir.display()))?;
     }
     // The shared parent (`/sys/fs/bpf/egress`) goes too once no instance is left in it.
     if let Some(parent) = dir.parent() {

@@ -280,7 +280,10 @@ mod tests {
 
     #[test]
     fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
         let t = SystemTime::UNIX_EPOCH + Duration::new(1_795_613_646, 123_456_000);
         assert_eq!(rfc3339(t), "2026-11-25T13:34:06.123456Z");
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);

@@ -63,11 +63,13 @@ fn passwd(uid: u32) -> anyhow::Result<Option<(CString, u32)>> {
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
     let mut out: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: buffers are valid for the given lengths.
-    let rc = unsafe {
-        libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut out)
-    };
+    let rc =
+        unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
     if rc != 0 {
-        bail!("cannot look up user {uid}: {}", io::Error::from_raw_os_error(rc));
+        bail!(
+            "cannot look up user {uid}: {}",
+            io::Error::from_raw_os_error(rc)
+        );
     }
     if out.is_null() {
         return Ok(None);
@@ -90,9 +92,7 @@ fn supplementary_groups(uid: u32, gid: u32) -> anyhow::Result<Vec<u32>> {
         let mut groups = vec![0 as libc::gid_t; n as usize];
         let mut count = n;
         // SAFETY: `groups` holds `count` entries.
-        let rc = unsafe {
-            libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut count)
-        };
+        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
         if rc >= 0 {
             groups.truncate(count as usize);
             return Ok(groups);
@@ -157,7 +157,11 @@ pub fn spawn_in_cgroup(
     }
     cmd.kill_on_drop(false);
     cmd.spawn().map_err(|e| {
-        let shown = Path::new(program).as_os_str().as_bytes().escape_ascii().to_string();
+        let shown = Path::new(program)
+            .as_os_str()
+            .as_bytes()
+            .escape_ascii()
+            .to_string();
         anyhow::Error::new(SpawnError {
             not_found: e.kind() == io::ErrorKind::NotFound,
             message: format!("cannot run {shown}: {e}"),

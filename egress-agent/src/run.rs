@@ -9,9 +9,9 @@ use std::{
     ffi::OsString,
     os::unix::process::ExitStatusExt as _,
     path::PathBuf,
+    sync::atomic::{AtomicI32, Ordering},
     sync::{Arc, Mutex, RwLock},
     thread,
-    sync::atomic::{AtomicI32, Ordering},
     time::SystemTime,
 };
 
@@ -113,7 +113,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     enf.set_resolver(Some(resolver.addr()))?;
     let upstreams = resolver::upstreams(&policy);
     if upstreams.is_empty() {
-        warn(&sink, "no upstream DNS server (no dns.upstream, none in /etc/resolv.conf): permitted names will get SERVFAIL");
+        warn(
+            &sink,
+            "no upstream DNS server (no dns.upstream, none in /etc/resolv.conf): permitted names will get SERVFAIL",
+        );
     }
     let enf = Arc::new(Mutex::new(enf));
     let names = Names::default();
@@ -202,11 +205,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         Ok(Err(e)) => tracing::warn!("event reader: {e:#}"),
         Err(e) => tracing::warn!("event reader: {e}"),
     }
-    let enf = Arc::into_inner(enf)
-        .context("the enforcer is still shared at exit")?
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner());
-    enf.detach()?;
+    enf.lock().unwrap_or_else(|p| p.into_inner()).detach()?;
     cg.remove()?;
     outcome
 }

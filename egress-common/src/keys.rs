@@ -48,7 +48,9 @@ mod user {
     /// The IP address a key stands for: mapped addresses come back as IPv4.
     pub fn ip_from_addr(addr: &Addr) -> IpAddr {
         if is_v4_mapped(addr) {
-            IpAddr::V4(core::net::Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15]))
+            IpAddr::V4(core::net::Ipv4Addr::new(
+                addr[12], addr[13], addr[14], addr[15],
+            ))
         } else {
             IpAddr::V6(Ipv6Addr::from(*addr))
         }
@@ -60,8 +62,10 @@ pub use user::{addr_from_ip, ip_from_addr};
 
 #[cfg(all(test, feature = "user"))]
 mod tests {
+    extern crate std;
     use super::*;
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::string::ToString as _;
 
     #[test]
     fn v4_is_stored_mapped() {
@@ -75,7 +79,10 @@ mod tests {
         let v4 = addr_from_ip("127.0.0.1".parse().unwrap());
         let mapped = addr_from_ip("::ffff:127.0.0.1".parse().unwrap());
         assert_eq!(v4, mapped);
-        assert_eq!(ip_from_addr(&mapped), "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            ip_from_addr(&mapped),
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

@@ -157,8 +157,8 @@ mod tests {
 
     #[test]
     fn permits_matches_port_and_protocol() {
-        let v = AllowValue::from_ranges([r(443, 443, PROTO_TCP), r(8000, 8080, PROTO_ANY)], 0)
-            .unwrap();
+        let v =
+            AllowValue::from_ranges([r(443, 443, PROTO_TCP), r(8000, 8080, PROTO_ANY)], 0).unwrap();
         assert!(v.permits(443, PROTO_TCP));
         assert!(!v.permits(443, PROTO_UDP));
         assert!(v.permits(8000, PROTO_UDP));
@@ -175,7 +175,11 @@ mod tests {
     #[test]
     fn overlapping_and_adjacent_ranges_merge() {
         let v = AllowValue::from_ranges(
-            [r(80, 90, PROTO_TCP), r(91, 100, PROTO_TCP), r(85, 95, PROTO_TCP)],
+            [
+                r(80, 90, PROTO_TCP),
+                r(91, 100, PROTO_TCP),
+                r(85, 95, PROTO_TCP),
+            ],
             0,
         )
         .unwrap();

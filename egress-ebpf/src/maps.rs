@@ -22,7 +22,8 @@ pub static ALLOW_CIDR: LpmTrie<Addr, AllowValue> =
 
 /// Addresses answered for allowed host names, each with its expiry.
 #[map]
-pub static ALLOW_DNS: HashMap<Addr, AllowValue> = HashMap::with_max_entries(DEFAULT_DNS_CAPACITY, 0);
+pub static ALLOW_DNS: HashMap<Addr, AllowValue> =
+    HashMap::with_max_entries(DEFAULT_DNS_CAPACITY, 0);
 
 /// Deny events for the agent.
 #[map]

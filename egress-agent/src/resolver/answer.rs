@@ -85,7 +85,11 @@ mod tests {
     #[test]
     fn direct_answers_are_taken() {
         let m = msg(vec![
-            Record::from_rdata(n("api.example.com."), 60, RData::A(A::new(198, 51, 100, 10))),
+            Record::from_rdata(
+                n("api.example.com."),
+                60,
+                RData::A(A::new(198, 51, 100, 10)),
+            ),
             Record::from_rdata(
                 n("API.Example.com."),
                 30,
@@ -105,7 +109,11 @@ mod tests {
     #[test]
     fn cname_chains_are_followed_with_the_smallest_ttl() {
         let m = msg(vec![
-            Record::from_rdata(n("www.example.com."), 20, RData::CNAME(CNAME(n("a.cdn.test.")))),
+            Record::from_rdata(
+                n("www.example.com."),
+                20,
+                RData::CNAME(CNAME(n("a.cdn.test."))),
+            ),
             Record::from_rdata(n("a.cdn.test."), 300, RData::CNAME(CNAME(n("b.cdn.test.")))),
             Record::from_rdata(n("b.cdn.test."), 600, RData::A(A::new(198, 51, 100, 11))),
         ]);
@@ -119,7 +127,11 @@ mod tests {
     fn records_for_other_names_allow_nothing() {
         let m = msg(vec![
             Record::from_rdata(n("evil.test."), 60, RData::A(A::new(203, 0, 113, 1))),
-            Record::from_rdata(n("api.example.com."), 60, RData::A(A::new(198, 51, 100, 10))),
+            Record::from_rdata(
+                n("api.example.com."),
+                60,
+                RData::A(A::new(198, 51, 100, 10)),
+            ),
         ]);
         assert_eq!(
             addresses_for("api.example.com", &m),

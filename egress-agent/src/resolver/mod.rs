@@ -93,7 +93,9 @@ impl Resolver {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.expect("tried").context("cannot bind the DNS resolver on loopback"))
+        Err(last
+            .expect("tried")
+            .context("cannot bind the DNS resolver on loopback"))
     }
 
     async fn try_bind() -> anyhow::Result<Self> {
@@ -216,7 +218,11 @@ pub async fn handle(
                 return None;
             }
             let id = u16::from_be_bytes([query[0], query[1]]);
-            return encode(&Message::error_msg(id, OpCode::Query, ResponseCode::FormErr));
+            return encode(&Message::error_msg(
+                id,
+                OpCode::Query,
+                ResponseCode::FormErr,
+            ));
         }
     };
     if msg.message_type() != MessageType::Query {
@@ -257,7 +263,10 @@ pub async fn handle(
         Ok(a) => a,
         Err(e) => {
             let names: Vec<_> = msg.queries().iter().map(|q| normalize(q.name())).collect();
-            warn(ctx, &format!("dns: upstream failed for {}: {e:#}", names.join(", ")));
+            warn(
+                ctx,
+                &format!("dns: upstream failed for {}: {e:#}", names.join(", ")),
+            );
             return encode(&reply_to(&msg, ResponseCode::ServFail));
         }
     };
@@ -269,7 +278,10 @@ pub async fn handle(
         }
     };
     for q in msg.queries() {
-        if !matches!(q.query_type(), RecordType::A | RecordType::AAAA | RecordType::ANY) {
+        if !matches!(
+            q.query_type(),
+            RecordType::A | RecordType::AAAA | RecordType::ANY
+        ) {
             // Other types carry no address to allow (HTTPS/SVCB hints are not followed).
             continue;
         }

@@ -55,7 +55,11 @@ pub async fn exchange(
                 return Ok(answer);
             }
             Ok(Err(e)) => last = Some(e.context(format!("upstream {server}"))),
-            Err(_) => last = Some(anyhow::anyhow!("upstream {server}: no answer within {UPSTREAM_TIMEOUT:?}")),
+            Err(_) => {
+                last = Some(anyhow::anyhow!(
+                    "upstream {server}: no answer within {UPSTREAM_TIMEOUT:?}"
+                ))
+            }
         }
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no upstream answered")))
@@ -95,7 +99,10 @@ async fn tcp(server: SocketAddr, q: &[u8], id: u16) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Writes one length-prefixed DNS message (RFC 1035 4.2.2).
-pub async fn write_framed<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, msg: &[u8]) -> io::Result<()> {
+pub async fn write_framed<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &[u8],
+) -> io::Result<()> {
     let len = u16::try_from(msg.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "DNS message over 65535 bytes"))?;
     let mut framed = Vec::with_capacity(msg.len() + 2);
@@ -105,7 +112,9 @@ pub async fn write_framed<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, msg: &[u8
 }
 
 /// Reads one length-prefixed DNS message; `None` at a clean end of stream.
-pub async fn read_framed<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Vec<u8>>> {
+pub async fn read_framed<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 2];
     match r.read_exact(&mut len).await {
         Ok(_) => {}

@@ -4,9 +4,7 @@
 //! return 1 (the kernel rejects other values at load time): they rewrite, never deny.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    helpers::bpf_get_socket_cookie,
-    macros::cgroup_sock_addr,
+    EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use egress_common::addr_from_v4;

@@ -89,7 +89,12 @@ pub fn read_v6(ctx: &SockAddrContext) -> Addr {
     // SAFETY: as in `try_v4`.
     let sa = unsafe { &*ctx.sock_addr };
     // Four 4-byte loads: the verifier rejects wider or narrower access to `user_ip6`.
-    let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let w = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     let (a, b, c, d) = (
         w[0].to_ne_bytes(),
         w[1].to_ne_bytes(),

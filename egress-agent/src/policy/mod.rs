@@ -1,0 +1,207 @@
+//! The allowlist: a YAML file (and the files it includes) read into a validated [`Policy`],
+//! and compiled into the values of the kernel maps. Pure logic: no aya, no tokio.
+//!
+//! # Format
+//!
+//! ```yaml
+//! version: 1                 # required, must be 1
+//! name: claude-code          # optional; default: the file name without extension
+//! mode: enforce              # enforce | audit
+//! include: [github.yaml]     # relative to this file; their allow rules are added
+//! dns: {min_ttl: 30s, max_ttl: 1h, grace: 60s, upstream: system}
+//! allow:
+//!   - host: api.anthropic.com          # exact name
+//!     ports: [443]
+//!   - host: "*.githubusercontent.com"  # any depth below, not the apex
+//!   - cidr: 192.0.2.0/24
+//!     ports: [80, "8000-8080"]
+//!     protocol: tcp                    # tcp | udp | any
+//!   - ip: 2001:db8::1
+//! ```
+//!
+//! The serde types of [`raw`] are the format's schema (one struct per mapping,
+//! `deny_unknown_fields`, a doc per field); `load.rs` turns them into a [`Policy`].
+//!
+//! # Error positions
+//!
+//! Every error names file, line, column and field: `x.yaml:7:5: allow[2].cidr: "10.0.0.300/8"
+//! is not a CIDR`. `serde_yaml` cannot give that: its errors have a position only while a
+//! value is being read, and a successful read keeps none, so a rule could not say which line
+//! it came from and a check spanning fields or files (two targets in one rule, TTL bounds, a
+//! missing include) could not point anywhere. Instead the text is parsed with `yaml-rust2`'s
+//! event parser into a tree of nodes that keep their line and column ([`yaml`]), and the same
+//! serde-derived types are read from that tree by a small `Deserializer` of our own. It tracks
+//! the field path and pins each error on the innermost node being read: a value rejected by
+//! its type's `Deserialize`/`TryFrom` at the value, an unknown field at its key, a missing
+//! field at its mapping. Checks made after deserializing take positions from the tree, and
+//! each [`Rule`] keeps its [`Origin`]. serde's standard messages are reworded through
+//! `de::Error`'s hooks (`unknown field "prot", expected one of host, cidr, ...`).
+
+mod compile;
+mod dns;
+mod error;
+mod host;
+mod load;
+mod net;
+mod ports;
+pub mod raw;
+mod yaml;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+pub use compile::{CidrEntry, PortSet, cidr_entries, rule_value};
+pub use dns::{DnsSettings, Upstream};
+pub use egress_common::rules::TooManyRanges;
+pub use error::{Location, PolicyError};
+pub use host::HostPattern;
+pub use net::Net;
+pub use ports::Protocol;
+
+/// What the kernel does with a destination no rule allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Deny it.
+    #[default]
+    Enforce,
+    /// Allow it, but report it as a deny would be.
+    Audit,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        })
+    }
+}
+
+/// A validated allowlist: the root file's settings and the rules of every file it includes.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The root file's `name`, or its file name without extension.
+    pub name: String,
+    /// The root file's `mode`.
+    pub mode: Mode,
+    /// The root file's `dns` settings.
+    pub dns: DnsSettings,
+    /// The root file's rules first, then each include's (depth first, in order).
+    pub rules: Vec<Rule>,
+    /// Every file read, the root first, each once (for reload watching).
+    pub files: Vec<PathBuf>,
+}
+
+/// One `allow` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// What may be reached.
+    pub target: Target,
+    /// Inclusive port ranges, sorted and merged; never empty (`[(0, 65535)]`: every port).
+    pub ports: Vec<(u16, u16)>,
+    /// Which transport protocols.
+    pub protocol: Protocol,
+    /// Where the rule was written.
+    pub origin: Origin,
+}
+
+/// A rule's destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A `host:` name or wildcard, allowed through the addresses DNS answers give for it.
+    Host(HostPattern),
+    /// A `cidr:` network or `ip:` address (a `/32` or `/128`).
+    Net(Net),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Host(h) => h.fmt(f),
+            Self::Net(n) if n.is_host() => n.addr().fmt(f),
+            Self::Net(n) => n.fmt(f),
+        }
+    }
+}
+
+/// Where a rule was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file, as the caller named it (includes joined to their including file's folder).
+    pub file: PathBuf,
+    /// Line of the rule's first key, from 1.
+    pub line: usize,
+    /// Column of the rule's first key, from 1.
+    pub column: usize,
+    /// Index in that file's `allow` list.
+    pub index: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: allow[{}]",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.index
+        )
+    }
+}
+
+impl Policy {
+    /// The host rules (exact or wildcard) that cover a queried `name` (any case, trailing
+    /// dot or not), in policy order.
+    pub fn host_rules_for(&self, name: &str) -> Vec<&Rule> {
+        self.rules
+            .iter()
+            .filter(|r| matches!(&r.target, Target::Host(h) if h.matches(name)))
+            .collect()
+    }
+
+    /// One line for logs and `check`: `name "x", mode enforce, 12 rules (5 hosts,
+    /// 2 wildcards, 5 addresses), 1 include`.
+    pub fn summary(&self) -> String {
+        let (mut hosts, mut wildcards, mut nets) = (0, 0, 0);
+        for r in &self.rules {
+            match &r.target {
+                Target::Host(HostPattern::Exact(_)) => hosts += 1,
+                Target::Host(HostPattern::Wildcard(_)) => wildcards += 1,
+                Target::Net(_) => nets += 1,
+            }
+        }
+        let n = |count: usize, one: &str, many: &str| {
+            format!("{count} {}", if count == 1 { one } else { many })
+        };
+        format!(
+            "name {:?}, mode {}, {} ({}, {}, {}), {}",
+            self.name,
+            self.mode,
+            n(self.rules.len(), "rule", "rules"),
+            n(hosts, "host", "hosts"),
+            n(wildcards, "wildcard", "wildcards"),
+            n(nets, "address", "addresses"),
+            n(self.files.len().saturating_sub(1), "include", "includes"),
+        )
+    }
+}
+
+/// Reads the allowlist at `path` and the files it includes.
+pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+    load::load_root(path, None)
+}
+
+/// Reads an allowlist from `yaml`; `path` names it in messages and is the base of its
+/// includes (it need not exist).
+pub fn parse_str(yaml: &str, path: &Path) -> Result<Policy, PolicyError> {
+    load::load_root(path, Some(yaml))
+}

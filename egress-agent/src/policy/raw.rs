@@ -1,0 +1,114 @@
+//! The file format as serde types: one struct per YAML mapping, `deny_unknown_fields`, a
+//! `///` per field (these are the texts a JSON Schema generated from them will carry).
+//!
+//! Values are checked as they are read (`HostPattern`, `Cidr`, `Ports`, ... reject bad text in
+//! their `Deserialize`), so each such error is reported at the value itself. What needs
+//! several fields or files (one target per rule, TTL bounds, includes) is checked in
+//! `load.rs`.
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, Visitor},
+};
+
+use super::{
+    HostPattern, Mode,
+    dns::{Dur, Upstream},
+    net::{Cidr, SingleIp},
+    ports::{Ports, Protocol},
+};
+
+/// One allowlist file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    /// Version of the format; must be 1.
+    pub version: Version,
+    /// Name of the policy in logs and events; default: the file name without its extension.
+    /// Only the root file's name is used.
+    pub name: Option<String>,
+    /// `enforce` denies what is not allowed; `audit` reports it but lets it through.
+    /// Default `enforce`. Only the root file's mode is used.
+    pub mode: Option<Mode>,
+    /// Other allowlist files whose `allow` rules (and includes) are added after this file's,
+    /// as paths relative to this file. A file including itself, directly or not, is an error.
+    pub include: Option<Vec<String>>,
+    /// How DNS answers are used. Only the root file's settings are used.
+    pub dns: Option<RawDns>,
+    /// The destinations the workload may reach; anything else is denied. Empty or missing:
+    /// deny everything.
+    pub allow: Option<Vec<RawAllow>>,
+}
+
+/// The `dns:` mapping; every field is optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// Shortest time an answer's addresses stay allowed, whatever its TTL (default 30s).
+    /// Durations are written `500ms`, `30s`, `5m`, `1h`, or as a number of seconds.
+    pub min_ttl: Option<Dur>,
+    /// Longest time an answer's addresses stay allowed before the name must be resolved
+    /// again (default 1h); not shorter than `min_ttl`.
+    pub max_ttl: Option<Dur>,
+    /// Extra time an address stays allowed after its TTL ran out, for connections opened
+    /// just before (default 60s).
+    pub grace: Option<Dur>,
+    /// Where queries are forwarded: `system` (the name servers of /etc/resolv.conf, the
+    /// default) or a list of `ip`, `ip:port` or `[ipv6]:port` (port 53 if not given).
+    pub upstream: Option<Upstream>,
+}
+
+/// One `allow` rule: exactly one of `host`, `cidr`, `ip`, with optional ports and protocol.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAllow {
+    /// A host name (`api.example.com`), or `*.` and a domain of at least two labels
+    /// (`*.example.com`: every name below it at any depth, not `example.com` itself). The
+    /// addresses it resolves to are allowed for the answer's TTL.
+    pub host: Option<HostPattern>,
+    /// A network in CIDR notation (`192.0.2.0/24`, `2001:db8::/32`), without host bits.
+    pub cidr: Option<Cidr>,
+    /// A single IPv4 or IPv6 address.
+    pub ip: Option<SingleIp>,
+    /// A port (`443`), a range (`"8000-8080"`), or a list of them; ports are 1-65535.
+    /// Missing: every port.
+    #[serde(default, deserialize_with = "present")]
+    pub ports: Option<Ports>,
+    /// `tcp`, `udp` or `any` (the default).
+    pub protocol: Option<Protocol>,
+}
+
+/// An explicit empty value is an error, not "field missing": for `ports:` that would
+/// silently mean every port.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// The format version (only 1 exists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version(pub u64);
+
+/// The one version this agent reads.
+pub const VERSION: u64 = 1;
+
+impl<'de> Deserialize<'de> for Version {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Version;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "version {VERSION}")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Version, E> {
+                if n == VERSION {
+                    Ok(Version(n))
+                } else {
+                    Err(E::custom(format!(
+                        "unsupported version {n}, this agent reads version {VERSION}"
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

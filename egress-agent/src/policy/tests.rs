@@ -1,0 +1,750 @@
+//! Tests of the whole module: error messages with exact positions, includes, compilation.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use egress_common::consts::{PROTO_ANY, PROTO_TCP, PROTO_UDP};
+
+use super::*;
+
+const FILE: &str = "allowlists/x.yaml";
+
+fn parse(yaml: &str) -> Policy {
+    parse_str(yaml, Path::new(FILE)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The message of the error `yaml` must give.
+fn err(yaml: &str) -> String {
+    match parse_str(yaml, Path::new(FILE)) {
+        Ok(p) => panic!("expected an error, got {p:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/policy")
+}
+
+fn net(s: &str) -> Net {
+    s.parse().unwrap()
+}
+
+#[test]
+fn the_example_of_the_design_parses() {
+    let p = parse(
+        r#"
+version: 1
+name: claude-code
+mode: enforce
+dns:
+  min_ttl: 30s
+  max_ttl: 1h
+  grace: 60s
+  upstream: system
+allow:
+  - host: api.anthropic.com
+    ports: [443]
+  - host: "*.githubusercontent.com"
+    ports: [443]
+  - cidr: 192.0.2.0/24
+    ports: [80, "8000-8080"]
+    protocol: tcp
+  - ip: 2001:db8::1
+"#,
+    );
+    assert_eq!(p.name, "claude-code");
+    assert_eq!(p.mode, Mode::Enforce);
+    assert_eq!(p.dns, DnsSettings::default());
+    assert_eq!(p.files, vec![PathBuf::from(FILE)]);
+    assert_eq!(p.rules.len(), 4);
+    let r = &p.rules[2];
+    assert_eq!(r.target, Target::Net(net("192.0.2.0/24")));
+    assert_eq!(r.ports, vec![(80, 80), (8000, 8080)]);
+    assert_eq!(r.protocol, Protocol::Tcp);
+    assert_eq!(
+        r.origin,
+        Origin {
+            file: FILE.into(),
+            line: 15,
+            column: 5,
+            index: 2
+        }
+    );
+    assert_eq!(
+        p.rules[1].target,
+        Target::Host(HostPattern::Wildcard("githubusercontent.com".into()))
+    );
+    assert_eq!(p.rules[3].target, Target::Net(net("2001:db8::1/128")));
+    assert_eq!(p.rules[3].ports, vec![(0, 65535)]);
+    assert_eq!(p.rules[3].protocol, Protocol::Any);
+    assert_eq!(
+        p.summary(),
+        r#"name "claude-code", mode enforce, 4 rules (1 host, 1 wildcard, 2 addresses), 0 includes"#
+    );
+}
+
+#[test]
+fn defaults() {
+    let p = parse("version: 1\n");
+    assert_eq!(p.name, "x");
+    assert_eq!(p.mode, Mode::Enforce);
+    assert!(p.rules.is_empty());
+    assert_eq!(p.dns.min_ttl, Duration::from_secs(30));
+    assert_eq!(p.dns.max_ttl, Duration::from_secs(3600));
+    assert_eq!(p.dns.grace, Duration::from_secs(60));
+    assert_eq!(p.dns.upstream, Upstream::System);
+    let p = parse("version: 1\nallow: []\ndns: {}\nmode: audit\n");
+    assert_eq!(p.mode, Mode::Audit);
+    assert!(p.rules.is_empty());
+    let p = parse("version: 1\nallow:\n");
+    assert!(p.rules.is_empty());
+}
+
+#[test]
+fn dns_settings() {
+    let p = parse(
+        "version: 1\ndns:\n  min_ttl: 5\n  max_ttl: 5m\n  grace: 500ms\n  upstream: [9.9.9.9, \"[2001:db8::1]:5353\", \"127.0.0.53\"]\n",
+    );
+    assert_eq!(p.dns.min_ttl, Duration::from_secs(5));
+    assert_eq!(p.dns.max_ttl, Duration::from_secs(300));
+    assert_eq!(p.dns.grace, Duration::from_millis(500));
+    assert_eq!(
+        p.dns.upstream,
+        Upstream::Servers(vec![
+            "9.9.9.9:53".parse().unwrap(),
+            "[2001:db8::1]:5353".parse().unwrap(),
+            "127.0.0.53:53".parse().unwrap(),
+        ])
+    );
+    // Equal bounds are fine.
+    parse("version: 1\ndns: {min_ttl: 1m, max_ttl: 60s}\n");
+}
+
+#[test]
+fn ports_forms() {
+    let p = parse(
+        r#"version: 1
+allow:
+  - {ip: 10.0.0.1, ports: 443}
+  - {ip: 10.0.0.1, ports: "8000-8080"}
+  - {ip: 10.0.0.1, ports: "53"}
+  - {ip: 10.0.0.1, ports: [443, 80, "81-90", "85-100", 1]}
+  - {ip: 10.0.0.1, ports: ["1-65535"]}
+  - {ip: 10.0.0.1, ports: [65535]}
+"#,
+    );
+    let ports: Vec<_> = p.rules.iter().map(|r| r.ports.clone()).collect();
+    assert_eq!(
+        ports,
+        vec![
+            vec![(443, 443)],
+            vec![(8000, 8080)],
+            vec![(53, 53)],
+            vec![(1, 1), (80, 100), (443, 443)],
+            vec![(1, 65535)],
+            vec![(65535, 65535)],
+        ]
+    );
+}
+
+#[test]
+fn error_unknown_fields_point_at_the_key() {
+    assert_eq!(
+        err("version: 1\nallow:\n  - host: a.example.com\n    prot: tcp\n"),
+        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "prot", expected one of host, cidr, ip, ports, protocol"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n- host: a.example.com\n  prot: tcp\n"),
+        r#"allowlists/x.yaml:4:3: allow[0]: unknown field "prot", expected one of host, cidr, ip, ports, protocol"#
+    );
+    assert_eq!(
+        err("version: 1\nallwo: []\n"),
+        r#"allowlists/x.yaml:2:1: unknown field "allwo", expected one of version, name, mode, include, dns, allow"#
+    );
+    assert_eq!(
+        err("version: 1\ndns:\n  min: 3s\n"),
+        r#"allowlists/x.yaml:3:3: dns: unknown field "min", expected one of min_ttl, max_ttl, grace, upstream"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - {ip: 10.0.0.1, port: 80}\n"),
+        r#"allowlists/x.yaml:3:20: allow[0]: unknown field "port", expected one of host, cidr, ip, ports, protocol"#
+    );
+}
+
+#[test]
+fn error_cidr() {
+    assert_eq!(
+        err("version: 1\nallow:\n  - host: a.example.com\n  - cidr: 10.0.0.300/8\n"),
+        r#"allowlists/x.yaml:4:11: allow[1].cidr: "10.0.0.300/8" is not a CIDR"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - cidr: 10.1.2.3/8\n"),
+        r#"allowlists/x.yaml:3:11: allow[0].cidr: "10.1.2.3/8" has host bits set; did you mean 10.0.0.0/8"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - cidr: \"10.0.0.1\"\n"),
+        r#"allowlists/x.yaml:3:11: allow[0].cidr: "10.0.0.1" is an address, not a CIDR (addr/len); use ip: for a single address"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - cidr: 2001:db8::/129\n"),
+        r#"allowlists/x.yaml:3:11: allow[0].cidr: "2001:db8::/129" is not a CIDR: the prefix length is longer than 128"#
+    );
+}
+
+#[test]
+fn error_ip() {
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.0/8\n"),
+        r#"allowlists/x.yaml:3:9: allow[0].ip: "10.0.0.0/8" is a network, not an IP address; use cidr: instead"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: localhost\n"),
+        r#"allowlists/x.yaml:3:9: allow[0].ip: "localhost" is not an IP address"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: [10.0.0.1]\n"),
+        r#"allowlists/x.yaml:3:9: allow[0].ip: expected a string, found a list"#
+    );
+}
+
+#[test]
+fn error_ports() {
+    assert_eq!(
+        err("version: 1\nallow:\n  - cidr: 10.0.0.0/8\n    ports: [80, 70000]\n"),
+        r#"allowlists/x.yaml:4:17: allow[0].ports[1]: "70000" is not a port (1-65535)"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    ports: 0\n"),
+        r#"allowlists/x.yaml:4:12: allow[0].ports: "0" is not a port (1-65535)"#
+    );
+    assert_eq!(
+        err(
+            "version: 1\nallow:\n  - ip: 10.0.0.1\n    ports:\n      - 443\n      - \"8080-8000\"\n"
+        ),
+        r#"allowlists/x.yaml:6:9: allow[0].ports[1]: "8080-8000" is not a port range (a-b with 1 <= a <= b <= 65535)"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    ports: [-1]\n"),
+        r#"allowlists/x.yaml:4:13: allow[0].ports[0]: "-1" is not a port (1-65535)"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    ports: [http]\n"),
+        r#"allowlists/x.yaml:4:13: allow[0].ports[0]: "http" is not a port (1-65535)"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    ports: [[80]]\n"),
+        r#"allowlists/x.yaml:4:13: allow[0].ports[0]: expected a port or a range like "8000-8080", found a list"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    ports: []\n"),
+        r#"allowlists/x.yaml:4:12: allow[0].ports: no ports given; leave ports out to allow every port"#
+    );
+    assert!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    ports:\n")
+            .contains("allow[0].ports: no ports given; leave ports out to allow every port")
+    );
+    let many: Vec<String> = (1..=17).map(|i| (i * 2).to_string()).collect();
+    assert_eq!(
+        err(&format!(
+            "version: 1\nallow:\n  - ip: 10.0.0.1\n    ports: [{}]\n",
+            many.join(", ")
+        )),
+        "allowlists/x.yaml:4:12: allow[0].ports: 17 separate port ranges, more than the 16 one rule can hold"
+    );
+}
+
+#[test]
+fn error_protocol_and_mode() {
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    protocol: icmp\n"),
+        r#"allowlists/x.yaml:4:15: allow[0].protocol: unknown value "icmp", expected one of tcp, udp, any"#
+    );
+    assert_eq!(
+        err("version: 1\nmode: block\n"),
+        r#"allowlists/x.yaml:2:7: mode: unknown value "block", expected one of enforce, audit"#
+    );
+}
+
+#[test]
+fn error_hosts() {
+    assert_eq!(
+        err("version: 1\nallow:\n  - host: \"a*.b.com\"\n"),
+        r#"allowlists/x.yaml:3:11: allow[0].host: "a*.b.com" is not a host name: a wildcard is only allowed as the whole leftmost label, like *.example.com"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - host: foo.*.com\n"),
+        r#"allowlists/x.yaml:3:11: allow[0].host: "foo.*.com" is not a host name: a wildcard is only allowed as the whole leftmost label, like *.example.com"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - host: \"*.com\"\n"),
+        r#"allowlists/x.yaml:3:11: allow[0].host: "*.com": wildcard too broad, the part after *. needs at least two labels (like *.example.com)"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - host: 192.0.2.1\n"),
+        r#"allowlists/x.yaml:3:11: allow[0].host: "192.0.2.1" is an IP address, not a host name; use ip: instead"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - host: a..example.com\n"),
+        r#"allowlists/x.yaml:3:11: allow[0].host: "a..example.com" is not a host name: empty label"#
+    );
+}
+
+#[test]
+fn error_targets() {
+    assert_eq!(
+        err("version: 1\nallow:\n  - host: a.example.com\n    ip: 10.0.0.1\n"),
+        "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip (found host and ip)"
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n  - ports: [443]\n    protocol: tcp\n"),
+        "allowlists/x.yaml:4:5: allow[1]: no destination: give one of host, cidr, ip"
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - {}\n"),
+        "allowlists/x.yaml:3:5: allow[0]: no destination: give one of host, cidr, ip"
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - just-a-string\n"),
+        r#"allowlists/x.yaml:3:5: allow[0]: expected a mapping, found "just-a-string""#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  host: a.example.com\n"),
+        "allowlists/x.yaml:3:3: allow: expected a list, found a mapping"
+    );
+}
+
+#[test]
+fn error_version_and_name() {
+    assert_eq!(
+        err("allow: []\n"),
+        r#"allowlists/x.yaml:1:1: missing field "version""#
+    );
+    assert_eq!(err(""), r#"allowlists/x.yaml:1:1: missing field "version""#);
+    assert_eq!(
+        err("# only a comment\n"),
+        r#"allowlists/x.yaml:1:1: missing field "version""#
+    );
+    assert_eq!(
+        err("name: x\nversion: 2\n"),
+        "allowlists/x.yaml:2:10: version: unsupported version 2, this agent reads version 1"
+    );
+    assert_eq!(
+        err("version: \"1\"\n"),
+        r#"allowlists/x.yaml:1:10: version: expected version 1, found "1""#
+    );
+    assert_eq!(
+        err("version: 1\nname: \" \"\n"),
+        "allowlists/x.yaml:2:7: name: empty name"
+    );
+    assert_eq!(
+        err("- version: 1\n"),
+        "allowlists/x.yaml:1:1: expected a mapping, found a list"
+    );
+}
+
+#[test]
+fn error_dns() {
+    assert_eq!(
+        err("version: 1\ndns:\n  min_ttl: 30x\n"),
+        r#"allowlists/x.yaml:3:12: dns.min_ttl: "30x" is not a duration (like 500ms, 30s, 5m, 1h)"#
+    );
+    assert_eq!(
+        err("version: 1\ndns:\n  min_ttl: 2h\n  max_ttl: 1h\n"),
+        "allowlists/x.yaml:4:12: dns.max_ttl: 1h is shorter than min_ttl (2h)"
+    );
+    assert_eq!(
+        err("version: 1\ndns:\n  min_ttl: 2h\n"),
+        "allowlists/x.yaml:3:12: dns.min_ttl: 2h is longer than max_ttl (default 1h)"
+    );
+    assert_eq!(
+        err("version: 1\ndns:\n  upstream: [9.9.9.9, dns.google]\n"),
+        r#"allowlists/x.yaml:3:23: dns.upstream[1]: "dns.google" is not a name server address (ip, ip:port or [ipv6]:port)"#
+    );
+    assert_eq!(
+        err("version: 1\ndns:\n  upstream: resolv.conf\n"),
+        r#"allowlists/x.yaml:3:13: dns.upstream: expected "system" or a list of name server addresses, found "resolv.conf""#
+    );
+    assert_eq!(
+        err("version: 1\ndns:\n  upstream: []\n"),
+        "allowlists/x.yaml:3:13: dns.upstream: no name servers given; use upstream: system for the system resolver"
+    );
+}
+
+#[test]
+fn error_yaml() {
+    assert_eq!(
+        err("version: 1\nallow:\n  - host: a\n - bad\n"),
+        "allowlists/x.yaml:4:2: while parsing a block mapping, did not find expected key"
+    );
+    assert_eq!(
+        err("version: 1\nallow: []\nversion: 1\n"),
+        r#"allowlists/x.yaml:3:1: duplicate key "version""#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    ip: 10.0.0.2\n"),
+        r#"allowlists/x.yaml:4:5: duplicate key "ip""#
+    );
+}
+
+#[test]
+fn ipv4_mapped_is_ipv4() {
+    let p = parse("version: 1\nallow:\n  - ip: ::ffff:127.0.0.1\n  - cidr: ::ffff:10.0.0.0/104\n");
+    assert_eq!(p.rules[0].target, Target::Net(net("127.0.0.1/32")));
+    assert_eq!(p.rules[1].target, Target::Net(net("10.0.0.0/8")));
+    assert_eq!(p.rules[0].target.to_string(), "127.0.0.1");
+}
+
+#[test]
+fn host_rules_for_a_name() {
+    let p = parse(
+        r#"version: 1
+allow:
+  - host: example.com
+    ports: [80]
+  - host: "*.example.com"
+    ports: [443]
+  - host: API.Example.com.
+    ports: [8443]
+  - ip: 10.0.0.1
+"#,
+    );
+    let ports = |name: &str| -> Vec<Vec<(u16, u16)>> {
+        p.host_rules_for(name)
+            .iter()
+            .map(|r| r.ports.clone())
+            .collect()
+    };
+    assert_eq!(ports("example.com"), vec![vec![(80, 80)]]);
+    assert_eq!(ports("Example.COM."), vec![vec![(80, 80)]]);
+    assert_eq!(
+        ports("api.example.com"),
+        vec![vec![(443, 443)], vec![(8443, 8443)]]
+    );
+    assert_eq!(ports("a.b.example.com"), vec![vec![(443, 443)]]);
+    assert!(ports("evilexample.com").is_empty());
+    assert!(ports("example.com.evil.test").is_empty());
+    assert!(ports("10.0.0.1").is_empty());
+    let v = rule_value(&p.host_rules_for("api.example.com"), 99).unwrap();
+    assert_eq!(v.expires_ns, 99);
+    assert!(v.permits(443, PROTO_TCP) && v.permits(8443, PROTO_UDP));
+    assert!(!v.permits(80, PROTO_TCP));
+}
+
+#[test]
+fn rule_value_unions_ports_and_protocols() {
+    let p = parse(
+        r#"version: 1
+allow:
+  - {host: a.example.com, ports: [443], protocol: tcp}
+  - {host: a.example.com, ports: [443, 53], protocol: udp}
+  - {host: a.example.com, ports: ["8000-8080"]}
+"#,
+    );
+    let rules: Vec<&Rule> = p.rules.iter().collect();
+    let v = rule_value(&rules, 0).unwrap();
+    let got: Vec<(u16, u16, u8)> = v.ranges().iter().map(|r| (r.lo, r.hi, r.protos)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (53, 53, PROTO_UDP),
+            (443, 443, PROTO_ANY),
+            (8000, 8080, PROTO_ANY)
+        ]
+    );
+    assert_eq!(rule_value(&[], 0).unwrap().len, 0);
+}
+
+fn entries(yaml: &str) -> Vec<(String, Vec<(u16, u16, u8)>)> {
+    cidr_entries(&parse(yaml))
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let ip = std::net::Ipv6Addr::from(e.addr);
+            let ranges = e
+                .value
+                .ranges()
+                .iter()
+                .map(|r| (r.lo, r.hi, r.protos))
+                .collect();
+            (format!("{ip}/{}", e.prefix_len), ranges)
+        })
+        .collect()
+}
+
+#[test]
+fn cidr_entries_inherit_from_broader_prefixes() {
+    let got = entries(
+        r#"version: 1
+allow:
+  - cidr: 10.1.0.0/16
+    ports: [443]
+  - cidr: 10.0.0.0/8
+    ports: [80]
+  - ip: 10.1.2.3
+    ports: [22]
+    protocol: tcp
+  - cidr: 10.0.0.0/8
+    ports: [81]
+  - ip: 192.0.2.1
+    ports: [53]
+    protocol: udp
+  - cidr: 2001:db8::/32
+    ports: [443]
+  - ip: 2001:db8::1
+  - host: example.com
+"#,
+    );
+    assert_eq!(
+        got,
+        vec![
+            ("2001:db8::/32".into(), vec![(443, 443, PROTO_ANY)]),
+            // The /8 rule given twice: one entry with the union.
+            ("::ffff:10.0.0.0/104".into(), vec![(80, 81, PROTO_ANY)]),
+            (
+                "::ffff:10.1.0.0/112".into(),
+                vec![(80, 81, PROTO_ANY), (443, 443, PROTO_ANY)]
+            ),
+            (
+                "::ffff:10.1.2.3/128".into(),
+                vec![
+                    (22, 22, PROTO_TCP),
+                    (80, 81, PROTO_ANY),
+                    (443, 443, PROTO_ANY)
+                ]
+            ),
+            ("::ffff:192.0.2.1/128".into(), vec![(53, 53, PROTO_UDP)]),
+            ("2001:db8::1/128".into(), vec![(0, 65535, PROTO_ANY)]),
+        ]
+    );
+}
+
+#[test]
+fn ipv6_rules_do_not_open_ipv4() {
+    let got = entries(
+        "version: 1\nallow:\n  - cidr: ::/0\n    ports: [443]\n  - ip: 10.0.0.1\n    ports: [80]\n",
+    );
+    assert_eq!(
+        got,
+        vec![
+            ("::/0".into(), vec![(443, 443, PROTO_ANY)]),
+            ("::ffff:0.0.0.0/96".into(), vec![]),
+            ("::ffff:10.0.0.1/128".into(), vec![(80, 80, PROTO_ANY)]),
+        ]
+    );
+    // 0.0.0.0/0 written as a rule takes the barrier's place.
+    let got = entries("version: 1\nallow:\n  - cidr: ::/0\n  - cidr: 0.0.0.0/0\n    ports: [80]\n");
+    assert_eq!(
+        got,
+        vec![
+            ("::/0".into(), vec![(0, 65535, PROTO_ANY)]),
+            ("::ffff:0.0.0.0/96".into(), vec![(80, 80, PROTO_ANY)]),
+        ]
+    );
+    // A prefix that does not contain the mapped range needs no barrier.
+    assert_eq!(
+        entries("version: 1\nallow:\n  - cidr: 2001:db8::/32\n").len(),
+        1
+    );
+}
+
+#[test]
+fn cidr_entries_too_many_ranges_names_the_rule() {
+    let wide: Vec<String> = (1..=10).map(|i| (i * 2).to_string()).collect();
+    let narrow: Vec<String> = (1..=10).map(|i| (1000 + i * 2).to_string()).collect();
+    let yaml = format!(
+        "version: 1\nallow:\n  - cidr: 10.0.0.0/8\n    ports: [{}]\n  - cidr: 10.1.0.0/16\n    ports: [{}]\n",
+        wide.join(", "),
+        narrow.join(", ")
+    );
+    let e = cidr_entries(&parse(&yaml)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "allowlists/x.yaml:5:5: allow[1]: 10.1.0.0/16 needs 20 port ranges (with those of the broader prefixes containing it), more than the 16 one entry can hold"
+    );
+}
+
+#[test]
+fn cidr_entries_scale_to_100k_rules() {
+    let origin = Origin {
+        file: FILE.into(),
+        line: 1,
+        column: 1,
+        index: 0,
+    };
+    let mut rules = Vec::new();
+    for i in 0..100_000u32 {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 | (i << 4));
+        // Nested: a /28 per rule, a /20 every 256 rules, and a /8 over all of them.
+        let len = if i % 256 == 0 { 20 } else { 28 };
+        let net = Net::new(ip.into(), len).unwrap().unwrap_or_else(|n| n);
+        rules.push(Rule {
+            target: Target::Net(net),
+            ports: vec![(1000 + (i % 7) as u16, 1000 + (i % 7) as u16)],
+            protocol: Protocol::Tcp,
+            origin: origin.clone(),
+        });
+    }
+    rules.push(Rule {
+        target: Target::Net(net("10.0.0.0/8")),
+        ports: vec![(443, 443)],
+        protocol: Protocol::Any,
+        origin,
+    });
+    let policy = Policy {
+        name: "big".into(),
+        mode: Mode::Enforce,
+        dns: DnsSettings::default(),
+        rules,
+        files: vec![],
+    };
+    let start = std::time::Instant::now();
+    let out = cidr_entries(&policy).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(out.len(), 100_001);
+    assert!(out.iter().all(|e| e.value.permits(443, PROTO_UDP)));
+}
+
+#[test]
+fn includes_are_resolved_relative_to_their_file() {
+    let dir = fixtures().join("include");
+    let p = load(&dir.join("root.yaml")).unwrap();
+    assert_eq!(p.name, "root");
+    assert_eq!(p.mode, Mode::Audit);
+    assert_eq!(p.dns.min_ttl, Duration::from_secs(10));
+    let targets: Vec<String> = p.rules.iter().map(|r| r.target.to_string()).collect();
+    assert_eq!(
+        targets,
+        vec![
+            "root.example.com",
+            "a.example.com",
+            "10.0.0.0/8",
+            "192.0.2.1"
+        ]
+    );
+    assert_eq!(
+        p.files,
+        vec![
+            dir.join("root.yaml"),
+            dir.join("sub/a.yaml"),
+            dir.join("sub/c.yaml"),
+            dir.join("sub/../b.yaml"),
+        ]
+    );
+    assert_eq!(p.rules[2].origin.file, dir.join("sub/c.yaml"));
+    assert_eq!((p.rules[2].origin.line, p.rules[2].origin.index), (4, 0));
+    assert!(p.summary().ends_with("3 includes"), "{}", p.summary());
+}
+
+#[test]
+fn include_cycles_name_the_chain() {
+    let dir = fixtures().join("cycle2");
+    let e = load(&dir.join("a.yaml")).unwrap_err();
+    let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}:4:11: include[0]: include cycle {} -> {} -> {}",
+            b.display(),
+            a.display(),
+            b.display(),
+            a.display()
+        )
+    );
+    assert!(matches!(e, PolicyError::IncludeCycle { ref chain, .. } if chain.len() == 3));
+
+    let dir = fixtures().join("cycle3");
+    let e = load(&dir.join("a.yaml")).unwrap_err();
+    let [a, b, c] = ["a", "b", "c"].map(|n| dir.join(format!("{n}.yaml")).display().to_string());
+    assert_eq!(
+        e.to_string(),
+        format!("{c}:4:5: include[0]: include cycle {a} -> {b} -> {c} -> {a}")
+    );
+
+    // A file including itself; the root need not exist on disk.
+    let e = parse_str("version: 1\ninclude: [x.yaml]\n", Path::new(FILE)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "allowlists/x.yaml:2:11: include[0]: include cycle allowlists/x.yaml -> allowlists/x.yaml"
+    );
+}
+
+#[test]
+fn missing_and_invalid_includes() {
+    let dir = fixtures().join("bad-include");
+    let e = load(&dir.join("missing.yaml")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}:3:25: include[1]: cannot read {}: No such file or directory (os error 2)",
+            dir.join("missing.yaml").display(),
+            dir.join("nope.yaml").display()
+        )
+    );
+    let e = load(&dir.join("invalid.yaml")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}:2:1: missing field \"version\"",
+            dir.join("no-version.yaml").display()
+        )
+    );
+    assert_eq!(
+        err("version: 1\ninclude: [\"\"]\n"),
+        "allowlists/x.yaml:2:11: include[0]: empty path"
+    );
+}
+
+#[test]
+fn missing_root_file() {
+    let e = load(Path::new("allowlists/does-not-exist.yaml")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "allowlists/does-not-exist.yaml: cannot read: No such file or directory (os error 2)"
+    );
+    assert!(e.location().is_none());
+}
+
+#[test]
+fn every_allowlist_in_the_repo_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../allowlists");
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.clone()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    assert!(files.len() >= 2, "no allowlists found in {}", dir.display());
+    for f in files {
+        let p = load(&f).unwrap_or_else(|e| panic!("{e}"));
+        cidr_entries(&p).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn demo_allowlist() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../allowlists");
+    let p = load(&dir.join("demo.yaml")).unwrap();
+    let entries = cidr_entries(&p).unwrap();
+    let lo = egress_common::keys::addr_from_ip("127.0.0.1".parse().unwrap());
+    // The longest prefix holding 127.0.0.1 is the ip: rule, which inherits the /30's UDP.
+    let e = entries
+        .iter()
+        .find(|e| e.addr == lo && e.prefix_len == 128)
+        .unwrap();
+    assert!(e.value.permits(8080, PROTO_TCP));
+    assert!(!e.value.permits(8080, PROTO_UDP));
+    assert!(e.value.permits(5353, PROTO_UDP));
+    assert!(!e.value.permits(5353, PROTO_TCP));
+}

@@ -141,14 +141,13 @@ pub fn spawn_in_cgroup(
             if let Some(c) = &confinement {
                 c.apply_in_child()?;
             }
-            if let Some(id) = &ident {
-                if libc::setgroups(id.groups.len(), id.groups.as_ptr()) != 0
+            if let Some(id) = &ident
+                && (libc::setgroups(id.groups.len(), id.groups.as_ptr()) != 0
                     || libc::setgid(id.gid) != 0
-                    || libc::setuid(id.uid) != 0
+                    || libc::setuid(id.uid) != 0)
                 {
                     return Err(io::Error::last_os_error());
                 }
-            }
             if let Some(c) = &confinement {
                 c.seal_in_child()?;
             }

@@ -241,9 +241,10 @@ fn error_ports() {
         err("version: 1\nallow:\n  - ip: 10.0.0.1\n    ports: []\n"),
         r#"allowlists/x.yaml:4:12: allow[0].ports: no ports given; leave ports out to allow every port"#
     );
-    assert!(
-        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    ports:\n")
-            .contains("allow[0].ports: no ports given; leave ports out to allow every port")
+    // An empty value is reported at its key.
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    ports:\n  - ip: 10.0.0.2\n"),
+        "allowlists/x.yaml:4:5: allow[0].ports: no ports given; leave ports out to allow every port"
     );
     let many: Vec<String> = (1..=17).map(|i| (i * 2).to_string()).collect();
     assert_eq!(

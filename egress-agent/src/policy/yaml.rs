@@ -338,16 +338,21 @@ fn is_empty(node: &Node) -> bool {
     matches!(&node.kind, Kind::Scalar { value, plain: true } if value.is_empty())
 }
 
-/// The `-` of an empty sequence item at or before `mark`: the last non-blank character
-/// before it, skipping blank and comment-only lines.
+/// The `-` of an empty sequence item whose marker is `mark`. That marker is the next
+/// token's, on a later line than the `-` (`-` then `- x`: the `x`), so this is the last
+/// non-blank character of the lines above, skipping blank and comment-only lines.
 fn dash_above(lines: &[&str], mark: Mark) -> Option<Mark> {
     let mut line = mark.line;
-    let mut text: String = lines.get(line - 1)?.chars().take(mark.col - 1).collect();
     loop {
+        line -= 1;
+        if line == 0 {
+            return None;
+        }
+        let text = lines.get(line - 1)?;
         let code = match text.find(" #") {
             Some(i) => &text[..i],
             None if text.trim_start().starts_with('#') => "",
-            None => &text,
+            None => text,
         };
         let code = code.trim_end();
         if !code.is_empty() {
@@ -356,11 +361,6 @@ fn dash_above(lines: &[&str], mark: Mark) -> Option<Mark> {
                 col: code.chars().count(),
             });
         }
-        line -= 1;
-        if line == 0 {
-            return None;
-        }
-        text = lines.get(line - 1)?.to_string();
     }
 }
 

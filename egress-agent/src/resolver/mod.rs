@@ -160,11 +160,10 @@ async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, limit: Arc<Semaph
         let query = buf[..n].to_vec();
         let (sock, ctx) = (sock.clone(), ctx.clone());
         tokio::spawn(async move {
-            if let Some(reply) = handle(&ctx, &query, client, Transport::Udp).await {
-                if let Err(e) = sock.send_to(&reply, client).await {
+            if let Some(reply) = handle(&ctx, &query, client, Transport::Udp).await
+                && let Err(e) = sock.send_to(&reply, client).await {
                     tracing::debug!("dns: cannot answer {client}: {e}");
                 }
-            }
             drop(permit);
         });
     }

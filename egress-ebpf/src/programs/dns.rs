@@ -40,7 +40,7 @@ fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16) {
         port,
         _pad: [0; 6],
     };
-    let _ = DNS_ORIG.insert(&cookie, &orig, 0);
+    let _ = DNS_ORIG.insert(cookie, orig, 0);
     count(COUNTER_DNS_STEERED);
 }
 

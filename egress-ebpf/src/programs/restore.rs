@@ -47,7 +47,7 @@ fn restore_v4(ctx: &SockAddrContext) {
     // SAFETY: a sock_addr context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only use of the value.
-    let Some(orig) = (unsafe { DNS_ORIG.get(&cookie) }) else {
+    let Some(orig) = (unsafe { DNS_ORIG.get(cookie) }) else {
         return;
     };
     let a = orig.addr;
@@ -72,7 +72,7 @@ fn restore_v6(ctx: &SockAddrContext) {
     // SAFETY: a sock_addr context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only use of the value.
-    let Some(orig) = (unsafe { DNS_ORIG.get(&cookie) }) else {
+    let Some(orig) = (unsafe { DNS_ORIG.get(cookie) }) else {
         return;
     };
     let a = orig.addr;

@@ -50,11 +50,11 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     // `user_ip4` holds the address in network byte order: its in-memory bytes are the octets.
     let addr = addr_from_v4(sa.user_ip4.to_ne_bytes());
     let port = port_of(sa.user_port);
-    if is_dns(port, sa.protocol) {
-        if let Some(cfg) = steering() {
-            steer_v4(ctx, cfg, &addr, port);
-            return Ok(VERDICT_ALLOW);
-        }
+    if is_dns(port, sa.protocol)
+        && let Some(cfg) = steering()
+    {
+        steer_v4(ctx, cfg, &addr, port);
+        return Ok(VERDICT_ALLOW);
     }
     decide(&Destination {
         addr,
@@ -69,11 +69,11 @@ fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     let sa = unsafe { &*ctx.sock_addr };
     let addr = read_v6(ctx);
     let port = port_of(sa.user_port);
-    if is_dns(port, sa.protocol) {
-        if let Some(cfg) = steering() {
-            steer_v6(ctx, cfg, &addr, port);
-            return Ok(VERDICT_ALLOW);
-        }
+    if is_dns(port, sa.protocol)
+        && let Some(cfg) = steering()
+    {
+        steer_v6(ctx, cfg, &addr, port);
+        return Ok(VERDICT_ALLOW);
     }
     decide(&Destination {
         addr,

@@ -9,6 +9,7 @@
 
 pub mod answer;
 pub mod attribution;
+pub mod rebinding;
 pub mod upstream;
 
 use std::{
@@ -161,9 +162,10 @@ async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, limit: Arc<Semaph
         let (sock, ctx) = (sock.clone(), ctx.clone());
         tokio::spawn(async move {
             if let Some(reply) = handle(&ctx, &query, client, Transport::Udp).await
-                && let Err(e) = sock.send_to(&reply, client).await {
-                    tracing::debug!("dns: cannot answer {client}: {e}");
-                }
+                && let Err(e) = sock.send_to(&reply, client).await
+            {
+                tracing::debug!("dns: cannot answer {client}: {e}");
+            }
             drop(permit);
         });
     }
@@ -309,6 +311,18 @@ fn allow_answer(
     let mut grants = ctx.grants.lock().unwrap_or_else(|p| p.into_inner());
     let mut enf = ctx.enforcer.lock().unwrap_or_else(|p| p.into_inner());
     for &(ip, ttl) in addrs {
+        if rebinding::is_guarded(ip) {
+            let message = format!(
+                "dns: {name} answered {ip}, a link-local or metadata address: not allowed \
+                 (DNS rebinding guard; only a cidr/ip rule can allow it)"
+            );
+            tracing::warn!("{message}");
+            ctx.sink.emit(&Event::Warning {
+                ts: SystemTime::now(),
+                message: &message,
+            });
+            continue;
+        }
         let ttl = Duration::from_secs(ttl.into()).clamp(policy.dns.min_ttl, policy.dns.max_ttl);
         let live = grants.add(ip, name, now + ttl + policy.dns.grace);
         let value = entry_value(policy, &live)?;

@@ -39,6 +39,10 @@ pub enum Command {
         /// Instance name (cgroup `egress-<name>`, pins under /sys/fs/bpf/egress/<name>).
         #[arg(long, value_name = "NAME", value_parser = parse_name)]
         name: Option<String>,
+        /// Audit mode, whatever the allowlist says: nothing is blocked, every would-be deny and
+        /// refused query is reported with verdict `audit`.
+        #[arg(long)]
+        audit: bool,
         /// Let the command keep one of the capabilities confinement drops (repeatable). Each
         /// one weakens enforcement, and the events say how.
         #[arg(long = "keep-cap", value_name = "CAP")]
@@ -78,6 +82,7 @@ pub fn main(cli: Cli) -> ExitCode {
             allowlist,
             events,
             name,
+            audit,
             keep_caps,
             command,
         } => {
@@ -85,6 +90,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 allowlist,
                 events,
                 name,
+                audit,
                 keep_caps,
                 command,
             };

@@ -48,6 +48,8 @@ pub struct DenyRecord {
     pub reason: &'static str,
     /// Which hook decided: `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `sock_create`.
     pub hook: &'static str,
+    /// `deny`, or `audit` when audit mode let the call through.
+    pub verdict: &'static str,
     /// The host name this address was last answered for, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
@@ -76,6 +78,7 @@ impl DenyRecord {
             cgroup: e.cgroup_id,
             reason: reason_name(e.reason),
             hook: hook_name(e.hook),
+            verdict: if e.audited != 0 { "audit" } else { "deny" },
             host: None,
         }
     }
@@ -163,7 +166,10 @@ pub enum Event<'a> {
     },
     /// A connect or send was denied.
     Deny(&'a DenyRecord),
-    /// A DNS query for a name no rule permits was refused.
+    /// A connect or send would have been denied; audit mode let it through.
+    Audit(&'a DenyRecord),
+    /// A DNS query for a name no rule permits was refused (`verdict: refused`), or answered
+    /// anyway in audit mode (`verdict: audit`).
     DnsRefused {
         /// When.
         #[serde(serialize_with = "ser_time")]
@@ -172,6 +178,8 @@ pub enum Event<'a> {
         query: &'a str,
         /// The record type asked for (`A`, `TXT`, ...).
         qtype: &'a str,
+        /// `refused`, or `audit` when audit mode answered it anyway.
+        verdict: &'a str,
         /// `udp` or `tcp`.
         proto: &'a str,
         /// The querying process, when found.
@@ -306,7 +314,8 @@ mod tests {
             ip_proto: 6,
             hook: hook::CONNECT4,
             reason: reason::NO_RULE,
-            _pad: [0; 3],
+            audited: 0,
+            _pad: [0; 2],
             comm,
         };
         let r = DenyRecord::from_kernel(&e, Duration::from_secs(10));

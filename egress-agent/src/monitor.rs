@@ -42,7 +42,11 @@ fn drain(ring: &mut RingBuf<MapData>, boot_offset: Duration, sink: &EventSink, n
         match DenyRecord::from_bytes(&item, boot_offset) {
             Some(mut rec) => {
                 rec.host = names.lookup(&rec.dst);
-                sink.emit(&Event::Deny(&rec));
+                if rec.verdict == "audit" {
+                    sink.emit(&Event::Audit(&rec));
+                } else {
+                    sink.emit(&Event::Deny(&rec));
+                }
             }
             None => tracing::warn!("short record ({} bytes) in the events ring", item.len()),
         }

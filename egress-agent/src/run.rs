@@ -52,6 +52,8 @@ pub struct RunConfig {
     pub events: Option<PathBuf>,
     /// Instance name; default `run-<agent pid>`.
     pub name: Option<String>,
+    /// Audit mode whatever the policy says: report would-be denies, allow them.
+    pub audit: bool,
     /// Capabilities confinement keeps (each weakens it; reported as a warning event).
     pub keep_caps: Vec<Capability>,
     /// The command and its arguments.
@@ -61,7 +63,11 @@ pub struct RunConfig {
 /// Runs the command under enforcement and returns the exit status to leave with: the
 /// command's own, or 128+N when a signal N killed it.
 pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
-    let policy = Arc::new(policy::load(&config.allowlist)?);
+    let mut policy = policy::load(&config.allowlist)?;
+    if config.audit {
+        policy.mode = Mode::Audit;
+    }
+    let policy = Arc::new(policy);
     // SAFETY: no arguments.
     if unsafe { libc::geteuid() } != 0 {
         bail!(

@@ -54,8 +54,10 @@ pub struct DenyEvent {
     pub hook: u8,
     /// One of the `reason` constants.
     pub reason: u8,
+    /// 1 when audit mode let the call through, 0 when it was denied.
+    pub audited: u8,
     /// Always zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
     /// The task's `comm`, NUL-padded.
     pub comm: [u8; 16],
 }

@@ -239,6 +239,7 @@ pub async fn handle(
         .iter()
         .filter(|q| policy.host_rules_for(&normalize(q.name())).is_empty())
         .collect();
+    let audit = policy.mode == policy::Mode::Audit;
     if !refused.is_empty() {
         let owner = attribution::owner_of(transport, client.port(), &ctx.cgroup);
         for q in refused {
@@ -248,6 +249,7 @@ pub async fn handle(
                 ts: SystemTime::now(),
                 query: &name,
                 qtype: &qtype,
+                verdict: if audit { "audit" } else { "refused" },
                 proto: match transport {
                     Transport::Udp => "udp",
                     Transport::Tcp => "tcp",
@@ -257,7 +259,9 @@ pub async fn handle(
                 uid: owner.as_ref().map(|o| o.uid),
             });
         }
-        return encode(&reply_to(&msg, ResponseCode::Refused));
+        if !audit {
+            return encode(&reply_to(&msg, ResponseCode::Refused));
+        }
     }
 
     let answer = match upstream::exchange(&ctx.upstreams, query, transport).await {

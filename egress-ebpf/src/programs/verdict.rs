@@ -61,7 +61,7 @@ pub fn deny_on_error(hook: u8) -> i32 {
         hook,
     };
     // An error never allows, not even in audit mode.
-    report(&dst, reason::ERROR);
+    report(&dst, reason::ERROR, false);
     count(COUNTER_DENY);
     VERDICT_DENY
 }
@@ -116,15 +116,12 @@ fn audit_mode() -> bool {
 #[inline(always)]
 pub fn deny(dst: &Destination, why: u8) -> i32 {
     count(COUNTER_DENY);
-    report(dst, why);
-    if audit_mode() {
-        VERDICT_ALLOW
-    } else {
-        VERDICT_DENY
-    }
+    let audit = audit_mode();
+    report(dst, why, audit);
+    if audit { VERDICT_ALLOW } else { VERDICT_DENY }
 }
 
-fn report(dst: &Destination, why: u8) {
+fn report(dst: &Destination, why: u8, audited: bool) {
     let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) else {
         count(COUNTER_RINGBUF_DROP);
         return;
@@ -146,7 +143,8 @@ fn report(dst: &Destination, why: u8) {
         ip_proto: dst.ip_proto as u8,
         hook: dst.hook,
         reason: why,
-        _pad: [0; 3],
+        audited: u8::from(audited),
+        _pad: [0; 2],
         comm,
     });
     entry.submit(0);

@@ -457,7 +457,10 @@ allow:
     assert_eq!(rule_value(&[], 0).unwrap().len, 0);
 }
 
-fn entries(yaml: &str) -> Vec<(String, Vec<(u16, u16, u8)>)> {
+/// A trie entry as `prefix/len` and its `(lo, hi, protos)` ranges.
+type Entry = (String, Vec<(u16, u16, u8)>);
+
+fn entries(yaml: &str) -> Vec<Entry> {
     cidr_entries(&parse(yaml))
         .unwrap()
         .iter()

@@ -1,15 +1,49 @@
 //! Command-line interface.
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+use std::{
+    ffi::OsString,
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum, builder::PossibleValue};
 
-use crate::{confine::Capability, policy, run};
+use crate::{
+    confine::Capability,
+    explain::{self, Destination, Transport},
+    policy, run, schema,
+};
+
+/// Exit status of `check` for an invalid file and of `explain` for a denied destination.
+pub const EXIT_NO: u8 = 1;
+/// Exit status of a usage error (clap's) and of `explain` for an allowlist it cannot load.
+pub const EXIT_USAGE: u8 = 2;
+
+/// The top-level `--help` text after the options (also the man page's EXAMPLES and EXIT
+/// STATUS sections).
+const AFTER_HELP: &str = "\
+Examples:
+  egress-agent check allowlists/*.yaml
+  egress-agent explain --allowlist allowlists/default.yaml api.github.com:443 10.0.0.1:80
+  sudo egress-agent run --allowlist allowlists/default.yaml -- claude
+  egress-agent completions bash > ~/.local/share/bash-completion/completions/egress-agent
+  egress-agent man | man -l -
+
+Exit status:
+  run, learn   the command's own status; 128+N if signal N killed it; 125 if egress-agent
+               itself failed (bad allowlist, not root, the kernel refused); 126 if the
+               command cannot be executed; 127 if it was not found
+  check        0 if every file is valid; 1 if one is not
+  explain      0 if every destination is allowed; 1 if one is denied; 2 if the allowlist
+               cannot be loaded
+  any command  2 on a usage error (unknown option, missing argument); 0 otherwise
+";
 
 /// Egress control for AI agents: a command (or a cgroup) can reach only what its allowlist
 /// names; the kernel denies everything else with EPERM and reports it.
 #[derive(Debug, Parser)]
-#[command(name = "egress-agent", version, about, long_about = None)]
+#[command(name = "egress-agent", version, about, long_about = None, after_help = AFTER_HELP)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -45,6 +79,30 @@ pub enum Command {
         audit: bool,
         /// Let the command keep one of the capabilities confinement drops (repeatable). Each
         /// one weakens enforcement, and the events say how.
+        #[arg(long = "keep-cap", value_name = "CAP")]
+        keep_caps: Vec<Capability>,
+        /// The command and its arguments.
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Run a command in audit mode (nothing is blocked) and write the allowlist it needed:
+    /// names rather than addresses where a name was used, the ports and protocols seen,
+    /// wildcards only where several sibling names appeared, IP literals flagged for review.
+    #[command(after_help = "Examples:\n  \
+        sudo egress-agent learn --output allowlists/my-agent.yaml -- python agent.py\n  \
+        sudo egress-agent run --allowlist allowlists/my-agent.yaml -- python agent.py\n\n\
+        Exit status: as for run (the command's own).")]
+    Learn {
+        /// Where to write the learned allowlist.
+        #[arg(long, short, value_name = "FILE")]
+        output: PathBuf,
+        /// Start from this allowlist (its rules are not reported again).
+        #[arg(long, value_name = "FILE")]
+        allowlist: Option<PathBuf>,
+        /// Also append the event lines here (default: stderr).
+        #[arg(long, value_name = "FILE")]
+        events: Option<PathBuf>,
+        /// As for run.
         #[arg(long = "keep-cap", value_name = "CAP")]
         keep_caps: Vec<Capability>,
         /// The command and its arguments.
@@ -87,31 +145,51 @@ pub fn main(cli: Cli) -> ExitCode {
             command,
         } => {
             let config = run::RunConfig {
-                allowlist,
+                allowlist: Some(allowlist),
+                learn_output: None,
                 events,
                 name,
                 audit,
                 keep_caps,
                 command,
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("egress-agent: cannot start the runtime: {e}");
-                    return ExitCode::from(run::EXIT_AGENT_ERROR as u8);
-                }
-            };
-            match rt.block_on(run::run(config)) {
-                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-                Err(e) => {
-                    eprintln!("egress-agent: {e:#}");
-                    ExitCode::from(run::EXIT_AGENT_ERROR as u8)
-                }
-            }
+            run_command(config)
+        }
+        Command::Learn {
+            output,
+            allowlist,
+            events,
+            keep_caps,
+            command,
+        } => run_command(run::RunConfig {
+            allowlist,
+            learn_output: Some(output),
+            events,
+            name: None,
+            audit: true,
+            keep_caps,
+            command,
+        }),
+    }
+}
+
+fn run_command(config: run::RunConfig) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("egress-agent: cannot start the runtime: {e}");
+            return ExitCode::from(run::EXIT_AGENT_ERROR as u8);
+        }
+    };
+    match rt.block_on(run::run(config)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("egress-agent: {e:#}");
+            ExitCode::from(run::EXIT_AGENT_ERROR as u8)
         }
     }
 }

@@ -237,6 +237,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// flushed, so a reader tailing the file sees it at once.
 pub struct EventSink {
     out: Mutex<Box<dyn io::Write + Send>>,
+    /// Copies of the lines written, when capturing (for `learn`).
+    captured: Option<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl EventSink {
@@ -254,13 +256,29 @@ impl EventSink {
         };
         Ok(Self {
             out: Mutex::new(out),
+            captured: None,
         })
+    }
+
+    /// Also keeps a copy of every event written (see [`EventSink::captured`]).
+    pub fn capturing(mut self) -> Self {
+        self.captured = Some(Mutex::new(Vec::new()));
+        self
+    }
+
+    /// The events written so far, when capturing.
+    pub fn captured(&self) -> Vec<serde_json::Value> {
+        self.captured
+            .as_ref()
+            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
     }
 
     /// A sink writing into an already open file.
     pub fn from_file(f: File) -> Self {
         Self {
             out: Mutex::new(Box::new(f)),
+            captured: None,
         }
     }
 
@@ -274,6 +292,11 @@ impl EventSink {
                 return;
             }
         };
+        if let Some(c) = &self.captured
+            && let Ok(v) = serde_json::from_slice(&line)
+        {
+            c.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+        }
         line.push(b'\n');
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {

@@ -8,7 +8,7 @@
 use std::{
     ffi::OsString,
     os::unix::process::ExitStatusExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicI32, Ordering},
     sync::{Arc, Mutex, RwLock},
     thread,
@@ -30,7 +30,7 @@ use crate::{
     events::{Event, EventSink},
     grants::Grants,
     launch::{self, Identity, SpawnError},
-    monitor,
+    learn, monitor,
     names::Names,
     policy::{self, Mode},
     resolver::{self, DnsContext, Resolver},
@@ -46,12 +46,14 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 /// What `run` needs.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    /// The allowlist file.
-    pub allowlist: PathBuf,
+    /// The allowlist file (`None` only when learning: start from nothing).
+    pub allowlist: Option<PathBuf>,
     /// Where event lines go (`None`: stderr).
     pub events: Option<PathBuf>,
     /// Instance name; default `run-<agent pid>`.
     pub name: Option<String>,
+    /// Learn: run in audit mode and write the allowlist the command needed here.
+    pub learn_output: Option<PathBuf>,
     /// Audit mode whatever the policy says: report would-be denies, allow them.
     pub audit: bool,
     /// Capabilities confinement keeps (each weakens it; reported as a warning event).
@@ -63,8 +65,11 @@ pub struct RunConfig {
 /// Runs the command under enforcement and returns the exit status to leave with: the
 /// command's own, or 128+N when a signal N killed it.
 pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
-    let mut policy = policy::load(&config.allowlist)?;
-    if config.audit {
+    let mut policy = match &config.allowlist {
+        Some(path) => policy::load(path)?,
+        None => policy::parse_str("version: 1\nname: learn\nallow: []\n", Path::new("<learn>"))?,
+    };
+    if config.audit || config.learn_output.is_some() {
         policy.mode = Mode::Audit;
     }
     let policy = Arc::new(policy);
@@ -83,7 +88,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         .name
         .clone()
         .unwrap_or_else(|| format!("run-{}", std::process::id()));
-    let sink = Arc::new(EventSink::open(config.events.as_deref())?);
+    let mut sink = EventSink::open(config.events.as_deref())?;
+    if config.learn_output.is_some() {
+        sink = sink.capturing();
+    }
+    let sink = Arc::new(sink);
 
     let mut cg = OwnedCgroup::create(&format!("egress-{name}"))?;
     let pin_dir = enforcer::ensure_bpffs()?.join("egress").join(&name);
@@ -213,6 +222,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     }
     enf.lock().unwrap_or_else(|p| p.into_inner()).detach()?;
     cg.remove()?;
+    if let Some(out) = &config.learn_output {
+        let settings = match &config.allowlist {
+            Some(base) => learn::carried_settings(&policy, base),
+            None => String::new(),
+        };
+        write_learned(out, &sink, &config.command, &settings)?;
+    }
     outcome
 }
 
@@ -294,4 +310,36 @@ fn warn(sink: &EventSink, message: &str) {
         ts: SystemTime::now(),
         message,
     });
+}
+
+/// Writes the allowlist learned from the captured events.
+fn write_learned(
+    out: &Path,
+    sink: &EventSink,
+    command: &[OsString],
+    settings: &str,
+) -> anyhow::Result<()> {
+    let events = sink.captured();
+    let observed = learn::Observed::from_events(&events);
+    let shown: Vec<String> = command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let name = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "learned".into());
+    let text = learn::render(
+        &observed,
+        &name,
+        &shown.join(" "),
+        &crate::events::rfc3339(SystemTime::now()),
+        settings,
+    );
+    std::fs::write(out, text).with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!(
+        "egress-agent: learned allowlist written to {}",
+        out.display()
+    );
+    Ok(())
 }

@@ -58,7 +58,7 @@ use std::{
 use serde::Deserialize;
 
 pub use compile::{CidrEntry, PortSet, cidr_entries, rule_value};
-pub use dns::{DnsSettings, Upstream};
+pub use dns::{DnsSettings, Upstream, format_duration, parse_duration};
 pub use egress_common::rules::TooManyRanges;
 pub use error::{Location, PolicyError};
 pub use host::HostPattern;

@@ -6,6 +6,7 @@
 //! several fields or files (one target per rule, TTL bounds, includes) is checked in
 //! `load.rs`.
 
+use schemars::JsonSchema;
 use serde::{
     Deserialize, Deserializer,
     de::{self, Visitor},
@@ -19,8 +20,9 @@ use super::{
 };
 
 /// One allowlist file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Allowlist")]
 pub struct RawFile {
     /// Version of the format; must be 1.
     pub version: Version,
@@ -41,17 +43,21 @@ pub struct RawFile {
 }
 
 /// The `dns:` mapping; every field is optional.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Dns")]
 pub struct RawDns {
     /// Shortest time an answer's addresses stay allowed, whatever its TTL (default 30s).
     /// Durations are written `500ms`, `30s`, `5m`, `1h`, or as a number of seconds.
+    #[schemars(with = "Option<crate::schema::DurationText>")]
     pub min_ttl: Option<Dur>,
     /// Longest time an answer's addresses stay allowed before the name must be resolved
     /// again (default 1h); not shorter than `min_ttl`.
+    #[schemars(with = "Option<crate::schema::DurationText>")]
     pub max_ttl: Option<Dur>,
     /// Extra time an address stays allowed after its TTL ran out, for connections opened
     /// just before (default 60s).
+    #[schemars(with = "Option<crate::schema::DurationText>")]
     pub grace: Option<Dur>,
     /// Where queries are forwarded: `system` (the name servers of /etc/resolv.conf, the
     /// default) or a list of `ip`, `ip:port` or `[ipv6]:port` (port 53 if not given).
@@ -59,20 +65,24 @@ pub struct RawDns {
 }
 
 /// One `allow` rule: exactly one of `host`, `cidr`, `ip`, with optional ports and protocol.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Rule", transform = crate::schema::exactly_one_target)]
 pub struct RawAllow {
     /// A host name (`api.example.com`), or `*.` and a domain of at least two labels
     /// (`*.example.com`: every name below it at any depth, not `example.com` itself). The
     /// addresses it resolves to are allowed for the answer's TTL.
     pub host: Option<HostPattern>,
     /// A network in CIDR notation (`192.0.2.0/24`, `2001:db8::/32`), without host bits.
+    #[schemars(with = "Option<crate::schema::CidrText>")]
     pub cidr: Option<Cidr>,
     /// A single IPv4 or IPv6 address.
+    #[schemars(with = "Option<crate::schema::IpText>")]
     pub ip: Option<SingleIp>,
     /// A port (`443`), a range (`"8000-8080"`), or a list of them; ports are 1-65535.
     /// Missing: every port.
     #[serde(default, deserialize_with = "present")]
+    #[schemars(with = "Option<crate::schema::PortsValue>")]
     pub ports: Option<Ports>,
     /// `tcp`, `udp` or `any` (the default).
     pub protocol: Option<Protocol>,

@@ -1,0 +1,367 @@
+//! `learn`: turn what a command did under audit mode into a minimal allowlist.
+//!
+//! Input: the event lines of an audit run (`audit` lines for connects and sends that an
+//! empty policy would have denied, `dns-refused` lines with verdict `audit` for the names it
+//! looked up). Output: YAML with comments, names rather than addresses wherever a name was
+//! used, the ports and protocols seen, wildcards only where several sibling names appeared,
+//! and IP literals flagged for review.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::IpAddr,
+};
+
+use serde_json::Value;
+
+/// Sibling names under one parent that make `learn` propose a wildcard.
+pub const WILDCARD_SIBLINGS: usize = 3;
+
+/// Ports and protocols seen for one destination.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Use {
+    /// (protocol, port).
+    seen: BTreeSet<(String, u16)>,
+}
+
+/// What the command used, gathered from event lines.
+#[derive(Debug, Default)]
+pub struct Observed {
+    hosts: BTreeMap<String, Use>,
+    ips: BTreeMap<IpAddr, Use>,
+    looked_up: BTreeSet<String>,
+}
+
+impl Observed {
+    /// Reads event lines (JSON objects); lines of other kinds are ignored.
+    pub fn from_events<'a>(lines: impl IntoIterator<Item = &'a Value>) -> Self {
+        let mut o = Self::default();
+        for v in lines {
+            match v["event"].as_str() {
+                Some("audit" | "deny") => {
+                    let (Some(proto), Some(port)) = (v["proto"].as_str(), v["port"].as_u64())
+                    else {
+                        continue;
+                    };
+                    if !matches!(proto, "tcp" | "udp") {
+                        continue;
+                    }
+                    let key = (proto.to_owned(), port as u16);
+                    match v["host"].as_str() {
+                        Some(h) => {
+                            o.hosts.entry(h.to_owned()).or_default().seen.insert(key);
+                        }
+                        None => {
+                            if let Some(ip) = v["dst"].as_str().and_then(|d| d.parse().ok()) {
+                                o.ips.entry(ip).or_default().seen.insert(key);
+                            }
+                        }
+                    }
+                }
+                Some("dns-refused") => {
+                    if let Some(q) = v["query"].as_str() {
+                        o.looked_up.insert(q.to_owned());
+                    }
+                }
+                _ => {}
+            }
+        }
+        for u in o.hosts.values_mut().chain(o.ips.values_mut()) {
+            drop_sorting_probes(u);
+        }
+        o
+    }
+
+    /// Whether nothing was seen.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty() && self.ips.is_empty() && self.looked_up.is_empty()
+    }
+}
+
+/// glibc's `getaddrinfo` connects a UDP socket to each candidate address (to pick a source
+/// address; nothing is sent). A UDP "use" on a port the same destination also used over TCP is
+/// that, not traffic: drop it so the learned policy stays minimal.
+fn drop_sorting_probes(u: &mut Use) {
+    let tcp_ports: BTreeSet<u16> = u
+        .seen
+        .iter()
+        .filter(|(p, _)| p == "tcp")
+        .map(|(_, port)| *port)
+        .collect();
+    u.seen
+        .retain(|(p, port)| !(p == "udp" && tcp_ports.contains(port)));
+}
+
+/// One rule to write.
+#[derive(Debug)]
+struct Proposed {
+    key: String,
+    value: String,
+    ports: Vec<u16>,
+    protocol: &'static str,
+    comments: Vec<String>,
+}
+
+/// Writes the allowlist. `name` is the policy name, `command` is quoted in the header,
+/// `settings` (YAML lines such as an `include:` of the starting allowlist and its `dns:`
+/// block) goes after `mode`.
+pub fn render(
+    observed: &Observed,
+    name: &str,
+    command: &str,
+    when: &str,
+    settings: &str,
+) -> String {
+    let mut rules: Vec<Proposed> = Vec::new();
+
+    // Names, grouped into wildcards where enough siblings used the same ports.
+    let mut by_parent: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for (host, u) in &observed.hosts {
+        let Some((_, parent)) = host.split_once('.') else {
+            continue;
+        };
+        if parent.contains('.') {
+            by_parent
+                .entry((parent.to_owned(), signature(u)))
+                .or_default()
+                .push(host.clone());
+        }
+    }
+    let mut in_wildcard: BTreeSet<String> = BTreeSet::new();
+    for ((parent, _), names) in &by_parent {
+        if names.len() < WILDCARD_SIBLINGS {
+            continue;
+        }
+        let u = &observed.hosts[&names[0]];
+        let (ports, protocol) = ports_and_protocol(u);
+        let labels: Vec<&str> = names
+            .iter()
+            .map(|n| {
+                n.strip_suffix(parent.as_str())
+                    .unwrap_or(n)
+                    .trim_end_matches('.')
+            })
+            .collect();
+        rules.push(Proposed {
+            key: "host".into(),
+            value: format!("\"*.{parent}\""),
+            ports,
+            protocol,
+            comments: vec![format!(
+                "wildcard: {} siblings seen ({}); narrow it to exact names if they are known",
+                names.len(),
+                labels.join(", ")
+            )],
+        });
+        in_wildcard.extend(names.iter().cloned());
+    }
+    for (host, u) in &observed.hosts {
+        if in_wildcard.contains(host) || u.seen.is_empty() {
+            continue;
+        }
+        let (ports, protocol) = ports_and_protocol(u);
+        rules.push(Proposed {
+            key: "host".into(),
+            value: host.clone(),
+            ports,
+            protocol,
+            comments: Vec::new(),
+        });
+    }
+    // Names looked up but never connected to: their lookups must keep working.
+    for q in &observed.looked_up {
+        let used = observed.hosts.get(q).is_some_and(|u| !u.seen.is_empty());
+        if used || in_wildcard.contains(q) {
+            continue;
+        }
+        rules.push(Proposed {
+            key: "host".into(),
+            value: q.clone(),
+            ports: vec![443],
+            protocol: "tcp",
+            comments: vec![
+                "looked up, never connected to: 443/tcp assumed; narrow or remove it".into(),
+            ],
+        });
+    }
+    for (ip, u) in &observed.ips {
+        let (ports, protocol) = ports_and_protocol(u);
+        rules.push(Proposed {
+            key: "ip".into(),
+            value: ip.to_string(),
+            ports,
+            protocol,
+            comments: vec![
+                "REVIEW: IP literal, used without a DNS lookup; prefer a host name if it has one"
+                    .into(),
+            ],
+        });
+    }
+
+    let mut out = String::new();
+    let _ = writeln!(out, "# yaml-language-server: $schema=./schema.json");
+    let _ = writeln!(out, "# Learned by `egress-agent learn` on {when} from:");
+    let _ = writeln!(out, "#   {command}");
+    let _ = writeln!(
+        out,
+        "# Review before enforcing: every rule below is something the command did."
+    );
+    let _ = writeln!(out, "version: 1");
+    let _ = writeln!(out, "name: {}", yaml_scalar(name));
+    let _ = writeln!(out, "mode: enforce");
+    out.push_str(settings);
+    if rules.is_empty() {
+        let _ = writeln!(
+            out,
+            "# The command reached nothing: everything stays denied."
+        );
+        let _ = writeln!(out, "allow: []");
+        return out;
+    }
+    let _ = writeln!(out, "allow:");
+    for r in rules {
+        for c in &r.comments {
+            let _ = writeln!(out, "  # {c}");
+        }
+        let _ = writeln!(out, "  - {}: {}", r.key, r.value);
+        let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
+        let _ = writeln!(out, "    ports: [{}]", ports.join(", "));
+        let _ = writeln!(out, "    protocol: {}", r.protocol);
+    }
+    out
+}
+
+/// Ports and the protocol covering them (`any` when both were seen).
+fn ports_and_protocol(u: &Use) -> (Vec<u16>, &'static str) {
+    let ports: BTreeSet<u16> = u.seen.iter().map(|(_, p)| *p).collect();
+    let protos: BTreeSet<&str> = u.seen.iter().map(|(p, _)| p.as_str()).collect();
+    let protocol = match (protos.contains("tcp"), protos.contains("udp")) {
+        (true, false) => "tcp",
+        (false, true) => "udp",
+        _ => "any",
+    };
+    (ports.into_iter().collect(), protocol)
+}
+
+fn signature(u: &Use) -> String {
+    let (ports, protocol) = ports_and_protocol(u);
+    format!("{ports:?}/{protocol}")
+}
+
+fn yaml_scalar(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !s.is_empty()
+    {
+        s.to_owned()
+    } else {
+        format!("{s:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy;
+    use std::path::Path;
+
+    fn ev(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    fn learned(events: &[&str]) -> String {
+        let values: Vec<Value> = events.iter().map(|e| ev(e)).collect();
+        render(&Observed::from_events(&values), "t", "cmd", "today", "")
+    }
+
+    #[test]
+    fn names_win_over_addresses_and_ports_are_kept() {
+        let y = learned(&[
+            r#"{"event":"dns-refused","query":"api.example.com","qtype":"A","verdict":"audit"}"#,
+            r#"{"event":"audit","proto":"tcp","dst":"198.51.100.10","port":443,"host":"api.example.com"}"#,
+            r#"{"event":"audit","proto":"udp","dst":"198.51.100.10","port":443,"host":"api.example.com"}"#,
+            r#"{"event":"audit","proto":"tcp","dst":"198.51.100.10","port":8443,"host":"api.example.com"}"#,
+        ]);
+        assert!(
+            y.contains("  - host: api.example.com\n    ports: [443, 8443]\n    protocol: tcp\n"),
+            "{y}"
+        );
+        assert!(!y.contains("198.51.100.10"), "{y}");
+        policy::parse_str(&y, Path::new("learned.yaml")).unwrap();
+    }
+
+    #[test]
+    fn ip_literals_are_flagged() {
+        let y = learned(&[r#"{"event":"audit","proto":"udp","dst":"2001:db8::5","port":5353}"#]);
+        assert!(y.contains("REVIEW: IP literal"), "{y}");
+        assert!(
+            y.contains("  - ip: 2001:db8::5\n    ports: [5353]\n    protocol: udp\n"),
+            "{y}"
+        );
+        policy::parse_str(&y, Path::new("learned.yaml")).unwrap();
+    }
+
+    #[test]
+    fn siblings_become_a_commented_wildcard() {
+        let mut lines = Vec::new();
+        for n in ["a", "b", "c"] {
+            lines.push(format!(
+                r#"{{"event":"audit","proto":"tcp","dst":"198.51.100.1","port":443,"host":"{n}.cdn.example.com"}}"#
+            ));
+        }
+        lines.push(r#"{"event":"audit","proto":"tcp","dst":"198.51.100.2","port":443,"host":"other.example.com"}"#.into());
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let y = learned(&refs);
+        assert!(y.contains("# wildcard: 3 siblings seen (a, b, c)"), "{y}");
+        assert!(y.contains("host: \"*.cdn.example.com\""), "{y}");
+        assert!(!y.contains("a.cdn.example.com"), "{y}");
+        assert!(y.contains("host: other.example.com"), "{y}");
+        let p = policy::parse_str(&y, Path::new("learned.yaml")).unwrap();
+        assert!(!p.host_rules_for("x.cdn.example.com").is_empty());
+        assert!(p.host_rules_for("cdn.example.com").is_empty());
+    }
+
+    #[test]
+    fn two_siblings_stay_exact() {
+        let y = learned(&[
+            r#"{"event":"audit","proto":"tcp","dst":"198.51.100.1","port":443,"host":"a.cdn.example.com"}"#,
+            r#"{"event":"audit","proto":"tcp","dst":"198.51.100.1","port":443,"host":"b.cdn.example.com"}"#,
+        ]);
+        assert!(!y.contains('*'), "{y}");
+    }
+
+    #[test]
+    fn nothing_seen_gives_an_empty_allowlist() {
+        let y = learned(&[r#"{"event":"ready"}"#]);
+        assert!(y.contains("allow: []"), "{y}");
+        let p = policy::parse_str(&y, Path::new("learned.yaml")).unwrap();
+        assert!(p.rules.is_empty());
+    }
+}
+
+/// The settings to carry over from the starting allowlist: an include of it (so what it
+/// already allowed stays allowed) and its `dns` block.
+pub fn carried_settings(base: &crate::policy::Policy, base_path: &std::path::Path) -> String {
+    use crate::policy::{Upstream, format_duration};
+    let mut out = String::new();
+    let shown = std::fs::canonicalize(base_path).unwrap_or_else(|_| base_path.to_owned());
+    let _ = writeln!(out, "include: [{:?}]", shown.display().to_string());
+    let d = &base.dns;
+    let _ = writeln!(out, "dns:");
+    let _ = writeln!(out, "  min_ttl: {}", format_duration(d.min_ttl));
+    let _ = writeln!(out, "  max_ttl: {}", format_duration(d.max_ttl));
+    let _ = writeln!(out, "  grace: {}", format_duration(d.grace));
+    match &d.upstream {
+        Upstream::System => {
+            let _ = writeln!(out, "  upstream: system");
+        }
+        Upstream::Servers(list) => {
+            let shown: Vec<String> = list
+                .iter()
+                .map(|s| format!("{:?}", s.to_string()))
+                .collect();
+            let _ = writeln!(out, "  upstream: [{}]", shown.join(", "));
+        }
+    }
+    out
+}

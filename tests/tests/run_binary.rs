@@ -1,0 +1,421 @@
+//! The real `egress-agent run` binary, started as a user would and driven from outside:
+//! through its events file, the command's output, its exit status and signals.
+//!
+//! The agent runs inside a test network namespace (joined before `exec`, see
+//! [`TestNetns::command`]; not through `ip netns exec`, which remounts `/sys` and so hides the
+//! cgroup v2 and bpf filesystems from the agent). Build the agent first:
+//! `cargo build -p egress-agent`.
+
+use std::{
+    collections::BTreeSet,
+    fs::{self, File},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, ExitStatus, Stdio},
+    time::Duration,
+};
+
+use egress_tests::{
+    Outcome, TcpListener, TestDir, TestNetns, agent_bin, cgroup2_mount, poll_until, probe_bin,
+    remove_cgroup, require_root,
+};
+use serde_json::Value;
+
+/// How long the agent may take to attach and report ready (a debug build loads its eBPF).
+const READY_WAIT: Duration = Duration::from_secs(30);
+/// How long a run may take from start to exit.
+const RUN_WAIT: Duration = Duration::from_secs(60);
+
+const ALLOW_8080: &str =
+    "version: 1\nname: run-test\nallow:\n  - ip: 127.0.0.1\n    ports: [8080]\n";
+
+/// One `egress-agent run --allowlist A --events E -- CMD...`. Dropping it kills an agent
+/// still running and removes what a killed agent leaves behind (its cgroup and pins).
+struct AgentRun {
+    child: Child,
+    dir: TestDir,
+    status: Option<ExitStatus>,
+}
+
+impl AgentRun {
+    /// Starts the agent in `netns` with `allowlist` and `command`; `env` is set on top of an
+    /// environment without the `SUDO_*` variables (so the command runs as root unless a test
+    /// asks for the sudo path).
+    fn start(netns: &TestNetns, allowlist: &str, command: &[&str], env: &[(&str, &str)]) -> Self {
+        require_root();
+        let dir = TestDir::new();
+        let allow = dir.path().join("allow.yaml");
+        fs::write(&allow, allowlist).expect("cannot write the allowlist");
+        let events = dir.path().join("events.jsonl");
+        let out = File::create(dir.path().join("stdout")).expect("stdout file");
+        let err = File::create(dir.path().join("stderr")).expect("stderr file");
+        let mut cmd = netns.command(agent_bin());
+        cmd.arg("run")
+            .arg("--allowlist")
+            .arg(&allow)
+            .arg("--events")
+            .arg(&events)
+            .arg("--")
+            .args(command)
+            .env_remove("SUDO_UID")
+            .env_remove("SUDO_GID")
+            .env_remove("SUDO_USER")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd.spawn().expect("cannot start egress-agent");
+        Self {
+            child,
+            dir,
+            status: None,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn read(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    /// Everything the agent and its command wrote, for failure messages.
+    fn output(&self) -> String {
+        format!(
+            "agent stdout:\n{}\nagent stderr:\n{}\nevents:\n{}",
+            self.read("stdout"),
+            self.read("stderr"),
+            self.read("events.jsonl")
+        )
+    }
+
+    /// The event lines written so far (a partly written last line is skipped).
+    fn events(&self) -> Vec<Value> {
+        self.read("events.jsonl")
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for the `ready` line; panics if the agent exits first or takes too long.
+    fn wait_ready(&mut self) -> Value {
+        let ready = poll_until(READY_WAIT, || {
+            if let Some(ev) = self.events().into_iter().find(|e| e["event"] == "ready") {
+                return Some(Ok(ev));
+            }
+            match self.child.try_wait() {
+                Ok(Some(status)) => Some(Err(status)),
+                _ => None,
+            }
+        });
+        match ready {
+            Some(Ok(ev)) => ev,
+            Some(Err(status)) => {
+                self.status = Some(status);
+                panic!(
+                    "egress-agent exited with {status} before ready\n{}",
+                    self.output()
+                )
+            }
+            None => panic!("no ready line within {READY_WAIT:?}\n{}", self.output()),
+        }
+    }
+
+    /// Waits for the agent to exit.
+    fn wait(&mut self) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        let status =
+            poll_until(RUN_WAIT, || self.child.try_wait().ok().flatten()).unwrap_or_else(|| {
+                panic!(
+                    "egress-agent still runs after {RUN_WAIT:?}\n{}",
+                    self.output()
+                )
+            });
+        self.status = Some(status);
+        status
+    }
+
+    /// Waits for the agent to exit and returns its exit code (panics if a signal killed it).
+    fn exit_code(&mut self) -> i32 {
+        let status = self.wait();
+        status
+            .code()
+            .unwrap_or_else(|| panic!("egress-agent died of {status}\n{}", self.output()))
+    }
+
+    /// The probe's JSON line on the agent's stdout (the command inherits it).
+    fn probe_outcome(&self) -> Outcome {
+        let stdout = self.read("stdout");
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("the probe printed no outcome\n{}", self.output()));
+        Outcome::parse(line).unwrap_or_else(|e| panic!("{e}\n{}", self.output()))
+    }
+
+    /// The cgroups this agent may have created, by name.
+    fn own_cgroups(&self, names: &BTreeSet<String>) -> Vec<String> {
+        let prefix = format!("egress-run-{}", self.pid());
+        names
+            .iter()
+            .filter(|n| n.starts_with(&prefix))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for AgentRun {
+    fn drop(&mut self) {
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // A killed agent leaves enforcement in place (fail closed): its cgroup and pins.
+        let mount = cgroup2_mount();
+        for name in self.own_cgroups(&egress_cgroups()) {
+            eprintln!("warning: removing leftover cgroup {name}");
+            if let Err(e) = remove_cgroup(&mount.join(&name)) {
+                eprintln!("warning: {e}");
+            }
+        }
+        let pins = pin_dir(&format!("run-{}", self.pid()));
+        if pins.exists() {
+            eprintln!("warning: removing leftover pins {}", pins.display());
+            let _ = fs::remove_dir_all(&pins);
+        }
+    }
+}
+
+/// The `egress-*` cgroups directly under the mount.
+fn egress_cgroups() -> BTreeSet<String> {
+    fs::read_dir(cgroup2_mount())
+        .expect("cannot list the cgroup v2 mount")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("egress-"))
+        .collect()
+}
+
+/// Where `egress-agent run` pins an instance's programs and maps.
+fn pin_dir(name: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf/egress").join(name)
+}
+
+/// The agent removed its cgroup and pins: none of its cgroups appeared since `before`, and
+/// the cgroup the ready line named is gone.
+fn assert_cleaned_up(run: &AgentRun, ready: &Value, before: &BTreeSet<String>) {
+    let cgroup = ready["cgroup"]
+        .as_str()
+        .expect("ready line names its cgroup");
+    assert!(
+        !Path::new(cgroup).exists(),
+        "the agent's cgroup {cgroup} remains after it exited\n{}",
+        run.output()
+    );
+    let after = egress_cgroups();
+    let new: BTreeSet<_> = after.difference(before).cloned().collect();
+    let left = run.own_cgroups(&new);
+    assert!(
+        left.is_empty(),
+        "cgroups of agent {} remain: {left:?}\n{}",
+        run.pid(),
+        run.output()
+    );
+    let name = ready["name"]
+        .as_str()
+        .expect("ready line names the instance");
+    let pins = pin_dir(name);
+    assert!(
+        !pins.exists(),
+        "pins {} remain after the agent exited\n{}",
+        pins.display(),
+        run.output()
+    );
+}
+
+/// The ready line names a cgroup of this agent under the cgroup v2 mount, with its id.
+fn check_ready(run: &AgentRun, ready: &Value) -> u64 {
+    let cgroup = PathBuf::from(ready["cgroup"].as_str().expect("ready.cgroup"));
+    assert_eq!(
+        cgroup.parent(),
+        Some(cgroup2_mount().as_path()),
+        "the agent's cgroup is a child of the mount: {ready}"
+    );
+    let name = cgroup.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(&format!("egress-run-{}", run.pid())),
+        "the agent's cgroup {name} is named after its pid {}",
+        run.pid()
+    );
+    ready["cgroup_id"].as_u64().expect("ready.cgroup_id")
+}
+
+/// Runs `egress-probe tcp-connect DST` under [`ALLOW_8080`] and returns the run, its ready
+/// line and the probe's outcome, after checking exit status and cleanup.
+fn run_probe(netns: &TestNetns, dst: &str, env: &[(&str, &str)]) -> (AgentRun, Value, Outcome) {
+    let before = egress_cgroups();
+    let probe = probe_bin();
+    let probe = probe.to_str().expect("utf-8 path");
+    let mut run = AgentRun::start(netns, ALLOW_8080, &[probe, "tcp-connect", dst], env);
+    let code = run.exit_code();
+    assert_eq!(code, 0, "the probe exits 0 either way\n{}", run.output());
+    let events = run.events();
+    let ready = events.first().cloned().unwrap_or(Value::Null);
+    assert_eq!(
+        ready["event"],
+        "ready",
+        "the first event line is ready\n{}",
+        run.output()
+    );
+    check_ready(&run, &ready);
+    assert_cleaned_up(&run, &ready, &before);
+    let out = run.probe_outcome();
+    (run, ready, out)
+}
+
+fn deny_lines(run: &AgentRun) -> Vec<Value> {
+    run.events()
+        .into_iter()
+        .filter(|e| e["event"] == "deny")
+        .collect()
+}
+
+#[test]
+fn run_lets_an_allowed_connect_through() {
+    let netns = TestNetns::new();
+    let listener = TcpListener::bind(&netns, "127.0.0.1:8080");
+    let (run, _ready, out) = run_probe(&netns, "127.0.0.1:8080", &[]);
+    assert!(
+        out.ok,
+        "the allowed connect failed: {out:?}\n{}",
+        run.output()
+    );
+    assert!(
+        listener.wait_received(1, Duration::from_secs(2)),
+        "the listener got nothing"
+    );
+    assert_eq!(listener.payloads(), vec![b"probe\n".to_vec()]);
+    let denies = deny_lines(&run);
+    assert!(
+        denies.is_empty(),
+        "an allowed run reported denies: {denies:?}"
+    );
+}
+
+/// Checks one deny line against the probe that caused it.
+fn check_deny(run: &AgentRun, ready: &Value, out: &Outcome, dst: &str, port: u16, uid: u32) {
+    assert!(
+        out.is_eperm(),
+        "expected EPERM, got {out:?}\n{}",
+        run.output()
+    );
+    let denies = deny_lines(run);
+    assert_eq!(
+        denies.len(),
+        1,
+        "one denied connect, one deny line\n{}",
+        run.output()
+    );
+    let d = &denies[0];
+    let ctx = format!("deny line {d}");
+    assert_eq!(d["proto"], "tcp", "{ctx}");
+    let want: IpAddr = dst.parse().unwrap();
+    assert_eq!(
+        d["dst"].as_str().and_then(|s| s.parse().ok()),
+        Some(want),
+        "{ctx}"
+    );
+    assert_eq!(d["port"], port, "{ctx}");
+    assert_eq!(d["pid"], out.pid, "{ctx}: the probe's pid");
+    assert_eq!(d["comm"], "egress-probe", "{ctx}");
+    assert_eq!(d["uid"], uid, "{ctx}");
+    assert_eq!(
+        d["cgroup"], ready["cgroup_id"],
+        "{ctx}: the ready line's cgroup id"
+    );
+    assert_eq!(d["hook"], "connect4", "{ctx}");
+}
+
+#[test]
+fn run_denies_a_port_outside_the_rule_and_reports_it() {
+    let netns = TestNetns::new();
+    let listener = TcpListener::bind(&netns, "127.0.0.1:9090");
+    let (run, ready, out) = run_probe(&netns, "127.0.0.1:9090", &[]);
+    check_deny(&run, &ready, &out, "127.0.0.1", 9090, 0);
+    assert_eq!(deny_lines(&run)[0]["reason"], "port");
+    assert_eq!(listener.received(), 0, "the denied port received data");
+}
+
+#[test]
+fn run_denies_an_unlisted_address_and_reports_it() {
+    let netns = TestNetns::new();
+    let (run, ready, out) = run_probe(&netns, "198.51.100.20:443", &[]);
+    check_deny(&run, &ready, &out, "198.51.100.20", 443, 0);
+    assert_eq!(deny_lines(&run)[0]["reason"], "no-rule");
+}
+
+#[test]
+fn run_drops_the_command_to_the_sudo_invoker() {
+    let netns = TestNetns::new();
+    let nobody = [("SUDO_UID", "65534"), ("SUDO_GID", "65534")];
+    let (run, ready, out) = run_probe(&netns, "198.51.100.20:443", &nobody);
+    check_deny(&run, &ready, &out, "198.51.100.20", 443, 65534);
+    assert_eq!(deny_lines(&run)[0]["gid"], 65534);
+}
+
+#[test]
+fn run_propagates_the_commands_exit_status() {
+    let netns = TestNetns::new();
+    for (command, want) in [
+        (&["sh", "-c", "exit 7"][..], 7),
+        (&["sh", "-c", "exit 0"][..], 0),
+        // Killed by SIGKILL: 128 + 9, as a shell reports it.
+        (&["sh", "-c", "kill -KILL $$"][..], 137),
+        (&["/nonexistent/egress-test-command"][..], 127),
+    ] {
+        let before = egress_cgroups();
+        let mut run = AgentRun::start(&netns, ALLOW_8080, command, &[]);
+        let code = run.exit_code();
+        assert_eq!(code, want, "exit status of {command:?}\n{}", run.output());
+        let ready = run
+            .events()
+            .into_iter()
+            .find(|e| e["event"] == "ready")
+            .unwrap_or_else(|| panic!("no ready line for {command:?}\n{}", run.output()));
+        assert_cleaned_up(&run, &ready, &before);
+    }
+}
+
+#[test]
+fn sigterm_to_the_agent_stops_the_command_and_removes_the_cgroup() {
+    let netns = TestNetns::new();
+    let before = egress_cgroups();
+    let mut run = AgentRun::start(&netns, ALLOW_8080, &["sleep", "60"], &[]);
+    let ready = run.wait_ready();
+    check_ready(&run, &ready);
+    let cgroup = PathBuf::from(ready["cgroup"].as_str().expect("ready.cgroup"));
+    // The command joins the cgroup right after the ready line.
+    let procs = cgroup.join("cgroup.procs");
+    let joined = poll_until(Duration::from_secs(10), || {
+        let pids = fs::read_to_string(&procs).unwrap_or_default();
+        (!pids.trim().is_empty()).then_some(pids)
+    });
+    assert!(
+        joined.is_some(),
+        "the command never appeared in {}\n{}",
+        cgroup.display(),
+        run.output()
+    );
+
+    // SAFETY: plain syscall to the agent this test started.
+    let rc = unsafe { libc::kill(run.pid() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    let code = run.exit_code();
+    // SIGTERM is forwarded to the command; its death by signal 15 becomes 128 + 15.
+    assert_eq!(code, 143, "exit status after SIGTERM\n{}", run.output());
+    assert_cleaned_up(&run, &ready, &before);
+}

@@ -118,8 +118,7 @@ impl DnsWorldBuilder {
             world.add_addr(*ip);
         }
         let log = world.log_path();
-        File::create(&log)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let mut cmd = world.netns.command(&dnsmasq);
         cmd.args([
             "--keep-in-foreground",
@@ -135,6 +134,7 @@ impl DnsWorldBuilder {
         .arg(format!("--listen-address={UPSTREAM_IP}"))
         .arg(format!("--local-ttl={}", self.local_ttl))
         .arg(format!("--log-facility={}", log.display()))
+        // Ours, not the default /run/dnsmasq.pid of a system dnsmasq.
         .arg(format!(
             "--pid-file={}",
             world.dir.path().join("dnsmasq.pid").display()
@@ -143,8 +143,7 @@ impl DnsWorldBuilder {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(
-            File::create(world.dir.path().join("dnsmasq.stderr"))
-                .expect("dnsmasq stderr file"),
+            File::create(world.dir.path().join("dnsmasq.stderr")).expect("dnsmasq stderr file"),
         );
         let child = cmd
             .spawn()
@@ -228,7 +227,8 @@ impl DnsWorld {
             });
             ok.then_some(Ok(()))
         });
-        let stderr = || fs::read_to_string(self.dir.path().join("dnsmasq.stderr")).unwrap_or_default();
+        let stderr =
+            || fs::read_to_string(self.dir.path().join("dnsmasq.stderr")).unwrap_or_default();
         match up {
             Some(Ok(())) => {}
             Some(Err(status)) => {
@@ -257,7 +257,10 @@ impl DnsWorld {
     /// log as it goes, so a test that asserts a name is *absent* first waits for a name the
     /// command asked for later.
     pub fn wait_query(&self, name: &str, timeout: Duration) -> bool {
-        poll_until(timeout, || self.queries().iter().any(|q| q == name).then_some(())).is_some()
+        poll_until(timeout, || {
+            self.queries().iter().any(|q| q == name).then_some(())
+        })
+        .is_some()
     }
 
     /// A TCP echo server on `addr` inside the namespace (its address is put on `lo`).
@@ -295,14 +298,14 @@ impl DnsWorld {
     pub fn write_allowlist(&self, yaml: &str) -> PathBuf {
         let n = self.runs.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.path().join(format!("allow-{n}.yaml"));
-        fs::write(&path, yaml)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        fs::write(&path, yaml).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
         path
     }
 
     /// Runs `egress-agent run --allowlist A --events E -- CMD...` inside the namespace (as
-    /// root: the `SUDO_*` variables are removed) and waits for it to exit. Panics if it does
-    /// not exit within a minute (after killing it and removing what it left behind).
+    /// root: the `SUDO_*` variables are removed) and waits for it to exit. Whatever a killed
+    /// or crashed agent leaves behind (its cgroup and pins) is removed, with a warning.
+    /// Panics if it does not exit within a minute (after killing it).
     pub fn run_agent(&self, allowlist: &str, cmd: &[&str]) -> AgentExit {
         let allow = self.write_allowlist(allowlist);
         let stem = allow.with_extension("");
@@ -345,7 +348,10 @@ impl DnsWorld {
         if exit.status.is_none() {
             let _ = child.kill();
             let _ = child.wait();
-            remove_leftovers(pid);
+        }
+        // Nothing, unless the agent was killed or crashed: it cleans up after itself.
+        remove_leftovers(pid);
+        if exit.status.is_none() {
             panic!(
                 "egress-agent still runs after {AGENT_WAIT:?}; killed\n{}",
                 exit.context()
@@ -448,9 +454,12 @@ impl AgentExit {
 
     /// The exit code; panics (with the context) if a signal ended the agent.
     pub fn code(&self) -> i32 {
-        self.status
-            .and_then(|s| s.code())
-            .unwrap_or_else(|| panic!("egress-agent ended without an exit code\n{}", self.context()))
+        self.status.and_then(|s| s.code()).unwrap_or_else(|| {
+            panic!(
+                "egress-agent ended without an exit code\n{}",
+                self.context()
+            )
+        })
     }
 
     /// The events whose `event` is `kind` (`deny`, `dns-refused`, `warning`, ...).
@@ -582,8 +591,11 @@ fn echo(mut stream: net::TcpStream, slot: usize, st: &EchoState) {
                     return;
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return,
         }
     }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use egress_common::addr_from_v4;
 
-use super::{dns::steering, sock_addr::read_v6};
+use super::{dns::steering, sock_addr::read_v6, verdict::exempt};
 use crate::maps::DNS_ORIG;
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -38,6 +38,9 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn restore_v4(ctx: &SockAddrContext) {
+    if exempt() {
+        return;
+    }
     let Some(cfg) = steering() else { return };
     // SAFETY: valid context; 4-byte loads as the verifier requires.
     let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
@@ -60,6 +63,9 @@ fn restore_v4(ctx: &SockAddrContext) {
 
 #[inline(always)]
 fn restore_v6(ctx: &SockAddrContext) {
+    if exempt() {
+        return;
+    }
     let Some(cfg) = steering() else { return };
     let addr = read_v6(ctx);
     // SAFETY: valid context.

@@ -7,7 +7,7 @@ use egress_common::{Addr, addr_from_v4, events::hook};
 
 use super::{
     dns::{is_dns, steer_v4, steer_v6, steering},
-    verdict::{Destination, decide, deny_on_error},
+    verdict::{Destination, decide, deny_on_error, exempt},
 };
 use egress_common::consts::VERDICT_ALLOW;
 
@@ -44,6 +44,9 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
+    if exempt() {
+        return Ok(VERDICT_ALLOW);
+    }
     // SAFETY: the kernel hands every cgroup/sock_addr program a valid `bpf_sock_addr`; the
     // verifier checks each field access (4-byte loads, as it requires).
     let sa = unsafe { &*ctx.sock_addr };
@@ -65,6 +68,9 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
 }
 
 fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
+    if exempt() {
+        return Ok(VERDICT_ALLOW);
+    }
     // SAFETY: as in `try_v4`.
     let sa = unsafe { &*ctx.sock_addr };
     let addr = read_v6(ctx);

@@ -5,11 +5,11 @@
 
 use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
 use egress_common::{
-    consts::{COUNTER_ALLOW, VERDICT_ALLOW},
+    consts::VERDICT_ALLOW,
     events::{hook, reason},
 };
 
-use super::verdict::{Destination, count, deny};
+use super::verdict::{Destination, deny, exempt};
 
 const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
@@ -20,9 +20,12 @@ const IPPROTO_ICMPV6: u32 = 58;
 pub fn sock_create(ctx: SockContext) -> i32 {
     // SAFETY: the kernel hands this program a valid `bpf_sock`; the verifier checks each load.
     let (ty, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
+    if exempt() {
+        return VERDICT_ALLOW;
+    }
     let icmp = ty == SOCK_DGRAM && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6);
     if ty != SOCK_RAW && !icmp {
-        count(COUNTER_ALLOW);
+        // Not counted: the allow counter counts connects and sends.
         return VERDICT_ALLOW;
     }
     let dst = Destination {

@@ -104,6 +104,19 @@ fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
     Some(why)
 }
 
+/// Whether the calling task belongs to the exempt cgroup (the agent itself, as a sidecar
+/// inside the enforced cgroup: its resolver must reach upstream).
+#[inline(always)]
+pub fn exempt() -> bool {
+    match CONFIG.get(0) {
+        Some(c) if c.exempt_cgroup != 0 => {
+            // SAFETY: helper without arguments.
+            unsafe { bpf_get_current_cgroup_id() == c.exempt_cgroup }
+        }
+        _ => false,
+    }
+}
+
 fn audit_mode() -> bool {
     match CONFIG.get(0) {
         Some(c) => c.flags & FLAG_AUDIT != 0,

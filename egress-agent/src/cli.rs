@@ -8,6 +8,7 @@ use std::{
 };
 
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum, builder::PossibleValue};
+use clap_mangen::Man;
 
 use crate::{
     confine::Capability,
@@ -37,7 +38,9 @@ Exit status:
   check        0 if every file is valid; 1 if one is not
   explain      0 if every destination is allowed; 1 if one is denied; 2 if the allowlist
                cannot be loaded
-  any command  2 on a usage error (unknown option, missing argument); 0 otherwise
+  schema, completions, man
+               0; 1 if the output cannot be written
+  all          2 on a usage error (unknown command or option, missing argument)
 ";
 
 /// Egress control for AI agents: a command (or a cgroup) can reach only what its allowlist
@@ -54,7 +57,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a command under an allowlist: it and its children can reach only what the file
-    /// allows. Needs root; a command started through sudo runs as the invoking user. The
+    /// allows.
+    ///
+    /// Needs root; a command started through sudo runs as the invoking user. The
     /// command is confined (no_new_privs, no CAP_NET_RAW/NET_ADMIN/SYS_ADMIN/BPF/...,
     /// read-only cgroup filesystems, its own cgroup namespace) so that even as root it cannot
     /// leave the cgroup or detach the programs.
@@ -85,8 +90,9 @@ pub enum Command {
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
-    /// Run a command in audit mode (nothing is blocked) and write the allowlist it needed:
-    /// names rather than addresses where a name was used, the ports and protocols seen,
+    /// Run a command in audit mode (nothing is blocked) and write the allowlist it needed.
+    ///
+    /// Names rather than addresses where a name was used, the ports and protocols seen,
     /// wildcards only where several sibling names appeared, IP literals flagged for review.
     #[command(after_help = "Examples:\n  \
         sudo egress-agent learn --output allowlists/my-agent.yaml -- python agent.py\n  \
@@ -110,13 +116,78 @@ pub enum Command {
         command: Vec<OsString>,
     },
     /// Validate allowlist files and print a one-line summary of each.
-    #[command(after_help = "Example:\n  egress-agent check allowlists/*.yaml\n\n\
+    #[command(after_help = "Examples:\n  \
+        egress-agent check allowlists/*.yaml\n  \
+        egress-agent check team.yaml || exit 1\n\n\
         Exit status: 0 if every file is valid, 1 otherwise.")]
     Check {
         /// Allowlist files.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Say which rule of an allowlist lets a destination through, or why none does.
+    ///
+    /// One line per finding. A name is reachable through the addresses DNS answers for it; an
+    /// address only through cidr/ip rules, or while DNS answered it for a permitted name
+    /// (never a link-local or metadata address). Port 53 always goes to egress's own resolver.
+    #[command(after_help = "Examples:\n  \
+        egress-agent explain --allowlist allowlists/default.yaml api.anthropic.com:443\n  \
+        egress-agent explain --allowlist team.yaml github.com:22 pypi.org evil.test\n  \
+        egress-agent explain --allowlist team.yaml --protocol udp 10.0.0.5:5353 '[2001:db8::1]:443'\n\n\
+        Exit status: 0 if every destination is allowed, 1 if one is denied, 2 if the\n\
+        allowlist cannot be loaded or a destination is not one.")]
+    Explain {
+        /// The allowlist (YAML).
+        #[arg(long, short = 'a', value_name = "FILE")]
+        allowlist: PathBuf,
+        /// The protocol to judge; default: tcp when a port is given, any without one.
+        #[arg(long, short = 'p', value_name = "PROTOCOL")]
+        protocol: Option<Transport>,
+        /// Destinations: NAME, NAME:PORT, IP, IP:PORT or [IPV6]:PORT. Without a port: what
+        /// the matching rules allow.
+        #[arg(required = true, value_name = "TARGET")]
+        targets: Vec<Destination>,
+    },
+    /// Print the JSON Schema of the allowlist format.
+    ///
+    /// allowlists/schema.json is its copy; editors with the YAML language server use it to
+    /// validate and complete allowlists that name it in their first line.
+    #[command(after_help = "Examples:\n  \
+        egress-agent schema > allowlists/schema.json\n  \
+        # then, first line of an allowlist: # yaml-language-server: $schema=./schema.json")]
+    Schema,
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  \
+        egress-agent completions bash > ~/.local/share/bash-completion/completions/egress-agent\n  \
+        egress-agent completions zsh > ~/.zfunc/_egress-agent\n  \
+        egress-agent completions fish > ~/.config/fish/completions/egress-agent.fish")]
+    Completions {
+        /// The shell.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) of egress-agent or of one of its commands.
+    #[command(after_help = "Examples:\n  \
+        egress-agent man | man -l -\n  \
+        egress-agent man run > /usr/local/share/man/man1/egress-agent-run.1")]
+    Man {
+        /// The command whose page to print (default: egress-agent itself).
+        #[arg(value_name = "COMMAND")]
+        command: Option<String>,
+    },
+}
+
+impl ValueEnum for Transport {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Tcp, Self::Udp]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }))
+    }
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
@@ -136,6 +207,18 @@ fn parse_name(s: &str) -> Result<String, String> {
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check { files } => check(&files),
+        Command::Explain {
+            allowlist,
+            protocol,
+            targets,
+        } => explain(&allowlist, &targets, protocol),
+        Command::Schema => print(&schema::allowlist_schema_json()),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "egress-agent", &mut out);
+            print(&String::from_utf8_lossy(&out))
+        }
+        Command::Man { command } => man(command.as_deref()),
         Command::Run {
             allowlist,
             events,
@@ -209,5 +292,158 @@ fn check(files: &[PathBuf]) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn explain(allowlist: &Path, targets: &[Destination], protocol: Option<Transport>) -> ExitCode {
+    let policy = match policy::load(allowlist) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let mut text = String::new();
+    let mut allowed = true;
+    for destination in targets {
+        let e = explain::explain(
+            &policy,
+            &explain::Query {
+                destination: destination.clone(),
+                transport: protocol,
+            },
+        );
+        allowed &= e.allowed;
+        for line in e.lines {
+            text.push_str(&line);
+            text.push('\n');
+        }
+    }
+    match print(&text) {
+        c if c != ExitCode::SUCCESS => c,
+        _ if allowed => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_NO),
+    }
+}
+
+/// Writes `text` to stdout; a failed write (a closed pipe too) is exit status 1.
+fn print(text: &str) -> ExitCode {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("egress-agent: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn man(command: Option<&str>) -> ExitCode {
+    match man_page(command) {
+        Ok(page) => print(&page),
+        Err(e) => {
+            eprintln!("egress-agent: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// The roff manual page of egress-agent (`None`) or of one of its commands.
+pub fn man_page(command: Option<&str>) -> Result<String, String> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let cmd = match command {
+        None => cmd,
+        Some(name) => {
+            let names: Vec<String> = cmd
+                .get_subcommands()
+                .map(|c| c.get_name().to_string())
+                .collect();
+            // Built from the root, it is named egress-agent-NAME (the page's title and NAME)
+            // and its synopsis reads `egress-agent NAME`.
+            cmd.find_subcommand(name)
+                .ok_or_else(|| format!("no command {name:?}; one of: {}", names.join(", ")))?
+                .clone()
+        }
+    };
+    let man = Man::new(cmd.clone()).source(format!(
+        "egress-agent {}",
+        env!("CARGO_PKG_VERSION")
+    ));
+    let mut out = Vec::new();
+    let sections = [
+        Man::render_title,
+        Man::render_name_section,
+        Man::render_synopsis_section,
+        Man::render_description_section,
+    ];
+    for render in sections {
+        render(&man, &mut out).map_err(|e| e.to_string())?;
+    }
+    if cmd.get_arguments().any(|a| !a.is_hide_set()) {
+        man.render_options_section(&mut out)
+            .map_err(|e| e.to_string())?;
+    }
+    if cmd.get_subcommands().any(|c| !c.is_hide_set()) {
+        man.render_subcommands_section(&mut out)
+            .map_err(|e| e.to_string())?;
+    }
+    // The after-help text is written in sections ("Examples:", "Exit status:") of
+    // preformatted lines; clap_mangen would run them together into one paragraph.
+    if let Some(after) = cmd.get_after_help() {
+        out.extend_from_slice(roff_sections(&after.to_string()).as_bytes());
+    }
+    if cmd.get_version().is_some() {
+        man.render_version_section(&mut out)
+            .map_err(|e| e.to_string())?;
+    }
+    String::from_utf8(out).map_err(|e| e.to_string())
+}
+
+/// Text of `Heading:` lines followed by indented lines, as roff sections of unfilled lines.
+/// A line `Heading: text` (text on the heading's own line) keeps its text in the section.
+fn roff_sections(text: &str) -> String {
+    let mut out = String::new();
+    let mut open = false;
+    for line in text.lines() {
+        let heading = (!line.starts_with(' ') && !line.is_empty())
+            .then(|| line.split_once(':'))
+            .flatten()
+            .filter(|(h, _)| !h.is_empty() && h.chars().all(|c| c.is_alphabetic() || c == ' '));
+        if let Some((h, rest)) = heading {
+            if open {
+                out.push_str(".fi\n");
+            }
+            out.push_str(&format!(".SH \"{}\"\n.nf\n", h.to_uppercase()));
+            open = true;
+            if !rest.trim().is_empty() {
+                out.push_str(&roff_line(rest.trim()));
+            }
+            continue;
+        }
+        if line.trim().is_empty() {
+            // A blank line ends a section; inside one it would print as an empty line.
+            continue;
+        }
+        if !open {
+            out.push_str(".SH EXTRA\n.nf\n");
+            open = true;
+        }
+        out.push_str(&roff_line(line));
+    }
+    if open {
+        out.push_str(".fi\n");
+    }
+    out
+}
+
+/// One line of text for roff: backslashes and hyphens escaped, a leading `.` or `'` guarded.
+fn roff_line(line: &str) -> String {
+    let escaped = line.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with('.') || escaped.starts_with('\'') {
+        format!("\\&{escaped}\n")
+    } else {
+        format!("{escaped}\n")
     }
 }

@@ -29,7 +29,8 @@ use egress_common::{
     config::FLAG_AUDIT,
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
-        DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS,
+        DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS, MAP_DNS_ORIG,
+        MAP_EVENTS,
     },
     keys::addr_from_ip,
 };
@@ -53,6 +54,16 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     "connect6",
     "sendmsg4",
     "sendmsg6",
+];
+
+/// Every map, by name (for pinning).
+pub const ALL_MAPS: [&str; 6] = [
+    MAP_ALLOW_CIDR,
+    MAP_ALLOW_DNS,
+    MAP_CONFIG,
+    MAP_COUNTERS,
+    MAP_EVENTS,
+    MAP_DNS_ORIG,
 ];
 
 /// The cgroup/sock program that refuses raw and ICMP sockets.
@@ -115,6 +126,8 @@ pub struct Enforcer {
     cgroup: PathBuf,
     links: Vec<Link>,
     pin_dir: Option<PathBuf>,
+    adopted: bool,
+    generation: u128,
     cidr: LpmTrie<MapData, Addr, AllowValue>,
     cidr_keys: HashSet<(Addr, u32)>,
     dns: HashMap<MapData, Addr, AllowValue>,
@@ -133,25 +146,32 @@ impl Enforcer {
     pub fn attach(cgroup: &Path, policy: &Policy, opts: &EnforcerOptions) -> anyhow::Result<Self> {
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(MAP_ALLOW_CIDR, opts.cidr_capacity)
-            .map_max_entries(MAP_ALLOW_DNS, opts.dns_capacity)
+            .map_max_entries(MAP_ALLOW_DNS, opts.dns_capacity);
+        // With a pin directory, maps already pinned there (by an earlier agent of this name,
+        // killed or restarted) are reused as they are, entries included: that is adoption.
+        let map_pins: Vec<(&str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => {
+                let maps = dir.join("maps");
+                fs::create_dir_all(&maps)
+                    .with_context(|| format!("cannot create {}", maps.display()))?;
+                ALL_MAPS.iter().map(|n| (*n, maps.join(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        let adopted = map_pins.iter().any(|(_, p)| p.exists());
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("cannot load the eBPF maps (are you root, with CAP_BPF?)")?;
 
-        let maps_dir = opts.pin_dir.as_ref().map(|d| d.join("maps"));
-        if let Some(dir) = &maps_dir {
-            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
         let mut take = |name: &str| {
-            let map = ebpf
-                .take_map(name)
-                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
-            if let Some(dir) = &maps_dir {
-                map.pin(dir.join(name))
-                    .with_context(|| format!("cannot pin map {name} under {}", dir.display()))?;
-            }
-            anyhow::Ok(map)
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
         let cidr = LpmTrie::try_from(take(MAP_ALLOW_CIDR)?)?;
         let dns = HashMap::try_from(take(MAP_ALLOW_DNS)?)?;
@@ -159,12 +179,23 @@ impl Enforcer {
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?)?;
 
+        // Static entries an earlier agent wrote: known, so a changed policy removes them.
+        let cidr_keys: HashSet<(Addr, u32)> = cidr
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.data(), k.prefix_len()))
+            .collect();
         let mut me = Self {
             cgroup: cgroup.to_owned(),
             links: Vec::new(),
             pin_dir: opts.pin_dir.clone(),
+            adopted,
+            generation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
             cidr,
-            cidr_keys: HashSet::new(),
+            cidr_keys,
             dns,
             config,
             config_value: Config::default(),
@@ -222,14 +253,17 @@ impl Enforcer {
             .map_err(|e| anyhow!("{SOCK_CREATE_PROGRAM}: not a bpf_link: {e:?}"))?;
         let link = me.keep_link(SOCK_CREATE_PROGRAM, link)?;
         me.links.push(link);
+        me.drop_older_generations()?;
         Ok(me)
     }
 
-    /// Pins `link` when pinning, so it outlives the agent.
+    /// Pins `link` when pinning, so it outlives the agent. Each start pins its links under
+    /// a fresh generation (`connect4@<ns>`); the previous generation's pins are removed only
+    /// once all the new links are attached, so a restart never leaves a gap.
     fn keep_link(&self, name: &str, link: FdLink) -> anyhow::Result<Link> {
         Ok(match &self.pin_dir {
             Some(dir) => {
-                let path = dir.join("links").join(name);
+                let path = dir.join("links").join(format!("{name}@{}", self.generation));
                 Link::Pinned(
                     link.pin(&path)
                         .with_context(|| format!("cannot pin {}", path.display()))?,
@@ -237,6 +271,32 @@ impl Enforcer {
             }
             None => Link::Owned(link),
         })
+    }
+
+    /// Removes the link pins of earlier generations: their links detach once no agent holds
+    /// them, and ours are already attached.
+    fn drop_older_generations(&self) -> anyhow::Result<()> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        let links = dir.join("links");
+        let mine = format!("@{}", self.generation);
+        for entry in fs::read_dir(&links)
+            .with_context(|| format!("cannot read {}", links.display()))?
+            .flatten()
+        {
+            if !entry.file_name().to_string_lossy().ends_with(&mine) {
+                fs::remove_file(entry.path()).with_context(|| {
+                    format!("cannot remove the old pin {}", entry.path().display())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the maps were adopted from an earlier agent's pins.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// The enforced cgroup.
@@ -283,6 +343,13 @@ impl Enforcer {
                 c.dns_v6 = [0; 16];
             }
         }
+        self.write_config()
+    }
+
+    /// Leaves the processes of cgroup `id` alone (0: nobody): the agent's own cgroup when it
+    /// runs inside the enforced one.
+    pub fn set_exempt_cgroup(&mut self, id: u64) -> anyhow::Result<()> {
+        self.config_value.exempt_cgroup = id;
         self.write_config()
     }
 

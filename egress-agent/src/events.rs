@@ -192,6 +192,29 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         uid: Option<u32>,
     },
+    /// A changed allowlist was validated and applied.
+    PolicyReloaded {
+        /// When.
+        #[serde(serialize_with = "ser_time")]
+        ts: SystemTime,
+        /// The root allowlist file.
+        file: &'a Path,
+        /// One-line summary of the new policy.
+        summary: &'a str,
+    },
+    /// A changed allowlist was invalid; the running policy stays.
+    PolicyRejected {
+        /// When.
+        #[serde(serialize_with = "ser_time")]
+        ts: SystemTime,
+        /// The file the error is in.
+        file: &'a Path,
+        /// Its line, when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        line: Option<usize>,
+        /// The error, as `check` prints it.
+        error: &'a str,
+    },
     /// Something the operator should know (a host that failed to resolve, ...).
     Warning {
         /// When.

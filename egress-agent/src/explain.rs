@@ -318,7 +318,7 @@ fn range_text(lo: u16, hi: u16) -> String {
     }
 }
 
-/// What `rules` allow together: `ports 443/tcp, 53/any`, `every port over udp`.
+/// What `rules` allow together: `ports 53/tcp, 53/udp, 443/tcp`, `every port over udp`.
 fn union_text(rules: &[&Rule]) -> String {
     let mut set = PortSet::default();
     for r in rules {
@@ -326,18 +326,20 @@ fn union_text(rules: &[&Rule]) -> String {
     }
     let (mut listed, mut every) = (Vec::new(), Vec::new());
     for r in set.ranges() {
-        let proto = match r.protos {
-            PROTO_ANY => "any",
-            PROTO_TCP => "tcp",
-            _ => "udp",
-        };
         if (r.lo, r.hi) == (0, u16::MAX) {
             every.push(match r.protos {
                 PROTO_ANY => "every port".to_string(),
-                _ => format!("every port over {proto}"),
+                PROTO_TCP => "every port over tcp".to_string(),
+                _ => "every port over udp".to_string(),
             });
-        } else {
-            listed.push(format!("{}/{proto}", range_text(r.lo, r.hi)));
+            continue;
+        }
+        let ports = range_text(r.lo, r.hi);
+        if r.protos & PROTO_TCP != 0 {
+            listed.push(format!("{ports}/tcp"));
+        }
+        if r.protos & PROTO_UDP != 0 {
+            listed.push(format!("{ports}/udp"));
         }
     }
     let mut parts = Vec::new();
@@ -714,7 +716,7 @@ allow:
         assert!(e.lines[1].starts_with("a.example.com: also allowed by"));
         assert_eq!(
             e.lines[2],
-            "a.example.com: in all: ports 53/udp, 443/any"
+            "a.example.com: in all: ports 53/udp, 443/tcp, 443/udp"
         );
         let e = run(&p, "a.example.com:22", None);
         assert_eq!(
@@ -722,7 +724,7 @@ allow:
             [
                 "a.example.com:22/tcp: denied: the name is permitted by allow[0] \
                  (allowlists/x.yaml:3:5) and allow[1] (allowlists/x.yaml:6:5) but only on \
-                 ports 53/udp, 443/any"
+                 ports 53/udp, 443/tcp, 443/udp"
             ]
         );
     }
@@ -769,7 +771,7 @@ allow:
         assert_eq!(e.lines.len(), 3, "{:?}", e.lines);
         assert!(e.lines[0].contains("allow[4] (cidr 10.1.0.0/16,"), "{:?}", e.lines);
         assert!(e.lines[1].contains("also allowed by allowlists/x.yaml:10:5 allow[3]"));
-        assert_eq!(e.lines[2], "10.1.2.3: in all: ports 80/tcp, 8000-8080/any");
+        assert_eq!(e.lines[2], "10.1.2.3: in all: ports 80/tcp, 8000-8080/tcp, 8000-8080/udp");
 
         let e = run(&p, "10.1.2.3:443", None);
         assert!(!e.allowed);
@@ -778,7 +780,7 @@ allow:
             [
                 "10.1.2.3:443/tcp: denied: the address is covered by allow[4] \
                  (allowlists/x.yaml:13:5) and allow[3] (allowlists/x.yaml:10:5) but only on \
-                 ports 80/tcp, 8000-8080/any",
+                 ports 80/tcp, 8000-8080/tcp, 8000-8080/udp",
                 "10.1.2.3:443/tcp: host rules allow an address only after DNS answered it for \
                  their name: allowed while it is an answer for api.anthropic.com, *.github.com, \
                  github.com",

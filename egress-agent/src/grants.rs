@@ -64,6 +64,24 @@ impl Grants {
         changes
     }
 
+    /// Keeps only the grants of names `keep` accepts (after a policy change) and says which
+    /// entries must change.
+    pub fn retain_names(&mut self, keep: impl Fn(&str) -> bool) -> Vec<Change> {
+        let mut changes = Vec::new();
+        self.by_ip.retain(|ip, list| {
+            list.retain(|g| keep(&g.name));
+            if list.is_empty() {
+                changes.push(Change::Remove(*ip));
+                false
+            } else {
+                // The rules behind a kept name may have changed too: rewrite every entry.
+                changes.push(Change::Update(*ip, list.clone()));
+                true
+            }
+        });
+        changes
+    }
+
     /// Forgets an address (its map write failed).
     pub fn forget(&mut self, ip: &IpAddr) {
         self.by_ip.remove(ip);

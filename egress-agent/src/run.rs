@@ -146,7 +146,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     ));
     let dns = Arc::new(DnsContext {
         policy: RwLock::new(policy.clone()),
-        upstreams,
+        upstreams: RwLock::new(upstreams),
         enforcer: enf.clone(),
         grants: Mutex::new(Grants::default()),
         names,

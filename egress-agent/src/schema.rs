@@ -36,6 +36,9 @@ pub fn allowlist_schema() -> Schema {
     settings
         .transforms
         .insert(0, Box::new(RecursiveTransform(no_null)));
+    settings
+        .transforms
+        .push(Box::new(RecursiveTransform(unwrap_description)));
     let mut schema = SchemaGenerator::new(settings).into_root_schema_for::<raw::RawFile>();
     schema.insert("title".into(), TITLE.into());
     schema
@@ -76,6 +79,18 @@ fn no_null(schema: &mut Schema) {
                 obj.entry(k).or_insert(v);
             }
         }
+    }
+}
+
+/// Joins the lines of each paragraph of a description: the `///` docs are wrapped at 100
+/// columns, and an editor's hover wraps on its own.
+fn unwrap_description(schema: &mut Schema) {
+    if let Some(Value::String(text)) = schema.get_mut("description") {
+        *text = text
+            .split("\n\n")
+            .map(|para| para.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join("\n\n");
     }
 }
 

@@ -51,8 +51,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(500);
 pub struct DnsContext {
     /// The running policy (replaced whole on reload).
     pub policy: RwLock<Arc<Policy>>,
-    /// Upstream servers, tried in order.
-    pub upstreams: Vec<SocketAddr>,
+    /// Upstream servers, tried in order (replaced on reload).
+    pub upstreams: RwLock<Vec<SocketAddr>>,
     /// The kernel maps.
     pub enforcer: Arc<Mutex<Enforcer>>,
     /// Which names each address was answered for.
@@ -66,6 +66,18 @@ pub struct DnsContext {
 }
 
 impl DnsContext {
+    /// The running policy.
+    pub fn current_policy(&self) -> Arc<Policy> {
+        self.policy()
+    }
+
+    fn upstreams(&self) -> Vec<SocketAddr> {
+        self.upstreams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn policy(&self) -> Arc<Policy> {
         self.policy
             .read()
@@ -264,7 +276,7 @@ pub async fn handle(
         }
     }
 
-    let answer = match upstream::exchange(&ctx.upstreams, query, transport).await {
+    let answer = match upstream::exchange(&ctx.upstreams(), query, transport).await {
         Ok(a) => a,
         Err(e) => {
             let names: Vec<_> = msg.queries().iter().map(|q| normalize(q.name())).collect();
@@ -372,11 +384,16 @@ pub fn sweep(ctx: &DnsContext) {
         return;
     }
     let policy = ctx.policy();
+    apply_changes(ctx, &policy, changes);
+}
+
+/// Writes grant changes into the map.
+pub fn apply_changes(ctx: &DnsContext, policy: &Policy, changes: Vec<Change>) {
     let mut enf = ctx.enforcer.lock().unwrap_or_else(|p| p.into_inner());
     for c in changes {
         match c {
             Change::Remove(ip) => enf.forget_dns(ip),
-            Change::Update(ip, live) => match entry_value(&policy, &live) {
+            Change::Update(ip, live) => match entry_value(policy, &live) {
                 Ok(v) => {
                     if let Err(e) = enf.allow_dns(ip, v) {
                         tracing::warn!("{e:#}");

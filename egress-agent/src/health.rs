@@ -1,0 +1,104 @@
+//! `--health ADDR`: `/healthz` (the agent is alive), `/readyz` (enforcement attached and the
+//! resolver answering) and `/metrics` (Prometheus text), over plain HTTP/1.1.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{enforcer::Enforcer, metrics::Metrics};
+
+/// What the endpoints read.
+pub struct HealthState {
+    /// Agent counters and the ready flag.
+    pub metrics: Arc<Metrics>,
+    /// Kernel counters and map fill.
+    pub enforcer: Arc<Mutex<Enforcer>>,
+    /// Capacity of the DNS-derived map.
+    pub dns_capacity: u32,
+}
+
+/// Binds `addr`; the returned future serves until dropped.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for --health"))
+}
+
+/// Serves requests forever.
+pub async fn serve(listener: TcpListener, state: Arc<HealthState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                answer(stream, &state),
+            )
+            .await;
+        });
+    }
+}
+
+async fn answer(mut s: TcpStream, state: &HealthState) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 2048];
+    let mut n = 0;
+    // Read the request line and headers (small requests only).
+    while n < buf.len() {
+        let r = s.read(&mut buf[n..]).await?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].ends_with(b"\n\n") {
+            break;
+        }
+    }
+    let req = String::from_utf8_lossy(&buf[..n]);
+    let path = req
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("/");
+    let (status, body, ctype) = route(path, state);
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(resp.as_bytes()).await?;
+    s.shutdown().await
+}
+
+fn route(path: &str, state: &HealthState) -> (&'static str, String, &'static str) {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match path.split('?').next().unwrap_or(path) {
+        "/healthz" => ("200 OK", "ok\n".into(), TEXT),
+        "/readyz" => {
+            if state.metrics.ready.load(Ordering::Relaxed) {
+                ("200 OK", "ready\n".into(), TEXT)
+            } else {
+                ("503 Service Unavailable", "not ready\n".into(), TEXT)
+            }
+        }
+        "/metrics" => {
+            let (kernel, entries) = {
+                let e = state.enforcer.lock().unwrap_or_else(|p| p.into_inner());
+                (e.counters().ok(), e.dns_entries().len())
+            };
+            (
+                "200 OK",
+                state.metrics.render(kernel, entries, state.dns_capacity),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        }
+        _ => ("404 Not Found", "not found\n".into(), TEXT),
+    }
+}

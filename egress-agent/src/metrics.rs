@@ -1,0 +1,146 @@
+//! Agent-side counters, rendered with the kernel's as Prometheus text.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use crate::enforcer::Counters;
+
+/// Counters the agent keeps (the kernel keeps allows, denies and drops).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// DNS queries answered or refused.
+    pub dns_queries: AtomicU64,
+    /// DNS queries refused.
+    pub dns_refused: AtomicU64,
+    /// DNS queries that failed upstream (SERVFAIL).
+    pub dns_upstream_failures: AtomicU64,
+    /// Policy reloads applied.
+    pub reloads_ok: AtomicU64,
+    /// Policy reloads rejected (invalid file; the old policy kept running).
+    pub reloads_rejected: AtomicU64,
+    /// Deny events by reason, as reported through the ring buffer.
+    pub denies_by_reason: Mutex<BTreeMap<String, u64>>,
+    /// Enforcement attached and the resolver answering.
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    /// Counts one deny event.
+    pub fn deny(&self, reason: &str) {
+        *self
+            .denies_by_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason.to_owned())
+            .or_default() += 1;
+    }
+
+    /// Adds one to `c`.
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self, kernel: Option<Counters>, dns_entries: usize, dns_capacity: u32) -> String {
+        let mut o = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+            for (labels, v) in lines {
+                let _ = writeln!(o, "{name}{labels} {v}");
+            }
+        };
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        if let Some(k) = kernel {
+            metric(
+                "egress_allowed_total",
+                "counter",
+                "Connects and sends the programs allowed.",
+                vec![(String::new(), k.allow)],
+            );
+            metric(
+                "egress_denied_total",
+                "counter",
+                "Connects and sends the programs denied (or audited).",
+                vec![(String::new(), k.deny)],
+            );
+            metric(
+                "egress_ringbuf_drops_total",
+                "counter",
+                "Deny events lost because the ring buffer was full.",
+                vec![(String::new(), k.ringbuf_drop)],
+            );
+            metric(
+                "egress_program_errors_total",
+                "counter",
+                "Errors inside the programs (each one denied).",
+                vec![(String::new(), k.error)],
+            );
+        }
+        let by_reason = self
+            .denies_by_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(r, v)| (format!("{{reason=\"{r}\"}}"), *v))
+            .collect();
+        metric(
+            "egress_deny_events_total",
+            "counter",
+            "Deny events received, by reason.",
+            by_reason,
+        );
+        metric(
+            "egress_dns_queries_total",
+            "counter",
+            "DNS queries from the enforced cgroup.",
+            vec![(String::new(), get(&self.dns_queries))],
+        );
+        metric(
+            "egress_dns_refused_total",
+            "counter",
+            "DNS queries refused (name not permitted).",
+            vec![(String::new(), get(&self.dns_refused))],
+        );
+        metric(
+            "egress_dns_upstream_failures_total",
+            "counter",
+            "Permitted DNS queries answered SERVFAIL because upstream failed.",
+            vec![(String::new(), get(&self.dns_upstream_failures))],
+        );
+        metric(
+            "egress_dns_map_entries",
+            "gauge",
+            "Addresses allowed from DNS answers.",
+            vec![(String::new(), dns_entries as u64)],
+        );
+        metric(
+            "egress_dns_map_capacity",
+            "gauge",
+            "Capacity of the DNS-derived address map.",
+            vec![(String::new(), u64::from(dns_capacity))],
+        );
+        metric(
+            "egress_policy_reloads_total",
+            "counter",
+            "Policy reloads, by outcome.",
+            vec![
+                ("{outcome=\"applied\"}".into(), get(&self.reloads_ok)),
+                ("{outcome=\"rejected\"}".into(), get(&self.reloads_rejected)),
+            ],
+        );
+        metric(
+            "egress_ready",
+            "gauge",
+            "1 once enforcement is attached and the resolver answers.",
+            vec![(String::new(), u64::from(self.ready.load(Ordering::Relaxed)))],
+        );
+        o
+    }
+}

@@ -367,10 +367,7 @@ pub fn man_page(command: Option<&str>) -> Result<String, String> {
                 .clone()
         }
     };
-    let man = Man::new(cmd.clone()).source(format!(
-        "egress-agent {}",
-        env!("CARGO_PKG_VERSION")
-    ));
+    let man = Man::new(cmd.clone()).source(format!("egress-agent {}", env!("CARGO_PKG_VERSION")));
     let mut out = Vec::new();
     let sections = [
         Man::render_title,

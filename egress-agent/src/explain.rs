@@ -100,7 +100,9 @@ impl FromStr for Destination {
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
         if t.is_empty() {
-            return Err("empty destination: give NAME, NAME:PORT, IP, IP:PORT or [IPV6]:PORT".into());
+            return Err(
+                "empty destination: give NAME, NAME:PORT, IP, IP:PORT or [IPV6]:PORT".into(),
+            );
         }
         if t.contains("://") || t.contains('/') {
             return Err(format!(
@@ -605,7 +607,10 @@ allow:
             port,
         };
         assert_eq!(d("API.Anthropic.com."), Ok(name("api.anthropic.com", None)));
-        assert_eq!(d("api.anthropic.com:443"), Ok(name("api.anthropic.com", Some(443))));
+        assert_eq!(
+            d("api.anthropic.com:443"),
+            Ok(name("api.anthropic.com", Some(443)))
+        );
         assert_eq!(d("localhost:8080"), Ok(name("localhost", Some(8080))));
         assert_eq!(d("10.0.0.1"), Ok(ip("10.0.0.1", None)));
         assert_eq!(d("10.0.0.1:80"), Ok(ip("10.0.0.1", Some(80))));
@@ -673,9 +678,8 @@ allow:
             ["evil.test: no rule permits this name: its DNS queries are refused"]
         );
 
-        let p = policy(
-            "version: 1\nallow:\n  - host: \"*.example.com\"\n  - host: api.example.org\n",
-        );
+        let p =
+            policy("version: 1\nallow:\n  - host: \"*.example.com\"\n  - host: api.example.org\n");
         let l = lines(&p, "example.com:443");
         assert_eq!(l.len(), 2, "{l:?}");
         assert_eq!(
@@ -769,9 +773,16 @@ allow:
         let e = run(&p, "10.1.2.3", None);
         assert!(e.allowed);
         assert_eq!(e.lines.len(), 3, "{:?}", e.lines);
-        assert!(e.lines[0].contains("allow[4] (cidr 10.1.0.0/16,"), "{:?}", e.lines);
+        assert!(
+            e.lines[0].contains("allow[4] (cidr 10.1.0.0/16,"),
+            "{:?}",
+            e.lines
+        );
         assert!(e.lines[1].contains("also allowed by allowlists/x.yaml:10:5 allow[3]"));
-        assert_eq!(e.lines[2], "10.1.2.3: in all: ports 80/tcp, 8000-8080/tcp, 8000-8080/udp");
+        assert_eq!(
+            e.lines[2],
+            "10.1.2.3: in all: ports 80/tcp, 8000-8080/tcp, 8000-8080/udp"
+        );
 
         let e = run(&p, "10.1.2.3:443", None);
         assert!(!e.allowed);

@@ -28,12 +28,16 @@ pub enum Change {
 #[derive(Debug, Default)]
 pub struct Grants {
     by_ip: HashMap<IpAddr, Vec<Grant>>,
+    /// Entries an earlier agent wrote (names unknown): removed at their expiry unless a new
+    /// answer takes them over.
+    adopted: HashMap<IpAddr, Duration>,
 }
 
 impl Grants {
     /// Records that `ip` was answered for `name` until `expires` (a later expiry of the same
     /// name wins) and returns the address's live grants.
     pub fn add(&mut self, ip: IpAddr, name: &str, expires: Duration) -> Vec<Grant> {
+        self.adopted.remove(&ip);
         let list = self.by_ip.entry(ip).or_default();
         match list.iter_mut().find(|g| g.name == name) {
             Some(g) => g.expires = g.expires.max(expires),
@@ -45,9 +49,23 @@ impl Grants {
         list.clone()
     }
 
+    /// Takes over an entry an earlier agent wrote, until `expires` (0: never, static).
+    pub fn adopt(&mut self, ip: IpAddr, expires: Duration) {
+        if !expires.is_zero() {
+            self.adopted.insert(ip, expires);
+        }
+    }
+
     /// Drops grants expired at `now` and says which entries must change.
     pub fn sweep(&mut self, now: Duration) -> Vec<Change> {
         let mut changes = Vec::new();
+        self.adopted.retain(|ip, expires| {
+            if *expires > now {
+                return true;
+            }
+            changes.push(Change::Remove(*ip));
+            false
+        });
         self.by_ip.retain(|ip, list| {
             let before = list.len();
             list.retain(|g| g.expires > now);
@@ -94,12 +112,12 @@ impl Grants {
 
     /// Number of addresses held.
     pub fn len(&self) -> usize {
-        self.by_ip.len()
+        self.by_ip.len() + self.adopted.len()
     }
 
     /// Whether no address is held.
     pub fn is_empty(&self) -> bool {
-        self.by_ip.is_empty()
+        self.by_ip.is_empty() && self.adopted.is_empty()
     }
 }
 
@@ -139,6 +157,17 @@ mod tests {
         );
         assert_eq!(g.sweep(S(20)), vec![Change::Remove(ip("198.51.100.10"))]);
         assert!(g.is_empty());
+    }
+
+    #[test]
+    fn adopted_entries_expire_unless_taken_over() {
+        let mut g = Grants::default();
+        g.adopt(ip("198.51.100.1"), S(10));
+        g.adopt(ip("198.51.100.2"), S(10));
+        g.adopt(ip("198.51.100.3"), Duration::ZERO);
+        g.add(ip("198.51.100.2"), "b.example.com", S(30));
+        assert_eq!(g.sweep(S(11)), vec![Change::Remove(ip("198.51.100.1"))]);
+        assert_eq!(g.len(), 1);
     }
 
     #[test]

@@ -17,4 +17,5 @@ pub mod policy;
 pub mod reload;
 pub mod resolver;
 pub mod run;
+pub mod session;
 pub mod schema;

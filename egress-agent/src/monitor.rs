@@ -7,6 +7,7 @@ use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
     events::{DenyRecord, Event, EventSink},
+    metrics::Metrics,
     names::Names,
 };
 
@@ -17,6 +18,7 @@ pub async fn pump(
     boot_offset: Duration,
     sink: Arc<EventSink>,
     names: Names,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, which deregisters it
@@ -26,22 +28,29 @@ pub async fn pump(
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), boot_offset, &sink, &names);
+                drain(guard.get_inner_mut(), boot_offset, &sink, &names, &metrics);
                 guard.clear_ready();
             }
             _ = stop.wait_for(|s| *s) => {
-                drain(fd.get_mut(), boot_offset, &sink, &names);
+                drain(fd.get_mut(), boot_offset, &sink, &names, &metrics);
                 return Ok(());
             }
         }
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, boot_offset: Duration, sink: &EventSink, names: &Names) {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    boot_offset: Duration,
+    sink: &EventSink,
+    names: &Names,
+    metrics: &Metrics,
+) {
     while let Some(item) = ring.next() {
         match DenyRecord::from_bytes(&item, boot_offset) {
             Some(mut rec) => {
                 rec.host = names.lookup(&rec.dst);
+                metrics.deny(rec.reason);
                 if rec.verdict == "audit" {
                     sink.emit(&Event::Audit(&rec));
                 } else {

@@ -9,8 +9,8 @@ use std::{
     ffi::OsString,
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     sync::atomic::{AtomicI32, Ordering},
-    sync::{Arc, Mutex, RwLock},
     thread,
     time::SystemTime,
 };
@@ -21,19 +21,15 @@ use signal_hook::{
     iterator::{SignalsInfo, exfiltrator::WithOrigin},
     low_level::siginfo::Cause,
 };
-use tokio::sync::watch;
-
 use crate::{
     cgroup::{self, OwnedCgroup},
     confine::{Capability, Confinement},
-    enforcer::{self, Enforcer, EnforcerOptions},
-    events::{Event, EventSink},
-    grants::Grants,
+    enforcer::EnforcerOptions,
+    events::EventSink,
     launch::{self, Identity, SpawnError},
-    learn, monitor,
-    names::Names,
+    learn,
     policy::{self, Mode},
-    resolver::{self, DnsContext, Resolver},
+    session::{self, Session, SessionConfig, warn},
 };
 
 /// Exit status when the agent itself fails (as `env` and container runtimes use it).
@@ -72,7 +68,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     if config.audit || config.learn_output.is_some() {
         policy.mode = Mode::Audit;
     }
-    let policy = Arc::new(policy);
+    let policy_value = policy;
     // SAFETY: no arguments.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -95,79 +91,24 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     let sink = Arc::new(sink);
 
     let mut cg = OwnedCgroup::create(&format!("egress-{name}"))?;
-    let pin_dir = enforcer::ensure_bpffs()?.join("egress").join(&name);
-    if pin_dir.exists() {
+    if session::pin_dir(&name).exists() {
         bail!(
             "{} already exists: another egress-agent uses the name {name:?} (or one was \
-             killed; remove its pins with rm -r {})",
-            pin_dir.display(),
-            pin_dir.display()
+             killed: egress-agent detach --name {name})",
+            session::pin_dir(&name).display(),
         );
     }
-    let attached = Enforcer::attach(
-        cg.path(),
-        &policy,
-        &EnforcerOptions {
-            pin_dir: Some(pin_dir.clone()),
-            ..EnforcerOptions::default()
-        },
-    );
-    let mut enf = match attached {
-        Ok(e) => e,
-        Err(e) => {
-            // Partly pinned state must not stay behind.
-            let _ = enforcer::remove_pin_dir(&pin_dir);
-            return Err(e);
-        }
-    };
-    let Some((ring, boot_offset)) = enf.take_events() else {
-        bail!("the events ring buffer is missing");
-    };
-    // The cgroup's DNS goes to our resolver from the first packet on.
-    let resolver = Resolver::bind().await?;
-    enf.set_resolver(Some(resolver.addr()))?;
-    let upstreams = resolver::upstreams(&policy);
-    if upstreams.is_empty() {
-        warn(
-            &sink,
-            "no upstream DNS server (no dns.upstream, none in /etc/resolv.conf): permitted names will get SERVFAIL",
-        );
-    }
-    let enf = Arc::new(Mutex::new(enf));
-    let names = Names::default();
-    let (stop_tx, stop_rx) = watch::channel(false);
-
-    let monitor = tokio::spawn(monitor::pump(
-        ring,
-        boot_offset,
-        sink.clone(),
-        names.clone(),
-        stop_rx.clone(),
-    ));
-    let dns = Arc::new(DnsContext {
-        policy: RwLock::new(policy.clone()),
-        upstreams: RwLock::new(upstreams),
-        enforcer: enf.clone(),
-        grants: Mutex::new(Grants::default()),
-        names,
-        sink: sink.clone(),
+    let session = Session::start(SessionConfig {
+        name: name.clone(),
         cgroup: cg.path().to_owned(),
-    });
-    let resolver_task = tokio::spawn(resolver.serve(dns.clone(), stop_rx.clone()));
-
-    let cgroup_id = cgroup::cgroup_id(cg.path())?;
-    sink.emit(&Event::Ready {
-        ts: SystemTime::now(),
-        name: &name,
-        cgroup: cg.path(),
-        cgroup_id,
-        policy: &policy.name,
-        mode: match policy.mode {
-            Mode::Enforce => "enforce",
-            Mode::Audit => "audit",
-        },
-        rules: policy.rules.len(),
-    });
+        policy: policy_value,
+        watch: None,
+        sink: sink.clone(),
+        exempt_cgroup: 0,
+        health: None,
+        enforcer: EnforcerOptions::default(),
+    })
+    .await?;
     for cap in &config.keep_caps {
         warn(
             &sink,
@@ -210,17 +151,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         }
     };
 
-    // Teardown: stop the helpers, kill leftovers, then detach and remove.
-    let _ = stop_tx.send(true);
-    let _ = resolver_task.await;
-    drop(dns);
+    // Teardown: kill leftovers first (nothing may outlive enforcement), then stop the
+    // helpers, detach and remove.
     cgroup::kill_all(cg.path())?;
-    match monitor.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("event reader: {e:#}"),
-        Err(e) => tracing::warn!("event reader: {e}"),
-    }
-    enf.lock().unwrap_or_else(|p| p.into_inner()).detach()?;
+    let policy = session.dns.current_policy();
+    session.stop(true).await?;
     cg.remove()?;
     if let Some(out) = &config.learn_output {
         let settings = match &config.allowlist {
@@ -302,14 +237,6 @@ impl Drop for SignalForwarder {
     fn drop(&mut self) {
         self.handle.close();
     }
-}
-
-fn warn(sink: &EventSink, message: &str) {
-    tracing::warn!("{message}");
-    sink.emit(&Event::Warning {
-        ts: SystemTime::now(),
-        message,
-    });
 }
 
 /// Writes the allowlist learned from the captured events.

@@ -88,7 +88,12 @@ fn unwrap_description(schema: &mut Schema) {
     if let Some(Value::String(text)) = schema.get_mut("description") {
         *text = text
             .split("\n\n")
-            .map(|para| para.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+            .map(|para| {
+                para.split('\n')
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .collect::<Vec<_>>()
             .join("\n\n");
     }
@@ -326,17 +331,5 @@ mod tests {
         // A written-out null is either meaningless or (for `ports:`) an error.
         let text = allowlist_schema_json();
         assert!(!text.contains("\"null\""), "{text}");
-    }
-
-    #[test]
-    fn host_pattern_accepts_what_the_loader_accepts() {
-        let s = HostPattern::json_schema(&mut SchemaGenerator::default());
-        let re = s.get("pattern").and_then(|p| p.as_str()).unwrap();
-        // No regex engine in the dependencies: check the building blocks by hand instead,
-        // through the loader, and the pattern's shape here.
-        assert!(re.starts_with(r"^(\*\.") && re.ends_with(r")\.?$"));
-        for ok in ["api.anthropic.com", "*.githubusercontent.com", "localhost", "a_b.c."] {
-            assert!(ok.parse::<HostPattern>().is_ok(), "{ok}");
-        }
     }
 }

@@ -34,6 +34,7 @@ use crate::{
     enforcer::{Enforcer, ResolverAddr},
     events::{Event, EventSink, boot_now},
     grants::{self, Change, Grants},
+    metrics::Metrics,
     names::Names,
     policy::{self, Policy},
 };
@@ -63,6 +64,8 @@ pub struct DnsContext {
     pub sink: Arc<EventSink>,
     /// The enforced cgroup, to find who sent a refused query.
     pub cgroup: PathBuf,
+    /// Query counters.
+    pub metrics: Arc<Metrics>,
 }
 
 impl DnsContext {
@@ -245,6 +248,7 @@ pub async fn handle(
         return encode(&reply_to(&msg, ResponseCode::NotImp));
     }
 
+    Metrics::inc(&ctx.metrics.dns_queries);
     let policy = ctx.policy();
     let refused: Vec<_> = msg
         .queries()
@@ -253,6 +257,7 @@ pub async fn handle(
         .collect();
     let audit = policy.mode == policy::Mode::Audit;
     if !refused.is_empty() {
+        Metrics::inc(&ctx.metrics.dns_refused);
         let owner = attribution::owner_of(transport, client.port(), &ctx.cgroup);
         for q in refused {
             let name = normalize(q.name());
@@ -423,6 +428,27 @@ fn warn(ctx: &DnsContext, message: &str) {
         ts: SystemTime::now(),
         message,
     });
+}
+
+/// Asks the resolver at `addr` something harmless (a STATUS query, answered NOTIMP without an
+/// event) and waits for any answer: readiness means the resolver answers.
+pub async fn check_answers(addr: crate::enforcer::ResolverAddr) -> anyhow::Result<()> {
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    sock.connect((addr.v4, addr.port)).await?;
+    // id 0xe9e5, opcode STATUS (2), no questions.
+    let probe = [0xe9, 0xe5, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mut buf = [0u8; 512];
+    for _ in 0..5 {
+        sock.send(&probe).await?;
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), sock.recv(&mut buf)).await
+            && n >= 12
+            && buf[..2] == probe[..2]
+        {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("no answer from 127.0.0.1:{}", addr.port)
 }
 
 /// The upstream servers: the policy's `dns.upstream`, or the system resolver's name servers

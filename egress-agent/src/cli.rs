@@ -11,9 +11,10 @@ use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum, builder::Possible
 use clap_mangen::Man;
 
 use crate::{
+    attach,
     confine::Capability,
     explain::{self, Destination, Transport},
-    policy, run, schema,
+    policy, run, schema, session, status,
 };
 
 /// Exit status of `check` for an invalid file and of `explain` for a denied destination.
@@ -114,6 +115,63 @@ pub enum Command {
         /// The command and its arguments.
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
+    },
+    /// Enforce an allowlist on an existing cgroup (a Kubernetes pod's, found from its UID)
+    /// until stopped. The agent's own cgroup, when inside the enforced one, is exempted. The
+    /// allowlist is reloaded when it changes. SIGTERM leaves enforcement in place (the cgroup
+    /// stays closed) unless --detach-on-exit.
+    #[command(after_help = "Examples:\n  \
+        egress-agent attach --cgroup /sys/fs/cgroup/agents/a1 --allowlist team.yaml\n  \
+        egress-agent attach --pod-uid $POD_UID --allowlist /etc/egress/allowlist.yaml --health 0.0.0.0:9901\n\n\
+        Exit status: 0 after SIGTERM/SIGINT; 125 if the agent failed.")]
+    Attach {
+        /// The cgroup v2 directory (absolute, or relative to the cgroup v2 mount).
+        #[arg(long, value_name = "PATH", conflicts_with = "pod_uid")]
+        cgroup: Option<PathBuf>,
+        /// The pod whose cgroup to enforce (kubelet systemd or cgroupfs layout).
+        #[arg(long, env = "POD_UID", value_name = "UID")]
+        pod_uid: Option<String>,
+        /// Where the host's cgroup v2 hierarchy is mounted (default: found in /proc/mounts).
+        #[arg(long, value_name = "DIR")]
+        cgroup_root: Option<PathBuf>,
+        /// The allowlist (YAML), watched for changes.
+        #[arg(long, value_name = "FILE")]
+        allowlist: PathBuf,
+        /// Append event lines (JSON) here instead of stderr.
+        #[arg(long, value_name = "FILE")]
+        events: Option<PathBuf>,
+        /// Instance name (pins under /sys/fs/bpf/egress/<name>); default pod-<uid> or the
+        /// cgroup's directory name.
+        #[arg(long, value_name = "NAME", value_parser = parse_name)]
+        name: Option<String>,
+        /// Serve /healthz, /readyz and /metrics (Prometheus) on this address.
+        #[arg(long, value_name = "ADDR")]
+        health: Option<std::net::SocketAddr>,
+        /// On SIGTERM/SIGINT, detach and remove the pins instead of leaving the cgroup closed.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Detach the programs an agent named NAME pinned and remove its pins (the enforced
+    /// cgroup is open again once no agent holds the links).
+    #[command(after_help = "Example:\n  egress-agent detach --name pod-1f2e3d4c\n\n\
+        Exit status: 0 when removed, 1 when nothing of that name is pinned.")]
+    Detach {
+        /// Instance name.
+        #[arg(long, value_name = "NAME", value_parser = parse_name)]
+        name: String,
+    },
+    /// Show what an agent named NAME enforces: mode, counters, map fill, the running policy
+    /// and the latest denies (from its pins and state file; works when the agent is gone).
+    #[command(after_help = "Examples:\n  egress-agent status --name run-4242\n  \
+        egress-agent status --name pod-1f2e3d4c --json\n\n\
+        Exit status: 0; 1 when nothing of that name is pinned.")]
+    Status {
+        /// Instance name.
+        #[arg(long, value_name = "NAME", value_parser = parse_name)]
+        name: String,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate allowlist files and print a one-line summary of each.
     #[command(after_help = "Examples:\n  \
@@ -238,6 +296,56 @@ pub fn main(cli: Cli) -> ExitCode {
             };
             run_command(config)
         }
+        Command::Attach {
+            cgroup,
+            pod_uid,
+            cgroup_root,
+            allowlist,
+            events,
+            name,
+            health,
+            detach_on_exit,
+        } => {
+            let config = attach::AttachConfig {
+                cgroup,
+                pod_uid,
+                cgroup_root,
+                allowlist,
+                events,
+                name,
+                health,
+                detach_on_exit,
+            };
+            block_on(attach::attach(config))
+        }
+        Command::Detach { name } => match session::detach_pins(&name) {
+            Ok(true) => {
+                println!("detached {name}");
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                eprintln!("egress-agent: nothing pinned under the name {name:?}");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("egress-agent: {e:#}");
+                ExitCode::from(run::EXIT_AGENT_ERROR as u8)
+            }
+        },
+        Command::Status { name, json } => match status::read(&name) {
+            Ok(s) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                } else {
+                    print!("{}", status::render(&s));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("egress-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Learn {
             output,
             allowlist,
@@ -257,6 +365,11 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 fn run_command(config: run::RunConfig) -> ExitCode {
+    block_on(run::run(config))
+}
+
+/// Runs an async command on a small runtime; its `Ok` is the exit status.
+fn block_on(f: impl std::future::Future<Output = anyhow::Result<i32>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -268,7 +381,7 @@ fn run_command(config: run::RunConfig) -> ExitCode {
             return ExitCode::from(run::EXIT_AGENT_ERROR as u8);
         }
     };
-    match rt.block_on(run::run(config)) {
+    match rt.block_on(f) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("egress-agent: {e:#}");
@@ -442,5 +555,61 @@ fn roff_line(line: &str) -> String {
         format!("\\&{escaped}\n")
     } else {
         format!("{escaped}\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_has_examples_and_a_man_page() {
+        let root = man_page(None).unwrap();
+        assert!(root.contains(".SH \"EXAMPLES\"") && root.contains(".SH \"EXIT STATUS\""));
+        for sub in Cli::command().get_subcommands() {
+            let name = sub.get_name();
+            let help = sub
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(help.starts_with("Examples:\n"), "{name}: no examples");
+            let page = man_page(Some(name)).unwrap();
+            assert!(
+                page.contains(&format!(".TH egress-agent-{name} 1")),
+                "{name}"
+            );
+            assert!(page.contains(".SH \"EXAMPLES\""), "{name}");
+        }
+        assert!(man_page(Some("nope")).unwrap_err().contains("one of: run"));
+    }
+
+    #[test]
+    fn completions_for_each_shell() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "egress-agent", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains("explain") && text.contains("allowlist"),
+                "{shell}"
+            );
+        }
+    }
+
+    #[test]
+    fn roff_sections_keep_lines_and_escape() {
+        assert_eq!(
+            roff_sections("Examples:\n  a --b\n.c\n\nExit status: 0 if ok\n"),
+            ".SH \"EXAMPLES\"\n.nf\n  a \\-\\-b\n\\&.c\n.fi\n.SH \"EXIT STATUS\"\n.nf\n0 if ok\n.fi\n"
+        );
     }
 }

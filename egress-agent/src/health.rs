@@ -39,11 +39,8 @@ pub async fn serve(listener: TcpListener, state: Arc<HealthState>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                answer(stream, &state),
-            )
-            .await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), answer(stream, &state))
+                .await;
         });
     }
 }

@@ -1,5 +1,6 @@
 //! egress-agent as a library: the CLI in `main.rs` is a thin layer over these modules.
 
+pub mod attach;
 pub mod cgroup;
 pub mod cli;
 pub mod confine;
@@ -18,4 +19,5 @@ pub mod reload;
 pub mod resolver;
 pub mod run;
 pub mod session;
+pub mod status;
 pub mod schema;

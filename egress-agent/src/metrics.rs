@@ -28,7 +28,12 @@ pub struct Metrics {
     pub denies_by_reason: Mutex<BTreeMap<String, u64>>,
     /// Enforcement attached and the resolver answering.
     pub ready: AtomicBool,
+    /// The latest deny events, newest last (for `status`).
+    pub latest: Mutex<std::collections::VecDeque<serde_json::Value>>,
 }
+
+/// How many deny events `status` shows.
+pub const LATEST_KEPT: usize = 20;
 
 impl Metrics {
     /// Counts one deny event.
@@ -41,13 +46,27 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// Remembers a deny event line for `status`.
+    pub fn remember(&self, line: serde_json::Value) {
+        let mut l = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        if l.len() == LATEST_KEPT {
+            l.pop_front();
+        }
+        l.push_back(line);
+    }
+
     /// Adds one to `c`.
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Prometheus text exposition.
-    pub fn render(&self, kernel: Option<Counters>, dns_entries: usize, dns_capacity: u32) -> String {
+    pub fn render(
+        &self,
+        kernel: Option<Counters>,
+        dns_entries: usize,
+        dns_capacity: u32,
+    ) -> String {
         let mut o = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
             let _ = writeln!(o, "# HELP {name} {help}");

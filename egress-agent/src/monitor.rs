@@ -51,6 +51,9 @@ fn drain(
             Some(mut rec) => {
                 rec.host = names.lookup(&rec.dst);
                 metrics.deny(rec.reason);
+                if let Ok(v) = serde_json::to_value(&rec) {
+                    metrics.remember(v);
+                }
                 if rec.verdict == "audit" {
                     sink.emit(&Event::Audit(&rec));
                 } else {

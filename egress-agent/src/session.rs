@@ -24,6 +24,7 @@ use crate::{
     policy::{Mode, Policy},
     reload,
     resolver::{self, DnsContext, Resolver},
+    status,
 };
 
 /// What a session needs.
@@ -131,7 +132,7 @@ impl Session {
         });
         let addr = resolver.addr();
         let mut tasks = vec![tokio::spawn(resolver.serve(dns.clone(), stop_rx.clone()))];
-        if let Some(root) = cfg.watch {
+        if let Some(root) = cfg.watch.clone() {
             tasks.push(tokio::spawn(reload::watch(
                 root,
                 dns.clone(),
@@ -148,6 +149,15 @@ impl Session {
             });
             tasks.push(tokio::spawn(health::serve(listener, state)));
         }
+        tasks.push(tokio::spawn(keep_state(
+            StateInputs {
+                name: cfg.name.clone(),
+                cgroup: cfg.cgroup.clone(),
+                allowlist: cfg.watch.clone(),
+            },
+            dns.clone(),
+            metrics.clone(),
+        )));
         resolver::check_answers(addr)
             .await
             .context("the resolver does not answer")?;
@@ -207,8 +217,43 @@ impl Session {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .detach()?;
+            status::remove_state(&self.name);
         }
         Ok(())
+    }
+}
+
+struct StateInputs {
+    name: String,
+    cgroup: PathBuf,
+    allowlist: Option<PathBuf>,
+}
+
+/// Writes the state file `status` reads, every 2 s.
+async fn keep_state(inputs: StateInputs, dns: Arc<DnsContext>, metrics: Arc<Metrics>) {
+    loop {
+        let state = status::AgentState {
+            name: inputs.name.clone(),
+            pid: std::process::id(),
+            cgroup: inputs.cgroup.clone(),
+            allowlist: inputs.allowlist.clone(),
+            policy: dns.current_policy().summary(),
+            latest_denies: metrics
+                .latest
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
+            written: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+        };
+        if let Err(e) = status::write_state(&state) {
+            tracing::debug!("cannot write the state file: {e:#}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
@@ -219,6 +264,7 @@ pub fn detach_pins(name: &str) -> anyhow::Result<bool> {
         return Ok(false);
     }
     enforcer::remove_pin_dir(&dir)?;
+    status::remove_state(name);
     Ok(true)
 }
 

@@ -141,3 +141,40 @@ fn the_default_allowlist_holds_the_development_set() {
     assert!(allowed("apt-ubuntu.yaml", "archive.ubuntu.com:80"));
     assert!(allowed("apt-ubuntu.yaml", "security.ubuntu.com:443"));
 }
+
+/// Runs `egress-agent explain` on `allowlists/FILE`: exit status and stdout.
+fn explain_command(file: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_egress-agent"))
+        .arg("explain")
+        .arg("--allowlist")
+        .arg(root().join(file))
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn explain_exit_status_is_0_allowed_1_denied_2_unusable() {
+    let (code, out) = explain_command("default.yaml", &["api.anthropic.com:443"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.starts_with("api.anthropic.com:443/tcp: allowed by ")
+            && out.contains("anthropic-api.yaml:")
+            && out.ends_with("(host api.anthropic.com, ports 443, tcp)\n"),
+        "{out}"
+    );
+
+    let (code, out) = explain_command("default.yaml", &["pypi.org:443", "evil.test"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("evil.test: no rule permits this name: its DNS queries are refused"));
+
+    let (code, out) = explain_command("default.yaml", &["--protocol", "udp", "pypi.org:443"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.starts_with("pypi.org:443/udp: denied: "), "{out}");
+
+    let (code, _) = explain_command("no-such-file.yaml", &["pypi.org"]);
+    assert_eq!(code, Some(2));
+    let (code, _) = explain_command("default.yaml", &["pypi.org:http"]);
+    assert_eq!(code, Some(2));
+}

@@ -269,3 +269,14 @@ fn rules_and_fields_carry_their_docs() {
     );
     assert!(s["properties"]["include"]["description"].is_string());
 }
+
+#[test]
+fn the_schema_command_prints_the_checked_in_file() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_egress-agent"))
+        .arg("schema")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(printed == checked_in(), "{REGENERATE}");
+}

@@ -1,0 +1,264 @@
+//! `egress-agent attach`: enforce on an existing cgroup (a Kubernetes pod's, found from its
+//! UID) until stopped. The agent's own cgroup, when it lies inside the enforced one (a sidecar
+//! container of the pod), is exempted so that its resolver can reach upstream; nothing else is.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    cgroup,
+    enforcer::EnforcerOptions,
+    events::EventSink,
+    policy,
+    session::{Session, SessionConfig},
+};
+
+/// What `attach` needs.
+#[derive(Debug, Clone)]
+pub struct AttachConfig {
+    /// The cgroup: absolute, or relative to the cgroup v2 mount.
+    pub cgroup: Option<PathBuf>,
+    /// Or the pod whose cgroup to find.
+    pub pod_uid: Option<String>,
+    /// Where the host's cgroup v2 hierarchy is mounted (default: found in /proc/mounts).
+    pub cgroup_root: Option<PathBuf>,
+    /// The allowlist (watched for changes).
+    pub allowlist: PathBuf,
+    /// Event lines go here (default stderr).
+    pub events: Option<PathBuf>,
+    /// Instance name (pins under /sys/fs/bpf/egress/<name>).
+    pub name: Option<String>,
+    /// Health endpoints.
+    pub health: Option<SocketAddr>,
+    /// Detach on SIGTERM/SIGINT instead of leaving enforcement in place.
+    pub detach_on_exit: bool,
+}
+
+/// Runs until SIGTERM or SIGINT; returns the exit status.
+pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
+    let policy = policy::load(&cfg.allowlist)?;
+    let root = match &cfg.cgroup_root {
+        Some(r) => r.clone(),
+        None => cgroup::cgroup2_mount()?,
+    };
+    let target = match (&cfg.cgroup, &cfg.pod_uid) {
+        (Some(c), None) => {
+            let p = if c.is_absolute() {
+                c.clone()
+            } else {
+                root.join(c)
+            };
+            if !p.join("cgroup.procs").exists() {
+                bail!("{} is not a cgroup v2 directory", p.display());
+            }
+            p
+        }
+        (None, Some(uid)) => find_pod_cgroup(&root, uid)?,
+        (Some(_), Some(_)) => bail!("give --cgroup or --pod-uid, not both"),
+        (None, None) => bail!("give --cgroup PATH or --pod-uid UID (or set POD_UID)"),
+    };
+    let target = fs::canonicalize(&target)
+        .with_context(|| format!("cannot resolve {}", target.display()))?;
+    if target == fs::canonicalize(&root).unwrap_or(root.clone()) {
+        bail!(
+            "refusing to attach to the cgroup v2 root ({}): every process of the machine lives \
+             there",
+            target.display()
+        );
+    }
+    let own = own_cgroup_within(&target);
+    if own.as_deref() == Some(target.as_path()) {
+        bail!(
+            "the agent is itself a member of {} and cannot exempt the whole cgroup it enforces: \
+             run it in a cgroup of its own (a sidecar container has one)",
+            target.display()
+        );
+    }
+    let exempt = match &own {
+        Some(p) => cgroup::cgroup_id(p)?,
+        None => 0,
+    };
+    let name = cfg.name.clone().unwrap_or_else(|| match &cfg.pod_uid {
+        Some(uid) => format!("pod-{uid}"),
+        None => target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "attach".into()),
+    });
+    let sink = Arc::new(EventSink::open(cfg.events.as_deref())?);
+    let session = Session::start(SessionConfig {
+        name,
+        cgroup: target,
+        policy,
+        watch: Some(cfg.allowlist.clone()),
+        sink,
+        exempt_cgroup: exempt,
+        health: cfg.health,
+        enforcer: EnforcerOptions::default(),
+    })
+    .await?;
+    wait_for_stop().await?;
+    session.stop(cfg.detach_on_exit).await?;
+    Ok(0)
+}
+
+async fn wait_for_stop() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// The cgroup below (or equal to) `target` whose `cgroup.procs` lists this process, if any.
+/// Works inside a container's cgroup namespace too: the pid is read in our own pid namespace.
+fn own_cgroup_within(target: &Path) -> Option<PathBuf> {
+    let me = std::process::id().to_string();
+    let mut stack = vec![(target.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs"))
+            && procs.lines().any(|l| l.trim() == me)
+        {
+            return Some(dir);
+        }
+        if depth >= 8 {
+            continue;
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push((e.path(), depth + 1));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Finds a pod's cgroup under the kubelet's layouts: the systemd driver
+/// (`kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice`, uid dashes
+/// as underscores) and the cgroupfs driver (`kubepods/burstable/pod<uid>`), for the
+/// guaranteed (directly under kubepods), burstable and besteffort QoS classes.
+pub fn find_pod_cgroup(root: &Path, uid: &str) -> anyhow::Result<PathBuf> {
+    let uid = uid.trim();
+    if uid.is_empty()
+        || !uid
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
+    {
+        bail!("{uid:?} is not a pod UID");
+    }
+    let found: Vec<PathBuf> = pod_cgroup_candidates(uid)
+        .into_iter()
+        .map(|rel| root.join(rel))
+        .filter(|p| p.join("cgroup.procs").exists())
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "no cgroup for pod {uid} under {} (looked for the systemd and cgroupfs kubelet \
+             layouts; is the host's cgroup v2 hierarchy mounted there?)",
+            root.display()
+        ),
+        many => bail!(
+            "several cgroups match pod {uid}: {}",
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Relative paths where the kubelet puts a pod's cgroup.
+pub fn pod_cgroup_candidates(uid: &str) -> Vec<PathBuf> {
+    let dashed = uid.replace('_', "-");
+    let under = uid.replace('-', "_");
+    let mut out = vec![
+        PathBuf::from(format!("kubepods.slice/kubepods-pod{under}.slice")),
+        PathBuf::from(format!("kubepods/pod{dashed}")),
+    ];
+    for qos in ["burstable", "besteffort"] {
+        out.push(PathBuf::from(format!(
+            "kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{under}.slice"
+        )));
+        out.push(PathBuf::from(format!("kubepods/{qos}/pod{dashed}")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "1f2e3d4c-0000-4111-8222-333344445555";
+
+    fn tree(rel: &str) -> (tempdir::Dir, PathBuf) {
+        let d = tempdir::Dir::new();
+        let p = d.0.join(rel);
+        fs::create_dir_all(&p).unwrap();
+        fs::write(p.join("cgroup.procs"), "").unwrap();
+        (d, p)
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = std::env::temp_dir()
+                    .join(format!("egress-attach-test-{}-{n}", std::process::id()));
+                std::fs::create_dir_all(&p).unwrap();
+                Self(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn systemd_driver_layouts_are_found() {
+        for rel in [
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1f2e3d4c_0000_4111_8222_333344445555.slice",
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1f2e3d4c_0000_4111_8222_333344445555.slice",
+            "kubepods.slice/kubepods-pod1f2e3d4c_0000_4111_8222_333344445555.slice",
+        ] {
+            let (d, p) = tree(rel);
+            assert_eq!(find_pod_cgroup(&d.0, UID).unwrap(), p, "{rel}");
+        }
+    }
+
+    #[test]
+    fn cgroupfs_driver_layouts_are_found() {
+        for rel in [
+            "kubepods/burstable/pod1f2e3d4c-0000-4111-8222-333344445555",
+            "kubepods/besteffort/pod1f2e3d4c-0000-4111-8222-333344445555",
+            "kubepods/pod1f2e3d4c-0000-4111-8222-333344445555",
+        ] {
+            let (d, p) = tree(rel);
+            assert_eq!(find_pod_cgroup(&d.0, UID).unwrap(), p, "{rel}");
+        }
+    }
+
+    #[test]
+    fn a_missing_pod_or_a_bad_uid_is_a_clear_error() {
+        let (d, _) = tree("kubepods/burstable/podother");
+        let e = find_pod_cgroup(&d.0, UID).unwrap_err().to_string();
+        assert!(e.contains("no cgroup for pod"), "{e}");
+        let e = find_pod_cgroup(&d.0, "../../etc").unwrap_err().to_string();
+        assert!(e.contains("is not a pod UID"), "{e}");
+    }
+}

@@ -1,0 +1,237 @@
+//! `egress-agent status --name N`: what an agent of that name enforces, read from its pins
+//! (kernel counters, map fill, mode) and from the state file the agent keeps under
+//! `/run/egress/<name>/` (policy, latest denies). Works with the agent gone too: the pins are
+//! the enforcement.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, lpm_trie::LpmTrie};
+use egress_common::{
+    Addr, AllowValue, Config,
+    config::FLAG_AUDIT,
+    consts::{
+        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, MAP_ALLOW_CIDR,
+        MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS,
+    },
+};
+use serde::{Deserialize, Serialize};
+
+use crate::session;
+
+/// Where agents keep their state files.
+pub const STATE_DIR: &str = "/run/egress";
+
+/// What the agent writes every few seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentState {
+    /// Instance name.
+    pub name: String,
+    /// The agent's pid.
+    pub pid: u32,
+    /// The enforced cgroup.
+    pub cgroup: PathBuf,
+    /// The allowlist file, when watched.
+    pub allowlist: Option<PathBuf>,
+    /// One-line summary of the running policy.
+    pub policy: String,
+    /// Latest deny events, newest last.
+    pub latest_denies: Vec<serde_json::Value>,
+    /// When written (seconds since the epoch).
+    pub written: u64,
+}
+
+/// The state file of `name`.
+pub fn state_path(name: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(name).join("state.json")
+}
+
+/// Writes `state` atomically (rename).
+pub fn write_state(state: &AgentState) -> anyhow::Result<()> {
+    let path = state_path(&state.name);
+    let dir = path.parent().expect("state path has a parent");
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join("state.json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+    fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// Removes the state directory of `name`.
+pub fn remove_state(name: &str) {
+    let _ = fs::remove_dir_all(Path::new(STATE_DIR).join(name));
+}
+
+/// What `status` reports.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Instance name.
+    pub name: String,
+    /// Whether the programs are pinned (enforcement in place).
+    pub enforcing: bool,
+    /// `enforce` or `audit`.
+    pub mode: &'static str,
+    /// Port of the resolver DNS is steered to (0: none).
+    pub dns_port: u16,
+    /// Kernel counters.
+    pub allowed: u64,
+    /// Kernel counters.
+    pub denied: u64,
+    /// Kernel counters.
+    pub ringbuf_drops: u64,
+    /// Kernel counters.
+    pub errors: u64,
+    /// Static CIDR/IP entries.
+    pub cidr_entries: usize,
+    /// Live DNS-derived addresses.
+    pub dns_entries: usize,
+    /// The agent's last state, if any.
+    pub agent: Option<AgentState>,
+    /// Whether that agent is still running.
+    pub agent_running: bool,
+}
+
+/// Reads the status of `name`.
+pub fn read(name: &str) -> anyhow::Result<Status> {
+    let dir = session::pin_dir(name).join("maps");
+    if !dir.exists() {
+        bail!(
+            "no egress agent named {name:?}: nothing pinned under {}",
+            dir.display()
+        );
+    }
+    let open = |m: &str| {
+        MapData::from_pin(dir.join(m)).with_context(|| format!("cannot open pinned map {m}"))
+    };
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?))?;
+    let sum = |slot: u32| -> u64 { counters.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+    let config: Array<MapData, Config> = Array::try_from(Map::Array(open(MAP_CONFIG)?))?;
+    let cfg = config.get(&0, 0).unwrap_or_default();
+    let dns: HashMap<MapData, Addr, AllowValue> =
+        HashMap::try_from(Map::HashMap(open(MAP_ALLOW_DNS)?))?;
+    let now = crate::events::boot_now().as_nanos() as u64;
+    let dns_entries = dns
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| v.expires_ns == 0 || v.expires_ns > now)
+        .count();
+    let cidr: LpmTrie<MapData, Addr, AllowValue> =
+        LpmTrie::try_from(Map::LpmTrie(open(MAP_ALLOW_CIDR)?))?;
+    let cidr_entries = cidr.keys().filter_map(Result::ok).count();
+    let agent: Option<AgentState> = fs::read(state_path(name))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let agent_running = agent
+        .as_ref()
+        .is_some_and(|a| Path::new(&format!("/proc/{}", a.pid)).exists());
+    let links = session::pin_dir(name).join("links");
+    let enforcing = fs::read_dir(&links).map(|d| d.count() > 0).unwrap_or(false);
+    Ok(Status {
+        name: name.to_owned(),
+        enforcing,
+        mode: if cfg.flags & FLAG_AUDIT != 0 {
+            "audit"
+        } else {
+            "enforce"
+        },
+        dns_port: cfg.dns_port,
+        allowed: sum(COUNTER_ALLOW),
+        denied: sum(COUNTER_DENY),
+        ringbuf_drops: sum(COUNTER_RINGBUF_DROP),
+        errors: sum(COUNTER_ERROR),
+        cidr_entries,
+        dns_entries,
+        agent,
+        agent_running,
+    })
+}
+
+/// The human-readable form.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let row = |o: &mut String, k: &str, v: String| {
+        let _ = writeln!(o, "{k:<10} {v}");
+    };
+    row(&mut o, "name", s.name.clone());
+    row(
+        &mut o,
+        "enforcing",
+        if s.enforcing {
+            "yes (programs pinned)".into()
+        } else {
+            "NO (no links pinned)".into()
+        },
+    );
+    row(&mut o, "mode", s.mode.into());
+    match &s.agent {
+        Some(a) => {
+            let age = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .saturating_sub(Duration::from_secs(a.written));
+            row(
+                &mut o,
+                "agent",
+                if s.agent_running {
+                    format!("pid {} (running)", a.pid)
+                } else {
+                    format!(
+                        "pid {} NOT RUNNING (state from {}s ago)",
+                        a.pid,
+                        age.as_secs()
+                    )
+                },
+            );
+            row(&mut o, "cgroup", a.cgroup.display().to_string());
+            if let Some(f) = &a.allowlist {
+                row(&mut o, "allowlist", f.display().to_string());
+            }
+            row(&mut o, "policy", a.policy.clone());
+        }
+        None => row(&mut o, "agent", "unknown (no state file)".into()),
+    }
+    row(
+        &mut o,
+        "counters",
+        format!(
+            "allowed {}, denied {}, ring-buffer drops {}, errors {}",
+            s.allowed, s.denied, s.ringbuf_drops, s.errors
+        ),
+    );
+    row(
+        &mut o,
+        "entries",
+        format!("{} cidr/ip, {} from DNS", s.cidr_entries, s.dns_entries),
+    );
+    if let Some(a) = &s.agent {
+        let _ = writeln!(o, "latest denies:");
+        if a.latest_denies.is_empty() {
+            let _ = writeln!(o, "  (none)");
+        }
+        for d in &a.latest_denies {
+            let host = d["host"]
+                .as_str()
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "  {}  {} {}:{}{}  {} pid {}  {}",
+                d["ts"].as_str().unwrap_or("?"),
+                d["proto"].as_str().unwrap_or("?"),
+                d["dst"].as_str().unwrap_or("?"),
+                d["port"],
+                host,
+                d["comm"].as_str().unwrap_or("?"),
+                d["pid"],
+                d["reason"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    o
+}

@@ -36,6 +36,9 @@ Exit status:
   run, learn   the command's own status; 128+N if signal N killed it; 125 if egress-agent
                itself failed (bad allowlist, not root, the kernel refused); 126 if the
                command cannot be executed; 127 if it was not found
+  attach       0 after SIGTERM or SIGINT; 125 if egress-agent failed
+  detach, status
+               0; 1 if nothing of that name is pinned
   check        0 if every file is valid; 1 if one is not
   explain      0 if every destination is allowed; 1 if one is denied; 2 if the allowlist
                cannot be loaded
@@ -577,13 +580,16 @@ mod tests {
                 .get_after_help()
                 .map(|h| h.to_string())
                 .unwrap_or_default();
-            assert!(help.starts_with("Examples:\n"), "{name}: no examples");
+            assert!(
+                help.starts_with("Examples:\n") || help.starts_with("Example:\n"),
+                "{name}: no examples"
+            );
             let page = man_page(Some(name)).unwrap();
             assert!(
                 page.contains(&format!(".TH egress-agent-{name} 1")),
                 "{name}"
             );
-            assert!(page.contains(".SH \"EXAMPLES\""), "{name}");
+            assert!(page.contains(".SH \"EXAMPLE"), "{name}");
         }
         assert!(man_page(Some("nope")).unwrap_err().contains("one of: run"));
     }

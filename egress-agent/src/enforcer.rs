@@ -144,6 +144,7 @@ impl Enforcer {
     /// Loads the programs, writes `policy`'s static rules and mode, and attaches to the
     /// cgroup v2 directory `cgroup`.
     pub fn attach(cgroup: &Path, policy: &Policy, opts: &EnforcerOptions) -> anyhow::Result<Self> {
+        crate::caps::check()?;
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
         let mut loader = EbpfLoader::new();
@@ -167,7 +168,7 @@ impl Enforcer {
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
-            .context("cannot load the eBPF maps (are you root, with CAP_BPF?)")?;
+            .context("cannot load the eBPF maps")?;
 
         let mut take = |name: &str| {
             ebpf.take_map(name)

@@ -1,6 +1,7 @@
 //! egress-agent as a library: the CLI in `main.rs` is a thin layer over these modules.
 
 pub mod attach;
+pub mod caps;
 pub mod cgroup;
 pub mod cli;
 pub mod confine;

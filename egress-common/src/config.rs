@@ -18,9 +18,14 @@ pub struct Config {
     pub dns_v4: [u8; 4],
     /// Resolver address for IPv6 sockets, network byte order.
     pub dns_v6: [u8; 16],
+    /// Always zero.
+    pub _pad2: u32,
+    /// cgroup v2 id whose processes the programs leave alone (the agent's own, when it runs
+    /// inside the enforced cgroup as a sidecar); 0 exempts nothing. Host byte order.
+    pub exempt_cgroup: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 28);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 
 /// Where a steered DNS socket really wanted to go, keyed by socket cookie in `DNS_ORIG`, so
 /// that replies can be given back the source the client expects.

@@ -10,10 +10,13 @@
 //!   reached them.
 //! - [`Probe`]: runs the `egress-probe` binary inside a namespace, optionally inside a
 //!   cgroup, and returns what its connect or send did.
+//! - [`AgentRun`]: the real `egress-agent run` binary started inside a namespace and driven
+//!   from outside (events file, output, exit status).
 //!
 //! The tests need root and run with one test thread (kernel state is shared):
 //! `cargo build -p egress-agent && cargo test -p egress-tests -- --test-threads=1`.
 
+pub mod agent;
 mod cgroup;
 mod listener;
 mod netns;
@@ -27,6 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use agent::{AgentBuilder, AgentRun};
 pub use cgroup::{TestCgroup, cgroup2_mount, remove_cgroup};
 pub use listener::{TcpListener, UdpListener};
 pub use netns::TestNetns;

@@ -8,202 +8,21 @@
 
 use std::{
     collections::BTreeSet,
-    fs::{self, File},
+    fs,
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Child, ExitStatus, Stdio},
     time::Duration,
 };
 
 use egress_tests::{
-    Outcome, TcpListener, TestDir, TestNetns, agent_bin, cgroup2_mount, poll_until, probe_bin,
-    remove_cgroup, require_root,
+    AgentRun, Outcome, TcpListener, TestNetns,
+    agent::{egress_cgroups, pin_dir},
+    cgroup2_mount, poll_until, probe_bin,
 };
 use serde_json::Value;
 
-/// How long the agent may take to attach and report ready (a debug build loads its eBPF).
-const READY_WAIT: Duration = Duration::from_secs(30);
-/// How long a run may take from start to exit.
-const RUN_WAIT: Duration = Duration::from_secs(60);
-
 const ALLOW_8080: &str =
     "version: 1\nname: run-test\nallow:\n  - ip: 127.0.0.1\n    ports: [8080]\n";
-
-/// One `egress-agent run --allowlist A --events E -- CMD...`. Dropping it kills an agent
-/// still running and removes what a killed agent leaves behind (its cgroup and pins).
-struct AgentRun {
-    child: Child,
-    dir: TestDir,
-    status: Option<ExitStatus>,
-}
-
-impl AgentRun {
-    /// Starts the agent in `netns` with `allowlist` and `command`; `env` is set on top of an
-    /// environment without the `SUDO_*` variables (so the command runs as root unless a test
-    /// asks for the sudo path).
-    fn start(netns: &TestNetns, allowlist: &str, command: &[&str], env: &[(&str, &str)]) -> Self {
-        require_root();
-        let dir = TestDir::new();
-        let allow = dir.path().join("allow.yaml");
-        fs::write(&allow, allowlist).expect("cannot write the allowlist");
-        let events = dir.path().join("events.jsonl");
-        let out = File::create(dir.path().join("stdout")).expect("stdout file");
-        let err = File::create(dir.path().join("stderr")).expect("stderr file");
-        let mut cmd = netns.command(agent_bin());
-        cmd.arg("run")
-            .arg("--allowlist")
-            .arg(&allow)
-            .arg("--events")
-            .arg(&events)
-            .arg("--")
-            .args(command)
-            .env_remove("SUDO_UID")
-            .env_remove("SUDO_GID")
-            .env_remove("SUDO_USER")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = cmd.spawn().expect("cannot start egress-agent");
-        Self {
-            child,
-            dir,
-            status: None,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn read(&self, name: &str) -> String {
-        fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
-    }
-
-    /// Everything the agent and its command wrote, for failure messages.
-    fn output(&self) -> String {
-        format!(
-            "agent stdout:\n{}\nagent stderr:\n{}\nevents:\n{}",
-            self.read("stdout"),
-            self.read("stderr"),
-            self.read("events.jsonl")
-        )
-    }
-
-    /// The event lines written so far (a partly written last line is skipped).
-    fn events(&self) -> Vec<Value> {
-        self.read("events.jsonl")
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// Waits for the `ready` line; panics if the agent exits first or takes too long.
-    fn wait_ready(&mut self) -> Value {
-        let ready = poll_until(READY_WAIT, || {
-            if let Some(ev) = self.events().into_iter().find(|e| e["event"] == "ready") {
-                return Some(Ok(ev));
-            }
-            match self.child.try_wait() {
-                Ok(Some(status)) => Some(Err(status)),
-                _ => None,
-            }
-        });
-        match ready {
-            Some(Ok(ev)) => ev,
-            Some(Err(status)) => {
-                self.status = Some(status);
-                panic!(
-                    "egress-agent exited with {status} before ready\n{}",
-                    self.output()
-                )
-            }
-            None => panic!("no ready line within {READY_WAIT:?}\n{}", self.output()),
-        }
-    }
-
-    /// Waits for the agent to exit.
-    fn wait(&mut self) -> ExitStatus {
-        if let Some(s) = self.status {
-            return s;
-        }
-        let status =
-            poll_until(RUN_WAIT, || self.child.try_wait().ok().flatten()).unwrap_or_else(|| {
-                panic!(
-                    "egress-agent still runs after {RUN_WAIT:?}\n{}",
-                    self.output()
-                )
-            });
-        self.status = Some(status);
-        status
-    }
-
-    /// Waits for the agent to exit and returns its exit code (panics if a signal killed it).
-    fn exit_code(&mut self) -> i32 {
-        let status = self.wait();
-        status
-            .code()
-            .unwrap_or_else(|| panic!("egress-agent died of {status}\n{}", self.output()))
-    }
-
-    /// The probe's JSON line on the agent's stdout (the command inherits it).
-    fn probe_outcome(&self) -> Outcome {
-        let stdout = self.read("stdout");
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with('{'))
-            .unwrap_or_else(|| panic!("the probe printed no outcome\n{}", self.output()));
-        Outcome::parse(line).unwrap_or_else(|e| panic!("{e}\n{}", self.output()))
-    }
-
-    /// The cgroups this agent may have created, by name.
-    fn own_cgroups(&self, names: &BTreeSet<String>) -> Vec<String> {
-        let prefix = format!("egress-run-{}", self.pid());
-        names
-            .iter()
-            .filter(|n| n.starts_with(&prefix))
-            .cloned()
-            .collect()
-    }
-}
-
-impl Drop for AgentRun {
-    fn drop(&mut self) {
-        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // A killed agent leaves enforcement in place (fail closed): its cgroup and pins.
-        let mount = cgroup2_mount();
-        for name in self.own_cgroups(&egress_cgroups()) {
-            eprintln!("warning: removing leftover cgroup {name}");
-            if let Err(e) = remove_cgroup(&mount.join(&name)) {
-                eprintln!("warning: {e}");
-            }
-        }
-        let pins = pin_dir(&format!("run-{}", self.pid()));
-        if pins.exists() {
-            eprintln!("warning: removing leftover pins {}", pins.display());
-            let _ = fs::remove_dir_all(&pins);
-        }
-    }
-}
-
-/// The `egress-*` cgroups directly under the mount.
-fn egress_cgroups() -> BTreeSet<String> {
-    fs::read_dir(cgroup2_mount())
-        .expect("cannot list the cgroup v2 mount")
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("egress-"))
-        .collect()
-}
-
-/// Where `egress-agent run` pins an instance's programs and maps.
-fn pin_dir(name: &str) -> PathBuf {
-    Path::new("/sys/fs/bpf/egress").join(name)
-}
 
 /// The agent removed its cgroup and pins: none of its cgroups appeared since `before`, and
 /// the cgroup the ready line named is gone.

@@ -78,6 +78,26 @@ impl Cmd {
             .map_err(|e| start_error(&self.shown, e))
     }
 
+    /// Like [`Cmd::status`], but passes each line the command prints on stdout to `line`
+    /// (after echoing it).
+    pub fn status_lines(mut self, mut line: impl FnMut(&str)) -> Result<ExitStatus> {
+        use std::io::BufRead as _;
+        let _ = writeln!(io::stdout(), "$ {}", self.shown);
+        let mut child = self
+            .command
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| start_error(&self.shown, e))?;
+        if let Some(out) = child.stdout.take() {
+            for l in io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                let _ = writeln!(io::stdout(), "{l}");
+                line(&l);
+            }
+        }
+        child.wait().map_err(|e| start_error(&self.shown, e))
+    }
+
     /// Echoes and runs the command (see [`Cmd::status`]); an error unless it exits with 0.
     pub fn run(self) -> Result<()> {
         let shown = self.shown.clone();
@@ -166,6 +186,9 @@ fn quote(s: &OsStr) -> String {
 #[derive(Debug, Default)]
 pub struct Steps {
     failed: Vec<String>,
+    /// Tests passed and failed, summed from cargo's `test result:` lines.
+    passed_tests: u64,
+    failed_tests: u64,
 }
 
 impl Steps {
@@ -191,8 +214,45 @@ impl Steps {
         Ok(status.success())
     }
 
-    /// Ok if every step succeeded, else an error naming the failed ones.
+    /// Like [`Steps::run`] for a `cargo test` command: also sums its `test result:` lines.
+    pub fn run_tests(&mut self, name: &str, cmd: Cmd) -> Result<bool> {
+        let shown = cmd.shown().to_owned();
+        let (mut passed, mut failed) = (0, 0);
+        let status = cmd.status_lines(|l| {
+            if let Some((p, f)) = parse_test_result(l) {
+                passed += p;
+                failed += f;
+            }
+        });
+        self.passed_tests += passed;
+        self.failed_tests += failed;
+        let status = match status {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("xtask: {name}: {e:#}");
+                self.failed.push(name.to_owned());
+                return Ok(false);
+            }
+        };
+        if status.signal() == Some(libc::SIGINT) {
+            bail!("interrupted during `{shown}`");
+        }
+        if !status.success() {
+            eprintln!("xtask: {name}: `{shown}` failed ({})", describe(status));
+            self.failed.push(name.to_owned());
+        }
+        Ok(status.success())
+    }
+
+    /// Ok if every step succeeded, else an error naming the failed ones. Prints the test
+    /// totals as one closing line (`total: N passed, M failed`).
     pub fn finish(self) -> Result<()> {
+        if self.passed_tests + self.failed_tests > 0 {
+            println!(
+                "total: {} passed, {} failed",
+                self.passed_tests, self.failed_tests
+            );
+        }
         if self.failed.is_empty() {
             Ok(())
         } else {
@@ -201,9 +261,40 @@ impl Steps {
     }
 }
 
+/// `(passed, failed)` from a cargo line `test result: ok. 21 passed; 0 failed; ...`.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let mut passed = None;
+    let mut failed = None;
+    for part in rest.split([';', '.']) {
+        let mut words = part.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some(n), Some("passed")) => passed = n.parse().ok(),
+            (Some(n), Some("failed")) => failed = n.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((passed?, failed?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cargo_test_result_lines_parse() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 21 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.48s"
+            ),
+            Some((21, 0))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 
     #[test]
     fn quotes_only_what_needs_it() {

@@ -20,7 +20,7 @@ pub fn run(extra: &[OsString]) -> Result<()> {
     let mut steps = Steps::default();
 
     // The eBPF crate builds only for the BPF target, and the kernel tests come next.
-    steps.run(
+    steps.run_tests(
         "unit tests",
         Cmd::cargo()
             .args(["test", "--workspace", "--exclude", "egress-tests"])
@@ -38,7 +38,7 @@ pub fn run(extra: &[OsString]) -> Result<()> {
         println!("kernel: {}", kernel()?);
         println!("cgroup v2: {}", cgroup2_mount()?);
         // One thread: the tests share kernel state (bpffs pins, cgroups, map ids).
-        steps.run(
+        steps.run_tests(
             "kernel tests",
             Cmd::cargo()
                 .args(["test", "-p", "egress-tests", "--", "--test-threads=1"])

@@ -16,7 +16,7 @@ use crate::{
     enforcer::EnforcerOptions,
     events::EventSink,
     policy,
-    session::{Session, SessionConfig},
+    session::{self, Session, SessionConfig},
 };
 
 /// What `attach` needs.
@@ -97,12 +97,20 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
         cgroup: target,
         policy,
         watch: Some(cfg.allowlist.clone()),
-        sink,
+        sink: sink.clone(),
         exempt_cgroup: exempt,
         health: cfg.health,
         enforcer: EnforcerOptions::default(),
     })
     .await?;
+    // Unlike `run`, attach cannot confine the workload: say what the runtime must provide.
+    session::warn(
+        &sink,
+        "packet sockets (AF_PACKET) bypass every cgroup socket hook and the BPF LSM is not \
+         used here: the enforced processes must not hold CAP_NET_RAW (drop it from the app \
+         container), nor CAP_SYS_ADMIN/CAP_NET_ADMIN/CAP_BPF, and must see the cgroup \
+         filesystem read-only",
+    );
     wait_for_stop().await?;
     session.stop(cfg.detach_on_exit).await?;
     Ok(0)

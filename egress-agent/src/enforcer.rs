@@ -29,8 +29,8 @@ use egress_common::{
     config::FLAG_AUDIT,
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
-        DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS, MAP_DNS_ORIG,
-        MAP_EVENTS,
+        DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS,
+        MAP_DNS_ORIG, MAP_EVENTS,
     },
     keys::addr_from_ip,
 };
@@ -144,6 +144,7 @@ impl Enforcer {
     /// Loads the programs, writes `policy`'s static rules and mode, and attaches to the
     /// cgroup v2 directory `cgroup`.
     pub fn attach(cgroup: &Path, policy: &Policy, opts: &EnforcerOptions) -> anyhow::Result<Self> {
+        crate::kernel::check()?;
         crate::caps::check()?;
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
@@ -264,7 +265,9 @@ impl Enforcer {
     fn keep_link(&self, name: &str, link: FdLink) -> anyhow::Result<Link> {
         Ok(match &self.pin_dir {
             Some(dir) => {
-                let path = dir.join("links").join(format!("{name}@{}", self.generation));
+                let path = dir
+                    .join("links")
+                    .join(format!("{name}@{}", self.generation));
                 Link::Pinned(
                     link.pin(&path)
                         .with_context(|| format!("cannot pin {}", path.display()))?,

@@ -9,6 +9,7 @@ pub mod enforcer;
 pub mod events;
 pub mod explain;
 pub mod grants;
+pub mod kernel;
 pub mod health;
 pub mod launch;
 pub mod learn;

@@ -10,6 +10,7 @@
 pub mod answer;
 pub mod attribution;
 pub mod rebinding;
+pub mod screen;
 pub mod upstream;
 
 use std::{
@@ -20,10 +21,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use hickory_proto::{
-    op::{Message, MessageType, OpCode, ResponseCode},
-    rr::RecordType,
-};
+use hickory_proto::op::{Message, ResponseCode};
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{Semaphore, watch},
@@ -38,7 +36,8 @@ use crate::{
     names::Names,
     policy::{self, Policy},
 };
-use answer::{addresses_for, normalize};
+use answer::normalize;
+use screen::{Screened, reply_to};
 use upstream::{Transport, read_framed, write_framed};
 
 /// Queries handled at once; more wait (UDP) or are read later (TCP).
@@ -226,64 +225,33 @@ pub async fn handle(
     client: SocketAddr,
     transport: Transport,
 ) -> Option<Vec<u8>> {
-    let msg = match Message::from_vec(query) {
-        Ok(m) => m,
-        Err(_) => {
-            // Unparseable: answer FORMERR if there is an id to answer to.
-            if query.len() < 12 {
-                return None;
+    let policy = ctx.policy();
+    let msg = match screen::screen(query, &policy) {
+        Screened::Drop => return None,
+        Screened::Reply(r) => return Some(r),
+        Screened::Forward(msg) => {
+            Metrics::inc(&ctx.metrics.dns_queries);
+            msg
+        }
+        Screened::Refused {
+            reply,
+            names,
+            query,
+        } => {
+            Metrics::inc(&ctx.metrics.dns_queries);
+            Metrics::inc(&ctx.metrics.dns_refused);
+            report_refused(ctx, &policy, &names, client, transport);
+            if policy.mode != policy::Mode::Audit {
+                return Some(reply);
             }
-            let id = u16::from_be_bytes([query[0], query[1]]);
-            return encode(&Message::error_msg(
-                id,
-                OpCode::Query,
-                ResponseCode::FormErr,
-            ));
+            query
         }
     };
-    if msg.message_type() != MessageType::Query {
-        return None;
-    }
-    if msg.op_code() != OpCode::Query || msg.queries().is_empty() {
-        return encode(&reply_to(&msg, ResponseCode::NotImp));
-    }
-
-    Metrics::inc(&ctx.metrics.dns_queries);
-    let policy = ctx.policy();
-    let refused: Vec<_> = msg
-        .queries()
-        .iter()
-        .filter(|q| policy.host_rules_for(&normalize(q.name())).is_empty())
-        .collect();
-    let audit = policy.mode == policy::Mode::Audit;
-    if !refused.is_empty() {
-        Metrics::inc(&ctx.metrics.dns_refused);
-        let owner = attribution::owner_of(transport, client.port(), &ctx.cgroup);
-        for q in refused {
-            let name = normalize(q.name());
-            let qtype = q.query_type().to_string();
-            ctx.sink.emit(&Event::DnsRefused {
-                ts: SystemTime::now(),
-                query: &name,
-                qtype: &qtype,
-                verdict: if audit { "audit" } else { "refused" },
-                proto: match transport {
-                    Transport::Udp => "udp",
-                    Transport::Tcp => "tcp",
-                },
-                pid: owner.as_ref().map(|o| o.pid),
-                comm: owner.as_ref().map(|o| o.comm.as_str()),
-                uid: owner.as_ref().map(|o| o.uid),
-            });
-        }
-        if !audit {
-            return encode(&reply_to(&msg, ResponseCode::Refused));
-        }
-    }
 
     let answer = match upstream::exchange(&ctx.upstreams(), query, transport).await {
         Ok(a) => a,
         Err(e) => {
+            Metrics::inc(&ctx.metrics.dns_upstream_failures);
             let names: Vec<_> = msg.queries().iter().map(|q| normalize(q.name())).collect();
             warn(
                 ctx,
@@ -292,23 +260,15 @@ pub async fn handle(
             return encode(&reply_to(&msg, ResponseCode::ServFail));
         }
     };
-    let parsed = match Message::from_vec(&answer) {
-        Ok(m) => m,
+    let granted = match screen::answered_addresses(&msg, &answer) {
+        Ok(g) => g,
         Err(e) => {
             warn(ctx, &format!("dns: unparseable upstream answer: {e}"));
             return encode(&reply_to(&msg, ResponseCode::ServFail));
         }
     };
-    for q in msg.queries() {
-        if !matches!(
-            q.query_type(),
-            RecordType::A | RecordType::AAAA | RecordType::ANY
-        ) {
-            // Other types carry no address to allow (HTTPS/SVCB hints are not followed).
-            continue;
-        }
-        let name = normalize(q.name());
-        if let Err(e) = allow_answer(ctx, &policy, &name, &addresses_for(&name, &parsed)) {
+    for (name, addrs) in granted {
+        if let Err(e) = allow_answer(ctx, &policy, &name, &addrs) {
             // The addresses are not allowed: say so rather than hand out an answer that
             // only fails later.
             warn(ctx, &format!("dns: {e:#}"));
@@ -316,6 +276,33 @@ pub async fn handle(
         }
     }
     Some(answer)
+}
+
+/// Writes a `dns-refused` event per refused question, naming the querying process.
+fn report_refused(
+    ctx: &DnsContext,
+    policy: &Policy,
+    names: &[(String, String)],
+    client: SocketAddr,
+    transport: Transport,
+) {
+    let audit = policy.mode == policy::Mode::Audit;
+    let owner = attribution::owner_of(transport, client.port(), &ctx.cgroup);
+    for (name, qtype) in names {
+        ctx.sink.emit(&Event::DnsRefused {
+            ts: SystemTime::now(),
+            query: name,
+            qtype,
+            verdict: if audit { "audit" } else { "refused" },
+            proto: match transport {
+                Transport::Udp => "udp",
+                Transport::Tcp => "tcp",
+            },
+            pid: owner.as_ref().map(|o| o.pid),
+            comm: owner.as_ref().map(|o| o.comm.as_str()),
+            uid: owner.as_ref().map(|o| o.uid),
+        });
+    }
 }
 
 /// Writes the answered addresses into the map; returns once every write is done.
@@ -408,14 +395,6 @@ pub fn apply_changes(ctx: &DnsContext, policy: &Policy, changes: Vec<Change>) {
             },
         }
     }
-}
-
-fn reply_to(q: &Message, code: ResponseCode) -> Message {
-    let mut r = Message::error_msg(q.id(), q.op_code(), code);
-    r.add_queries(q.queries().iter().cloned());
-    r.set_recursion_desired(q.recursion_desired());
-    r.set_recursion_available(true);
-    r
 }
 
 fn encode(m: &Message) -> Option<Vec<u8>> {

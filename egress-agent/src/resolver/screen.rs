@@ -1,0 +1,201 @@
+//! The resolver's decisions on messages, without I/O: what to do with a client's query, and
+//! which addresses an upstream answer grants. Pure, so the fuzz targets can drive them with
+//! arbitrary bytes.
+
+use std::net::IpAddr;
+
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, ResponseCode},
+    rr::RecordType,
+};
+
+use super::answer::{addresses_for, normalize};
+use crate::policy::Policy;
+
+/// What to do with a query.
+#[derive(Debug)]
+pub enum Screened {
+    /// Nothing to answer (not a query, or not even a header).
+    Drop,
+    /// Answer this at once (FORMERR for garbage, NOTIMP for other opcodes or no question).
+    Reply(Vec<u8>),
+    /// Some names are not permitted: `reply` is the REFUSED answer; `names` are the refused
+    /// (name, type) pairs to report. `query` is the parsed query (audit mode forwards it).
+    Refused {
+        /// The REFUSED answer.
+        reply: Vec<u8>,
+        /// (name, record type) of each refused question.
+        names: Vec<(String, String)>,
+        /// The query.
+        query: Box<Message>,
+    },
+    /// Every name is permitted: forward the query.
+    Forward(Box<Message>),
+}
+
+/// Decides what to do with a client's query under `policy`.
+pub fn screen(query: &[u8], policy: &Policy) -> Screened {
+    let msg = match Message::from_vec(query) {
+        Ok(m) => m,
+        Err(_) => {
+            // Unparseable: answer FORMERR if there is an id to answer to.
+            if query.len() < 12 {
+                return Screened::Drop;
+            }
+            let id = u16::from_be_bytes([query[0], query[1]]);
+            return encode(&Message::error_msg(
+                id,
+                OpCode::Query,
+                ResponseCode::FormErr,
+            ));
+        }
+    };
+    if msg.message_type() != MessageType::Query {
+        return Screened::Drop;
+    }
+    if msg.op_code() != OpCode::Query || msg.queries().is_empty() {
+        return encode(&reply_to(&msg, ResponseCode::NotImp));
+    }
+    let names: Vec<(String, String)> = msg
+        .queries()
+        .iter()
+        .map(|q| (normalize(q.name()), q.query_type().to_string()))
+        .filter(|(name, _)| policy.host_rules_for(name).is_empty())
+        .collect();
+    if names.is_empty() {
+        return Screened::Forward(Box::new(msg));
+    }
+    match reply_to(&msg, ResponseCode::Refused).to_vec() {
+        Ok(reply) => Screened::Refused {
+            reply,
+            names,
+            query: Box::new(msg),
+        },
+        Err(_) => Screened::Drop,
+    }
+}
+
+/// The addresses an upstream `answer` gives for each address question of `query`: (queried
+/// name, addresses with their TTLs). An unparseable answer is an error.
+pub fn answered_addresses(
+    query: &Message,
+    answer: &[u8],
+) -> Result<Vec<(String, Vec<(IpAddr, u32)>)>, String> {
+    let parsed = Message::from_vec(answer).map_err(|e| e.to_string())?;
+    Ok(query
+        .queries()
+        .iter()
+        .filter(|q| {
+            // Other types carry no address to allow (HTTPS/SVCB hints are not followed).
+            matches!(
+                q.query_type(),
+                RecordType::A | RecordType::AAAA | RecordType::ANY
+            )
+        })
+        .map(|q| {
+            let name = normalize(q.name());
+            let addrs = addresses_for(&name, &parsed);
+            (name, addrs)
+        })
+        .collect())
+}
+
+/// An error answer to `q`, echoing its question.
+pub fn reply_to(q: &Message, code: ResponseCode) -> Message {
+    let mut r = Message::error_msg(q.id(), q.op_code(), code);
+    r.add_queries(q.queries().iter().cloned());
+    r.set_recursion_desired(q.recursion_desired());
+    r.set_recursion_available(true);
+    r
+}
+
+fn encode(m: &Message) -> Screened {
+    match m.to_vec() {
+        Ok(b) => Screened::Reply(b),
+        Err(_) => Screened::Drop,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy;
+    use hickory_proto::{
+        op::Query,
+        rr::{Name, RData, Record, rdata::A},
+    };
+    use std::{path::Path, str::FromStr as _};
+
+    fn policy() -> Policy {
+        policy::parse_str(
+            "version: 1\nallow:\n  - host: ok.example.com\n    ports: [443]\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap()
+    }
+
+    fn query(name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(7).set_recursion_desired(true);
+        m.add_query(Query::query(Name::from_str(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn permitted_names_are_forwarded_and_others_refused() {
+        let p = policy();
+        assert!(matches!(
+            screen(&query("OK.example.com.", RecordType::A), &p),
+            Screened::Forward(_)
+        ));
+        match screen(&query("data.evil.test.", RecordType::TXT), &p) {
+            Screened::Refused { reply, names, .. } => {
+                assert_eq!(names, vec![("data.evil.test".into(), "TXT".into())]);
+                let r = Message::from_vec(&reply).unwrap();
+                assert_eq!(r.response_code(), ResponseCode::Refused);
+                assert_eq!(r.id(), 7);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_gets_formerr_or_nothing() {
+        let p = policy();
+        assert!(matches!(screen(&[1, 2, 3], &p), Screened::Drop));
+        match screen(&[0xab, 0xcd, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff], &p) {
+            Screened::Reply(r) => {
+                let m = Message::from_vec(&r).unwrap();
+                assert_eq!(m.response_code(), ResponseCode::FormErr);
+                assert_eq!(m.id(), 0xabcd);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_grant_only_the_queried_chain() {
+        let q = Message::from_vec(&query("ok.example.com.", RecordType::A)).unwrap();
+        let mut a = Message::new();
+        a.set_id(7).set_message_type(MessageType::Response);
+        a.add_answer(Record::from_rdata(
+            Name::from_str("ok.example.com.").unwrap(),
+            60,
+            RData::A(A::new(198, 51, 100, 10)),
+        ));
+        a.add_answer(Record::from_rdata(
+            Name::from_str("evil.test.").unwrap(),
+            60,
+            RData::A(A::new(203, 0, 113, 1)),
+        ));
+        let got = answered_addresses(&q, &a.to_vec().unwrap()).unwrap();
+        assert_eq!(
+            got,
+            vec![(
+                "ok.example.com".to_owned(),
+                vec![("198.51.100.10".parse().unwrap(), 60)]
+            )]
+        );
+        assert!(answered_addresses(&q, &[0, 1]).is_err());
+    }
+}

@@ -18,8 +18,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    Outcome, TestDir, TestNetns, agent_bin, cgroup2_mount, poll_until, remove_cgroup,
-    require_root,
+    Outcome, TestDir, TestNetns, agent_bin, cgroup2_mount, poll_until, remove_cgroup, require_root,
 };
 
 /// How long the agent may take to attach and report ready (a debug build loads its eBPF).

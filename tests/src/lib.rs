@@ -20,6 +20,7 @@ pub mod agent;
 mod cgroup;
 mod listener;
 mod netns;
+pub mod pod;
 mod probe;
 pub mod world;
 

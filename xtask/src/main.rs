@@ -1,8 +1,10 @@
 //! The project's task runner: `cargo xtask <verb>`, verbs in [`USAGE`]. Every verb runs from
 //! the workspace root.
 
+mod bench;
 mod cmd;
 mod demo;
+mod deploy;
 mod deps;
 mod interrupt;
 mod lint;
@@ -32,7 +34,10 @@ verbs:
   demo             as root: an allowed and a blocked connection and the deny event, in a
                    network namespace of its own
   lint             rustfmt and clippy, the eBPF crate for its own target
-  bench            benchmarks (not implemented yet)";
+  deploy-check     the Kubernetes manifests, Containerfile and their allowlists, offline
+                   (deploy/validate.py, then egress-agent check)
+  bench            as root: enforcement cost vs. unenforced controls and nftables/dnsmasq,
+                   in namespaces of its own; writes BENCHMARKS.md";
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = env::args_os().skip(1).collect();
@@ -61,7 +66,8 @@ fn run(args: &[OsString]) -> Result<()> {
         }),
         "demo" => no_args(&verb, rest).and_then(|()| demo::run()),
         "lint" => no_args(&verb, rest).and_then(|()| lint::run()),
-        "bench" => no_args(&verb, rest).map(|()| println!("not implemented yet (issue #7)")),
+        "deploy-check" => no_args(&verb, rest).and_then(|()| deploy::run()),
+        "bench" => no_args(&verb, rest).and_then(|()| bench::run()),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

@@ -11,14 +11,25 @@
 //! addresses go in brackets (`[::1]:8080`); an IPv6 address, IPv4-mapped ones included
 //! (`[::ffff:127.0.0.1]:8080`), is reached from an `AF_INET6` socket.
 //!
-//! Each technique is one function in [`ACTIONS`]; add new ones there (sendmmsg,
-//! MSG_FASTOPEN, raw sockets, io_uring, ...).
+//! Each technique is one function in [`ACTIONS`]; add new ones there. The bypass suite
+//! (`tests/tests/bypass.rs`, docs/THREATS.md) runs every one of them against a listener that
+//! must receive nothing. When an action fails at a step other than the obvious one, the error
+//! text names the step (`io_uring_setup: ...`, `forked child 123: ...`); the errno is the
+//! step's.
 
 use std::{
+    ffi::CString,
     io::{self, Write as _},
+    mem,
     net::{SocketAddr, TcpStream, UdpSocket},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        unix::ffi::OsStrExt as _,
+    },
     process::ExitCode,
-    time::Duration,
+    ptr,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
 
 /// How long a TCP connect may take.
@@ -45,6 +56,51 @@ const ACTIONS: &[(&str, Action, &str)] = &[
         "udp-connect",
         udp_connect,
         "connect() a UDP socket, then send()",
+    ),
+    (
+        "udp-sendmmsg",
+        udp_sendmmsg,
+        "sendmmsg() of two datagrams from an unconnected UDP socket",
+    ),
+    (
+        "tcp-fastopen",
+        tcp_fastopen,
+        "sendto(MSG_FASTOPEN) on a fresh TCP socket: connect and data in one call",
+    ),
+    (
+        "iouring-connect",
+        iouring_connect,
+        "IORING_OP_CONNECT through a raw io_uring, then write the payload",
+    ),
+    (
+        "raw-ip",
+        raw_ip,
+        "SOCK_RAW/IPPROTO_UDP: a hand-made UDP header and the payload to ADDR:PORT",
+    ),
+    (
+        "icmp-dgram",
+        icmp_dgram,
+        "ICMP echo from a ping socket (SOCK_DGRAM/IPPROTO_ICMP); ok once a reply arrives",
+    ),
+    (
+        "icmp-raw",
+        icmp_raw,
+        "ICMP echo from a SOCK_RAW/IPPROTO_ICMP socket; ok once a reply arrives",
+    ),
+    (
+        "packet",
+        packet,
+        "AF_PACKET on lo: a whole Ethernet/IPv4/UDP frame (from 203.0.113.1) to ADDR:PORT",
+    ),
+    (
+        "fork-connect",
+        fork_connect,
+        "fork(); the child does tcp-connect, the parent reports its result",
+    ),
+    (
+        "reexec-connect",
+        reexec_connect,
+        "exec /bin/sh -c 'exec PROBE tcp-connect ADDR:PORT' (same pid, new image)",
     ),
 ];
 
@@ -76,6 +132,690 @@ fn udp_connect(dst: SocketAddr) -> io::Result<()> {
     short_write(n)
 }
 
+/// An OS error at a named step of an action: the report shows `step: error` and the
+/// error's errno.
+#[derive(Debug)]
+struct Step {
+    step: String,
+    source: io::Error,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.source)
+    }
+}
+
+impl std::error::Error for Step {}
+
+/// Wraps `source` with the step it failed at.
+fn step(step: impl Into<String>, source: io::Error) -> io::Error {
+    io::Error::new(
+        source.kind(),
+        Step {
+            step: step.into(),
+            source,
+        },
+    )
+}
+
+/// The errno of `e`, looking through a [`Step`].
+fn errno_of(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<Step>())
+            .and_then(|s| s.source.raw_os_error())
+    })
+}
+
+/// `-1` from a libc call as the last OS error, at `what`.
+fn check(rc: libc::c_long, what: &str) -> io::Result<libc::c_long> {
+    if rc < 0 {
+        Err(step(what, io::Error::last_os_error()))
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A new socket, owned.
+fn socket(domain: libc::c_int, ty: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol) };
+    check(fd.into(), "socket")?;
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn family(dst: SocketAddr) -> libc::c_int {
+    match dst {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    }
+}
+
+/// `dst` as a C socket address.
+fn sockaddr(dst: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match dst {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { ptr::write(ptr::from_mut(&mut ss).cast(), sin) };
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { ptr::write(ptr::from_mut(&mut ss).cast(), sin6) };
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// `sendto(fd, buf, flags, dst)`; the whole buffer must go.
+fn send_to(
+    fd: RawFd,
+    buf: &[u8],
+    flags: libc::c_int,
+    dst: SocketAddr,
+    what: &str,
+) -> io::Result<()> {
+    let (ss, len) = sockaddr(dst);
+    // SAFETY: valid buffer and address of the given lengths.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            flags,
+            ptr::from_ref(&ss).cast(),
+            len,
+        )
+    };
+    let n = check(n as libc::c_long, what)?;
+    if n as usize == buf.len() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{what}: sent {n} of {} bytes",
+            buf.len()
+        )))
+    }
+}
+
+fn set_timeout(fd: RawFd, opt: libc::c_int, d: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    setsockopt(fd, libc::SOL_SOCKET, opt, &tv)
+}
+
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: &T) -> io::Result<()> {
+    // SAFETY: a valid pointer to a `T` of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            ptr::from_ref(v).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    check(rc.into(), "setsockopt").map(drop)
+}
+
+fn udp_sendmmsg(dst: SocketAddr) -> io::Result<()> {
+    let s = udp_socket(dst)?;
+    let (mut ss, len) = sockaddr(dst);
+    let mut iov = [libc::iovec {
+        iov_base: PAYLOAD.as_ptr().cast_mut().cast(),
+        iov_len: PAYLOAD.len(),
+    }];
+    // SAFETY: all-zero is a valid msghdr.
+    let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
+    hdr.msg_name = ptr::from_mut(&mut ss).cast();
+    hdr.msg_namelen = len;
+    hdr.msg_iov = iov.as_mut_ptr();
+    hdr.msg_iovlen = 1;
+    let mut msgs = [
+        libc::mmsghdr {
+            msg_hdr: hdr,
+            msg_len: 0,
+        },
+        libc::mmsghdr {
+            msg_hdr: hdr,
+            msg_len: 0,
+        },
+    ];
+    // SAFETY: two valid mmsghdr whose pointers outlive the call.
+    let n = unsafe { libc::sendmmsg(s.as_raw_fd(), msgs.as_mut_ptr(), 2, 0) };
+    let n = check(n.into(), "sendmmsg")?;
+    if n == 2 {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "sendmmsg: sent {n} of 2 datagrams"
+        )))
+    }
+}
+
+fn tcp_fastopen(dst: SocketAddr) -> io::Result<()> {
+    let s = socket(family(dst), libc::SOCK_STREAM, 0)?;
+    // The implicit connect waits for the handshake for up to the send timeout.
+    set_timeout(s.as_raw_fd(), libc::SO_SNDTIMEO, CONNECT_TIMEOUT)?;
+    send_to(
+        s.as_raw_fd(),
+        PAYLOAD,
+        libc::MSG_FASTOPEN,
+        dst,
+        "sendto(MSG_FASTOPEN)",
+    )?;
+    // SAFETY: plain syscall on a socket we own.
+    let rc = unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) };
+    check(rc.into(), "shutdown").map(drop)
+}
+
+/// `struct io_sqring_offsets` (include/uapi/linux/io_uring.h).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct SqOffsets {
+    head: u32,
+    tail: u32,
+    ring_mask: u32,
+    ring_entries: u32,
+    flags: u32,
+    dropped: u32,
+    array: u32,
+    resv1: u32,
+    user_addr: u64,
+}
+
+/// `struct io_cqring_offsets`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct CqOffsets {
+    head: u32,
+    tail: u32,
+    ring_mask: u32,
+    ring_entries: u32,
+    overflow: u32,
+    cqes: u32,
+    flags: u32,
+    resv1: u32,
+    user_addr: u64,
+}
+
+/// `struct io_uring_params`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct UringParams {
+    sq_entries: u32,
+    cq_entries: u32,
+    flags: u32,
+    sq_thread_cpu: u32,
+    sq_thread_idle: u32,
+    features: u32,
+    wq_fd: u32,
+    resv: [u32; 3],
+    sq_off: SqOffsets,
+    cq_off: CqOffsets,
+}
+
+/// `struct io_uring_sqe`, the fields a connect uses.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct Sqe {
+    opcode: u8,
+    flags: u8,
+    ioprio: u16,
+    fd: i32,
+    /// `off`/`addr2`: the address length for a connect.
+    off: u64,
+    addr: u64,
+    len: u32,
+    op_flags: u32,
+    user_data: u64,
+    tail: [u64; 3],
+}
+
+/// `struct io_uring_cqe`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Cqe {
+    user_data: u64,
+    res: i32,
+    flags: u32,
+}
+
+const _: () = assert!(mem::size_of::<UringParams>() == 120);
+const _: () = assert!(mem::size_of::<Sqe>() == 64);
+const _: () = assert!(mem::size_of::<Cqe>() == 16);
+
+const IORING_OP_CONNECT: u8 = 16;
+const IORING_ENTER_GETEVENTS: libc::c_uint = 1;
+const IORING_FEAT_SINGLE_MMAP: u32 = 1;
+const IORING_OFF_SQ_RING: libc::off_t = 0;
+const IORING_OFF_CQ_RING: libc::off_t = 0x0800_0000;
+const IORING_OFF_SQES: libc::off_t = 0x1000_0000;
+
+/// A shared mapping of an io_uring region, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(fd: RawFd, len: usize, offset: libc::off_t) -> io::Result<Self> {
+        // SAFETY: a fresh shared mapping of the ring descriptor; the kernel checks the offset.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(step("mmap io_uring ring", io::Error::last_os_error()));
+        }
+        Ok(Self { ptr: p.cast(), len })
+    }
+
+    /// The `u32` the kernel shares at `off` (a ring head, tail or mask).
+    fn u32_at(&self, off: u32) -> &AtomicU32 {
+        assert!(off as usize + 4 <= self.len, "io_uring offset out of range");
+        // SAFETY: in bounds (checked), 4-byte aligned by the kernel's layout, and shared
+        // memory the kernel also accesses atomically.
+        unsafe { &*self.ptr.add(off as usize).cast::<AtomicU32>() }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: a mapping this struct made and owns.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Connects through `IORING_OP_CONNECT` (the connect runs inside io_uring, not through the
+/// connect(2) syscall), then writes the payload with write(2).
+fn iouring_connect(dst: SocketAddr) -> io::Result<()> {
+    let sock = socket(family(dst), libc::SOCK_STREAM, 0)?;
+    let mut params = UringParams::default();
+    // SAFETY: a valid io_uring_params for the kernel to fill.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, ptr::from_mut(&mut params)) };
+    let fd = check(fd, "io_uring_setup")?;
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let ring = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let p = params;
+    let sq_len = p.sq_off.array as usize + p.sq_entries as usize * 4;
+    let cq_len = p.cq_off.cqes as usize + p.cq_entries as usize * mem::size_of::<Cqe>();
+    let single = p.features & IORING_FEAT_SINGLE_MMAP != 0;
+    let sq = Mapping::new(
+        ring.as_raw_fd(),
+        if single { sq_len.max(cq_len) } else { sq_len },
+        IORING_OFF_SQ_RING,
+    )?;
+    let cq_own = if single {
+        None
+    } else {
+        Some(Mapping::new(ring.as_raw_fd(), cq_len, IORING_OFF_CQ_RING)?)
+    };
+    let cq = cq_own.as_ref().unwrap_or(&sq);
+    let sqes = Mapping::new(
+        ring.as_raw_fd(),
+        p.sq_entries as usize * mem::size_of::<Sqe>(),
+        IORING_OFF_SQES,
+    )?;
+
+    let (ss, addr_len) = sockaddr(dst);
+    let tail = sq.u32_at(p.sq_off.tail).load(Ordering::Acquire);
+    let index = tail & sq.u32_at(p.sq_off.ring_mask).load(Ordering::Relaxed);
+    let sqe = Sqe {
+        opcode: IORING_OP_CONNECT,
+        fd: sock.as_raw_fd(),
+        off: u64::from(addr_len),
+        addr: ptr::from_ref(&ss) as u64,
+        user_data: 1,
+        ..Sqe::default()
+    };
+    // SAFETY: `index` is masked to the ring size; the SQE array holds sq_entries entries,
+    // and the array of indices starts at sq_off.array.
+    unsafe {
+        ptr::write(sqes.ptr.cast::<Sqe>().add(index as usize), sqe);
+        ptr::write(
+            sq.ptr
+                .add(p.sq_off.array as usize)
+                .cast::<u32>()
+                .add(index as usize),
+            index,
+        );
+    }
+    sq.u32_at(p.sq_off.tail)
+        .store(tail.wrapping_add(1), Ordering::Release);
+    // SAFETY: plain syscall; `ss` outlives the wait for the completion.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_enter,
+            ring.as_raw_fd(),
+            1u32,
+            1u32,
+            IORING_ENTER_GETEVENTS,
+            ptr::null::<libc::c_void>(),
+            0usize,
+        )
+    };
+    check(rc, "io_uring_enter")?;
+    let head = cq.u32_at(p.cq_off.head).load(Ordering::Acquire);
+    let ctail = cq.u32_at(p.cq_off.tail).load(Ordering::Acquire);
+    if head == ctail {
+        return Err(io::Error::other(
+            "io_uring_enter returned without a completion",
+        ));
+    }
+    let cindex = head & cq.u32_at(p.cq_off.ring_mask).load(Ordering::Relaxed);
+    // SAFETY: masked index into the CQE array at cq_off.cqes.
+    let cqe = unsafe {
+        ptr::read(
+            cq.ptr
+                .add(p.cq_off.cqes as usize)
+                .cast::<Cqe>()
+                .add(cindex as usize),
+        )
+    };
+    cq.u32_at(p.cq_off.head)
+        .store(head.wrapping_add(1), Ordering::Release);
+    if cqe.res < 0 {
+        return Err(step(
+            "IORING_OP_CONNECT",
+            io::Error::from_raw_os_error(-cqe.res),
+        ));
+    }
+    drop(sqes);
+    drop(cq_own);
+    drop(sq);
+    drop(ring);
+    // SAFETY: a valid buffer on a socket we own.
+    let n = unsafe { libc::write(sock.as_raw_fd(), PAYLOAD.as_ptr().cast(), PAYLOAD.len()) };
+    short_write(check(n as libc::c_long, "write")? as usize)?;
+    // SAFETY: plain syscall on a socket we own.
+    let rc = unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_WR) };
+    check(rc.into(), "shutdown").map(drop)
+}
+
+/// `IPV6_CHECKSUM` (include/uapi/linux/in6.h): where the kernel writes the checksum of a raw
+/// IPv6 socket's payload.
+const IPV6_CHECKSUM: libc::c_int = 7;
+
+/// A UDP header (checksum 0, or filled by the kernel over IPv6) followed by the payload.
+fn udp_datagram(port: u16) -> Vec<u8> {
+    let len = (8 + PAYLOAD.len()) as u16;
+    let mut d = Vec::with_capacity(len.into());
+    d.extend_from_slice(&40_000u16.to_be_bytes());
+    d.extend_from_slice(&port.to_be_bytes());
+    d.extend_from_slice(&len.to_be_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d.extend_from_slice(PAYLOAD);
+    d
+}
+
+fn raw_ip(dst: SocketAddr) -> io::Result<()> {
+    let s = socket(family(dst), libc::SOCK_RAW, libc::IPPROTO_UDP)?;
+    if dst.is_ipv6() {
+        // UDP over IPv6 needs a checksum: the kernel computes it at offset 6.
+        setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            IPV6_CHECKSUM,
+            &6 as &libc::c_int,
+        )?;
+    }
+    // A raw socket's address has no port (IPv6 wants 0 or the protocol).
+    let to = SocketAddr::new(dst.ip(), 0);
+    send_to(s.as_raw_fd(), &udp_datagram(dst.port()), 0, to, "sendto")
+}
+
+/// The Internet checksum of `data`.
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ICMP (or ICMPv6) echo request with the payload, checksum filled in.
+fn echo_request(v6: bool, id: u16) -> Vec<u8> {
+    let mut m = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&1u16.to_be_bytes());
+    m.extend_from_slice(PAYLOAD);
+    if !v6 {
+        let c = inet_checksum(&m);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+    }
+    m
+}
+
+/// Waits up to a second for a datagram that `is_reply` accepts.
+fn await_reply(fd: RawFd, is_reply: impl Fn(&[u8]) -> bool) -> io::Result<()> {
+    set_timeout(fd, libc::SO_RCVTIMEO, Duration::from_millis(200))?;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        // SAFETY: a valid buffer.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
+                continue;
+            }
+            return Err(step("recv", e));
+        }
+        if is_reply(&buf[..n as usize]) {
+            return Ok(());
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "no echo reply within 1 s",
+    ))
+}
+
+fn icmp_dgram(dst: SocketAddr) -> io::Result<()> {
+    let v6 = dst.is_ipv6();
+    let proto = if v6 {
+        libc::IPPROTO_ICMPV6
+    } else {
+        libc::IPPROTO_ICMP
+    };
+    let s = socket(family(dst), libc::SOCK_DGRAM, proto)?;
+    // A ping socket sets the id (its "port") and the checksum itself.
+    send_to(
+        s.as_raw_fd(),
+        &echo_request(v6, 0),
+        0,
+        SocketAddr::new(dst.ip(), 0),
+        "sendto",
+    )?;
+    let want = if v6 { 129 } else { 0 };
+    await_reply(s.as_raw_fd(), |m| m.first() == Some(&want))
+}
+
+fn icmp_raw(dst: SocketAddr) -> io::Result<()> {
+    let v6 = dst.is_ipv6();
+    let proto = if v6 {
+        libc::IPPROTO_ICMPV6
+    } else {
+        libc::IPPROTO_ICMP
+    };
+    let s = socket(family(dst), libc::SOCK_RAW, proto)?;
+    let id = (std::process::id() & 0xffff) as u16;
+    send_to(
+        s.as_raw_fd(),
+        &echo_request(v6, id),
+        0,
+        SocketAddr::new(dst.ip(), 0),
+        "sendto",
+    )?;
+    // A raw ICMP socket also sees our own request on lo, and other processes' traffic;
+    // an IPv4 one gets the IP header too.
+    await_reply(s.as_raw_fd(), |m| {
+        let icmp = if v6 {
+            m
+        } else {
+            m.get(usize::from(m.first().map_or(0, |b| b & 0x0f)) * 4..)
+                .unwrap_or_default()
+        };
+        let want = if v6 { 129 } else { 0 };
+        icmp.len() >= 8 && icmp[0] == want && icmp[4..6] == id.to_be_bytes()
+    })
+}
+
+fn packet(dst: SocketAddr) -> io::Result<()> {
+    let SocketAddr::V4(d) = dst else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "packet: IPv4 destinations only",
+        ));
+    };
+    let s = socket(
+        libc::AF_PACKET,
+        libc::SOCK_RAW,
+        i32::from((libc::ETH_P_IP as u16).to_be()),
+    )?;
+    let lo = CString::new("lo").expect("no NUL");
+    // SAFETY: a valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(lo.as_ptr()) };
+    if ifindex == 0 {
+        return Err(step("if_nametoindex(lo)", io::Error::last_os_error()));
+    }
+    // Ethernet (lo's all-zero addresses), IPv4, UDP, payload. The source must not be a
+    // local address: an injected packet (unlike one the stack sent through lo) is routed on
+    // input, and `fib_validate_source` drops a local source as martian.
+    let src = std::net::Ipv4Addr::new(203, 0, 113, 1);
+    let udp = udp_datagram(d.port());
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + udp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, libc::IPPROTO_UDP as u8, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&d.ip().octets());
+    let c = inet_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&udp);
+
+    // SAFETY: all-zero is a valid sockaddr_ll.
+    let mut ll: libc::sockaddr_ll = unsafe { mem::zeroed() };
+    ll.sll_family = libc::AF_PACKET as u16;
+    ll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+    ll.sll_ifindex = ifindex as i32;
+    ll.sll_halen = 6;
+    // SAFETY: a valid frame and sockaddr_ll.
+    let n = unsafe {
+        libc::sendto(
+            s.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            ptr::from_ref(&ll).cast(),
+            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    let n = check(n as libc::c_long, "sendto")?;
+    if n as usize == frame.len() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "sent {n} of {} bytes",
+            frame.len()
+        )))
+    }
+}
+
+fn fork_connect(dst: SocketAddr) -> io::Result<()> {
+    // Nothing is buffered yet, but a child that inherited buffered output would print it
+    // twice.
+    io::stdout().flush()?;
+    // SAFETY: the probe is single-threaded; the child only connects and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    check(pid.into(), "fork")?;
+    if pid == 0 {
+        // The child's result travels in its exit status: 0, or the errno (255: none).
+        let code = match tcp_connect(dst) {
+            Ok(()) => 0,
+            Err(e) => errno_of(&e).filter(|n| (1..255).contains(n)).unwrap_or(255),
+        };
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    check(rc.into(), "waitpid")?;
+    let what = format!("forked child {pid}");
+    if !libc::WIFEXITED(status) {
+        return Err(io::Error::other(format!(
+            "{what} died (status {status:#x})"
+        )));
+    }
+    match libc::WEXITSTATUS(status) {
+        0 => Ok(()),
+        255 => Err(io::Error::other(format!(
+            "{what} failed without an OS error"
+        ))),
+        n => Err(step(what, io::Error::from_raw_os_error(n))),
+    }
+}
+
+fn reexec_connect(dst: SocketAddr) -> io::Result<()> {
+    let me = std::env::current_exe()?;
+    let arg = |b: &[u8]| CString::new(b).map_err(|_| io::Error::other("NUL in an argument"));
+    let sh = arg(b"/bin/sh")?;
+    let argv = [
+        arg(b"sh")?,
+        arg(b"-c")?,
+        arg(b"exec \"$0\" tcp-connect \"$1\"")?,
+        arg(me.as_os_str().as_bytes())?,
+        arg(dst.to_string().as_bytes())?,
+    ];
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(ptr::null());
+    io::stdout().flush()?;
+    // SAFETY: NUL-terminated strings and a NULL-terminated array that outlive the call;
+    // on success this process becomes the shell, which then becomes the probe again.
+    unsafe { libc::execv(sh.as_ptr(), ptrs.as_ptr()) };
+    Err(step("execv /bin/sh", io::Error::last_os_error()))
+}
+
 fn short_write(n: usize) -> io::Result<()> {
     if n == PAYLOAD.len() {
         Ok(())
@@ -93,8 +833,7 @@ fn report(result: &io::Result<()>) -> String {
     match result {
         Ok(()) => format!(r#"{{"ok":true,"pid":{pid}}}"#),
         Err(e) => {
-            let errno = e
-                .raw_os_error()
+            let errno = errno_of(e)
                 .map(|n| format!(r#""errno":{n},"#))
                 .unwrap_or_default();
             let error = serde_json::Value::from(e.to_string());
@@ -106,7 +845,7 @@ fn report(result: &io::Result<()>) -> String {
 fn usage() -> ExitCode {
     let mut text = String::from("usage: egress-probe ACTION ADDR:PORT\nactions:\n");
     for (name, _, help) in ACTIONS {
-        text.push_str(&format!("  {name:<14} {help}\n"));
+        text.push_str(&format!("  {name:<16} {help}\n"));
     }
     eprint!("{text}");
     ExitCode::from(2)
@@ -149,5 +888,23 @@ mod tests {
         assert_eq!(v["error"], "sent 3 of 6 \"bytes\"");
         assert!(v.get("errno").is_none(), "{other}");
         assert!(!other.contains('\n'));
+    }
+
+    #[test]
+    fn a_named_step_keeps_its_errno() {
+        let e = step("io_uring_setup", io::Error::from_raw_os_error(libc::EPERM));
+        let v: serde_json::Value = serde_json::from_str(&report(&Err(e))).unwrap();
+        assert_eq!(v["errno"], 1);
+        assert_eq!(
+            v["error"],
+            "io_uring_setup: Operation not permitted (os error 1)"
+        );
+    }
+
+    #[test]
+    fn checksums_match_the_rfc_1071_example() {
+        // RFC 1071's example sums to 0xddf2; the checksum is its complement.
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(inet_checksum(&data), !0xddf2);
     }
 }

@@ -1,0 +1,32 @@
+//! The resolver's handling of a client's query on arbitrary bytes: drop, answer at once,
+//! refuse or forward; never panic. A forwarded query's names must all be permitted.
+#![no_main]
+
+use std::{path::Path, sync::LazyLock};
+
+use egress_agent::{
+    policy::{self, Policy},
+    resolver::{answer::normalize, screen::{Screened, screen}},
+};
+use libfuzzer_sys::fuzz_target;
+
+static POLICY: LazyLock<Policy> = LazyLock::new(|| {
+    policy::parse_str(
+        "version: 1\nallow:\n  - host: ok.example.com\n    ports: [443]\n  \
+         - host: \"*.wild.example.com\"\n  - cidr: 192.0.2.0/24\n",
+        Path::new("fuzz.yaml"),
+    )
+    .expect("the fuzz policy is valid")
+});
+
+fuzz_target!(|data: &[u8]| {
+    if let Screened::Forward(msg) = screen(data, &POLICY) {
+        for q in msg.queries() {
+            assert!(
+                !POLICY.host_rules_for(&normalize(q.name())).is_empty(),
+                "forwarded a name no rule permits: {}",
+                q.name()
+            );
+        }
+    }
+});

@@ -1,0 +1,1077 @@
+//! The sidecar topology and the agent's lifecycle, against the kernel: a simulated pod (a pod
+//! cgroup with `app` and `sidecar` children) in a [`DnsWorld`] (a namespace of our own with
+//! dnsmasq on 192.0.2.53 and echo servers on documentation addresses), the real
+//! `egress-agent attach --cgroup <pod>` running in `sidecar`, and python3 scripts in `app`
+//! standing in for the workload.
+//!
+//! Covered: enforcement on the app with the agent's own upstream DNS exempt, discovery from a
+//! pod UID, health and metrics, kill -9 (fail closed, adoption by a restarted agent), SIGTERM
+//! with and without `--detach-on-exit`, hot reload (in place, invalid, rename, ConfigMap
+//! `..data` swap, a removed rule), `detach`, and a policy narrowed across a restart (the
+//! adopted DNS-derived entries of a name no longer permitted must go too).
+//!
+//! Every "remote" address is on the namespace's `lo`: without enforcement every connect here
+//! would succeed, so an `EPERM` is the programs' doing.
+//!
+//! Build the agent first; run as root, one thread:
+//! `cargo build -p egress-agent && cargo test -p egress-tests --test lifecycle -- --test-threads=1`.
+
+use std::{
+    collections::BTreeSet,
+    fs::{self, File},
+    io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
+    os::unix::fs::{MetadataExt as _, symlink},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use egress_tests::{
+    TestDir,
+    pod::{AgentPins, AttachAgent, AttachBuilder, Pod, agent_cli, http_get, metric},
+    poll_until, unique_name,
+    world::{DnsWorld, EchoListener, UPSTREAM, python3},
+};
+use serde_json::Value;
+
+/// How long to wait for an event, a query in dnsmasq's log or a metric.
+const WAIT: Duration = Duration::from_secs(5);
+/// How long an app script may run.
+const SCRIPT_WAIT: Duration = Duration::from_secs(20);
+/// Where the agent serves `/healthz`, `/readyz` and `/metrics` (inside the namespace).
+const HEALTH: &str = "127.0.0.1:9901";
+
+/// Permitted by most policies here: 198.51.100.10, TTL 300 s.
+const ALLOWED: &str = "allowed.example.com";
+const ALLOWED_IP: &str = "198.51.100.10";
+/// A second permitted name: 198.51.100.11, TTL 300 s.
+const SECOND: &str = "second.example.com";
+const SECOND_IP: &str = "198.51.100.11";
+/// A permitted name with a short TTL: 198.51.100.12, TTL 4 s.
+const SHORT: &str = "short.example.com";
+const SHORT_IP: &str = "198.51.100.12";
+const SHORT_TTL: u32 = 4;
+/// An address no rule names (until a test adds one).
+const DENIED_IP: &str = "198.51.100.20";
+
+/// `allowed.example.com` on 8080.
+const ALLOWED_RULE: &str = "  - host: allowed.example.com\n    ports: [8080]\n";
+/// `second.example.com` on 8080.
+const SECOND_RULE: &str = "  - host: second.example.com\n    ports: [8080]\n";
+/// `short.example.com` on 8080.
+const SHORT_RULE: &str = "  - host: short.example.com\n    ports: [8080]\n";
+/// The denied address, on 8080.
+const DENIED_IP_RULE: &str = "  - cidr: 198.51.100.20/32\n    ports: [8080]\n";
+
+/// An allowlist forwarding to the world's dnsmasq, TTLs as answered, no grace, with `rules`
+/// (YAML list items) under `allow:`.
+fn policy(rules: &str) -> String {
+    format!(
+        "version: 1\nname: pod-test\ndns:\n  upstream: [\"{UPSTREAM}\"]\n  min_ttl: 0s\n  \
+         max_ttl: 1h\n  grace: 0s\nallow:\n{rules}"
+    )
+}
+
+/// Helpers every app script starts with; a script adds results to `out`, which is printed
+/// as its last line.
+const PRELUDE: &str = r#"
+import errno, json, os, re, socket, subprocess, sys
+
+def fail(e):
+    return {"ok": False, "errno": e.errno, "error": errno.errorcode.get(e.errno, str(e))}
+
+def resolve(name):
+    try:
+        infos = socket.getaddrinfo(name, 8080, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return {"ok": False, "gai": e.errno, "error": str(e)}
+    return {"ok": True, "addrs": sorted({i[4][0] for i in infos})}
+
+def tcp(host, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(3)
+    try:
+        s.connect((host, port))
+        s.sendall(b"ping\n")
+        echo = b""
+        while len(echo) < 5:
+            chunk = s.recv(5 - len(echo))
+            if not chunk:
+                break
+            echo += chunk
+        return {"ok": echo == b"ping\n", "echo": echo.decode()}
+    except OSError as e:
+        return fail(e)
+    finally:
+        s.close()
+
+def dig(name):
+    p = subprocess.run(["dig", "+time=1", "+tries=1", name, "A"], capture_output=True,
+                       text=True)
+    m = re.search(r"status: (\w+)", p.stdout)
+    answers = re.findall(r"^\S+\s+\d+\s+IN\s+A\s+(\S+)$", p.stdout, re.M)
+    return {"rc": p.returncode, "status": m.group(1) if m else None,
+            "answers": sorted(answers), "out": p.stdout}
+
+out = {"pid": os.getpid()}
+"#;
+
+/// A long-lived TCP connection from the app: connects once, then exchanges a line each time
+/// it is asked to (a script reading stdin), so a test can see it survive a change.
+const LIVE_SCRIPT: &str = r#"
+import json, socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+    print(json.dumps({"ok": True}), flush=True)
+except OSError as e:
+    print(json.dumps({"ok": False, "error": str(e)}), flush=True)
+    sys.exit(0)
+for line in sys.stdin:
+    try:
+        s.sendall(b"live\n")
+        echo = b""
+        while len(echo) < 5:
+            chunk = s.recv(5 - len(echo))
+            if not chunk:
+                break
+            echo += chunk
+        print(json.dumps({"ok": echo == b"live\n", "echo": echo.decode()}), flush=True)
+    except OSError as e:
+        print(json.dumps({"ok": False, "error": str(e)}), flush=True)
+"#;
+
+/// Counter for script output files.
+static NEXT_SCRIPT: AtomicUsize = AtomicUsize::new(0);
+
+/// One test's sandbox. Fields drop in order: files, then the pins (agents, locals declared
+/// after this, are gone by then), the pod's cgroups, the echo servers and the namespace.
+struct Env {
+    files: TestDir,
+    pins: AgentPins,
+    pod: Pod,
+    listeners: Vec<EchoListener>,
+    world: DnsWorld,
+}
+
+impl Env {
+    /// A pod directly in a test cgroup, the agent named `egress-test-{pid}-{n}`.
+    fn new(rules: &str) -> Self {
+        Self::with_pod(Pod::new(), &unique_name(), rules)
+    }
+
+    /// `pod`, agents named `name`, the allowlist `allowlist.yaml` holding `policy(rules)`.
+    fn with_pod(pod: Pod, name: &str, rules: &str) -> Self {
+        let world = DnsWorld::builder()
+            .host_record(ALLOWED, &[ALLOWED_IP], Some(300))
+            .host_record(SECOND, &[SECOND_IP], Some(300))
+            .host_record(SHORT, &[SHORT_IP], Some(SHORT_TTL))
+            .start();
+        let listeners = [ALLOWED_IP, SECOND_IP, SHORT_IP, DENIED_IP]
+            .iter()
+            .map(|ip| world.listen_tcp(&format!("{ip}:8080")))
+            .chain([world.listen_tcp(&format!("{ALLOWED_IP}:9090"))])
+            .collect();
+        let env = Self {
+            files: TestDir::new(),
+            pins: AgentPins::new(name),
+            pod,
+            listeners,
+            world,
+        };
+        env.write_allowlist(&policy(rules));
+        env
+    }
+
+    /// The allowlist the agents watch.
+    fn allowlist(&self) -> PathBuf {
+        self.files.path().join("allowlist.yaml")
+    }
+
+    /// Rewrites the allowlist in place (same inode).
+    fn write_allowlist(&self, yaml: &str) {
+        let path = self.allowlist();
+        fs::write(&path, yaml).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
+
+    /// `egress-agent attach --allowlist A` in the sidecar, nothing else yet.
+    fn attach_bare(&self) -> AttachBuilder<'_> {
+        AttachAgent::builder(self.world.netns(), &self.pod.sidecar(), self.files.path())
+    }
+
+    /// `egress-agent attach --cgroup <pod> --name N --allowlist A` in the sidecar.
+    fn attach(&self) -> AttachBuilder<'_> {
+        self.attach_bare()
+            .arg("--cgroup")
+            .arg(self.pod.path())
+            .arg("--name")
+            .arg(self.pins.name())
+            .arg("--allowlist")
+            .arg(self.allowlist())
+    }
+
+    /// Starts an agent with `extra` arguments and waits until it is ready.
+    fn start_agent(&self, extra: &[&str]) -> AttachAgent {
+        let mut agent = self.attach().args(extra).start();
+        agent.wait_ready();
+        agent
+    }
+
+    /// Runs `body` (after [`PRELUDE`]) as a python3 script in `cgroup`; returns its JSON.
+    fn script_in(&self, cgroup: &Path, body: &str) -> Value {
+        let n = NEXT_SCRIPT.fetch_add(1, Ordering::Relaxed);
+        let stdout = self.files.path().join(format!("script-{n}.stdout"));
+        let stderr = self.files.path().join(format!("script-{n}.stderr"));
+        let script = format!("{PRELUDE}\n{body}\nprint(json.dumps(out), flush=True)\n");
+        let mut child = self
+            .pod
+            .command(self.world.netns(), cgroup, python3())
+            .arg("-c")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).expect("script stdout file"))
+            .stderr(File::create(&stderr).expect("script stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3: {e}"));
+        let status = poll_until(SCRIPT_WAIT, || child.try_wait().ok().flatten());
+        if status.is_none() {
+            // The process this test started.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let read = |p: &Path| fs::read_to_string(p).unwrap_or_default();
+        let text = read(&stdout);
+        text.lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "the script printed no JSON (status {status:?})\nscript:\n{body}\nstdout:\n\
+                     {text}\nstderr:\n{}",
+                    read(&stderr)
+                )
+            })
+    }
+
+    /// A script in the app's cgroup.
+    fn app(&self, body: &str) -> Value {
+        self.script_in(&self.pod.app(), body)
+    }
+
+    /// A TCP connect (and echo) from the app.
+    fn app_tcp(&self, ip: &str, port: u16) -> Value {
+        self.app(&format!("out['r'] = tcp('{ip}', {port})"))
+    }
+
+    /// A lookup through the system resolver from the app, then a connect to its first
+    /// answer on 8080.
+    fn app_resolve_and_connect(&self, name: &str) -> Value {
+        self.app(&format!(
+            "out['resolve'] = resolve('{name}')\n\
+             out['r'] = tcp(out['resolve']['addrs'][0], 8080) if out['resolve']['ok'] else None"
+        ))
+    }
+
+    /// `dig NAME` from the app (one try, 1 s).
+    fn app_dig(&self, name: &str) -> Value {
+        self.app(&format!("out['r'] = dig('{name}')"))
+    }
+
+    /// A connection from the app that stays open.
+    fn live_connection(&self, ip: &str, port: u16) -> LiveConnection {
+        let mut child = self
+            .pod
+            .command(self.world.netns(), &self.pod.app(), python3())
+            .arg("-c")
+            .arg(LIVE_SCRIPT)
+            .arg(ip)
+            .arg(port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3: {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut live = LiveConnection {
+            child,
+            stdin: Some(stdin),
+            stdout,
+        };
+        let first = live.line();
+        assert_eq!(first["ok"], true, "the live connection opens: {first}");
+        live
+    }
+
+    /// `GET path` on the agent's health address.
+    fn health(&self, path: &str) -> (u16, String) {
+        let addr: SocketAddr = HEALTH.parse().expect("health address");
+        http_get(self.world.netns(), addr, path)
+            .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
+    }
+
+    /// Waits until the metric `series` satisfies `ok`; returns the last /metrics text.
+    fn wait_metric(&self, series: &str, ok: impl Fn(f64) -> bool) -> String {
+        let mut last = String::new();
+        let found = poll_until(WAIT, || {
+            let (code, body) = self.health("/metrics");
+            assert_eq!(code, 200, "/metrics answers 200: {body}");
+            let v = metric(&body, series);
+            last = body;
+            v.filter(|v| ok(*v))
+        });
+        assert!(found.is_some(), "{series} never as expected in:\n{last}");
+        last
+    }
+
+    /// `egress-agent status --name N --json`.
+    fn status(&self) -> Value {
+        let (code, out, err) = agent_cli(&["status", "--name", self.pins.name(), "--json"]);
+        assert_eq!(code, 0, "status --name {} exits 0: {err}", self.pins.name());
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+    }
+
+    /// The listener on `ip`:`port`.
+    fn listener(&self, ip: &str, port: u16) -> &EchoListener {
+        let want: SocketAddr = format!("{ip}:{port}").parse().expect("address");
+        self.listeners
+            .iter()
+            .find(|l| l.addr() == want)
+            .unwrap_or_else(|| panic!("no listener on {want}"))
+    }
+}
+
+/// A long-lived app connection (see [`LIVE_SCRIPT`]). Dropping it ends the script.
+struct LiveConnection {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl LiveConnection {
+    fn line(&mut self) -> Value {
+        let mut line = String::new();
+        // The script answers within its 3 s socket timeout, or exits (EOF).
+        let _ = self.stdout.read_line(&mut line);
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("live script said {line:?}: {e}"))
+    }
+
+    /// Sends a line over the open connection and reads the echo.
+    fn exchange(&mut self) -> Value {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin
+            .write_all(b"go\n")
+            .and_then(|()| stdin.flush())
+            .expect("the live script reads its stdin");
+        self.line()
+    }
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        // EOF ends the script; then make sure (the process this test started).
+        drop(self.stdin.take());
+        if poll_until(Duration::from_secs(2), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .is_none()
+        {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The cgroup v2 id of `dir` (its inode).
+fn cgroup_id(dir: &Path) -> u64 {
+    fs::metadata(dir)
+        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", dir.display()))
+        .ino()
+}
+
+/// `out` is a successful TCP exchange.
+#[track_caller]
+fn assert_connected(what: &str, out: &Value, agent: &AttachAgent) {
+    assert_eq!(
+        out["r"]["ok"],
+        true,
+        "{what}: the connect should work: {out}\n{}",
+        agent.output()
+    );
+}
+
+/// `out` failed with `EPERM`.
+#[track_caller]
+fn assert_eperm(what: &str, out: &Value, agent: &AttachAgent) {
+    assert_eq!(
+        out["r"]["error"],
+        "EPERM",
+        "{what}: expected EPERM, got {out}\n{}",
+        agent.output()
+    );
+}
+
+/// Waits for the agent's deny event for the app process `pid` to `ip`:`port`.
+#[track_caller]
+fn wait_deny(agent: &AttachAgent, pid: &Value, ip: &str, port: u16) -> Value {
+    agent
+        .wait_event(WAIT, |e| {
+            e["event"] == "deny" && e["pid"] == *pid && e["dst"] == ip && e["port"] == port
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no deny event for pid {pid} to {ip}:{port}\n{}",
+                agent.output()
+            )
+        })
+}
+
+/// Waits for a `policy-reloaded` (or fails on a `policy-rejected`) after `seen` events.
+#[track_caller]
+fn wait_reloaded(agent: &AttachAgent, seen: usize) -> Value {
+    let ev = poll_until(WAIT, || {
+        agent
+            .events()
+            .into_iter()
+            .skip(seen)
+            .find(|e| e["event"] == "policy-reloaded" || e["event"] == "policy-rejected")
+    })
+    .unwrap_or_else(|| panic!("no policy-reloaded event\n{}", agent.output()));
+    assert_eq!(
+        ev["event"],
+        "policy-reloaded",
+        "the new allowlist is valid: {ev}\n{}",
+        agent.output()
+    );
+    ev
+}
+
+#[test]
+fn sidecar_agent_enforces_the_app_and_reaches_its_upstream() {
+    let env = Env::new(ALLOWED_RULE);
+    let mut agent = env.start_agent(&["--health", HEALTH]);
+    let events = agent.events();
+    assert_eq!(events[0]["event"], "ready", "{}", agent.output());
+    assert_eq!(events[0]["name"], env.pins.name(), "{}", agent.output());
+    assert_eq!(
+        events[0]["cgroup"],
+        env.pod.path().to_str().expect("utf-8 path"),
+        "the agent enforces on the pod cgroup\n{}",
+        agent.output()
+    );
+    assert_eq!(events[0]["cgroup_id"], cgroup_id(env.pod.path()));
+    let procs = fs::read_to_string(env.pod.sidecar().join("cgroup.procs")).expect("sidecar procs");
+    assert!(
+        procs.lines().any(|l| l.trim() == agent.pid().to_string()),
+        "the agent runs in the sidecar cgroup: {procs:?}"
+    );
+
+    assert_eq!(env.health("/healthz"), (200, "ok\n".into()));
+    assert_eq!(env.health("/readyz"), (200, "ready\n".into()));
+
+    // The app: an address no rule names is denied by the kernel, and reported.
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("app to a denied address", &out, &agent);
+    let deny = wait_deny(&agent, &out["pid"], DENIED_IP, 8080);
+    assert_eq!(deny["reason"], "no-rule", "{deny}");
+    assert_eq!(deny["proto"], "tcp", "{deny}");
+    assert_eq!(
+        deny["cgroup"],
+        cgroup_id(&env.pod.app()),
+        "the deny names the app's cgroup: {deny}"
+    );
+    assert_eq!(env.listener(DENIED_IP, 8080).accepted(), 0);
+
+    // A permitted name: the app's lookup goes to the agent's resolver, which asks dnsmasq
+    // from the sidecar cgroup (inside the enforced pod cgroup: exempt, or it would loop back
+    // to itself), allows the answer, and the connect works.
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_eq!(
+        out["resolve"]["addrs"],
+        Value::from(vec![ALLOWED_IP]),
+        "{out}\n{}",
+        agent.output()
+    );
+    assert_connected("app to a permitted name", &out, &agent);
+    assert!(
+        env.world.wait_query(ALLOWED, WAIT),
+        "the agent's upstream query reached dnsmasq:\n{}",
+        env.world.log()
+    );
+
+    // A name no rule permits: REFUSED by the agent, never forwarded.
+    let out = env.app_dig("exfil.evil.test");
+    assert_eq!(out["r"]["status"], "REFUSED", "{out}\n{}", agent.output());
+    agent
+        .wait_event(WAIT, |e| {
+            e["event"] == "dns-refused" && e["query"] == "exfil.evil.test"
+        })
+        .unwrap_or_else(|| panic!("no dns-refused event\n{}", agent.output()));
+    assert!(
+        !env.world.queries().iter().any(|q| q == "exfil.evil.test"),
+        "a refused name reached the upstream:\n{}",
+        env.world.log()
+    );
+
+    // Only the agent's own cgroup is exempt: the same connect from the sidecar works.
+    let out = env.script_in(
+        &env.pod.sidecar(),
+        &format!("out['r'] = tcp('{DENIED_IP}', 8080)"),
+    );
+    assert_connected("sidecar to the denied address", &out, &agent);
+
+    // Metrics: the kernel's and the agent's counters.
+    let text = env.wait_metric("egress_deny_events_total{reason=\"no-rule\"}", |v| v >= 1.0);
+    for (series, min) in [
+        ("egress_allowed_total", 1.0),
+        ("egress_denied_total", 1.0),
+        ("egress_dns_queries_total", 2.0),
+        ("egress_dns_refused_total", 1.0),
+        ("egress_dns_map_entries", 1.0),
+        ("egress_ready", 1.0),
+    ] {
+        let v = metric(&text, series);
+        assert!(
+            v.is_some_and(|v| v >= min),
+            "{series} >= {min}, got {v:?}:\n{text}"
+        );
+    }
+    for series in [
+        "egress_ringbuf_drops_total",
+        "egress_policy_reloads_total{outcome=\"applied\"}",
+        "egress_policy_reloads_total{outcome=\"rejected\"}",
+    ] {
+        assert_eq!(metric(&text, series), Some(0.0), "{series}:\n{text}");
+    }
+
+    // status: enforcing, the agent running, the deny among the latest.
+    let status = poll_until(WAIT, || {
+        let s = env.status();
+        let seen = s["agent"]["latest_denies"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["dst"] == DENIED_IP));
+        seen.then_some(s)
+    })
+    .unwrap_or_else(|| panic!("status never lists the deny: {}", env.status()));
+    assert_eq!(status["name"], env.pins.name(), "{status}");
+    assert_eq!(status["enforcing"], true, "{status}");
+    assert_eq!(status["agent_running"], true, "{status}");
+    assert_eq!(status["agent"]["pid"], agent.pid(), "{status}");
+    assert_eq!(status["mode"], "enforce", "{status}");
+    assert_ne!(status["dns_port"], 0, "{status}");
+    assert!(status["denied"].as_u64() >= Some(1), "{status}");
+    assert!(status["dns_entries"].as_u64() >= Some(1), "{status}");
+
+    assert_eq!(agent.terminate().code(), Some(0), "{}", agent.output());
+}
+
+#[test]
+fn pod_uid_finds_the_pod_cgroup_under_a_kubelet_layout() {
+    // Unique per run (pid, and a counter of this process): the default instance name is
+    // pod-<uid>.
+    let uid = format!(
+        "{:08x}-{:04x}-4000-8000-00000000e9e5",
+        std::process::id(),
+        NEXT_SCRIPT.fetch_add(1, Ordering::Relaxed) & 0xffff
+    );
+    let under = uid.replace('-', "_");
+    let qos = Path::new("kubepods.slice/kubepods-burstable.slice");
+    let mut pod = Pod::below(&qos.join(format!("kubepods-burstable-pod{under}.slice")));
+    // A neighbour pod in the same QoS class, never to be touched.
+    let neighbour = pod
+        .base()
+        .join(qos)
+        .join("kubepods-burstable-pod00000000_0000_4000_8000_000000000000.slice");
+    pod.mkdir(&neighbour);
+    pod.mkdir(&neighbour.join("app"));
+    let env = Env::with_pod(pod, &format!("pod-{uid}"), ALLOWED_RULE);
+
+    let mut agent = env
+        .attach_bare()
+        .arg("--pod-uid")
+        .arg(&uid)
+        .arg("--cgroup-root")
+        .arg(env.pod.base())
+        .arg("--allowlist")
+        .arg(env.allowlist())
+        .start();
+    let ready = agent.wait_ready();
+    assert_eq!(
+        ready["name"],
+        format!("pod-{uid}"),
+        "the default name comes from the pod UID\n{}",
+        agent.output()
+    );
+    assert_eq!(
+        ready["cgroup"],
+        env.pod.path().to_str().expect("utf-8 path"),
+        "the pod's cgroup was found from its UID\n{}",
+        agent.output()
+    );
+    assert!(
+        env.pins.dir().join("links").is_dir(),
+        "pinned under pod-<uid>"
+    );
+
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("app to a denied address", &out, &agent);
+    wait_deny(&agent, &out["pid"], DENIED_IP, 8080);
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("app to a permitted name", &out, &agent);
+
+    let out = env.script_in(
+        &neighbour.join("app"),
+        &format!("out['r'] = tcp('{DENIED_IP}', 8080)"),
+    );
+    assert_connected("the neighbour pod is not enforced", &out, &agent);
+    assert_eq!(agent.terminate().code(), Some(0), "{}", agent.output());
+}
+
+#[test]
+fn kill_9_keeps_enforcement_and_a_restarted_agent_adopts_it() {
+    let env = Env::new(&format!("{ALLOWED_RULE}{SECOND_RULE}{SHORT_RULE}"));
+    let mut first = env.start_agent(&[]);
+    let links_before = env.pins.links();
+    let generations_before = env.pins.generations();
+    assert_eq!(
+        links_before.len(),
+        9,
+        "8 sock_addr + sock_create links: {links_before:?}"
+    );
+    assert_eq!(generations_before.len(), 1, "{links_before:?}");
+    let maps_before = env.pins.maps();
+
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("before the kill: allowed name", &out, &first);
+    let out = env.app_resolve_and_connect(SHORT);
+    assert_connected("before the kill: short-TTL name", &out, &first);
+
+    first.kill9();
+
+    // Fail closed: the kernel still denies, and the entries answered before stay.
+    let out = env.app_tcp(SHORT_IP, 8080);
+    assert_connected(
+        "after the kill: short-TTL address before its expiry",
+        &out,
+        &first,
+    );
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("after the kill: denied address", &out, &first);
+    let out = env.app_tcp(ALLOWED_IP, 8080);
+    assert_connected("after the kill: address answered before", &out, &first);
+    // No resolver: the steered port has nothing listening, and nothing reaches dnsmasq.
+    let out = env.app_dig(SECOND);
+    assert_ne!(out["r"]["rc"], 0, "dig fails without the agent: {out}");
+    assert_eq!(
+        out["r"]["answers"],
+        Value::from(Vec::<&str>::new()),
+        "{out}"
+    );
+    let out = env.app_resolve_and_connect(SECOND);
+    assert_eq!(out["resolve"]["ok"], false, "getaddrinfo fails: {out}");
+    // The kernel checks expiry itself: the short-TTL address closes without any agent.
+    let expired = poll_until(Duration::from_secs(u64::from(SHORT_TTL) + 3), || {
+        let out = env.app_tcp(SHORT_IP, 8080);
+        (out["r"]["error"] == "EPERM").then_some(())
+    });
+    assert!(
+        expired.is_some(),
+        "the short-TTL address expires with no agent: {}",
+        env.app_tcp(SHORT_IP, 8080)
+    );
+    let out = env.app_tcp(ALLOWED_IP, 8080);
+    assert_connected("after the kill: a long-TTL address stays", &out, &first);
+    assert!(
+        !env.world.queries().iter().any(|q| q == SECOND),
+        "a query reached dnsmasq with no agent:\n{}",
+        env.world.log()
+    );
+
+    let status = env.status();
+    assert_eq!(status["enforcing"], true, "{status}");
+    assert_eq!(status["agent_running"], false, "{status}");
+    assert_eq!(status["agent"]["pid"], first.pid(), "{status}");
+
+    // A new agent of the same name adopts the pins.
+    let mut second = env.start_agent(&[]);
+    second
+        .wait_event(WAIT, |e| {
+            e["event"] == "warning"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("adopted the pinned state"))
+        })
+        .unwrap_or_else(|| panic!("no adopted warning\n{}", second.output()));
+    let links_after = env.pins.links();
+    let generations_after = env.pins.generations();
+    assert_eq!(
+        links_after.len(),
+        9,
+        "one generation of link pins: {links_after:?}"
+    );
+    assert_eq!(generations_after.len(), 1, "{links_after:?}");
+    assert_ne!(
+        generations_after, generations_before,
+        "the new agent pinned its own links"
+    );
+    assert_eq!(env.pins.maps(), maps_before, "the same maps");
+    assert_eq!(
+        env.pod.children(),
+        BTreeSet::from(["app".to_owned(), "sidecar".to_owned()]),
+        "no cgroup appeared in the pod"
+    );
+
+    let out = env.app_tcp(ALLOWED_IP, 8080);
+    assert_connected("after the restart: adopted entry", &out, &second);
+    let out = env.app_resolve_and_connect(SECOND);
+    assert_eq!(
+        out["resolve"]["addrs"],
+        Value::from(vec![SECOND_IP]),
+        "DNS works again: {out}\n{}",
+        second.output()
+    );
+    assert_connected("after the restart: new name", &out, &second);
+    assert!(env.world.wait_query(SECOND, WAIT), "{}", env.world.log());
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("after the restart: denied address", &out, &second);
+    wait_deny(&second, &out["pid"], DENIED_IP, 8080);
+
+    let status = env.status();
+    assert_eq!(status["agent_running"], true, "{status}");
+    assert_eq!(status["agent"]["pid"], second.pid(), "{status}");
+    assert_eq!(second.terminate().code(), Some(0), "{}", second.output());
+}
+
+#[test]
+fn sigterm_keeps_enforcement_unless_detach_on_exit() {
+    let env = Env::new(ALLOWED_RULE);
+    let mut first = env.start_agent(&[]);
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("agent running", &out, &first);
+    assert_eq!(first.terminate().code(), Some(0), "{}", first.output());
+
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("after SIGTERM", &out, &first);
+    assert_eq!(env.pins.links().len(), 9, "the links stay pinned");
+    let status = env.status();
+    assert_eq!(status["enforcing"], true, "{status}");
+    assert_eq!(status["agent_running"], false, "{status}");
+
+    let mut second = env.start_agent(&["--detach-on-exit"]);
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("second agent running", &out, &second);
+    assert_eq!(second.terminate().code(), Some(0), "{}", second.output());
+    assert!(
+        !env.pins.dir().exists(),
+        "--detach-on-exit removes the pins: {:?}",
+        env.pins.links()
+    );
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_connected("after SIGTERM with --detach-on-exit", &out, &second);
+    assert!(env.listener(DENIED_IP, 8080).wait_accepted(1, WAIT));
+    let (code, _, err) = agent_cli(&["status", "--name", env.pins.name()]);
+    assert_eq!(code, 1, "status of a detached name fails: {err}");
+}
+
+#[test]
+fn detach_removes_the_pins_and_fails_the_second_time() {
+    let env = Env::new(ALLOWED_RULE);
+    let mut agent = env.start_agent(&[]);
+    assert_eq!(agent.terminate().code(), Some(0), "{}", agent.output());
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("after SIGTERM", &out, &agent);
+
+    let name = env.pins.name();
+    let (code, stdout, stderr) = agent_cli(&["detach", "--name", name]);
+    assert_eq!(code, 0, "detach: {stdout} {stderr}");
+    assert_eq!(stdout.trim(), format!("detached {name}"));
+    assert!(
+        !env.pins.dir().exists(),
+        "pins left: {:?}",
+        env.pins.links()
+    );
+    assert!(
+        !egress_tests::pod::state_dir(name).exists(),
+        "the state file is removed too"
+    );
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_connected("after detach", &out, &agent);
+
+    let (code, stdout, stderr) = agent_cli(&["detach", "--name", name]);
+    assert_eq!(code, 1, "a second detach finds nothing: {stdout} {stderr}");
+    assert!(
+        stderr.contains("nothing pinned"),
+        "the error says so: {stderr}"
+    );
+}
+
+#[test]
+fn reload_in_place_applies_a_new_rule_and_keeps_live_connections() {
+    let env = Env::new(ALLOWED_RULE);
+    let agent = env.start_agent(&["--health", HEALTH]);
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("allowed name", &out, &agent);
+    let out = env.app_tcp(ALLOWED_IP, 9090);
+    assert_eperm("another port of the allowed name", &out, &agent);
+    let deny = wait_deny(&agent, &out["pid"], ALLOWED_IP, 9090);
+    assert_eq!(deny["reason"], "port", "{deny}");
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("denied address", &out, &agent);
+    let mut live = env.live_connection(ALLOWED_IP, 8080);
+    let inode = fs::metadata(env.allowlist()).expect("allowlist").ino();
+
+    let seen = agent.events().len();
+    env.write_allowlist(&policy(&format!(
+        "{ALLOWED_RULE}  - host: allowed.example.com\n    ports: [9090]\n{DENIED_IP_RULE}"
+    )));
+    assert_eq!(
+        fs::metadata(env.allowlist()).expect("allowlist").ino(),
+        inode,
+        "edited in place"
+    );
+    let ev = wait_reloaded(&agent, seen);
+    assert_eq!(
+        ev["file"],
+        env.allowlist().to_str().expect("utf-8 path"),
+        "{ev}"
+    );
+    assert!(
+        ev["summary"].as_str().is_some_and(|s| !s.is_empty()),
+        "{ev}"
+    );
+
+    // The new port of a name answered before the reload: no new lookup needed.
+    let out = env.app_tcp(ALLOWED_IP, 9090);
+    assert_connected("the newly allowed port", &out, &agent);
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_connected("the newly allowed address", &out, &agent);
+    let out = env.app_tcp(ALLOWED_IP, 8080);
+    assert_connected("the old rule", &out, &agent);
+    let echo = live.exchange();
+    assert_eq!(
+        echo["ok"], true,
+        "the live connection survives the reload: {echo}"
+    );
+    assert!(
+        agent.events_of("policy-rejected").is_empty(),
+        "{}",
+        agent.output()
+    );
+    env.wait_metric("egress_policy_reloads_total{outcome=\"applied\"}", |v| {
+        v == 1.0
+    });
+}
+
+#[test]
+fn invalid_reload_is_rejected_and_the_old_policy_stays() {
+    let env = Env::new(ALLOWED_RULE);
+    let agent = env.start_agent(&["--health", HEALTH]);
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("allowed name", &out, &agent);
+
+    let seen = agent.events().len();
+    let bad = policy(&format!(
+        "{ALLOWED_RULE}  - host: second.example.com\n    ports: [70000]\n"
+    ));
+    let at = bad.find("70000").expect("the bad port");
+    let line = bad[..at].matches('\n').count() + 1;
+    env.write_allowlist(&bad);
+    let ev = poll_until(WAIT, || {
+        agent
+            .events()
+            .into_iter()
+            .skip(seen)
+            .find(|e| e["event"] == "policy-rejected" || e["event"] == "policy-reloaded")
+    })
+    .unwrap_or_else(|| panic!("no policy-rejected event\n{}", agent.output()));
+    let file = env.allowlist();
+    assert_eq!(ev["event"], "policy-rejected", "{ev}\n{}", agent.output());
+    assert_eq!(ev["file"], file.to_str().expect("utf-8 path"), "{ev}");
+    assert_eq!(ev["line"], line, "{ev}");
+    let error = ev["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with(&format!("{}:{line}:", file.display())) && error.contains("70000"),
+        "the error names file:line:col, the field and the value: {ev}"
+    );
+    let text = env.wait_metric("egress_policy_reloads_total{outcome=\"rejected\"}", |v| {
+        v == 1.0
+    });
+    assert_eq!(
+        metric(&text, "egress_policy_reloads_total{outcome=\"applied\"}"),
+        Some(0.0),
+        "{text}"
+    );
+
+    // The old policy keeps running.
+    let out = env.app_tcp(ALLOWED_IP, 8080);
+    assert_connected("the entry answered before", &out, &agent);
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("the allowed name, looked up again", &out, &agent);
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("still denied", &out, &agent);
+    let out = env.app_dig(SECOND);
+    assert_eq!(
+        out["r"]["status"], "REFUSED",
+        "the rejected file's name is not permitted: {out}"
+    );
+
+    // Fixed: applied, and counted once.
+    let seen = agent.events().len();
+    env.write_allowlist(&policy(&format!("{ALLOWED_RULE}{SECOND_RULE}")));
+    wait_reloaded(&agent, seen);
+    let out = env.app_resolve_and_connect(SECOND);
+    assert_connected("the fixed file's new name", &out, &agent);
+    let text = env.wait_metric("egress_policy_reloads_total{outcome=\"applied\"}", |v| {
+        v == 1.0
+    });
+    assert_eq!(
+        metric(&text, "egress_policy_reloads_total{outcome=\"rejected\"}"),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn allowlist_replaced_by_rename_is_applied() {
+    let env = Env::new(ALLOWED_RULE);
+    let agent = env.start_agent(&[]);
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("before", &out, &agent);
+
+    let seen = agent.events().len();
+    let new = env.files.path().join("allowlist.yaml.new");
+    fs::write(&new, policy(&format!("{ALLOWED_RULE}{DENIED_IP_RULE}"))).expect("new file");
+    fs::rename(&new, env.allowlist()).expect("rename over the allowlist");
+    let ev = wait_reloaded(&agent, seen);
+    assert_eq!(
+        ev["file"],
+        env.allowlist().to_str().expect("utf-8 path"),
+        "{ev}"
+    );
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_connected("after the rename", &out, &agent);
+}
+
+#[test]
+fn configmap_data_symlink_swap_is_applied() {
+    let env = Env::new(ALLOWED_RULE);
+    // What the kubelet mounts: allowlist.yaml -> ..data/allowlist.yaml, ..data -> ..<ts>.
+    let cm = env.files.path().join("configmap");
+    let version = |name: &str, yaml: &str| {
+        let dir = cm.join(name);
+        fs::create_dir_all(&dir).expect("configmap version dir");
+        fs::write(dir.join("allowlist.yaml"), yaml).expect("configmap file");
+    };
+    version("..2026_11_25_a", &policy(ALLOWED_RULE));
+    symlink("..2026_11_25_a", cm.join("..data")).expect("..data symlink");
+    symlink("..data/allowlist.yaml", cm.join("allowlist.yaml")).expect("key symlink");
+    let file = cm.join("allowlist.yaml");
+
+    let mut agent = env
+        .attach_bare()
+        .arg("--cgroup")
+        .arg(env.pod.path())
+        .arg("--name")
+        .arg(env.pins.name())
+        .arg("--allowlist")
+        .arg(&file)
+        .start();
+    agent.wait_ready();
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("before", &out, &agent);
+    let out = env.app_dig(SECOND);
+    assert_eq!(out["r"]["status"], "REFUSED", "before: {out}");
+
+    // The kubelet's update: a new version directory, a new ..data link renamed over the
+    // old one (atomic), then the old version removed.
+    let seen = agent.events().len();
+    version(
+        "..2026_11_25_b",
+        &policy(&format!("{ALLOWED_RULE}{SECOND_RULE}{DENIED_IP_RULE}")),
+    );
+    symlink("..2026_11_25_b", cm.join("..data_tmp")).expect("..data_tmp symlink");
+    fs::rename(cm.join("..data_tmp"), cm.join("..data")).expect("swap ..data");
+    fs::remove_dir_all(cm.join("..2026_11_25_a")).expect("remove the old version");
+    let ev = wait_reloaded(&agent, seen);
+    assert_eq!(ev["file"], file.to_str().expect("utf-8 path"), "{ev}");
+
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_connected("the new version's address rule", &out, &agent);
+    let out = env.app_resolve_and_connect(SECOND);
+    assert_connected("the new version's host rule", &out, &agent);
+    assert_eq!(agent.terminate().code(), Some(0), "{}", agent.output());
+}
+
+#[test]
+fn removed_rule_removes_its_dns_entries_but_not_live_connections() {
+    let env = Env::new(&format!("{ALLOWED_RULE}{SECOND_RULE}"));
+    let agent = env.start_agent(&[]);
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("first name", &out, &agent);
+    let out = env.app_resolve_and_connect(SECOND);
+    assert_connected("second name", &out, &agent);
+    assert_eq!(env.status()["dns_entries"], 2);
+    let mut live = env.live_connection(SECOND_IP, 8080);
+
+    let seen = agent.events().len();
+    env.write_allowlist(&policy(ALLOWED_RULE));
+    wait_reloaded(&agent, seen);
+
+    let out = env.app_tcp(SECOND_IP, 8080);
+    assert_eperm("the removed name's address", &out, &agent);
+    let deny = wait_deny(&agent, &out["pid"], SECOND_IP, 8080);
+    assert_eq!(deny["reason"], "no-rule", "the entry is gone: {deny}");
+    let out = env.app_tcp(ALLOWED_IP, 8080);
+    assert_connected("the kept name's address", &out, &agent);
+    let out = env.app_dig(SECOND);
+    assert_eq!(out["r"]["status"], "REFUSED", "the removed name: {out}");
+    let echo = live.exchange();
+    assert_eq!(
+        echo["ok"], true,
+        "the connection opened before the removal is not cut: {echo}"
+    );
+    assert_eq!(env.status()["dns_entries"], 1);
+}
+
+/// After a restart the DNS-derived entries are adopted from the pins; a reload that removes
+/// the rule behind one must still remove it, as it does for entries the agent answered itself.
+#[test]
+fn reload_after_a_restart_removes_adopted_entries_of_a_removed_rule() {
+    let env = Env::new(&format!("{ALLOWED_RULE}{SECOND_RULE}"));
+    let mut first = env.start_agent(&[]);
+    let out = env.app_resolve_and_connect(SECOND);
+    assert_connected("second name", &out, &first);
+    first.kill9();
+
+    let second = env.start_agent(&[]);
+    let seen = second.events().len();
+    env.write_allowlist(&policy(ALLOWED_RULE));
+    wait_reloaded(&second, seen);
+    let out = env.app_tcp(SECOND_IP, 8080);
+    assert_eperm(
+        "reload after a restart: the removed name's adopted address",
+        &out,
+        &second,
+    );
+}
+
+/// An agent restarted with a narrower allowlist (edited while it was down) must not keep
+/// allowing what an earlier agent answered for a name the new file no longer permits.
+#[test]
+fn restart_with_a_narrower_allowlist_drops_adopted_entries() {
+    let env = Env::new(&format!("{ALLOWED_RULE}{SECOND_RULE}"));
+    let mut first = env.start_agent(&[]);
+    let out = env.app_resolve_and_connect(SECOND);
+    assert_connected("second name", &out, &first);
+    first.kill9();
+
+    env.write_allowlist(&policy(ALLOWED_RULE));
+    let second = env.start_agent(&[]);
+    let out = env.app_tcp(SECOND_IP, 8080);
+    assert_eperm(
+        "restart with a narrower allowlist: the removed name's adopted address",
+        &out,
+        &second,
+    );
+}

@@ -1,0 +1,291 @@
+//! Part 2: the DNS path. Latency at a fixed rate and the maximum rate, through our resolver
+//! (map writes included), directly to the upstream, and through dnsmasq forwarding with
+//! `--nftset` (the closest peer), for a repeated name, new names and refused names.
+
+use std::fs;
+
+use anyhow::Result;
+
+use super::{
+    Ctx,
+    report::{Report, Table},
+    sandbox::{Sandbox, Worker},
+    stats::{median, us},
+};
+use crate::cmd::Cmd;
+
+const UPSTREAM: &str = "192.0.2.53";
+const DNSMASQ_NFTSET: &str = "192.0.2.54";
+const RATE_QPS: u64 = 1000;
+const RATE_MS: u64 = 1500;
+const MAX_MS: u64 = 1500;
+const WINDOW: u64 = 32;
+const KINDS: [&str; 3] = ["hit", "miss", "refused"];
+const PATHS: [&str; 3] = ["direct", "ours", "dnsmasq+nftset"];
+
+/// What the report's other parts need from this one.
+pub struct DnsOutcome {
+    /// The resolver agent's peak RSS (kB) under the max-rate load.
+    pub agent_hwm_kb: u64,
+    /// Its RSS (kB) before the load.
+    pub agent_idle_kb: u64,
+}
+
+pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<DnsOutcome> {
+    let ns = sb.netns("dns", &[UPSTREAM, DNSMASQ_NFTSET])?;
+    let enf_cg = sb.cgroup("dns-enf")?;
+    let ctl_cg = sb.cgroup("dns-ctl")?;
+    let common = |listen: &str| -> Vec<String> {
+        [
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-hosts",
+            "--no-poll",
+            "--bind-interfaces",
+            "--port=53",
+            "--user=root",
+            "--local-ttl=300",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain([format!("--listen-address={listen}")])
+        .collect()
+    };
+    // The upstream: answers every name below example.com itself; nothing else (REFUSED).
+    let mut up = Sandbox::command("dnsmasq", &ns, None)?;
+    up.args(common(UPSTREAM))
+        .args([
+            "--no-resolv",
+            "--address=/example.com/198.51.100.1",
+            "--cache-size=0",
+        ])
+        .arg(format!("--pid-file={}", sb.dir.join("up.pid").display()));
+    sb.spawn_daemon(up, "dnsmasq-upstream.log")?;
+    // The peer: dnsmasq forwarding to the upstream, adding answers to an nftables set.
+    let nft = "table inet egress_bench_dns {\n  set allowed { type ipv4_addr; }\n}\n";
+    let file = sb.dir.join("dns.nft");
+    fs::write(&file, nft)?;
+    Cmd::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["nft", "-f"])
+        .arg(&file)
+        .run_captured()?;
+    let mut peer = Sandbox::command("dnsmasq", &ns, None)?;
+    peer.args(common(DNSMASQ_NFTSET))
+        .args([
+            "--no-resolv",
+            &format!("--server={UPSTREAM}"),
+            "--nftset=/example.com/4#inet#egress_bench_dns#allowed",
+            "--cache-size=10000",
+        ])
+        .arg(format!("--pid-file={}", sb.dir.join("peer.pid").display()));
+    sb.spawn_daemon(peer, "dnsmasq-nftset.log")?;
+
+    let allowlist = sb.dir.join("dns.yaml");
+    fs::write(
+        &allowlist,
+        format!(
+            "version: 1\nname: bench-dns\ndns:\n  upstream: [\"{UPSTREAM}:53\"]\nallow:\n  \
+             - host: \"*.example.com\"\n    ports: [443]\n"
+        ),
+    )?;
+    let instance = sb.name("dns");
+    let (agent_pid, _, _) = sb.agent(&instance, &ns, &enf_cg, &allowlist)?;
+    let mut enf = sb.worker(&ctx.worker_bin, &ns, Some(&enf_cg), "dns-enf")?;
+    let mut ctl = sb.worker(&ctx.worker_bin, &ns, Some(&ctl_cg), "dns-ctl")?;
+    // dnsmasq may take a moment to listen: retry a short probe.
+    for _ in 0..50 {
+        let a = ctl.ask(&format!("dns-rate {UPSTREAM}:53 hit 100 50"));
+        let b = ctl.ask(&format!("dns-rate {DNSMASQ_NFTSET}:53 hit 100 50"));
+        if matches!((&a, &b), (Ok(x), Ok(y)) if x.f("lost") == 0.0 && y.f("lost") == 0.0) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let agent_idle_kb = super::rss_kb(agent_pid).0;
+
+    let target = |path: &str| match path {
+        "dnsmasq+nftset" => DNSMASQ_NFTSET,
+        _ => UPSTREAM,
+    };
+    let mut lat = Table::new(
+        &format!(
+            "2a. DNS latency at {RATE_QPS} queries/s ({RATE_MS} ms per run, median of {} runs; µs \
+             from the send)",
+            ctx.dns_rounds
+        ),
+        &["names", "path", "p50 µs", "p99 µs", "lost", "rcode"],
+    );
+    let mut p50s = std::collections::HashMap::<(String, String), (f64, f64)>::new();
+    for kind in KINDS {
+        let mut runs: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); PATHS.len()];
+        for round in 0..ctx.dns_rounds {
+            // Rotate the order each round, so no path always runs first.
+            for k in 0..PATHS.len() {
+                let i = (k + round) % PATHS.len();
+                let w: &mut Worker = if PATHS[i] == "ours" {
+                    &mut enf
+                } else {
+                    &mut ctl
+                };
+                let a = w.ask(&format!(
+                    "dns-rate {}:53 {kind} {RATE_QPS} {RATE_MS}",
+                    target(PATHS[i])
+                ))?;
+                runs[i].push((a.f("p50"), a.f("p99"), a.f("lost"), a.f("rcode")));
+            }
+        }
+        for (i, path) in PATHS.iter().enumerate() {
+            let p50 = median(&runs[i].iter().map(|r| r.0).collect::<Vec<_>>());
+            let p99 = median(&runs[i].iter().map(|r| r.1).collect::<Vec<_>>());
+            let lost: f64 = runs[i].iter().map(|r| r.2).sum();
+            let rcode = runs[i].last().map_or(0.0, |r| r.3);
+            lat.row(vec![
+                kind.into(),
+                (*path).into(),
+                us(p50),
+                us(p99),
+                format!("{lost}"),
+                rcode_name(rcode as u8).into(),
+            ]);
+            p50s.insert((kind.into(), (*path).into()), (p50, p99));
+        }
+    }
+    lat.note(
+        "hit: one name again and again (dnsmasq+nftset answers it from its cache; our resolver \
+         has no cache and forwards every query); miss: a new name below example.com each time; \
+         refused: a new name below evil.test each time (ours answers REFUSED itself and writes \
+         a dns-refused event; the upstream refuses it as it has no server for it).",
+    );
+    report.tables.push(lat);
+
+    let mut max = Table::new(
+        &format!(
+            "2b. Maximum DNS rate ({WINDOW} queries in flight, {MAX_MS} ms per run, median of {} \
+             runs)",
+            ctx.dns_rounds
+        ),
+        &["names", "path", "queries/s", "lost"],
+    );
+    let mut qps = std::collections::HashMap::<(String, String), f64>::new();
+    let mut agent_hwm_kb = 0;
+    for kind in KINDS {
+        let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); PATHS.len()];
+        for round in 0..ctx.dns_rounds {
+            for k in 0..PATHS.len() {
+                let i = (k + round) % PATHS.len();
+                let w: &mut Worker = if PATHS[i] == "ours" {
+                    &mut enf
+                } else {
+                    &mut ctl
+                };
+                let a = w.ask(&format!(
+                    "dns-max {}:53 {kind} {WINDOW} {MAX_MS}",
+                    target(PATHS[i])
+                ))?;
+                runs[i].push((a.f("qps"), a.f("lost")));
+                agent_hwm_kb = agent_hwm_kb.max(super::rss_kb(agent_pid).1);
+            }
+        }
+        for (i, path) in PATHS.iter().enumerate() {
+            let q = median(&runs[i].iter().map(|r| r.0).collect::<Vec<_>>());
+            let lost: f64 = runs[i].iter().map(|r| r.1).sum();
+            max.row(vec![
+                kind.into(),
+                (*path).into(),
+                format!("{q:.0}"),
+                format!("{lost}"),
+            ]);
+            qps.insert((kind.into(), (*path).into()), q);
+        }
+    }
+    report.tables.push(max);
+
+    // Goals, judged on allowed names (hit and miss).
+    let get = |k: &str, p: &str| {
+        p50s.get(&(k.to_owned(), p.to_owned()))
+            .copied()
+            .unwrap_or_default()
+    };
+    let mut worst_add: f64 = f64::NEG_INFINITY;
+    let mut worst_p99: f64 = 0.0;
+    let mut text = Vec::new();
+    for k in ["hit", "miss"] {
+        let (o50, o99) = get(k, "ours");
+        let (d50, _) = get(k, "direct");
+        worst_add = worst_add.max(o50 - d50);
+        worst_p99 = worst_p99.max(o99);
+        text.push(format!(
+            "{k}: p50 +{} µs, p99 {} µs",
+            us(o50 - d50),
+            us(o99)
+        ));
+    }
+    report.goal(
+        "DNS: ours adds ≤ 50 µs at p50 over direct",
+        text.join("; "),
+        Some(worst_add <= 50_000.0),
+        format!("worst added p50 {} µs (allowed names)", us(worst_add)),
+    );
+    report.goal(
+        "DNS: ours p99 < 250 µs",
+        format!("worst p99 {} µs (allowed names)", us(worst_p99)),
+        Some(worst_p99 < 250_000.0),
+        if worst_p99 < 250_000.0 {
+            "under the bound".into()
+        } else {
+            format!("{} µs over the bound", us(worst_p99 - 250_000.0))
+        },
+    );
+    let q = |k: &str, p: &str| {
+        qps.get(&(k.to_owned(), p.to_owned()))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let ratios: Vec<(String, f64)> = ["hit", "miss"]
+        .iter()
+        .map(|k| {
+            (
+                (*k).to_owned(),
+                q(k, "ours") / q(k, "dnsmasq+nftset").max(1.0),
+            )
+        })
+        .collect();
+    let min = ratios.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+    report.goal(
+        "DNS: ours ≥ 3× the qps of dnsmasq+nftset",
+        ratios
+            .iter()
+            .map(|(k, r)| {
+                format!(
+                    "{k}: {:.0} vs {:.0} qps = {r:.2}×",
+                    q(k, "ours"),
+                    q(k, "dnsmasq+nftset")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Some(min >= 3.0),
+        format!(
+            "worst ratio {min:.2}× (direct to the upstream: {:.0} qps for hit names). Both \
+             servers and the load generator share the machine's {} CPUs",
+            q("hit", "direct"),
+            ctx.cpus
+        ),
+    );
+    sb.stop_agent(&instance);
+    Ok(DnsOutcome {
+        agent_hwm_kb,
+        agent_idle_kb,
+    })
+}
+
+fn rcode_name(r: u8) -> &'static str {
+    match r {
+        0 => "NOERROR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        5 => "REFUSED",
+        _ => "other",
+    }
+}

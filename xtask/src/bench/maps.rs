@@ -1,0 +1,172 @@
+//! Filling an agent's pinned allow maps with synthetic entries, through the bpf syscall (the
+//! same writes the agent's loader and resolver make), and reading the maps' kernel memory.
+
+use std::{
+    ffi::CString,
+    mem,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, bail};
+use egress_common::{
+    AllowValue,
+    consts::{PROTO_ANY, PROTO_TCP},
+    rules::PortRange,
+};
+
+use crate::cmd::Cmd;
+
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// `union bpf_attr`, large enough for the commands used here.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a zero-initialised bpf_attr of a size the kernel accepts.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.0.as_mut_ptr(),
+            mem::size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A pinned map, opened.
+pub struct PinnedMap {
+    fd: OwnedFd,
+}
+
+impl PinnedMap {
+    /// Opens the map pinned at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+        let mut attr = Attr([0; 128]);
+        attr.0[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+        let fd = bpf(BPF_OBJ_GET, &mut attr)
+            .with_context(|| format!("cannot open the pinned map {}", path.display()))?;
+        // SAFETY: a fresh descriptor the kernel just gave us.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+        })
+    }
+
+    /// Inserts or replaces `key` → `value`.
+    pub fn update(&self, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+        let mut attr = Attr([0; 128]);
+        attr.0[..4].copy_from_slice(&(self.fd.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
+        attr.0[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+    }
+}
+
+/// The bytes of an allow value (a `repr(C)` struct without padding holes).
+pub fn value_bytes(v: &AllowValue) -> Vec<u8> {
+    // SAFETY: AllowValue is repr(C), Copy, with explicit padding fields (size asserted in
+    // egress-common), so every byte is initialised.
+    unsafe {
+        std::slice::from_raw_parts(
+            (v as *const AllowValue).cast::<u8>(),
+            mem::size_of::<AllowValue>(),
+        )
+    }
+    .to_vec()
+}
+
+/// An allow value for `ports` (inclusive ranges) and `protos`, never expiring.
+pub fn allow_value(ports: &[(u16, u16)], protos: u8) -> AllowValue {
+    let mut v = AllowValue::EMPTY;
+    for (i, &(lo, hi)) in ports.iter().enumerate() {
+        v.ranges[i] = PortRange {
+            lo,
+            hi,
+            protos,
+            _pad: 0,
+        };
+    }
+    v.len = ports.len() as u32;
+    v
+}
+
+fn mapped(ip: u32) -> [u8; 16] {
+    egress_common::keys::addr_from_v4(ip.to_be_bytes())
+}
+
+/// The `i`-th synthetic CIDR entry: one in four a /28 in 10.0.0.0/8, the rest /32s spread
+/// over 198.0.0.0/8 (a bijection, so all distinct), never inside 198.51.100.0/24 (where the
+/// measured destinations live) — so the trie is dense around the destination.
+pub fn cidr_entry(i: u32) -> (u32, u32) {
+    if i % 4 == 0 {
+        (0x0a00_0000 + (i / 4) * 16, 28)
+    } else {
+        let off = i.wrapping_mul(2_654_435_761) & 0x00ff_ffff;
+        if off >> 8 == 0x3364 {
+            // 198.51.100.x: 197.51.100.x instead, which nothing else maps to.
+            return (0xc500_0000 + off, 32);
+        }
+        (0xc600_0000 + off, 32)
+    }
+}
+
+/// The `i`-th synthetic DNS-derived address: distinct, in 100.64.0.0/10.
+pub fn dns_entry(i: u32) -> u32 {
+    0x6440_0000 + (i.wrapping_mul(2_654_435_761) & 0x003f_ffff)
+}
+
+/// Writes CIDR entries `from..to` into the trie and DNS entries `dfrom..dto` into the hash.
+pub fn fill(pins: &Path, (from, to): (u32, u32), (dfrom, dto): (u32, u32)) -> Result<()> {
+    let cidr = PinnedMap::open(&pins.join("maps").join("ALLOW_CIDR"))?;
+    let dns = PinnedMap::open(&pins.join("maps").join("ALLOW_DNS"))?;
+    let value = value_bytes(&allow_value(&[(443, 443)], PROTO_TCP));
+    let mut key = [0u8; 20];
+    for i in from..to {
+        let (ip, len) = cidr_entry(i);
+        key[..4].copy_from_slice(&(96 + len).to_ne_bytes());
+        key[4..].copy_from_slice(&mapped(ip));
+        cidr.update(&key, &value)
+            .with_context(|| format!("cannot write CIDR entry {i}"))?;
+    }
+    for i in dfrom..dto {
+        dns.update(&mapped(dns_entry(i)), &value)
+            .with_context(|| format!("cannot write DNS entry {i}"))?;
+    }
+    Ok(())
+}
+
+/// Allows `ip` (IPv4) on the given ports and every protocol in the DNS-derived map, never
+/// expiring: a destination the resolver would have answered.
+pub fn allow_dns(pins: &Path, ip: [u8; 4], ports: &[(u16, u16)]) -> Result<()> {
+    let dns = PinnedMap::open(&pins.join("maps").join("ALLOW_DNS"))?;
+    dns.update(
+        &egress_common::keys::addr_from_v4(ip),
+        &value_bytes(&allow_value(ports, PROTO_ANY)),
+    )
+    .context("cannot write the DNS-derived destination")
+}
+
+/// The kernel memory (`memlock`, bytes) of the map pinned at `path`, from bpftool.
+pub fn memlock(path: &Path) -> Result<u64> {
+    let out = Cmd::new("bpftool")
+        .args(["map", "show", "pinned"])
+        .arg(path)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(at) = text.find("memlock ") else {
+        bail!("bpftool printed no memlock for {}: {text}", path.display());
+    };
+    let digits: String = text[at + 8..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().context("bad memlock")
+}

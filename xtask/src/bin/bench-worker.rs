@@ -1,0 +1,412 @@
+//! The load generator of `cargo xtask bench`. xtask starts it inside a network namespace and
+//! a cgroup (it joins both before `exec`), then sends it one command a line on stdin; each
+//! answer is one line on stdout, `ok key=value ...` or `err message`.
+//!
+//! Commands:
+//! - `tcp ADDR:PORT N`: N connect+close (linger 0: a RST, no TIME_WAIT); `ns=` thread CPU
+//!   time per operation.
+//! - `udp ADDR:PORT N`: N unconnected `sendto` of 32 bytes; `ns=` thread CPU per send.
+//! - `deny ADDR:PORT N`: N connects that must fail with EPERM; wall-clock `p50=`, `p99=`,
+//!   `max=` per connect, `eperm=` how many failed with EPERM.
+//! - `lat ADDR:PORT N`: N allowed connect+close, wall-clock `p50=`, `p99=` per connect.
+//! - `flood ADDR:PORT MAX MS`: denied connects as fast as possible, at most MAX or MS
+//!   milliseconds; `count=`, `eperm=`, `ms=`.
+//! - `dns-rate ADDR:PORT KIND QPS MS`: queries at a fixed rate for MS milliseconds;
+//!   `p50=`, `p99=` (ns, from the send), `sent=`, `lost=`, `rcode=` of the last.
+//! - `dns-max ADDR:PORT KIND WINDOW MS`: WINDOW queries in flight for MS milliseconds;
+//!   `qps=`, `lost=`.
+//!
+//! KIND: `hit` (one name again and again), `miss` (a new name below example.com each time),
+//! `refused` (a new name below evil.test each time). Every loop is bounded in count and time.
+
+use std::{
+    io::{self, BufRead as _, Write as _},
+    mem,
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
+
+/// No command runs longer than this, whatever it asks for.
+const MAX_COMMAND: Duration = Duration::from_secs(30);
+
+fn main() {
+    let stdin = io::stdin();
+    let mut out = io::stdout().lock();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let answer = match command(&words) {
+            Ok(s) => format!("ok {s}"),
+            Err(e) => format!("err {e}"),
+        };
+        if writeln!(out, "{answer}")
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+fn command(w: &[&str]) -> Res<String> {
+    let arg = |i: usize| {
+        w.get(i)
+            .copied()
+            .ok_or_else(|| format!("missing argument {i}"))
+    };
+    let num = |i: usize| -> Res<u64> { arg(i)?.parse().map_err(|e| format!("{e}")) };
+    let addr = |i: usize| -> Res<SocketAddrV4> { arg(i)?.parse().map_err(|e| format!("{e}")) };
+    match arg(0)? {
+        "tcp" => tcp(addr(1)?, num(2)?),
+        "udp" => udp(addr(1)?, num(2)?),
+        "deny" => deny(addr(1)?, num(2)?),
+        "lat" => lat(addr(1)?, num(2)?),
+        "flood" => flood(addr(1)?, num(2)?, num(3)?),
+        "dns-rate" => dns_rate(addr(1)?, arg(2)?, num(3)?, num(4)?),
+        "dns-max" => dns_max(addr(1)?, arg(2)?, num(3)?, num(4)?),
+        "pid" => Ok(format!("pid={}", std::process::id())),
+        other => Err(format!("unknown command {other}")),
+    }
+}
+
+/// CPU time of the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn socket(ty: libc::c_int) -> Res<OwnedFd> {
+    // SAFETY: plain syscall; the descriptor is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// One connect; Ok(()) when connected, else the errno. Closing sends a RST (linger 0).
+fn connect_once(sa: &libc::sockaddr_in) -> Result<(), i32> {
+    let s = socket(libc::SOCK_STREAM).map_err(|_| -1)?;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid descriptor and option buffer of the right size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    // SAFETY: `sa` is a valid sockaddr_in of the given length.
+    let rc = unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            (sa as *const libc::sockaddr_in).cast(),
+            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+    }
+}
+
+fn tcp(to: SocketAddrV4, n: u64) -> Res<String> {
+    let sa = sockaddr(to);
+    let start = Instant::now();
+    let cpu0 = thread_cpu_ns();
+    let mut failed = 0u64;
+    let mut done = 0u64;
+    while done < n && start.elapsed() < MAX_COMMAND {
+        if connect_once(&sa).is_err() {
+            failed += 1;
+        }
+        done += 1;
+    }
+    let cpu = thread_cpu_ns() - cpu0;
+    if failed > 0 {
+        return Err(format!("{failed} of {done} connects to {to} failed"));
+    }
+    Ok(format!("ns={:.1} n={done}", cpu as f64 / done as f64))
+}
+
+fn udp(to: SocketAddrV4, n: u64) -> Res<String> {
+    let s = socket(libc::SOCK_DGRAM)?;
+    let sa = sockaddr(to);
+    let payload = [0x5au8; 32];
+    let start = Instant::now();
+    let cpu0 = thread_cpu_ns();
+    let mut failed = 0u64;
+    let mut done = 0u64;
+    while done < n && start.elapsed() < MAX_COMMAND {
+        // SAFETY: valid descriptor, buffer and address.
+        let rc = unsafe {
+            libc::sendto(
+                s.as_raw_fd(),
+                payload.as_ptr().cast(),
+                payload.len(),
+                0,
+                (&raw const sa).cast(),
+                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            failed += 1;
+        }
+        done += 1;
+    }
+    let cpu = thread_cpu_ns() - cpu0;
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {done} sends to {to} failed: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(format!("ns={:.1} n={done}", cpu as f64 / done as f64))
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn deny(to: SocketAddrV4, n: u64) -> Res<String> {
+    let sa = sockaddr(to);
+    let start = Instant::now();
+    let mut lat = Vec::with_capacity(n as usize);
+    let mut eperm = 0u64;
+    while (lat.len() as u64) < n && start.elapsed() < MAX_COMMAND {
+        let t = Instant::now();
+        let r = connect_once(&sa);
+        lat.push(t.elapsed().as_nanos() as u64);
+        if r == Err(libc::EPERM) {
+            eperm += 1;
+        }
+    }
+    lat.sort_unstable();
+    Ok(format!(
+        "p50={} p99={} max={} n={} eperm={eperm}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(0),
+        lat.len()
+    ))
+}
+
+fn lat(to: SocketAddrV4, n: u64) -> Res<String> {
+    let sa = sockaddr(to);
+    let start = Instant::now();
+    let mut lat = Vec::with_capacity(n as usize);
+    let mut failed = 0u64;
+    while (lat.len() as u64) < n && start.elapsed() < MAX_COMMAND {
+        let t = Instant::now();
+        if connect_once(&sa).is_err() {
+            failed += 1;
+        }
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    lat.sort_unstable();
+    Ok(format!(
+        "p50={} p99={} n={} failed={failed}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.len()
+    ))
+}
+
+fn flood(to: SocketAddrV4, max: u64, ms: u64) -> Res<String> {
+    let sa = sockaddr(to);
+    let limit = Duration::from_millis(ms).min(MAX_COMMAND);
+    let start = Instant::now();
+    let (mut count, mut eperm) = (0u64, 0u64);
+    while count < max {
+        // The clock only every 256 connects: the flood should be as fast as it can be.
+        if count % 256 == 0 && start.elapsed() >= limit {
+            break;
+        }
+        if connect_once(&sa) == Err(libc::EPERM) {
+            eperm += 1;
+        }
+        count += 1;
+    }
+    Ok(format!(
+        "count={count} eperm={eperm} ms={}",
+        start.elapsed().as_millis()
+    ))
+}
+
+/// A DNS query for an A record of `name`, with id `id` and recursion desired.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+fn name_for(kind: &str, seq: u64, salt: u64) -> Res<String> {
+    Ok(match kind {
+        "hit" => "www.example.com".to_owned(),
+        "miss" => format!("m{salt:x}-{seq}.example.com"),
+        "refused" => format!("r{salt:x}-{seq}.evil.test"),
+        other => return Err(format!("unknown query kind {other}")),
+    })
+}
+
+fn salt() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        & 0xffff_ffff
+}
+
+fn dns_socket(server: SocketAddrV4) -> Res<UdpSocket> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+    s.connect(SocketAddr::V4(server))
+        .map_err(|e| format!("connect {server}: {e}"))?;
+    Ok(s)
+}
+
+fn dns_rate(server: SocketAddrV4, kind: &str, qps: u64, ms: u64) -> Res<String> {
+    let s = dns_socket(server)?;
+    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let salt = salt();
+    let total = (qps * ms / 1000).clamp(1, 65_536);
+    let interval = Duration::from_nanos(1_000_000_000 / qps.max(1));
+    // Scheduled send time of each id (ids are sequence numbers: fewer than 65,536).
+    let mut scheduled: Vec<Option<Instant>> = vec![None; total as usize];
+    let mut lat = Vec::with_capacity(total as usize);
+    let mut buf = [0u8; 1500];
+    let mut last_rcode = 0u8;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let deadline = start + Duration::from_millis(ms) + Duration::from_secs(1);
+    while Instant::now() < deadline.min(start + MAX_COMMAND) {
+        let now = Instant::now();
+        let due = start + interval * sent as u32;
+        if sent < total && now >= due {
+            let q = query(sent as u16, &name_for(kind, sent, salt)?);
+            // A full socket buffer counts as a loss below.
+            let _ = s.send(&q);
+            scheduled[sent as usize] = Some(Instant::now());
+            sent += 1;
+            continue;
+        }
+        match s.recv(&mut buf) {
+            Ok(n) if n >= 12 => {
+                let id = u16::from_be_bytes([buf[0], buf[1]]) as usize;
+                if let Some(t) = scheduled.get_mut(id).and_then(Option::take) {
+                    lat.push(t.elapsed().as_nanos() as u64);
+                    last_rcode = buf[3] & 0x0f;
+                }
+                if sent >= total && lat.len() as u64 == total {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Sleep in poll until an answer or the next send is due: a spinning client
+                // would take a CPU from the servers on a 2-CPU machine.
+                let wait = if sent < total {
+                    due.saturating_duration_since(Instant::now())
+                } else {
+                    Duration::from_millis(5)
+                };
+                wait_readable(&s, wait);
+            }
+            Err(e) => return Err(format!("recv: {e}")),
+        }
+    }
+    let lost = sent - lat.len() as u64;
+    lat.sort_unstable();
+    Ok(format!(
+        "p50={} p99={} sent={sent} lost={lost} rcode={last_rcode}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    ))
+}
+
+/// Waits until `s` is readable or `wait` has passed (ppoll: microsecond resolution).
+fn wait_readable(s: &UdpSocket, wait: Duration) {
+    let mut fd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = libc::timespec {
+        tv_sec: wait.as_secs() as libc::time_t,
+        tv_nsec: wait.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: one valid pollfd, a valid timeout, no signal mask.
+    unsafe { libc::ppoll(&raw mut fd, 1, &raw const ts, std::ptr::null()) };
+}
+
+fn dns_max(server: SocketAddrV4, kind: &str, window: u64, ms: u64) -> Res<String> {
+    let s = dns_socket(server)?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    let salt = salt();
+    let limit = Duration::from_millis(ms).min(MAX_COMMAND);
+    let mut buf = [0u8; 1500];
+    let mut seq = 0u64;
+    let mut answered = 0u64;
+    let mut lost = 0u64;
+    let mut in_flight = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        while in_flight < window.clamp(1, 1024) {
+            let q = query(seq as u16, &name_for(kind, seq, salt)?);
+            let _ = s.send(&q);
+            seq += 1;
+            in_flight += 1;
+        }
+        match s.recv(&mut buf) {
+            Ok(_) => {
+                answered += 1;
+                in_flight -= 1;
+            }
+            Err(_) => {
+                // Nothing for 200 ms: what is in flight is lost.
+                lost += in_flight;
+                in_flight = 0;
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(format!(
+        "qps={:.0} lost={lost} answered={answered}",
+        answered as f64 / secs
+    ))
+}

@@ -10,9 +10,13 @@
 //!    cgroup filesystem is remounted read-only and every bpffs is covered by an empty
 //!    read-only tmpfs (a read-only bind does not stop `BPF_OBJ_GET` on a pinned link, whose
 //!    permission check looks only at the inode, so the pins must be out of sight);
-//! 3. a capability bounding set (and inheritable and ambient sets) without the dropped
+//! 3. its own pid namespace with a fresh /proc, so no process outside is reachable by pid (the
+//!    invoking user's shell, another root service with fewer capabilities: /proc/PID/root,
+//!    /proc/PID/mem and ptrace all need the pid);
+//! 4. a capability bounding set (and inheritable and ambient sets) without the dropped
 //!    capabilities, so not even a setuid-root binary gets them back;
-//! 4. `no_new_privs`, after the identity change.
+//! 5. `no_new_privs`, after the identity change, and a seccomp filter that answers `clone3`
+//!    with ENOSYS (see `deny_clone3`).
 
 use std::{ffi::CString, fs, io, str::FromStr};
 
@@ -149,7 +153,9 @@ impl Confinement {
         // SAFETY (whole body): raw syscalls with valid NUL-terminated strings and null pointers
         // where the kernel accepts them.
         unsafe {
-            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP))?;
+            check(libc::unshare(
+                libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP | libc::CLONE_NEWPID,
+            ))?;
             check(libc::mount(
                 std::ptr::null(),
                 c"/".as_ptr(),
@@ -176,6 +182,19 @@ impl Confinement {
                     ))?;
                 }
             }
+            // From here on the process forks twice (see `fork_into_pid_namespace`); what
+            // follows runs in the command's own process, pid 2 of the new namespace.
+            fork_into_pid_namespace()?;
+            // A /proc of the new pid namespace: processes outside it (the user's shell, another
+            // root service) are out of reach by pid, through /proc/PID/root, /proc/PID/mem or
+            // ptrace.
+            check(libc::mount(
+                c"proc".as_ptr(),
+                c"/proc".as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ))?;
             for c in &self.drop {
                 check(libc::prctl(
                     libc::PR_CAPBSET_DROP,
@@ -204,9 +223,175 @@ impl Confinement {
     /// # Safety
     /// As for [`Confinement::apply_in_child`].
     pub unsafe fn seal_in_child(&self) -> io::Result<()> {
-        // SAFETY: plain prctl.
-        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+        // SAFETY: plain prctl, and a filter program that lives on this stack frame only for
+        // the duration of the call (the kernel copies it).
+        unsafe {
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            deny_clone3()
+        }
     }
+}
+
+/// `clone3(CLONE_INTO_CGROUP)` places a new process in any cgroup whose `cgroup.procs` the
+/// caller could write, checked on the inode only: the read-only mount does not stop it, and
+/// the cgroup namespace only does when cgroup2 is mounted with `nsdelegate` (not a setting we
+/// may change on a shared host). So the command gets `ENOSYS` for `clone3`, as container
+/// runtimes' default seccomp profiles do; glibc then falls back to `clone`, which cannot name
+/// a cgroup.
+unsafe fn deny_clone3() -> io::Result<()> {
+    const SYS_CLONE3: u32 = 435;
+    // BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K.
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let filter = [
+        // A = seccomp_data.nr (the same number, 435, on every architecture).
+        libc::sock_filter {
+            code: LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: SYS_CLONE3,
+        },
+        libc::sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        },
+        libc::sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: a valid filter program; no_new_privs is already set.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+            &prog as *const libc::sock_fprog as libc::c_ulong,
+            0,
+            0,
+        )
+    })
+}
+
+/// After `unshare(CLONE_NEWPID)` the caller stays outside the new namespace; its next child
+/// is the namespace's pid 1. Pid 1 ignores every signal it has no handler for, so the command
+/// must not be it. Hence two forks:
+/// - the caller (the process the agent spawned and waits for) relays signals to the
+///   namespace's init and exits as it does;
+/// - the init (pid 1) relays signals to the command, reaps orphans, and exits as the command
+///   does (the kernel then ends whatever else is left in the namespace);
+/// - the command's process (pid 2) returns and goes on to `exec`.
+///
+/// # Safety
+/// Between `fork` and `exec` of a multi-threaded parent: only async-signal-safe calls.
+unsafe fn fork_into_pid_namespace() -> io::Result<()> {
+    // SAFETY: fork, then only async-signal-safe calls in both processes.
+    unsafe {
+        let init = libc::fork();
+        if init < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if init > 0 {
+            libc::prctl(
+                libc::PR_SET_NAME,
+                c"egress-relay".as_ptr() as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            relay(init);
+        }
+        let command = libc::fork();
+        if command < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if command > 0 {
+            libc::prctl(
+                libc::PR_SET_NAME,
+                c"egress-init".as_ptr() as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            relay(command);
+        }
+    }
+    Ok(())
+}
+
+/// Waits for `child`, forwarding signals to it, then exits as it did. Never returns.
+///
+/// # Safety
+/// Async-signal-safe calls only.
+unsafe fn relay(child: libc::pid_t) -> ! {
+    // SAFETY: async-signal-safe syscalls on local data.
+    unsafe {
+        // Close everything but stdio: the spawner reads its exec-status pipe until every copy
+        // of the write end is closed, and it must see the command's exec, not wait for us.
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            for fd in 3..1024 {
+                libc::close(fd);
+            }
+        }
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        loop {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let sig = libc::sigwaitinfo(&all, &mut info);
+            if sig < 0 {
+                continue;
+            }
+            if sig == libc::SIGCHLD {
+                loop {
+                    let mut status = 0;
+                    let pid = libc::waitpid(-1, &mut status, libc::WNOHANG);
+                    if pid <= 0 {
+                        break;
+                    }
+                    if pid == child {
+                        exit_like(status);
+                    }
+                }
+                continue;
+            }
+            // The terminal sent this one to the whole process group: the command has it.
+            if info.si_code == libc::SI_KERNEL {
+                continue;
+            }
+            libc::kill(child, sig);
+        }
+    }
+}
+
+/// Exits with the wait status of a child: its exit code, or 128+N when signal N ended it
+/// (a pid-namespace init cannot kill itself with a signal, so the shell convention is used).
+fn exit_like(status: libc::c_int) -> ! {
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        1
+    };
+    // SAFETY: async-signal-safe.
+    unsafe { libc::_exit(code) }
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {

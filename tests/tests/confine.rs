@@ -283,7 +283,13 @@ fn check_denied_connect(run: &AgentRun, ready: &Value, what: &str) {
     let d = &denies[0];
     assert_eq!(d["dst"], "198.51.100.20", "{what}: deny line {d}");
     assert_eq!(d["port"], 443, "{what}: deny line {d}");
-    assert_eq!(d["pid"], out.pid, "{what}: deny line {d}: the probe's pid");
+    // The command has its own pid namespace: the event names the host pid, the probe knows
+    // only its namespaced one.
+    assert!(
+        d["pid"].as_u64().is_some_and(|p| p > 2),
+        "{what}: deny line {d}: a host pid"
+    );
+    assert_eq!(d["comm"], "egress-probe", "{what}: deny line {d}");
     assert_eq!(
         d["cgroup"], ready["cgroup_id"],
         "{what}: deny line {d}: still the agent's cgroup"
@@ -411,24 +417,20 @@ wait_go "$3"
             run.output()
         );
     }
-    // Seen from outside: still in the enforced cgroup, not in the sibling nor the root.
-    let pid: i32 = expect_value(&run, "pid").parse().expect("pid=N");
+    // Seen from outside: still in the enforced cgroup (the relay, the namespace's init and
+    // the shell, by host pid: the shell's own `$$` is its pid in its pid namespace), not in
+    // the sibling.
     assert!(
         sibling.pids().is_empty(),
         "processes moved into the sibling cgroup: {:?}\n{}",
         sibling.pids(),
         run.output()
     );
+    let members = procs(&agent_cgroup);
     assert!(
-        !procs(&mount).contains(&pid),
-        "the command's shell {pid} is in the root cgroup\n{}",
-        run.output()
-    );
-    assert!(
-        procs(&agent_cgroup).contains(&pid),
-        "the command's shell {pid} is not in the agent's cgroup {} ({:?})\n{}",
+        members.len() >= 3 && members.iter().all(|p| !procs(&mount).contains(p)),
+        "the command's processes left the agent's cgroup {} ({members:?})\n{}",
         agent_cgroup.display(),
-        procs(&agent_cgroup),
         run.output()
     );
 
@@ -506,8 +508,10 @@ fn a_root_command_cannot_clone_a_child_into_another_cgroup() {
             ));
             continue;
         }
+        // ENOSYS is confinement's answer (a seccomp filter refuses clone3, as container
+        // runtimes do); the control run above proved the call itself well formed.
         assert!(
-            ![libc::ENOSYS, libc::EINVAL, libc::E2BIG, libc::EFAULT].contains(&errno),
+            ![libc::EINVAL, libc::E2BIG, libc::EFAULT].contains(&errno),
             "{key}: clone3 failed with errno {errno}, which says the call was malformed \
              rather than refused\n{}",
             run.output()

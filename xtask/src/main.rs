@@ -6,6 +6,7 @@ mod cmd;
 mod demo;
 mod deploy;
 mod deps;
+mod fuzz;
 mod interrupt;
 mod lint;
 mod sandbox;
@@ -34,6 +35,8 @@ verbs:
   demo             as root: an allowed and a blocked connection and the deny event, in a
                    network namespace of its own
   lint             rustfmt and clippy, the eBPF crate for its own target
+  fuzz [SECONDS]   run each fuzz target for SECONDS (default 60) from its seed corpus
+                   (installs cargo-fuzz; builds with the nightly toolchain)
   deploy-check     the Kubernetes manifests, Containerfile and their allowlists, offline
                    (deploy/validate.py, then egress-agent check)
   bench            as root: enforcement cost vs. unenforced controls and nftables/dnsmasq,
@@ -67,6 +70,15 @@ fn run(args: &[OsString]) -> Result<()> {
         "demo" => no_args(&verb, rest).and_then(|()| demo::run()),
         "lint" => no_args(&verb, rest).and_then(|()| lint::run()),
         "deploy-check" => no_args(&verb, rest).and_then(|()| deploy::run()),
+        "fuzz" => match rest {
+            [] => fuzz::run(fuzz::DEFAULT_SECONDS),
+            [secs] => secs
+                .to_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("fuzz: {secs:?} is not a number of seconds"))
+                .and_then(fuzz::run),
+            _ => Err(anyhow::anyhow!("fuzz takes at most one argument: SECONDS")),
+        },
         "bench" => no_args(&verb, rest).and_then(|()| bench::run()),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");

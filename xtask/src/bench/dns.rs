@@ -200,6 +200,7 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<DnsOutcom
         }
     }
     report.tables.push(max);
+    profile(sb, &mut enf, agent_pid, report);
 
     // Goals, judged on allowed names (hit and miss).
     let get = |k: &str, p: &str| {
@@ -278,6 +279,59 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<DnsOutcom
         agent_hwm_kb,
         agent_idle_kb,
     })
+}
+
+/// Part 5: where the resolver spends its time. `perf record` samples the agent for 3 s while
+/// the worker drives it at its maximum rate with allowed names; the top symbols go into the
+/// report. Skipped (and said so) when perf is missing or fails.
+fn profile(sb: &mut Sandbox, enf: &mut Worker, agent_pid: u32, report: &mut Report) {
+    let data = sb.dir.join("perf.data");
+    let mut perf = std::process::Command::new("perf");
+    perf.args(["record", "-q", "-F", "499", "-g", "-o"])
+        .arg(&data)
+        .args(["-p", &agent_pid.to_string(), "--", "sleep", "3"]);
+    let mut t = Table::new(
+        "5. Profile: the resolver agent at its maximum rate (perf, 3 s, allowed new names)",
+        &["self %", "symbol"],
+    );
+    let ran = sb.spawn_daemon(perf, "perf.log").and_then(|pid| {
+        let _ = enf.ask(&format!("dns-max {UPSTREAM}:53 miss {WINDOW} 3500"));
+        sb.wait_pid(pid);
+        let out = Cmd::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "-g",
+                "none",
+                "--percent-limit",
+                "1.5",
+                "-i",
+            ])
+            .arg(&data)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    match ran {
+        Ok(text) => {
+            for line in text
+                .lines()
+                .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+                .take(25)
+            {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() >= 5 {
+                    t.row(vec![
+                        f[0].to_owned(),
+                        format!("`{}` ({})", f[4..].join(" "), f[1]),
+                    ]);
+                }
+            }
+            t.note("Self time by symbol (command column in parentheses). Recorded in the same run, after the DNS measurements above, so it does not disturb them.");
+        }
+        Err(e) => t.note(format!("perf did not run: {e:#}")),
+    }
+    report.tables.push(t);
 }
 
 fn rcode_name(r: u8) -> &'static str {

@@ -64,8 +64,8 @@ pub fn run() -> Result<()> {
         } else {
             vec![10, 10_000, 1_000_000]
         },
-        reps: if quick { 3 } else { 9 },
-        dns_rounds: if quick { 1 } else { 3 },
+        reps: if quick { 3 } else { 7 },
+        dns_rounds: if quick { 1 } else { 2 },
         cpus: std::thread::available_parallelism().map_or(1, usize::from),
     };
 

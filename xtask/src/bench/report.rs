@@ -56,7 +56,7 @@ impl Table {
 pub struct Goal {
     pub goal: String,
     pub measured: String,
-    /// `None`: not measured in this run.
+    /// `None`: not measured, or not resolvable above this run's noise floor (`why` says).
     pub met: Option<bool>,
     pub why: String,
 }
@@ -105,7 +105,7 @@ impl Report {
             let met = match g.met {
                 Some(true) => "met",
                 Some(false) => "**not met**",
-                None => "not measured",
+                None => "not resolved / not measured",
             };
             let _ = writeln!(s, "| {} | {} | {met} | {} |", g.goal, g.measured, g.why);
         }

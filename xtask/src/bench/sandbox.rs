@@ -244,6 +244,23 @@ impl Sandbox {
         let _ = child.wait();
     }
 
+    /// Waits (up to 15 s) for the child `pid` to exit; kills it after that.
+    pub fn wait_pid(&mut self, pid: u32) {
+        let Some(i) = self.children.iter().position(|c| c.id() == pid) else {
+            return;
+        };
+        let mut child = self.children.remove(i);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     fn detach_leftover(&self, name: &str) {
         if Path::new("/sys/fs/bpf/egress").join(name).exists() {
             let _ = Command::new(&self.agent_bin)

@@ -8,7 +8,7 @@
    container: the sidecar is the first init container with `restartPolicy: Always`, its
    probes hit its --health port, its mounts are the documented ones, it drops every
    capability it does not add; every other container gives up what would let it bypass the
-   hooks (NET_RAW and the rest); the pod sets ndots:1; the allowlist comes from a ConfigMap
+   hooks (NET_RAW and the rest); the pod sets ndots:1 (a warning); the allowlist comes from a ConfigMap
    that is in the manifests, mounted without subPath (so that reloads reach it); references
    between containers, volumes and env vars resolve.
 3. deploy/Containerfile builds with the same versions as a developer machine (the
@@ -61,6 +61,7 @@ FORBIDDEN_APP_CAPS = frozenset(
 )
 CGROUP_FS = "/sys/fs/cgroup"
 BPF_FS = "/sys/fs/bpf"
+STATE_DIR = "/run/egress"
 
 # Kinds whose pod spec is at spec.template.spec, and CronJob's.
 TEMPLATE_KINDS = {
@@ -428,11 +429,12 @@ def check_pod_level(doc: Doc, spec: dict, prefix: str, report: Report) -> None:
         o.get("name"): o.get("value") for o in ((spec.get("dnsConfig") or {}).get("options") or [])
     }.get("ndots")
     if ndots != "1":
-        report.error(
+        report.warning(
             doc.where(f"{prefix}.dnsConfig.options"),
-            'set ndots to "1": the agent\'s resolver REFUSES names it does not allow, and a stub '
-            "resolver stops at the first REFUSED, so with the default ndots:5 an allowed name is "
-            "first tried with the cluster's search domains, refused, and never asked for itself",
+            'set ndots to "1": with the default ndots:5 an allowed name is first tried with the '
+            "cluster's search domains; the agent answers those NXDOMAIN (from the search domains "
+            "it reads itself), at the cost of a round trip each, where ndots:1 asks for the name "
+            "at once",
         )
 
 
@@ -587,6 +589,17 @@ def check_sidecar(
                 doc.where(f"{where}.volumeMounts"),
                 f"{fs}: Bidirectional propagation is not needed (HostToContainer is)",
             )
+
+    state = mounts.get(STATE_DIR)
+    if state is None or "emptyDir" not in (volumes.get(state.get("name")) or {}):
+        report.error(
+            doc.where(f"{where}.volumeMounts"),
+            f"needs an emptyDir at {STATE_DIR}: the agent keeps its state there (the root "
+            "filesystem is read-only), and a restarted agent needs it to keep the adopted DNS "
+            "entries",
+        )
+    elif state.get("readOnly"):
+        report.error(doc.where(f"{where}.volumeMounts"), f"{STATE_DIR} must be writable")
 
     check_allowlist(doc, opts.get("--allowlist"), where, c, volumes, configmaps, report, allowlists)
 

@@ -3,8 +3,14 @@
 //! An address answered for two names keeps the union of their rules, until the later of their
 //! expiries; when one name's grant expires, the entry shrinks to what the others still allow.
 //! Pure bookkeeping: the caller writes the resulting values into the kernel map.
+//!
+//! The grants are also persisted (`/run/egress/<name>/grants.json`, see [`Grants::to_json`]),
+//! so that an agent restarted on pinned maps knows which names each adopted entry was answered
+//! for, and keeps only what the current policy still permits ([`restore`]).
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
+
+use serde::{Deserialize, Serialize};
 
 /// One name's grant on an address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,16 +34,15 @@ pub enum Change {
 #[derive(Debug, Default)]
 pub struct Grants {
     by_ip: HashMap<IpAddr, Vec<Grant>>,
-    /// Entries an earlier agent wrote (names unknown): removed at their expiry unless a new
-    /// answer takes them over.
-    adopted: HashMap<IpAddr, Duration>,
+    /// Bumped on every change, so that the persisted copy is rewritten only when needed.
+    generation: u64,
 }
 
 impl Grants {
     /// Records that `ip` was answered for `name` until `expires` (a later expiry of the same
     /// name wins) and returns the address's live grants.
     pub fn add(&mut self, ip: IpAddr, name: &str, expires: Duration) -> Vec<Grant> {
-        self.adopted.remove(&ip);
+        self.generation += 1;
         let list = self.by_ip.entry(ip).or_default();
         match list.iter_mut().find(|g| g.name == name) {
             Some(g) => g.expires = g.expires.max(expires),
@@ -49,23 +54,9 @@ impl Grants {
         list.clone()
     }
 
-    /// Takes over an entry an earlier agent wrote, until `expires` (0: never, static).
-    pub fn adopt(&mut self, ip: IpAddr, expires: Duration) {
-        if !expires.is_zero() {
-            self.adopted.insert(ip, expires);
-        }
-    }
-
     /// Drops grants expired at `now` and says which entries must change.
     pub fn sweep(&mut self, now: Duration) -> Vec<Change> {
         let mut changes = Vec::new();
-        self.adopted.retain(|ip, expires| {
-            if *expires > now {
-                return true;
-            }
-            changes.push(Change::Remove(*ip));
-            false
-        });
         self.by_ip.retain(|ip, list| {
             let before = list.len();
             list.retain(|g| g.expires > now);
@@ -79,6 +70,9 @@ impl Grants {
                 true
             }
         });
+        if !changes.is_empty() {
+            self.generation += 1;
+        }
         changes
     }
 
@@ -97,12 +91,44 @@ impl Grants {
                 true
             }
         });
+        self.generation += 1;
         changes
     }
 
     /// Forgets an address (its map write failed).
     pub fn forget(&mut self, ip: &IpAddr) {
-        self.by_ip.remove(ip);
+        if self.by_ip.remove(ip).is_some() {
+            self.generation += 1;
+        }
+    }
+
+    /// A number that changes whenever the grants do.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The persisted form: every address with its names and their expiries.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut addresses: Vec<Persisted> = self
+            .by_ip
+            .iter()
+            .map(|(ip, list)| Persisted {
+                ip: *ip,
+                grants: list
+                    .iter()
+                    .map(|g| PersistedGrant {
+                        name: g.name.clone(),
+                        expires_ns: g.expires.as_nanos() as u64,
+                    })
+                    .collect(),
+            })
+            .collect();
+        addresses.sort_by_key(|a| a.ip);
+        serde_json::to_vec(&PersistedFile {
+            version: PERSISTED_VERSION,
+            addresses,
+        })
+        .expect("grants serialize")
     }
 
     /// Every address with its grants (for re-deriving entries after a policy change).
@@ -112,13 +138,91 @@ impl Grants {
 
     /// Number of addresses held.
     pub fn len(&self) -> usize {
-        self.by_ip.len() + self.adopted.len()
+        self.by_ip.len()
     }
 
     /// Whether no address is held.
     pub fn is_empty(&self) -> bool {
-        self.by_ip.is_empty() && self.adopted.is_empty()
+        self.by_ip.is_empty()
     }
+}
+
+/// The version of the persisted form this agent writes and reads.
+const PERSISTED_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedFile {
+    version: u32,
+    addresses: Vec<Persisted>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Persisted {
+    ip: IpAddr,
+    grants: Vec<PersistedGrant>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedGrant {
+    name: String,
+    /// Expiry on `CLOCK_BOOTTIME`, in nanoseconds.
+    expires_ns: u64,
+}
+
+/// Reads what [`Grants::to_json`] wrote: the names each address was answered for.
+pub fn from_json(bytes: &[u8]) -> Result<HashMap<IpAddr, Vec<Grant>>, String> {
+    let file: PersistedFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if file.version != PERSISTED_VERSION {
+        return Err(format!("unknown version {}", file.version));
+    }
+    Ok(file
+        .addresses
+        .into_iter()
+        .map(|a| {
+            let list = a
+                .grants
+                .into_iter()
+                .map(|g| Grant {
+                    name: g.name,
+                    expires: Duration::from_nanos(g.expires_ns),
+                })
+                .collect();
+            (a.ip, list)
+        })
+        .collect())
+}
+
+/// What an agent restarted on pinned maps does with the DNS entries it adopted (`adopted`:
+/// each address with its entry's expiry, 0 for none), given the `recorded` grants of the
+/// earlier agent and the current policy's `permitted` names: an entry keeps the grants of
+/// names still permitted and not expired at `now` (never past the entry's own expiry), and
+/// its value is rewritten from them; an entry with no such grant (a name no longer permitted,
+/// or no record at all: fail closed, the app resolves again) is removed.
+pub fn restore(
+    adopted: &[(IpAddr, Duration)],
+    recorded: &HashMap<IpAddr, Vec<Grant>>,
+    now: Duration,
+    permitted: impl Fn(&str) -> bool,
+) -> (Grants, Vec<Change>) {
+    let mut grants = Grants::default();
+    let mut changes = Vec::new();
+    for &(ip, entry_expires) in adopted {
+        for g in recorded.get(&ip).map(Vec::as_slice).unwrap_or_default() {
+            let expires = if entry_expires.is_zero() {
+                g.expires
+            } else {
+                g.expires.min(entry_expires)
+            };
+            if expires > now && permitted(&g.name) {
+                grants.add(ip, &g.name, expires);
+            }
+        }
+        changes.push(match grants.by_ip.get(&ip) {
+            Some(live) => Change::Update(ip, live.clone()),
+            None => Change::Remove(ip),
+        });
+    }
+    (grants, changes)
 }
 
 /// The latest expiry among `grants`.
@@ -160,14 +264,89 @@ mod tests {
     }
 
     #[test]
-    fn adopted_entries_expire_unless_taken_over() {
+    fn the_persisted_form_round_trips() {
         let mut g = Grants::default();
-        g.adopt(ip("198.51.100.1"), S(10));
-        g.adopt(ip("198.51.100.2"), S(10));
-        g.adopt(ip("198.51.100.3"), Duration::ZERO);
-        g.add(ip("198.51.100.2"), "b.example.com", S(30));
-        assert_eq!(g.sweep(S(11)), vec![Change::Remove(ip("198.51.100.1"))]);
-        assert_eq!(g.len(), 1);
+        g.add(ip("198.51.100.10"), "a.example.com", S(10));
+        g.add(
+            ip("198.51.100.10"),
+            "b.example.com",
+            Duration::from_nanos(20_000_000_123),
+        );
+        g.add(ip("2001:db8::1"), "a.example.com", S(30));
+        let back = from_json(&g.to_json()).unwrap();
+        assert_eq!(back.len(), 2);
+        let mut both = back[&ip("198.51.100.10")].clone();
+        both.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(
+            both,
+            vec![
+                Grant {
+                    name: "a.example.com".into(),
+                    expires: S(10)
+                },
+                Grant {
+                    name: "b.example.com".into(),
+                    expires: Duration::from_nanos(20_000_000_123)
+                }
+            ]
+        );
+        assert_eq!(back[&ip("2001:db8::1")][0].expires, S(30));
+        assert!(from_json(b"{}").is_err());
+        assert!(from_json(br#"{"version":99,"addresses":[]}"#).is_err());
+        assert!(from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn every_change_moves_the_generation() {
+        let mut g = Grants::default();
+        let g0 = g.generation();
+        g.add(ip("198.51.100.1"), "a.example.com", S(10));
+        let g1 = g.generation();
+        assert_ne!(g0, g1);
+        assert!(g.sweep(S(5)).is_empty());
+        assert_eq!(g.generation(), g1, "nothing swept, nothing to write");
+        g.sweep(S(10));
+        assert_ne!(g.generation(), g1);
+    }
+
+    #[test]
+    fn a_restart_keeps_only_what_the_current_policy_permits() {
+        let mut recorded = HashMap::new();
+        let grant = |name: &str, expires| Grant {
+            name: name.into(),
+            expires,
+        };
+        // a and b on .1; only b (no longer permitted) on .2; a expired on .3; nothing
+        // recorded for .4 (state lost); a on .5, recorded past the entry's own expiry.
+        recorded.insert(
+            ip("198.51.100.1"),
+            vec![grant("a.example.com", S(50)), grant("b.example.com", S(60))],
+        );
+        recorded.insert(ip("198.51.100.2"), vec![grant("b.example.com", S(60))]);
+        recorded.insert(ip("198.51.100.3"), vec![grant("a.example.com", S(5))]);
+        recorded.insert(ip("198.51.100.5"), vec![grant("a.example.com", S(90))]);
+        let adopted = [
+            (ip("198.51.100.1"), S(60)),
+            (ip("198.51.100.2"), S(60)),
+            (ip("198.51.100.3"), S(5)),
+            (ip("198.51.100.4"), S(60)),
+            (ip("198.51.100.5"), S(40)),
+        ];
+        let (grants, changes) = restore(&adopted, &recorded, S(10), |n| n == "a.example.com");
+        assert_eq!(
+            changes,
+            vec![
+                Change::Update(ip("198.51.100.1"), vec![grant("a.example.com", S(50))]),
+                Change::Remove(ip("198.51.100.2")),
+                Change::Remove(ip("198.51.100.3")),
+                Change::Remove(ip("198.51.100.4")),
+                Change::Update(ip("198.51.100.5"), vec![grant("a.example.com", S(40))]),
+            ]
+        );
+        assert_eq!(grants.len(), 2);
+        // A recorded address the maps no longer hold is not brought back.
+        let (grants, changes) = restore(&[], &recorded, S(10), |_| true);
+        assert!(grants.is_empty() && changes.is_empty());
     }
 
     #[test]

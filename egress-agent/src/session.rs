@@ -16,7 +16,7 @@ use crate::{
     cgroup,
     enforcer::{self, Enforcer, EnforcerOptions},
     events::{Event, EventSink},
-    grants::Grants,
+    grants::{self, Change},
     health::{self, HealthState},
     metrics::Metrics,
     monitor,
@@ -26,6 +26,9 @@ use crate::{
     resolver::{self, DnsContext, Resolver},
     status,
 };
+
+/// The grants file is rewritten at most this often (and only after a change).
+const GRANTS_EVERY: Duration = Duration::from_millis(200);
 
 /// What a session needs.
 pub struct SessionConfig {
@@ -103,14 +106,27 @@ impl Session {
         let names = Names::default();
         let metrics = Arc::new(Metrics::default());
         let (stop, stop_rx) = watch::channel(false);
-        let mut grants = Grants::default();
-        for (addr, value) in &adopted {
-            // Entries an earlier agent wrote stay until their own expiry.
-            grants.adopt(
-                egress_common::keys::ip_from_addr(addr),
-                Duration::from_nanos(value.expires_ns),
-            );
-        }
+        // The DNS entries an earlier agent wrote keep what the current policy still permits
+        // of the names it recorded for them; the rest go at once (fail closed).
+        let adopted: Vec<_> = adopted
+            .iter()
+            .map(|(addr, value)| {
+                (
+                    egress_common::keys::ip_from_addr(addr),
+                    Duration::from_nanos(value.expires_ns),
+                )
+            })
+            .collect();
+        let recorded = if adopted.is_empty() {
+            Default::default()
+        } else {
+            read_grants(&cfg.sink, &cfg.name)
+        };
+        let (grants, restored) =
+            grants::restore(&adopted, &recorded, crate::events::boot_now(), |name| {
+                !policy.host_rules_for(name).is_empty()
+            });
+        let kept = grants.len();
 
         let monitor = tokio::spawn(monitor::pump(
             ring,
@@ -125,13 +141,30 @@ impl Session {
             upstreams: RwLock::new(upstreams),
             enforcer: enf.clone(),
             grants: Mutex::new(grants),
+            grants_changed: Default::default(),
+            search: resolver::system_search_domains(),
             names,
             sink: cfg.sink.clone(),
             cgroup: cfg.cgroup.clone(),
             metrics: metrics.clone(),
         });
+        for change in &restored {
+            if let Change::Update(ip, live) = change {
+                for g in live {
+                    dns.names.remember(*ip, g.name.clone());
+                }
+            }
+        }
+        // Before the resolver serves: the adopted entries take the current policy's values.
+        resolver::apply_changes(&dns, &policy, restored);
+        // Written now, so that the first answer is written at once too.
+        let mut written = None;
+        write_grants(&cfg.name, &dns, &mut written);
         let addr = resolver.addr();
-        let mut tasks = vec![tokio::spawn(resolver.serve(dns.clone(), stop_rx.clone()))];
+        let mut tasks = vec![
+            tokio::spawn(keep_grants(cfg.name.clone(), dns.clone(), written)),
+            tokio::spawn(resolver.serve(dns.clone(), stop_rx.clone())),
+        ];
         if let Some(root) = cfg.watch.clone() {
             tasks.push(tokio::spawn(reload::watch(
                 root,
@@ -180,9 +213,11 @@ impl Session {
             warn(
                 &cfg.sink,
                 &format!(
-                    "adopted the pinned state of an earlier agent named {:?} ({} DNS entries kept)",
+                    "adopted the pinned state of an earlier agent named {:?} ({} DNS entries \
+                     kept, {} removed: no longer permitted, expired or not recorded)",
                     cfg.name,
-                    adopted.len()
+                    kept,
+                    adopted.len() - kept
                 ),
             );
         }
@@ -218,6 +253,9 @@ impl Session {
                 .unwrap_or_else(|p| p.into_inner())
                 .detach()?;
             status::remove_state(&self.name);
+        } else {
+            // The entries stay in the pinned map: the next agent needs their names.
+            write_grants(&self.name, &self.dns, &mut None);
         }
         Ok(())
     }
@@ -255,6 +293,58 @@ async fn keep_state(inputs: StateInputs, dns: Arc<DnsContext>, metrics: Arc<Metr
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// Persists the grants (which names each DNS-derived address was answered for) whenever they
+/// change, for an agent that adopts these pins after us: a change after a quiet spell at
+/// once, then at most every [`GRANTS_EVERY`]. (`written`: the generation already written.)
+async fn keep_grants(name: String, dns: Arc<DnsContext>, mut written: Option<u64>) {
+    loop {
+        dns.grants_changed.notified().await;
+        if write_grants(&name, &dns, &mut written) {
+            tokio::time::sleep(GRANTS_EVERY).await;
+        }
+    }
+}
+
+/// Writes the grants file unless `written` already holds the current generation; whether it
+/// wrote.
+fn write_grants(name: &str, dns: &DnsContext, written: &mut Option<u64>) -> bool {
+    let (generation, json) = {
+        let grants = dns.grants.lock().unwrap_or_else(|p| p.into_inner());
+        if *written == Some(grants.generation()) {
+            return false;
+        }
+        (grants.generation(), grants.to_json())
+    };
+    match status::write_grants(name, &json) {
+        Ok(()) => *written = Some(generation),
+        Err(e) => tracing::debug!("cannot write the grants file: {e:#}"),
+    }
+    true
+}
+
+/// The grants an earlier agent named `name` recorded (empty, with a warning, if unreadable).
+fn read_grants(
+    sink: &EventSink,
+    name: &str,
+) -> std::collections::HashMap<std::net::IpAddr, Vec<grants::Grant>> {
+    let path = status::grants_path(name);
+    let why = match std::fs::read(&path) {
+        Ok(bytes) => match grants::from_json(&bytes) {
+            Ok(recorded) => return recorded,
+            Err(e) => e,
+        },
+        Err(e) => e.to_string(),
+    };
+    warn(
+        sink,
+        &format!(
+            "cannot read {} ({why}): the adopted DNS entries are removed, names resolve again",
+            path.display()
+        ),
+    );
+    Default::default()
 }
 
 /// Detaches and removes what an agent named `name` pinned (`egress-agent detach`).

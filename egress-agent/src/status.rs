@@ -52,12 +52,30 @@ pub fn state_path(name: &str) -> PathBuf {
 
 /// Writes `state` atomically (rename).
 pub fn write_state(state: &AgentState) -> anyhow::Result<()> {
-    let path = state_path(&state.name);
+    write_atomically(&state_path(&state.name), &serde_json::to_vec_pretty(state)?)
+}
+
+/// The file in which the agent `name` records which names each DNS-derived address was
+/// answered for (`grants::Grants::to_json`), for its successor on the same pins.
+pub fn grants_path(name: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(name).join("grants.json")
+}
+
+/// Writes the grants file of `name` atomically (rename).
+pub fn write_grants(name: &str, json: &[u8]) -> anyhow::Result<()> {
+    write_atomically(&grants_path(name), json)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`: a reader
+/// (or a successor after a crash) sees the old content or the new, never a part.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().expect("state path has a parent");
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join("state.json.tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
-    fs::rename(&tmp, &path)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use hickory_proto::op::{Message, ResponseCode};
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::{Semaphore, watch},
+    sync::{Notify, Semaphore, watch},
     task::JoinSet,
 };
 
@@ -57,6 +57,12 @@ pub struct DnsContext {
     pub enforcer: Arc<Mutex<Enforcer>>,
     /// Which names each address was answered for.
     pub grants: Mutex<Grants>,
+    /// Signalled after the grants changed (the session persists them).
+    pub grants_changed: Notify,
+    /// The search domains of the system resolver (lowercase, no trailing dot): a refused name
+    /// that is a permitted name with one of them appended gets NXDOMAIN, so that a stub
+    /// resolver walking its search list goes on to the name itself.
+    pub search: Vec<String>,
     /// Address to last name, for deny events.
     pub names: Names,
     /// Event output.
@@ -226,9 +232,13 @@ pub async fn handle(
     transport: Transport,
 ) -> Option<Vec<u8>> {
     let policy = ctx.policy();
-    let msg = match screen::screen(query, &policy) {
+    let msg = match screen::screen(query, &policy, &ctx.search) {
         Screened::Drop => return None,
         Screened::Reply(r) => return Some(r),
+        Screened::NxDomain(r) => {
+            Metrics::inc(&ctx.metrics.dns_queries);
+            return Some(r);
+        }
         Screened::Forward(msg) => {
             Metrics::inc(&ctx.metrics.dns_queries);
             msg
@@ -318,6 +328,8 @@ fn allow_answer(
     let now = boot_now();
     let mut grants = ctx.grants.lock().unwrap_or_else(|p| p.into_inner());
     let mut enf = ctx.enforcer.lock().unwrap_or_else(|p| p.into_inner());
+    // Whatever happens below, the grants may have changed: persist them.
+    ctx.grants_changed.notify_one();
     for &(ip, ttl) in addrs {
         if rebinding::is_guarded(ip) {
             let message = format!(
@@ -381,6 +393,7 @@ pub fn sweep(ctx: &DnsContext) {
 
 /// Writes grant changes into the map.
 pub fn apply_changes(ctx: &DnsContext, policy: &Policy, changes: Vec<Change>) {
+    ctx.grants_changed.notify_one();
     let mut enf = ctx.enforcer.lock().unwrap_or_else(|p| p.into_inner());
     for c in changes {
         match c {
@@ -436,6 +449,27 @@ pub fn upstreams(policy: &Policy) -> Vec<SocketAddr> {
     match &policy.dns.upstream {
         policy::Upstream::Servers(list) => list.clone(),
         policy::Upstream::System => system_name_servers(),
+    }
+}
+
+/// The system resolver's search domains (`search`, else `domain`, of `/etc/resolv.conf`, as
+/// the agent sees them), lowercase without the trailing dot, deduplicated, in order.
+pub fn system_search_domains() -> Vec<String> {
+    match hickory_resolver::system_conf::read_system_conf() {
+        Ok((conf, _)) => {
+            let mut out: Vec<String> = Vec::new();
+            for name in conf.search().iter().chain(conf.domain()) {
+                let name = normalize(name);
+                if !name.is_empty() && !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+            out
+        }
+        Err(e) => {
+            tracing::warn!("cannot read the system resolver configuration: {e}");
+            Vec::new()
+        }
     }
 }
 

@@ -19,6 +19,11 @@ pub enum Screened {
     Drop,
     /// Answer this at once (FORMERR for garbage, NOTIMP for other opcodes or no question).
     Reply(Vec<u8>),
+    /// Every name not permitted is a permitted name with a search domain appended (a stub
+    /// resolver walking its search list, as with Kubernetes' ndots:5): answer this NXDOMAIN at
+    /// once, so that the stub goes on to the name itself. Nothing to report (the names carry
+    /// no free-form data: both parts are fixed) and nothing is forwarded, in audit mode too.
+    NxDomain(Vec<u8>),
     /// Some names are not permitted: `reply` is the REFUSED answer; `names` are the refused
     /// (name, type) pairs to report. `query` is the parsed query (audit mode forwards it).
     Refused {
@@ -33,8 +38,9 @@ pub enum Screened {
     Forward(Box<Message>),
 }
 
-/// Decides what to do with a client's query under `policy`.
-pub fn screen(query: &[u8], policy: &Policy) -> Screened {
+/// Decides what to do with a client's query under `policy`; `search` holds the system
+/// resolver's search domains (lowercase, no trailing dot).
+pub fn screen(query: &[u8], policy: &Policy, search: &[String]) -> Screened {
     let msg = match Message::from_vec(query) {
         Ok(m) => m,
         Err(_) => {
@@ -65,6 +71,15 @@ pub fn screen(query: &[u8], policy: &Policy) -> Screened {
     if names.is_empty() {
         return Screened::Forward(Box::new(msg));
     }
+    if names
+        .iter()
+        .all(|(name, _)| is_search_expansion(name, policy, search))
+    {
+        return match reply_to(&msg, ResponseCode::NXDomain).to_vec() {
+            Ok(reply) => Screened::NxDomain(reply),
+            Err(_) => Screened::Drop,
+        };
+    }
     match reply_to(&msg, ResponseCode::Refused).to_vec() {
         Ok(reply) => Screened::Refused {
             reply,
@@ -75,12 +90,21 @@ pub fn screen(query: &[u8], policy: &Policy) -> Screened {
     }
 }
 
+/// Whether `name` is `<permitted name>.<search domain>` for one of `search`.
+fn is_search_expansion(name: &str, policy: &Policy, search: &[String]) -> bool {
+    search.iter().any(|domain| {
+        name.strip_suffix(domain.as_str())
+            .and_then(|head| head.strip_suffix('.'))
+            .is_some_and(|head| !head.is_empty() && !policy.host_rules_for(head).is_empty())
+    })
+}
+
+/// Per address question: the queried name, and the addresses answered with their TTLs.
+pub type Answered = Vec<(String, Vec<(IpAddr, u32)>)>;
+
 /// The addresses an upstream `answer` gives for each address question of `query`: (queried
 /// name, addresses with their TTLs). An unparseable answer is an error.
-pub fn answered_addresses(
-    query: &Message,
-    answer: &[u8],
-) -> Result<Vec<(String, Vec<(IpAddr, u32)>)>, String> {
+pub fn answered_addresses(query: &Message, answer: &[u8]) -> Result<Answered, String> {
     let parsed = Message::from_vec(answer).map_err(|e| e.to_string())?;
     Ok(query
         .queries()
@@ -145,10 +169,10 @@ mod tests {
     fn permitted_names_are_forwarded_and_others_refused() {
         let p = policy();
         assert!(matches!(
-            screen(&query("OK.example.com.", RecordType::A), &p),
+            screen(&query("OK.example.com.", RecordType::A), &p, &[]),
             Screened::Forward(_)
         ));
-        match screen(&query("data.evil.test.", RecordType::TXT), &p) {
+        match screen(&query("data.evil.test.", RecordType::TXT), &p, &[]) {
             Screened::Refused { reply, names, .. } => {
                 assert_eq!(names, vec![("data.evil.test".into(), "TXT".into())]);
                 let r = Message::from_vec(&reply).unwrap();
@@ -159,11 +183,119 @@ mod tests {
         }
     }
 
+    fn search() -> Vec<String> {
+        [
+            "default.svc.cluster.local",
+            "svc.cluster.local",
+            "cluster.local",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    fn wildcard_policy() -> Policy {
+        policy::parse_str(
+            "version: 1\nallow:\n  - host: ok.example.com\n    ports: [443]\n  \
+             - host: \"*.wild.example.com\"\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap()
+    }
+
+    fn code(reply: &[u8]) -> ResponseCode {
+        Message::from_vec(reply).unwrap().response_code()
+    }
+
+    #[test]
+    fn a_permitted_name_with_a_search_domain_gets_nxdomain() {
+        let p = wildcard_policy();
+        let s = search();
+        for name in [
+            "ok.example.com.default.svc.cluster.local.",
+            "OK.Example.com.svc.cluster.local.",
+            "ok.example.com.cluster.local.",
+            "a.b.wild.example.com.default.svc.cluster.local.",
+        ] {
+            for t in [RecordType::A, RecordType::AAAA] {
+                match screen(&query(name, t), &p, &s) {
+                    Screened::NxDomain(r) => {
+                        assert_eq!(code(&r), ResponseCode::NXDomain, "{name}");
+                        let m = Message::from_vec(&r).unwrap();
+                        assert_eq!(m.id(), 7);
+                        assert_eq!(m.queries().len(), 1, "the question is echoed");
+                    }
+                    other => panic!("{name} {t}: {other:?}"),
+                }
+            }
+        }
+        // The name itself is still forwarded.
+        assert!(matches!(
+            screen(&query("ok.example.com.", RecordType::A), &p, &s),
+            Screened::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn anything_else_with_a_search_domain_is_still_refused() {
+        let p = wildcard_policy();
+        let s = search();
+        for name in [
+            // Not permitted before the suffix.
+            "data.evil.test.default.svc.cluster.local.",
+            // The wildcard's suffix itself is not permitted.
+            "wild.example.com.svc.cluster.local.",
+            // Not one of the search domains.
+            "ok.example.com.other.local.",
+            "ok.example.com.xcluster.local.",
+            // A search domain alone, or a label glued to it.
+            "cluster.local.",
+            "ok.example.comcluster.local.",
+            // Data between the permitted name and the search domain.
+            "ok.example.com.exfil.default.svc.cluster.local.",
+        ] {
+            match screen(&query(name, RecordType::A), &p, &s) {
+                Screened::Refused { reply, names, .. } => {
+                    assert_eq!(code(&reply), ResponseCode::Refused, "{name}");
+                    assert_eq!(names.len(), 1, "{name}");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        // Without search domains, an expansion is refused like any other name.
+        assert!(matches!(
+            screen(
+                &query("ok.example.com.default.svc.cluster.local.", RecordType::A),
+                &p,
+                &[]
+            ),
+            Screened::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn a_question_beside_an_expansion_is_judged_on_its_own() {
+        let p = wildcard_policy();
+        let mut m = Message::new();
+        m.set_id(9).set_recursion_desired(true);
+        m.add_query(Query::query(
+            Name::from_str("ok.example.com.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        m.add_query(Query::query(
+            Name::from_str("data.evil.test.").unwrap(),
+            RecordType::A,
+        ));
+        match screen(&m.to_vec().unwrap(), &p, &search()) {
+            Screened::Refused { names, .. } => assert_eq!(names.len(), 2),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn garbage_gets_formerr_or_nothing() {
         let p = policy();
-        assert!(matches!(screen(&[1, 2, 3], &p), Screened::Drop));
-        match screen(&[0xab, 0xcd, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff], &p) {
+        assert!(matches!(screen(&[1, 2, 3], &p, &[]), Screened::Drop));
+        match screen(&[0xab, 0xcd, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff], &p, &[]) {
             Screened::Reply(r) => {
                 let m = Message::from_vec(&r).unwrap();
                 assert_eq!(m.response_code(), ResponseCode::FormErr);

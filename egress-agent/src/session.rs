@@ -147,6 +147,7 @@ impl Session {
             sink: cfg.sink.clone(),
             cgroup: cfg.cgroup.clone(),
             metrics: metrics.clone(),
+            entries: Default::default(),
         });
         for change in &restored {
             if let Change::Update(ip, live) = change {

@@ -14,6 +14,7 @@ pub mod screen;
 pub mod upstream;
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
@@ -21,6 +22,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use egress_common::AllowValue;
 use hickory_proto::op::{Message, ResponseCode};
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
@@ -71,6 +73,11 @@ pub struct DnsContext {
     pub cgroup: PathBuf,
     /// Query counters.
     pub metrics: Arc<Metrics>,
+    /// Per address: how many names its entry was last computed from, and the entry. A new
+    /// answer for a known name only moves the expiry; a new name merges its ports in. Only
+    /// sweeps and reloads recompute from every name (an address behind a CDN can serve
+    /// thousands of names: recomputing each time made a query cost grow with them).
+    pub entries: Mutex<HashMap<IpAddr, (usize, AllowValue)>>,
 }
 
 impl DnsContext {
@@ -345,14 +352,51 @@ fn allow_answer(
         }
         let ttl = Duration::from_secs(ttl.into()).clamp(policy.dns.min_ttl, policy.dns.max_ttl);
         let live = grants.add(ip, name, now + ttl + policy.dns.grace);
-        let value = entry_value(policy, &live)?;
+        let value = cached_entry(ctx, policy, ip, name, &live)?;
         if let Err(e) = enf.allow_dns(ip, value) {
             grants.forget(&ip);
+            ctx.entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ip);
             return Err(e).with_context(|| format!("{name} answered {ip}"));
         }
         ctx.names.remember(ip, name.to_owned());
     }
     Ok(())
+}
+
+/// The entry for `ip` after `name` was (re)answered, from the cache when possible.
+fn cached_entry(
+    ctx: &DnsContext,
+    policy: &Policy,
+    ip: IpAddr,
+    name: &str,
+    live: &[grants::Grant],
+) -> anyhow::Result<AllowValue> {
+    let expires = grants::latest(live).as_nanos() as u64;
+    let mut cache = ctx.entries.lock().unwrap_or_else(|p| p.into_inner());
+    let value = match cache.get(&ip) {
+        // The same names as before: only the expiry moves.
+        Some((n, v)) if *n == live.len() => {
+            let mut v = *v;
+            v.expires_ns = expires;
+            v
+        }
+        // One more name: merge its rules into the entry.
+        Some((n, v)) if *n + 1 == live.len() => {
+            let rules = policy.host_rules_for(name);
+            let mine = policy::rule_value(&rules, expires)
+                .map_err(|e| anyhow::anyhow!("too many port ranges ({} needed)", e.0))?;
+            AllowValue::from_ranges(v.ranges().iter().chain(mine.ranges()).copied(), expires)
+                .map_err(|e| {
+                    anyhow::anyhow!("too many port ranges for one address ({} needed)", e.0)
+                })?
+        }
+        _ => entry_value(policy, live)?,
+    };
+    cache.insert(ip, (live.len(), value));
+    Ok(value)
 }
 
 /// The map value for an address: the union of the rules of every name it was answered for.
@@ -393,6 +437,16 @@ pub fn sweep(ctx: &DnsContext) {
 
 /// Writes grant changes into the map.
 pub fn apply_changes(ctx: &DnsContext, policy: &Policy, changes: Vec<Change>) {
+    {
+        let mut cache = ctx.entries.lock().unwrap_or_else(|p| p.into_inner());
+        for c in &changes {
+            match c {
+                Change::Remove(ip) | Change::Update(ip, _) => {
+                    cache.remove(ip);
+                }
+            }
+        }
+    }
     ctx.grants_changed.notify_one();
     let mut enf = ctx.enforcer.lock().unwrap_or_else(|p| p.into_inner());
     for c in changes {

@@ -53,6 +53,9 @@ pub struct DenyRecord {
     /// The host name this address was last answered for, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The rule that almost allowed it (right address, wrong port or protocol), when any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub near_rule: Option<String>,
 }
 
 impl DenyRecord {
@@ -80,6 +83,7 @@ impl DenyRecord {
             hook: hook_name(e.hook),
             verdict: if e.audited != 0 { "audit" } else { "deny" },
             host: None,
+            near_rule: None,
         }
     }
 

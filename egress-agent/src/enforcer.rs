@@ -20,7 +20,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         links::{FdLink, PinnedLink},
     },
 };
@@ -65,6 +65,9 @@ pub const ALL_MAPS: [&str; 6] = [
     MAP_EVENTS,
     MAP_DNS_ORIG,
 ];
+
+/// The cgroup_skb/egress backstop.
+pub const BACKSTOP_PROGRAM: &str = "egress";
 
 /// The cgroup/sock program that refuses raw and ICMP sockets.
 pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
@@ -254,6 +257,26 @@ impl Enforcer {
             .try_into()
             .map_err(|e| anyhow!("{SOCK_CREATE_PROGRAM}: not a bpf_link: {e:?}"))?;
         let link = me.keep_link(SOCK_CREATE_PROGRAM, link)?;
+        me.links.push(link);
+        let prog: &mut CgroupSkb = me
+            ._ebpf
+            .program_mut(BACKSTOP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {BACKSTOP_PROGRAM} missing from the eBPF object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel rejected program {BACKSTOP_PROGRAM}"))?;
+        let id = prog
+            .attach(
+                &cgroup_dir,
+                CgroupSkbAttachType::Egress,
+                CgroupAttachMode::Single,
+            )
+            .with_context(|| format!("cannot attach {BACKSTOP_PROGRAM} to {}", cgroup.display()))?;
+        let link: FdLink = prog
+            .take_link(id)?
+            .try_into()
+            .map_err(|e| anyhow!("{BACKSTOP_PROGRAM}: not a bpf_link: {e:?}"))?;
+        let link = me.keep_link(BACKSTOP_PROGRAM, link)?;
         me.links.push(link);
         me.drop_older_generations()?;
         Ok(me)

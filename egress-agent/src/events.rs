@@ -118,6 +118,7 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::SENDMSG4 => "sendmsg4",
         hook::SENDMSG6 => "sendmsg6",
         hook::SOCK_CREATE => "sock_create",
+        hook::EGRESS => "egress",
         _ => "unknown",
     }
 }

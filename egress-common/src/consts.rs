@@ -26,6 +26,8 @@ pub const COUNTER_RINGBUF_DROP: u32 = 2;
 pub const COUNTER_ERROR: u32 = 3;
 /// DNS packets and connections steered to the agent's resolver.
 pub const COUNTER_DNS_STEERED: u32 = 4;
+/// Packets the `cgroup_skb/egress` backstop dropped.
+pub const COUNTER_BACKSTOP_DROP: u32 = 5;
 /// Number of slots in the counters map.
 pub const COUNTER_SLOTS: u32 = 8;
 

@@ -12,6 +12,8 @@ pub mod hook {
     pub const SENDMSG6: u8 = 4;
     /// `cgroup/sock_create` (raw and ICMP sockets).
     pub const SOCK_CREATE: u8 = 5;
+    /// `cgroup_skb/egress`, the packet backstop.
+    pub const EGRESS: u8 = 6;
 }
 
 /// Why a destination was denied.

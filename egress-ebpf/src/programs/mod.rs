@@ -1,5 +1,6 @@
 //! Programs, named after their attach points.
 
+mod backstop;
 mod dns;
 mod restore;
 mod sock_addr;

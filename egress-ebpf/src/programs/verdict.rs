@@ -76,7 +76,7 @@ fn proto_bit(ip_proto: u32) -> Option<u8> {
 
 /// `None` when allowed, else the reason for the deny.
 #[inline(always)]
-fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
+pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
     let mut why = reason::NO_RULE;
     // Static rules: the longest matching prefix already carries the union of every broader
     // rule's ports (the agent merges them), so one lookup decides.
@@ -117,7 +117,8 @@ pub fn exempt() -> bool {
     }
 }
 
-fn audit_mode() -> bool {
+/// Whether audit mode is on.
+pub fn audit_mode() -> bool {
     match CONFIG.get(0) {
         Some(c) => c.flags & FLAG_AUDIT != 0,
         // No config: strict.

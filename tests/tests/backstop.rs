@@ -1,0 +1,187 @@
+//! The `cgroup_skb/egress` backstop: packets that no socket hook judged still cannot leave
+//! toward a destination that is not allowed. The way to get such packets here is a socket
+//! opened in the cgroup *before* enforcement was attached (the situation of `attach` on a
+//! running workload): `sock_create` never saw it, and a raw ICMP socket has no connect or
+//! sendmsg hook. Its echo request must be dropped, and the echo counters of the namespace
+//! must not move.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+};
+
+use egress_agent::{
+    enforcer::{Enforcer, EnforcerOptions},
+    policy,
+};
+use egress_tests::{TestCgroup, TestNetns, require_root};
+
+/// Opens its sockets at once, then sends one packet per line read on stdin and prints the
+/// outcome of each.
+const SCRIPT: &str = r#"
+import json, socket, sys
+icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print("ready", flush=True)
+# ICMP echo request, id 0x4242, seq 1, checksum computed below.
+def echo():
+    hdr = bytearray(b"\x08\x00\x00\x00\x42\x42\x00\x01") + b"backstop"
+    s = 0
+    for i in range(0, len(hdr), 2):
+        s += (hdr[i] << 8) + hdr[i + 1]
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    c = ~s & 0xffff
+    hdr[2], hdr[3] = c >> 8, c & 0xff
+    return bytes(hdr)
+for line in sys.stdin:
+    what = line.strip()
+    try:
+        if what == "icmp":
+            icmp.sendto(echo(), ("198.51.100.20", 0))
+        elif what == "udp":
+            udp.sendto(b"x", ("198.51.100.20", 5000))
+        print(json.dumps({"what": what, "ok": True}), flush=True)
+    except OSError as e:
+        print(json.dumps({"what": what, "ok": False, "errno": e.errno}), flush=True)
+"#;
+
+struct Sender {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Sender {
+    /// Starts the script in `netns` and `cg` (joined before exec), as root with CAP_NET_RAW.
+    fn start(netns: &TestNetns, cg: &TestCgroup) -> Self {
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(cg.path().join("cgroup.procs"))
+            .expect("open cgroup.procs");
+        let fd = procs.as_raw_fd();
+        let mut cmd = netns.command("python3");
+        cmd.args(["-c", SCRIPT])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // SAFETY: one raw write on a descriptor opened before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("start python3");
+        drop(procs);
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read");
+        assert_eq!(line.trim(), "ready", "the sender opened its sockets");
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn send(&mut self, what: &str) -> serde_json::Value {
+        writeln!(self.stdin, "{what}").expect("write");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `InEchos` of the namespace (`/proc/net/snmp` read from inside it).
+fn in_echos(netns: &TestNetns) -> u64 {
+    let text = netns
+        .run_in(|| fs::read_to_string(Path::new("/proc/thread-self/net/snmp")))
+        .expect("read /proc/net/snmp");
+    let mut lines = text.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (lines.next().expect("header"), lines.next().expect("values"));
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "InEchos")
+        .expect("InEchos column");
+    values
+        .split_whitespace()
+        .nth(i)
+        .and_then(|v| v.parse().ok())
+        .expect("InEchos value")
+}
+
+#[test]
+fn a_socket_opened_before_enforcement_cannot_send_what_no_rule_allows() {
+    require_root();
+    let netns = TestNetns::new();
+    let add = std::process::Command::new("ip")
+        .args([
+            "-n",
+            netns.name(),
+            "addr",
+            "add",
+            "198.51.100.20/32",
+            "dev",
+            "lo",
+        ])
+        .status()
+        .expect("ip addr add");
+    assert!(add.success());
+    let cg = TestCgroup::new();
+    let mut sender = Sender::start(&netns, &cg);
+
+    // Control: before enforcement the echo goes out and arrives.
+    let before = in_echos(&netns);
+    let out = sender.send("icmp");
+    assert_eq!(out["ok"], true, "control: the echo request goes out: {out}");
+    assert!(
+        in_echos(&netns) > before,
+        "control: the namespace received the echo request"
+    );
+
+    let policy = policy::parse_str(
+        "version: 1\nallow:\n  - ip: 127.0.0.1\n    ports: [8080]\n",
+        Path::new("backstop.yaml"),
+    )
+    .expect("policy");
+    let mut enf = Enforcer::attach(cg.path(), &policy, &EnforcerOptions::default())
+        .expect("attach to the test cgroup");
+
+    let before = in_echos(&netns);
+    let out = sender.send("icmp");
+    assert_eq!(
+        out["ok"], false,
+        "the backstop drops the echo request: {out}"
+    );
+    assert_eq!(out["errno"], libc::EPERM, "{out}");
+    let udp = sender.send("udp");
+    assert_eq!(
+        udp["ok"], false,
+        "an unconnected UDP send is judged too: {udp}"
+    );
+    assert_eq!(
+        in_echos(&netns),
+        before,
+        "no echo request reached the namespace"
+    );
+    let events = enf.poll_denies();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.hook == "egress" && e.proto == "ip:1" && e.reason == "protocol"),
+        "the drop is reported by the backstop: {events:?}"
+    );
+}

@@ -196,22 +196,8 @@ impl Steps {
     /// (Ctrl-C) stops everything.
     pub fn run(&mut self, name: &str, cmd: Cmd) -> Result<bool> {
         let shown = cmd.shown().to_owned();
-        let status = match cmd.status() {
-            Ok(status) => status,
-            Err(e) => {
-                eprintln!("xtask: {name}: {e:#}");
-                self.failed.push(name.to_owned());
-                return Ok(false);
-            }
-        };
-        if status.signal() == Some(libc::SIGINT) {
-            bail!("interrupted during `{shown}`");
-        }
-        if !status.success() {
-            eprintln!("xtask: {name}: `{shown}` failed ({})", describe(status));
-            self.failed.push(name.to_owned());
-        }
-        Ok(status.success())
+        let status = cmd.status();
+        self.record(name, &shown, status)
     }
 
     /// Like [`Steps::run`] for a `cargo test` command: also sums its `test result:` lines.
@@ -226,6 +212,11 @@ impl Steps {
         });
         self.passed_tests += passed;
         self.failed_tests += failed;
+        self.record(name, &shown, status)
+    }
+
+    /// Notes how step `name` (`shown`) ended; an error only for Ctrl-C.
+    fn record(&mut self, name: &str, shown: &str, status: Result<ExitStatus>) -> Result<bool> {
         let status = match status {
             Ok(status) => status,
             Err(e) => {

@@ -116,5 +116,6 @@ pub fn apply(ctx: &DnsContext, new: Policy) -> anyhow::Result<String> {
         .unwrap_or_else(|p| p.into_inner())
         .retain_names(|name| !new.host_rules_for(name).is_empty());
     resolver::apply_changes(ctx, &new, changes);
+    ctx.answers.clear();
     Ok(summary)
 }

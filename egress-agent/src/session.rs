@@ -140,6 +140,7 @@ impl Session {
             cgroup: cfg.cgroup.clone(),
             metrics: metrics.clone(),
             entries: Default::default(),
+            answers: Default::default(),
         });
         let monitor = tokio::spawn(monitor::pump(
             ring,

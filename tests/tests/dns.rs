@@ -883,3 +883,35 @@ out["dot_allowed_host"] = tcp(out["r"]["addrs"][0], 853) if out["r"]["ok"] else 
     assert_eq!(d["reason"], "port", "{d}");
     assert_eq!(d["host"], "allowed.example.com", "{d}");
 }
+
+/// A repeated lookup within the TTL is answered from the agent's cache (the upstream sees the
+/// name once), with the address still granted: the connect after the second lookup works.
+#[test]
+fn a_repeated_lookup_is_answered_from_the_cache_and_still_granted() {
+    let world = allowed_world();
+    let l4 = world.listen_tcp("198.51.100.10:8080");
+    let (run, out) = run_script(
+        &world,
+        &policy(ALLOWED_TCP_8080),
+        r#"
+out["r1"] = resolve("allowed.example.com", socket.AF_INET)
+out["r2"] = resolve("allowed.example.com", socket.AF_INET)
+out["c"] = tcp(out["r2"]["addrs"][0], 8080) if out["r2"]["ok"] else None
+"#,
+    );
+    assert_resolved(&run, &out, "r1", &["198.51.100.10"]);
+    assert_resolved(&run, &out, "r2", &["198.51.100.10"]);
+    assert_connected(&run, &out, "c");
+    assert!(l4.wait_accepted(1, WAIT), "the listener saw the connection");
+    let asked = world
+        .log()
+        .lines()
+        .filter(|l| l.contains("query[A] allowed.example.com"))
+        .count();
+    assert_eq!(
+        asked,
+        1,
+        "the upstream answered the A query once; the repeat came from the cache\n{}",
+        world.log()
+    );
+}

@@ -9,6 +9,7 @@
 
 pub mod answer;
 pub mod attribution;
+pub mod cache;
 pub mod rebinding;
 pub mod screen;
 pub mod upstream;
@@ -18,7 +19,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -78,6 +79,8 @@ pub struct DnsContext {
     /// sweeps and reloads recompute from every name (an address behind a CDN can serve
     /// thousands of names: recomputing each time made a query cost grow with them).
     pub entries: Mutex<HashMap<IpAddr, (usize, AllowValue)>>,
+    /// Answers to permitted queries, served again within their TTL.
+    pub answers: cache::AnswerCache,
 }
 
 impl DnsContext {
@@ -239,6 +242,7 @@ pub async fn handle(
     transport: Transport,
 ) -> Option<Vec<u8>> {
     let policy = ctx.policy();
+    let mut cacheable = true;
     let msg = match screen::screen(query, &policy, &ctx.search) {
         Screened::Drop => return None,
         Screened::Reply(r) => return Some(r),
@@ -261,9 +265,16 @@ pub async fn handle(
             if policy.mode != policy::Mode::Audit {
                 return Some(reply);
             }
+            cacheable = false;
             query
         }
     };
+
+    let key = cache::Key::of(&msg, transport);
+    if cacheable && let Some((reply, granted)) = ctx.answers.get(&key, msg.id(), Instant::now()) {
+        // The addresses are granted again, for what remains of their TTL.
+        return grant_all(ctx, &policy, &msg, granted).map_or(Some(reply), Some);
+    }
 
     let answer = match upstream::exchange(&ctx.upstreams(), query, transport).await {
         Ok(a) => a,
@@ -284,15 +295,31 @@ pub async fn handle(
             return encode(&reply_to(&msg, ResponseCode::ServFail));
         }
     };
+    if let Some(servfail) = grant_all(ctx, &policy, &msg, granted.clone()) {
+        return Some(servfail);
+    }
+    if cacheable {
+        ctx.answers.put(key, &answer, granted, Instant::now());
+    }
+    Some(answer)
+}
+
+/// Grants the answered addresses; on failure, the SERVFAIL answer to give instead.
+fn grant_all(
+    ctx: &DnsContext,
+    policy: &Policy,
+    msg: &Message,
+    granted: cache::Granted,
+) -> Option<Vec<u8>> {
     for (name, addrs) in granted {
-        if let Err(e) = allow_answer(ctx, &policy, &name, &addrs) {
+        if let Err(e) = allow_answer(ctx, policy, &name, &addrs) {
             // The addresses are not allowed: say so rather than hand out an answer that
             // only fails later.
             warn(ctx, &format!("dns: {e:#}"));
-            return encode(&reply_to(&msg, ResponseCode::ServFail));
+            return encode(&reply_to(msg, ResponseCode::ServFail));
         }
     }
-    Some(answer)
+    None
 }
 
 /// Writes a `dns-refused` event per refused question, naming the querying process.

@@ -548,6 +548,18 @@ fn dns_note(
     }
 }
 
+/// The rule that almost allowed a denied connect to `ip` (answered for `host`, if known): the
+/// most specific cidr/ip rule covering the address, else the first host rule for the name.
+/// For deny events with reason `port`: `allow[0] (allowlists/x.yaml:12:5): host
+/// api.anthropic.com, ports 443, tcp`.
+pub fn nearest_rule(policy: &Policy, ip: IpAddr, host: Option<&str>) -> Option<String> {
+    let by_net = covering(policy, ip).into_iter().next();
+    let by_host = host.and_then(|h| policy.host_rules_for(h).into_iter().next());
+    by_net
+        .or(by_host)
+        .map(|r| format!("{}: {}", reference(r), describe(r)))
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -906,16 +918,4 @@ allow:
         assert_eq!("UDP".parse(), Ok(Transport::Udp));
         assert!("any".parse::<Transport>().is_err());
     }
-}
-
-/// The rule that almost allowed a denied connect to `ip` (answered for `host`, if known): the
-/// most specific cidr/ip rule covering the address, else the first host rule for the name.
-/// For deny events with reason `port`: `allow[0] (allowlists/x.yaml:12:5): host
-/// api.anthropic.com, ports 443, tcp`.
-pub fn nearest_rule(policy: &Policy, ip: IpAddr, host: Option<&str>) -> Option<String> {
-    let by_net = covering(policy, ip).into_iter().next();
-    let by_host = host.and_then(|h| policy.host_rules_for(h).into_iter().next());
-    by_net
-        .or(by_host)
-        .map(|r| format!("{}: {}", reference(r), describe(r)))
 }

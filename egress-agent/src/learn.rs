@@ -264,6 +264,33 @@ fn yaml_scalar(s: &str) -> String {
     }
 }
 
+/// The settings to carry over from the starting allowlist: an include of it (so what it
+/// already allowed stays allowed) and its `dns` block.
+pub fn carried_settings(base: &crate::policy::Policy, base_path: &std::path::Path) -> String {
+    use crate::policy::{Upstream, format_duration};
+    let mut out = String::new();
+    let shown = std::fs::canonicalize(base_path).unwrap_or_else(|_| base_path.to_owned());
+    let _ = writeln!(out, "include: [{:?}]", shown.display().to_string());
+    let d = &base.dns;
+    let _ = writeln!(out, "dns:");
+    let _ = writeln!(out, "  min_ttl: {}", format_duration(d.min_ttl));
+    let _ = writeln!(out, "  max_ttl: {}", format_duration(d.max_ttl));
+    let _ = writeln!(out, "  grace: {}", format_duration(d.grace));
+    match &d.upstream {
+        Upstream::System => {
+            let _ = writeln!(out, "  upstream: system");
+        }
+        Upstream::Servers(list) => {
+            let shown: Vec<String> = list
+                .iter()
+                .map(|s| format!("{:?}", s.to_string()))
+                .collect();
+            let _ = writeln!(out, "  upstream: [{}]", shown.join(", "));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,31 +376,4 @@ mod tests {
         let p = policy::parse_str(&y, Path::new("learned.yaml")).unwrap();
         assert!(p.rules.is_empty());
     }
-}
-
-/// The settings to carry over from the starting allowlist: an include of it (so what it
-/// already allowed stays allowed) and its `dns` block.
-pub fn carried_settings(base: &crate::policy::Policy, base_path: &std::path::Path) -> String {
-    use crate::policy::{Upstream, format_duration};
-    let mut out = String::new();
-    let shown = std::fs::canonicalize(base_path).unwrap_or_else(|_| base_path.to_owned());
-    let _ = writeln!(out, "include: [{:?}]", shown.display().to_string());
-    let d = &base.dns;
-    let _ = writeln!(out, "dns:");
-    let _ = writeln!(out, "  min_ttl: {}", format_duration(d.min_ttl));
-    let _ = writeln!(out, "  max_ttl: {}", format_duration(d.max_ttl));
-    let _ = writeln!(out, "  grace: {}", format_duration(d.grace));
-    match &d.upstream {
-        Upstream::System => {
-            let _ = writeln!(out, "  upstream: system");
-        }
-        Upstream::Servers(list) => {
-            let shown: Vec<String> = list
-                .iter()
-                .map(|s| format!("{:?}", s.to_string()))
-                .collect();
-            let _ = writeln!(out, "  upstream: [{}]", shown.join(", "));
-        }
-    }
-    out
 }

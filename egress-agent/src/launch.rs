@@ -145,9 +145,9 @@ pub fn spawn_in_cgroup(
                 && (libc::setgroups(id.groups.len(), id.groups.as_ptr()) != 0
                     || libc::setgid(id.gid) != 0
                     || libc::setuid(id.uid) != 0)
-                {
-                    return Err(io::Error::last_os_error());
-                }
+            {
+                return Err(io::Error::last_os_error());
+            }
             if let Some(c) = &confinement {
                 c.seal_in_child()?;
             }

@@ -364,9 +364,19 @@ mod tests {
 
     #[test]
     fn a_multi_line_command_stays_in_the_comment() {
-        let y = render(&Observed::default(), "t", "python3 -c '\nimport x\nx: 1\n'", "now", "");
+        let y = render(
+            &Observed::default(),
+            "t",
+            "python3 -c '\nimport x\nx: 1\n'",
+            "now",
+            "",
+        );
         policy::parse_str(&y, Path::new("learned.yaml")).unwrap();
-        assert_eq!(y.lines().filter(|l| l.contains("import x")).count(), 1, "{y}");
+        assert_eq!(
+            y.lines().filter(|l| l.contains("import x")).count(),
+            1,
+            "{y}"
+        );
     }
 
     #[test]

@@ -15,12 +15,6 @@ use std::{
     time::SystemTime,
 };
 
-use anyhow::{Context as _, bail};
-use signal_hook::{
-    consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH},
-    iterator::{SignalsInfo, exfiltrator::WithOrigin},
-    low_level::siginfo::Cause,
-};
 use crate::{
     cgroup::{self, OwnedCgroup},
     confine::{Capability, Confinement},
@@ -30,6 +24,12 @@ use crate::{
     learn,
     policy::{self, Mode},
     session::{self, Session, SessionConfig, warn},
+};
+use anyhow::{Context as _, bail};
+use signal_hook::{
+    consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH},
+    iterator::{SignalsInfo, exfiltrator::WithOrigin},
+    low_level::siginfo::Cause,
 };
 
 /// Exit status when the agent itself fails (as `env` and container runtimes use it).

@@ -79,7 +79,7 @@ impl Drop for Agent {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(format!("/sys/fs/bpf/egress/{}", self.name));
-        let _ = fs::remove_dir(format!("/sys/fs/bpf/egress"));
+        let _ = fs::remove_dir("/sys/fs/bpf/egress");
         let _ = fs::remove_dir_all(format!("/run/egress/{}", self.name));
     }
 }

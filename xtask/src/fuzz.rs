@@ -35,7 +35,15 @@ pub fn run(seconds: u64) -> Result<()> {
         steps.run(
             &format!("fuzz {target}"),
             Cmd::new("rustup")
-                .args(["run", "nightly", "cargo", "fuzz", "run", "--release", target])
+                .args([
+                    "run",
+                    "nightly",
+                    "cargo",
+                    "fuzz",
+                    "run",
+                    "--release",
+                    target,
+                ])
                 .arg(&work)
                 .arg(Path::new("fuzz/corpus").join(target))
                 .arg("--")

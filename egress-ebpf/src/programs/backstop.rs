@@ -7,6 +7,7 @@
 //! - UDP: a connected socket was judged at connect and passes; an unconnected send must be
 //!   allowed now (sendmsg4/6 judged it a moment ago; the backstop catches a path that did not);
 //! - anything else (ICMP, SCTP, raw IP of any protocol) is dropped: no rule allows it.
+//!
 //! DNS to the agent's resolver passes. Denies are counted and reported; audit mode reports
 //! and passes. An error drops.
 

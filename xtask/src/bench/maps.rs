@@ -106,7 +106,7 @@ fn mapped(ip: u32) -> [u8; 16] {
 /// over 198.0.0.0/8 (a bijection, so all distinct), never inside 198.51.100.0/24 (where the
 /// measured destinations live) — so the trie is dense around the destination.
 pub fn cidr_entry(i: u32) -> (u32, u32) {
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         (0x0a00_0000 + (i / 4) * 16, 28)
     } else {
         let off = i.wrapping_mul(2_654_435_761) & 0x00ff_ffff;

@@ -70,8 +70,10 @@ pub fn run() -> Result<()> {
     };
 
     interrupt::catch()?;
-    let mut report = Report::default();
-    report.machine = machine(&ctx);
+    let mut report = Report {
+        machine: machine(&ctx),
+        ..Report::default()
+    };
     report.commands = vec![
         "sudo cargo xtask bench    # builds release egress-agent and bench-worker, then runs parts 1-4".into(),
         "# each measured batch: bench-worker in its own netns + cgroup, e.g. `tcp 198.51.100.10:8080 2000`".into(),

@@ -12,38 +12,10 @@ use std::{
 use crate::unique_name;
 
 /// The cgroup v2 mount point, from `/proc/mounts` (hybrid hosts mount it at
-/// `/sys/fs/cgroup/unified`, so it is never assumed).
+/// `/sys/fs/cgroup/unified`, so it is never assumed): the agent's own discovery.
 pub fn cgroup2_mount() -> PathBuf {
-    let mounts = fs::read_to_string("/proc/mounts").expect("cannot read /proc/mounts");
-    mounts
-        .lines()
-        .find_map(|line| {
-            let mut f = line.split_whitespace();
-            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(dir)))
-        })
-        .expect("no cgroup2 filesystem in /proc/mounts: the tests need cgroup v2")
-}
-
-/// `/proc/mounts` writes space, tab, newline and backslash as `\ooo` octal escapes.
-fn unescape_mount_path(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && let Some(v) = s
-                .get(i + 1..i + 4)
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    egress_agent::cgroup::cgroup2_mount()
+        .unwrap_or_else(|e| panic!("{e:#}: the tests need cgroup v2"))
 }
 
 /// A cgroup `egress-test-{pid}-{n}` directly under the cgroup v2 mount. Dropping it kills
@@ -111,13 +83,9 @@ pub fn remove_cgroup(cgroup: &Path) -> Result<(), String> {
     if !cgroup.exists() {
         return Ok(());
     }
-    let kill = cgroup.join("cgroup.kill");
-    if !(kill.exists() && fs::write(&kill, "1").is_ok()) {
-        for pid in read_pids(cgroup) {
-            // SAFETY: plain syscall; the pid is a member of a cgroup this process created.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
+    // The agent's own emptying (cgroup.kill, else SIGKILL each member): a failure here is
+    // retried below.
+    let _ = egress_agent::cgroup::kill_all(cgroup);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match fs::remove_dir(cgroup) {
@@ -133,20 +101,5 @@ pub fn remove_cgroup(cgroup: &Path) -> Result<(), String> {
             }
             Err(e) => return Err(format!("cannot remove cgroup {}: {e}", cgroup.display())),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::unescape_mount_path;
-
-    #[test]
-    fn mount_paths_are_unescaped() {
-        assert_eq!(
-            unescape_mount_path("/sys/fs/cgroup/unified"),
-            "/sys/fs/cgroup/unified"
-        );
-        assert_eq!(unescape_mount_path("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape_mount_path("/mnt/trailing\\"), "/mnt/trailing\\");
     }
 }

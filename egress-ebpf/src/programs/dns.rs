@@ -10,7 +10,7 @@ use egress_common::{
     keys::is_v4_mapped,
 };
 
-use super::verdict::count;
+use super::{sock_addr::write_v6, verdict::count};
 use crate::maps::{CONFIG, DNS_ORIG};
 
 const IPPROTO_TCP: u32 = 6;
@@ -65,13 +65,5 @@ pub fn steer_v6(ctx: &SockAddrContext, cfg: &Config, addr: &Addr, port: u16) {
     } else {
         cfg.dns_v6
     };
-    // SAFETY: connect6/sendmsg6 may write `user_ip6[i]` and `user_port` (4-byte stores).
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        sa.user_ip6[0] = u32::from_ne_bytes([to[0], to[1], to[2], to[3]]);
-        sa.user_ip6[1] = u32::from_ne_bytes([to[4], to[5], to[6], to[7]]);
-        sa.user_ip6[2] = u32::from_ne_bytes([to[8], to[9], to[10], to[11]]);
-        sa.user_ip6[3] = u32::from_ne_bytes([to[12], to[13], to[14], to[15]]);
-        sa.user_port = u32::from(cfg.dns_port.to_be());
-    }
+    write_v6(ctx, &to, cfg.dns_port);
 }

@@ -7,9 +7,13 @@ use aya_ebpf::{
     EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use egress_common::addr_from_v4;
+use egress_common::{addr_from_v4, config::OrigDst};
 
-use super::{dns::steering, sock_addr::read_v6, verdict::exempt};
+use super::{
+    dns::steering,
+    sock_addr::{read_v6, write_v6},
+    verdict::exempt,
+};
 use crate::maps::DNS_ORIG;
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -47,12 +51,7 @@ fn restore_v4(ctx: &SockAddrContext) {
     if ip != u32::from_ne_bytes(cfg.dns_v4) || port != u32::from(cfg.dns_port.to_be()) {
         return;
     }
-    // SAFETY: a sock_addr context is a valid argument for this helper.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only use of the value.
-    let Some(orig) = (unsafe { DNS_ORIG.get(cookie) }) else {
-        return;
-    };
+    let Some(orig) = original(ctx) else { return };
     let a = orig.addr;
     // SAFETY: these hooks may write `user_ip4` and `user_port`.
     unsafe {
@@ -75,20 +74,15 @@ fn restore_v6(ctx: &SockAddrContext) {
     {
         return;
     }
+    let Some(orig) = original(ctx) else { return };
+    write_v6(ctx, &orig.addr, orig.port);
+}
+
+/// Where this steered socket really wanted to go (recorded by the steering hooks).
+#[inline(always)]
+fn original(ctx: &SockAddrContext) -> Option<&'static OrigDst> {
     // SAFETY: a sock_addr context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only use of the value.
-    let Some(orig) = (unsafe { DNS_ORIG.get(cookie) }) else {
-        return;
-    };
-    let a = orig.addr;
-    // SAFETY: these hooks may write `user_ip6[i]` and `user_port` (4-byte stores).
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-        sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
-        sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
-        sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
-        sa.user_port = u32::from(orig.port.to_be());
-    }
+    unsafe { DNS_ORIG.get(cookie) }
 }

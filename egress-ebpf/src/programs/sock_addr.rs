@@ -118,3 +118,19 @@ pub fn read_v6(ctx: &SockAddrContext) -> Addr {
 fn port_of(user_port: u32) -> u16 {
     u16::from_be(user_port as u16)
 }
+
+/// Writes an IPv6 destination (network byte order) and port (host order) into the context:
+/// four 4-byte stores, the only width the verifier accepts for `user_ip6`. Only the hooks
+/// that may rewrite the address call it (connect6, sendmsg6, recvmsg6, getpeername6).
+#[inline(always)]
+pub fn write_v6(ctx: &SockAddrContext, a: &Addr, port: u16) {
+    // SAFETY: the caller is a hook allowed to write `user_ip6[i]` and `user_port`.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+        sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+        sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        sa.user_port = u32::from(port.to_be());
+    }
+}

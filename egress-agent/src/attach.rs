@@ -92,6 +92,7 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
             .unwrap_or_else(|| "attach".into()),
     });
     let sink = Arc::new(EventSink::open(cfg.events.as_deref())?);
+    let stop = StopSignals::install()?;
     let session = Session::start(SessionConfig {
         name,
         cgroup: target,
@@ -111,20 +112,33 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
          container), nor CAP_SYS_ADMIN/CAP_NET_ADMIN/CAP_BPF, and must see the cgroup \
          filesystem read-only",
     );
-    wait_for_stop().await?;
+    stop.wait().await;
     session.stop(cfg.detach_on_exit).await?;
     Ok(0)
 }
 
-async fn wait_for_stop() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from before the session starts: a stop request that arrives
+/// right after the `ready` line must end in an orderly stop, not the default disposition.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot catch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot catch SIGINT")?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// The cgroup below (or equal to) `target` whose `cgroup.procs` lists this process, if any.

@@ -33,39 +33,93 @@ pub enum Change {
 /// Grants by address.
 #[derive(Debug, Default)]
 pub struct Grants {
-    by_ip: HashMap<IpAddr, Vec<Grant>>,
+    by_ip: HashMap<IpAddr, Names>,
     /// Bumped on every change, so that the persisted copy is rewritten only when needed.
     generation: u64,
 }
 
+/// The names one address was answered for. Behind a CDN thousands of names share an address:
+/// a repeated answer must cost the same whatever their number.
+#[derive(Debug, Default)]
+struct Names {
+    /// Each name's expiry.
+    expiries: HashMap<String, Duration>,
+    /// The latest of them.
+    latest: Duration,
+}
+
+impl Names {
+    fn grants(&self) -> Vec<Grant> {
+        let mut list: Vec<Grant> = self
+            .expiries
+            .iter()
+            .map(|(name, &expires)| Grant {
+                name: name.clone(),
+                expires,
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Keeps the names `keep` accepts; whether any was dropped.
+    fn retain(&mut self, keep: impl Fn(&str, Duration) -> bool) -> bool {
+        let before = self.expiries.len();
+        self.expiries
+            .retain(|name, &mut expires| keep(name, expires));
+        self.latest = self.expiries.values().copied().max().unwrap_or_default();
+        self.expiries.len() != before
+    }
+}
+
+/// An address's state right after [`Grants::add`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Added {
+    /// How many names it is granted for.
+    pub names: usize,
+    /// The latest expiry among them.
+    pub latest: Duration,
+}
+
 impl Grants {
     /// Records that `ip` was answered for `name` until `expires` (a later expiry of the same
-    /// name wins) and returns the address's live grants.
-    pub fn add(&mut self, ip: IpAddr, name: &str, expires: Duration) -> Vec<Grant> {
+    /// name wins); constant time whatever the number of names on the address.
+    pub fn add(&mut self, ip: IpAddr, name: &str, expires: Duration) -> Added {
         self.generation += 1;
-        let list = self.by_ip.entry(ip).or_default();
-        match list.iter_mut().find(|g| g.name == name) {
-            Some(g) => g.expires = g.expires.max(expires),
-            None => list.push(Grant {
-                name: name.to_owned(),
-                expires,
-            }),
+        let names = self.by_ip.entry(ip).or_default();
+        match names.expiries.get_mut(name) {
+            Some(e) => *e = (*e).max(expires),
+            None => {
+                names.expiries.insert(name.to_owned(), expires);
+            }
         }
-        list.clone()
+        names.latest = names.latest.max(expires);
+        Added {
+            names: names.expiries.len(),
+            latest: names.latest,
+        }
+    }
+
+    /// The live grants of `ip`, by name.
+    pub fn live(&self, ip: &IpAddr) -> Vec<Grant> {
+        self.by_ip.get(ip).map(Names::grants).unwrap_or_default()
     }
 
     /// Drops grants expired at `now` and says which entries must change.
     pub fn sweep(&mut self, now: Duration) -> Vec<Change> {
         let mut changes = Vec::new();
-        self.by_ip.retain(|ip, list| {
-            let before = list.len();
-            list.retain(|g| g.expires > now);
-            if list.is_empty() {
+        self.by_ip.retain(|ip, names| {
+            if names.latest > now && names.expiries.len() == 1 {
+                // The common case: one name, not expired.
+                return true;
+            }
+            let dropped = names.retain(|_, expires| expires > now);
+            if names.expiries.is_empty() {
                 changes.push(Change::Remove(*ip));
                 false
             } else {
-                if list.len() != before {
-                    changes.push(Change::Update(*ip, list.clone()));
+                if dropped {
+                    changes.push(Change::Update(*ip, names.grants()));
                 }
                 true
             }
@@ -80,14 +134,14 @@ impl Grants {
     /// entries must change.
     pub fn retain_names(&mut self, keep: impl Fn(&str) -> bool) -> Vec<Change> {
         let mut changes = Vec::new();
-        self.by_ip.retain(|ip, list| {
-            list.retain(|g| keep(&g.name));
-            if list.is_empty() {
+        self.by_ip.retain(|ip, names| {
+            names.retain(|name, _| keep(name));
+            if names.expiries.is_empty() {
                 changes.push(Change::Remove(*ip));
                 false
             } else {
                 // The rules behind a kept name may have changed too: rewrite every entry.
-                changes.push(Change::Update(*ip, list.clone()));
+                changes.push(Change::Update(*ip, names.grants()));
                 true
             }
         });
@@ -112,13 +166,14 @@ impl Grants {
         let mut addresses: Vec<Persisted> = self
             .by_ip
             .iter()
-            .map(|(ip, list)| Persisted {
+            .map(|(ip, names)| Persisted {
                 ip: *ip,
-                grants: list
+                grants: names
+                    .expiries
                     .iter()
-                    .map(|g| PersistedGrant {
-                        name: g.name.clone(),
-                        expires_ns: g.expires.as_nanos() as u64,
+                    .map(|(name, expires)| PersistedGrant {
+                        name: name.clone(),
+                        expires_ns: expires.as_nanos() as u64,
                     })
                     .collect(),
             })
@@ -129,11 +184,6 @@ impl Grants {
             addresses,
         })
         .expect("grants serialize")
-    }
-
-    /// Every address with its grants (for re-deriving entries after a policy change).
-    pub fn all(&self) -> impl Iterator<Item = (&IpAddr, &Vec<Grant>)> {
-        self.by_ip.iter()
     }
 
     /// Number of addresses held.
@@ -218,7 +268,7 @@ pub fn restore(
             }
         }
         changes.push(match grants.by_ip.get(&ip) {
-            Some(live) => Change::Update(ip, live.clone()),
+            Some(names) => Change::Update(ip, names.grants()),
             None => Change::Remove(ip),
         });
     }
@@ -245,8 +295,14 @@ mod tests {
         let mut g = Grants::default();
         g.add(ip("198.51.100.10"), "a.example.com", S(10));
         let both = g.add(ip("198.51.100.10"), "b.example.com", S(20));
-        assert_eq!(both.len(), 2);
-        assert_eq!(latest(&both), S(20));
+        assert_eq!(
+            both,
+            Added {
+                names: 2,
+                latest: S(20)
+            }
+        );
+        assert_eq!(latest(&g.live(&ip("198.51.100.10"))), S(20));
 
         let changes = g.sweep(S(15));
         assert_eq!(
@@ -354,8 +410,14 @@ mod tests {
         let mut g = Grants::default();
         g.add(ip("2001:db8::1"), "a.example.com", S(30));
         let l = g.add(ip("2001:db8::1"), "a.example.com", S(5));
-        assert_eq!(l.len(), 1);
-        assert_eq!(l[0].expires, S(30));
+        assert_eq!(
+            l,
+            Added {
+                names: 1,
+                latest: S(30)
+            }
+        );
+        assert_eq!(g.live(&ip("2001:db8::1"))[0].expires, S(30));
         assert!(g.sweep(S(29)).is_empty());
     }
 }

@@ -154,7 +154,7 @@ impl Session {
         for change in &restored {
             if let Change::Update(ip, live) = change {
                 for g in live {
-                    dns.names.remember(*ip, g.name.clone());
+                    dns.names.remember(*ip, &g.name);
                 }
             }
         }

@@ -2,9 +2,16 @@
 //! `/proc/net/{udp,tcp}{,6}` (the agent shares the client's network namespace), then its
 //! owner among the processes of the enforced cgroup by their file descriptors. Only refused
 //! queries pay for this lookup; the client is still waiting for its answer, so its socket is
-//! still open.
+//! still open. Owners are remembered by socket inode (unique while the socket lives), so a
+//! client that keeps asking from one socket costs one table read per query, not a walk over
+//! every process's descriptors.
 
-use std::{fs, path::Path};
+use std::{
+    collections::HashMap,
+    fs,
+    path::Path,
+    sync::{Mutex, PoisonError},
+};
 
 use super::upstream::Transport;
 
@@ -35,6 +42,47 @@ pub fn owner_of(transport: Transport, port: u16, cgroup: &Path) -> Option<Owner>
     if inodes.is_empty() {
         return None;
     }
+    if let Some(owner) = KNOWN.remembered(&inodes) {
+        return Some(owner);
+    }
+    let (inode, owner) = search(cgroup, &inodes)?;
+    KNOWN.remember(inode, owner.clone());
+    Some(owner)
+}
+
+/// Owners already found, by socket inode.
+static KNOWN: Known = Known(Mutex::new(None));
+
+/// How many owners [`KNOWN`] holds before it starts over.
+const KNOWN_CAPACITY: usize = 1024;
+
+struct Known(Mutex<Option<HashMap<u64, Owner>>>);
+
+impl Known {
+    /// The owner of one of `inodes`, if found before and still alive.
+    fn remembered(&self, inodes: &[u64]) -> Option<Owner> {
+        let mut known = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let map = known.as_mut()?;
+        let (&inode, owner) = inodes.iter().find_map(|i| map.get_key_value(i))?;
+        if Path::new(&format!("/proc/{}", owner.pid)).exists() {
+            return Some(owner.clone());
+        }
+        map.remove(&inode);
+        None
+    }
+
+    fn remember(&self, inode: u64, owner: Owner) {
+        let mut known = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let map = known.get_or_insert_with(HashMap::new);
+        if map.len() >= KNOWN_CAPACITY {
+            map.clear();
+        }
+        map.insert(inode, owner);
+    }
+}
+
+/// The process (in the cgroup tree at `cgroup`) holding one of the sockets `inodes`.
+fn search(cgroup: &Path, inodes: &[u64]) -> Option<(u64, Owner)> {
     let mut pids = Vec::new();
     collect_pids(cgroup, &mut pids, 0);
     for pid in pids {
@@ -54,7 +102,7 @@ pub fn owner_of(transport: Transport, port: u16, cgroup: &Path) -> Option<Owner>
                 continue;
             };
             if inodes.contains(&inode) {
-                return Some(describe(pid));
+                return Some((inode, describe(pid)));
             }
         }
     }

@@ -378,8 +378,12 @@ fn allow_answer(
             continue;
         }
         let ttl = Duration::from_secs(ttl.into()).clamp(policy.dns.min_ttl, policy.dns.max_ttl);
-        let live = grants.add(ip, name, now + ttl + policy.dns.grace);
-        let value = cached_entry(ctx, policy, ip, name, &live)?;
+        let added = grants.add(ip, name, now + ttl + policy.dns.grace);
+        let Some(value) = cached_entry(ctx, policy, ip, name, added, &grants)? else {
+            // The kernel's entry already holds these rules until (almost) the same time.
+            ctx.names.remember(ip, name);
+            continue;
+        };
         if let Err(e) = enf.allow_dns(ip, value) {
             grants.forget(&ip);
             ctx.entries
@@ -388,30 +392,37 @@ fn allow_answer(
                 .remove(&ip);
             return Err(e).with_context(|| format!("{name} answered {ip}"));
         }
-        ctx.names.remember(ip, name.to_owned());
+        ctx.names.remember(ip, name);
     }
     Ok(())
 }
 
-/// The entry for `ip` after `name` was (re)answered, from the cache when possible.
+/// The entry for `ip` after `name` was (re)answered, from the cache when possible; `None`
+/// when the entry already written needs no rewrite: same rules, and an expiry at most
+/// [`rewrite_slack`] short of the new one (a burst of answers for one name writes the map
+/// once, not once per answer).
 fn cached_entry(
     ctx: &DnsContext,
     policy: &Policy,
     ip: IpAddr,
     name: &str,
-    live: &[grants::Grant],
-) -> anyhow::Result<AllowValue> {
-    let expires = grants::latest(live).as_nanos() as u64;
+    added: grants::Added,
+    grants: &grants::Grants,
+) -> anyhow::Result<Option<AllowValue>> {
+    let expires = added.latest.as_nanos() as u64;
     let mut cache = ctx.entries.lock().unwrap_or_else(|p| p.into_inner());
     let value = match cache.get(&ip) {
         // The same names as before: only the expiry moves.
-        Some((n, v)) if *n == live.len() => {
+        Some((n, v)) if *n == added.names => {
+            if expires.saturating_sub(v.expires_ns) <= rewrite_slack(policy).as_nanos() as u64 {
+                return Ok(None);
+            }
             let mut v = *v;
             v.expires_ns = expires;
             v
         }
         // One more name: merge its rules into the entry.
-        Some((n, v)) if *n + 1 == live.len() => {
+        Some((n, v)) if *n + 1 == added.names => {
             let rules = policy.host_rules_for(name);
             let mine = policy::rule_value(&rules, expires)
                 .map_err(|e| anyhow::anyhow!("too many port ranges ({} needed)", e.0))?;
@@ -420,10 +431,16 @@ fn cached_entry(
                     anyhow::anyhow!("too many port ranges for one address ({} needed)", e.0)
                 })?
         }
-        _ => entry_value(policy, live)?,
+        _ => entry_value(policy, &grants.live(&ip))?,
     };
-    cache.insert(ip, (live.len(), value));
-    Ok(value)
+    cache.insert(ip, (added.names, value));
+    Ok(Some(value))
+}
+
+/// How much shorter than promised a kernel entry may stay rather than be rewritten: a
+/// quarter of the grace period that follows every TTL, at most a second.
+fn rewrite_slack(policy: &Policy) -> Duration {
+    (policy.dns.grace / 4).min(Duration::from_secs(1))
 }
 
 /// The map value for an address: the union of the rules of every name it was answered for.

@@ -290,12 +290,19 @@ fn profile(sb: &mut Sandbox, enf: &mut Worker, agent_pid: u32, report: &mut Repo
     perf.args(["record", "-q", "-F", "499", "-g", "-o"])
         .arg(&data)
         .args(["-p", &agent_pid.to_string(), "--", "sleep", "3"]);
+    // EGRESS_BENCH_PROFILE=refused|hit: profile another kind of name (default: miss).
+    let kind = std::env::var("EGRESS_BENCH_PROFILE").unwrap_or_else(|_| "miss".into());
+    let what = match kind.as_str() {
+        "hit" => "one allowed name again and again",
+        "refused" => "refused names",
+        _ => "allowed new names",
+    };
     let mut t = Table::new(
-        "5. Profile: the resolver agent at its maximum rate (perf, 3 s, allowed new names)",
+        &format!("5. Profile: the resolver agent at its maximum rate (perf, 3 s, {what})"),
         &["self %", "symbol"],
     );
     let ran = sb.spawn_daemon(perf, "perf.log").and_then(|pid| {
-        let _ = enf.ask(&format!("dns-max {UPSTREAM}:53 miss {WINDOW} 3500"));
+        let _ = enf.ask(&format!("dns-max {UPSTREAM}:53 {kind} {WINDOW} 3500"));
         sb.wait_pid(pid);
         let out = Cmd::new("perf")
             .args([

@@ -117,12 +117,28 @@ pub fn run() -> Result<()> {
     }
     let md = report.markdown();
     println!("\n{md}");
-    fs::write("BENCHMARKS.md", &md).context("cannot write BENCHMARKS.md")?;
-    println!("bench: wrote BENCHMARKS.md ({:.0} s)", report.runtime_s);
+    // A partial run (EGRESS_BENCH_ONLY) never replaces the full report.
+    let out = if only_dns() {
+        crate::target_dir().join("BENCHMARKS.dns.md")
+    } else {
+        PathBuf::from("BENCHMARKS.md")
+    };
+    fs::write(&out, &md).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("bench: wrote {} ({:.0} s)", out.display(), report.runtime_s);
     result
 }
 
+/// EGRESS_BENCH_ONLY=dns: part 2 alone, for working on the resolver.
+fn only_dns() -> bool {
+    std::env::var("EGRESS_BENCH_ONLY").is_ok_and(|v| v == "dns")
+}
+
 fn parts(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<()> {
+    if only_dns() {
+        println!("bench: part 2 only (EGRESS_BENCH_ONLY=dns)");
+        dns::run(sb, ctx, report)?;
+        return Ok(());
+    }
     println!(
         "bench: part 1, connect/sendto cost at {:?} entries",
         ctx.sizes

@@ -105,12 +105,27 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
     })
     .await?;
     // Unlike `run`, attach cannot confine the workload: say what the runtime must provide.
+    let net_raw = match session.family_guard_missing() {
+        None => "",
+        Some(why) => {
+            session::warn(
+                &sink,
+                &format!(
+                    "socket families other than unix, inet, inet6, netlink and alg (AF_PACKET, \
+                     AF_VSOCK, ...) are not refused by the kernel here: {why}"
+                ),
+            );
+            // Packet sockets then bypass every cgroup program.
+            "CAP_NET_RAW (drop it from the app container: packet sockets bypass every cgroup \
+             program here), "
+        }
+    };
     session::warn(
         &sink,
-        "packet sockets (AF_PACKET) bypass every cgroup socket hook and the BPF LSM is not \
-         used here: the enforced processes must not hold CAP_NET_RAW (drop it from the app \
-         container), nor CAP_SYS_ADMIN/CAP_NET_ADMIN/CAP_BPF, and must see the cgroup \
-         filesystem read-only",
+        &format!(
+            "the enforced processes must not hold {net_raw}CAP_SYS_ADMIN, CAP_NET_ADMIN or \
+             CAP_BPF, and must see the cgroup filesystem read-only"
+        ),
     );
     stop.wait().await;
     session.stop(cfg.detach_on_exit).await?;

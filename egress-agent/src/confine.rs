@@ -16,7 +16,8 @@
 //! 4. a capability bounding set (and inheritable and ambient sets) without the dropped
 //!    capabilities, so not even a setuid-root binary gets them back;
 //! 5. `no_new_privs`, after the identity change, and a seccomp filter that answers `clone3`
-//!    with ENOSYS (see `deny_clone3`).
+//!    with ENOSYS and refuses sockets of families other than unix, inet, inet6, netlink and
+//!    alg (see `crate::seccomp`).
 
 use std::{ffi::CString, fs, io, str::FromStr};
 
@@ -102,6 +103,8 @@ pub struct Confinement {
     mounts: Vec<MountFix>,
     tmpfs: CString,
     tmpfs_opts: CString,
+    /// Built before the fork: the child may not allocate.
+    seccomp: Vec<libc::sock_filter>,
 }
 
 impl Confinement {
@@ -134,7 +137,14 @@ impl Confinement {
             mounts,
             tmpfs: CString::from(c"tmpfs"),
             tmpfs_opts: CString::from(c"mode=0555"),
+            seccomp: crate::seccomp::filter(true),
         })
+    }
+
+    /// Leaves socket families to the family guard (the BPF LSM program, which also reports
+    /// each refusal): the seccomp filter keeps only its `clone3` rule.
+    pub fn leave_families_to_the_kernel(&mut self) {
+        self.seccomp = crate::seccomp::filter(false);
     }
 
     /// The capabilities this confinement drops.
@@ -227,52 +237,17 @@ impl Confinement {
         // the duration of the call (the kernel copies it).
         unsafe {
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-            deny_clone3()
+            install_seccomp(&self.seccomp)
         }
     }
 }
 
-/// `clone3(CLONE_INTO_CGROUP)` places a new process in any cgroup whose `cgroup.procs` the
-/// caller could write, checked on the inode only: the read-only mount does not stop it, and
-/// the cgroup namespace only does when cgroup2 is mounted with `nsdelegate` (not a setting we
-/// may change on a shared host). So the command gets `ENOSYS` for `clone3`, as container
-/// runtimes' default seccomp profiles do; glibc then falls back to `clone`, which cannot name
-/// a cgroup.
-unsafe fn deny_clone3() -> io::Result<()> {
-    const SYS_CLONE3: u32 = 435;
-    // BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K.
-    const LD_W_ABS: u16 = 0x20;
-    const JEQ_K: u16 = 0x15;
-    const RET_K: u16 = 0x06;
-    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
-    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
-    let filter = [
-        // A = seccomp_data.nr (the same number, 435, on every architecture).
-        libc::sock_filter {
-            code: LD_W_ABS,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
-        libc::sock_filter {
-            code: JEQ_K,
-            jt: 0,
-            jf: 1,
-            k: SYS_CLONE3,
-        },
-        libc::sock_filter {
-            code: RET_K,
-            jt: 0,
-            jf: 0,
-            k: SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
-        },
-        libc::sock_filter {
-            code: RET_K,
-            jt: 0,
-            jf: 0,
-            k: SECCOMP_RET_ALLOW,
-        },
-    ];
+/// Installs [`crate::seccomp::filter`]: `clone3` answers ENOSYS (`clone3(CLONE_INTO_CGROUP)`
+/// places a new process in any cgroup whose `cgroup.procs` the caller could write, checked on
+/// the inode only: the read-only mount does not stop it, and the cgroup namespace only does
+/// when cgroup2 is mounted with `nsdelegate`, not a setting we may change on a shared host),
+/// and sockets of families other than unix, inet, inet6, netlink and alg answer EPERM.
+unsafe fn install_seccomp(filter: &[libc::sock_filter]) -> io::Result<()> {
     let prog = libc::sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_ptr().cast_mut(),

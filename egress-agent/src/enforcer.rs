@@ -14,13 +14,13 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader, include_bytes_aligned,
+    Btf, Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{
         Array, HashMap, MapData, PerCpuArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
         links::{FdLink, PinnedLink},
     },
 };
@@ -71,6 +71,10 @@ pub const BACKSTOP_PROGRAM: &str = "egress";
 
 /// The cgroup/sock program that refuses raw and ICMP sockets.
 pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
+
+/// The BPF LSM cgroup program that refuses socket families other than unix, inet, inet6,
+/// netlink and alg (AF_PACKET, AF_VSOCK, ...).
+pub const FAMILY_PROGRAM: &str = "socket_create";
 
 /// Where the agent's resolver listens, for DNS steering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +143,8 @@ pub struct Enforcer {
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     boot_offset: Duration,
+    /// Why the family guard ([`FAMILY_PROGRAM`]) does not run, when it does not.
+    family_guard: Option<String>,
     // Dropped last: the programs' file descriptors.
     _ebpf: Ebpf,
 }
@@ -207,6 +213,7 @@ impl Enforcer {
             counters,
             events: Some(events),
             boot_offset: boot_to_wall_offset(),
+            family_guard: None,
             _ebpf: ebpf,
         };
         me.apply_policy(policy)?;
@@ -278,8 +285,45 @@ impl Enforcer {
             .map_err(|e| anyhow!("{BACKSTOP_PROGRAM}: not a bpf_link: {e:?}"))?;
         let link = me.keep_link(BACKSTOP_PROGRAM, link)?;
         me.links.push(link);
+        if let Err(e) = me.attach_family_guard(&cgroup_dir) {
+            me.family_guard = Some(format!("{e:#}"));
+        } else if crate::kernel::bpf_lsm_active() == Some(false) {
+            me.family_guard = Some(
+                "the BPF LSM is not active on this kernel (add `bpf` to the `lsm=` boot \
+                 parameter): the program is attached but never runs"
+                    .into(),
+            );
+        }
         me.drop_older_generations()?;
         Ok(me)
+    }
+
+    /// Loads and attaches the family guard, a BPF LSM cgroup program (kernel 6.0+).
+    fn attach_family_guard(&mut self, cgroup_dir: &fs::File) -> anyhow::Result<()> {
+        let btf = Btf::from_sys_fs().context("the kernel has no BTF (/sys/kernel/btf/vmlinux)")?;
+        let prog: &mut LsmCgroup = self
+            ._ebpf
+            .program_mut(FAMILY_PROGRAM)
+            .ok_or_else(|| anyhow!("program {FAMILY_PROGRAM} missing from the eBPF object"))?
+            .try_into()?;
+        prog.load("socket_create", &btf).context(
+            "the kernel rejected the BPF LSM program (BPF LSM cgroup programs need Linux 6.0 \
+             and CONFIG_BPF_LSM)",
+        )?;
+        let id = prog
+            .attach(cgroup_dir)
+            .with_context(|| format!("cannot attach {FAMILY_PROGRAM}"))?;
+        let link: FdLink = prog.take_link(id)?.into();
+        let link = self.keep_link(FAMILY_PROGRAM, link)?;
+        self.links.push(link);
+        Ok(())
+    }
+
+    /// Why socket families other than unix, inet, inet6, netlink and alg are *not* refused
+    /// by the kernel here (`None`: they are). Without the guard, packet sockets are closed only
+    /// by the lack of `CAP_NET_RAW`.
+    pub fn family_guard_missing(&self) -> Option<&str> {
+        self.family_guard.as_deref()
     }
 
     /// Pins `link` when pinning, so it outlives the agent. Each start pins its links under

@@ -26,7 +26,8 @@ pub struct DenyRecord {
     /// When the kernel decided.
     #[serde(serialize_with = "ser_time")]
     pub ts: SystemTime,
-    /// `tcp`, `udp`, or `ip:N` for another IP protocol.
+    /// `tcp`, `udp`, or `ip:N` for another IP protocol; for the family guard
+    /// (`hook: socket_create`), the socket's address family (`af_packet`, `af_vsock`, `af:N`).
     pub proto: String,
     /// Destination; IPv4-mapped IPv6 is shown as the IPv4 address it carries.
     pub dst: IpAddr,
@@ -44,9 +45,10 @@ pub struct DenyRecord {
     pub gid: u32,
     /// cgroup v2 id of the process.
     pub cgroup: u64,
-    /// Why: `no-rule`, `port`, `expired`, `protocol` or `error`.
+    /// Why: `no-rule`, `port`, `expired`, `protocol`, `family` or `error`.
     pub reason: &'static str,
-    /// Which hook decided: `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `sock_create`.
+    /// Which hook decided: `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `sock_create`,
+    /// `egress` (the packet backstop), `socket_create` (the family guard).
     pub hook: &'static str,
     /// `deny`, or `audit` when audit mode let the call through.
     pub verdict: &'static str,
@@ -62,10 +64,12 @@ impl DenyRecord {
     /// Decodes a kernel record. `boot_offset` converts `CLOCK_BOOTTIME` to wall time
     /// (see [`boot_to_wall_offset`]).
     pub fn from_kernel(e: &DenyEvent, boot_offset: Duration) -> Self {
-        let proto = match e.ip_proto {
-            6 => "tcp".to_owned(),
-            17 => "udp".to_owned(),
-            n => format!("ip:{n}"),
+        let proto = match (e.hook, e.ip_proto) {
+            // The family guard: no destination; the family rides in `port`.
+            (hook::SOCKET_CREATE, _) => family_name(e.port),
+            (_, 6) => "tcp".to_owned(),
+            (_, 17) => "udp".to_owned(),
+            (_, n) => format!("ip:{n}"),
         };
         let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
         Self {
@@ -106,6 +110,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::EXPIRED => "expired",
         reason::PROTOCOL => "protocol",
         reason::ERROR => "error",
+        reason::FAMILY => "family",
         _ => "unknown",
     }
 }
@@ -119,8 +124,35 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::SENDMSG6 => "sendmsg6",
         hook::SOCK_CREATE => "sock_create",
         hook::EGRESS => "egress",
+        hook::SOCKET_CREATE => "socket_create",
         _ => "unknown",
     }
+}
+
+/// The name of an address family the family guard refused.
+pub fn family_name(family: u16) -> String {
+    let name = match family {
+        3 => "af_ax25",
+        4 => "af_ipx",
+        5 => "af_appletalk",
+        9 => "af_x25",
+        15 => "af_key",
+        17 => "af_packet",
+        21 => "af_rds",
+        24 => "af_pppox",
+        29 => "af_can",
+        30 => "af_tipc",
+        31 => "af_bluetooth",
+        33 => "af_rxrpc",
+        40 => "af_vsock",
+        41 => "af_kcm",
+        42 => "af_qipcrtr",
+        43 => "af_smc",
+        44 => "af_xdp",
+        45 => "af_mctp",
+        n => return format!("af:{n}"),
+    };
+    name.to_owned()
 }
 
 /// `CLOCK_REALTIME - CLOCK_BOOTTIME`: add it to a kernel boot-time stamp to get wall time.
@@ -380,5 +412,32 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("host"), "no host field when unknown: {line}");
+    }
+
+    #[test]
+    fn family_guard_records_name_the_family() {
+        let e = DenyEvent {
+            ts_ns: 0,
+            cgroup_id: 42,
+            pid: 7,
+            tid: 7,
+            uid: 0,
+            gid: 0,
+            addr: [0; 16],
+            port: 17,
+            ip_proto: 0,
+            hook: hook::SOCKET_CREATE,
+            reason: reason::FAMILY,
+            audited: 0,
+            _pad: [0; 2],
+            comm: [0; 16],
+        };
+        let r = DenyRecord::from_kernel(&e, Duration::ZERO);
+        assert_eq!(
+            (r.proto.as_str(), r.hook, r.reason),
+            ("af_packet", "socket_create", "family")
+        );
+        assert_eq!(family_name(40), "af_vsock");
+        assert_eq!(family_name(99), "af:99");
     }
 }

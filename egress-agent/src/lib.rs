@@ -21,5 +21,6 @@ pub mod reload;
 pub mod resolver;
 pub mod run;
 pub mod schema;
+pub mod seccomp;
 pub mod session;
 pub mod status;

@@ -77,7 +77,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         );
     }
     let identity = Identity::sudo_invoker()?;
-    let confinement = Arc::new(Confinement::prepare(&config.keep_caps)?);
+    let mut confinement = Confinement::prepare(&config.keep_caps)?;
     // Installed before anything is created, so a signal during set-up still ends in teardown.
     let signals = SignalForwarder::install()?;
     let name = config
@@ -109,6 +109,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         enforcer: EnforcerOptions::default(),
     })
     .await?;
+    match session.family_guard_missing() {
+        // The BPF LSM program refuses them, and reports each attempt.
+        None => confinement.leave_families_to_the_kernel(),
+        Some(why) => warn(
+            &sink,
+            &format!(
+                "the family guard (BPF LSM) cannot run here: {why}. The command's seccomp \
+                 filter refuses socket families other than unix, inet, inet6, netlink and alg \
+                 (AF_PACKET, AF_VSOCK, ...) instead; those attempts fail with EPERM but are \
+                 not reported as deny events"
+            ),
+        ),
+    }
+    let confinement = Arc::new(confinement);
     for cap in &config.keep_caps {
         warn(
             &sink,

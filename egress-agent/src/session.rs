@@ -86,6 +86,8 @@ impl Session {
             }
         };
         enf.set_exempt_cgroup(cfg.exempt_cgroup)?;
+        // Warnings follow the `ready` line, which is always the first.
+        let mut warnings = Vec::new();
         let Some((ring, boot_offset)) = enf.take_events() else {
             bail!("the events ring buffer is missing");
         };
@@ -96,10 +98,10 @@ impl Session {
         enf.set_resolver(Some(resolver.addr()))?;
         let upstreams = resolver::upstreams(&policy);
         if upstreams.is_empty() {
-            warn(
-                &cfg.sink,
+            warnings.push(
                 "no upstream DNS server (no dns.upstream, none in /etc/resolv.conf): \
-                 permitted names will get SERVFAIL",
+                 permitted names will get SERVFAIL"
+                    .to_owned(),
             );
         }
         let enf = Arc::new(Mutex::new(enf));
@@ -212,6 +214,9 @@ impl Session {
             },
             rules: policy.rules.len(),
         });
+        for w in &warnings {
+            warn(&cfg.sink, w);
+        }
         if !fresh {
             warn(
                 &cfg.sink,
@@ -234,6 +239,16 @@ impl Session {
             monitor,
             tasks,
         })
+    }
+
+    /// Why the kernel does *not* refuse socket families other than unix, inet, inet6, netlink
+    /// and alg for the cgroup (the BPF LSM family guard cannot run); `None` when it does.
+    pub fn family_guard_missing(&self) -> Option<String> {
+        self.enforcer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .family_guard_missing()
+            .map(str::to_owned)
     }
 
     /// Stops the resolver and helpers and drains the last events. With `detach`, also

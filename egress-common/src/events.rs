@@ -14,6 +14,8 @@ pub mod hook {
     pub const SOCK_CREATE: u8 = 5;
     /// `cgroup_skb/egress`, the packet backstop.
     pub const EGRESS: u8 = 6;
+    /// `lsm_cgroup/socket_create` (address families). The event's `port` holds the family.
+    pub const SOCKET_CREATE: u8 = 7;
 }
 
 /// Why a destination was denied.
@@ -28,6 +30,8 @@ pub mod reason {
     pub const PROTOCOL: u8 = 4;
     /// The program could not read its context or maps (it denies).
     pub const ERROR: u8 = 5;
+    /// The socket's address family never reaches the network through a judged path.
+    pub const FAMILY: u8 = 6;
 }
 
 /// One denied connect or send.

@@ -42,6 +42,12 @@ impl TestNetns {
         ns
     }
 
+    /// Adds `cidr` (e.g. `198.51.100.20/32`) to the namespace's `lo`: a "remote" host
+    /// without a veth (the `dummy` link type may be missing).
+    pub fn add_lo_address(&self, cidr: &str) {
+        ip(&["-n", &self.name, "addr", "add", cidr, "dev", "lo"]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// The namespace's name (as `ip netns` knows it).
     pub fn name(&self) -> &str {
         &self.name

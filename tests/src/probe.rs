@@ -33,6 +33,12 @@ impl Outcome {
         !self.ok && self.errno == Some(libc::EPERM)
     }
 
+    /// Whether the action failed at `step` (`socket`, `connect`...): the probe names the
+    /// failing call first in its error text.
+    pub fn failed_at(&self, step: &str) -> bool {
+        !self.ok && self.error.as_deref().is_some_and(|e| e.starts_with(step))
+    }
+
     /// Parses the probe's JSON line.
     pub fn parse(line: &str) -> Result<Self, String> {
         let v: serde_json::Value =

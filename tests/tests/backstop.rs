@@ -127,19 +127,7 @@ fn in_echos(netns: &TestNetns) -> u64 {
 fn a_socket_opened_before_enforcement_cannot_send_what_no_rule_allows() {
     require_root();
     let netns = TestNetns::new();
-    let add = std::process::Command::new("ip")
-        .args([
-            "-n",
-            netns.name(),
-            "addr",
-            "add",
-            "198.51.100.20/32",
-            "dev",
-            "lo",
-        ])
-        .status()
-        .expect("ip addr add");
-    assert!(add.success());
+    netns.add_lo_address("198.51.100.20/32");
     let cg = TestCgroup::new();
     let mut sender = Sender::start(&netns, &cg);
 

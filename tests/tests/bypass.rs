@@ -445,6 +445,17 @@ fn check_raw_udp(action: &str, keep_caps: &[&str]) -> (AgentRun, Outcome) {
     (run, out)
 }
 
+/// As [`check_raw_udp`], without the control run (already shown by the other tests of the
+/// technique).
+fn check_raw_udp_no_control(action: &str, keep_caps: &[&str]) -> (AgentRun, Outcome) {
+    let lab = Lab::new();
+    let target = Target::udp(&lab, "198.51.100.20:5000");
+    let (run, out) = lab.enforced(action, "198.51.100.20:5000", keep_caps);
+    assert_eperm(&out, action, &run);
+    assert_nothing_more(&target, 0, action, &run);
+    (run, out)
+}
+
 #[test]
 fn raw_ip_without_cap_net_raw() {
     // Confinement: no CAP_NET_RAW, so socket(SOCK_RAW) fails before any program runs.
@@ -595,39 +606,55 @@ fn af_packet_without_cap_net_raw() {
 }
 
 #[test]
-fn af_packet_with_cap_net_raw_is_a_reported_limitation() {
-    // Documented limitation (docs/THREATS.md): with CAP_NET_RAW kept, nothing in the socket
-    // hooks sees a packet socket (BPF LSM cannot be loaded on this machine kind). What `run`
-    // owes the user is the warning that says so.
-    let lab = Lab::new();
-    let target = Target::udp(&lab, "198.51.100.20:5000");
-    let (run, out) = lab.enforced("packet", "198.51.100.20:5000", &["CAP_NET_RAW"]);
+fn af_packet_with_cap_net_raw() {
+    // With CAP_NET_RAW kept, the family guard (a BPF LSM cgroup program, which reports the
+    // attempt) refuses the packet socket; where the kernel cannot load it (the locked-down
+    // kernel of this machine kind), the command's seccomp filter does, and `run` says so.
+    let (run, out) = check_raw_udp_no_control("packet", &["CAP_NET_RAW"]);
     assert_net_raw_warning(&run);
-    let warning = run
-        .events_of("warning")
-        .into_iter()
-        .find(|e| {
-            e["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("CAP_NET_RAW"))
-        })
-        .expect("the warning");
-    assert!(
-        warning["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("packet sockets")),
-        "the warning names packet sockets: {warning}"
-    );
-    if out.ok {
-        eprintln!("NOTE: with --keep-cap CAP_NET_RAW the AF_PACKET probe got through (known)");
+    assert!(out.failed_at("socket"), "refused when opened: {out:?}");
+    if family_guard_missing(&run) {
         assert!(
-            target.wait_received(1, WAIT),
-            "the probe reported success but the listener saw nothing"
+            run.events_of("deny").is_empty(),
+            "seccomp reports nothing\n{}",
+            run.output()
         );
     } else {
-        assert_eperm(&out, "packet with CAP_NET_RAW", &run);
-        assert_nothing_more(&target, 0, "packet with CAP_NET_RAW", &run);
+        let ev = one_deny(&run, "socket_create", None);
+        assert_eq!(ev["proto"], "af_packet", "{ev}");
+        assert_eq!(ev["reason"], "family", "{ev}");
     }
+}
+
+#[test]
+fn vsock_to_the_host() {
+    // AF_VSOCK needs no capability and reaches the hypervisor's host: refused when opened
+    // (the probe never connects anything).
+    let lab = Lab::new();
+    let (run, out) = lab.enforced("vsock-socket", "198.51.100.20:5000", &[]);
+    assert_eperm(&out, "vsock", &run);
+    if !family_guard_missing(&run) {
+        let ev = one_deny(&run, "socket_create", None);
+        assert_eq!(ev["proto"], "af_vsock", "{ev}");
+    }
+}
+
+/// Whether `run` said the family guard cannot run (its seccomp filter stands in).
+fn family_guard_missing(run: &AgentRun) -> bool {
+    let warning = run.events_of("warning").into_iter().find(|e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("family guard (BPF LSM) cannot run here"))
+    });
+    if let Some(w) = &warning {
+        assert!(
+            w["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("seccomp") && m.contains("AF_PACKET")),
+            "the warning says what stands in: {w}"
+        );
+    }
+    warning.is_some()
 }
 
 // ----------------------------------------------------------------------------------------

@@ -636,8 +636,8 @@ fn kill_9_keeps_enforcement_and_a_restarted_agent_adopts_it() {
     let generations_before = env.pins.generations();
     assert_eq!(
         links_before.len(),
-        10,
-        "8 sock_addr + sock_create + egress backstop links: {links_before:?}"
+        env.pins.links_per_generation(),
+        "8 sock_addr + sock_create + egress backstop (+ family guard) links: {links_before:?}"
     );
     assert_eq!(generations_before.len(), 1, "{links_before:?}");
     let maps_before = env.pins.maps();
@@ -707,7 +707,7 @@ fn kill_9_keeps_enforcement_and_a_restarted_agent_adopts_it() {
     let generations_after = env.pins.generations();
     assert_eq!(
         links_after.len(),
-        10,
+        env.pins.links_per_generation(),
         "one generation of link pins: {links_after:?}"
     );
     assert_eq!(generations_after.len(), 1, "{links_after:?}");
@@ -753,7 +753,11 @@ fn sigterm_keeps_enforcement_unless_detach_on_exit() {
 
     let out = env.app_tcp(DENIED_IP, 8080);
     assert_eperm("after SIGTERM", &out, &first);
-    assert_eq!(env.pins.links().len(), 10, "the links stay pinned");
+    assert_eq!(
+        env.pins.links().len(),
+        env.pins.links_per_generation(),
+        "the links stay pinned"
+    );
     let status = env.status();
     assert_eq!(status["enforcing"], true, "{status}");
     assert_eq!(status["agent_running"], false, "{status}");

@@ -5,4 +5,5 @@ mod dns;
 mod restore;
 mod sock_addr;
 mod sock_create;
+mod socket_family;
 mod verdict;

@@ -93,6 +93,16 @@ const ACTIONS: &[(&str, Action, &str)] = &[
         "AF_PACKET on lo: a whole Ethernet/IPv4/UDP frame (from 203.0.113.1) to ADDR:PORT",
     ),
     (
+        "vsock-socket",
+        vsock_socket,
+        "socket(AF_VSOCK, SOCK_STREAM): only opens it (ADDR is ignored; nothing is sent)",
+    ),
+    (
+        "local-sockets",
+        local_sockets,
+        "socketpair(AF_UNIX) and socket(AF_NETLINK, NETLINK_ROUTE) (ADDR is ignored)",
+    ),
+    (
         "fork-connect",
         fork_connect,
         "fork(); the child does tcp-connect, the parent reports its result",
@@ -696,6 +706,28 @@ fn icmp_raw(dst: SocketAddr) -> io::Result<()> {
         let want = if v6 { 129 } else { 0 };
         icmp.len() >= 8 && icmp[0] == want && icmp[4..6] == id.to_be_bytes()
     })
+}
+
+fn vsock_socket(_dst: SocketAddr) -> io::Result<()> {
+    // A vsock reaches the hypervisor's host: the socket is only opened, never connected.
+    socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0).map(drop)
+}
+
+fn local_sockets(_dst: SocketAddr) -> io::Result<()> {
+    let mut pair = [0; 2];
+    // SAFETY: plain syscall into a two-element array.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    };
+    check(r.into(), "socketpair")?;
+    // SAFETY: two fresh descriptors that nothing else owns.
+    drop(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) });
+    socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE).map(drop)
 }
 
 fn packet(dst: SocketAddr) -> io::Result<()> {

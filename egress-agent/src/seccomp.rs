@@ -1,0 +1,270 @@
+//! The seccomp filter `run` puts on its command (after `no_new_privs`):
+//! - `clone3` answers `ENOSYS`: `clone3(CLONE_INTO_CGROUP)` could place a child in another
+//!   cgroup (docs/KERNEL-NOTES.md); glibc falls back to `clone`, which cannot name one;
+//! - `socket` and `socketpair` of a family other than unix, inet, inet6, netlink and alg answer
+//!   `EPERM`: a packet socket, a vsock to the hypervisor's host, TIPC, RDS, SMC and the rest
+//!   carry data past every cgroup socket hook. This is the family guard of the BPF LSM program
+//!   (`lsm_cgroup/socket_create`) for kernels that cannot load it, and it holds whatever
+//!   capabilities the command keeps.
+//!
+//! On x86_64 the i386 entry points are covered too (a 32-bit binary runs under the same
+//! filter): `socket`/`socketpair` are judged the same way, and `socketcall`, whose arguments
+//! sit behind a pointer the filter cannot read, answers `EPERM` (glibc has used the direct
+//! calls since Linux 4.3).
+
+/// The families a confined command may open.
+pub const ALLOWED_FAMILIES: [u32; 5] = [
+    libc::AF_UNIX as u32,
+    libc::AF_INET as u32,
+    libc::AF_INET6 as u32,
+    libc::AF_NETLINK as u32,
+    libc::AF_ALG as u32,
+];
+
+const SYS_CLONE3: u32 = 435;
+
+/// System call numbers of the architecture the agent runs on.
+struct Abi {
+    arch: u32,
+    socket: u32,
+    socketpair: u32,
+    /// Bits to clear from the number first (x32's flag).
+    mask: u32,
+}
+
+#[cfg(target_arch = "x86_64")]
+const NATIVE: Option<Abi> = Some(Abi {
+    arch: 0xc000_003e,
+    socket: 41,
+    socketpair: 53,
+    mask: !0x4000_0000,
+});
+#[cfg(target_arch = "aarch64")]
+const NATIVE: Option<Abi> = Some(Abi {
+    arch: 0xc000_00b7,
+    socket: 198,
+    socketpair: 199,
+    mask: !0,
+});
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const NATIVE: Option<Abi> = None;
+
+/// i386, the compat ABI of an x86_64 kernel.
+#[cfg(target_arch = "x86_64")]
+const COMPAT: Option<(Abi, u32)> = Some((
+    Abi {
+        arch: 0x4000_0003,
+        socket: 359,
+        socketpair: 360,
+        mask: !0,
+    },
+    // socketcall
+    102,
+));
+#[cfg(not(target_arch = "x86_64"))]
+const COMPAT: Option<(Abi, u32)> = None;
+
+// Classic BPF opcodes.
+const LD_W_ABS: u16 = 0x20;
+const ALU_AND_K: u16 = 0x54;
+const JEQ_K: u16 = 0x15;
+const RET_K: u16 = 0x06;
+
+/// `seccomp_data` offsets.
+const OFF_NR: u32 = 0;
+const OFF_ARCH: u32 = 4;
+/// The low 32 bits of the first argument (little endian).
+const OFF_ARG0: u32 = 16;
+
+const RET_ALLOW: u32 = 0x7fff_0000;
+const RET_ERRNO: u32 = 0x0005_0000;
+
+/// One instruction, with jumps to labels resolved by [`assemble`].
+enum Op {
+    Ld(u32),
+    And(u32),
+    /// Jump to the label when A equals the constant; fall through otherwise.
+    JeqTo(u32, &'static str),
+    Ret(u32),
+    Label(&'static str),
+}
+
+/// The filter program; `families`: refuse socket families other than [`ALLOWED_FAMILIES`]
+/// (left out where the BPF LSM family guard runs: it refuses them too, and reports each).
+pub fn filter(families: bool) -> Vec<libc::sock_filter> {
+    use Op::*;
+    let enosys = RET_ERRNO | libc::ENOSYS as u32;
+    let eperm = RET_ERRNO | libc::EPERM as u32;
+    let mut ops = Vec::new();
+    let native = match NATIVE {
+        Some(n) if families => n,
+        _ => {
+            // No family rule (or an architecture without known numbers): clone3 only, whose
+            // number is the same on every architecture.
+            ops.extend([
+                Ld(OFF_NR),
+                JeqTo(SYS_CLONE3, "enosys"),
+                Ret(RET_ALLOW),
+                Label("enosys"),
+                Ret(enosys),
+            ]);
+            return assemble(&ops);
+        }
+    };
+    ops.push(Ld(OFF_ARCH));
+    ops.push(JeqTo(native.arch, "native"));
+    if let Some((compat, _)) = &COMPAT {
+        ops.push(JeqTo(compat.arch, "compat"));
+    }
+    // Another ABI: nothing of ours to judge.
+    ops.push(Ret(RET_ALLOW));
+    ops.push(Label("native"));
+    ops.push(Ld(OFF_NR));
+    if native.mask != !0 {
+        ops.push(And(native.mask));
+    }
+    ops.extend([
+        JeqTo(SYS_CLONE3, "enosys"),
+        JeqTo(native.socket, "family"),
+        JeqTo(native.socketpair, "family"),
+        Ret(RET_ALLOW),
+    ]);
+    if let Some((compat, socketcall)) = &COMPAT {
+        ops.extend([
+            Label("compat"),
+            Ld(OFF_NR),
+            JeqTo(SYS_CLONE3, "enosys"),
+            JeqTo(*socketcall, "eperm"),
+            JeqTo(compat.socket, "family"),
+            JeqTo(compat.socketpair, "family"),
+            Ret(RET_ALLOW),
+        ]);
+    }
+    ops.push(Label("family"));
+    ops.push(Ld(OFF_ARG0));
+    for f in ALLOWED_FAMILIES {
+        ops.push(JeqTo(f, "allow"));
+    }
+    ops.extend([
+        Label("eperm"),
+        Ret(eperm),
+        Label("enosys"),
+        Ret(enosys),
+        Label("allow"),
+        Ret(RET_ALLOW),
+    ]);
+    assemble(&ops)
+}
+
+/// Resolves labels (forward jumps only, as classic BPF requires).
+fn assemble(ops: &[Op]) -> Vec<libc::sock_filter> {
+    let mut at = std::collections::HashMap::new();
+    let mut pc = 0usize;
+    for op in ops {
+        match op {
+            Op::Label(l) => {
+                at.insert(*l, pc);
+            }
+            _ => pc += 1,
+        }
+    }
+    let ins = |code, jt, k| libc::sock_filter { code, jt, jf: 0, k };
+    let mut out = Vec::with_capacity(pc);
+    for op in ops {
+        let here = out.len();
+        out.push(match op {
+            Op::Label(_) => continue,
+            Op::Ld(off) => ins(LD_W_ABS, 0, *off),
+            Op::And(k) => ins(ALU_AND_K, 0, *k),
+            Op::Ret(k) => ins(RET_K, 0, *k),
+            Op::JeqTo(k, label) => {
+                let target = at[label];
+                let jt = u8::try_from(target - here - 1).expect("a short forward jump");
+                ins(JEQ_K, jt, *k)
+            }
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the filter on (arch, nr, arg0) the way the kernel does.
+    fn run(prog: &[libc::sock_filter], arch: u32, nr: u32, arg0: u32) -> u32 {
+        let (mut a, mut pc) = (0u32, 0usize);
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            match i.code {
+                LD_W_ABS => {
+                    a = match i.k {
+                        OFF_NR => nr,
+                        OFF_ARCH => arch,
+                        OFF_ARG0 => arg0,
+                        other => panic!("load of offset {other}"),
+                    }
+                }
+                ALU_AND_K => a &= i.k,
+                JEQ_K => {
+                    pc += usize::from(if a == i.k { i.jt } else { i.jf });
+                }
+                RET_K => return i.k,
+                other => panic!("opcode {other:#x}"),
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x86_64_families_clone3_and_the_i386_entry_points() {
+        let p = filter(true);
+        let (x86_64, i386) = (0xc000_003e, 0x4000_0003);
+        let eperm = RET_ERRNO | libc::EPERM as u32;
+        let enosys = RET_ERRNO | libc::ENOSYS as u32;
+        for f in ALLOWED_FAMILIES {
+            assert_eq!(run(&p, x86_64, 41, f), RET_ALLOW, "socket({f})");
+            assert_eq!(run(&p, x86_64, 53, f), RET_ALLOW, "socketpair({f})");
+            assert_eq!(run(&p, i386, 359, f), RET_ALLOW, "i386 socket({f})");
+        }
+        for f in [17, 40, 44, 30, 21, 43] {
+            assert_eq!(run(&p, x86_64, 41, f), eperm, "socket({f})");
+            assert_eq!(
+                run(&p, x86_64, 41 | 0x4000_0000, f),
+                eperm,
+                "x32 socket({f})"
+            );
+            assert_eq!(run(&p, x86_64, 53, f), eperm, "socketpair({f})");
+            assert_eq!(run(&p, i386, 359, f), eperm, "i386 socket({f})");
+            assert_eq!(run(&p, i386, 360, f), eperm, "i386 socketpair({f})");
+        }
+        assert_eq!(run(&p, i386, 102, 1), eperm, "socketcall");
+        assert_eq!(run(&p, x86_64, 435, 0), enosys);
+        assert_eq!(run(&p, i386, 435, 0), enosys);
+        // Everything else passes: read, connect, the x86_64 number 102 (getuid).
+        assert_eq!(run(&p, x86_64, 0, 17), RET_ALLOW);
+        assert_eq!(run(&p, x86_64, 42, 17), RET_ALLOW);
+        assert_eq!(run(&p, x86_64, 102, 17), RET_ALLOW);
+        assert_eq!(run(&p, 0x1234, 41, 17), RET_ALLOW, "an unknown ABI");
+    }
+
+    #[test]
+    fn without_the_family_rule_only_clone3_is_refused() {
+        let p = filter(false);
+        assert_eq!(run(&p, 0, 435, 0), RET_ERRNO | libc::ENOSYS as u32);
+        assert_eq!(run(&p, 0, 41, 17), RET_ALLOW);
+    }
+
+    #[test]
+    fn every_jump_lands_inside_the_program() {
+        for p in [filter(true), filter(false)] {
+            for (pc, i) in p.iter().enumerate() {
+                if i.code == JEQ_K {
+                    assert!(pc + 1 + usize::from(i.jt) < p.len());
+                }
+            }
+            assert_eq!(p.last().map(|i| i.code), Some(RET_K));
+        }
+    }
+}

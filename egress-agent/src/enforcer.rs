@@ -128,6 +128,32 @@ enum Link {
     Pinned(PinnedLink),
 }
 
+/// Says why the kernel would not load the family guard, in the words an operator needs.
+fn family_guard_load_error(e: aya::programs::ProgramError) -> anyhow::Error {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if crate::kernel::parse_release(&release).is_some_and(|v| v < (6, 0)) {
+        return anyhow!(
+            "BPF LSM cgroup programs need Linux 6.0; this kernel is {}",
+            release.trim()
+        );
+    }
+    match &e {
+        aya::programs::ProgramError::LoadError { io_error, .. }
+            if io_error.raw_os_error() == Some(libc::EPERM) =>
+        {
+            anyhow!(
+                "the kernel refuses to load BPF LSM programs (EPERM, even with every \
+                 capability: a locked-down kernel or a security module forbids them; \
+                 `bpftool feature probe kernel` then reports `program_type lsm is NOT \
+                 available`)"
+            )
+        }
+        _ => anyhow::Error::new(e).context(
+            "the kernel rejected the BPF LSM program (it needs CONFIG_BPF_LSM and kernel BTF)",
+        ),
+    }
+}
+
 /// Programs attached to one cgroup, with handles on their maps.
 pub struct Enforcer {
     cgroup: PathBuf,
@@ -306,10 +332,9 @@ impl Enforcer {
             .program_mut(FAMILY_PROGRAM)
             .ok_or_else(|| anyhow!("program {FAMILY_PROGRAM} missing from the eBPF object"))?
             .try_into()?;
-        prog.load("socket_create", &btf).context(
-            "the kernel rejected the BPF LSM program (BPF LSM cgroup programs need Linux 6.0 \
-             and CONFIG_BPF_LSM)",
-        )?;
+        if let Err(e) = prog.load("socket_create", &btf) {
+            return Err(family_guard_load_error(e));
+        }
         let id = prog
             .attach(cgroup_dir)
             .with_context(|| format!("cannot attach {FAMILY_PROGRAM}"))?;

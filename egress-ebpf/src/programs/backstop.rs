@@ -6,13 +6,15 @@
 //!   expiry never cuts a live connection);
 //! - UDP: a connected socket was judged at connect and passes; an unconnected send must be
 //!   allowed now (sendmsg4/6 judged it a moment ago; the backstop catches a path that did not);
+//! - a SYN or unconnected datagram to the destination its socket's own hook allowed last passes
+//!   without a second lookup (`super::judged`);
 //! - anything else (ICMP, SCTP, raw IP of any protocol) is dropped: no rule allows it.
 //!
 //! DNS to the agent's resolver passes. Denies are counted and reported; audit mode reports
 //! and passes. An error drops.
 
 use aya_ebpf::{
-    bindings::__sk_buff,
+    bindings::{__sk_buff, bpf_sock},
     helpers::{bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_skb_cgroup_id},
     macros::cgroup_skb,
     programs::SkBuffContext,
@@ -23,7 +25,10 @@ use egress_common::{
     events::{hook, reason},
 };
 
-use super::verdict::{audit_mode, count, lookup};
+use super::{
+    judged::judged,
+    verdict::{audit_mode, count, lookup},
+};
 use crate::maps::{CONFIG, EVENTS};
 
 const PASS: i32 = 1;
@@ -77,32 +82,41 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                 return Ok(PASS);
             }
             let port = u16::from_be(ctx.load::<u16>(l4_off + 2).map_err(|_| ())?);
+            let sk = full_socket(skb);
+            if !sk.is_null() && judged(sk, &addr, port, IPPROTO_TCP) {
+                // connect4/6 allowed this very destination for this socket.
+                return Ok(PASS);
+            }
             Ok(judge(&addr, port, PROTO_TCP, IPPROTO_TCP))
         }
         IPPROTO_UDP => {
-            if udp_connected(skb) {
+            let sk = full_socket(skb);
+            // SAFETY: a full socket the verifier knows is not null.
+            if !sk.is_null() && unsafe { (*sk).dst_port } != 0 {
+                // A connected UDP socket, judged at connect.
                 return Ok(PASS);
             }
             let port = u16::from_be(ctx.load::<u16>(l4_off + 2).map_err(|_| ())?);
+            if !sk.is_null() && judged(sk, &addr, port, IPPROTO_UDP) {
+                // sendmsg4/6 allowed this very destination for this socket.
+                return Ok(PASS);
+            }
             Ok(judge(&addr, port, PROTO_UDP, IPPROTO_UDP))
         }
         other => Ok(drop_packet(&addr, 0, other, reason::PROTOCOL)),
     }
 }
 
-/// Whether the packet's socket is a connected UDP socket (judged at connect).
-fn udp_connected(skb: *mut __sk_buff) -> bool {
+/// The packet's full socket, or null (a request socket, a time-wait socket, none).
+#[inline(always)]
+fn full_socket(skb: *mut __sk_buff) -> *mut bpf_sock {
     // SAFETY: reading the skb's socket pointer, then a helper the verifier checks.
     unsafe {
         let sk = (*skb).__bindgen_anon_2.sk;
         if sk.is_null() {
-            return false;
+            return core::ptr::null_mut();
         }
-        let full = bpf_sk_fullsock(sk);
-        if full.is_null() {
-            return false;
-        }
-        (*full).dst_port != 0
+        bpf_sk_fullsock(sk)
     }
 }
 

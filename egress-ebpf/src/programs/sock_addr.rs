@@ -7,7 +7,8 @@ use egress_common::{Addr, addr_from_v4, events::hook};
 
 use super::{
     dns::{is_dns, steer_v4, steer_v6, steering},
-    verdict::{Destination, decide, deny_on_error, exempt},
+    judged,
+    verdict::{Destination, audit_mode, decide, deny_on_error, exempt},
 };
 use egress_common::consts::VERDICT_ALLOW;
 
@@ -59,12 +60,7 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         steer_v4(ctx, cfg, &addr, port);
         return Ok(VERDICT_ALLOW);
     }
-    decide(&Destination {
-        addr,
-        port,
-        ip_proto: sa.protocol,
-        hook,
-    })
+    judge(ctx, addr, port, sa.protocol, hook)
 }
 
 fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
@@ -81,12 +77,24 @@ fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         steer_v6(ctx, cfg, &addr, port);
         return Ok(VERDICT_ALLOW);
     }
-    decide(&Destination {
+    judge(ctx, addr, port, sa.protocol, hook)
+}
+
+/// The verdict; an allow is remembered on the socket for the packet backstop.
+#[inline(always)]
+fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) -> Result<i32, ()> {
+    let dst = Destination {
         addr,
         port,
-        ip_proto: sa.protocol,
+        ip_proto,
         hook,
-    })
+    };
+    let verdict = decide(&dst)?;
+    // In audit mode an allow may be a deny let through: never remembered.
+    if verdict == VERDICT_ALLOW && !audit_mode() {
+        judged::remember(ctx, &dst.addr, port, ip_proto);
+    }
+    Ok(verdict)
 }
 
 /// The IPv6 address in `user_ip6`, network byte order.

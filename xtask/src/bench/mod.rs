@@ -118,26 +118,36 @@ pub fn run() -> Result<()> {
     let md = report.markdown();
     println!("\n{md}");
     // A partial run (EGRESS_BENCH_ONLY) never replaces the full report.
-    let out = if only_dns() {
-        crate::target_dir().join("BENCHMARKS.dns.md")
-    } else {
-        PathBuf::from("BENCHMARKS.md")
+    let out = match only() {
+        Some(part) => crate::target_dir().join(format!("BENCHMARKS.{part}.md")),
+        None => PathBuf::from("BENCHMARKS.md"),
     };
     fs::write(&out, &md).with_context(|| format!("cannot write {}", out.display()))?;
     println!("bench: wrote {} ({:.0} s)", out.display(), report.runtime_s);
     result
 }
 
-/// EGRESS_BENCH_ONLY=dns: part 2 alone, for working on the resolver.
-fn only_dns() -> bool {
-    std::env::var("EGRESS_BENCH_ONLY").is_ok_and(|v| v == "dns")
+/// EGRESS_BENCH_ONLY=connect|dns: part 1 or part 2 alone, for working on the programs or the
+/// resolver (the report goes to `target/BENCHMARKS.<part>.md`).
+fn only() -> Option<String> {
+    std::env::var("EGRESS_BENCH_ONLY")
+        .ok()
+        .filter(|v| v == "connect" || v == "dns")
 }
 
 fn parts(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<()> {
-    if only_dns() {
-        println!("bench: part 2 only (EGRESS_BENCH_ONLY=dns)");
-        dns::run(sb, ctx, report)?;
-        return Ok(());
+    match only().as_deref() {
+        Some("dns") => {
+            println!("bench: part 2 only (EGRESS_BENCH_ONLY=dns)");
+            dns::run(sb, ctx, report)?;
+            return Ok(());
+        }
+        Some(_) => {
+            println!("bench: part 1 only (EGRESS_BENCH_ONLY=connect)");
+            connect::run(sb, ctx, report)?;
+            return Ok(());
+        }
+        None => {}
     }
     println!(
         "bench: part 1, connect/sendto cost at {:?} entries",

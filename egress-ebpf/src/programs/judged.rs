@@ -1,0 +1,58 @@
+//! What each socket's own hook last allowed (socket storage), so that the packet backstop
+//! passes a packet whose destination the socket hooks judged a moment ago instead of judging
+//! it a second time: an unconnected UDP datagram right after `sendmsg4/6` allowed it, a TCP SYN
+//! (and its retransmissions) after `connect4/6` did.
+//!
+//! Only a real allow is remembered (not an audit-mode pass), and only the last one: a socket
+//! that sends to another destination is judged again by its hook, which overwrites the entry
+//! or denies before any packet exists. A socket the hooks never judged (opened before the
+//! programs were attached, or in another cgroup) has no entry, and the backstop judges its
+//! packets in full.
+
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::bpf_sock, btf_maps::SkStorage, helpers::generated::bpf_sk_storage_get,
+    macros::btf_map, programs::SockAddrContext,
+};
+use egress_common::Addr;
+
+/// The last destination a socket's hook allowed.
+#[repr(C)]
+pub struct Judged {
+    addr: Addr,
+    port: u16,
+    ip_proto: u8,
+    _pad: [u8; 5],
+}
+
+#[btf_map]
+static JUDGED: SkStorage<Judged> = SkStorage::new();
+
+/// Remembers that the hook of `ctx`'s socket allowed `addr`, `port` over `ip_proto`.
+#[inline(always)]
+pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) {
+    // SAFETY: the helper creates or finds the socket's entry; the verifier checks the pointer
+    // is tested for null before use.
+    unsafe {
+        let p = JUDGED.get_or_insert_ptr_mut(ctx, None);
+        if p.is_null() {
+            return;
+        }
+        (*p).addr = *addr;
+        (*p).port = port;
+        (*p).ip_proto = ip_proto as u8;
+    }
+}
+
+/// Whether the socket `sk` (a full socket) last had `addr`, `port` over `ip_proto` allowed.
+#[inline(always)]
+pub fn judged(sk: *mut bpf_sock, addr: &Addr, port: u16, ip_proto: u8) -> bool {
+    // SAFETY: `sk` is a full socket the caller got from `bpf_sk_fullsock` and checked for
+    // null; the map pointer is the map's own definition, as for every map helper.
+    unsafe {
+        let map = ptr::addr_of!(JUDGED).cast_mut().cast();
+        let p = bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0).cast::<Judged>();
+        !p.is_null() && (*p).port == port && (*p).ip_proto == ip_proto && (*p).addr == *addr
+    }
+}

@@ -63,8 +63,10 @@ impl DenyRecord {
     /// (see [`boot_to_wall_offset`]).
     pub fn from_kernel(e: &DenyEvent, boot_offset: Duration) -> Self {
         let proto = match e.ip_proto {
+            1 => "icmp".to_owned(),
             6 => "tcp".to_owned(),
             17 => "udp".to_owned(),
+            58 => "icmpv6".to_owned(),
             n => format!("ip:{n}"),
         };
         let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());

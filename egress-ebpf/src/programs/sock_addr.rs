@@ -7,7 +7,7 @@ use egress_common::{Addr, addr_from_v4, events::hook};
 
 use super::{
     dns::{is_dns, steer_v4, steer_v6, steering},
-    verdict::{Destination, decide, deny_on_error, exempt},
+    verdict::{Destination, decide, deny_on_error, exempt, port_of_proto},
 };
 use egress_common::consts::VERDICT_ALLOW;
 
@@ -61,7 +61,7 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     }
     decide(&Destination {
         addr,
-        port,
+        port: port_of_proto(sa.protocol, port),
         ip_proto: sa.protocol,
         hook,
     })
@@ -83,7 +83,7 @@ fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     }
     decide(&Destination {
         addr,
-        port,
+        port: port_of_proto(sa.protocol, port),
         ip_proto: sa.protocol,
         hook,
     })

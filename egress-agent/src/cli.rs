@@ -240,13 +240,14 @@ pub enum Command {
 
 impl ValueEnum for Transport {
     fn value_variants<'a>() -> &'a [Self] {
-        &[Self::Tcp, Self::Udp]
+        &[Self::Tcp, Self::Udp, Self::Icmp]
     }
 
     fn to_possible_value(&self) -> Option<PossibleValue> {
         Some(PossibleValue::new(match self {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
+            Self::Icmp => "icmp",
         }))
     }
 }

@@ -26,7 +26,7 @@ use aya::{
 };
 use egress_common::{
     Addr, AllowValue, Config,
-    config::FLAG_AUDIT,
+    config::{FLAG_AUDIT, FLAG_ICMP},
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
         DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS,
@@ -400,7 +400,7 @@ impl Enforcer {
         &self.cgroup
     }
 
-    /// Replaces the static rules and the mode with `policy`'s. New entries are written before
+    /// Replaces the static rules, the mode and the ICMP flag with `policy`'s. New entries are written before
     /// stale ones are removed, so an address allowed by both policies never sees a gap.
     pub fn apply_policy(&mut self, policy: &Policy) -> anyhow::Result<()> {
         let entries = policy::cidr_entries(policy)?;
@@ -416,10 +416,15 @@ impl Enforcer {
             let _ = self.cidr.remove(&Key::new(*len, *addr));
         }
         self.cidr_keys = keys;
-        self.config_value.flags = match policy.mode {
+        let mode = match policy.mode {
             Mode::Enforce => 0,
             Mode::Audit => FLAG_AUDIT,
         };
+        // Ping sockets may be created only while some rule allows ICMP; a reload that drops
+        // the last ICMP rule refuses new ones again (sockets already open stay, but their
+        // echo requests are judged per packet by the backstop and find no ICMP entry).
+        let icmp = if policy.allows_icmp() { FLAG_ICMP } else { 0 };
+        self.config_value.flags = mode | icmp;
         self.write_config()
     }
 

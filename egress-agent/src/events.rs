@@ -67,8 +67,10 @@ impl DenyRecord {
         let proto = match (e.hook, e.ip_proto) {
             // The family guard: no destination; the family rides in `port`.
             (hook::SOCKET_CREATE, _) => family_name(e.port),
+            (_, 1) => "icmp".to_owned(),
             (_, 6) => "tcp".to_owned(),
             (_, 17) => "udp".to_owned(),
+            (_, 58) => "icmpv6".to_owned(),
             (_, n) => format!("ip:{n}"),
         };
         let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());

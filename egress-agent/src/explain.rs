@@ -19,7 +19,7 @@ use std::{
     str::FromStr,
 };
 
-use egress_common::consts::{PROTO_ANY, PROTO_TCP, PROTO_UDP};
+use egress_common::consts::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     policy::{HostPattern, Mode, Policy, PortSet, Protocol, Rule, Target},
@@ -35,13 +35,15 @@ const MAX_HINTS: usize = 3;
 /// How many host rules a note about DNS-derived addresses names at most.
 const MAX_NAMES: usize = 4;
 
-/// The transport protocol of one connection or datagram.
+/// The protocol of one connection or datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
     /// TCP.
     Tcp,
     /// UDP.
     Udp,
+    /// ICMP echo (ping); it has no ports.
+    Icmp,
 }
 
 impl Transport {
@@ -50,6 +52,7 @@ impl Transport {
         match self {
             Self::Tcp => PROTO_TCP,
             Self::Udp => PROTO_UDP,
+            Self::Icmp => PROTO_ICMP,
         }
     }
 }
@@ -59,6 +62,7 @@ impl fmt::Display for Transport {
         f.write_str(match self {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
+            Self::Icmp => "icmp",
         })
     }
 }
@@ -70,7 +74,8 @@ impl FromStr for Transport {
         match s.to_ascii_lowercase().as_str() {
             "tcp" => Ok(Self::Tcp),
             "udp" => Ok(Self::Udp),
-            _ => Err(format!("{s:?} is not a protocol (tcp or udp)")),
+            "icmp" => Ok(Self::Icmp),
+            _ => Err(format!("{s:?} is not a protocol (tcp, udp or icmp)")),
         }
     }
 }
@@ -206,7 +211,7 @@ pub fn explain(policy: &Policy, query: &Query) -> Explanation {
         lines: Vec::new(),
     };
     let allowed = match (host, *port) {
-        (_, Some(DNS_PORT)) => {
+        (_, Some(DNS_PORT)) if transport != Some(Transport::Icmp) => {
             steered(policy, host, transport, &mut out);
             false
         }
@@ -253,10 +258,12 @@ fn subject(host: &Host, port: Option<u16>, transport: Option<Transport>) -> Stri
     s
 }
 
-/// Whether `rule` allows `port` (any port if `None`) over `transport` (any if `None`).
+/// Whether `rule` allows `port` (any port if `None`) over `transport` (any if `None`). ICMP
+/// has no ports: an ICMP rule allows ICMP whatever port is asked.
 fn permits(rule: &Rule, port: Option<u16>, transport: Option<Transport>) -> bool {
     let proto_ok = transport.is_none_or(|t| rule.protocol.bits() & t.bit() != 0);
-    let port_ok = port.is_none_or(|p| rule.ports.iter().any(|&(lo, hi)| lo <= p && p <= hi));
+    let port_ok = transport == Some(Transport::Icmp)
+        || port.is_none_or(|p| rule.ports.iter().any(|&(lo, hi)| lo <= p && p <= hi));
     proto_ok && port_ok
 }
 
@@ -300,6 +307,7 @@ fn describe(rule: &Rule) -> String {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
         Protocol::Any => "tcp and udp",
+        Protocol::Icmp => return format!("{target}, icmp (echo requests)"),
     };
     format!("{target}, {ports}, {protocol}")
 }
@@ -328,6 +336,10 @@ fn union_text(rules: &[&Rule]) -> String {
     }
     let (mut listed, mut every) = (Vec::new(), Vec::new());
     for r in set.ranges() {
+        if r.protos == PROTO_ICMP {
+            every.push("icmp".to_string());
+            continue;
+        }
         if (r.lo, r.hi) == (0, u16::MAX) {
             every.push(match r.protos {
                 PROTO_ANY => "every port".to_string(),
@@ -916,6 +928,38 @@ allow:
     fn transports_parse() {
         assert_eq!("tcp".parse(), Ok(Transport::Tcp));
         assert_eq!("UDP".parse(), Ok(Transport::Udp));
+        assert_eq!("icmp".parse(), Ok(Transport::Icmp));
         assert!("any".parse::<Transport>().is_err());
+    }
+
+    #[test]
+    fn icmp_rules() {
+        let p = policy(
+            "version: 1\nallow:\n  - cidr: 198.51.100.0/24\n    protocol: icmp\n  - ip: \
+             198.51.100.7\n    ports: [443]\n    protocol: tcp\n",
+        );
+        let e = run(&p, "198.51.100.7", Some(Transport::Icmp));
+        assert!(e.allowed);
+        assert_eq!(
+            e.lines,
+            [
+                "198.51.100.7/icmp: allowed by allowlists/x.yaml:3:5 allow[0] (cidr \
+              198.51.100.0/24, icmp (echo requests))"
+            ]
+        );
+        let e = run(&p, "198.51.100.7", None);
+        assert_eq!(
+            e.lines.last().unwrap(),
+            "198.51.100.7: in all: ports 443/tcp and icmp"
+        );
+        // ICMP allows no port over tcp or udp.
+        let e = run(&p, "198.51.100.9:443", None);
+        assert!(!e.allowed);
+        assert!(e.lines[0].ends_with("but only on icmp"), "{:?}", e.lines);
+        // tcp/udp rules never allow icmp.
+        let e = run(&p, "203.0.113.1", Some(Transport::Icmp));
+        assert!(!e.allowed);
+        let q = policy("version: 1\nallow:\n  - cidr: 0.0.0.0/0\n");
+        assert!(!run(&q, "203.0.113.1", Some(Transport::Icmp)).allowed);
     }
 }

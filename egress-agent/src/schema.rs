@@ -104,6 +104,7 @@ const LABEL: &str = "[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?";
 
 /// `RawAllow` takes exactly one of `host`, `cidr`, `ip` (checked in `load.rs`); this says so
 /// in the schema, so that an editor marks a rule with none or two of them.
+/// It also says that `protocol: icmp` takes no `ports`.
 pub fn exactly_one_target(schema: &mut Schema) {
     schema.insert(
         "oneOf".into(),
@@ -112,6 +113,14 @@ pub fn exactly_one_target(schema: &mut Schema) {
             {"required": ["cidr"]},
             {"required": ["ip"]},
         ]),
+    );
+    schema.insert(
+        "if".into(),
+        serde_json::json!({"required": ["protocol"], "properties": {"protocol": {"const": "icmp"}}}),
+    );
+    schema.insert(
+        "then".into(),
+        serde_json::json!({"not": {"required": ["ports"]}}),
     );
 }
 
@@ -150,9 +159,10 @@ impl JsonSchema for Protocol {
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
-            "description": "The transport protocols a rule allows: tcp, udp, or any (both).",
+            "description": "The protocols a rule allows: tcp, udp, any (tcp and udp), or icmp \
+                            (echo requests, \"ping\"; no ports).",
             "type": "string",
-            "enum": ["tcp", "udp", "any"],
+            "enum": ["tcp", "udp", "any", "icmp"],
         })
     }
 }

@@ -158,7 +158,26 @@ fn validate(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mu
                     fail(format!("{key}: {passing} of {n} subschemas match"));
                 }
             }
-            "const" | "enum" => {}
+            "if" => {
+                let mut cond = Vec::new();
+                validate(root, want, value, path, &mut cond);
+                let branch = if cond.is_empty() { "then" } else { "else" };
+                if let Some(sub) = obj.get(branch) {
+                    let mut inner = Vec::new();
+                    validate(root, sub, value, path, &mut inner);
+                    if !inner.is_empty() {
+                        fail(format!("if/{branch}: {}", inner.join("; ")));
+                    }
+                }
+            }
+            "not" => {
+                let mut inner = Vec::new();
+                validate(root, want, value, path, &mut inner);
+                if inner.is_empty() {
+                    fail(format!("matches what it must not: {want}"));
+                }
+            }
+            "const" | "enum" | "then" | "else" => {}
             other => panic!("the test's validator does not know the keyword {other:?}"),
         }
     }
@@ -211,6 +230,7 @@ const GOOD: &[&str] = &[
     "version: 1\nallow: [{cidr: \"::ffff:10.0.0.0/104\"}, {cidr: 0.0.0.0/0}]",
     "version: 1\nallow: [{ip: 192.0.2.1}, {ip: \"2001:db8::1\"}, {ip: \"::ffff:192.0.2.1\"}]",
     "version: 1\nallow: [{ip: 192.0.2.1, ports: [1, 65535, \"1-65535\"]}]",
+    "version: 1\nallow: [{host: a.example.com, protocol: icmp}, {cidr: 192.0.2.0/24, protocol: icmp}]",
 ];
 
 /// Mistakes the loader rejects and the schema can see.
@@ -222,7 +242,8 @@ const BAD: &[&str] = &[
     "version: 1\nallow: [{host: a.example.com, prot: tcp}]",
     "version: 1\nallow: [{ports: 443}]",
     "version: 1\nallow: [{host: a.example.com, ip: 192.0.2.1}]",
-    "version: 1\nallow: [{host: a.example.com, protocol: icmp}]",
+    "version: 1\nallow: [{host: a.example.com, protocol: sctp}]",
+    "version: 1\nallow: [{cidr: 192.0.2.0/24, protocol: icmp, ports: 443}]",
     "version: 1\nallow: [{host: a.example.com, ports: 0}]",
     "version: 1\nallow: [{host: a.example.com, ports: 70000}]",
     "version: 1\nallow: [{host: a.example.com, ports: []}]",

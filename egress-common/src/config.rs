@@ -2,6 +2,10 @@
 
 /// Mode flag: report would-be denies but allow them (audit).
 pub const FLAG_AUDIT: u32 = 1 << 0;
+/// Some rule allows ICMP (`protocol: icmp`): `sock_create` lets ICMP datagram ("ping")
+/// sockets be created; their destinations are still judged (connect4/6 and the backstop).
+/// Raw sockets stay refused either way.
+pub const FLAG_ICMP: u32 = 1 << 1;
 
 /// Program settings; a zeroed value is the strict default (enforce, no DNS steering: port 53
 /// is then judged like any other port).

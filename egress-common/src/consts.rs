@@ -35,8 +35,12 @@ pub const COUNTER_SLOTS: u32 = 8;
 pub const PROTO_TCP: u8 = 1 << 0;
 /// Protocol bit for UDP in [`crate::PortRange::protos`].
 pub const PROTO_UDP: u8 = 1 << 1;
-/// TCP and UDP.
+/// TCP and UDP (what `protocol: any` means: it never includes ICMP).
 pub const PROTO_ANY: u8 = PROTO_TCP | PROTO_UDP;
+/// Protocol bit for ICMP echo (ping), IPv4 and IPv6, in [`crate::PortRange::protos`]. ICMP
+/// has no ports: the agent writes it as one range covering every port, and the programs judge
+/// an ICMP destination with port 0.
+pub const PROTO_ICMP: u8 = 1 << 2;
 
 /// How many port ranges one allow entry can hold. The verifier unrolls nothing: the check
 /// is a bounded loop (kernel >= 5.3), so this only sizes the value.

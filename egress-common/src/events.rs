@@ -26,7 +26,8 @@ pub mod reason {
     pub const PORT: u8 = 2;
     /// The only entry for the address came from DNS and has expired.
     pub const EXPIRED: u8 = 3;
-    /// The socket's protocol is neither TCP nor UDP, or it is a raw or ICMP socket.
+    /// The socket's protocol is neither TCP nor UDP (nor ICMP echo where a rule allows
+    /// ICMP), or it is a raw socket, or an ICMP socket while no rule allows ICMP.
     pub const PROTOCOL: u8 = 4;
     /// The program could not read its context or maps (it denies).
     pub const ERROR: u8 = 5;

@@ -10,7 +10,7 @@ pub struct PortRange {
     pub lo: u16,
     /// Last port (inclusive), host byte order.
     pub hi: u16,
-    /// Protocol bits (`PROTO_TCP`, `PROTO_UDP`).
+    /// Protocol bits (`PROTO_TCP`, `PROTO_UDP`, `PROTO_ICMP`).
     pub protos: u8,
     /// Always zero.
     pub _pad: u8,
@@ -144,7 +144,7 @@ pub use user::TooManyRanges;
 #[cfg(all(test, feature = "user"))]
 mod tests {
     use super::*;
-    use crate::consts::{PROTO_ANY, PROTO_TCP, PROTO_UDP};
+    use crate::consts::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
     fn r(lo: u16, hi: u16, protos: u8) -> PortRange {
         PortRange {
@@ -165,6 +165,17 @@ mod tests {
         assert!(v.permits(8080, PROTO_TCP));
         assert!(!v.permits(8081, PROTO_TCP));
         assert!(!v.permits(80, PROTO_TCP));
+    }
+
+    #[test]
+    fn icmp_is_its_own_bit() {
+        let v = AllowValue::from_ranges([r(0, u16::MAX, PROTO_ICMP), r(443, 443, PROTO_ANY)], 0)
+            .unwrap();
+        assert!(v.permits(0, PROTO_ICMP));
+        assert!(v.permits(443, PROTO_TCP));
+        assert!(!v.permits(80, PROTO_TCP));
+        let tcp_udp = AllowValue::from_ranges([r(0, u16::MAX, PROTO_ANY)], 0).unwrap();
+        assert!(!tcp_udp.permits(0, PROTO_ICMP));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::{
     ffi::OsStr,
-    fs::File,
+    fs::{self, File},
     io,
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::PathBuf,
@@ -106,6 +106,69 @@ impl TestNetns {
             }
         })
     }
+}
+
+impl TestNetns {
+    /// Lets every group open ICMP datagram ("ping") sockets in this namespace:
+    /// `net.ipv4.ping_group_range` is per namespace (it covers ICMPv6 too), and the host's
+    /// value must not change, which this checks. Set through `sysctl` in a child that joined
+    /// only the network namespace.
+    pub fn enable_ping_sockets(&self) {
+        let host = fs::read_to_string(PING_GROUP_RANGE).unwrap_or_default();
+        let out = self
+            .command("sysctl")
+            .args(["-w", "net.ipv4.ping_group_range=0 2147483647"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run sysctl: {e}"));
+        assert!(
+            out.status.success(),
+            "cannot enable ping sockets in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after = fs::read_to_string(PING_GROUP_RANGE).unwrap_or_default();
+        assert_eq!(host, after, "the host's ping_group_range changed");
+    }
+
+    /// `Icmp: InEchos` and `Icmp6: InEchos` of the namespace: the echo requests its stack
+    /// received (and answered).
+    pub fn in_echos(&self) -> (u64, u64) {
+        self.run_in(|| {
+            // thread-self: /proc/self/net would show the namespace of the main thread.
+            let snmp = fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
+            let snmp6 = fs::read_to_string("/proc/thread-self/net/snmp6").expect("read snmp6");
+            (
+                snmp_field(&snmp, "Icmp", "InEchos"),
+                snmp6_field(&snmp6, "Icmp6InEchos"),
+            )
+        })
+    }
+}
+
+const PING_GROUP_RANGE: &str = "/proc/sys/net/ipv4/ping_group_range";
+
+/// A field of `/proc/net/snmp` (a header line and a value line per protocol).
+fn snmp_field(text: &str, proto: &str, field: &str) -> u64 {
+    let prefix = format!("{proto}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == field)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {proto} {field} in /proc/net/snmp"))
+}
+
+/// A field of `/proc/net/snmp6` (one `name value` a line).
+fn snmp6_field(text: &str, field: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next()? == field).then(|| f.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/net/snmp6"))
 }
 
 impl Default for TestNetns {

@@ -315,6 +315,36 @@ impl DnsWorld {
         self.agent(&["run"], allowlist, cmd)
     }
 
+    /// Like [`DnsWorld::run_agent`], with `args` (such as `--keep-cap CAP_NET_RAW`) after
+    /// `run`.
+    pub fn run_agent_with(&self, args: &[&str], allowlist: &str, cmd: &[&str]) -> AgentExit {
+        let verb: Vec<&str> = std::iter::once("run").chain(args.iter().copied()).collect();
+        self.agent(&verb, allowlist, cmd)
+    }
+
+    /// Runs a python3 command script, `prelude` then `body` (they fill a dict `out`, which
+    /// is printed as one JSON line at the end), under `allowlist` with `args` after `run`;
+    /// checks that the agent got ready and exited 0. Returns the run and the script's JSON.
+    pub fn run_script(
+        &self,
+        args: &[&str],
+        allowlist: &str,
+        prelude: &str,
+        body: &str,
+    ) -> (AgentExit, Value) {
+        let script = format!("{prelude}\n{body}\nprint(json.dumps(out), flush=True)\n");
+        let run = self.run_agent_with(args, allowlist, &[python3(), "-c", &script]);
+        assert_eq!(
+            run.events.first().map(|e| e["event"].clone()),
+            Some(Value::from("ready")),
+            "the first event line is ready\n{}",
+            run.context()
+        );
+        assert_eq!(run.code(), 0, "the script exits 0\n{}", run.context());
+        let out = run.json();
+        (run, out)
+    }
+
     /// Like [`DnsWorld::run_agent`], for `egress-agent learn --output OUTPUT --allowlist A
     /// --events E -- CMD...`.
     pub fn learn_agent(&self, output: &Path, allowlist: &str, cmd: &[&str]) -> AgentExit {

@@ -2,8 +2,9 @@
 //! toward a destination that is not allowed. The way to get such packets here is a socket
 //! opened in the cgroup *before* enforcement was attached (the situation of `attach` on a
 //! running workload): `sock_create` never saw it, and a raw ICMP socket has no connect or
-//! sendmsg hook. Its echo request must be dropped, and the echo counters of the namespace
-//! must not move.
+//! sendmsg hook. Its echo request (no `protocol: icmp` rule names the destination) and a
+//! timestamp request (no ICMP type but echo ever passes) must be dropped, and the echo
+//! counters of the namespace must not move.
 
 use std::{
     fs,
@@ -26,9 +27,10 @@ import json, socket, sys
 icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 print("ready", flush=True)
-# ICMP echo request, id 0x4242, seq 1, checksum computed below.
-def echo():
-    hdr = bytearray(b"\x08\x00\x00\x00\x42\x42\x00\x01") + b"backstop"
+# An ICMP message of `kind` (8: echo request, 13: timestamp request), id 0x4242, seq 1,
+# checksum computed below.
+def icmp_message(kind):
+    hdr = bytearray([kind]) + bytearray(b"\x00\x00\x00\x42\x42\x00\x01") + b"backstop"
     s = 0
     for i in range(0, len(hdr), 2):
         s += (hdr[i] << 8) + hdr[i + 1]
@@ -40,7 +42,9 @@ for line in sys.stdin:
     what = line.strip()
     try:
         if what == "icmp":
-            icmp.sendto(echo(), ("198.51.100.20", 0))
+            icmp.sendto(icmp_message(8), ("198.51.100.20", 0))
+        elif what == "icmp-timestamp":
+            icmp.sendto(icmp_message(13), ("198.51.100.20", 0))
         elif what == "udp":
             udp.sendto(b"x", ("198.51.100.20", 5000))
         print(json.dumps({"what": what, "ok": True}), flush=True)
@@ -155,6 +159,8 @@ fn a_socket_opened_before_enforcement_cannot_send_what_no_rule_allows() {
         "the backstop drops the echo request: {out}"
     );
     assert_eq!(out["errno"], libc::EPERM, "{out}");
+    let ts = sender.send("icmp-timestamp");
+    assert_eq!(ts["ok"], false, "other ICMP types are dropped: {ts}");
     let udp = sender.send("udp");
     assert_eq!(
         udp["ok"], false,
@@ -165,11 +171,16 @@ fn a_socket_opened_before_enforcement_cannot_send_what_no_rule_allows() {
         before,
         "no echo request reached the namespace"
     );
+    // An echo request is judged by its destination (no rule allows ICMP to it); any other
+    // ICMP type is dropped for its protocol.
     let events = enf.poll_denies();
-    assert!(
+    let backstop = |reason: &str| {
         events
             .iter()
-            .any(|e| e.hook == "egress" && e.proto == "ip:1" && e.reason == "protocol"),
-        "the drop is reported by the backstop: {events:?}"
+            .any(|e| e.hook == "egress" && e.proto == "icmp" && e.reason == reason)
+    };
+    assert!(
+        backstop("no-rule") && backstop("protocol"),
+        "both drops are reported by the backstop: {events:?}"
     );
 }

@@ -21,7 +21,7 @@ use std::{
 
 use egress_tests::{
     AgentRun, Outcome, Probe, TcpListener, TestNetns, UdpListener, probe_bin,
-    world::{AgentExit, DnsWorld, UPSTREAM, python3},
+    world::{AgentExit, DnsWorld, UPSTREAM},
 };
 use serde_json::Value;
 
@@ -476,76 +476,20 @@ fn raw_ip_with_cap_net_raw() {
     assert_eq!(ev["reason"], "protocol", "{ev}");
 }
 
-/// `Icmp: InEchos` and `Icmp6: InEchos` of the namespace: echo requests its stack answered.
-fn in_echos(netns: &TestNetns) -> (u64, u64) {
-    netns.run_in(|| {
-        // thread-self: /proc/self/net would show the namespace of the main thread.
-        let snmp = fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
-        let snmp6 = fs::read_to_string("/proc/thread-self/net/snmp6").expect("read snmp6");
-        (
-            snmp_field(&snmp, "Icmp", "InEchos"),
-            snmp6_field(&snmp6, "Icmp6InEchos"),
-        )
-    })
-}
-
-/// A field of `/proc/net/snmp` (a header line and a value line per protocol).
-fn snmp_field(text: &str, proto: &str, field: &str) -> u64 {
-    let prefix = format!("{proto}:");
-    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
-    let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == field)
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {proto} {field} in /proc/net/snmp"))
-}
-
-/// A field of `/proc/net/snmp6` (one `name value` a line).
-fn snmp6_field(text: &str, field: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next()? == field).then(|| f.next()?.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no {field} in /proc/net/snmp6"))
-}
-
-/// Ping sockets for every group, in this namespace only (the sysctl is per namespace; the
-/// host's value must not change).
-fn enable_ping_sockets(netns: &TestNetns) {
-    let host = fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap_or_default();
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns.name(), "sysctl", "-w"])
-        .arg("net.ipv4.ping_group_range=0 2147483647")
-        .stdin(Stdio::null())
-        .output()
-        .expect("cannot run ip netns exec sysctl");
-    assert!(
-        out.status.success(),
-        "cannot enable ping sockets in {}: {}",
-        netns.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let after = fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap_or_default();
-    assert_eq!(host, after, "the host's ping_group_range changed");
-}
-
 /// An ICMP echo technique: the control gets its reply (the namespace counts one echo
 /// request per family), the enforced probe fails with EPERM and the counters do not move.
 fn check_icmp(action: &str, keep_caps: &[&str]) -> Vec<(AgentRun, Outcome)> {
     let lab = Lab::new();
-    enable_ping_sockets(&lab.netns);
+    lab.netns.enable_ping_sockets();
     let mut runs = Vec::new();
     for dst in [format!("{TARGET_V4}:0"), format!("[{TARGET_V6}]:0")] {
-        let before = in_echos(&lab.netns);
+        let before = lab.netns.in_echos();
         let out = lab.control(action, &dst);
         assert!(
             out.ok,
             "control: {action} {dst} should get a reply, got {out:?}"
         );
-        let after_control = in_echos(&lab.netns);
+        let after_control = lab.netns.in_echos();
         assert!(
             after_control.0 + after_control.1 > before.0 + before.1,
             "control: the namespace counted no echo request ({before:?} -> {after_control:?})"
@@ -555,7 +499,7 @@ fn check_icmp(action: &str, keep_caps: &[&str]) -> Vec<(AgentRun, Outcome)> {
         assert_eperm(&out, &what, &run);
         std::thread::sleep(QUIET);
         assert_eq!(
-            in_echos(&lab.netns),
+            lab.netns.in_echos(),
             after_control,
             "{what}: an echo request reached the namespace's stack\n{}",
             run.output()
@@ -735,17 +679,7 @@ const ALLOWED_TCP_8080: &str =
 
 /// Runs `body` (after [`PRELUDE`]) under `allowlist`; checks ready and exit status 0.
 fn run_script(world: &DnsWorld, allowlist: &str, body: &str) -> (AgentExit, Value) {
-    let script = format!("{PRELUDE}\n{body}\nprint(json.dumps(out), flush=True)\n");
-    let run = world.run_agent(allowlist, &[python3(), "-c", &script]);
-    assert_eq!(
-        run.events.first().map(|e| e["event"].clone()),
-        Some(Value::from("ready")),
-        "the first event line is ready\n{}",
-        run.context()
-    );
-    assert_eq!(run.code(), 0, "the script exits 0\n{}", run.context());
-    let out = run.json();
-    (run, out)
+    world.run_script(&[], allowlist, PRELUDE, body)
 }
 
 /// `out[key]` is a socket call that failed with EPERM.

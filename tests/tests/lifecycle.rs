@@ -867,6 +867,49 @@ fn reload_in_place_applies_a_new_rule_and_keeps_live_connections() {
     });
 }
 
+/// A ping socket to `DENIED_IP` from the app: created, and an echo answered.
+const PING_SCRIPT: &str = r#"
+try:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+except OSError as e:
+    out["socket"] = fail(e)
+else:
+    out["socket"] = {"ok": True}
+    s.settimeout(1)
+    try:
+        s.sendto(b"\x08\x00\x00\x00\x00\x00\x00\x01ping", ("198.51.100.20", 0))
+        out["echo"] = {"ok": s.recv(2048)[0] == 0}
+    except OSError as e:
+        out["echo"] = fail(e)
+    s.close()
+"#;
+
+#[test]
+fn reload_turns_ping_sockets_on_and_off() {
+    // Ping sockets exist only while some rule allows ICMP (FLAG_ICMP): a reload adding the
+    // first icmp rule lets the app create them, one removing the last refuses them again.
+    let env = Env::new(ALLOWED_RULE);
+    env.world.netns().enable_ping_sockets();
+    let agent = env.start_agent(&[]);
+    let out = env.app(PING_SCRIPT);
+    assert_eq!(out["socket"]["error"], "EPERM", "{out}\n{}", agent.output());
+
+    let seen = agent.events().len();
+    env.write_allowlist(&policy(&format!(
+        "{ALLOWED_RULE}  - ip: {DENIED_IP}\n    protocol: icmp\n"
+    )));
+    wait_reloaded(&agent, seen);
+    let out = env.app(PING_SCRIPT);
+    assert_eq!(out["socket"]["ok"], true, "{out}\n{}", agent.output());
+    assert_eq!(out["echo"]["ok"], true, "{out}\n{}", agent.output());
+
+    let seen = agent.events().len();
+    env.write_allowlist(&policy(ALLOWED_RULE));
+    wait_reloaded(&agent, seen);
+    let out = env.app(PING_SCRIPT);
+    assert_eq!(out["socket"]["error"], "EPERM", "{out}\n{}", agent.output());
+}
+
 #[test]
 fn invalid_reload_is_rejected_and_the_old_policy_stays() {
     let env = Env::new(ALLOWED_RULE);

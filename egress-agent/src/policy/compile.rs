@@ -5,24 +5,38 @@ use std::collections::HashMap;
 
 use egress_common::{
     Addr, AllowValue, PortRange,
-    consts::{MAX_PORT_RANGES, PROTO_TCP, PROTO_UDP},
+    consts::{MAX_PORT_RANGES, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     keys::{V4_MAPPED_PREFIX, is_v4_mapped},
     rules::TooManyRanges,
 };
 
 use super::{Policy, PolicyError, Protocol, Rule, Target, error::Location, net::mask_key, ports};
 
-/// The ports allowed per protocol: two sets of sorted, disjoint, non-touching ranges.
+/// The ports allowed per protocol: two sets of sorted, disjoint, non-touching ranges, and
+/// whether ICMP is allowed (it has no ports).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PortSet {
     tcp: Vec<(u16, u16)>,
     udp: Vec<(u16, u16)>,
+    icmp: bool,
 }
 
+/// The range ICMP is written with: every port, so that whatever port a hook reports for an
+/// ICMP destination (the programs use 0) matches.
+const ICMP_RANGE: PortRange = PortRange {
+    lo: 0,
+    hi: u16::MAX,
+    protos: PROTO_ICMP,
+    _pad: 0,
+};
+
 impl PortSet {
-    /// Adds `ranges` for `protocol`.
+    /// Adds `ranges` for `protocol` (ICMP ignores them).
     pub fn add(&mut self, ranges: &[(u16, u16)], protocol: Protocol) {
         let bits = protocol.bits();
+        if bits & PROTO_ICMP != 0 {
+            self.icmp = true;
+        }
         if bits & PROTO_TCP != 0 {
             self.tcp.extend_from_slice(ranges);
             ports::merge(&mut self.tcp);
@@ -39,10 +53,17 @@ impl PortSet {
         ports::merge(&mut self.tcp);
         self.udp.extend_from_slice(&other.udp);
         ports::merge(&mut self.udp);
+        self.icmp |= other.icmp;
+    }
+
+    /// Whether ICMP is allowed.
+    pub fn icmp(&self) -> bool {
+        self.icmp
     }
 
     /// The fewest `PortRange`s that say the same: a stretch open to both protocols is one
-    /// `PROTO_ANY` range, so `tcp 443` plus `udp 443` takes one slot, not two.
+    /// `PROTO_ANY` range, so `tcp 443` plus `udp 443` takes one slot, not two. ICMP, when
+    /// allowed, is one more range of its own, last.
     pub fn ranges(&self) -> Vec<PortRange> {
         // Boundaries of the elementary stretches, as u32 so that 65535 + 1 fits.
         let mut points: Vec<u32> = self
@@ -83,6 +104,9 @@ impl PortSet {
                     _pad: 0,
                 }),
             }
+        }
+        if self.icmp {
+            out.push(ICMP_RANGE);
         }
         out
     }
@@ -265,6 +289,30 @@ mod tests {
         let v = s.value(7).unwrap();
         assert_eq!((v.len, v.expires_ns), (1, 7));
         assert!(v.permits(65535, PROTO_TCP) && v.permits(0, PROTO_UDP));
+    }
+
+    #[test]
+    fn icmp_is_a_range_of_its_own() {
+        let mut s = PortSet::default();
+        s.add(&[(443, 443)], Protocol::Any);
+        s.add(&[(0, 65535)], Protocol::Icmp);
+        assert_eq!(
+            s.ranges(),
+            vec![r(443, 443, PROTO_ANY), r(0, 65535, PROTO_ICMP)]
+        );
+        let v = s.value(0).unwrap();
+        assert!(v.permits(0, PROTO_ICMP) && v.permits(443, PROTO_TCP));
+        assert!(!v.permits(80, PROTO_TCP));
+
+        // `any` is tcp and udp, never icmp.
+        let mut s = PortSet::default();
+        s.add(&[(0, 65535)], Protocol::Any);
+        assert!(!s.value(0).unwrap().permits(0, PROTO_ICMP));
+
+        let mut other = PortSet::default();
+        other.add(&[(0, 65535)], Protocol::Icmp);
+        s.union(&other);
+        assert!(s.icmp() && s.value(0).unwrap().permits(0, PROTO_ICMP));
     }
 
     #[test]

@@ -221,23 +221,33 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
             ));
         }
     };
+    let protocol = raw.protocol.unwrap_or_default();
+    let ports_error = |message: String| {
+        invalid(
+            path,
+            node.get("ports").unwrap_or(node),
+            &format!("{field}.ports"),
+            message,
+        )
+    };
+    if !protocol.has_ports() && raw.ports.is_some() {
+        return Err(ports_error(format!(
+            "protocol {protocol} has no ports: remove ports, or write a separate tcp or udp \
+             rule for them"
+        )));
+    }
+    // ICMP rules keep every port: nothing that looks at ports narrows them.
     let ports = raw.ports.map_or_else(|| vec![ALL_PORTS], |p| p.0);
     if ports.len() > MAX_PORT_RANGES {
-        let ports_node = node.get("ports").unwrap_or(node);
-        return Err(invalid(
-            path,
-            ports_node,
-            &format!("{field}.ports"),
-            format!(
-                "{} separate port ranges, more than the {MAX_PORT_RANGES} one rule can hold",
-                ports.len()
-            ),
-        ));
+        return Err(ports_error(format!(
+            "{} separate port ranges, more than the {MAX_PORT_RANGES} one rule can hold",
+            ports.len()
+        )));
     }
     Ok(Rule {
         target,
         ports,
-        protocol: raw.protocol.unwrap_or_default(),
+        protocol,
         origin: Origin {
             file: path.to_path_buf(),
             line: node.mark.line,

@@ -15,8 +15,10 @@
 //!   - host: "*.githubusercontent.com"  # any depth below, not the apex
 //!   - cidr: 192.0.2.0/24
 //!     ports: [80, "8000-8080"]
-//!     protocol: tcp                    # tcp | udp | any
+//!     protocol: tcp                    # tcp | udp | any (tcp and udp) | icmp
 //!   - ip: 2001:db8::1
+//!   - cidr: 198.51.100.0/24
+//!     protocol: icmp                   # ping (echo requests) only; no ports
 //! ```
 //!
 //! The serde types of [`raw`] are the format's schema (one struct per mapping,
@@ -107,7 +109,7 @@ pub struct Rule {
     pub target: Target,
     /// Inclusive port ranges, sorted and merged; never empty (`[(0, 65535)]`: every port).
     pub ports: Vec<(u16, u16)>,
-    /// Which transport protocols.
+    /// Which protocols.
     pub protocol: Protocol,
     /// Where the rule was written.
     pub origin: Origin,
@@ -166,6 +168,11 @@ impl Policy {
             .iter()
             .filter(|r| matches!(&r.target, Target::Host(h) if h.matches(name)))
             .collect()
+    }
+
+    /// Whether some rule allows ICMP (then ping sockets may be created: `FLAG_ICMP`).
+    pub fn allows_icmp(&self) -> bool {
+        self.rules.iter().any(|r| r.protocol == Protocol::Icmp)
     }
 
     /// One line for logs and `check`: `name "x", mode enforce, 12 rules (5 hosts,

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use egress_common::consts::{PROTO_ANY, PROTO_TCP, PROTO_UDP};
+use egress_common::consts::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use serde::{
     Deserialize, Deserializer,
     de::{self, SeqAccess, Visitor},
@@ -13,7 +13,7 @@ use super::yaml::quoted;
 /// Every port: what a rule without `ports:` allows.
 pub const ALL_PORTS: (u16, u16) = (0, u16::MAX);
 
-/// The transport protocols a rule allows.
+/// The protocols a rule allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -21,9 +21,11 @@ pub enum Protocol {
     Tcp,
     /// UDP only.
     Udp,
-    /// TCP and UDP (the default).
+    /// TCP and UDP (the default). Never ICMP: that takes a rule of its own.
     #[default]
     Any,
+    /// ICMP echo (ping) from ICMP datagram sockets, IPv4 and IPv6; no ports.
+    Icmp,
 }
 
 impl Protocol {
@@ -33,7 +35,13 @@ impl Protocol {
             Self::Tcp => PROTO_TCP,
             Self::Udp => PROTO_UDP,
             Self::Any => PROTO_ANY,
+            Self::Icmp => PROTO_ICMP,
         }
+    }
+
+    /// Whether ports mean anything for this protocol (not for ICMP).
+    pub fn has_ports(self) -> bool {
+        self != Self::Icmp
     }
 }
 
@@ -43,6 +51,7 @@ impl fmt::Display for Protocol {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
             Self::Any => "any",
+            Self::Icmp => "icmp",
         })
     }
 }
@@ -240,5 +249,7 @@ mod tests {
         assert_eq!(Protocol::Tcp.bits(), PROTO_TCP);
         assert_eq!(Protocol::Udp.bits(), PROTO_UDP);
         assert_eq!(Protocol::default().bits(), PROTO_ANY);
+        assert_eq!(Protocol::Icmp.bits(), PROTO_ICMP);
+        assert_eq!(Protocol::Any.bits() & PROTO_ICMP, 0);
     }
 }

@@ -80,11 +80,12 @@ pub struct RawAllow {
     #[schemars(with = "Option<crate::schema::IpText>")]
     pub ip: Option<SingleIp>,
     /// A port (`443`), a range (`"8000-8080"`), or a list of them; ports are 1-65535.
-    /// Missing: every port.
+    /// Missing: every port. Not allowed with `protocol: icmp`.
     #[serde(default, deserialize_with = "present")]
     #[schemars(with = "Option<crate::schema::PortsValue>")]
     pub ports: Option<Ports>,
-    /// `tcp`, `udp` or `any` (the default).
+    /// `tcp`, `udp`, `any` (the default: tcp and udp) or `icmp` (ICMP echo, "ping", to
+    /// this destination; takes no `ports`).
     pub protocol: Option<Protocol>,
 }
 

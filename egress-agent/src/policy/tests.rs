@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use egress_common::consts::{PROTO_ANY, PROTO_TCP, PROTO_UDP};
+use egress_common::consts::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use super::*;
 
@@ -259,8 +259,8 @@ fn error_ports() {
 #[test]
 fn error_protocol_and_mode() {
     assert_eq!(
-        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    protocol: icmp\n"),
-        r#"allowlists/x.yaml:4:15: allow[0].protocol: unknown value "icmp", expected one of tcp, udp, any"#
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    protocol: sctp\n"),
+        r#"allowlists/x.yaml:4:15: allow[0].protocol: unknown value "sctp", expected one of tcp, udp, any, icmp"#
     );
     assert_eq!(
         err("version: 1\nmode: block\n"),
@@ -751,4 +751,97 @@ fn demo_allowlist() {
     assert!(!e.value.permits(8080, PROTO_UDP));
     assert!(e.value.permits(5353, PROTO_UDP));
     assert!(!e.value.permits(5353, PROTO_TCP));
+}
+
+#[test]
+fn icmp_rules_parse() {
+    let p = parse(
+        r#"version: 1
+allow:
+  - cidr: 198.51.100.0/24
+    protocol: icmp
+  - ip: 2001:db8::1
+    protocol: icmp
+  - host: ping.example.com
+    protocol: icmp
+  - ip: 192.0.2.1
+    ports: [443]
+"#,
+    );
+    assert!(p.allows_icmp());
+    assert_eq!(p.rules[0].protocol, Protocol::Icmp);
+    assert_eq!(p.rules[0].ports, vec![(0, u16::MAX)]);
+    assert_eq!(p.rules[2].protocol, Protocol::Icmp);
+    assert_eq!(p.rules[3].protocol, Protocol::Any);
+    // Without an icmp rule, nothing allows ICMP: `any` is tcp and udp only.
+    let q = parse("version: 1\nallow:\n  - cidr: 0.0.0.0/0\n  - cidr: ::/0\n    protocol: any\n");
+    assert!(!q.allows_icmp());
+    for e in cidr_entries(&q).unwrap() {
+        assert!(!e.value.permits(0, PROTO_ICMP), "{e:?}");
+    }
+}
+
+#[test]
+fn icmp_with_ports_is_an_error() {
+    assert_eq!(
+        err(
+            "version: 1\nallow:\n  - cidr: 198.51.100.0/24\n    protocol: icmp\n    ports: [443]\n"
+        ),
+        "allowlists/x.yaml:5:12: allow[0].ports: protocol icmp has no ports: remove ports, or \
+         write a separate tcp or udp rule for them"
+    );
+    // The order of the keys does not matter; the error points at `ports` either way.
+    assert_eq!(
+        err(
+            "version: 1\nallow:\n  - ip: 10.0.0.1\n  - ports: 80\n    host: a.example.com\n    protocol: icmp\n"
+        ),
+        "allowlists/x.yaml:4:12: allow[1].ports: protocol icmp has no ports: remove ports, or \
+         write a separate tcp or udp rule for them"
+    );
+}
+
+#[test]
+fn icmp_compiles_to_its_own_bit() {
+    let p = parse(
+        r#"version: 1
+allow:
+  - cidr: 198.51.100.0/24
+    protocol: icmp
+  - ip: 198.51.100.7
+    ports: [443]
+    protocol: tcp
+  - ip: 203.0.113.9
+    ports: [53]
+"#,
+    );
+    let entries = cidr_entries(&p).unwrap();
+    let find = |addr: &str| {
+        let ip: std::net::IpAddr = addr.parse().unwrap();
+        let key = match ip {
+            std::net::IpAddr::V4(v4) => egress_common::addr_from_v4(v4.octets()),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        entries
+            .iter()
+            .find(|e| e.addr == key && (e.prefix_len == 128 || e.prefix_len == 120))
+            .unwrap_or_else(|| panic!("no entry for {addr}: {entries:?}"))
+            .value
+    };
+    let net = find("198.51.100.0");
+    assert!(net.permits(0, PROTO_ICMP));
+    assert!(!net.permits(443, PROTO_TCP));
+    // The /32 inherits ICMP from the /24 that contains it.
+    let host = find("198.51.100.7");
+    assert!(host.permits(0, PROTO_ICMP) && host.permits(443, PROTO_TCP));
+    assert!(!host.permits(443, PROTO_UDP));
+    let other = find("203.0.113.9");
+    assert!(!other.permits(0, PROTO_ICMP));
+    // DNS-derived values are built the same way.
+    let q = parse(
+        "version: 1\nallow:\n  - host: a.example.com\n    protocol: icmp\n  - host: a.example.com\n    ports: [443]\n",
+    );
+    let v = rule_value(&q.host_rules_for("a.example.com"), 5).unwrap();
+    let got: Vec<(u16, u16, u8)> = v.ranges().iter().map(|r| (r.lo, r.hi, r.protos)).collect();
+    assert_eq!(got, vec![(443, 443, PROTO_ANY), (0, 65535, PROTO_ICMP)]);
+    assert!(v.permits(0, PROTO_ICMP) && v.permits(443, PROTO_UDP));
 }

@@ -4,11 +4,22 @@
 //!   connect that skipped connect4/6 is caught here; every other segment belongs to a
 //!   connection that was judged when it opened, or to one accepted from outside, and passes:
 //!   expiry never cuts a live connection);
-//! - UDP: a connected socket was judged at connect and passes; an unconnected send must be
-//!   allowed now (sendmsg4/6 judged it a moment ago; the backstop catches a path that did not);
+//! - UDP: a connected UDP socket was judged at connect and passes; an unconnected send must be
+//!   allowed now (sendmsg4/6 judged it a moment ago; the backstop catches a path that did not).
+//!   "Connected UDP socket" means a SOCK_DGRAM/IPPROTO_UDP socket with a peer: a raw socket
+//!   carrying hand-made UDP can be connected too, but no hook judged its connect;
 //! - a SYN or unconnected datagram to the destination its socket's own hook allowed last passes
 //!   without a second lookup (`super::judged`);
-//! - anything else (ICMP, SCTP, raw IP of any protocol) is dropped: no rule allows it.
+//! - ICMP echo requests (type 8 over IPv4, ICMPv6 type 128 over IPv6) must go to a
+//!   destination whose entry permits ICMP (`protocol: icmp`), judged on every packet: an
+//!   unconnected `sendto` on a ping socket runs no sendmsg hook (`ping_v4_sendmsg` and
+//!   `ping_v6_sendmsg` call none), so this is where it is judged, and on kernels before 5.17
+//!   connect4/6 did not run for ping sockets either. Every other ICMP type is dropped;
+//! - anything else (SCTP, raw IP of any other protocol) is dropped: no rule allows it.
+//!
+//! Packets the kernel itself sends (ICMPv6 neighbour discovery and MLD, ICMP errors, TCP
+//! resets from the stack) go out through per-namespace control sockets that are not the
+//! cgroup's, so this program never sees them.
 //!
 //! DNS to the agent's resolver passes. Denies are counted and reported; audit mode reports
 //! and passes. An error drops.
@@ -21,7 +32,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     Addr, DenyEvent, addr_from_v4,
-    consts::{COUNTER_BACKSTOP_DROP, PROTO_TCP, PROTO_UDP},
+    consts::{COUNTER_BACKSTOP_DROP, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     events::{hook, reason},
 };
 
@@ -35,8 +46,15 @@ const PASS: i32 = 1;
 const DROP: i32 = 0;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMP_ECHO: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const SOCK_DGRAM: u32 = 2;
+/// `TCP_ESTABLISHED`, the state a connected datagram socket is in.
+const STATE_ESTABLISHED: u32 = 1;
 
 #[cgroup_skb(egress)]
 pub fn egress(ctx: SkBuffContext) -> i32 {
@@ -59,21 +77,25 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
     {
         return Ok(PASS);
     }
-    let (addr, l4, l4_off): (Addr, u8, usize) = match u16::from_be(ctx.skb.protocol() as u16) {
-        ETH_P_IP => {
-            let vihl: u8 = ctx.load(0).map_err(|_| ())?;
-            let proto: u8 = ctx.load(9).map_err(|_| ())?;
-            let dst: [u8; 4] = ctx.load(16).map_err(|_| ())?;
-            (addr_from_v4(dst), proto, usize::from(vihl & 0x0f) * 4)
-        }
-        ETH_P_IPV6 => {
-            let next: u8 = ctx.load(6).map_err(|_| ())?;
-            let dst: [u8; 16] = ctx.load(24).map_err(|_| ())?;
-            (dst, next, 40)
-        }
-        // Not IP: nothing to judge here.
-        _ => return Ok(PASS),
-    };
+    let (addr, l4, l4_off, echo): (Addr, u8, usize, (u8, u8)) =
+        match u16::from_be(ctx.skb.protocol() as u16) {
+            ETH_P_IP => {
+                let vihl: u8 = ctx.load(0).map_err(|_| ())?;
+                let proto: u8 = ctx.load(9).map_err(|_| ())?;
+                let dst: [u8; 4] = ctx.load(16).map_err(|_| ())?;
+                let off = usize::from(vihl & 0x0f) * 4;
+                (addr_from_v4(dst), proto, off, (IPPROTO_ICMP, ICMP_ECHO))
+            }
+            ETH_P_IPV6 => {
+                let next: u8 = ctx.load(6).map_err(|_| ())?;
+                let dst: [u8; 16] = ctx.load(24).map_err(|_| ())?;
+                // An extension header before ICMPv6 leaves `next` at that header: dropped
+                // below as another protocol (a ping socket adds none unless asked to).
+                (dst, next, 40, (IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST))
+            }
+            // Not IP: nothing to judge here.
+            _ => return Ok(PASS),
+        };
     match l4 {
         IPPROTO_TCP => {
             let flags: u8 = ctx.load(l4_off + 13).map_err(|_| ())?;
@@ -91,9 +113,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
         }
         IPPROTO_UDP => {
             let sk = full_socket(skb);
-            // SAFETY: a full socket the verifier knows is not null.
-            if !sk.is_null() && unsafe { (*sk).dst_port } != 0 {
-                // A connected UDP socket, judged at connect.
+            if connected(sk, u32::from(IPPROTO_UDP)) {
                 return Ok(PASS);
             }
             let port = u16::from_be(ctx.load::<u16>(l4_off + 2).map_err(|_| ())?);
@@ -102,6 +122,13 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                 return Ok(PASS);
             }
             Ok(judge(&addr, port, PROTO_UDP, IPPROTO_UDP))
+        }
+        proto if proto == echo.0 => {
+            let ty: u8 = ctx.load(l4_off).map_err(|_| ())?;
+            if ty != echo.1 {
+                return Ok(drop_packet(&addr, 0, proto, reason::PROTOCOL));
+            }
+            Ok(judge_echo(skb, &addr, proto))
         }
         other => Ok(drop_packet(&addr, 0, other, reason::PROTOCOL)),
     }
@@ -117,6 +144,30 @@ fn full_socket(skb: *mut __sk_buff) -> *mut bpf_sock {
             return core::ptr::null_mut();
         }
         bpf_sk_fullsock(sk)
+    }
+}
+
+/// Whether `sk` (a full socket, or null) is a connected SOCK_DGRAM socket of `protocol`: UDP
+/// (then judged at connect), or a ping socket (judged at connect on Linux >= 5.17).
+#[inline(always)]
+fn connected(sk: *mut bpf_sock, protocol: u32) -> bool {
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a full socket the verifier knows is not null.
+    unsafe {
+        (*sk).type_ == SOCK_DGRAM && (*sk).protocol == protocol && (*sk).state == STATE_ESTABLISHED
+    }
+}
+
+/// An ICMP echo request: its destination must permit ICMP, on every packet.
+fn judge_echo(skb: *mut __sk_buff, addr: &Addr, ip_proto: u8) -> i32 {
+    match lookup(addr, 0, PROTO_ICMP) {
+        None => PASS,
+        // A connected ping socket's destination was reported by connect4/6 already: one
+        // event per would-be deny in audit mode, not two.
+        Some(_) if audit_mode() && connected(full_socket(skb), u32::from(ip_proto)) => PASS,
+        Some(why) => drop_packet(addr, 0, ip_proto, why),
     }
 }
 

@@ -8,7 +8,7 @@ use egress_common::{Addr, addr_from_v4, events::hook};
 use super::{
     dns::{is_dns, steer_v4, steer_v6, steering},
     judged,
-    verdict::{Destination, audit_mode, decide, deny_on_error, exempt},
+    verdict::{Destination, audit_mode, decide, deny_on_error, exempt, port_of_proto},
 };
 use egress_common::consts::VERDICT_ALLOW;
 
@@ -85,14 +85,14 @@ fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
 fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) -> Result<i32, ()> {
     let dst = Destination {
         addr,
-        port,
+        port: port_of_proto(ip_proto, port),
         ip_proto,
         hook,
     };
     let verdict = decide(&dst)?;
     // In audit mode an allow may be a deny let through: never remembered.
     if verdict == VERDICT_ALLOW && !audit_mode() {
-        judged::remember(ctx, &dst.addr, port, ip_proto);
+        judged::remember(ctx, &dst.addr, dst.port, ip_proto);
     }
     Ok(verdict)
 }

@@ -1,5 +1,9 @@
-//! `cgroup/sock_create`: raw sockets (any protocol) and ICMP "ping" sockets never reach the
-//! connect/sendmsg hooks with a destination to judge, so they are refused when created.
+//! `cgroup/sock_create`: raw sockets (any protocol) never reach the connect/sendmsg hooks
+//! with a destination to judge, so they are refused when created, always. ICMP "ping"
+//! sockets (SOCK_DGRAM + IPPROTO_ICMP/ICMPV6) are refused too, unless some rule allows ICMP
+//! (`FLAG_ICMP`): then each destination is judged, at connect by connect4/6 and per echo
+//! request by the `cgroup_skb/egress` backstop (an unconnected `sendto` on a ping socket
+//! runs no sendmsg hook: `ping_v4_sendmsg` has none).
 //! The hook sees AF_INET and AF_INET6 only; packet sockets (AF_PACKET) are closed by
 //! confinement (no CAP_NET_RAW), see docs/KERNEL-NOTES.md.
 
@@ -9,7 +13,7 @@ use egress_common::{
     events::{hook, reason},
 };
 
-use super::verdict::{Destination, deny, exempt};
+use super::verdict::{Destination, deny, exempt, icmp_allowed};
 
 const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
@@ -24,7 +28,7 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         return VERDICT_ALLOW;
     }
     let icmp = ty == SOCK_DGRAM && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6);
-    if ty != SOCK_RAW && !icmp {
+    if ty != SOCK_RAW && (!icmp || icmp_allowed()) {
         // Not counted: the allow counter counts connects and sends.
         return VERDICT_ALLOW;
     }

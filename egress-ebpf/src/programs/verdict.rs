@@ -9,24 +9,26 @@ use aya_ebpf::{
 };
 use egress_common::{
     Addr, DenyEvent,
-    config::FLAG_AUDIT,
+    config::{FLAG_AUDIT, FLAG_ICMP},
     consts::{
-        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, PROTO_TCP, PROTO_UDP,
-        VERDICT_ALLOW, VERDICT_DENY,
+        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_TCP,
+        PROTO_UDP, VERDICT_ALLOW, VERDICT_DENY,
     },
     events::reason,
 };
 
 use crate::maps::{ALLOW_CIDR, ALLOW_DNS, CONFIG, COUNTERS, EVENTS};
 
+const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
+const IPPROTO_ICMPV6: u32 = 58;
 
 /// What a hook saw.
 pub struct Destination {
     /// Destination, IPv4 mapped, network byte order.
     pub addr: Addr,
-    /// Destination port, host byte order.
+    /// Destination port, host byte order (0 for ICMP, see [`port_of_proto`]).
     pub port: u16,
     /// The socket's IP protocol.
     pub ip_proto: u32,
@@ -66,11 +68,27 @@ pub fn deny_on_error(hook: u8) -> i32 {
     VERDICT_DENY
 }
 
+/// The `PROTO_*` bit a socket protocol is judged under. An ICMP datagram ("ping") socket
+/// reaches connect4/6 (`ping_pre_connect`, Linux 5.17 and later) with `protocol`
+/// IPPROTO_ICMP or IPPROTO_ICMPV6; it exists only when `sock_create` let it be created
+/// (some rule allows ICMP), and its destination must still permit ICMP.
 fn proto_bit(ip_proto: u32) -> Option<u8> {
     match ip_proto {
         IPPROTO_TCP => Some(PROTO_TCP),
         IPPROTO_UDP => Some(PROTO_UDP),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => Some(PROTO_ICMP),
         _ => None,
+    }
+}
+
+/// The port a destination is judged and reported with: ICMP has none (the address's
+/// `sin_port` a ping socket is connected with means nothing), so 0.
+#[inline(always)]
+pub fn port_of_proto(ip_proto: u32, port: u16) -> u16 {
+    if ip_proto == IPPROTO_ICMP || ip_proto == IPPROTO_ICMPV6 {
+        0
+    } else {
+        port
     }
 }
 
@@ -114,6 +132,15 @@ pub fn exempt() -> bool {
             unsafe { bpf_get_current_cgroup_id() == c.exempt_cgroup }
         }
         _ => false,
+    }
+}
+
+/// Whether some rule allows ICMP (`FLAG_ICMP`): ping sockets may then be created.
+pub fn icmp_allowed() -> bool {
+    match CONFIG.get(0) {
+        Some(c) => c.flags & FLAG_ICMP != 0,
+        // No config: strict.
+        None => false,
     }
 }
 

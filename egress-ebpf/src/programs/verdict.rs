@@ -96,28 +96,29 @@ pub fn port_of_proto(ip_proto: u32, port: u16) -> u16 {
 #[inline(always)]
 pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
     let mut why = reason::NO_RULE;
-    // Static rules: the longest matching prefix already carries the union of every broader
-    // rule's ports (the agent merges them), so one lookup decides.
-    if let Some(v) = ALLOW_CIDR.get(Key::new(128, *addr)) {
-        if v.permits(port, proto) {
-            return None;
-        }
-        why = reason::PORT;
-    }
+    // DNS-derived addresses first: host rules are the usual way in, and an exact hash lookup
+    // is cheaper than a longest-prefix walk that would miss.
     // SAFETY: the value is only read; a concurrent update from the agent replaces it whole
     // (BPF_ANY update of a hash map swaps in a new element).
     if let Some(v) = unsafe { ALLOW_DNS.get(addr) } {
         // SAFETY: helper without arguments.
         let now = unsafe { bpf_ktime_get_boot_ns() };
         if v.expires_ns != 0 && now >= v.expires_ns {
-            if why == reason::NO_RULE {
-                why = reason::EXPIRED;
-            }
+            why = reason::EXPIRED;
         } else if v.permits(port, proto) {
             return None;
         } else {
             why = reason::PORT;
         }
+    }
+    // Static rules: the longest matching prefix already carries the union of every broader
+    // rule's ports (the agent merges them), so one lookup decides. A static entry that covers
+    // the address but not this port says `port`, over an expired DNS entry.
+    if let Some(v) = ALLOW_CIDR.get(Key::new(128, *addr)) {
+        if v.permits(port, proto) {
+            return None;
+        }
+        why = reason::PORT;
     }
     Some(why)
 }

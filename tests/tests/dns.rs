@@ -643,12 +643,17 @@ for server in ("@203.0.113.53", "@2001:db8::53"):
             );
         }
     }
+    let refused = refused_for(&run, "refused.example.net");
     assert_eq!(
-        refused_for(&run, "refused.example.net").len(),
+        refused.len(),
         4,
         "one dns-refused event per refused query (2 servers x 2 transports)\n{}",
         run.context()
     );
+    // Each names its sender, over IPv4 and IPv6, UDP and TCP.
+    for ev in refused {
+        assert_eq!(ev["comm"], "dig", "{ev}\n{}", run.context());
+    }
     assert!(
         world.wait_query("allowed.example.com", WAIT),
         "the permitted name was forwarded to the upstream\n{}",

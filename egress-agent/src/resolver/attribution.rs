@@ -1,19 +1,27 @@
-//! Which process sent a DNS query: the client's socket is found by its local port in
-//! `/proc/net/{udp,tcp}{,6}` (the agent shares the client's network namespace), then its
-//! owner among the processes of the enforced cgroup by their file descriptors. Only refused
-//! queries pay for this lookup; the client is still waiting for its answer, so its socket is
-//! still open. Owners are remembered by socket inode (unique while the socket lives), so a
-//! client that keeps asking from one socket costs one table read per query, not a walk over
-//! every process's descriptors.
+//! Which process sent a DNS query: the client's socket is found by an exact `sock_diag`
+//! lookup of the datagram's (or connection's) addresses (see [`super::sockdiag`]; the agent
+//! shares the client's network namespace), then its owner among the processes of the enforced
+//! cgroup by their file descriptors. Only refused queries pay for this lookup; the client is
+//! still waiting for its answer, so its socket is still open. Owners are remembered by socket
+//! inode (unique while the socket lives), so a client that keeps asking from one socket costs
+//! one hash lookup in the kernel per query, not a walk over every process's descriptors.
+//!
+//! Where the kernel has no `sock_diag` handler for the protocol (no `udp_diag`/`tcp_diag`),
+//! the socket is found by its local port in `/proc/net/{udp,tcp}{,6}` instead: a walk over
+//! every socket of the namespace per query.
 
 use std::{
     collections::HashMap,
     fs,
+    net::SocketAddr,
     path::Path,
-    sync::{Mutex, PoisonError},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU8, Ordering},
+    },
 };
 
-use super::upstream::Transport;
+use super::{sockdiag, upstream::Transport};
 
 /// The process behind a query.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -26,9 +34,83 @@ pub struct Owner {
     pub uid: u32,
 }
 
-/// Finds the owner of the socket bound to `port` (`transport`), among the processes in the
-/// cgroup tree at `cgroup`.
-pub fn owner_of(transport: Transport, port: u16, cgroup: &Path) -> Option<Owner> {
+/// Finds the owner of the socket that sent a query (`transport`) from `client` to the
+/// resolver's `local` address, among the processes in the cgroup tree at `cgroup`.
+pub fn owner_of(
+    transport: Transport,
+    local: SocketAddr,
+    client: SocketAddr,
+    cgroup: &Path,
+) -> Option<Owner> {
+    let inodes = match diag_inode(transport, local, client) {
+        Some(found) => Vec::from_iter(found),
+        None => proc_inodes(transport, client.port()),
+    };
+    if inodes.is_empty() {
+        return None;
+    }
+    if let Some(owner) = KNOWN.remembered(&inodes) {
+        return Some(owner);
+    }
+    let (inode, owner) = search(cgroup, &inodes)?;
+    KNOWN.remember(inode, owner.clone());
+    Some(owner)
+}
+
+/// Whether `sock_diag` answers for a protocol: not yet known, yes, no.
+const UNKNOWN: u8 = 0;
+const WORKS: u8 = 1;
+const ABSENT: u8 = 2;
+/// Per transport (UDP, TCP).
+static DIAG: [AtomicU8; 2] = [AtomicU8::new(UNKNOWN), AtomicU8::new(UNKNOWN)];
+
+/// The client socket's inode by `sock_diag`: `Some(None)` when the kernel has no such socket,
+/// `None` when `sock_diag` cannot tell (use `/proc/net`).
+fn diag_inode(transport: Transport, local: SocketAddr, client: SocketAddr) -> Option<Option<u64>> {
+    let state = &DIAG[match transport {
+        Transport::Udp => 0,
+        Transport::Tcp => 1,
+    }];
+    if state.load(Ordering::Relaxed) == ABSENT {
+        return None;
+    }
+    match sockdiag::find(transport, client, local) {
+        Ok(Some(found)) => {
+            state.store(WORKS, Ordering::Relaxed);
+            Some(Some(found.inode))
+        }
+        Ok(None) if state.load(Ordering::Relaxed) == WORKS => Some(None),
+        Ok(None) => {
+            // ENOENT is also the answer of a kernel without a diag handler for the protocol
+            // (no udp_diag module): the resolver's own socket surely exists, ask for it.
+            match sockdiag::exists(transport, local, client) {
+                Ok(true) => {
+                    state.store(WORKS, Ordering::Relaxed);
+                    Some(None)
+                }
+                Ok(false) => {
+                    state.store(ABSENT, Ordering::Relaxed);
+                    tracing::info!(
+                        "dns: no sock_diag for {transport:?} sockets in this kernel: refused \
+                         queries are attributed through /proc/net (slower)"
+                    );
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!("dns: sock_diag lookup failed: {e}");
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!("dns: sock_diag lookup failed: {e}");
+            None
+        }
+    }
+}
+
+/// The inodes of the sockets bound to local `port` (`transport`), from `/proc/net`.
+fn proc_inodes(transport: Transport, port: u16) -> Vec<u64> {
     let tables: [&str; 2] = match transport {
         Transport::Udp => ["/proc/net/udp", "/proc/net/udp6"],
         Transport::Tcp => ["/proc/net/tcp", "/proc/net/tcp6"],
@@ -39,15 +121,7 @@ pub fn owner_of(transport: Transport, port: u16, cgroup: &Path) -> Option<Owner>
             inodes.extend(socket_inodes(&text, port));
         }
     }
-    if inodes.is_empty() {
-        return None;
-    }
-    if let Some(owner) = KNOWN.remembered(&inodes) {
-        return Some(owner);
-    }
-    let (inode, owner) = search(cgroup, &inodes)?;
-    KNOWN.remember(inode, owner.clone());
-    Some(owner)
+    inodes
 }
 
 /// Owners already found, by socket inode.

@@ -12,6 +12,7 @@ pub mod attribution;
 pub mod cache;
 pub mod rebinding;
 pub mod screen;
+pub mod sockdiag;
 pub mod upstream;
 
 use std::{
@@ -159,14 +160,21 @@ impl Resolver {
     /// Serves until `stop` turns true, sweeping expired grants as it goes.
     pub async fn serve(self, ctx: Arc<DnsContext>, stop: watch::Receiver<bool>) {
         let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let v4 = SocketAddr::from((self.addr.v4, self.addr.port));
+        let v6 = SocketAddr::from((self.addr.v6, self.addr.port));
         let mut tasks = JoinSet::new();
-        tasks.spawn(serve_udp(Arc::new(self.udp4), ctx.clone(), limit.clone()));
+        tasks.spawn(serve_udp(
+            Arc::new(self.udp4),
+            v4,
+            ctx.clone(),
+            limit.clone(),
+        ));
         if let Some(u) = self.udp6 {
-            tasks.spawn(serve_udp(Arc::new(u), ctx.clone(), limit.clone()));
+            tasks.spawn(serve_udp(Arc::new(u), v6, ctx.clone(), limit.clone()));
         }
-        tasks.spawn(serve_tcp(self.tcp4, ctx.clone(), limit.clone()));
+        tasks.spawn(serve_tcp(self.tcp4, v4, ctx.clone(), limit.clone()));
         if let Some(t) = self.tcp6 {
-            tasks.spawn(serve_tcp(t, ctx.clone(), limit.clone()));
+            tasks.spawn(serve_tcp(t, v6, ctx.clone(), limit.clone()));
         }
         tasks.spawn(sweep_forever(ctx.clone()));
         let mut stop = stop;
@@ -175,7 +183,13 @@ impl Resolver {
     }
 }
 
-async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, limit: Arc<Semaphore>) {
+/// Serves the UDP socket bound to `local`.
+async fn serve_udp(
+    sock: Arc<UdpSocket>,
+    local: SocketAddr,
+    ctx: Arc<DnsContext>,
+    limit: Arc<Semaphore>,
+) {
     let mut buf = vec![0u8; 65_535];
     loop {
         let (n, client) = match sock.recv_from(&mut buf).await {
@@ -191,7 +205,7 @@ async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, limit: Arc<Semaph
         let query = buf[..n].to_vec();
         let (sock, ctx) = (sock.clone(), ctx.clone());
         tokio::spawn(async move {
-            if let Some(reply) = handle(&ctx, &query, client, Transport::Udp).await
+            if let Some(reply) = handle(&ctx, &query, client, local, Transport::Udp).await
                 && let Err(e) = sock.send_to(&reply, client).await
             {
                 tracing::debug!("dns: cannot answer {client}: {e}");
@@ -201,7 +215,13 @@ async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<DnsContext>, limit: Arc<Semaph
     }
 }
 
-async fn serve_tcp(listener: TcpListener, ctx: Arc<DnsContext>, limit: Arc<Semaphore>) {
+/// Serves the TCP listener bound to `local`.
+async fn serve_tcp(
+    listener: TcpListener,
+    local: SocketAddr,
+    ctx: Arc<DnsContext>,
+    limit: Arc<Semaphore>,
+) {
     loop {
         let (stream, client) = match listener.accept().await {
             Ok(x) => x,
@@ -212,11 +232,17 @@ async fn serve_tcp(listener: TcpListener, ctx: Arc<DnsContext>, limit: Arc<Semap
             }
         };
         let (ctx, limit) = (ctx.clone(), limit.clone());
-        tokio::spawn(async move { tcp_client(stream, client, &ctx, &limit).await });
+        tokio::spawn(async move { tcp_client(stream, client, local, &ctx, &limit).await });
     }
 }
 
-async fn tcp_client(mut s: TcpStream, client: SocketAddr, ctx: &DnsContext, limit: &Semaphore) {
+async fn tcp_client(
+    mut s: TcpStream,
+    client: SocketAddr,
+    local: SocketAddr,
+    ctx: &DnsContext,
+    limit: &Semaphore,
+) {
     loop {
         let query = match tokio::time::timeout(TCP_IDLE, read_framed(&mut s)).await {
             Ok(Ok(Some(q))) => q,
@@ -225,7 +251,7 @@ async fn tcp_client(mut s: TcpStream, client: SocketAddr, ctx: &DnsContext, limi
         let Ok(_permit) = limit.acquire().await else {
             return;
         };
-        let Some(reply) = handle(ctx, &query, client, Transport::Tcp).await else {
+        let Some(reply) = handle(ctx, &query, client, local, Transport::Tcp).await else {
             return;
         };
         if write_framed(&mut s, &reply).await.is_err() {
@@ -234,11 +260,13 @@ async fn tcp_client(mut s: TcpStream, client: SocketAddr, ctx: &DnsContext, limi
     }
 }
 
-/// Answers one query; `None` when there is nothing to answer (not even a header).
+/// Answers one query from `client` to the resolver's `local` address; `None` when there is
+/// nothing to answer (not even a header).
 pub async fn handle(
     ctx: &DnsContext,
     query: &[u8],
     client: SocketAddr,
+    local: SocketAddr,
     transport: Transport,
 ) -> Option<Vec<u8>> {
     let policy = ctx.policy();
@@ -261,7 +289,7 @@ pub async fn handle(
         } => {
             Metrics::inc(&ctx.metrics.dns_queries);
             Metrics::inc(&ctx.metrics.dns_refused);
-            report_refused(ctx, &policy, &names, client, transport);
+            report_refused(ctx, &policy, &names, client, local, transport);
             if policy.mode != policy::Mode::Audit {
                 return Some(reply);
             }
@@ -328,10 +356,11 @@ fn report_refused(
     policy: &Policy,
     names: &[(String, String)],
     client: SocketAddr,
+    local: SocketAddr,
     transport: Transport,
 ) {
     let audit = policy.mode == policy::Mode::Audit;
-    let owner = attribution::owner_of(transport, client.port(), &ctx.cgroup);
+    let owner = attribution::owner_of(transport, local, client, &ctx.cgroup);
     for (name, qtype) in names {
         ctx.sink.emit(&Event::DnsRefused {
             ts: SystemTime::now(),

@@ -163,14 +163,15 @@ impl Resolver {
         let v4 = SocketAddr::from((self.addr.v4, self.addr.port));
         let v6 = SocketAddr::from((self.addr.v6, self.addr.port));
         let mut tasks = JoinSet::new();
-        tasks.spawn(serve_udp(
-            Arc::new(self.udp4),
-            v4,
-            ctx.clone(),
-            limit.clone(),
-        ));
-        if let Some(u) = self.udp6 {
-            tasks.spawn(serve_udp(Arc::new(u), v6, ctx.clone(), limit.clone()));
+        // One receive loop per CPU on each UDP socket: queries answered in the loop (cache
+        // hits, refusals) are spread over the runtime's threads without a task per query.
+        let loops = std::thread::available_parallelism().map_or(1, usize::from);
+        let udp =
+            std::iter::once((Arc::new(self.udp4), v4)).chain(self.udp6.map(|u| (Arc::new(u), v6)));
+        for (sock, local) in udp {
+            for _ in 0..loops {
+                tasks.spawn(serve_udp(sock.clone(), local, ctx.clone(), limit.clone()));
+            }
         }
         tasks.spawn(serve_tcp(self.tcp4, v4, ctx.clone(), limit.clone()));
         if let Some(t) = self.tcp6 {
@@ -199,13 +200,26 @@ async fn serve_udp(
                 continue;
             }
         };
+        // Answered here when no upstream is needed (refused names, cache hits, malformed
+        // queries): no task, no thread hop. Only a forwarded query gets a task of its own.
+        let pending = match screen_query(&ctx, &buf[..n], client, local, Transport::Udp) {
+            Step::Answer(reply) => {
+                if let Some(reply) = reply
+                    && let Err(e) = sock.send_to(&reply, client).await
+                {
+                    tracing::debug!("dns: cannot answer {client}: {e}");
+                }
+                continue;
+            }
+            Step::Forward(p) => p,
+        };
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
         };
         let query = buf[..n].to_vec();
         let (sock, ctx) = (sock.clone(), ctx.clone());
         tokio::spawn(async move {
-            if let Some(reply) = handle(&ctx, &query, client, local, Transport::Udp).await
+            if let Some(reply) = forward(&ctx, pending, &query, Transport::Udp).await
                 && let Err(e) = sock.send_to(&reply, client).await
             {
                 tracing::debug!("dns: cannot answer {client}: {e}");
@@ -269,14 +283,46 @@ pub async fn handle(
     local: SocketAddr,
     transport: Transport,
 ) -> Option<Vec<u8>> {
+    match screen_query(ctx, query, client, local, transport) {
+        Step::Answer(reply) => reply,
+        Step::Forward(pending) => forward(ctx, pending, query, transport).await,
+    }
+}
+
+/// What a query needs after screening.
+enum Step {
+    /// This answer now (`None`: nothing to answer, not even a header).
+    Answer(Option<Vec<u8>>),
+    /// The upstream's answer.
+    Forward(Pending),
+}
+
+/// A query on its way to the upstream.
+struct Pending {
+    policy: Arc<Policy>,
+    msg: Box<Message>,
+    key: cache::Key,
+    /// Refused names forwarded in audit mode are never cached.
+    cacheable: bool,
+}
+
+/// Everything that needs no upstream, synchronously: screening, refusals (with their event)
+/// and answers from the cache (with their grants).
+fn screen_query(
+    ctx: &DnsContext,
+    query: &[u8],
+    client: SocketAddr,
+    local: SocketAddr,
+    transport: Transport,
+) -> Step {
     let policy = ctx.policy();
     let mut cacheable = true;
     let msg = match screen::screen(query, &policy, &ctx.search) {
-        Screened::Drop => return None,
-        Screened::Reply(r) => return Some(r),
+        Screened::Drop => return Step::Answer(None),
+        Screened::Reply(r) => return Step::Answer(Some(r)),
         Screened::NxDomain(r) => {
             Metrics::inc(&ctx.metrics.dns_queries);
-            return Some(r);
+            return Step::Answer(Some(r));
         }
         Screened::Forward(msg) => {
             Metrics::inc(&ctx.metrics.dns_queries);
@@ -291,7 +337,7 @@ pub async fn handle(
             Metrics::inc(&ctx.metrics.dns_refused);
             report_refused(ctx, &policy, &names, client, local, transport);
             if policy.mode != policy::Mode::Audit {
-                return Some(reply);
+                return Step::Answer(Some(reply));
             }
             cacheable = false;
             query
@@ -301,9 +347,29 @@ pub async fn handle(
     let key = cache::Key::of(&msg, transport);
     if cacheable && let Some((reply, granted)) = ctx.answers.get(&key, msg.id(), Instant::now()) {
         // The addresses are granted again, for what remains of their TTL.
-        return grant_all(ctx, &policy, &msg, granted).map_or(Some(reply), Some);
+        return Step::Answer(grant_all(ctx, &policy, &msg, granted).map_or(Some(reply), Some));
     }
+    Step::Forward(Pending {
+        policy,
+        msg,
+        key,
+        cacheable,
+    })
+}
 
+/// Forwards a screened query and grants what the upstream answered before returning it.
+async fn forward(
+    ctx: &DnsContext,
+    pending: Pending,
+    query: &[u8],
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let Pending {
+        policy,
+        msg,
+        key,
+        cacheable,
+    } = pending;
     let answer = match upstream::exchange(&ctx.upstreams(), query, transport).await {
         Ok(a) => a,
         Err(e) => {

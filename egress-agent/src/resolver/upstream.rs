@@ -74,10 +74,12 @@ async fn udp(server: SocketAddr, q: &[u8], id: u16) -> anyhow::Result<Vec<u8>> {
     let sock = UdpSocket::bind(bind).await?;
     sock.connect(server).await?;
     sock.send(q).await?;
-    let mut buf = vec![0u8; MAX_UDP];
+    // Room for the largest datagram, not zeroed: `recv_buf` writes into spare capacity.
+    let mut buf = Vec::with_capacity(MAX_UDP);
     loop {
+        buf.clear();
         // A connected UDP socket only receives from `server`.
-        let n = sock.recv(&mut buf).await?;
+        let n = sock.recv_buf(&mut buf).await?;
         if n >= 12 && buf[..2] == id.to_be_bytes() && buf[2] & 0x80 != 0 {
             buf.truncate(n);
             return Ok(buf);

@@ -58,6 +58,11 @@ pub struct DenyRecord {
     /// The rule that almost allowed it (right address, wrong port or protocol), when any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub near_rule: Option<String>,
+    /// Present when this line stands for several identical denies (same process,
+    /// destination, port, protocol, hook, reason and verdict) within the last second: how
+    /// many, beyond the lines already written for it (see `throttle`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<u64>,
 }
 
 impl DenyRecord {
@@ -90,6 +95,7 @@ impl DenyRecord {
             verdict: if e.audited != 0 { "audit" } else { "deny" },
             host: None,
             near_rule: None,
+            repeats: None,
         }
     }
 

@@ -24,3 +24,4 @@ pub mod schema;
 pub mod seccomp;
 pub mod session;
 pub mod status;
+pub mod throttle;

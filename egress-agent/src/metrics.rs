@@ -38,12 +38,16 @@ pub const LATEST_KEPT: usize = 20;
 impl Metrics {
     /// Counts one deny event.
     pub fn deny(&self, reason: &str) {
-        *self
+        let mut by = self
             .denies_by_reason
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(reason.to_owned())
-            .or_default() += 1;
+            .unwrap_or_else(|p| p.into_inner());
+        match by.get_mut(reason) {
+            Some(n) => *n += 1,
+            None => {
+                by.insert(reason.to_owned(), 1);
+            }
+        }
     }
 
     /// Remembers a deny event line for `status`.

@@ -1,6 +1,10 @@
-//! Reads deny records from the kernel's ring buffer and writes them as event lines.
+//! Reads deny records from the kernel's ring buffer and writes them as event lines, within
+//! the bounds of [`crate::throttle`].
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
@@ -11,6 +15,7 @@ use crate::{
     metrics::Metrics,
     names::Names,
     resolver::DnsContext,
+    throttle::{Throttle, Untracked},
 };
 
 /// Forwards deny records to `sink` until `stop` turns true, then drains what is left, so a
@@ -27,51 +32,106 @@ pub async fn pump(
     // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, which deregisters it
     // before dropping it (the I/O-safety condition of `register`).
     let mut fd = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
+    let out = Out {
+        sink: &sink,
+        names: &names,
+        metrics: &metrics,
+        policy: &policy,
+    };
+    let mut throttle = Throttle::new(Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), boot_offset, &sink, &names, &metrics, &policy);
-                guard.clear_ready();
+                if drain(guard.get_inner_mut(), boot_offset, &out, &mut throttle, BATCH) {
+                    guard.clear_ready();
+                }
             }
+            _ = tick.tick() => out.summaries(&mut throttle, false),
             _ = stop.wait_for(|s| *s) => {
-                drain(fd.get_mut(), boot_offset, &sink, &names, &metrics, &policy);
+                // What is queued now, not a flood that goes on after the stop.
+                for _ in 0..16 {
+                    if drain(fd.get_mut(), boot_offset, &out, &mut throttle, BATCH) {
+                        break;
+                    }
+                }
+                out.summaries(&mut throttle, true);
                 return Ok(());
             }
         }
     }
 }
 
+/// Where deny lines go.
+struct Out<'a> {
+    sink: &'a EventSink,
+    names: &'a Names,
+    metrics: &'a Metrics,
+    policy: &'a DnsContext,
+}
+
+impl Out<'_> {
+    /// Names the host and the nearest rule, keeps the line for `status`, writes it.
+    fn write(&self, mut rec: DenyRecord) {
+        rec.host = self.names.lookup(&rec.dst);
+        if rec.reason == "port" {
+            rec.near_rule =
+                explain::nearest_rule(&self.policy.current_policy(), rec.dst, rec.host.as_deref());
+        }
+        if let Ok(v) = serde_json::to_value(&rec) {
+            self.metrics.remember(v);
+        }
+        if rec.verdict == "audit" {
+            self.sink.emit(&Event::Audit(&rec));
+        } else {
+            self.sink.emit(&Event::Deny(&rec));
+        }
+    }
+
+    /// Writes the lines for what the throttle held back, once a second (`force`: now).
+    fn summaries(&self, throttle: &mut Throttle, force: bool) {
+        let (held, Untracked(untracked)) = throttle.flush(Instant::now(), force);
+        for rec in held {
+            self.write(rec);
+        }
+        if untracked > 0 {
+            self.sink.emit(&Event::Warning {
+                ts: SystemTime::now(),
+                message: &format!(
+                    "{untracked} denies in the last second are not written as lines (more \
+                     distinct denies than the throttle tracks); the kernel counters count them"
+                ),
+            });
+        }
+    }
+}
+
+/// Records read per turn, so that a flood that keeps the ring full still lets the summaries
+/// (and the rest of the agent) run.
+const BATCH: usize = 4096;
+
+/// Reads at most `max` records; whether the ring is empty.
 fn drain(
     ring: &mut RingBuf<MapData>,
     boot_offset: Duration,
-    sink: &EventSink,
-    names: &Names,
-    metrics: &Metrics,
-    policy: &DnsContext,
-) {
-    while let Some(item) = ring.next() {
+    out: &Out,
+    throttle: &mut Throttle,
+    max: usize,
+) -> bool {
+    for _ in 0..max {
+        let Some(item) = ring.next() else {
+            return true;
+        };
         match DenyRecord::from_bytes(&item, boot_offset) {
-            Some(mut rec) => {
-                rec.host = names.lookup(&rec.dst);
-                if rec.reason == "port" {
-                    rec.near_rule = explain::nearest_rule(
-                        &policy.current_policy(),
-                        rec.dst,
-                        rec.host.as_deref(),
-                    );
-                }
-                metrics.deny(rec.reason);
-                if let Ok(v) = serde_json::to_value(&rec) {
-                    metrics.remember(v);
-                }
-                if rec.verdict == "audit" {
-                    sink.emit(&Event::Audit(&rec));
-                } else {
-                    sink.emit(&Event::Deny(&rec));
+            Some(rec) => {
+                out.metrics.deny(rec.reason);
+                if throttle.admit(&rec) {
+                    out.write(rec);
                 }
             }
             None => tracing::warn!("short record ({} bytes) in the events ring", item.len()),
         }
     }
+    false
 }

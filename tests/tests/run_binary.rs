@@ -243,3 +243,40 @@ fn sigterm_to_the_agent_stops_the_command_and_removes_the_cgroup() {
     assert_eq!(code, 143, "exit status after SIGTERM\n{}", run.output());
     assert_cleaned_up(&run, &ready, &before);
 }
+
+#[test]
+fn a_deny_flood_is_summarized_and_every_deny_is_counted() {
+    // 3,000 connects to one denied destination, as fast as python can: the first lines are
+    // written one by one, the rest summarized once a second with `repeats`, and the lines
+    // add up to every deny.
+    const N: u64 = 3000;
+    let netns = TestNetns::new();
+    let script = format!(
+        "import socket\nfor _ in range({N}):\n    s = socket.socket()\n    try:\n        \
+         s.connect(('198.51.100.20', 443))\n    except PermissionError:\n        pass\n    \
+         s.close()\n"
+    );
+    let mut run = AgentRun::builder(&netns, ALLOW_8080, &["python3", "-c", &script]).start();
+    assert_eq!(run.exit_code(), 0, "{}", run.output());
+    let lines = deny_lines(&run);
+    let total: u64 = lines
+        .iter()
+        .map(|l| l["repeats"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(total, N, "the lines stand for every deny\n{}", run.output());
+    assert!(
+        lines.len() < 200,
+        "{} lines for {N} identical denies: not summarized",
+        lines.len()
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["repeats"].as_u64().is_some_and(|r| r > 1)),
+        "a summary line carries repeats"
+    );
+    for l in &lines {
+        assert_eq!(l["dst"], "198.51.100.20", "{l}");
+        assert_eq!(l["port"], 443, "{l}");
+    }
+}

@@ -142,10 +142,8 @@ fn family_guard_load_error(e: aya::programs::ProgramError) -> anyhow::Error {
             if io_error.raw_os_error() == Some(libc::EPERM) =>
         {
             anyhow!(
-                "the kernel refuses to load BPF LSM programs (EPERM, even with every \
-                 capability: a locked-down kernel or a security module forbids them; \
-                 `bpftool feature probe kernel` then reports `program_type lsm is NOT \
-                 available`)"
+                "the kernel refuses to load BPF LSM programs (EPERM: it is locked down, or a \
+                 security module forbids them)"
             )
         }
         _ => anyhow::Error::new(e).context(

@@ -116,9 +116,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             &sink,
             &format!(
                 "the family guard (BPF LSM) cannot run here: {why}. The command's seccomp \
-                 filter refuses socket families other than unix, inet, inet6, netlink and alg \
-                 (AF_PACKET, AF_VSOCK, ...) instead; those attempts fail with EPERM but are \
-                 not reported as deny events"
+                 filter refuses the same socket families (AF_PACKET, AF_VSOCK, ...) instead, \
+                 without deny events"
             ),
         ),
     }

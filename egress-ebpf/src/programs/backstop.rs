@@ -80,15 +80,15 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
     let (addr, l4, l4_off, echo): (Addr, u8, usize, (u8, u8)) =
         match u16::from_be(ctx.skb.protocol() as u16) {
             ETH_P_IP => {
-                let vihl: u8 = ctx.load(0).map_err(|_| ())?;
-                let proto: u8 = ctx.load(9).map_err(|_| ())?;
-                let dst: [u8; 4] = ctx.load(16).map_err(|_| ())?;
-                let off = usize::from(vihl & 0x0f) * 4;
-                (addr_from_v4(dst), proto, off, (IPPROTO_ICMP, ICMP_ECHO))
+                let h: [u8; 20] = read(ctx, 0)?;
+                let dst = [h[16], h[17], h[18], h[19]];
+                let off = usize::from(h[0] & 0x0f) * 4;
+                (addr_from_v4(dst), h[9], off, (IPPROTO_ICMP, ICMP_ECHO))
             }
             ETH_P_IPV6 => {
-                let next: u8 = ctx.load(6).map_err(|_| ())?;
-                let dst: [u8; 16] = ctx.load(24).map_err(|_| ())?;
+                let h: [u8; 40] = read(ctx, 0)?;
+                let (next, mut dst) = (h[6], [0u8; 16]);
+                dst.copy_from_slice(&h[24..40]);
                 // An extension header before ICMPv6 leaves `next` at that header: dropped
                 // below as another protocol (a ping socket adds none unless asked to).
                 (dst, next, 40, (IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST))
@@ -98,12 +98,13 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
         };
     match l4 {
         IPPROTO_TCP => {
-            let flags: u8 = ctx.load(l4_off + 13).map_err(|_| ())?;
-            let (syn, ack) = (flags & 0x02 != 0, flags & 0x10 != 0);
+            // Ports, sequence and ack numbers, offset, flags.
+            let t: [u8; 14] = read(ctx, l4_off)?;
+            let (syn, ack) = (t[13] & 0x02 != 0, t[13] & 0x10 != 0);
             if !syn || ack {
                 return Ok(PASS);
             }
-            let port = u16::from_be(ctx.load::<u16>(l4_off + 2).map_err(|_| ())?);
+            let port = u16::from_be_bytes([t[2], t[3]]);
             let sk = full_socket(skb);
             if !sk.is_null() && judged(sk, &addr, port, IPPROTO_TCP) {
                 // connect4/6 allowed this very destination for this socket.
@@ -116,7 +117,8 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             if connected(sk, u32::from(IPPROTO_UDP)) {
                 return Ok(PASS);
             }
-            let port = u16::from_be(ctx.load::<u16>(l4_off + 2).map_err(|_| ())?);
+            let u: [u8; 4] = read(ctx, l4_off)?;
+            let port = u16::from_be_bytes([u[2], u[3]]);
             if !sk.is_null() && judged(sk, &addr, port, IPPROTO_UDP) {
                 // sendmsg4/6 allowed this very destination for this socket.
                 return Ok(PASS);
@@ -124,14 +126,33 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             Ok(judge(&addr, port, PROTO_UDP, IPPROTO_UDP))
         }
         proto if proto == echo.0 => {
-            let ty: u8 = ctx.load(l4_off).map_err(|_| ())?;
-            if ty != echo.1 {
+            // Type, code, checksum.
+            let i: [u8; 4] = read(ctx, l4_off)?;
+            if i[0] != echo.1 {
                 return Ok(drop_packet(&addr, 0, proto, reason::PROTOCOL));
             }
             Ok(judge_echo(skb, &addr, proto))
         }
         other => Ok(drop_packet(&addr, 0, other, reason::PROTOCOL)),
     }
+}
+
+/// Reads a `T` (a header: whole headers, not single bytes, so that the bounds check keeps
+/// the `pkt + len > pkt_end` form the verifier understands) at `off` bytes into the packet
+/// (its network header): straight from the linear data when it holds them, as it does for
+/// the headers of a locally built packet, else through the copying helper.
+#[inline(always)]
+fn read<T: Copy>(ctx: &SkBuffContext, off: usize) -> Result<T, ()> {
+    let skb = ctx.skb.skb;
+    // SAFETY: context fields the verifier turns into packet pointers; the read is bounds
+    // checked against `data_end` first, as the verifier requires.
+    unsafe {
+        let (start, end) = ((*skb).data as usize, (*skb).data_end as usize);
+        if start + off + core::mem::size_of::<T>() <= end {
+            return Ok(((start + off) as *const T).read_unaligned());
+        }
+    }
+    ctx.load(off).map_err(|_| ())
 }
 
 /// The packet's full socket, or null (a request socket, a time-wait socket, none).

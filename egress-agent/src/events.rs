@@ -101,13 +101,17 @@ impl DenyRecord {
 
     /// Decodes a ring-buffer item; `None` if it is not a whole [`DenyEvent`].
     pub fn from_bytes(bytes: &[u8], boot_offset: Duration) -> Option<Self> {
-        if bytes.len() < size_of::<DenyEvent>() {
-            return None;
-        }
-        // SAFETY: DenyEvent is plain old data of this size; read_unaligned needs no alignment.
-        let e = unsafe { bytes.as_ptr().cast::<DenyEvent>().read_unaligned() };
-        Some(Self::from_kernel(&e, boot_offset))
+        raw_event(bytes).map(|e| Self::from_kernel(&e, boot_offset))
     }
+}
+
+/// The kernel's record in a ring-buffer item; `None` if it is not a whole [`DenyEvent`].
+pub fn raw_event(bytes: &[u8]) -> Option<DenyEvent> {
+    if bytes.len() < size_of::<DenyEvent>() {
+        return None;
+    }
+    // SAFETY: DenyEvent is plain old data of this size; read_unaligned needs no alignment.
+    Some(unsafe { bytes.as_ptr().cast::<DenyEvent>().read_unaligned() })
 }
 
 /// The name of a `reason` code.

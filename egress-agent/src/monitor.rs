@@ -10,7 +10,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
-    events::{DenyRecord, Event, EventSink},
+    events::{DenyRecord, Event, EventSink, raw_event, reason_name},
     explain,
     metrics::Metrics,
     names::Names,
@@ -33,6 +33,7 @@ pub async fn pump(
     // before dropping it (the I/O-safety condition of `register`).
     let mut fd = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
     let out = Out {
+        boot_offset,
         sink: &sink,
         names: &names,
         metrics: &metrics,
@@ -65,6 +66,7 @@ pub async fn pump(
 
 /// Where deny lines go.
 struct Out<'a> {
+    boot_offset: Duration,
     sink: &'a EventSink,
     names: &'a Names,
     metrics: &'a Metrics,
@@ -92,7 +94,9 @@ impl Out<'_> {
     /// Writes the lines for what the throttle held back, once a second (`force`: now).
     fn summaries(&self, throttle: &mut Throttle, force: bool) {
         let (held, Untracked(untracked)) = throttle.flush(Instant::now(), force);
-        for rec in held {
+        for (e, repeats) in held {
+            let mut rec = DenyRecord::from_kernel(&e, self.boot_offset);
+            rec.repeats = Some(repeats);
             self.write(rec);
         }
         if untracked > 0 {
@@ -123,14 +127,13 @@ fn drain(
         let Some(item) = ring.next() else {
             return true;
         };
-        match DenyRecord::from_bytes(&item, boot_offset) {
-            Some(rec) => {
-                out.metrics.deny(rec.reason);
-                if throttle.admit(&rec) {
-                    out.write(rec);
-                }
-            }
-            None => tracing::warn!("short record ({} bytes) in the events ring", item.len()),
+        let Some(e) = raw_event(&item) else {
+            tracing::warn!("short record ({} bytes) in the events ring", item.len());
+            continue;
+        };
+        out.metrics.deny(reason_name(e.reason));
+        if throttle.admit(&e) {
+            out.write(DenyRecord::from_kernel(&e, boot_offset));
         }
     }
     false

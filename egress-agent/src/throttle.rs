@@ -10,11 +10,10 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
     time::{Duration, Instant},
 };
 
-use crate::events::DenyRecord;
+use egress_common::{Addr, DenyEvent};
 
 /// Lines per second for one distinct deny before it is summarized.
 pub const PER_KEY: u32 = 10;
@@ -24,28 +23,29 @@ pub const PER_SECOND: u32 = 1000;
 pub const MAX_KEYS: usize = 4096;
 const WINDOW: Duration = Duration::from_secs(1);
 
-/// What identifies "the same deny".
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// What identifies "the same deny", read off the kernel's record before anything is
+/// decoded (a flood costs no allocation per deny).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     pid: u32,
-    dst: IpAddr,
+    addr: Addr,
     port: u16,
-    proto: String,
-    hook: &'static str,
-    reason: &'static str,
-    verdict: &'static str,
+    ip_proto: u8,
+    hook: u8,
+    reason: u8,
+    audited: u8,
 }
 
 impl Key {
-    fn of(r: &DenyRecord) -> Self {
+    fn of(e: &DenyEvent) -> Self {
         Self {
-            pid: r.pid,
-            dst: r.dst,
-            port: r.port,
-            proto: r.proto.clone(),
-            hook: r.hook,
-            reason: r.reason,
-            verdict: r.verdict,
+            pid: e.pid,
+            addr: e.addr,
+            port: e.port,
+            ip_proto: e.ip_proto,
+            hook: e.hook,
+            reason: e.reason,
+            audited: e.audited,
         }
     }
 }
@@ -55,7 +55,7 @@ struct Seen {
     lines: u32,
     held: u64,
     /// The latest held-back record, written with `repeats` at the end of the second.
-    last: Option<DenyRecord>,
+    last: Option<DenyEvent>,
 }
 
 /// The throttle's state.
@@ -86,7 +86,7 @@ impl Throttle {
 
     /// Whether `rec` gets a line of its own; if not, it is counted. Call [`Throttle::flush`]
     /// first when a second may have passed.
-    pub fn admit(&mut self, rec: &DenyRecord) -> bool {
+    pub fn admit(&mut self, rec: &DenyEvent) -> bool {
         let key = Key::of(rec);
         let tracked = self.seen.len();
         let seen = match self.seen.get_mut(&key) {
@@ -111,27 +111,26 @@ impl Throttle {
             return true;
         }
         seen.held += 1;
-        seen.last = Some(rec.clone());
+        seen.last = Some(*rec);
         false
     }
 
-    /// When a second has passed since the window began (or `force`, at the end): the
-    /// summary lines for what was held back (each record carries `repeats`), and the count
-    /// held back without a record; then a new second begins.
-    pub fn flush(&mut self, now: Instant, force: bool) -> (Vec<DenyRecord>, Untracked) {
+    /// When a second has passed since the window began (or `force`, at the end): for each
+    /// deny held back, its latest record and how many identical ones it stands for; and the
+    /// count held back without a record; then a new second begins.
+    pub fn flush(&mut self, now: Instant, force: bool) -> (Vec<(DenyEvent, u64)>, Untracked) {
         if !force && now.duration_since(self.window_start) < WINDOW {
             return (Vec::new(), Untracked(0));
         }
         let mut out = Vec::new();
         for (_, s) in self.seen.drain() {
-            if let Some(mut rec) = s.last
+            if let Some(rec) = s.last
                 && s.held > 0
             {
-                rec.repeats = Some(s.held);
-                out.push(rec);
+                out.push((rec, s.held));
             }
         }
-        out.sort_by_key(|r| r.ts);
+        out.sort_by_key(|(r, _)| r.ts_ns);
         let untracked = Untracked(std::mem::take(&mut self.untracked));
         self.window_start = now;
         self.lines = 0;
@@ -141,28 +140,29 @@ impl Throttle {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
+    use egress_common::{
+        addr_from_v4,
+        events::{hook, reason},
+    };
 
     use super::*;
 
-    fn rec(pid: u32, port: u16) -> DenyRecord {
-        DenyRecord {
-            ts: SystemTime::UNIX_EPOCH,
-            proto: "tcp".into(),
-            dst: "198.51.100.20".parse().unwrap(),
-            port,
+    fn rec(pid: u32, port: u16) -> DenyEvent {
+        DenyEvent {
+            ts_ns: 0,
+            cgroup_id: 1,
             pid,
             tid: pid,
-            comm: "flood".into(),
             uid: 0,
             gid: 0,
-            cgroup: 1,
-            reason: "no-rule",
-            hook: "connect4",
-            verdict: "deny",
-            host: None,
-            near_rule: None,
-            repeats: None,
+            addr: addr_from_v4([198, 51, 100, 20]),
+            port,
+            ip_proto: 6,
+            hook: hook::CONNECT4,
+            reason: reason::NO_RULE,
+            audited: 0,
+            _pad: [0; 2],
+            comm: *b"flood\0\0\0\0\0\0\0\0\0\0\0",
         }
     }
 
@@ -177,8 +177,8 @@ mod tests {
         assert_eq!(t.flush(t0 + Duration::from_millis(500), false).0, vec![]);
         let (summary, untracked) = t.flush(t0 + WINDOW, false);
         assert_eq!(summary.len(), 1);
-        assert_eq!(summary[0].repeats, Some(1000 - u64::from(PER_KEY)));
-        assert_eq!(summary[0].port, 443);
+        assert_eq!(summary[0].1, 1000 - u64::from(PER_KEY));
+        assert_eq!(summary[0].0.port, 443);
         assert_eq!(untracked, Untracked(0));
         // A new second: lines again.
         assert!(t.admit(&rec(7, 443)));
@@ -198,7 +198,7 @@ mod tests {
         }
         assert_eq!(lines, u64::from(PER_SECOND), "the global bound holds");
         let (summary, Untracked(untracked)) = t.flush(t0 + WINDOW, false);
-        let repeats: u64 = summary.iter().map(|r| r.repeats.unwrap_or(1)).sum();
+        let repeats: u64 = summary.iter().map(|(_, n)| n).sum();
         assert_eq!(
             lines + repeats + untracked,
             total,

@@ -282,30 +282,38 @@ fn goals(report: &mut Report, rows: &[GoalRow]) {
     // The same goal read on UDP sendto, where the noise floor is low enough to see the hook.
     let udp: Vec<&GoalRow> = rows.iter().filter(|r| r.1.starts_with("UDP")).collect();
     if !udp.is_empty() {
-        let worst_udp = udp
-            .iter()
-            .map(|r| r.2.diff)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let noise_udp = udp
-            .iter()
-            .map(|r| r.4.diff.abs().max(r.4.iqr))
-            .fold(0.0, f64::max);
+        // Judged per size against that size's own noise floor.
+        let noise_of = |r: &GoalRow| r.4.diff.abs().max(r.4.iqr);
+        let over = udp.iter().any(|r| r.2.diff > 250.0 + noise_of(r));
+        let under = udp.iter().all(|r| r.2.diff <= 250.0);
         let text: Vec<String> = udp
             .iter()
-            .map(|r| format!("@{}: {} µs", r.0, us(r.2.diff)))
+            .map(|r| {
+                let nft = r.3.map_or(String::new(), |n| {
+                    format!(
+                        ", nftables {} µs = {:.1}× ours",
+                        us(n.diff),
+                        n.diff / r.2.diff.max(1.0)
+                    )
+                });
+                format!("@{}: {} µs ±{}{nft}", r.0, us(r.2.diff), us(noise_of(r)))
+            })
             .collect();
         report.goal(
             "(same hook, read on UDP sendto) ≤ 0.25 µs per call",
-            format!("{} (noise floor ±{} µs)", text.join(", "), us(noise_udp)),
-            if worst_udp <= 250.0 {
+            text.join("; "),
+            if under {
                 Some(true)
-            } else if worst_udp <= noise_udp {
-                None
-            } else {
+            } else if over {
                 Some(false)
+            } else {
+                None
             },
-            "sendmsg4 runs the same verdict function as connect4 (DNS-derived destination: \
-             both lookups); its batches are 20,000 calls of ~4 µs, so the noise is far lower"
+            "an unconnected send runs two programs: sendmsg4 (the verdict: a hash lookup for a \
+             DNS-derived destination, the trie only when that misses) and the egress backstop \
+             (which passes the datagram on the verdict its socket's hook remembered). Each Δ is \
+             judged against its own size's noise floor (±, the A/A pair); 20,000-call batches \
+             of ~4 µs keep that floor far below the TCP one"
                 .into(),
         );
     }

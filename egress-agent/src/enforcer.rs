@@ -98,6 +98,10 @@ pub struct EnforcerOptions {
     /// process (a killed agent leaves the cgroup closed, never open). `None`: links live as
     /// long as the [`Enforcer`].
     pub pin_dir: Option<PathBuf>,
+    /// Let the backstop pass a packet on the verdict its socket's hook remembered (socket
+    /// storage); `false`, or a kernel without socket storage for these programs, judges
+    /// every SYN and unconnected datagram again.
+    pub judged: bool,
 }
 
 impl Default for EnforcerOptions {
@@ -106,6 +110,7 @@ impl Default for EnforcerOptions {
             cidr_capacity: DEFAULT_CIDR_CAPACITY,
             dns_capacity: DEFAULT_DNS_CAPACITY,
             pin_dir: None,
+            judged: true,
         }
     }
 }
@@ -177,12 +182,35 @@ impl Enforcer {
     /// Loads the programs, writes `policy`'s static rules and mode, and attaches to the
     /// cgroup v2 directory `cgroup`.
     pub fn attach(cgroup: &Path, policy: &Policy, opts: &EnforcerOptions) -> anyhow::Result<Self> {
+        match Self::attach_with(cgroup, policy, opts, opts.judged) {
+            // Socket storage from cgroup sock_addr/skb programs came after our 5.8 floor: on a
+            // kernel without it the backstop judges every SYN and datagram in full instead.
+            Err(e) if opts.judged && format!("{e:#}").contains("sk_storage") => {
+                tracing::warn!(
+                    "this kernel offers no socket storage to cgroup programs: the backstop \
+                     judges every SYN and datagram again ({e:#})"
+                );
+                Self::attach_with(cgroup, policy, opts, false)
+            }
+            r => r,
+        }
+    }
+
+    /// [`Enforcer::attach`], with the backstop's per-socket shortcut (`JUDGED`) on or off.
+    fn attach_with(
+        cgroup: &Path,
+        policy: &Policy,
+        opts: &EnforcerOptions,
+        judged: bool,
+    ) -> anyhow::Result<Self> {
         crate::kernel::check()?;
         crate::caps::check()?;
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
+        let judged_on = u8::from(judged);
         let mut loader = EbpfLoader::new();
         loader
+            .override_global("JUDGED_ON", &judged_on, true)
             .map_max_entries(MAP_ALLOW_CIDR, opts.cidr_capacity)
             .map_max_entries(MAP_ALLOW_DNS, opts.dns_capacity);
         // With a pin directory, maps already pinned there (by an earlier agent of this name,

@@ -40,13 +40,18 @@ impl Sandbox {
 
     /// As [`Sandbox::new`], with extra top-level keys (e.g. `mode: audit`).
     fn with_header(header: &str, allow: &str) -> Self {
+        Self::with_options(header, allow, &EnforcerOptions::default())
+    }
+
+    /// As [`Sandbox::with_header`], with these enforcer options.
+    fn with_options(header: &str, allow: &str, opts: &EnforcerOptions) -> Self {
         require_root();
         let yaml = format!("version: 1\nname: test\n{header}allow:{allow}");
         let policy = policy::parse_str(&yaml, Path::new("test.yaml"))
             .unwrap_or_else(|e| panic!("test allowlist does not parse: {e}\n{yaml}"));
         let netns = TestNetns::new();
         let cg = TestCgroup::new();
-        let enf = Enforcer::attach(cg.path(), &policy, &EnforcerOptions::default())
+        let enf = Enforcer::attach(cg.path(), &policy, opts)
             .unwrap_or_else(|e| panic!("cannot attach to {}: {e:#}", cg.path().display()));
         Self {
             enf,
@@ -340,13 +345,39 @@ fn an_empty_allowlist_denies_everything() {
 
 #[test]
 fn allowed_destinations_are_reached_over_every_family_and_action() {
-    let mut sb = Sandbox::new(
+    reach_every_family_and_action(&EnforcerOptions::default());
+}
+
+#[test]
+fn without_socket_storage_the_backstop_judges_in_full_and_still_lets_allowed_traffic_through() {
+    // What a kernel without socket storage for cgroup programs gets: `JUDGED_ON` = 0, and the
+    // verifier must accept the programs with the storage calls pruned.
+    reach_every_family_and_action(&EnforcerOptions {
+        judged: false,
+        ..EnforcerOptions::default()
+    });
+    let mut sb = Sandbox::with_options(
+        "",
+        "\n  - ip: 127.0.0.1\n    ports: [8080]\n",
+        &EnforcerOptions {
+            judged: false,
+            ..EnforcerOptions::default()
+        },
+    );
+    sb.denied("udp-sendto", "198.51.100.20:8080");
+    sb.denied("tcp-connect", "198.51.100.20:8080");
+}
+
+fn reach_every_family_and_action(opts: &EnforcerOptions) {
+    let mut sb = Sandbox::with_options(
+        "",
         r#"
   - ip: 127.0.0.1
     ports: [8080]
   - ip: "::1"
     ports: [8080]
 "#,
+        opts,
     );
     let tcp4 = sb.tcp_listener("127.0.0.1:8080");
     let tcp6 = sb.tcp_listener("[::1]:8080");

@@ -29,9 +29,24 @@ pub struct Judged {
 #[btf_map]
 static JUDGED: SkStorage<Judged> = SkStorage::new();
 
+/// 0 where the kernel does not offer socket storage to these program types: the agent then
+/// loads the programs with this off, and the verifier, which knows read-only globals, never
+/// meets the helper calls.
+#[unsafe(no_mangle)]
+static JUDGED_ON: u8 = 1;
+
+#[inline(always)]
+fn on() -> bool {
+    // SAFETY: a read-only global the loader sets before loading.
+    unsafe { ptr::read_volatile(&raw const JUDGED_ON) != 0 }
+}
+
 /// Remembers that the hook of `ctx`'s socket allowed `addr`, `port` over `ip_proto`.
 #[inline(always)]
 pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) {
+    if !on() {
+        return;
+    }
     // SAFETY: the helper creates or finds the socket's entry; the verifier checks the pointer
     // is tested for null before use.
     unsafe {
@@ -48,6 +63,9 @@ pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) {
 /// Whether the socket `sk` (a full socket) last had `addr`, `port` over `ip_proto` allowed.
 #[inline(always)]
 pub fn judged(sk: *mut bpf_sock, addr: &Addr, port: u16, ip_proto: u8) -> bool {
+    if !on() {
+        return false;
+    }
     // SAFETY: `sk` is a full socket the caller got from `bpf_sk_fullsock` and checked for
     // null; the map pointer is the map's own definition, as for every map helper.
     unsafe {

@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// The grants file is rewritten at most this often (and only after a change).
-const GRANTS_EVERY: Duration = Duration::from_millis(200);
+const GRANTS_EVERY: Duration = Duration::from_millis(1000);
 
 /// What a session needs.
 pub struct SessionConfig {
@@ -166,10 +166,16 @@ impl Session {
         let mut written = None;
         write_grants(&cfg.name, &dns, &mut written);
         let addr = resolver.addr();
-        let mut tasks = vec![
-            tokio::spawn(keep_grants(cfg.name.clone(), dns.clone(), written)),
-            tokio::spawn(resolver.serve(dns.clone(), stop_rx.clone())),
-        ];
+        let mut tasks = vec![tokio::spawn(keep_grants(
+            cfg.name.clone(),
+            dns.clone(),
+            written,
+        ))];
+        let dns_thread = resolver.spawn(dns.clone(), stop_rx.clone())?;
+        // Done once the thread is: `stop` ends it.
+        tasks.push(tokio::task::spawn_blocking(move || {
+            let _ = dns_thread.join();
+        }));
         if let Some(root) = cfg.watch.clone() {
             tasks.push(tokio::spawn(reload::watch(
                 root,

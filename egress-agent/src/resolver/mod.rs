@@ -105,12 +105,13 @@ impl DnsContext {
     }
 }
 
-/// The bound sockets.
+/// The bound sockets (not yet registered with a runtime: [`Resolver::spawn`] serves them on
+/// a runtime of their own).
 pub struct Resolver {
-    udp4: UdpSocket,
-    udp6: Option<UdpSocket>,
-    tcp4: TcpListener,
-    tcp6: Option<TcpListener>,
+    udp4: std::net::UdpSocket,
+    udp6: Option<std::net::UdpSocket>,
+    tcp4: std::net::TcpListener,
+    tcp6: Option<std::net::TcpListener>,
     addr: ResolverAddr,
 }
 
@@ -120,7 +121,7 @@ impl Resolver {
     pub async fn bind() -> anyhow::Result<Self> {
         let mut last = None;
         for _ in 0..20 {
-            match Self::try_bind().await {
+            match Self::try_bind() {
                 Ok(r) => return Ok(r),
                 Err(e) => last = Some(e),
             }
@@ -130,15 +131,21 @@ impl Resolver {
             .context("cannot bind the DNS resolver on loopback"))
     }
 
-    async fn try_bind() -> anyhow::Result<Self> {
-        let udp4 = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    fn try_bind() -> anyhow::Result<Self> {
+        let udp4 = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
         let port = udp4.local_addr()?.port();
-        let tcp4 = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
-        let udp6 = UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).await.ok();
+        let tcp4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
+        let udp6 = std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, port)).ok();
         let tcp6 = match &udp6 {
-            Some(_) => Some(TcpListener::bind((Ipv6Addr::LOCALHOST, port)).await?),
+            Some(_) => Some(std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port))?),
             None => None,
         };
+        udp4.set_nonblocking(true)?;
+        tcp4.set_nonblocking(true)?;
+        if let (Some(u), Some(t)) = (&udp6, &tcp6) {
+            u.set_nonblocking(true)?;
+            t.set_nonblocking(true)?;
+        }
         Ok(Self {
             udp4,
             udp6,
@@ -152,35 +159,55 @@ impl Resolver {
         })
     }
 
+    /// Serves on a thread of its own, with a single-threaded runtime, until `stop` turns true
+    /// (or its sender is dropped). One thread receives a query, forwards it, grants the
+    /// answer and replies: no hand-off between the agent's worker threads, each of which is
+    /// a wake-up, the largest part of a forwarded query's latency on a small machine.
+    pub fn spawn(
+        self,
+        ctx: Arc<DnsContext>,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot build the resolver's runtime")?;
+        std::thread::Builder::new()
+            .name("egress-dns".into())
+            .spawn(move || {
+                if let Err(e) = rt.block_on(self.serve(ctx, stop)) {
+                    tracing::error!("dns: the resolver stopped: {e:#}");
+                }
+            })
+            .context("cannot start the resolver's thread")
+    }
+
     /// Where the programs must steer DNS.
     pub fn addr(&self) -> ResolverAddr {
         self.addr
     }
 
     /// Serves until `stop` turns true, sweeping expired grants as it goes.
-    pub async fn serve(self, ctx: Arc<DnsContext>, stop: watch::Receiver<bool>) {
+    async fn serve(self, ctx: Arc<DnsContext>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
         let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let v4 = SocketAddr::from((self.addr.v4, self.addr.port));
         let v6 = SocketAddr::from((self.addr.v6, self.addr.port));
         let mut tasks = JoinSet::new();
-        // One receive loop per CPU on each UDP socket: queries answered in the loop (cache
-        // hits, refusals) are spread over the runtime's threads without a task per query.
-        let loops = std::thread::available_parallelism().map_or(1, usize::from);
-        let udp =
-            std::iter::once((Arc::new(self.udp4), v4)).chain(self.udp6.map(|u| (Arc::new(u), v6)));
+        let udp = std::iter::once((self.udp4, v4)).chain(self.udp6.map(|u| (u, v6)));
         for (sock, local) in udp {
-            for _ in 0..loops {
-                tasks.spawn(serve_udp(sock.clone(), local, ctx.clone(), limit.clone()));
-            }
+            let sock = Arc::new(UdpSocket::from_std(sock)?);
+            tasks.spawn(serve_udp(sock, local, ctx.clone(), limit.clone()));
         }
-        tasks.spawn(serve_tcp(self.tcp4, v4, ctx.clone(), limit.clone()));
-        if let Some(t) = self.tcp6 {
-            tasks.spawn(serve_tcp(t, v6, ctx.clone(), limit.clone()));
+        let tcp = std::iter::once((self.tcp4, v4)).chain(self.tcp6.map(|t| (t, v6)));
+        for (listener, local) in tcp {
+            let listener = TcpListener::from_std(listener)?;
+            tasks.spawn(serve_tcp(listener, local, ctx.clone(), limit.clone()));
         }
         tasks.spawn(sweep_forever(ctx.clone()));
         let mut stop = stop;
         let _ = stop.wait_for(|s| *s).await;
         tasks.abort_all();
+        Ok(())
     }
 }
 

@@ -86,6 +86,10 @@ impl Session {
             }
         };
         enf.set_exempt_cgroup(cfg.exempt_cgroup)?;
+        // Loading parsed the kernel's BTF (several MiB, twice with the family guard): hand
+        // the freed heap back, so an idle agent stays small.
+        // SAFETY: glibc's malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         // Warnings follow the `ready` line, which is always the first.
         let mut warnings = Vec::new();
         let Some((ring, boot_offset)) = enf.take_events() else {

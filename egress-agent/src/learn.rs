@@ -20,8 +20,10 @@ pub const WILDCARD_SIBLINGS: usize = 3;
 /// Ports and protocols seen for one destination.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Use {
-    /// (protocol, port).
+    /// (protocol, port) of TCP and UDP.
     seen: BTreeSet<(String, u16)>,
+    /// ICMP echo requests (ping) went there.
+    icmp: bool,
 }
 
 /// What the command used, gathered from event lines.
@@ -43,19 +45,26 @@ impl Observed {
                     else {
                         continue;
                     };
-                    if !matches!(proto, "tcp" | "udp") {
+                    let icmp = matches!(proto, "icmp" | "icmpv6");
+                    // Events without a destination (a socket refused when created, a socket
+                    // family) make no rule.
+                    if !(icmp || matches!(proto, "tcp" | "udp"))
+                        || matches!(v["hook"].as_str(), Some("sock_create" | "socket_create"))
+                    {
                         continue;
                     }
-                    let key = (proto.to_owned(), port as u16);
-                    match v["host"].as_str() {
-                        Some(h) => {
-                            o.hosts.entry(h.to_owned()).or_default().seen.insert(key);
-                        }
-                        None => {
-                            if let Some(ip) = v["dst"].as_str().and_then(|d| d.parse().ok()) {
-                                o.ips.entry(ip).or_default().seen.insert(key);
-                            }
-                        }
+                    let dst: Option<IpAddr> = v["dst"].as_str().and_then(|d| d.parse().ok());
+                    let u = match v["host"].as_str() {
+                        Some(h) => o.hosts.entry(h.to_owned()).or_default(),
+                        None => match dst {
+                            Some(ip) if !ip.is_unspecified() => o.ips.entry(ip).or_default(),
+                            _ => continue,
+                        },
+                    };
+                    if icmp {
+                        u.icmp = true;
+                    } else {
+                        u.seen.insert((proto.to_owned(), port as u16));
                     }
                 }
                 Some("dns-refused") => {
@@ -117,7 +126,8 @@ pub fn render(
     // Names, grouped into wildcards where enough siblings used the same ports.
     let mut by_parent: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for (host, u) in &observed.hosts {
-        let Some((_, parent)) = host.split_once('.') else {
+        // Only TCP/UDP use is grouped; pings get their own rules.
+        let Some((_, parent)) = host.split_once('.').filter(|_| !u.seen.is_empty()) else {
             continue;
         };
         if parent.contains('.') {
@@ -156,6 +166,9 @@ pub fn render(
         in_wildcard.extend(names.iter().cloned());
     }
     for (host, u) in &observed.hosts {
+        if u.icmp {
+            rules.push(ping("host", host.clone(), Vec::new()));
+        }
         if in_wildcard.contains(host) || u.seen.is_empty() {
             continue;
         }
@@ -170,7 +183,10 @@ pub fn render(
     }
     // Names looked up but never connected to: their lookups must keep working.
     for q in &observed.looked_up {
-        let used = observed.hosts.get(q).is_some_and(|u| !u.seen.is_empty());
+        let used = observed
+            .hosts
+            .get(q)
+            .is_some_and(|u| !u.seen.is_empty() || u.icmp);
         if used || in_wildcard.contains(q) {
             continue;
         }
@@ -185,16 +201,21 @@ pub fn render(
         });
     }
     for (ip, u) in &observed.ips {
+        let review =
+            "REVIEW: IP literal, used without a DNS lookup; prefer a host name if it has one";
+        if u.icmp {
+            rules.push(ping("ip", ip.to_string(), vec![review.into()]));
+        }
+        if u.seen.is_empty() {
+            continue;
+        }
         let (ports, protocol) = ports_and_protocol(u);
         rules.push(Proposed {
             key: "ip".into(),
             value: ip.to_string(),
             ports,
             protocol,
-            comments: vec![
-                "REVIEW: IP literal, used without a DNS lookup; prefer a host name if it has one"
-                    .into(),
-            ],
+            comments: vec![review.into()],
         });
     }
 
@@ -229,11 +250,25 @@ pub fn render(
             let _ = writeln!(out, "  # {c}");
         }
         let _ = writeln!(out, "  - {}: {}", r.key, r.value);
-        let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
-        let _ = writeln!(out, "    ports: [{}]", ports.join(", "));
+        // An ICMP rule has no ports.
+        if r.protocol != "icmp" {
+            let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(out, "    ports: [{}]", ports.join(", "));
+        }
         let _ = writeln!(out, "    protocol: {}", r.protocol);
     }
     out
+}
+
+/// A rule for the echo requests (ping) seen to `value`.
+fn ping(key: &str, value: String, comments: Vec<String>) -> Proposed {
+    Proposed {
+        key: key.into(),
+        value,
+        ports: Vec::new(),
+        protocol: "icmp",
+        comments,
+    }
 }
 
 /// Ports and the protocol covering them (`any` when both were seen).
@@ -385,5 +420,39 @@ mod tests {
         assert!(y.contains("allow: []"), "{y}");
         let p = policy::parse_str(&y, Path::new("learned.yaml")).unwrap();
         assert!(p.rules.is_empty());
+    }
+
+    #[test]
+    fn pings_become_icmp_rules_and_sockets_without_a_destination_none() {
+        let y = learned(&[
+            r#"{"event":"audit","proto":"icmp","dst":"198.51.100.7","port":0,"hook":"connect4"}"#,
+            r#"{"event":"audit","proto":"icmpv6","dst":"2001:db8::7","port":0,"hook":"egress"}"#,
+            r#"{"event":"audit","proto":"icmp","dst":"198.51.100.10","port":0,"host":"api.example.com","hook":"connect4"}"#,
+            r#"{"event":"audit","proto":"tcp","dst":"198.51.100.10","port":443,"host":"api.example.com","hook":"connect4"}"#,
+            r#"{"event":"audit","proto":"icmp","dst":"::","port":0,"hook":"sock_create"}"#,
+            r#"{"event":"audit","proto":"af_packet","dst":"::","port":17,"hook":"socket_create"}"#,
+        ]);
+        assert!(
+            y.contains("  - ip: 198.51.100.7\n    protocol: icmp\n"),
+            "{y}"
+        );
+        assert!(
+            y.contains("  - ip: 2001:db8::7\n    protocol: icmp\n"),
+            "{y}"
+        );
+        assert!(
+            y.contains("  - host: api.example.com\n    protocol: icmp\n"),
+            "{y}"
+        );
+        assert!(
+            y.contains("  - host: api.example.com\n    ports: [443]\n    protocol: tcp\n"),
+            "{y}"
+        );
+        assert!(
+            !y.contains("ip: ::"),
+            "no rule for a socket without a destination: {y}"
+        );
+        let p = policy::parse_str(&y, Path::new("learned.yaml")).expect("the result parses");
+        assert_eq!(p.rules.len(), 4);
     }
 }

@@ -208,8 +208,11 @@ impl Enforcer {
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
         let judged_on = u8::from(judged);
+        // Parsed once: the loader's relocations and the family guard's hook both need it.
+        let btf = Btf::from_sys_fs().ok();
         let mut loader = EbpfLoader::new();
         loader
+            .btf(btf.as_ref())
             .override_global("JUDGED_ON", &judged_on, true)
             .map_max_entries(MAP_ALLOW_CIDR, opts.cidr_capacity)
             .map_max_entries(MAP_ALLOW_DNS, opts.dns_capacity);
@@ -337,7 +340,7 @@ impl Enforcer {
             .map_err(|e| anyhow!("{BACKSTOP_PROGRAM}: not a bpf_link: {e:?}"))?;
         let link = me.keep_link(BACKSTOP_PROGRAM, link)?;
         me.links.push(link);
-        if let Err(e) = me.attach_family_guard(&cgroup_dir) {
+        if let Err(e) = me.attach_family_guard(&cgroup_dir, btf.as_ref()) {
             me.family_guard = Some(format!("{e:#}"));
         } else if crate::kernel::bpf_lsm_active() == Some(false) {
             me.family_guard = Some(
@@ -351,14 +354,18 @@ impl Enforcer {
     }
 
     /// Loads and attaches the family guard, a BPF LSM cgroup program (kernel 6.0+).
-    fn attach_family_guard(&mut self, cgroup_dir: &fs::File) -> anyhow::Result<()> {
-        let btf = Btf::from_sys_fs().context("the kernel has no BTF (/sys/kernel/btf/vmlinux)")?;
+    fn attach_family_guard(
+        &mut self,
+        cgroup_dir: &fs::File,
+        btf: Option<&Btf>,
+    ) -> anyhow::Result<()> {
+        let btf = btf.context("the kernel has no BTF (/sys/kernel/btf/vmlinux)")?;
         let prog: &mut LsmCgroup = self
             ._ebpf
             .program_mut(FAMILY_PROGRAM)
             .ok_or_else(|| anyhow!("program {FAMILY_PROGRAM} missing from the eBPF object"))?
             .try_into()?;
-        if let Err(e) = prog.load("socket_create", &btf) {
+        if let Err(e) = prog.load("socket_create", btf) {
             return Err(family_guard_load_error(e));
         }
         let id = prog

@@ -198,16 +198,7 @@ impl AgentRun {
 
     /// Whether the agent is still running (records its status when it is not).
     pub fn running(&mut self) -> bool {
-        if self.status.is_some() {
-            return false;
-        }
-        match self.child.try_wait() {
-            Ok(Some(status)) => {
-                self.status = Some(status);
-                false
-            }
-            _ => true,
-        }
+        still_running(&mut self.child, &mut self.status)
     }
 
     /// Waits for the `ready` line; panics if the agent exits first or takes too long.
@@ -319,4 +310,18 @@ pub fn egress_cgroups() -> BTreeSet<String> {
 /// Where `egress-agent run` pins an instance's programs and maps.
 pub fn pin_dir(name: &str) -> PathBuf {
     Path::new("/sys/fs/bpf/egress").join(name)
+}
+
+/// Whether `child` still runs; records its exit status in `status` when it does not.
+pub(crate) fn still_running(child: &mut Child, status: &mut Option<ExitStatus>) -> bool {
+    if status.is_some() {
+        return false;
+    }
+    match child.try_wait() {
+        Ok(Some(s)) => {
+            *status = Some(s);
+            false
+        }
+        _ => true,
+    }
 }

@@ -372,16 +372,7 @@ impl AttachAgent {
 
     /// Whether the agent still runs (records its status when it does not).
     pub fn running(&mut self) -> bool {
-        if self.status.is_some() {
-            return false;
-        }
-        match self.child.try_wait() {
-            Ok(Some(s)) => {
-                self.status = Some(s);
-                false
-            }
-            _ => true,
-        }
+        crate::agent::still_running(&mut self.child, &mut self.status)
     }
 
     /// Waits for the `ready` line; panics if the agent exits first or takes too long.

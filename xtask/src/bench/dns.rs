@@ -9,7 +9,7 @@ use anyhow::Result;
 use super::{
     Ctx,
     report::{Report, Table},
-    sandbox::{Sandbox, Worker},
+    sandbox::{Answer, Sandbox, Worker},
     stats::{median, us},
 };
 use crate::cmd::Cmd;
@@ -118,23 +118,17 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<DnsOutcom
     );
     let mut p50s = std::collections::HashMap::<(String, String), (f64, f64)>::new();
     for kind in KINDS {
-        let mut runs: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); PATHS.len()];
-        for round in 0..ctx.dns_rounds {
-            // Rotate the order each round, so no path always runs first.
-            for k in 0..PATHS.len() {
-                let i = (k + round) % PATHS.len();
-                let w: &mut Worker = if PATHS[i] == "ours" {
-                    &mut enf
-                } else {
-                    &mut ctl
-                };
-                let a = w.ask(&format!(
-                    "dns-rate {}:53 {kind} {RATE_QPS} {RATE_MS}",
-                    target(PATHS[i])
-                ))?;
-                runs[i].push((a.f("p50"), a.f("p99"), a.f("lost"), a.f("rcode")));
-            }
-        }
+        let runs = each_path(ctx.dns_rounds, &mut enf, &mut ctl, |path| {
+            format!("dns-rate {}:53 {kind} {RATE_QPS} {RATE_MS}", target(path))
+        })?;
+        let runs: Vec<Vec<(f64, f64, f64, f64)>> = runs
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|a| (a.f("p50"), a.f("p99"), a.f("lost"), a.f("rcode")))
+                    .collect()
+            })
+            .collect();
         for (i, path) in PATHS.iter().enumerate() {
             let p50 = median(&runs[i].iter().map(|r| r.0).collect::<Vec<_>>());
             let p99 = median(&runs[i].iter().map(|r| r.1).collect::<Vec<_>>());
@@ -170,23 +164,16 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<DnsOutcom
     let mut qps = std::collections::HashMap::<(String, String), f64>::new();
     let mut agent_hwm_kb = 0;
     for kind in KINDS {
-        let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); PATHS.len()];
-        for round in 0..ctx.dns_rounds {
-            for k in 0..PATHS.len() {
-                let i = (k + round) % PATHS.len();
-                let w: &mut Worker = if PATHS[i] == "ours" {
-                    &mut enf
-                } else {
-                    &mut ctl
-                };
-                let a = w.ask(&format!(
-                    "dns-max {}:53 {kind} {WINDOW} {MAX_MS}",
-                    target(PATHS[i])
-                ))?;
-                runs[i].push((a.f("qps"), a.f("lost")));
-                agent_hwm_kb = agent_hwm_kb.max(super::rss_kb(agent_pid).1);
-            }
-        }
+        let runs = each_path(ctx.dns_rounds, &mut enf, &mut ctl, |path| {
+            // Sampled between runs: the agent's peak under load.
+            agent_hwm_kb = agent_hwm_kb.max(super::rss_kb(agent_pid).1);
+            format!("dns-max {}:53 {kind} {WINDOW} {MAX_MS}", target(path))
+        })?;
+        agent_hwm_kb = agent_hwm_kb.max(super::rss_kb(agent_pid).1);
+        let runs: Vec<Vec<(f64, f64)>> = runs
+            .iter()
+            .map(|r| r.iter().map(|a| (a.f("qps"), a.f("lost"))).collect())
+            .collect();
         for (i, path) in PATHS.iter().enumerate() {
             let q = median(&runs[i].iter().map(|r| r.0).collect::<Vec<_>>());
             let lost: f64 = runs[i].iter().map(|r| r.1).sum();
@@ -342,6 +329,25 @@ fn profile(sb: &mut Sandbox, enf: &mut Worker, agent_pid: u32, report: &mut Repo
         Err(e) => t.note(format!("perf did not run: {e:#}")),
     }
     report.tables.push(t);
+}
+
+/// Runs `command(path)` once per path and round, `ours` on `enf` and the others on `ctl`,
+/// rotating the order each round so that no path always runs first; the answers by path.
+fn each_path(
+    rounds: usize,
+    enf: &mut Worker,
+    ctl: &mut Worker,
+    mut command: impl FnMut(&str) -> String,
+) -> Result<Vec<Vec<Answer>>> {
+    let mut runs: Vec<Vec<Answer>> = PATHS.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for k in 0..PATHS.len() {
+            let i = (k + round) % PATHS.len();
+            let w: &mut Worker = if PATHS[i] == "ours" { enf } else { ctl };
+            runs[i].push(w.ask(&command(PATHS[i]))?);
+        }
+    }
+    Ok(runs)
 }
 
 fn rcode_name(r: u8) -> &'static str {

@@ -10,7 +10,7 @@ use egress_common::{
     keys::is_v4_mapped,
 };
 
-use super::{sock_addr::write_v6, verdict::count};
+use super::{addr::write_v6, verdict::count};
 use crate::maps::{CONFIG, DNS_ORIG};
 
 const IPPROTO_TCP: u32 = 6;

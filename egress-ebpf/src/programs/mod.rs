@@ -1,5 +1,6 @@
 //! Programs, named after their attach points.
 
+mod addr;
 mod backstop;
 mod dns;
 mod judged;

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use egress_common::{addr_from_v4, config::OrigDst};
 
 use super::{
+    addr::{read_v6, write_v6},
     dns::steering,
-    sock_addr::{read_v6, write_v6},
     verdict::exempt,
 };
 use crate::maps::DNS_ORIG;

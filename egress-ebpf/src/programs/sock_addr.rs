@@ -6,6 +6,7 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use egress_common::{Addr, addr_from_v4, events::hook};
 
 use super::{
+    addr::read_v6,
     dns::{is_dns, steer_v4, steer_v6, steering},
     judged,
     verdict::{Destination, audit_mode, decide, deny_on_error, exempt, port_of_proto},
@@ -97,48 +98,8 @@ fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) 
     Ok(verdict)
 }
 
-/// The IPv6 address in `user_ip6`, network byte order.
-#[inline(always)]
-pub fn read_v6(ctx: &SockAddrContext) -> Addr {
-    // SAFETY: as in `try_v4`.
-    let sa = unsafe { &*ctx.sock_addr };
-    // Four 4-byte loads: the verifier rejects wider or narrower access to `user_ip6`.
-    let w = [
-        sa.user_ip6[0],
-        sa.user_ip6[1],
-        sa.user_ip6[2],
-        sa.user_ip6[3],
-    ];
-    let (a, b, c, d) = (
-        w[0].to_ne_bytes(),
-        w[1].to_ne_bytes(),
-        w[2].to_ne_bytes(),
-        w[3].to_ne_bytes(),
-    );
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-        d[3],
-    ]
-}
-
 /// `user_port` holds the port in network byte order in its low 16 bits (as stored in memory).
 #[inline(always)]
 fn port_of(user_port: u32) -> u16 {
     u16::from_be(user_port as u16)
-}
-
-/// Writes an IPv6 destination (network byte order) and port (host order) into the context:
-/// four 4-byte stores, the only width the verifier accepts for `user_ip6`. Only the hooks
-/// that may rewrite the address call it (connect6, sendmsg6, recvmsg6, getpeername6).
-#[inline(always)]
-pub fn write_v6(ctx: &SockAddrContext, a: &Addr, port: u16) {
-    // SAFETY: the caller is a hook allowed to write `user_ip6[i]` and `user_port`.
-    unsafe {
-        let sa = &mut *ctx.sock_addr;
-        sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-        sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
-        sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
-        sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
-        sa.user_port = u32::from(port.to_be());
-    }
 }

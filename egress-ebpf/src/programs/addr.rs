@@ -1,0 +1,46 @@
+//! Reads and writes of the destination in a `cgroup/sock_addr` context, shared by the
+//! programs that judge it (`sock_addr`), steer it (`dns`) and restore it (`restore`), so no
+//! program module imports another.
+
+use aya_ebpf::programs::SockAddrContext;
+use egress_common::Addr;
+
+/// The IPv6 address in `user_ip6`, network byte order.
+#[inline(always)]
+pub fn read_v6(ctx: &SockAddrContext) -> Addr {
+    // SAFETY: the context of a sock_addr hook holds a valid `bpf_sock_addr`.
+    let sa = unsafe { &*ctx.sock_addr };
+    // Four 4-byte loads: the verifier rejects wider or narrower access to `user_ip6`.
+    let w = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// Writes an IPv6 destination (network byte order) and port (host order) into the context:
+/// four 4-byte stores, the only width the verifier accepts for `user_ip6`. Only the hooks
+/// that may rewrite the address call it (connect6, sendmsg6, recvmsg6, getpeername6).
+#[inline(always)]
+pub fn write_v6(ctx: &SockAddrContext, a: &Addr, port: u16) {
+    // SAFETY: the caller is a hook allowed to write `user_ip6[i]` and `user_port`.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+        sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+        sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        sa.user_port = u32::from(port.to_be());
+    }
+}

@@ -17,6 +17,26 @@ use crate::{
     policy, run, schema, session, status,
 };
 
+/// How the command of `run` and `learn` is confined, beyond the defaults.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfineArgs {
+    /// Let the command keep one of the capabilities confinement drops (repeatable). Each
+    /// one weakens enforcement, and the events say how. A command that would run as root
+    /// then runs as uid 65534 with the capability, not as root in a user namespace.
+    #[arg(long = "keep-cap", value_name = "CAP")]
+    keep_caps: Vec<Capability>,
+    /// Let the command use io_uring where the kernel cannot load the family guard (there,
+    /// io_uring can create sockets of any family, AF_VSOCK included, past the seccomp
+    /// filter; a warning says so). Elsewhere io_uring is always allowed.
+    #[arg(long)]
+    allow_io_uring: bool,
+    /// Pass this inherited file descriptor to the command (repeatable). Without it the
+    /// command gets stdin, stdout and stderr only: a socket the caller had open would carry
+    /// data past every hook.
+    #[arg(long = "pass-fd", value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
+    pass_fds: Vec<i32>,
+}
+
 /// Exit status of `check` for an invalid file and of `explain` for a denied destination.
 pub const EXIT_NO: u8 = 1;
 /// Exit status of a usage error (clap's) and of `explain` for an allowlist it cannot load.
@@ -86,10 +106,8 @@ pub enum Command {
         /// refused query is reported with verdict `audit`.
         #[arg(long)]
         audit: bool,
-        /// Let the command keep one of the capabilities confinement drops (repeatable). Each
-        /// one weakens enforcement, and the events say how.
-        #[arg(long = "keep-cap", value_name = "CAP")]
-        keep_caps: Vec<Capability>,
+        #[command(flatten)]
+        confine: ConfineArgs,
         /// The command and its arguments.
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -112,9 +130,8 @@ pub enum Command {
         /// Also append the event lines here (default: stderr).
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
-        /// As for run.
-        #[arg(long = "keep-cap", value_name = "CAP")]
-        keep_caps: Vec<Capability>,
+        #[command(flatten)]
+        confine: ConfineArgs,
         /// The command and its arguments.
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -286,7 +303,7 @@ pub fn main(cli: Cli) -> ExitCode {
             events,
             name,
             audit,
-            keep_caps,
+            confine,
             command,
         } => {
             let config = run::RunConfig {
@@ -295,7 +312,9 @@ pub fn main(cli: Cli) -> ExitCode {
                 events,
                 name,
                 audit,
-                keep_caps,
+                keep_caps: confine.keep_caps,
+                allow_io_uring: confine.allow_io_uring,
+                pass_fds: confine.pass_fds,
                 command,
             };
             run_command(config)
@@ -354,7 +373,7 @@ pub fn main(cli: Cli) -> ExitCode {
             output,
             allowlist,
             events,
-            keep_caps,
+            confine,
             command,
         } => run_command(run::RunConfig {
             allowlist,
@@ -362,7 +381,9 @@ pub fn main(cli: Cli) -> ExitCode {
             events,
             name: None,
             audit: true,
-            keep_caps,
+            keep_caps: confine.keep_caps,
+            allow_io_uring: confine.allow_io_uring,
+            pass_fds: confine.pass_fds,
             command,
         }),
     }

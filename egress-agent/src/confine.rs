@@ -105,11 +105,80 @@ pub struct Confinement {
     tmpfs_opts: CString,
     /// Built before the fork: the child may not allocate.
     seccomp: Vec<libc::sock_filter>,
+    /// What of the fresh /proc (and /sys) is made read-only or masked.
+    masks: Vec<Mask>,
+    /// For a command that would be root: the user namespace it runs in.
+    userns: Option<UserNamespace>,
+    /// Capabilities the command keeps (`--keep-cap`), carried through the identity change.
+    keep: Vec<Capability>,
+}
+
+/// The id a command that would run as root has outside its user namespace (`nobody`).
+pub const OUTSIDE_ID: u32 = 65534;
+
+/// Paths of the fresh /proc that container runtimes make read-only (runc's and podman's
+/// defaults): writes there reach the whole machine (`/proc/sys/kernel/core_pattern` runs a
+/// helper as root outside every sandbox, `/proc/sysrq-trigger` reboots it).
+const PROC_READ_ONLY: [&str; 6] = [
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/irq",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/asound",
+];
+
+/// Paths of the fresh /proc that runtimes mask (kernel memory, keys, timers, scheduler
+/// internals): files get /dev/null, directories an empty read-only tmpfs.
+const PROC_MASKED: [&str; 9] = [
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/latency_stats",
+    "/proc/acpi",
+    "/proc/scsi",
+    "/proc/kmsg",
+];
+
+/// One path of the command's /proc or /sys to cover.
+#[derive(Debug)]
+struct Mask {
+    target: CString,
+    how: MaskKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MaskKind {
+    /// A read-only bind of itself.
+    ReadOnly,
+    /// /dev/null bound over a file.
+    NullFile,
+    /// An empty read-only tmpfs over a directory.
+    EmptyDir,
+}
+
+/// The single-id maps of the user namespace a root command runs in: root inside,
+/// [`OUTSIDE_ID`] outside.
+#[derive(Debug)]
+struct UserNamespace {
+    uid_map: Vec<u8>,
+    gid_map: Vec<u8>,
 }
 
 impl Confinement {
     /// Reads the mount table and prepares the steps; `keep` are capabilities not to drop.
-    pub fn prepare(keep: &[Capability]) -> anyhow::Result<Self> {
+    /// `root_command`: the command would run as root (no invoking user to become): it runs as
+    /// root inside a user namespace of its own instead, [`OUTSIDE_ID`] outside, unless it keeps
+    /// capabilities, which only exist outside (it then runs as [`OUTSIDE_ID`] with them).
+    /// `allow_io_uring`: leave io_uring to the command even where the family guard cannot run
+    /// (see [`crate::seccomp::Rules::io_uring`]).
+    pub fn prepare(
+        keep: &[Capability],
+        root_command: bool,
+        allow_io_uring: bool,
+    ) -> anyhow::Result<Self> {
         let drop = DROPPED
             .iter()
             .map(|(c, _)| *c)
@@ -132,19 +201,67 @@ impl Confinement {
                 hide,
             });
         }
+        let userns = if root_command && keep.is_empty() {
+            user_namespaces_available()?;
+            let map = format!("0 {OUTSIDE_ID} 1\n").into_bytes();
+            Some(UserNamespace {
+                uid_map: map.clone(),
+                gid_map: map,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             drop,
             mounts,
             tmpfs: CString::from(c"tmpfs"),
             tmpfs_opts: CString::from(c"mode=0555"),
-            seccomp: crate::seccomp::filter(true),
+            seccomp: crate::seccomp::filter(crate::seccomp::Rules {
+                families: true,
+                io_uring: !allow_io_uring,
+            }),
+            masks: masks()?,
+            userns,
+            keep: keep.to_vec(),
         })
     }
 
+    /// Whether the command runs as root inside a user namespace of its own.
+    pub fn root_in_user_namespace(&self) -> bool {
+        self.userns.is_some()
+    }
+
+    /// What the command cannot write or read of the machine's kernel interfaces, for the
+    /// `ready` event and `status`.
+    pub fn protected(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .masks
+            .iter()
+            .map(|m| {
+                let path = m.target.to_string_lossy();
+                match m.how {
+                    MaskKind::ReadOnly => format!("{path} (read-only)"),
+                    _ => format!("{path} (masked)"),
+                }
+            })
+            .collect();
+        if self.userns.is_some() {
+            out.push(format!(
+                "root runs in a user namespace (uid {OUTSIDE_ID} outside): host files, sysctls \
+                 and devices owned by root are not writable"
+            ));
+        }
+        out
+    }
+
     /// Leaves socket families to the family guard (the BPF LSM program, which also reports
-    /// each refusal): the seccomp filter keeps only its `clone3` rule.
+    /// each refusal, and sees sockets io_uring creates too): the seccomp filter keeps its
+    /// `clone3` and terminal rules.
     pub fn leave_families_to_the_kernel(&mut self) {
-        self.seccomp = crate::seccomp::filter(false);
+        self.seccomp = crate::seccomp::filter(crate::seccomp::Rules {
+            families: false,
+            io_uring: false,
+        });
     }
 
     /// The capabilities this confinement drops.
@@ -205,29 +322,226 @@ impl Confinement {
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 std::ptr::null(),
             ))?;
-            for c in &self.drop {
-                check(libc::prctl(
-                    libc::PR_CAPBSET_DROP,
-                    c.0 as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ))?;
+            self.cover_kernel_interfaces()?;
+            if self.keep.is_empty() {
+                drop_capabilities(&self.drop)?;
+            } else {
+                // Kept capabilities must survive the identity change (restored in
+                // `keep_capabilities_in_child`).
+                check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
+                drop_capabilities(&self.drop)?;
             }
-            // The bounding set does not limit inheritable capabilities carried through exec:
-            // clear those too, and the ambient set.
-            check(libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ))?;
-            clear_inheritable(&self.drop)?;
         }
         Ok(())
     }
 
+    /// Makes the kernel's machine-wide knobs in the fresh /proc read-only or masked, and /sys
+    /// read-only (`/sys/kernel/uevent_helper` is another helper the kernel runs as root).
+    ///
+    /// # Safety
+    /// As for [`Confinement::apply_in_child`].
+    unsafe fn cover_kernel_interfaces(&self) -> io::Result<()> {
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        // SAFETY: raw syscalls with NUL-terminated strings prepared before the fork.
+        unsafe {
+            for m in &self.masks {
+                let t = m.target.as_ptr();
+                match m.how {
+                    MaskKind::ReadOnly => {
+                        check(libc::mount(
+                            t,
+                            t,
+                            std::ptr::null(),
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ))?;
+                        check(libc::mount(
+                            std::ptr::null(),
+                            t,
+                            std::ptr::null(),
+                            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | flags,
+                            std::ptr::null(),
+                        ))?;
+                    }
+                    MaskKind::NullFile => {
+                        check(libc::mount(
+                            c"/dev/null".as_ptr(),
+                            t,
+                            std::ptr::null(),
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ))?;
+                    }
+                    MaskKind::EmptyDir => {
+                        check(libc::mount(
+                            self.tmpfs.as_ptr(),
+                            t,
+                            self.tmpfs.as_ptr(),
+                            libc::MS_RDONLY | flags,
+                            self.tmpfs_opts.as_ptr().cast(),
+                        ))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After the identity change, for `--keep-cap`: the kept capabilities back in the
+    /// permitted, effective and inheritable sets and raised as ambient, so they survive `exec`
+    /// of an ordinary binary by a process that is not root.
+    ///
+    /// # Safety
+    /// As for [`Confinement::apply_in_child`].
+    pub unsafe fn keep_capabilities_in_child(&self) -> io::Result<()> {
+        if self.keep.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: capget/capset and prctl on this thread, no allocation.
+        unsafe {
+            set_kept(&self.keep)?;
+            for c in &self.keep {
+                check(libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    c.0 as libc::c_ulong,
+                    0,
+                    0,
+                ))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For a command that would be root: after the identity change to [`OUTSIDE_ID`], a user
+    /// namespace of its own where it is root. Created last, so the cgroup, mount and pid
+    /// namespaces and every mount above belong to the initial user namespace and its
+    /// capabilities reach none of them; outside it is [`OUTSIDE_ID`], so files, sysctls and
+    /// devices owned by the real root are not writable (sysctl writes are checked against the
+    /// global root uid, and a mount it makes in a new mount namespace cannot uncover what the
+    /// outer one locked).
+    ///
+    /// # Safety
+    /// As for [`Confinement::apply_in_child`].
+    pub unsafe fn enter_user_namespace_in_child(&self) -> io::Result<()> {
+        let Some(ns) = &self.userns else {
+            return Ok(());
+        };
+        // SAFETY: raw syscalls on buffers prepared before the fork.
+        unsafe {
+            // The id change made the process non-dumpable, which makes its /proc files root's:
+            // it could not write its own maps.
+            check(libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0))?;
+            check(libc::unshare(libc::CLONE_NEWUSER))?;
+            write_file(c"/proc/self/setgroups", b"deny")?;
+            write_file(c"/proc/self/uid_map", &ns.uid_map)?;
+            write_file(c"/proc/self/gid_map", &ns.gid_map)?;
+            // Root of the new namespace holds every capability in it; the same ones as
+            // outside stay out of its bounding set (they would act only on namespaces it
+            // creates itself, but there is no reason to hand them over).
+            drop_capabilities(&self.drop)?;
+        }
+        Ok(())
+    }
+}
+
+/// Errors early, with the reason, when this kernel gives no user namespaces.
+fn user_namespaces_available() -> anyhow::Result<()> {
+    let max = fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+    if max.trim() == "0" {
+        anyhow::bail!(
+            "a command that would run as root runs as root inside a user namespace (uid \
+             {OUTSIDE_ID} outside), and user.max_user_namespaces is 0 here: run egress-agent \
+             through sudo as the user the command should run as (it then runs as SUDO_UID)"
+        );
+    }
+    Ok(())
+}
+
+/// The masks that apply on this machine (the same kernel serves the child's fresh /proc).
+fn masks() -> anyhow::Result<Vec<Mask>> {
+    let mut out = Vec::new();
+    for p in PROC_READ_ONLY {
+        if fs::symlink_metadata(p).is_ok() {
+            out.push(Mask {
+                target: CString::new(p)?,
+                how: MaskKind::ReadOnly,
+            });
+        }
+    }
+    for p in PROC_MASKED {
+        if let Ok(m) = fs::symlink_metadata(p) {
+            out.push(Mask {
+                target: CString::new(p)?,
+                how: if m.is_dir() {
+                    MaskKind::EmptyDir
+                } else {
+                    MaskKind::NullFile
+                },
+            });
+        }
+    }
+    if fs::metadata("/sys/kernel").is_ok() {
+        out.push(Mask {
+            target: CString::new("/sys")?,
+            how: MaskKind::ReadOnly,
+        });
+    }
+    Ok(out)
+}
+
+/// Writes `data` to `path` with raw syscalls.
+///
+/// # Safety
+/// Async-signal-safe.
+unsafe fn write_file(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
+    // SAFETY: a valid path and buffer.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = libc::write(fd, data.as_ptr().cast(), data.len());
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n != data.len() as isize {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Drops `caps` from the bounding set, clears the ambient set and removes them from the
+/// inheritable set.
+///
+/// # Safety
+/// Async-signal-safe.
+unsafe fn drop_capabilities(caps: &[Capability]) -> io::Result<()> {
+    // SAFETY: plain prctl and capget/capset.
+    unsafe {
+        for c in caps {
+            check(libc::prctl(
+                libc::PR_CAPBSET_DROP,
+                c.0 as libc::c_ulong,
+                0,
+                0,
+                0,
+            ))?;
+        }
+        // The bounding set does not limit inheritable capabilities carried through exec:
+        // clear those too, and the ambient set.
+        check(libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ))?;
+        clear_inheritable(caps)
+    }
+}
+
+impl Confinement {
     /// Step 4, after the identity change.
     ///
     /// # Safety
@@ -393,8 +707,9 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Removes `caps` from the calling thread's inheritable set (capget/capset, no allocation).
-unsafe fn clear_inheritable(caps: &[Capability]) -> io::Result<()> {
+/// Changes the calling thread's capability sets: `change` gets the current ones (capget) and
+/// what it leaves is set (capset). No allocation.
+unsafe fn change_capabilities(change: impl FnOnce(&mut [CapData; 2])) -> io::Result<()> {
     let mut hdr = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
@@ -406,12 +721,48 @@ unsafe fn clear_inheritable(caps: &[Capability]) -> io::Result<()> {
     }; 2];
     // SAFETY: header and two data words as the v3 ABI wants.
     check(unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) } as libc::c_int)?;
-    for c in caps {
-        let (word, bit) = ((c.0 / 32) as usize, c.0 % 32);
-        data[word].inheritable &= !(1 << bit);
-    }
+    change(&mut data);
     // SAFETY: as above.
     check(unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) } as libc::c_int)
+}
+
+/// The (word, bit) of a capability in the v3 ABI's two data words.
+fn cap_bit(c: Capability) -> (usize, u32) {
+    ((c.0 / 32) as usize, 1 << (c.0 % 32))
+}
+
+/// Removes `caps` from the calling thread's inheritable set.
+unsafe fn clear_inheritable(caps: &[Capability]) -> io::Result<()> {
+    // SAFETY: forwarded.
+    unsafe {
+        change_capabilities(|data| {
+            for &c in caps {
+                let (word, bit) = cap_bit(c);
+                data[word].inheritable &= !bit;
+            }
+        })
+    }
+}
+
+/// Sets the permitted, effective and inheritable sets to exactly `caps`: what `--keep-cap`
+/// carries through the identity change.
+unsafe fn set_kept(caps: &[Capability]) -> io::Result<()> {
+    // SAFETY: forwarded.
+    unsafe {
+        change_capabilities(|data| {
+            *data = [CapData {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            }; 2];
+            for &c in caps {
+                let (word, bit) = cap_bit(c);
+                data[word].permitted |= bit;
+                data[word].effective |= bit;
+                data[word].inheritable |= bit;
+            }
+        })
+    }
 }
 
 /// The parts of a mountinfo line that matter here.

@@ -29,6 +29,16 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The unprivileged id a command that would be root runs as outside its user namespace
+    /// (see [`crate::confine::OUTSIDE_ID`]).
+    pub fn outside_root() -> Self {
+        Self {
+            uid: crate::confine::OUTSIDE_ID,
+            gid: crate::confine::OUTSIDE_ID,
+            groups: Vec::new(),
+        }
+    }
+
     /// The user who invoked `sudo` (`SUDO_UID`/`SUDO_GID`), when the agent runs as root
     /// through sudo; `None` otherwise (the command keeps the agent's identity).
     pub fn sudo_invoker() -> anyhow::Result<Option<Self>> {
@@ -115,6 +125,7 @@ pub fn spawn_in_cgroup(
     cgroup: &Path,
     identity: Option<&Identity>,
     confinement: Option<Arc<Confinement>>,
+    pass_fds: &[i32],
 ) -> anyhow::Result<Child> {
     let Some((program, args)) = argv.split_first() else {
         bail!("no command given");
@@ -126,6 +137,7 @@ pub fn spawn_in_cgroup(
         .with_context(|| format!("cannot open {}", procs_path.display()))?;
     let procs_fd = procs.as_raw_fd();
     let ident = identity.cloned();
+    let ranges = closed_ranges(pass_fds)?;
 
     let mut cmd = Command::new(program);
     cmd.args(args);
@@ -149,8 +161,13 @@ pub fn spawn_in_cgroup(
                 return Err(io::Error::last_os_error());
             }
             if let Some(c) = &confinement {
+                c.keep_capabilities_in_child()?;
+                c.enter_user_namespace_in_child()?;
                 c.seal_in_child()?;
             }
+            // Nothing inherited but stdio (and what `--pass-fd` names) reaches the command:
+            // a socket the caller had open to any address would carry data past every hook.
+            close_on_exec(&ranges)?;
             Ok(())
         });
     }
@@ -166,6 +183,70 @@ pub fn spawn_in_cgroup(
             message: format!("cannot run {shown}: {e}"),
         })
     })
+}
+
+/// The descriptor ranges to close at `exec`: everything from 3 up except `pass`.
+fn closed_ranges(pass: &[i32]) -> anyhow::Result<Vec<(u32, u32)>> {
+    let mut keep: Vec<u32> = Vec::new();
+    for &fd in pass {
+        // SAFETY: F_GETFD on any number is harmless.
+        if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            bail!("--pass-fd {fd}: no such open file descriptor");
+        }
+        keep.push(fd as u32);
+    }
+    keep.sort_unstable();
+    keep.dedup();
+    let mut ranges = Vec::new();
+    let mut from = 3u32;
+    for k in keep {
+        if k > from {
+            ranges.push((from, k - 1));
+        }
+        from = k + 1;
+    }
+    ranges.push((from, u32::MAX));
+    Ok(ranges)
+}
+
+/// Marks every descriptor in `ranges` close-on-exec, and clears the flag on the ones between
+/// (passed on purpose: the caller may have set it).
+///
+/// # Safety
+/// Async-signal-safe: raw syscalls only.
+unsafe fn close_on_exec(ranges: &[(u32, u32)]) -> io::Result<()> {
+    let mut prev_end: u32 = 2;
+    for &(lo, hi) in ranges {
+        for fd in prev_end + 1..lo {
+            // SAFETY: clearing FD_CLOEXEC on a descriptor `closed_ranges` checked.
+            unsafe { libc::fcntl(fd as i32, libc::F_SETFD, 0) };
+        }
+        prev_end = hi;
+        // SAFETY: close_range takes plain numbers; CLOSE_RANGE_CLOEXEC (Linux 5.11) keeps the
+        // exec-status pipe std reads working until the exec itself.
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, lo, hi, libc::CLOSE_RANGE_CLOEXEC) };
+        if rc != 0 {
+            // Before 5.11: one fcntl per open descriptor, up to the soft limit.
+            let mut lim: libc::rlimit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: a valid out-parameter.
+            let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+                lim.rlim_cur.min(1 << 20) as u32
+            } else {
+                1024
+            };
+            for fd in lo..=hi.min(max) {
+                // SAFETY: F_SETFD on any number is harmless.
+                unsafe { libc::fcntl(fd as i32, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+        }
+        if hi == u32::MAX {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// The command could not be started.

@@ -54,6 +54,10 @@ pub struct RunConfig {
     pub audit: bool,
     /// Capabilities confinement keeps (each weakens it; reported as a warning event).
     pub keep_caps: Vec<Capability>,
+    /// Leave io_uring to the command where the family guard cannot run.
+    pub allow_io_uring: bool,
+    /// Inherited descriptors passed to the command beside stdin, stdout and stderr.
+    pub pass_fds: Vec<i32>,
     /// The command and its arguments.
     pub command: Vec<OsString>,
 }
@@ -76,8 +80,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
              (try: sudo egress-agent run ...)"
         );
     }
-    let identity = Identity::sudo_invoker()?;
-    let mut confinement = Confinement::prepare(&config.keep_caps)?;
+    // No real root in the sandbox: a command that would be root runs as root inside a user
+    // namespace of its own, an unprivileged id outside (see `Confinement::prepare`).
+    let (identity, root_command) = match Identity::sudo_invoker()? {
+        Some(id) => (id, false),
+        None => (Identity::outside_root(), true),
+    };
+    let mut confinement =
+        Confinement::prepare(&config.keep_caps, root_command, config.allow_io_uring)?;
     // Installed before anything is created, so a signal during set-up still ends in teardown.
     let signals = SignalForwarder::install()?;
     let name = config
@@ -112,14 +122,31 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     match session.family_guard_missing() {
         // The BPF LSM program refuses them, and reports each attempt.
         None => confinement.leave_families_to_the_kernel(),
-        Some(why) => warn(
-            &sink,
-            &format!(
-                "the family guard (BPF LSM) cannot run here: {why}. The command's seccomp \
-                 filter refuses the same socket families (AF_PACKET, AF_VSOCK, ...) instead, \
-                 without deny events"
-            ),
-        ),
+        Some(why) => {
+            warn(
+                &sink,
+                &format!(
+                    "the family guard (BPF LSM) cannot run here: {why}. The command's seccomp \
+                     filter refuses the same socket families (AF_PACKET, AF_VSOCK, ...) \
+                     instead, without deny events{}",
+                    if config.allow_io_uring {
+                        ""
+                    } else {
+                        ", and refuses io_uring (ENOSYS), whose IORING_OP_SOCKET would create \
+                         sockets past that filter"
+                    }
+                ),
+            );
+            if config.allow_io_uring {
+                warn(
+                    &sink,
+                    "confinement weakened: --allow-io-uring lets the command create sockets of \
+                     any family through io_uring (IORING_OP_SOCKET, Linux 5.19+), past the \
+                     seccomp family filter: AF_VSOCK to the hypervisor's host needs no \
+                     capability",
+                );
+            }
+        }
     }
     let confinement = Arc::new(confinement);
     for cap in &config.keep_caps {
@@ -138,8 +165,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         None => launch::spawn_in_cgroup(
             &config.command,
             cg.path(),
-            identity.as_ref(),
+            Some(&identity),
             Some(confinement.clone()),
+            &config.pass_fds,
         )
         .map(Ok),
     };

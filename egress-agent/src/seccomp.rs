@@ -22,12 +22,20 @@ pub const ALLOWED_FAMILIES: [u32; 5] = [
 ];
 
 const SYS_CLONE3: u32 = 435;
+/// `io_uring_setup`, `io_uring_enter`, `io_uring_register`: the same numbers on every
+/// architecture (and the i386 entry points).
+const SYS_IO_URING: [u32; 3] = [425, 426, 427];
+/// `TIOCSTI` (push a byte into a terminal's input queue) and `TIOCLINUX` (its subcode 2 pastes
+/// the console selection): either types a command into the shell that started `run`.
+const TIOCSTI: u32 = 0x5412;
+const TIOCLINUX: u32 = 0x541c;
 
 /// System call numbers of the architecture the agent runs on.
 struct Abi {
     arch: u32,
     socket: u32,
     socketpair: u32,
+    ioctl: u32,
     /// Bits to clear from the number first (x32's flag).
     mask: u32,
 }
@@ -37,6 +45,7 @@ const NATIVE: Option<Abi> = Some(Abi {
     arch: 0xc000_003e,
     socket: 41,
     socketpair: 53,
+    ioctl: 16,
     mask: !0x4000_0000,
 });
 #[cfg(target_arch = "aarch64")]
@@ -44,6 +53,7 @@ const NATIVE: Option<Abi> = Some(Abi {
     arch: 0xc000_00b7,
     socket: 198,
     socketpair: 199,
+    ioctl: 29,
     mask: !0,
 });
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -56,6 +66,7 @@ const COMPAT: Option<(Abi, u32)> = Some((
         arch: 0x4000_0003,
         socket: 359,
         socketpair: 360,
+        ioctl: 54,
         mask: !0,
     },
     // socketcall
@@ -75,6 +86,9 @@ const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
 /// The low 32 bits of the first argument (little endian).
 const OFF_ARG0: u32 = 16;
+/// The low 32 bits of the second argument (an ioctl's request: the kernel reads it as an
+/// `unsigned int`).
+const OFF_ARG1: u32 = 24;
 
 const RET_ALLOW: u32 = 0x7fff_0000;
 const RET_ERRNO: u32 = 0x0005_0000;
@@ -89,27 +103,32 @@ enum Op {
     Label(&'static str),
 }
 
-/// The filter program; `families`: refuse socket families other than [`ALLOWED_FAMILIES`]
-/// (left out where the BPF LSM family guard runs: it refuses them too, and reports each).
-pub fn filter(families: bool) -> Vec<libc::sock_filter> {
+/// What the filter refuses beyond `clone3` and the terminal ioctls, which it always refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Socket families other than [`ALLOWED_FAMILIES`] (left out where the BPF LSM family
+    /// guard runs: it refuses them too, and reports each).
+    pub families: bool,
+    /// io_uring (`ENOSYS`, as on a kernel built without it, so programs fall back to plain
+    /// syscalls): `IORING_OP_SOCKET` creates sockets without `socket()`, out of the family
+    /// rule's sight, so it goes with the family rule unless `--allow-io-uring`.
+    pub io_uring: bool,
+}
+
+/// The filter program for `rules`.
+pub fn filter(rules: Rules) -> Vec<libc::sock_filter> {
     use Op::*;
     let enosys = RET_ERRNO | libc::ENOSYS as u32;
     let eperm = RET_ERRNO | libc::EPERM as u32;
     let mut ops = Vec::new();
-    let native = match NATIVE {
-        Some(n) if families => n,
-        _ => {
-            // No family rule (or an architecture without known numbers): clone3 only, whose
-            // number is the same on every architecture.
-            ops.extend([
-                Ld(OFF_NR),
-                JeqTo(SYS_CLONE3, "enosys"),
-                Ret(RET_ALLOW),
-                Label("enosys"),
-                Ret(enosys),
-            ]);
-            return assemble(&ops);
+    let Some(native) = NATIVE else {
+        // An architecture without known numbers: what has the same number everywhere.
+        ops.extend([Ld(OFF_NR), JeqTo(SYS_CLONE3, "enosys")]);
+        if rules.io_uring {
+            ops.extend(SYS_IO_URING.map(|nr| JeqTo(nr, "enosys")));
         }
+        ops.extend([Ret(RET_ALLOW), Label("enosys"), Ret(enosys)]);
+        return assemble(&ops);
     };
     ops.push(Ld(OFF_ARCH));
     ops.push(JeqTo(native.arch, "native"));
@@ -123,23 +142,18 @@ pub fn filter(families: bool) -> Vec<libc::sock_filter> {
     if native.mask != !0 {
         ops.push(And(native.mask));
     }
+    ops.extend(abi_rules(&native, None, rules));
+    if let Some((compat, socketcall)) = &COMPAT {
+        ops.extend([Label("compat"), Ld(OFF_NR)]);
+        ops.extend(abi_rules(compat, Some(*socketcall), rules));
+    }
     ops.extend([
-        JeqTo(SYS_CLONE3, "enosys"),
-        JeqTo(native.socket, "family"),
-        JeqTo(native.socketpair, "family"),
+        Label("ioctl"),
+        Ld(OFF_ARG1),
+        JeqTo(TIOCSTI, "eperm"),
+        JeqTo(TIOCLINUX, "eperm"),
         Ret(RET_ALLOW),
     ]);
-    if let Some((compat, socketcall)) = &COMPAT {
-        ops.extend([
-            Label("compat"),
-            Ld(OFF_NR),
-            JeqTo(SYS_CLONE3, "enosys"),
-            JeqTo(*socketcall, "eperm"),
-            JeqTo(compat.socket, "family"),
-            JeqTo(compat.socketpair, "family"),
-            Ret(RET_ALLOW),
-        ]);
-    }
     ops.push(Label("family"));
     ops.push(Ld(OFF_ARG0));
     for f in ALLOWED_FAMILIES {
@@ -154,6 +168,23 @@ pub fn filter(families: bool) -> Vec<libc::sock_filter> {
         Ret(RET_ALLOW),
     ]);
     assemble(&ops)
+}
+
+/// The checks on the system call number (in A) of one ABI.
+fn abi_rules(abi: &Abi, socketcall: Option<u32>, rules: Rules) -> Vec<Op> {
+    use Op::*;
+    let mut ops = vec![JeqTo(SYS_CLONE3, "enosys"), JeqTo(abi.ioctl, "ioctl")];
+    if rules.io_uring {
+        ops.extend(SYS_IO_URING.map(|nr| JeqTo(nr, "enosys")));
+    }
+    if rules.families {
+        if let Some(sc) = socketcall {
+            ops.push(JeqTo(sc, "eperm"));
+        }
+        ops.extend([JeqTo(abi.socket, "family"), JeqTo(abi.socketpair, "family")]);
+    }
+    ops.push(Ret(RET_ALLOW));
+    ops
 }
 
 /// Resolves labels (forward jumps only, as classic BPF requires).
@@ -203,6 +234,7 @@ mod tests {
                         OFF_NR => nr,
                         OFF_ARCH => arch,
                         OFF_ARG0 => arg0,
+                        OFF_ARG1 => arg0,
                         other => panic!("load of offset {other}"),
                     }
                 }
@@ -219,7 +251,10 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn x86_64_families_clone3_and_the_i386_entry_points() {
-        let p = filter(true);
+        let p = filter(Rules {
+            families: true,
+            io_uring: true,
+        });
         let (x86_64, i386) = (0xc000_003e, 0x4000_0003);
         let eperm = RET_ERRNO | libc::EPERM as u32;
         let enosys = RET_ERRNO | libc::ENOSYS as u32;
@@ -247,18 +282,48 @@ mod tests {
         assert_eq!(run(&p, x86_64, 42, 17), RET_ALLOW);
         assert_eq!(run(&p, x86_64, 102, 17), RET_ALLOW);
         assert_eq!(run(&p, 0x1234, 41, 17), RET_ALLOW, "an unknown ABI");
+        // The terminal ioctls, on both entry points; other ioctls pass.
+        for (arch, ioctl) in [(x86_64, 16), (i386, 54)] {
+            assert_eq!(run(&p, arch, ioctl, TIOCSTI), eperm, "TIOCSTI");
+            assert_eq!(run(&p, arch, ioctl, TIOCLINUX), eperm, "TIOCLINUX");
+            assert_eq!(run(&p, arch, ioctl, 0x5401), RET_ALLOW, "TCGETS");
+            for nr in SYS_IO_URING {
+                assert_eq!(run(&p, arch, nr, 0), enosys, "io_uring {nr}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn io_uring_is_refused_only_with_its_rule() {
+        let p = filter(Rules {
+            families: true,
+            io_uring: false,
+        });
+        for nr in SYS_IO_URING {
+            assert_eq!(run(&p, 0xc000_003e, nr, 0), RET_ALLOW, "io_uring {nr}");
+        }
+        assert_eq!(
+            run(&p, 0xc000_003e, 16, TIOCSTI),
+            RET_ERRNO | libc::EPERM as u32
+        );
     }
 
     #[test]
-    fn without_the_family_rule_only_clone3_is_refused() {
-        let p = filter(false);
-        assert_eq!(run(&p, 0, 435, 0), RET_ERRNO | libc::ENOSYS as u32);
-        assert_eq!(run(&p, 0, 41, 17), RET_ALLOW);
+    fn without_the_family_rule_sockets_pass() {
+        let p = filter(Rules {
+            families: false,
+            io_uring: false,
+        });
+        let arch = NATIVE.map_or(0, |n| n.arch);
+        assert_eq!(run(&p, arch, 435, 0), RET_ERRNO | libc::ENOSYS as u32);
+        assert_eq!(run(&p, arch, 41, 17), RET_ALLOW);
     }
 
     #[test]
     fn every_jump_lands_inside_the_program() {
-        for p in [filter(true), filter(false)] {
+        let all = [(true, true), (true, false), (false, true), (false, false)];
+        for p in all.map(|(families, io_uring)| filter(Rules { families, io_uring })) {
             for (pc, i) in p.iter().enumerate() {
                 if i.code == JEQ_K {
                     assert!(pc + 1 + usize::from(i.jt) < p.len());

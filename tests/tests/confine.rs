@@ -1425,8 +1425,10 @@ fn ordinary_commands_behave_as_before() {
     git(&["-C", bare_s, "update-server-info"]);
     let server = HttpServer::serve(&netns, "127.0.0.1:8080", site.path());
 
-    // Where the root command writes, and a file only its owner (65534) may read.
+    // Where the root command writes (root inside its user namespace is 65534 outside, so the
+    // directory is 65534's), and a file only its owner (65534) may read.
     let work = TestDir::new();
+    std::os::unix::fs::chown(work.path(), Some(65534), Some(65534)).expect("chown 65534");
     let secret = work.path().join("nobody-only");
     fs::write(&secret, "read by root\n").expect("secret");
     std::os::unix::fs::chown(&secret, Some(65534), Some(65534)).expect("chown 65534");
@@ -1444,7 +1446,7 @@ err=$(GIT_TERMINAL_PROMPT=0 GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null \
 echo "git_file=$(cat clone/README 2>&1)"
 err=$(echo written-by-root 2>&1 > written); echo "write=$? $err"
 echo "read_secret=$(cat nobody-only 2>&1)"
-err=$(chown 65534:65534 written 2>&1); echo "chown=$? $err"
+err=$(chown 0:0 written 2>&1); echo "chown=$? $err"
 echo "uid=$(id -u)"
 "#,
         python = python3(),
@@ -1452,6 +1454,9 @@ echo "uid=$(id -u)"
     let mut run = AgentRun::builder(&netns, ALLOW_8080, &["sh", "-c", &script])
         .current_dir(work.path())
         .env("EGRESS_CONFINE_VAR", "kept as it was")
+        // Root's own home (/root, mode 0700, the real root's) is out of reach of a root
+        // command, which is 65534 outside its user namespace.
+        .env("HOME", work.path())
         .start();
     assert_exit_0(&mut run);
     let ctx = || format!("{}\nserver saw: {:#?}", run.output(), server.requests());
@@ -1482,7 +1487,7 @@ echo "uid=$(id -u)"
         "{}",
         ctx()
     );
-    // Root stays root for ordinary files.
+    // Root stays root for ordinary files of its own (uid 0 inside, 65534 outside).
     assert_eq!(expect_value(&run, "uid"), "0", "{}", ctx());
     assert_eq!(expect_value(&run, "write").trim(), "0", "{}", ctx());
     assert_eq!(

@@ -169,7 +169,8 @@ fn run_denies_a_port_outside_the_rule_and_reports_it() {
     let netns = TestNetns::new();
     let listener = TcpListener::bind(&netns, "127.0.0.1:9090");
     let (run, ready, out) = run_probe(&netns, "127.0.0.1:9090", &[]);
-    check_deny(&run, &ready, &out, "127.0.0.1", 9090, 0);
+    // A command that would be root is root only in its own user namespace: 65534 outside.
+    check_deny(&run, &ready, &out, "127.0.0.1", 9090, 65534);
     assert_eq!(deny_lines(&run)[0]["reason"], "port");
     assert_eq!(listener.received(), 0, "the denied port received data");
 }
@@ -178,17 +179,18 @@ fn run_denies_a_port_outside_the_rule_and_reports_it() {
 fn run_denies_an_unlisted_address_and_reports_it() {
     let netns = TestNetns::new();
     let (run, ready, out) = run_probe(&netns, "198.51.100.20:443", &[]);
-    check_deny(&run, &ready, &out, "198.51.100.20", 443, 0);
+    check_deny(&run, &ready, &out, "198.51.100.20", 443, 65534);
     assert_eq!(deny_lines(&run)[0]["reason"], "no-rule");
 }
 
 #[test]
 fn run_drops_the_command_to_the_sudo_invoker() {
     let netns = TestNetns::new();
-    let nobody = [("SUDO_UID", "65534"), ("SUDO_GID", "65534")];
-    let (run, ready, out) = run_probe(&netns, "198.51.100.20:443", &nobody);
-    check_deny(&run, &ready, &out, "198.51.100.20", 443, 65534);
-    assert_eq!(deny_lines(&run)[0]["gid"], 65534);
+    // An id of its own, not 65534 (what a root command is outside its user namespace).
+    let user = [("SUDO_UID", "4242"), ("SUDO_GID", "4243")];
+    let (run, ready, out) = run_probe(&netns, "198.51.100.20:443", &user);
+    check_deny(&run, &ready, &out, "198.51.100.20", 443, 4242);
+    assert_eq!(deny_lines(&run)[0]["gid"], 4243);
 }
 
 #[test]

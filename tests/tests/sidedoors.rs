@@ -1,0 +1,430 @@
+//! Side doors out of `run` (issue #20) that are not sockets: a command that would run as root
+//! must not reach the machine's kernel knobs or host files that run later outside the sandbox.
+//!
+//! No test here changes a machine-wide setting: a kernel knob is only *opened* for writing
+//! (which is where the kernel checks permission) and closed without a byte written, and only
+//! after `access(W_OK)` from inside said no; a host file is created only under a unique name
+//! and removed at once if the confinement failed to stop it. From outside, the same paths are
+//! first shown writable to root (the control), so a refusal inside is the confinement's.
+//!
+//! Run as root, after `cargo build -p egress-agent`:
+//! `cargo test -p egress-tests --test sidedoors -- --test-threads=1`.
+
+use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::Path, time::Duration};
+
+use egress_tests::{AgentRun, TcpListener, TestDir, TestNetns, unique_name, world::python3};
+
+/// Allows only 127.0.0.1 port 8080.
+const ALLOW_8080: &str =
+    "version: 1\nname: sidedoors-test\nallow:\n  - ip: 127.0.0.1\n    ports: [8080]\n";
+
+/// Kernel knobs that reach the whole machine: `core_pattern` (`|helper` runs a helper as
+/// root in the root cgroup on the next crash), a network sysctl, the sysrq trigger, the
+/// uevent helper.
+const KNOBS: [&str; 4] = [
+    "/proc/sys/kernel/core_pattern",
+    "/proc/sys/net/ipv4/ip_forward",
+    "/proc/sysrq-trigger",
+    "/sys/kernel/uevent_helper",
+];
+
+/// Host directories whose files run later as root, outside the sandbox.
+const HOST_DIRS: [&str; 3] = ["/etc/cron.d", "/usr/local/bin", "/root"];
+
+/// The command: for each knob, `access(W_OK)` and an `O_WRONLY` open (closed unwritten,
+/// never opened if access said yes: a bug then shows without touching the knob); for each
+/// host directory, an exclusive create under a unique name (removed at once if it
+/// succeeded); then who it is, and ordinary work: a file in /tmp and a connection to the
+/// allowed listener.
+const SCRIPT: &str = r#"
+import os, socket, sys
+knobs, dirs, name = sys.argv[1].split(","), sys.argv[2].split(","), sys.argv[3]
+for k in knobs:
+    if not os.path.exists(k):
+        print(f"knob {k}=absent", flush=True)
+        continue
+    if os.access(k, os.W_OK):
+        print(f"knob {k}=writable", flush=True)
+        continue
+    try:
+        fd = os.open(k, os.O_WRONLY)
+        os.close(fd)
+        print(f"knob {k}=opened", flush=True)
+    except OSError as e:
+        print(f"knob {k}=refused {e.errno}", flush=True)
+for d in dirs:
+    p = os.path.join(d, name)
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.close(fd)
+        os.unlink(p)
+        print(f"dir {d}=created", flush=True)
+    except OSError as e:
+        print(f"dir {d}=refused {e.errno}", flush=True)
+print(f"uid={os.getuid()}", flush=True)
+print(f"uid_map={open('/proc/self/uid_map').read().split()}", flush=True)
+tmp = f"/tmp/{name}"
+with open(tmp, "w") as f:
+    f.write("ok")
+os.unlink(tmp)
+print("tmp=ok", flush=True)
+s = socket.create_connection(("127.0.0.1", 8080), timeout=5)
+s.sendall(b"ordinary work")
+s.close()
+print("connect=ok", flush=True)
+"#;
+
+fn value(out: &str, key: &str) -> Option<String> {
+    out.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|r| r.strip_prefix('='))
+            .map(str::to_owned)
+    })
+}
+
+fn expect_value(run: &AgentRun, key: &str) -> String {
+    value(&run.stdout(), key)
+        .unwrap_or_else(|| panic!("the command printed no {key}=...\n{}", run.output()))
+}
+
+/// Whether root outside the sandbox may write `path` (the control).
+fn writable_outside(path: &str) -> bool {
+    let c = CString::new(Path::new(path).as_os_str().as_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// Runs [`SCRIPT`] under `run` as root (`args` before the `--`), checks every knob and host
+/// directory refused and the ordinary work done; returns the run.
+fn root_command(args: &[&str]) -> AgentRun {
+    let netns = TestNetns::new();
+    let listener = TcpListener::bind(&netns, "127.0.0.1:8080");
+    let name = unique_name();
+    let work = TestDir::new();
+    let mut b = AgentRun::builder(
+        &netns,
+        ALLOW_8080,
+        &[
+            python3(),
+            "-c",
+            SCRIPT,
+            &KNOBS.join(","),
+            &HOST_DIRS.join(","),
+            &name,
+        ],
+    )
+    .current_dir(work.path());
+    for a in args {
+        b = b.arg(a);
+    }
+    let mut run = b.start();
+    let status = run.wait();
+    assert!(status.success(), "the command failed\n{}", run.output());
+    for k in KNOBS {
+        let got = expect_value(&run, &format!("knob {k}"));
+        if got == "absent" {
+            continue;
+        }
+        assert!(
+            writable_outside(k),
+            "control: root outside cannot write {k} either, so the test proves nothing"
+        );
+        assert!(
+            got.starts_with("refused"),
+            "{k} is reachable from inside: {got}\n{}",
+            run.output()
+        );
+    }
+    for d in HOST_DIRS {
+        assert!(
+            writable_outside(d),
+            "control: root outside cannot write {d}"
+        );
+        let got = expect_value(&run, &format!("dir {d}"));
+        assert!(
+            got.starts_with("refused"),
+            "a root command created a file in {d}: {got}\n{}",
+            run.output()
+        );
+        assert!(
+            !Path::new(d).join(&name).exists(),
+            "{d}/{name} is left behind"
+        );
+    }
+    assert_eq!(expect_value(&run, "tmp"), "ok", "{}", run.output());
+    assert_eq!(expect_value(&run, "connect"), "ok", "{}", run.output());
+    assert!(
+        listener.wait_received(1, Duration::from_secs(5)),
+        "the allowed listener got nothing\n{}",
+        run.output()
+    );
+    assert_eq!(listener.payloads(), vec![b"ordinary work".to_vec()]);
+    run
+}
+
+#[test]
+fn a_root_command_is_root_only_in_its_own_user_namespace() {
+    let run = root_command(&[]);
+    // Root inside: what programs that check for root see.
+    assert_eq!(expect_value(&run, "uid"), "0", "{}", run.output());
+    // 65534 outside.
+    assert_eq!(
+        expect_value(&run, "uid_map"),
+        "['0', '65534', '1']",
+        "{}",
+        run.output()
+    );
+}
+
+#[test]
+fn a_root_command_that_keeps_a_capability_runs_unprivileged_with_it() {
+    let run = root_command(&["--keep-cap", "CAP_NET_RAW"]);
+    // Kept capabilities exist only outside a user namespace: the command is not root there.
+    assert_eq!(expect_value(&run, "uid"), "65534", "{}", run.output());
+}
+
+#[test]
+fn a_user_command_cannot_reach_the_kernel_knobs_either() {
+    let netns = TestNetns::new();
+    let mut run = AgentRun::builder(
+        &netns,
+        ALLOW_8080,
+        &[
+            "sh",
+            "-c",
+            "for f in /proc/sys /proc/sysrq-trigger /sys; do \
+             if [ ! -e $f ]; then echo \"$f=absent\"; \
+             elif grep -q \" $f .*[ ,]ro[ ,]\" /proc/self/mounts; then echo \"$f=ro\"; \
+             else echo \"$f=rw\"; fi; done",
+        ],
+    )
+    .env("SUDO_UID", "65534")
+    .env("SUDO_GID", "65534")
+    .start();
+    assert!(run.wait().success(), "{}", run.output());
+    for m in ["/proc/sys", "/proc/sysrq-trigger", "/sys"] {
+        // Absent where the kernel lacks it (no CONFIG_MAGIC_SYSRQ here).
+        let want = if Path::new(m).exists() {
+            "ro"
+        } else {
+            "absent"
+        };
+        assert_eq!(
+            expect_value(&run, m),
+            want,
+            "{m} is not mounted read-only for the command\n{}",
+            run.output()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Descriptors, io_uring and the terminal
+
+/// The command writes `leak` to descriptor `fd` and prints `write=ok` or `write=<errno>`.
+const WRITE_FD: &str = r#"
+import os, sys
+try:
+    os.write(int(sys.argv[1]), b"leak")
+    print("write=ok", flush=True)
+except OSError as e:
+    print(f"write={e.errno}", flush=True)
+"#;
+
+/// A connected TCP socket to `listener` (in the test's namespace, at an address no rule
+/// allows), inheritable (no close-on-exec), as a caller's shell might have had it open.
+fn inheritable_connection(netns: &TestNetns, listener: &TcpListener) -> std::net::TcpStream {
+    let addr = listener.addr();
+    let s = netns
+        .run_in(|| std::net::TcpStream::connect(addr))
+        .expect("connect to the listener");
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: clearing FD_CLOEXEC on a descriptor we own.
+    assert_eq!(unsafe { libc::fcntl(s.as_raw_fd(), libc::F_SETFD, 0) }, 0);
+    s
+}
+
+#[test]
+fn an_inherited_socket_does_not_reach_the_command() {
+    use std::os::fd::AsRawFd as _;
+    let netns = TestNetns::new();
+    let listener = TcpListener::bind(&netns, "127.0.0.1:9999");
+    let conn = inheritable_connection(&netns, &listener);
+    let fd = conn.as_raw_fd().to_string();
+    let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", WRITE_FD, &fd]).start();
+    assert!(run.wait().success(), "{}", run.output());
+    assert_eq!(
+        expect_value(&run, "write"),
+        libc::EBADF.to_string(),
+        "the command wrote to the caller's socket (fd {fd})\n{}",
+        run.output()
+    );
+    // Closing our end ends the connection: the listener records what it got, which must be
+    // nothing.
+    drop(conn);
+    assert!(listener.wait_received(1, Duration::from_secs(5)));
+    assert_eq!(
+        listener.payloads(),
+        vec![Vec::<u8>::new()],
+        "the listener got data"
+    );
+}
+
+#[test]
+fn pass_fd_passes_one_descriptor_on_purpose() {
+    use std::os::fd::AsRawFd as _;
+    let netns = TestNetns::new();
+    let listener = TcpListener::bind(&netns, "127.0.0.1:9999");
+    let conn = inheritable_connection(&netns, &listener);
+    let fd = conn.as_raw_fd().to_string();
+    let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", WRITE_FD, &fd])
+        .arg("--pass-fd")
+        .arg(&fd)
+        .start();
+    assert!(run.wait().success(), "{}", run.output());
+    assert_eq!(expect_value(&run, "write"), "ok", "{}", run.output());
+    drop(conn);
+    assert!(listener.wait_received(1, Duration::from_secs(5)));
+    assert_eq!(listener.payloads(), vec![b"leak".to_vec()]);
+}
+
+/// `io_uring_setup(4, params)`: prints `setup=ok` or `setup=<errno>`.
+const IO_URING_SETUP: &str = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)
+fd = libc.syscall(425, 4, params)
+if fd >= 0:
+    os.close(fd)
+    print("setup=ok", flush=True)
+else:
+    print(f"setup={ctypes.get_errno()}", flush=True)
+"#;
+
+#[test]
+fn io_uring_is_refused_where_the_family_guard_cannot_run_unless_allowed() {
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "0".to_owned());
+    let netns = TestNetns::new();
+    let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", IO_URING_SETUP]).start();
+    assert!(run.wait().success(), "{}", run.output());
+    let guard_missing = run
+        .events_of("warning")
+        .iter()
+        .any(|w| w["message"].as_str().unwrap_or("").contains("family guard"));
+    let got = expect_value(&run, "setup");
+    if guard_missing {
+        assert_eq!(
+            got,
+            libc::ENOSYS.to_string(),
+            "io_uring_setup without the family guard\n{}",
+            run.output()
+        );
+        assert!(
+            run.events_of("warning")
+                .iter()
+                .any(|w| w["message"].as_str().unwrap_or("").contains("io_uring")),
+            "the warning says io_uring is refused\n{}",
+            run.output()
+        );
+    }
+    let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", IO_URING_SETUP])
+        .arg("--allow-io-uring")
+        .start();
+    assert!(run.wait().success(), "{}", run.output());
+    if disabled == "0" {
+        assert_eq!(expect_value(&run, "setup"), "ok", "{}", run.output());
+    }
+    if guard_missing {
+        assert!(
+            run.events_of("warning").iter().any(|w| w["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("--allow-io-uring")),
+            "the warning says what --allow-io-uring leaves open\n{}",
+            run.output()
+        );
+    }
+}
+
+/// Pushes Ctrl-A into its terminal with TIOCSTI: `tiocsti=ok` or `tiocsti=<errno>`.
+const TIOCSTI: &str = r#"
+import fcntl, termios
+try:
+    fcntl.ioctl(0, termios.TIOCSTI, b"\x01")
+    print("tiocsti=ok", flush=True)
+except OSError as e:
+    print(f"tiocsti={e.errno}", flush=True)
+"#;
+
+/// Runs `argv` on a fresh pty as its controlling terminal (`pty.fork`, as a shell on a
+/// terminal would be) and returns everything the terminal showed (echo included).
+fn on_a_terminal(argv: &[&str]) -> String {
+    let driver = r#"
+import os, pty, sys
+pid, master = pty.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+out = b""
+while True:
+    try:
+        chunk = os.read(master, 4096)
+    except OSError:
+        break
+    if not chunk:
+        break
+    out += chunk
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+"#;
+    let out = std::process::Command::new(python3())
+        .arg("-c")
+        .arg(driver)
+        .args(argv)
+        .output()
+        .expect("the pty driver");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn tiocsti_cannot_type_into_the_callers_terminal() {
+    // Control: on its own controlling terminal, outside the sandbox, TIOCSTI works (the
+    // terminal echoes the pushed Ctrl-A as ^A) where the kernel still allows it.
+    let control = on_a_terminal(&[python3(), "-c", TIOCSTI]);
+    let legacy = !control.contains("tiocsti=1");
+    if legacy {
+        assert!(control.contains("tiocsti=ok"), "control: {control}");
+        assert!(
+            control.contains("^A"),
+            "control: the terminal echoed nothing: {control:?}"
+        );
+    } else {
+        eprintln!("NOTE: this kernel refuses TIOCSTI itself (dev.tty.legacy_tiocsti = 0)");
+    }
+    let dir = TestDir::new();
+    let allow = dir.path().join("allow.yaml");
+    std::fs::write(&allow, ALLOW_8080).expect("allowlist");
+    let events = dir.path().join("events.jsonl");
+    let agent = egress_tests::agent_bin();
+    let shown = on_a_terminal(&[
+        agent.to_str().expect("utf-8"),
+        "run",
+        "--allowlist",
+        allow.to_str().expect("utf-8"),
+        "--events",
+        events.to_str().expect("utf-8"),
+        "--",
+        python3(),
+        "-c",
+        TIOCSTI,
+    ]);
+    assert!(
+        shown.contains(&format!("tiocsti={}", libc::EPERM)),
+        "TIOCSTI from the command: {shown}"
+    );
+    assert!(
+        !shown.contains("^A"),
+        "the pushed byte reached the terminal: {shown:?}"
+    );
+}

@@ -123,6 +123,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::PROTOCOL => "protocol",
         reason::ERROR => "error",
         reason::FAMILY => "family",
+        reason::ROUTE => "route",
         _ => "unknown",
     }
 }

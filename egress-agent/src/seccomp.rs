@@ -1,4 +1,9 @@
 //! The seccomp filter `run` puts on its command (after `no_new_privs`):
+//! - `ioctl(TIOCSTI)` and `ioctl(TIOCLINUX)` answer `EPERM`: they type into the caller's
+//!   terminal, which runs it after `run` exits;
+//! - `setsockopt` of a source-routing option (`IP_OPTIONS`, `IPV6_RTHDR`, `IPV6_2292RTHDR`,
+//!   `IPV6_2292PKTOPTIONS`) answers `EPERM`: the packets would go on past the judged address;
+//! - io_uring answers `ENOSYS` where the family rule is on (see [`Rules::io_uring`]);
 //! - `clone3` answers `ENOSYS`: `clone3(CLONE_INTO_CGROUP)` could place a child in another
 //!   cgroup (docs/KERNEL-NOTES.md); glibc falls back to `clone`, which cannot name one;
 //! - `socket` and `socketpair` of a family other than unix, inet, inet6, netlink and alg answer
@@ -29,6 +34,16 @@ const SYS_IO_URING: [u32; 3] = [425, 426, 427];
 /// the console selection): either types a command into the shell that started `run`.
 const TIOCSTI: u32 = 0x5412;
 const TIOCLINUX: u32 = 0x541c;
+/// Socket options that source-route a socket's packets past the destination its connect or
+/// send was judged for: (level, option). `IP_OPTIONS` (LSRR/SSRR among the options; nothing
+/// an ordinary program sets), `IPV6_RTHDR`, `IPV6_2292RTHDR`, and `IPV6_2292PKTOPTIONS`, which
+/// can carry a routing header too.
+const ROUTING_OPTIONS: [(u32, u32); 4] = [
+    (libc::IPPROTO_IP as u32, libc::IP_OPTIONS as u32),
+    (libc::IPPROTO_IPV6 as u32, 57),
+    (libc::IPPROTO_IPV6 as u32, 5),
+    (libc::IPPROTO_IPV6 as u32, 6),
+];
 
 /// System call numbers of the architecture the agent runs on.
 struct Abi {
@@ -36,6 +51,7 @@ struct Abi {
     socket: u32,
     socketpair: u32,
     ioctl: u32,
+    setsockopt: u32,
     /// Bits to clear from the number first (x32's flag).
     mask: u32,
 }
@@ -46,6 +62,7 @@ const NATIVE: Option<Abi> = Some(Abi {
     socket: 41,
     socketpair: 53,
     ioctl: 16,
+    setsockopt: 54,
     mask: !0x4000_0000,
 });
 #[cfg(target_arch = "aarch64")]
@@ -54,6 +71,7 @@ const NATIVE: Option<Abi> = Some(Abi {
     socket: 198,
     socketpair: 199,
     ioctl: 29,
+    setsockopt: 208,
     mask: !0,
 });
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -67,6 +85,7 @@ const COMPAT: Option<(Abi, u32)> = Some((
         socket: 359,
         socketpair: 360,
         ioctl: 54,
+        setsockopt: 366,
         mask: !0,
     },
     // socketcall
@@ -89,6 +108,8 @@ const OFF_ARG0: u32 = 16;
 /// The low 32 bits of the second argument (an ioctl's request: the kernel reads it as an
 /// `unsigned int`).
 const OFF_ARG1: u32 = 24;
+/// The low 32 bits of the third argument (a socket option's name).
+const OFF_ARG2: u32 = 32;
 
 const RET_ALLOW: u32 = 0x7fff_0000;
 const RET_ERRNO: u32 = 0x0005_0000;
@@ -154,6 +175,26 @@ pub fn filter(rules: Rules) -> Vec<libc::sock_filter> {
         JeqTo(TIOCLINUX, "eperm"),
         Ret(RET_ALLOW),
     ]);
+    // setsockopt: A = level, then the option's name per level.
+    ops.extend([
+        Label("setsockopt"),
+        Ld(OFF_ARG1),
+        JeqTo(libc::IPPROTO_IP as u32, "sockopt_ip"),
+        JeqTo(libc::IPPROTO_IPV6 as u32, "sockopt_ipv6"),
+        Ret(RET_ALLOW),
+    ]);
+    for (label, level) in [
+        ("sockopt_ip", libc::IPPROTO_IP as u32),
+        ("sockopt_ipv6", libc::IPPROTO_IPV6 as u32),
+    ] {
+        ops.extend([Label(label), Ld(OFF_ARG2)]);
+        for (l, name) in ROUTING_OPTIONS {
+            if l == level {
+                ops.push(JeqTo(name, "eperm"));
+            }
+        }
+        ops.push(Ret(RET_ALLOW));
+    }
     ops.push(Label("family"));
     ops.push(Ld(OFF_ARG0));
     for f in ALLOWED_FAMILIES {
@@ -173,7 +214,11 @@ pub fn filter(rules: Rules) -> Vec<libc::sock_filter> {
 /// The checks on the system call number (in A) of one ABI.
 fn abi_rules(abi: &Abi, socketcall: Option<u32>, rules: Rules) -> Vec<Op> {
     use Op::*;
-    let mut ops = vec![JeqTo(SYS_CLONE3, "enosys"), JeqTo(abi.ioctl, "ioctl")];
+    let mut ops = vec![
+        JeqTo(SYS_CLONE3, "enosys"),
+        JeqTo(abi.ioctl, "ioctl"),
+        JeqTo(abi.setsockopt, "setsockopt"),
+    ];
     if rules.io_uring {
         ops.extend(SYS_IO_URING.map(|nr| JeqTo(nr, "enosys")));
     }
@@ -222,8 +267,14 @@ fn assemble(ops: &[Op]) -> Vec<libc::sock_filter> {
 mod tests {
     use super::*;
 
-    /// Runs the filter on (arch, nr, arg0) the way the kernel does.
+    /// Runs the filter on (arch, nr, arg0) the way the kernel does (arg0 also stands for
+    /// arg1).
     fn run(prog: &[libc::sock_filter], arch: u32, nr: u32, arg0: u32) -> u32 {
+        run3(prog, arch, nr, [arg0, arg0, 0])
+    }
+
+    /// The same with three arguments.
+    fn run3(prog: &[libc::sock_filter], arch: u32, nr: u32, args: [u32; 3]) -> u32 {
         let (mut a, mut pc) = (0u32, 0usize);
         loop {
             let i = prog[pc];
@@ -233,8 +284,9 @@ mod tests {
                     a = match i.k {
                         OFF_NR => nr,
                         OFF_ARCH => arch,
-                        OFF_ARG0 => arg0,
-                        OFF_ARG1 => arg0,
+                        OFF_ARG0 => args[0],
+                        OFF_ARG1 => args[1],
+                        OFF_ARG2 => args[2],
                         other => panic!("load of offset {other}"),
                     }
                 }
@@ -290,6 +342,31 @@ mod tests {
             for nr in SYS_IO_URING {
                 assert_eq!(run(&p, arch, nr, 0), enosys, "io_uring {nr}");
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn source_routing_socket_options_are_refused() {
+        let p = filter(Rules {
+            families: false,
+            io_uring: false,
+        });
+        let eperm = RET_ERRNO | libc::EPERM as u32;
+        for (arch, setsockopt) in [(0xc000_003e, 54), (0x4000_0003, 366)] {
+            assert_eq!(run3(&p, arch, setsockopt, [3, 0, 4]), eperm, "IP_OPTIONS");
+            for opt in [57, 5, 6] {
+                assert_eq!(
+                    run3(&p, arch, setsockopt, [3, 41, opt]),
+                    eperm,
+                    "IPv6 {opt}"
+                );
+            }
+            // IP_TOS, IPV6_V6ONLY, SO_REUSEADDR, TCP_NODELAY pass.
+            assert_eq!(run3(&p, arch, setsockopt, [3, 0, 1]), RET_ALLOW);
+            assert_eq!(run3(&p, arch, setsockopt, [3, 41, 26]), RET_ALLOW);
+            assert_eq!(run3(&p, arch, setsockopt, [3, 1, 2]), RET_ALLOW);
+            assert_eq!(run3(&p, arch, setsockopt, [3, 6, 1]), RET_ALLOW);
         }
     }
 

@@ -33,6 +33,9 @@ pub mod reason {
     pub const ERROR: u8 = 5;
     /// The socket's address family never reaches the network through a judged path.
     pub const FAMILY: u8 = 6;
+    /// The packet carries IPv4 options or an IPv6 routing header: either can send it on to
+    /// an address other than the one judged (source routing).
+    pub const ROUTE: u8 = 7;
 }
 
 /// One denied connect or send.

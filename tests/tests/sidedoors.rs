@@ -428,3 +428,96 @@ fn tiocsti_cannot_type_into_the_callers_terminal() {
         "the pushed byte reached the terminal: {shown:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Source routing: packets go where the socket was judged
+
+/// Tries the source-routing socket options on sockets to the allowed address, then sends a UDP
+/// datagram with IPv4 options (record route, through an `IP_RETOPTS` control message) and one
+/// without, to 127.0.0.1:8080: `ip_options=`, `rthdr=` (`ok` or the errno), `cmsg_sent=`.
+const SOURCE_ROUTE: &str = r#"
+import socket, struct
+def tryopt(family, level, opt, value):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(level, opt, value)
+        return "ok"
+    except OSError as e:
+        return str(e.errno)
+    finally:
+        s.close()
+# LSRR through 127.0.0.2, padded to a multiple of 4 with a NOP.
+lsrr = bytes([0x83, 7, 4, 127, 0, 0, 2, 1])
+print("ip_options=" + tryopt(socket.AF_INET, socket.IPPROTO_IP, socket.IP_OPTIONS, lsrr), flush=True)
+# A segment routing header (type 4) with one segment, 2001:db8::20.
+srh = bytes([0, 2, 4, 0, 0, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, "2001:db8::20")
+print("rthdr=" + tryopt(socket.AF_INET6, socket.IPPROTO_IPV6, 57, srh), flush=True)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+# Record route, room for one address, then an end-of-options byte.
+rr = bytes([7, 7, 4, 0, 0, 0, 0, 0])
+try:
+    u.sendmsg([b"with options"], [(socket.IPPROTO_IP, 7, rr)], 0, ("127.0.0.1", 8080))
+    print("cmsg_sent=ok", flush=True)
+except OSError as e:
+    print(f"cmsg_sent={e.errno}", flush=True)
+u.sendto(b"plain", ("127.0.0.1", 8080))
+print("plain_sent=ok", flush=True)
+"#;
+
+#[test]
+fn source_routing_options_are_refused_and_optioned_packets_dropped() {
+    // Control: outside the sandbox, every option is accepted and the optioned datagram
+    // arrives.
+    let netns = TestNetns::new();
+    let control_rx = egress_tests::UdpListener::bind(&netns, "127.0.0.1:8080");
+    let out = netns
+        .command(python3())
+        .arg("-c")
+        .arg(SOURCE_ROUTE)
+        .output()
+        .expect("control");
+    let control = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        value(&control, "ip_options").as_deref(),
+        Some("ok"),
+        "control: {control}"
+    );
+    assert_eq!(
+        value(&control, "rthdr").as_deref(),
+        Some("ok"),
+        "control: {control}"
+    );
+    assert!(
+        control_rx.wait_received(2, Duration::from_secs(5)),
+        "control: {control}"
+    );
+    assert!(control_rx.payloads().contains(&b"with options".to_vec()));
+    drop(control_rx);
+
+    let rx = egress_tests::UdpListener::bind(&netns, "127.0.0.1:8080");
+    let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", SOURCE_ROUTE]).start();
+    assert!(run.wait().success(), "{}", run.output());
+    let eperm = libc::EPERM.to_string();
+    assert_eq!(expect_value(&run, "ip_options"), eperm, "{}", run.output());
+    assert_eq!(expect_value(&run, "rthdr"), eperm, "{}", run.output());
+    assert_eq!(expect_value(&run, "plain_sent"), "ok", "{}", run.output());
+    assert!(
+        rx.wait_received(1, Duration::from_secs(5)),
+        "{}",
+        run.output()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rx.payloads(),
+        vec![b"plain".to_vec()],
+        "only the datagram without options arrives\n{}",
+        run.output()
+    );
+    let routed: Vec<_> = run
+        .events_of("deny")
+        .into_iter()
+        .filter(|e| e["reason"] == "route")
+        .collect();
+    assert_eq!(routed.len(), 1, "one route deny\n{}", run.output());
+    assert_eq!(routed[0]["hook"], "egress", "{}", run.output());
+}

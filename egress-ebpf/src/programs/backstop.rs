@@ -15,7 +15,12 @@
 //!   unconnected `sendto` on a ping socket runs no sendmsg hook (`ping_v4_sendmsg` and
 //!   `ping_v6_sendmsg` call none), so this is where it is judged, and on kernels before 5.17
 //!   connect4/6 did not run for ping sockets either. Every other ICMP type is dropped;
-//! - anything else (SCTP, raw IP of any other protocol) is dropped: no rule allows it.
+//! - anything else (SCTP, raw IP of any other protocol) is dropped: no rule allows it;
+//! - a packet that could be source-routed past its judged destination is dropped, whatever
+//!   its socket: IPv4 with options (`IP_OPTIONS` or an `IP_RETOPTS` control message: LSRR,
+//!   SSRR), IPv6 with a routing header (`IPV6_RTHDR` by socket option or control message,
+//!   which needs no capability), reason `route`. `run` also refuses those socket options in
+//!   its seccomp filter; this catches the per-packet control messages and `attach` mode.
 //!
 //! Packets the kernel itself sends (ICMPv6 neighbour discovery and MLD, ICMP errors, TCP
 //! resets from the stack) go out through per-namespace control sockets that are not the
@@ -50,6 +55,7 @@ const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_ROUTING: u8 = 43;
 const ICMP_ECHO: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const SOCK_DGRAM: u32 = 2;
@@ -81,14 +87,26 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
         match u16::from_be(ctx.skb.protocol() as u16) {
             ETH_P_IP => {
                 let h: [u8; 20] = read(ctx, 0)?;
-                let dst = [h[16], h[17], h[18], h[19]];
-                let off = usize::from(h[0] & 0x0f) * 4;
-                (addr_from_v4(dst), h[9], off, (IPPROTO_ICMP, ICMP_ECHO))
+                let dst = addr_from_v4([h[16], h[17], h[18], h[19]]);
+                let ihl = h[0] & 0x0f;
+                if ihl > 5 {
+                    // IP options: a source route (LSRR, SSRR) would carry the packet on past
+                    // the judged destination, and nothing the cgroup sends needs options.
+                    return Ok(drop_packet(&dst, 0, h[9], reason::ROUTE));
+                }
+                (dst, h[9], usize::from(ihl) * 4, (IPPROTO_ICMP, ICMP_ECHO))
             }
             ETH_P_IPV6 => {
                 let h: [u8; 40] = read(ctx, 0)?;
                 let (next, mut dst) = (h[6], [0u8; 16]);
                 dst.copy_from_slice(&h[24..40]);
+                if next == IPPROTO_ROUTING {
+                    // A routing header (IPV6_RTHDR, needs no capability) readdresses the
+                    // packet to its segments. Hop-by-hop and destination options, which the
+                    // kernel would put before it, need CAP_NET_RAW and are dropped below as
+                    // another protocol.
+                    return Ok(drop_packet(&dst, 0, next, reason::ROUTE));
+                }
                 // An extension header before ICMPv6 leaves `next` at that header: dropped
                 // below as another protocol (a ping socket adds none unless asked to).
                 (dst, next, 40, (IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST))

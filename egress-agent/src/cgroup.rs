@@ -153,6 +153,19 @@ pub fn kill_all(path: &Path) -> anyhow::Result<()> {
     bail!("processes keep appearing in {}", path.display())
 }
 
+/// Waits until no process is left in the cgroup (the killed ones exit asynchronously), for
+/// at most `timeout`.
+pub fn wait_empty(path: &Path, timeout: Duration) {
+    let procs = path.join("cgroup.procs");
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match fs::read_to_string(&procs) {
+            Ok(t) if !t.trim().is_empty() => thread::sleep(Duration::from_millis(5)),
+            _ => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

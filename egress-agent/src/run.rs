@@ -192,9 +192,24 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         }
     };
 
-    // Teardown: kill leftovers first (nothing may outlive enforcement), then stop the
-    // helpers, detach and remove.
+    // Teardown: kill leftovers first (nothing may outlive enforcement), then destroy the
+    // sockets they leave behind (an orphaned connection keeps retransmitting its queued data
+    // after its process is gone, and would do so unjudged once the programs are detached),
+    // then stop the helpers, detach and remove.
     cgroup::kill_all(cg.path())?;
+    cgroup::wait_empty(cg.path(), std::time::Duration::from_secs(5));
+    match crate::resolver::sockdiag::destroy_cgroup_sockets(cgroup::cgroup_id(cg.path())?) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!("destroyed {n} sockets the command left behind"),
+        Err(e) => warn(
+            &sink,
+            &format!(
+                "cannot destroy the sockets the command left behind ({e}): an orphaned \
+                 connection may send its queued data after the programs are detached \
+                 (SOCK_DESTROY needs Linux >= 5.7 and CONFIG_INET_DIAG_DESTROY)"
+            ),
+        ),
+    }
     let policy = session.dns.current_policy();
     session.stop(true).await?;
     cg.remove()?;

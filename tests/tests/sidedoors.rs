@@ -521,3 +521,85 @@ fn source_routing_options_are_refused_and_optioned_packets_dropped() {
     assert_eq!(routed.len(), 1, "one route deny\n{}", run.output());
     assert_eq!(routed[0]["hook"], "egress", "{}", run.output());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Teardown never releases data
+
+/// Connects to 127.0.0.1:8080, queues as much as the peer's closed window lets it, and exits
+/// with the data still queued: the kernel keeps the connection as an orphan (FIN-WAIT-1) that
+/// goes on sending after its process is gone.
+const ORPHAN: &str = r#"
+import socket
+s = socket.create_connection(("127.0.0.1", 8080), timeout=5)
+s.setblocking(False)
+queued = 0
+try:
+    while queued < 64 << 20:
+        queued += s.send(b"x" * 65536)
+except BlockingIOError:
+    pass
+print(f"queued={queued}", flush=True)
+s.close()
+"#;
+
+/// The orphaned connections to port 8080 in `netns`.
+fn orphans(netns: &TestNetns) -> String {
+    let out = netns
+        .command("ss")
+        .args(["-tanH", "state", "fin-wait-1", "( dport = :8080 )"])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A listener on 127.0.0.1:8080 in `netns` that accepts and never reads (a closed window).
+fn stalled_listener(netns: &TestNetns) -> std::thread::JoinHandle<()> {
+    let l = netns
+        .run_in(|| std::net::TcpListener::bind("127.0.0.1:8080"))
+        .expect("listen");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        l.set_nonblocking(true).expect("nonblocking");
+        for _ in 0..200 {
+            if let Ok((s, _)) = l.accept() {
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    })
+}
+
+#[test]
+fn teardown_destroys_the_orphaned_connections_of_the_command() {
+    let netns = TestNetns::new();
+    let _listener = stalled_listener(&netns);
+    // Control: outside the sandbox the orphan stays, still trying to send.
+    let out = netns
+        .command(python3())
+        .arg("-c")
+        .arg(ORPHAN)
+        .output()
+        .expect("control");
+    let control = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(control.contains("queued="), "control: {control}");
+    assert!(
+        !orphans(&netns).is_empty(),
+        "control: no orphaned connection, so the test proves nothing"
+    );
+    let before = orphans(&netns).lines().count();
+
+    let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", ORPHAN]).start();
+    assert!(run.wait().success(), "{}", run.output());
+    assert!(
+        expect_value(&run, "queued").parse::<u64>().unwrap_or(0) > 0,
+        "{}",
+        run.output()
+    );
+    assert_eq!(
+        orphans(&netns).lines().count(),
+        before,
+        "the command's orphaned connection outlived `run` (and the programs)\n{}\n{}",
+        orphans(&netns),
+        run.output()
+    );
+}

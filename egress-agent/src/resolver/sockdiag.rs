@@ -23,6 +23,14 @@ use super::upstream::Transport;
 
 /// `SOCK_DIAG_BY_FAMILY` (linux/sock_diag.h).
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// `SOCK_DESTROY` (linux/sock_diag.h, Linux 4.5, `CONFIG_INET_DIAG_DESTROY`).
+const SOCK_DESTROY: u16 = 21;
+/// `INET_DIAG_CGROUP_ID` (linux/inet_diag.h): the socket's cgroup v2 id, in every dump
+/// message since Linux 5.7.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+/// `struct inet_diag_sockid` sits at this offset of `inet_diag_msg` and is this long.
+const SOCKID_AT: usize = 4;
+const SOCKID_LEN: usize = 48;
 /// `sizeof(struct nlmsghdr)`.
 const NLMSG_HDR: usize = 16;
 /// `sizeof(struct inet_diag_req_v2)`.
@@ -165,23 +173,7 @@ fn open() -> io::Result<OwnedFd> {
 }
 
 fn exchange(fd: &OwnedFd, req: &[u8], seq: u32) -> io::Result<Option<Reply>> {
-    // SAFETY: zeroed sockaddr_nl is valid; family set below (pid 0: the kernel).
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: valid descriptor, buffer and address of the lengths given.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            req.as_ptr().cast(),
-            req.len(),
-            0,
-            (&raw const kernel).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    send(fd, req)?;
     let mut buf = [0u8; 4096];
     loop {
         // SAFETY: valid descriptor and buffer of the length given.
@@ -235,6 +227,164 @@ pub fn request(
     m.extend_from_slice(&u32::MAX.to_ne_bytes());
     m.extend_from_slice(&u32::MAX.to_ne_bytes());
     m
+}
+
+/// Destroys every TCP and UDP socket (IPv4 and IPv6) of this network namespace whose cgroup is
+/// `cgroup_id`, as `ss -K` does: a TCP connection is reset, its queued data dropped. `run`
+/// calls it after the command's processes are gone and before the programs are detached, so
+/// no orphaned socket of the command (a connection still retransmitting, data queued behind a
+/// routing header) sends anything once nothing judges it. Returns how many it destroyed.
+/// Needs Linux >= 5.7 (the cgroup id in dumps) and `CONFIG_INET_DIAG_DESTROY`: without them
+/// the kernel says `EOPNOTSUPP` and the error says so.
+pub fn destroy_cgroup_sockets(cgroup_id: u64) -> io::Result<usize> {
+    let fd = open()?;
+    let mut destroyed = 0;
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        for protocol in [libc::IPPROTO_TCP, libc::IPPROTO_UDP] {
+            let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+            let head = [family as u8, protocol as u8, 0, 0];
+            let mut req = Vec::with_capacity(NLMSG_HDR + REQ_LEN);
+            let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+            nlmsghdr(
+                &mut req,
+                NLMSG_HDR + REQ_LEN,
+                SOCK_DIAG_BY_FAMILY,
+                flags,
+                seq,
+            );
+            req.extend_from_slice(&head);
+            req.extend_from_slice(&u32::MAX.to_ne_bytes());
+            req.extend_from_slice(&[0u8; SOCKID_LEN]);
+            send(&fd, &req)?;
+            let mut ids = Vec::new();
+            read_dump(&fd, seq, |body| {
+                if cgroup_of(body) == Some(cgroup_id) {
+                    let mut id = [0u8; SOCKID_LEN];
+                    id.copy_from_slice(&body[SOCKID_AT..SOCKID_AT + SOCKID_LEN]);
+                    ids.push(id);
+                }
+            })?;
+            for id in ids {
+                let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+                let mut req = Vec::with_capacity(NLMSG_HDR + REQ_LEN);
+                let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+                nlmsghdr(&mut req, NLMSG_HDR + REQ_LEN, SOCK_DESTROY, flags, seq);
+                req.extend_from_slice(&head);
+                req.extend_from_slice(&u32::MAX.to_ne_bytes());
+                // The exact socket, its cookie included.
+                req.extend_from_slice(&id);
+                send(&fd, &req)?;
+                match read_ack(&fd, seq)? {
+                    0 => destroyed += 1,
+                    // Gone meanwhile.
+                    libc::ENOENT => {}
+                    e => return Err(io::Error::from_raw_os_error(e)),
+                }
+            }
+        }
+    }
+    Ok(destroyed)
+}
+
+/// The `INET_DIAG_CGROUP_ID` attribute of an `inet_diag_msg` body, if it has one.
+fn cgroup_of(body: &[u8]) -> Option<u64> {
+    let mut attrs = body.get(MSG_LEN..)?;
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if kind == INET_DIAG_CGROUP_ID && len >= 12 {
+            return Some(u64::from_ne_bytes(attrs[4..12].try_into().ok()?));
+        }
+        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
+    }
+    None
+}
+
+fn send(fd: &OwnedFd, req: &[u8]) -> io::Result<()> {
+    // SAFETY: zeroed sockaddr_nl is valid; family set below (pid 0: the kernel).
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: valid descriptor, buffer and address of the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            req.as_ptr().cast(),
+            req.len(),
+            0,
+            (&raw const kernel).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads the messages answering dump `seq` until `NLMSG_DONE`, each body to `each`.
+fn read_dump(fd: &OwnedFd, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: valid descriptor and buffer of the length given.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for (kind, msg_seq, body) in messages(&buf[..n as usize])? {
+            if msg_seq != seq {
+                continue;
+            }
+            match kind {
+                k if k == libc::NLMSG_DONE as u16 => return Ok(()),
+                k if k == libc::NLMSG_ERROR as u16 => {
+                    let e = body
+                        .get(..4)
+                        .map_or(0, |b| -i32::from_ne_bytes(b.try_into().unwrap_or_default()));
+                    return Err(io::Error::from_raw_os_error(e));
+                }
+                SOCK_DIAG_BY_FAMILY if body.len() >= MSG_LEN => each(body),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Reads the acknowledgement of request `seq`: 0, or the errno it carries.
+fn read_ack(fd: &OwnedFd, seq: u32) -> io::Result<i32> {
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: valid descriptor and buffer of the length given.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for (kind, msg_seq, body) in messages(&buf[..n as usize])? {
+            if msg_seq == seq && kind == libc::NLMSG_ERROR as u16 && body.len() >= 4 {
+                return Ok(-i32::from_ne_bytes([body[0], body[1], body[2], body[3]]));
+            }
+        }
+    }
+}
+
+/// The netlink messages of one datagram: (type, sequence number, body).
+fn messages(buf: &[u8]) -> io::Result<Vec<(u16, u32, &[u8])>> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed sock_diag reply");
+    let mut out = Vec::new();
+    let mut rest = buf;
+    while rest.len() >= NLMSG_HDR {
+        let len = u32::from_ne_bytes(rest[0..4].try_into().map_err(|_| bad())?) as usize;
+        if len < NLMSG_HDR || len > rest.len() {
+            return Err(bad());
+        }
+        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        let seq = u32::from_ne_bytes(rest[8..12].try_into().map_err(|_| bad())?);
+        out.push((kind, seq, &rest[NLMSG_HDR..len]));
+        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+    }
+    Ok(out)
 }
 
 /// Appends a `struct nlmsghdr` (sender port 0).

@@ -102,6 +102,7 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
         exempt_cgroup: exempt,
         health: cfg.health,
         enforcer: EnforcerOptions::default(),
+        protected: Vec::new(),
     })
     .await?;
     // Unlike `run`, attach cannot confine the workload: say what the runtime must provide.

@@ -226,6 +226,20 @@ impl Confinement {
         })
     }
 
+    /// Binds `paths` read-only in the command's mount namespace (files that run later
+    /// outside the sandbox: [`crate::persistence`]).
+    pub fn protect(&mut self, paths: &[std::path::PathBuf]) -> anyhow::Result<()> {
+        use std::os::unix::ffi::OsStrExt as _;
+        for p in paths {
+            self.masks.push(Mask {
+                target: CString::new(p.as_os_str().as_bytes())
+                    .context("a protected path with a NUL byte")?,
+                how: MaskKind::ReadOnly,
+            });
+        }
+        Ok(())
+    }
+
     /// Whether the command runs as root inside a user namespace of its own.
     pub fn root_in_user_namespace(&self) -> bool {
         self.userns.is_some()

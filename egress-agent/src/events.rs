@@ -214,6 +214,10 @@ pub enum Event<'a> {
         mode: &'a str,
         /// Number of allow rules.
         rules: usize,
+        /// What the command of `run` cannot write or reach (read-only and masked paths, the
+        /// user namespace); absent for `attach`.
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        protected: &'a [String],
     },
     /// A connect or send was denied.
     Deny(&'a DenyRecord),

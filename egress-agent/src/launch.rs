@@ -66,8 +66,13 @@ fn parse_id(s: &std::ffi::OsStr) -> anyhow::Result<u32> {
     Ok(s.to_str().unwrap_or("").trim().parse()?)
 }
 
-/// The passwd entry's (name, primary gid) for `uid`.
-fn passwd(uid: u32) -> anyhow::Result<Option<(CString, u32)>> {
+/// The home directory of `uid` (its passwd entry), if it has one.
+pub fn home_of(uid: u32) -> Option<std::path::PathBuf> {
+    passwd(uid).ok().flatten().map(|(_, _, home)| home)
+}
+
+/// The passwd entry's (name, primary gid, home) for `uid`.
+fn passwd(uid: u32) -> anyhow::Result<Option<(CString, u32, std::path::PathBuf)>> {
     let mut buf = vec![0u8; 16 * 1024];
     // SAFETY: zeroed passwd is a valid out-parameter.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
@@ -86,15 +91,18 @@ fn passwd(uid: u32) -> anyhow::Result<Option<(CString, u32)>> {
     }
     // SAFETY: getpwuid_r filled pw_name with a NUL-terminated string inside `buf`.
     let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }.to_owned();
-    Ok(Some((name, pw.pw_gid)))
+    // SAFETY: as above, for pw_dir.
+    let home = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
+    let home = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(home.to_bytes()));
+    Ok(Some((name, pw.pw_gid, home)))
 }
 
 fn primary_gid(uid: u32) -> anyhow::Result<u32> {
-    Ok(passwd(uid)?.map(|(_, g)| g).unwrap_or(uid))
+    Ok(passwd(uid)?.map(|(_, g, _)| g).unwrap_or(uid))
 }
 
 fn supplementary_groups(uid: u32, gid: u32) -> anyhow::Result<Vec<u32>> {
-    let Some((name, _)) = passwd(uid)? else {
+    let Some((name, _, _)) = passwd(uid)? else {
         return Ok(vec![gid]);
     };
     let mut n: libc::c_int = 64;

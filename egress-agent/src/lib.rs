@@ -16,6 +16,7 @@ pub mod learn;
 pub mod metrics;
 pub mod monitor;
 pub mod names;
+pub mod persistence;
 pub mod policy;
 pub mod reload;
 pub mod resolver;

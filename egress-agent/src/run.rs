@@ -22,6 +22,7 @@ use crate::{
     events::EventSink,
     launch::{self, Identity, SpawnError},
     learn,
+    persistence::Protected,
     policy::{self, Mode},
     session::{self, Session, SessionConfig, warn},
 };
@@ -88,6 +89,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     };
     let mut confinement =
         Confinement::prepare(&config.keep_caps, root_command, config.allow_io_uring)?;
+    // Files that would run later outside the sandbox: bound read-only, or watched.
+    let home = if root_command {
+        std::env::var_os("HOME").map(PathBuf::from)
+    } else {
+        launch::home_of(identity.uid)
+    };
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let persist = Protected::find(home.as_deref(), &cwd, &policy_value.writable);
+    confinement.protect(&persist.existing)?;
     // Installed before anything is created, so a signal during set-up still ends in teardown.
     let signals = SignalForwarder::install()?;
     let name = config
@@ -117,6 +127,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         exempt_cgroup: 0,
         health: None,
         enforcer: EnforcerOptions::default(),
+        protected: confinement.protected(),
     })
     .await?;
     match session.family_guard_missing() {
@@ -198,6 +209,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     // then stop the helpers, detach and remove.
     cgroup::kill_all(cg.path())?;
     cgroup::wait_empty(cg.path(), std::time::Duration::from_secs(5));
+    for (created, aside) in persist.quarantine() {
+        warn(
+            &sink,
+            &format!(
+                "the command created {}, which would run outside the sandbox later: moved to {} \
+                 (open it with writable: in the allowlist if it is wanted)",
+                created.display(),
+                aside.display()
+            ),
+        );
+    }
     match crate::resolver::sockdiag::destroy_cgroup_sockets(cgroup::cgroup_id(cg.path())?) {
         Ok(0) => {}
         Ok(n) => tracing::debug!("destroyed {n} sockets the command left behind"),

@@ -48,6 +48,8 @@ pub struct SessionConfig {
     pub health: Option<SocketAddr>,
     /// Kernel map sizes and the like.
     pub enforcer: EnforcerOptions,
+    /// What confinement protects, for the `ready` event (`run` only).
+    pub protected: Vec<String>,
 }
 
 /// A running session.
@@ -224,6 +226,7 @@ impl Session {
                 Mode::Audit => "audit",
             },
             rules: policy.rules.len(),
+            protected: &cfg.protected,
         });
         for w in &warnings {
             warn(&cfg.sink, w);

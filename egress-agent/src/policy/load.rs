@@ -46,6 +46,7 @@ pub(super) fn load_root(path: &Path, text: Option<&str>) -> Result<Policy, Polic
         dns: root.dns,
         rules: loader.rules,
         files: loader.files,
+        writable: root.writable,
     })
 }
 
@@ -54,6 +55,7 @@ struct Header {
     name: Option<String>,
     mode: Mode,
     dns: DnsSettings,
+    writable: Vec<String>,
 }
 
 #[derive(Default)]
@@ -94,6 +96,21 @@ impl Loader {
             Some(dns) => dns_settings(path, tree.get("dns").unwrap_or(&tree), dns)?,
             None => DnsSettings::default(),
         };
+
+        let writable_node = tree.get("writable");
+        let mut writable = Vec::new();
+        for (i, entry) in raw.writable.into_iter().flatten().enumerate() {
+            let node = writable_node.and_then(|n| n.at(i)).unwrap_or(&tree);
+            if !(entry.starts_with('/') || entry.starts_with("~/")) {
+                return Err(invalid(
+                    path,
+                    node,
+                    &format!("writable[{i}]"),
+                    format!("{entry:?} is neither absolute nor below ~/"),
+                ));
+            }
+            writable.push(entry);
+        }
 
         let allow = tree.get("allow");
         for (index, item) in raw.allow.into_iter().flatten().enumerate() {
@@ -136,6 +153,7 @@ impl Loader {
             name,
             mode: raw.mode.unwrap_or_default(),
             dns,
+            writable,
         })
     }
 }

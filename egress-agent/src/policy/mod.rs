@@ -100,6 +100,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Every file read, the root first, each once (for reload watching).
     pub files: Vec<PathBuf>,
+    /// The root file's `writable` paths (`~/` not yet expanded).
+    pub writable: Vec<String>,
 }
 
 /// One `allow` entry.

@@ -40,6 +40,10 @@ pub struct RawFile {
     /// The destinations the workload may reach; anything else is denied. Empty or missing:
     /// deny everything.
     pub allow: Option<Vec<RawAllow>>,
+    /// Files that run later outside the sandbox (shell startup files, git hooks, autostart
+    /// entries, ...) that a command under `run` may write nonetheless: absolute paths, or
+    /// `~/...` below the invoking user's home. Only the root file's list is used.
+    pub writable: Option<Vec<String>>,
 }
 
 /// The `dns:` mapping; every field is optional.

@@ -161,7 +161,7 @@ fn error_unknown_fields_point_at_the_key() {
     );
     assert_eq!(
         err("version: 1\nallwo: []\n"),
-        r#"allowlists/x.yaml:2:1: unknown field "allwo", expected one of version, name, mode, include, dns, allow"#
+        r#"allowlists/x.yaml:2:1: unknown field "allwo", expected one of version, name, mode, include, dns, allow, writable"#
     );
     assert_eq!(
         err("version: 1\ndns:\n  min: 3s\n"),
@@ -597,6 +597,7 @@ fn cidr_entries_scale_to_100k_rules() {
         origin,
     });
     let policy = Policy {
+        writable: Vec::new(),
         name: "big".into(),
         mode: Mode::Enforce,
         dns: DnsSettings::default(),

@@ -845,47 +845,47 @@ allow:
     let got: Vec<(u16, u16, u8)> = v.ranges().iter().map(|r| (r.lo, r.hi, r.protos)).collect();
     assert_eq!(got, vec![(443, 443, PROTO_ANY), (0, 65535, PROTO_ICMP)]);
     assert!(v.permits(0, PROTO_ICMP) && v.permits(443, PROTO_UDP));
-}
 
-#[test]
-fn inbound_rules_compile_into_their_own_trie() {
-    let p = parse_str(
-    "version: 1\nname: x\nallow:\n  - inbound: 203.0.113.0/24\n    ports: [8080]\n  - cidr: 192.0.2.0/24\n",
-    Path::new("x.yaml"),
-)
-.expect("valid");
-    let inbound = crate::policy::inbound_entries(&p).expect("entries");
-    assert_eq!(inbound.len(), 1);
-    assert_eq!(inbound[0].prefix_len, 96 + 24);
-    assert!(
-        inbound[0]
-            .value
-            .permits(8080, egress_common::consts::PROTO_TCP)
-    );
-    assert!(
-        !inbound[0]
-            .value
-            .permits(8081, egress_common::consts::PROTO_TCP)
-    );
-    assert!(
-        !inbound[0]
-            .value
-            .permits(8080, egress_common::consts::PROTO_UDP)
-    );
-    // The outbound trie holds only the cidr rule.
-    assert_eq!(crate::policy::cidr_entries(&p).expect("entries").len(), 1);
-}
-
-#[test]
-fn inbound_rules_are_tcp_only() {
-    let e = parse_str(
-        "version: 1\nname: x\nallow:\n  - inbound: 203.0.113.0/24\n    protocol: udp\n",
+    #[test]
+    fn inbound_rules_compile_into_their_own_trie() {
+        let p = parse_str(
+        "version: 1\nname: x\nallow:\n  - inbound: 203.0.113.0/24\n    ports: [8080]\n  - cidr: 192.0.2.0/24\n",
         Path::new("x.yaml"),
     )
-    .expect_err("udp inbound");
-    assert_eq!(
-        e.to_string(),
-        "x.yaml:5:15: allow[0].protocol: inbound rules are for TCP connections the command \
-     accepts: write protocol: tcp or leave it out (not udp)"
-    );
+    .expect("valid");
+        let inbound = crate::policy::inbound_entries(&p).expect("entries");
+        assert_eq!(inbound.len(), 1);
+        assert_eq!(inbound[0].prefix_len, 96 + 24);
+        assert!(
+            inbound[0]
+                .value
+                .permits(8080, egress_common::consts::PROTO_TCP)
+        );
+        assert!(
+            !inbound[0]
+                .value
+                .permits(8081, egress_common::consts::PROTO_TCP)
+        );
+        assert!(
+            !inbound[0]
+                .value
+                .permits(8080, egress_common::consts::PROTO_UDP)
+        );
+        // The outbound trie holds only the cidr rule.
+        assert_eq!(crate::policy::cidr_entries(&p).expect("entries").len(), 1);
+    }
+
+    #[test]
+    fn inbound_rules_are_tcp_only() {
+        let e = parse_str(
+            "version: 1\nname: x\nallow:\n  - inbound: 203.0.113.0/24\n    protocol: udp\n",
+            Path::new("x.yaml"),
+        )
+        .expect_err("udp inbound");
+        assert_eq!(
+            e.to_string(),
+            "x.yaml:5:15: allow[0].protocol: inbound rules are for TCP connections the command \
+         accepts: write protocol: tcp or leave it out (not udp)"
+        );
+    }
 }

@@ -30,7 +30,7 @@ use egress_common::{
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
         DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS,
-        MAP_DNS_ORIG, MAP_EVENTS, MAP_INBOUND,
+        MAP_DNS_ORIG, MAP_EVENTS,
     },
     keys::addr_from_ip,
 };
@@ -57,9 +57,8 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 ];
 
 /// Every map, by name (for pinning).
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 6] = [
     MAP_ALLOW_CIDR,
-    MAP_INBOUND,
     MAP_ALLOW_DNS,
     MAP_CONFIG,
     MAP_COUNTERS,
@@ -158,44 +157,6 @@ fn family_guard_load_error(e: aya::programs::ProgramError) -> anyhow::Error {
     }
 }
 
-/// A static LPM trie (`ALLOW_CIDR`, `INBOUND`) and the keys it holds.
-struct StaticTrie {
-    map: LpmTrie<MapData, Addr, AllowValue>,
-    keys: HashSet<(Addr, u32)>,
-    what: &'static str,
-}
-
-impl StaticTrie {
-    /// Takes the map with the entries it already holds (an earlier agent wrote them: known,
-    /// so a changed policy removes them).
-    fn new(map: LpmTrie<MapData, Addr, AllowValue>, what: &'static str) -> Self {
-        let keys = map
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| (k.data(), k.prefix_len()))
-            .collect();
-        Self { map, keys, what }
-    }
-
-    /// Makes the trie hold exactly `entries`: new ones written before stale ones go, so an
-    /// address in both never sees a gap.
-    fn replace(&mut self, entries: &[policy::CidrEntry]) -> anyhow::Result<()> {
-        let mut keys = HashSet::with_capacity(entries.len());
-        for e in entries {
-            self.map
-                .insert(&Key::new(e.prefix_len, e.addr), e.value, 0)
-                .with_context(|| format!("cannot write the {} map (is it full?)", self.what))?;
-            keys.insert((e.addr, e.prefix_len));
-        }
-        for (addr, len) in self.keys.difference(&keys) {
-            // Already gone is fine.
-            let _ = self.map.remove(&Key::new(*len, *addr));
-        }
-        self.keys = keys;
-        Ok(())
-    }
-}
-
 /// Programs attached to one cgroup, with handles on their maps.
 pub struct Enforcer {
     cgroup: PathBuf,
@@ -203,8 +164,8 @@ pub struct Enforcer {
     pin_dir: Option<PathBuf>,
     adopted: bool,
     generation: u128,
-    cidr: StaticTrie,
-    inbound: StaticTrie,
+    cidr: LpmTrie<MapData, Addr, AllowValue>,
+    cidr_keys: HashSet<(Addr, u32)>,
     dns: HashMap<MapData, Addr, AllowValue>,
     config: Array<MapData, Config>,
     config_value: Config,
@@ -278,13 +239,18 @@ impl Enforcer {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
-        let cidr = StaticTrie::new(LpmTrie::try_from(take(MAP_ALLOW_CIDR)?)?, "CIDR rules");
-        let inbound = StaticTrie::new(LpmTrie::try_from(take(MAP_INBOUND)?)?, "inbound rules");
+        let cidr = LpmTrie::try_from(take(MAP_ALLOW_CIDR)?)?;
         let dns = HashMap::try_from(take(MAP_ALLOW_DNS)?)?;
         let config = Array::try_from(take(MAP_CONFIG)?)?;
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?)?;
 
+        // Static entries an earlier agent wrote: known, so a changed policy removes them.
+        let cidr_keys: HashSet<(Addr, u32)> = cidr
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.data(), k.prefix_len()))
+            .collect();
         let mut me = Self {
             cgroup: cgroup.to_owned(),
             links: Vec::new(),
@@ -295,7 +261,7 @@ impl Enforcer {
                 .unwrap_or_default()
                 .as_nanos(),
             cidr,
-            inbound,
+            cidr_keys,
             dns,
             config,
             config_value: Config::default(),
@@ -470,8 +436,19 @@ impl Enforcer {
     /// Replaces the static rules, the mode and the ICMP flag with `policy`'s. New entries are written before
     /// stale ones are removed, so an address allowed by both policies never sees a gap.
     pub fn apply_policy(&mut self, policy: &Policy) -> anyhow::Result<()> {
-        self.cidr.replace(&policy::cidr_entries(policy)?)?;
-        self.inbound.replace(&policy::inbound_entries(policy)?)?;
+        let entries = policy::cidr_entries(policy)?;
+        let mut keys = HashSet::with_capacity(entries.len());
+        for e in &entries {
+            self.cidr
+                .insert(&Key::new(e.prefix_len, e.addr), e.value, 0)
+                .context("cannot write the CIDR rules map (is it full?)")?;
+            keys.insert((e.addr, e.prefix_len));
+        }
+        for (addr, len) in self.cidr_keys.difference(&keys) {
+            // Already gone is fine.
+            let _ = self.cidr.remove(&Key::new(*len, *addr));
+        }
+        self.cidr_keys = keys;
         let mode = match policy.mode {
             Mode::Enforce => 0,
             Mode::Audit => FLAG_AUDIT,

@@ -138,7 +138,6 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::SOCK_CREATE => "sock_create",
         hook::EGRESS => "egress",
         hook::SOCKET_CREATE => "socket_create",
-        hook::ACCEPT => "accept",
         _ => "unknown",
     }
 }

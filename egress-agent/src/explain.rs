@@ -297,7 +297,6 @@ fn describe(rule: &Rule) -> String {
         Target::Host(h) => format!("host {h}"),
         Target::Net(n) if n.is_host() => format!("ip {}", n.addr()),
         Target::Net(n) => format!("cidr {n}"),
-        Target::Inbound(n) => format!("inbound {n}"),
     };
     let ports = if rule.ports == [(0, u16::MAX)] {
         "every port".to_string()
@@ -476,7 +475,7 @@ fn covering(policy: &Policy, ip: IpAddr) -> Vec<&Rule> {
         .filter(|r| matches!(&r.target, Target::Net(n) if n.contains(ip)))
         .collect();
     rules.sort_by_key(|r| match &r.target {
-        Target::Net(n) | Target::Inbound(n) => std::cmp::Reverse(n.prefix_len()),
+        Target::Net(n) => std::cmp::Reverse(n.prefix_len()),
         Target::Host(_) => std::cmp::Reverse(0),
     });
     rules
@@ -495,7 +494,6 @@ fn ip_verdict(
             "judged as the IPv4 address it carries, {canonical}"
         ));
     }
-    inbound_note(policy, canonical, out);
     let covering = covering(policy, canonical);
     let permitting: Vec<&Rule> = covering
         .iter()
@@ -520,26 +518,6 @@ fn ip_verdict(
     }
     dns_note(policy, canonical, port, transport, out);
     false
-}
-
-/// Whether this address may connect *in* (`inbound:` rules; loopback always may).
-fn inbound_note(policy: &Policy, ip: IpAddr, out: &mut Out) {
-    if ip.is_loopback() {
-        out.line("inbound: a peer at this loopback address may connect to the command's listeners");
-        return;
-    }
-    let rules: Vec<&Rule> = policy
-        .rules
-        .iter()
-        .filter(|r| matches!(&r.target, Target::Inbound(n) if n.contains(ip)))
-        .collect();
-    if !rules.is_empty() {
-        out.line(format_args!(
-            "inbound: a peer at this address may connect to the command's listeners on {} ({})",
-            union_text(&rules),
-            references(&rules)
-        ));
-    }
 }
 
 /// What host rules could still do for an address no static rule allows.
@@ -568,7 +546,7 @@ fn dns_note(
             .take(MAX_NAMES)
             .map(|r| match &r.target {
                 Target::Host(h) => h.to_string(),
-                Target::Net(n) | Target::Inbound(n) => n.to_string(),
+                Target::Net(n) => n.to_string(),
             })
             .collect();
         if hosts.len() > MAX_NAMES {

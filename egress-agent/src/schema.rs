@@ -102,7 +102,7 @@ fn unwrap_description(schema: &mut Schema) {
 /// One DNS label: letters, digits, `_` and `-` (not first or last), 1-63 characters.
 const LABEL: &str = "[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?";
 
-/// `RawAllow` takes exactly one of `host`, `cidr`, `ip`, `inbound` (checked in `load.rs`); this says so
+/// `RawAllow` takes exactly one of `host`, `cidr`, `ip` (checked in `load.rs`); this says so
 /// in the schema, so that an editor marks a rule with none or two of them.
 /// It also says that `protocol: icmp` takes no `ports`.
 pub fn exactly_one_target(schema: &mut Schema) {
@@ -112,7 +112,6 @@ pub fn exactly_one_target(schema: &mut Schema) {
             {"required": ["host"]},
             {"required": ["cidr"]},
             {"required": ["ip"]},
-            {"required": ["inbound"]},
         ]),
     );
     schema.insert(

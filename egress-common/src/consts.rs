@@ -2,11 +2,6 @@
 
 /// LPM trie of static `cidr:`/`ip:` rules: `Key<Addr>` to [`crate::AllowValue`].
 pub const MAP_ALLOW_CIDR: &str = "ALLOW_CIDR";
-/// LPM trie of `inbound:` rules: peers (`Key<Addr>`) whose connections the cgroup's listeners
-/// may accept, to [`crate::AllowValue`] (the local ports, TCP).
-pub const MAP_INBOUND: &str = "INBOUND";
-/// Capacity of `INBOUND`.
-pub const INBOUND_CAPACITY: u32 = 4_096;
 /// Hash of addresses learned from DNS answers: [`crate::Addr`] to [`crate::AllowValue`]
 /// (with an expiry).
 pub const MAP_ALLOW_DNS: &str = "ALLOW_DNS";

@@ -16,9 +16,6 @@ pub mod hook {
     pub const EGRESS: u8 = 6;
     /// `lsm_cgroup/socket_create` (address families). The event's `port` holds the family.
     pub const SOCKET_CREATE: u8 = 7;
-    /// `cgroup_skb/egress` judging a SYN-ACK: a connection the cgroup would accept. The
-    /// event's address and port are the peer's address and the local (listening) port.
-    pub const ACCEPT: u8 = 8;
 }
 
 /// Why a destination was denied.

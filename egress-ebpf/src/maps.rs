@@ -10,7 +10,7 @@ use egress_common::{
     config::OrigDst,
     consts::{
         COUNTER_SLOTS, DEFAULT_CIDR_CAPACITY, DEFAULT_DNS_CAPACITY, DNS_ORIG_CAPACITY,
-        EVENTS_RING_BYTES, INBOUND_CAPACITY,
+        EVENTS_RING_BYTES,
     },
 };
 
@@ -19,11 +19,6 @@ use egress_common::{
 #[map]
 pub static ALLOW_CIDR: LpmTrie<Addr, AllowValue> =
     LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
-
-/// `inbound:` rules: the peers whose connections the cgroup's listeners may accept, with the
-/// local ports. Written by the agent like `ALLOW_CIDR`.
-#[map]
-pub static INBOUND: LpmTrie<Addr, AllowValue> = LpmTrie::with_max_entries(INBOUND_CAPACITY, 0);
 
 /// Addresses answered for allowed host names, each with its expiry.
 #[map]

@@ -10,9 +10,7 @@ use egress_common::{
     rules::TooManyRanges,
 };
 
-use super::{
-    Net, Policy, PolicyError, Protocol, Rule, Target, error::Location, net::mask_key, ports,
-};
+use super::{Policy, PolicyError, Protocol, Rule, Target, error::Location, net::mask_key, ports};
 
 /// The ports allowed per protocol: two sets of sorted, disjoint, non-touching ranges, and
 /// whether ICMP is allowed (it has no ports).
@@ -160,33 +158,13 @@ const V4_MAPPED_BASE: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0,
 /// and when an IPv6 rule covers `::ffff:0:0/96` an entry allowing nothing is added there
 /// (unless `0.0.0.0/0` is itself a rule) so that IPv4 addresses stop at it.
 pub fn cidr_entries(policy: &Policy) -> Result<Vec<CidrEntry>, PolicyError> {
-    net_entries(policy, |t| match t {
-        Target::Net(n) => Some(n),
-        _ => None,
-    })
-}
-
-/// The `INBOUND` trie's entries: the `inbound:` rules, compiled as [`cidr_entries`] compiles
-/// the `cidr:`/`ip:` ones (peers, with the local ports).
-pub fn inbound_entries(policy: &Policy) -> Result<Vec<CidrEntry>, PolicyError> {
-    net_entries(policy, |t| match t {
-        Target::Inbound(n) => Some(n),
-        _ => None,
-    })
-}
-
-/// The trie entries of the rules whose target `pick` maps to a network.
-fn net_entries(
-    policy: &Policy,
-    pick: impl Fn(&Target) -> Option<&Net>,
-) -> Result<Vec<CidrEntry>, PolicyError> {
     struct Group<'a> {
         own: PortSet,
         first: &'a Rule,
     }
     let mut groups: HashMap<(Addr, u32), Group<'_>> = HashMap::new();
     for rule in &policy.rules {
-        let Some(net) = pick(&rule.target) else {
+        let Target::Net(net) = &rule.target else {
             continue;
         };
         groups
@@ -239,7 +217,7 @@ fn net_entries(
             set != before
         });
         let value = set.value(0).map_err(|TooManyRanges(count)| {
-            let Some(&net) = pick(&group.first.target) else {
+            let Target::Net(net) = group.first.target else {
                 unreachable!("groups hold net rules only")
             };
             let o = &group.first.origin;

@@ -9,7 +9,7 @@ use std::{
 use egress_common::consts::MAX_PORT_RANGES;
 
 use super::{
-    DnsSettings, Mode, Origin, Policy, PolicyError, Protocol, Rule, Target,
+    DnsSettings, Mode, Origin, Policy, PolicyError, Rule, Target,
     dns::format_duration,
     error::Location,
     ports::ALL_PORTS,
@@ -216,9 +216,6 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
     if let Some(ip) = raw.ip {
         targets.push(("ip", Target::Net(ip.0)));
     }
-    if let Some(c) = raw.inbound {
-        targets.push(("inbound", Target::Inbound(c.0)));
-    }
     let target = match targets.len() {
         1 => targets.pop().map(|(_, t)| t).expect("one target"),
         0 => {
@@ -226,7 +223,7 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
                 path,
                 node,
                 &field,
-                "no destination: give one of host, cidr, ip, inbound".into(),
+                "no destination: give one of host, cidr, ip".into(),
             ));
         }
         _ => {
@@ -236,30 +233,13 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
                 node,
                 &field,
                 format!(
-                    "give only one of host, cidr, ip, inbound (found {})",
+                    "give only one of host, cidr, ip (found {})",
                     names.join(" and ")
                 ),
             ));
         }
     };
-    let inbound = matches!(target, Target::Inbound(_));
-    let protocol = match raw.protocol {
-        // Accepted connections are judged at their SYN-ACK: TCP only.
-        Some(p) if inbound && p != Protocol::Tcp => {
-            return Err(invalid(
-                path,
-                node.get("protocol").unwrap_or(node),
-                &format!("{field}.protocol"),
-                format!(
-                    "inbound rules are for TCP connections the command accepts: write \
-                     protocol: tcp or leave it out (not {p})"
-                ),
-            ));
-        }
-        Some(p) => p,
-        None if inbound => Protocol::Tcp,
-        None => Protocol::default(),
-    };
+    let protocol = raw.protocol.unwrap_or_default();
     let ports_error = |message: String| {
         invalid(
             path,

@@ -59,7 +59,7 @@ use std::{
 
 use serde::Deserialize;
 
-pub use compile::{CidrEntry, PortSet, cidr_entries, inbound_entries, rule_value};
+pub use compile::{CidrEntry, PortSet, cidr_entries, rule_value};
 pub use dns::{DnsSettings, Upstream, format_duration, parse_duration};
 pub use egress_common::rules::TooManyRanges;
 pub use error::{Location, PolicyError};
@@ -124,8 +124,6 @@ pub enum Target {
     Host(HostPattern),
     /// A `cidr:` network or `ip:` address (a `/32` or `/128`).
     Net(Net),
-    /// An `inbound:` network: peers whose connections may be accepted (TCP, local ports).
-    Inbound(Net),
 }
 
 impl fmt::Display for Target {
@@ -134,7 +132,6 @@ impl fmt::Display for Target {
             Self::Host(h) => h.fmt(f),
             Self::Net(n) if n.is_host() => n.addr().fmt(f),
             Self::Net(n) => n.fmt(f),
-            Self::Inbound(n) => write!(f, "inbound {n}"),
         }
     }
 }
@@ -188,7 +185,7 @@ impl Policy {
             match &r.target {
                 Target::Host(HostPattern::Exact(_)) => hosts += 1,
                 Target::Host(HostPattern::Wildcard(_)) => wildcards += 1,
-                Target::Net(_) | Target::Inbound(_) => nets += 1,
+                Target::Net(_) => nets += 1,
             }
         }
         let n = |count: usize, one: &str, many: &str| {

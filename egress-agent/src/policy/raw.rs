@@ -68,8 +68,7 @@ pub struct RawDns {
     pub upstream: Option<Upstream>,
 }
 
-/// One `allow` rule: exactly one of `host`, `cidr`, `ip`, `inbound`, with optional ports and
-/// protocol.
+/// One `allow` rule: exactly one of `host`, `cidr`, `ip`, with optional ports and protocol.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(rename = "Rule", transform = crate::schema::exactly_one_target)]
@@ -84,12 +83,6 @@ pub struct RawAllow {
     /// A single IPv4 or IPv6 address.
     #[schemars(with = "Option<crate::schema::IpText>")]
     pub ip: Option<SingleIp>,
-    /// Peers (a network in CIDR notation, or one address as `/32` or `/128`) whose TCP
-    /// connections the cgroup's listeners may accept; `ports` are then the local ports.
-    /// Without such a rule only loopback peers are accepted: a connection from anywhere else
-    /// never completes its handshake, so nothing is ever sent to it.
-    #[schemars(with = "Option<crate::schema::CidrText>")]
-    pub inbound: Option<Cidr>,
     /// A port (`443`), a range (`"8000-8080"`), or a list of them; ports are 1-65535.
     /// Missing: every port. Not allowed with `protocol: icmp`.
     #[serde(default, deserialize_with = "present")]

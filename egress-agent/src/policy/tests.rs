@@ -153,11 +153,11 @@ allow:
 fn error_unknown_fields_point_at_the_key() {
     assert_eq!(
         err("version: 1\nallow:\n  - host: a.example.com\n    prot: tcp\n"),
-        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, ports, protocol"#
+        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "prot", expected one of host, cidr, ip, ports, protocol"#
     );
     assert_eq!(
         err("version: 1\nallow:\n- host: a.example.com\n  prot: tcp\n"),
-        r#"allowlists/x.yaml:4:3: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, ports, protocol"#
+        r#"allowlists/x.yaml:4:3: allow[0]: unknown field "prot", expected one of host, cidr, ip, ports, protocol"#
     );
     assert_eq!(
         err("version: 1\nallwo: []\n"),
@@ -169,7 +169,7 @@ fn error_unknown_fields_point_at_the_key() {
     );
     assert_eq!(
         err("version: 1\nallow:\n  - {ip: 10.0.0.1, port: 80}\n"),
-        r#"allowlists/x.yaml:3:20: allow[0]: unknown field "port", expected one of host, cidr, ip, inbound, ports, protocol"#
+        r#"allowlists/x.yaml:3:20: allow[0]: unknown field "port", expected one of host, cidr, ip, ports, protocol"#
     );
 }
 
@@ -296,15 +296,15 @@ fn error_hosts() {
 fn error_targets() {
     assert_eq!(
         err("version: 1\nallow:\n  - host: a.example.com\n    ip: 10.0.0.1\n"),
-        "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip, inbound (found host and ip)"
+        "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip (found host and ip)"
     );
     assert_eq!(
         err("version: 1\nallow:\n  - ip: 10.0.0.1\n  - ports: [443]\n    protocol: tcp\n"),
-        "allowlists/x.yaml:4:5: allow[1]: no destination: give one of host, cidr, ip, inbound"
+        "allowlists/x.yaml:4:5: allow[1]: no destination: give one of host, cidr, ip"
     );
     assert_eq!(
         err("version: 1\nallow:\n  - {}\n"),
-        "allowlists/x.yaml:3:5: allow[0]: no destination: give one of host, cidr, ip, inbound"
+        "allowlists/x.yaml:3:5: allow[0]: no destination: give one of host, cidr, ip"
     );
     assert_eq!(
         err("version: 1\nallow:\n  - just-a-string\n"),
@@ -845,47 +845,4 @@ allow:
     let got: Vec<(u16, u16, u8)> = v.ranges().iter().map(|r| (r.lo, r.hi, r.protos)).collect();
     assert_eq!(got, vec![(443, 443, PROTO_ANY), (0, 65535, PROTO_ICMP)]);
     assert!(v.permits(0, PROTO_ICMP) && v.permits(443, PROTO_UDP));
-
-    #[test]
-    fn inbound_rules_compile_into_their_own_trie() {
-        let p = parse_str(
-        "version: 1\nname: x\nallow:\n  - inbound: 203.0.113.0/24\n    ports: [8080]\n  - cidr: 192.0.2.0/24\n",
-        Path::new("x.yaml"),
-    )
-    .expect("valid");
-        let inbound = crate::policy::inbound_entries(&p).expect("entries");
-        assert_eq!(inbound.len(), 1);
-        assert_eq!(inbound[0].prefix_len, 96 + 24);
-        assert!(
-            inbound[0]
-                .value
-                .permits(8080, egress_common::consts::PROTO_TCP)
-        );
-        assert!(
-            !inbound[0]
-                .value
-                .permits(8081, egress_common::consts::PROTO_TCP)
-        );
-        assert!(
-            !inbound[0]
-                .value
-                .permits(8080, egress_common::consts::PROTO_UDP)
-        );
-        // The outbound trie holds only the cidr rule.
-        assert_eq!(crate::policy::cidr_entries(&p).expect("entries").len(), 1);
-    }
-
-    #[test]
-    fn inbound_rules_are_tcp_only() {
-        let e = parse_str(
-            "version: 1\nname: x\nallow:\n  - inbound: 203.0.113.0/24\n    protocol: udp\n",
-            Path::new("x.yaml"),
-        )
-        .expect_err("udp inbound");
-        assert_eq!(
-            e.to_string(),
-            "x.yaml:5:15: allow[0].protocol: inbound rules are for TCP connections the command \
-         accepts: write protocol: tcp or leave it out (not udp)"
-        );
-    }
 }

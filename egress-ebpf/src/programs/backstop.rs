@@ -33,7 +33,6 @@ use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
     helpers::{bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_skb_cgroup_id},
     macros::cgroup_skb,
-    maps::lpm_trie::Key,
     programs::SkBuffContext,
 };
 use egress_common::{
@@ -46,7 +45,7 @@ use super::{
     judged::judged,
     verdict::{audit_mode, count, lookup},
 };
-use crate::maps::{CONFIG, EVENTS, INBOUND};
+use crate::maps::{CONFIG, EVENTS};
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
@@ -120,14 +119,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             // Ports, sequence and ack numbers, offset, flags.
             let t: [u8; 14] = read(ctx, l4_off)?;
             let (syn, ack) = (t[13] & 0x02 != 0, t[13] & 0x10 != 0);
-            if syn && ack {
-                // The SYN-ACK of a connection one of the cgroup's listeners would accept
-                // (sent for the request socket, judged with the listener's cgroup): the peer
-                // must be allowed inbound, else the handshake never completes and nothing
-                // is ever sent to it.
-                return Ok(judge_inbound(&addr, u16::from_be_bytes([t[0], t[1]])));
-            }
-            if !syn {
+            if !syn || ack {
                 return Ok(PASS);
             }
             let port = u16::from_be_bytes([t[2], t[3]]);
@@ -218,31 +210,6 @@ fn judge_echo(skb: *mut __sk_buff, addr: &Addr, ip_proto: u8) -> i32 {
     }
 }
 
-/// A peer connecting to the local `port`: loopback (a client on this machine, not a way out)
-/// or an `inbound:` rule.
-#[inline(always)]
-fn judge_inbound(peer: &Addr, port: u16) -> i32 {
-    if is_loopback(peer) {
-        return PASS;
-    }
-    let why = match INBOUND.get(Key::new(128, *peer)) {
-        Some(v) if v.permits(port, PROTO_TCP) => return PASS,
-        Some(_) => reason::PORT,
-        None => reason::NO_RULE,
-    };
-    count(COUNTER_BACKSTOP_DROP);
-    let audit = audit_mode();
-    report_packet(peer, port, IPPROTO_TCP, hook::ACCEPT, why, audit);
-    if audit { PASS } else { DROP }
-}
-
-/// 127.0.0.0/8 (stored IPv4-mapped) and ::1.
-#[inline(always)]
-fn is_loopback(a: &Addr) -> bool {
-    let v4_mapped = a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff;
-    (v4_mapped && a[12] == 127) || (a[..15] == [0; 15] && a[15] == 1)
-}
-
 fn judge(addr: &Addr, port: u16, bit: u8, ip_proto: u8) -> i32 {
     if to_resolver(addr, port) {
         return PASS;
@@ -269,12 +236,6 @@ fn to_resolver(addr: &Addr, port: u16) -> bool {
 fn drop_packet(addr: &Addr, port: u16, ip_proto: u8, why: u8) -> i32 {
     count(COUNTER_BACKSTOP_DROP);
     let audit = audit_mode();
-    report_packet(addr, port, ip_proto, hook::EGRESS, why, audit);
-    if audit { PASS } else { DROP }
-}
-
-/// A deny event from packet context.
-fn report_packet(addr: &Addr, port: u16, ip_proto: u8, hook: u8, why: u8, audit: bool) {
     if let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) {
         // The sending task is not known in packet context: no pid, uid or comm.
         entry.write(DenyEvent {
@@ -288,7 +249,7 @@ fn report_packet(addr: &Addr, port: u16, ip_proto: u8, hook: u8, why: u8, audit:
             addr: *addr,
             port,
             ip_proto,
-            hook,
+            hook: hook::EGRESS,
             reason: why,
             audited: u8::from(audit),
             _pad: [0; 2],
@@ -296,4 +257,5 @@ fn report_packet(addr: &Addr, port: u16, ip_proto: u8, hook: u8, why: u8, audit:
         });
         entry.submit(0);
     }
+    if audit { PASS } else { DROP }
 }

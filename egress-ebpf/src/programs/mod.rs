@@ -2,6 +2,7 @@
 
 mod backstop;
 mod dns;
+mod inbound;
 mod judged;
 mod restore;
 mod sock_addr;

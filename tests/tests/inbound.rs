@@ -33,10 +33,13 @@ const SERVER: &str = r#"
 import json, os, socket, sys, time
 kind, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 deadline = time.time() + 40
-if kind == "tcp":
+if kind in ("tcp", "tfo"):
     s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if kind == "tfo":
+        # TCP Fast Open, server side: data with the SYN, a child socket before the ACK.
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 5)
     s.bind(("::", port))
     s.listen(1)
 else:
@@ -47,7 +50,7 @@ s.settimeout(0.2)
 print("listening", flush=True)
 while time.time() < deadline and not os.path.exists(stop):
     try:
-        if kind == "tcp":
+        if kind != "udp":
             c, peer = s.accept()
             c.sendall(b"SECRET-INBOUND\n" * 4)
             c.close()
@@ -77,10 +80,17 @@ if dev != "-":
 fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
 out = {"connected": False, "received": 0, "error": None}
 try:
-    if kind == "tcp":
+    if kind in ("tcp", "tfo"):
         c = socket.socket(fam, socket.SOCK_STREAM)
-        c.settimeout(3)
-        c.connect((dst, port))
+        if kind == "tfo":
+            # Blocking (a timeout makes the socket non-blocking: EINPROGRESS), bounded by
+            # SO_SNDTIMEO.
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 3, 0))
+            c.sendto(b"hello", socket.MSG_FASTOPEN, (dst, port))
+            c.settimeout(3)
+        else:
+            c.settimeout(3)
+            c.connect((dst, port))
         out["connected"] = True
         while True:
             b = c.recv(4096)
@@ -278,15 +288,40 @@ fn assert_accept_denied(run: &AgentRun, peer: &str) {
     );
 }
 
-fn refuses_a_peer(dst: &str, peer: &str, cookies: bool) {
+#[derive(PartialEq)]
+enum Variant {
+    Plain,
+    /// Every SYN is answered with a cookie: no request socket, a SYN-ACK owned by no socket
+    /// (the egress filter never sees it), and the ACK creates the child.
+    SynCookies,
+    /// TCP Fast Open without a cookie: the SYN's data creates a child socket at once.
+    FastOpen,
+}
+
+fn refuses_a_peer(dst: &str, peer: &str, variant: Variant) {
     let lab = Lab::new();
-    if cookies {
-        // Every SYN is answered with a cookie: no request socket, a SYN-ACK owned by no
-        // socket (the egress filter never sees it), and the ACK creates the child.
-        lab.srv_sysctl("net.ipv4.tcp_syncookies=2");
-    }
-    let run = lab.serve("tcp", &no_inbound());
-    let out = lab.peer_connects("tcp", dst);
+    let kind = match variant {
+        Variant::Plain => "tcp",
+        Variant::SynCookies => {
+            lab.srv_sysctl("net.ipv4.tcp_syncookies=2");
+            "tcp"
+        }
+        Variant::FastOpen => {
+            // Client and server, no cookie required (0x200), in these namespaces only.
+            lab.srv_sysctl("net.ipv4.tcp_fastopen=515");
+            let out = lab
+                .peer
+                .command("sysctl")
+                .args(["-w", "net.ipv4.tcp_fastopen=515"])
+                .stdin(Stdio::null())
+                .output()
+                .expect("sysctl");
+            assert!(out.status.success());
+            "tfo"
+        }
+    };
+    let run = lab.serve(kind, &no_inbound());
+    let out = lab.peer_connects(kind, dst);
     let run = lab.stop(run);
     assert_refused(&out, &run);
     assert_accept_denied(&run, peer);
@@ -299,17 +334,47 @@ fn refuses_a_peer(dst: &str, peer: &str, cookies: bool) {
 
 #[test]
 fn a_peer_no_rule_allows_gets_nothing_over_ipv4() {
-    refuses_a_peer(SRV4, PEER4, false);
+    refuses_a_peer(SRV4, PEER4, Variant::Plain);
 }
 
 #[test]
 fn a_peer_no_rule_allows_gets_nothing_over_ipv6() {
-    refuses_a_peer(SRV6, PEER6, false);
+    refuses_a_peer(SRV6, PEER6, Variant::Plain);
 }
 
 #[test]
 fn a_peer_no_rule_allows_gets_nothing_with_syn_cookies() {
-    refuses_a_peer(SRV4, PEER4, true);
+    refuses_a_peer(SRV4, PEER4, Variant::SynCookies);
+}
+
+#[test]
+fn a_peer_no_rule_allows_gets_nothing_with_tcp_fast_open() {
+    refuses_a_peer(SRV4, PEER4, Variant::FastOpen);
+}
+
+/// Control for the variants: an allowed peer is served with SYN cookies forced and with
+/// TCP Fast Open, so the refusals above are the policy's doing.
+#[test]
+fn an_allowed_peer_is_served_with_syn_cookies_and_fast_open() {
+    let lab = Lab::new();
+    lab.srv_sysctl("net.ipv4.tcp_syncookies=2");
+    lab.srv_sysctl("net.ipv4.tcp_fastopen=515");
+    let out = lab
+        .peer
+        .command("sysctl")
+        .args(["-w", "net.ipv4.tcp_fastopen=515"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("sysctl");
+    assert!(out.status.success());
+    let allow = format!("{}  - inbound: {PEER4}\n    ports: [{PORT}]\n", no_inbound());
+    let run = lab.serve("tfo", &allow);
+    let tfo = lab.peer_connects("tfo", SRV4);
+    let plain = lab.peer_connects("tcp", SRV4);
+    let run = lab.stop(run);
+    let secret = "SECRET-INBOUND\n".len() * 4;
+    assert_eq!(tfo["received"], secret, "{tfo}\n{}", run.output());
+    assert_eq!(plain["received"], secret, "{plain}\n{}", run.output());
 }
 
 #[test]

@@ -998,4 +998,29 @@ allow:
         let q = policy("version: 1\nallow:\n  - cidr: 0.0.0.0/0\n");
         assert!(!run(&q, "203.0.113.1", Some(Transport::Icmp)).allowed);
     }
+
+    #[test]
+    fn a_peer_is_said_to_be_allowed_inbound() {
+        let p = policy(
+            "version: 1\nallow:\n  - inbound: 203.0.113.0/24\n    ports: [8080]\n  - ip: 198.51.100.1\n",
+        );
+        let yes = lines(&p, "203.0.113.7:8080");
+        assert!(
+            yes.iter().any(|l| l.contains(
+                "allowed inbound: may connect in to local port 8080 by allow[0] (allowlists/x.yaml:3:5)"
+            )),
+            "{yes:#?}"
+        );
+        let no = lines(&p, "203.0.113.7:22");
+        assert!(
+            no.iter().any(|l| l.contains("not allowed inbound to local port 22")),
+            "{no:#?}"
+        );
+        // Inbound rules never allow reaching the peer.
+        assert!(!run(&p, "203.0.113.7:8080", None).allowed);
+        assert!(
+            !lines(&p, "198.51.100.1:80").iter().any(|l| l.contains("inbound")),
+            "no note where no inbound rule covers the address"
+        );
+    }
 }

@@ -499,8 +499,12 @@ impl Enforcer {
             policy::inbound_entries(policy)?,
         );
         self.cidr_keys = sync_trie(&mut self.cidr, &self.cidr_keys, &cidr, "CIDR rules")?;
-        self.inbound_keys =
-            sync_trie(&mut self.inbound, &self.inbound_keys, &inbound, "inbound rules")?;
+        self.inbound_keys = sync_trie(
+            &mut self.inbound,
+            &self.inbound_keys,
+            &inbound,
+            "inbound rules",
+        )?;
         let mode = match policy.mode {
             Mode::Enforce => 0,
             Mode::Audit => FLAG_AUDIT,

@@ -1013,13 +1013,16 @@ allow:
         );
         let no = lines(&p, "203.0.113.7:22");
         assert!(
-            no.iter().any(|l| l.contains("not allowed inbound to local port 22")),
+            no.iter()
+                .any(|l| l.contains("not allowed inbound to local port 22")),
             "{no:#?}"
         );
         // Inbound rules never allow reaching the peer.
         assert!(!run(&p, "203.0.113.7:8080", None).allowed);
         assert!(
-            !lines(&p, "198.51.100.1:80").iter().any(|l| l.contains("inbound")),
+            !lines(&p, "198.51.100.1:80")
+                .iter()
+                .any(|l| l.contains("inbound")),
             "no note where no inbound rule covers the address"
         );
     }

@@ -488,8 +488,14 @@ mod tests {
             r#"{"event":"audit","proto":"tcp","dst":"203.0.113.7","port":8080,"hook":"accept"}"#,
             r#"{"event":"audit","proto":"tcp","dst":"203.0.113.7","port":9000,"hook":"accept"}"#,
         ]);
-        assert!(y.contains("  - inbound: 203.0.113.7\n    ports: [8080, 9000]\n"), "{y}");
-        assert!(!y.contains("- ip: 203.0.113.7"), "a peer is not a destination: {y}");
+        assert!(
+            y.contains("  - inbound: 203.0.113.7\n    ports: [8080, 9000]\n"),
+            "{y}"
+        );
+        assert!(
+            !y.contains("- ip: 203.0.113.7"),
+            "a peer is not a destination: {y}"
+        );
         let p = policy::parse_str(&y, Path::new("learned.yaml")).expect("the result parses");
         assert_eq!(p.rules.len(), 1);
     }

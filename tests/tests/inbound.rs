@@ -174,11 +174,16 @@ impl Lab {
             "netns",
             peer.name(),
         ]);
-        for (ns, dev, v4, v6) in [
-            (&srv, "egin0", SRV4, SRV6),
-            (&peer, "egin1", PEER4, PEER6),
-        ] {
-            ip(&["-n", ns.name(), "addr", "add", &format!("{v4}/24"), "dev", dev]);
+        for (ns, dev, v4, v6) in [(&srv, "egin0", SRV4, SRV6), (&peer, "egin1", PEER4, PEER6)] {
+            ip(&[
+                "-n",
+                ns.name(),
+                "addr",
+                "add",
+                &format!("{v4}/24"),
+                "dev",
+                dev,
+            ]);
             ip(&[
                 "-n",
                 ns.name(),
@@ -226,7 +231,11 @@ impl Lab {
         let listening = poll_until(Duration::from_secs(10), || {
             run.stdout().contains("listening").then_some(())
         });
-        assert!(listening.is_some(), "the server did not start\n{}", run.output());
+        assert!(
+            listening.is_some(),
+            "the server did not start\n{}",
+            run.output()
+        );
         run
     }
 
@@ -267,7 +276,8 @@ fn assert_refused(out: &Value, run: &AgentRun) {
     assert_eq!(out["connected"], false, "{out}\n{}", run.output());
     assert_eq!(out["received"], 0, "{out}\n{}", run.output());
     assert_eq!(
-        out["wire_payload"], 0,
+        out["wire_payload"],
+        0,
         "payload from the command crossed the wire: {out}\n{}",
         run.output()
     );
@@ -367,7 +377,10 @@ fn an_allowed_peer_is_served_with_syn_cookies_and_fast_open() {
         .output()
         .expect("sysctl");
     assert!(out.status.success());
-    let allow = format!("{}  - inbound: {PEER4}\n    ports: [{PORT}]\n", no_inbound());
+    let allow = format!(
+        "{}  - inbound: {PEER4}\n    ports: [{PORT}]\n",
+        no_inbound()
+    );
     let run = lab.serve("tfo", &allow);
     let tfo = lab.peer_connects("tfo", SRV4);
     let plain = lab.peer_connects("tcp", SRV4);
@@ -406,7 +419,9 @@ fn an_inbound_rule_lets_its_peer_in_and_loopback_is_always_served() {
         run.output()
     );
     assert!(
-        !denies.iter().any(|e| e["dst"] == PEER4 || e["dst"] == "127.0.0.1"),
+        !denies
+            .iter()
+            .any(|e| e["dst"] == PEER4 || e["dst"] == "127.0.0.1"),
         "allowed peers were reported\n{}",
         run.output()
     );
@@ -445,11 +460,19 @@ fn audit_mode_reports_the_peer_and_lets_it_in() {
     let run = lab.serve("tcp", &allow);
     let out = lab.peer_connects("tcp", SRV4);
     let run = lab.stop(run);
-    assert_eq!(out["received"], "SECRET-INBOUND\n".len() * 4, "{out}\n{}", run.output());
+    assert_eq!(
+        out["received"],
+        "SECRET-INBOUND\n".len() * 4,
+        "{out}\n{}",
+        run.output()
+    );
     let audits = run.events_of("audit");
     let accept: Vec<&Value> = audits.iter().filter(|e| e["hook"] == "accept").collect();
     assert!(
-        !accept.is_empty() && accept.iter().all(|e| e["dst"] == PEER4 && e["port"] == PORT),
+        !accept.is_empty()
+            && accept
+                .iter()
+                .all(|e| e["dst"] == PEER4 && e["port"] == PORT),
         "{}",
         run.output()
     );

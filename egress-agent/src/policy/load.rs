@@ -242,9 +242,7 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
                 path,
                 at,
                 &field,
-                format!(
-                    "give ports: the local ports {peers} may connect to (\"1-65535\" for all)"
-                ),
+                format!("give ports: the local ports {peers} may connect to (\"1-65535\" for all)"),
             ));
         }
     }

@@ -874,7 +874,11 @@ allow:
     let peer = "203.0.113.50".parse().unwrap();
     assert_eq!(p.inbound_rules_for(peer), vec![&p.rules[0]]);
     assert!(p.inbound_rules_for("192.0.2.1".parse().unwrap()).is_empty());
-    assert!(p.summary().contains("1 address, 3 inbound)"), "{}", p.summary());
+    assert!(
+        p.summary().contains("1 address, 3 inbound)"),
+        "{}",
+        p.summary()
+    );
 }
 
 #[test]
@@ -900,7 +904,9 @@ fn inbound_errors_name_the_rule() {
          nor an IP address"
     );
     assert_eq!(
-        err("version: 1\nallow:\n  - inbound: 203.0.113.0/24\n    cidr: 203.0.113.0/24\n    ports: 80\n"),
+        err(
+            "version: 1\nallow:\n  - inbound: 203.0.113.0/24\n    cidr: 203.0.113.0/24\n    ports: 80\n"
+        ),
         "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip, inbound (found cidr \
          and inbound)"
     );

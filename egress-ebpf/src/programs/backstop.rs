@@ -112,7 +112,12 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             }
             let port = u16::from_be_bytes([t[2], t[3]]);
             if ack {
-                return Ok(judge_syn_ack(skb, &addr, u16::from_be_bytes([t[0], t[1]]), port));
+                return Ok(judge_syn_ack(
+                    skb,
+                    &addr,
+                    u16::from_be_bytes([t[0], t[1]]),
+                    port,
+                ));
             }
             let sk = full_socket(skb);
             if !sk.is_null() && judged(sk, &addr, port, IPPROTO_TCP) {

@@ -114,11 +114,9 @@ pub fn verdict(peer: &Addr, local_port: u16, peer_port: u16) -> Option<u8> {
         Some(_) => reason::PORT,
         None => reason::NO_RULE,
     };
-    // The outbound rules already let the command reach this very address and port.
-    match lookup(peer, peer_port, PROTO_TCP) {
-        None => None,
-        Some(_) => Some(why),
-    }
+    // Allowed too when the outbound rules already let the command reach this very address
+    // and port.
+    lookup(peer, peer_port, PROTO_TCP).map(|_| why)
 }
 
 /// 127.0.0.0/8 (also as `::ffff:127.x.y.z`) or `::1`.

@@ -29,8 +29,8 @@ use egress_common::{
     config::{FLAG_AUDIT, FLAG_ICMP},
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
-        DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS,
-        MAP_DNS_ORIG, MAP_EVENTS,
+        DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_INBOUND, MAP_CONFIG,
+        MAP_COUNTERS, MAP_DNS_ORIG, MAP_EVENTS,
     },
     keys::addr_from_ip,
 };
@@ -57,8 +57,9 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 ];
 
 /// Every map, by name (for pinning).
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 7] = [
     MAP_ALLOW_CIDR,
+    MAP_ALLOW_INBOUND,
     MAP_ALLOW_DNS,
     MAP_CONFIG,
     MAP_COUNTERS,
@@ -68,6 +69,9 @@ pub const ALL_MAPS: [&str; 6] = [
 
 /// The cgroup_skb/egress backstop.
 pub const BACKSTOP_PROGRAM: &str = "egress";
+
+/// The cgroup_skb/ingress program that judges peers connecting to the cgroup's listeners.
+pub const INGRESS_PROGRAM: &str = "ingress";
 
 /// The cgroup/sock program that refuses raw and ICMP sockets.
 pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
@@ -157,6 +161,36 @@ fn family_guard_load_error(e: aya::programs::ProgramError) -> anyhow::Error {
     }
 }
 
+/// The keys of a trie (entries an earlier agent wrote are known, so a changed policy
+/// removes them).
+fn trie_keys(trie: &LpmTrie<MapData, Addr, AllowValue>) -> HashSet<(Addr, u32)> {
+    trie.keys()
+        .filter_map(Result::ok)
+        .map(|k| (k.data(), k.prefix_len()))
+        .collect()
+}
+
+/// Writes `entries` into `trie`, then removes the keys of `old` they no longer hold (new
+/// entries first: an address allowed before and after never sees a gap). Returns the keys.
+fn sync_trie(
+    trie: &mut LpmTrie<MapData, Addr, AllowValue>,
+    old: &HashSet<(Addr, u32)>,
+    entries: &[policy::CidrEntry],
+    what: &str,
+) -> anyhow::Result<HashSet<(Addr, u32)>> {
+    let mut keys = HashSet::with_capacity(entries.len());
+    for e in entries {
+        trie.insert(&Key::new(e.prefix_len, e.addr), e.value, 0)
+            .with_context(|| format!("cannot write the {what} map (is it full?)"))?;
+        keys.insert((e.addr, e.prefix_len));
+    }
+    for (addr, len) in old.difference(&keys) {
+        // Already gone is fine.
+        let _ = trie.remove(&Key::new(*len, *addr));
+    }
+    Ok(keys)
+}
+
 /// Programs attached to one cgroup, with handles on their maps.
 pub struct Enforcer {
     cgroup: PathBuf,
@@ -166,6 +200,8 @@ pub struct Enforcer {
     generation: u128,
     cidr: LpmTrie<MapData, Addr, AllowValue>,
     cidr_keys: HashSet<(Addr, u32)>,
+    inbound: LpmTrie<MapData, Addr, AllowValue>,
+    inbound_keys: HashSet<(Addr, u32)>,
     dns: HashMap<MapData, Addr, AllowValue>,
     config: Array<MapData, Config>,
     config_value: Config,
@@ -240,17 +276,15 @@ impl Enforcer {
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
         let cidr = LpmTrie::try_from(take(MAP_ALLOW_CIDR)?)?;
+        let inbound = LpmTrie::try_from(take(MAP_ALLOW_INBOUND)?)?;
         let dns = HashMap::try_from(take(MAP_ALLOW_DNS)?)?;
         let config = Array::try_from(take(MAP_CONFIG)?)?;
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?)?;
 
         // Static entries an earlier agent wrote: known, so a changed policy removes them.
-        let cidr_keys: HashSet<(Addr, u32)> = cidr
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| (k.data(), k.prefix_len()))
-            .collect();
+        let cidr_keys = trie_keys(&cidr);
+        let inbound_keys = trie_keys(&inbound);
         let mut me = Self {
             cgroup: cgroup.to_owned(),
             links: Vec::new(),
@@ -262,6 +296,8 @@ impl Enforcer {
                 .as_nanos(),
             cidr,
             cidr_keys,
+            inbound,
+            inbound_keys,
             dns,
             config,
             config_value: Config::default(),
@@ -339,6 +375,26 @@ impl Enforcer {
             .try_into()
             .map_err(|e| anyhow!("{BACKSTOP_PROGRAM}: not a bpf_link: {e:?}"))?;
         let link = me.keep_link(BACKSTOP_PROGRAM, link)?;
+        me.links.push(link);
+        let prog: &mut CgroupSkb = me
+            ._ebpf
+            .program_mut(INGRESS_PROGRAM)
+            .ok_or_else(|| anyhow!("program {INGRESS_PROGRAM} missing from the eBPF object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel rejected program {INGRESS_PROGRAM}"))?;
+        let id = prog
+            .attach(
+                &cgroup_dir,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .with_context(|| format!("cannot attach {INGRESS_PROGRAM} to {}", cgroup.display()))?;
+        let link: FdLink = prog
+            .take_link(id)?
+            .try_into()
+            .map_err(|e| anyhow!("{INGRESS_PROGRAM}: not a bpf_link: {e:?}"))?;
+        let link = me.keep_link(INGRESS_PROGRAM, link)?;
         me.links.push(link);
         if let Err(e) = me.attach_family_guard(&cgroup_dir, btf.as_ref()) {
             me.family_guard = Some(format!("{e:#}"));
@@ -436,19 +492,19 @@ impl Enforcer {
     /// Replaces the static rules, the mode and the ICMP flag with `policy`'s. New entries are written before
     /// stale ones are removed, so an address allowed by both policies never sees a gap.
     pub fn apply_policy(&mut self, policy: &Policy) -> anyhow::Result<()> {
-        let entries = policy::cidr_entries(policy)?;
-        let mut keys = HashSet::with_capacity(entries.len());
-        for e in &entries {
-            self.cidr
-                .insert(&Key::new(e.prefix_len, e.addr), e.value, 0)
-                .context("cannot write the CIDR rules map (is it full?)")?;
-            keys.insert((e.addr, e.prefix_len));
-        }
-        for (addr, len) in self.cidr_keys.difference(&keys) {
-            // Already gone is fine.
-            let _ = self.cidr.remove(&Key::new(*len, *addr));
-        }
-        self.cidr_keys = keys;
+        // Both compiled before either map changes: a policy that does not compile changes
+        // nothing.
+        let (cidr, inbound) = (
+            policy::cidr_entries(policy)?,
+            policy::inbound_entries(policy)?,
+        );
+        self.cidr_keys = sync_trie(&mut self.cidr, &self.cidr_keys, &cidr, "CIDR rules")?;
+        self.inbound_keys = sync_trie(
+            &mut self.inbound,
+            &self.inbound_keys,
+            &inbound,
+            "inbound rules",
+        )?;
         let mode = match policy.mode {
             Mode::Enforce => 0,
             Mode::Audit => FLAG_AUDIT,

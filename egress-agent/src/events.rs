@@ -29,9 +29,10 @@ pub struct DenyRecord {
     /// `tcp`, `udp`, or `ip:N` for another IP protocol; for the family guard
     /// (`hook: socket_create`), the socket's address family (`af_packet`, `af_vsock`, `af:N`).
     pub proto: String,
-    /// Destination; IPv4-mapped IPv6 is shown as the IPv4 address it carries.
+    /// Destination; IPv4-mapped IPv6 is shown as the IPv4 address it carries. For
+    /// `hook: accept`, the peer that connected in.
     pub dst: IpAddr,
-    /// Destination port.
+    /// Destination port; for `hook: accept`, the local port the peer connected to.
     pub port: u16,
     /// Process id.
     pub pid: u32,
@@ -48,7 +49,8 @@ pub struct DenyRecord {
     /// Why: `no-rule`, `port`, `expired`, `protocol`, `family` or `error`.
     pub reason: &'static str,
     /// Which hook decided: `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `sock_create`,
-    /// `egress` (the packet backstop), `socket_create` (the family guard).
+    /// `egress` (the packet backstop), `socket_create` (the family guard), `accept` (a peer
+    /// connecting in to a listening socket, no `inbound:` rule allowing it).
     pub hook: &'static str,
     /// `deny`, or `audit` when audit mode let the call through.
     pub verdict: &'static str,
@@ -138,6 +140,7 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::SOCK_CREATE => "sock_create",
         hook::EGRESS => "egress",
         hook::SOCKET_CREATE => "socket_create",
+        hook::ACCEPT => "accept",
         _ => "unknown",
     }
 }

@@ -297,6 +297,8 @@ fn describe(rule: &Rule) -> String {
         Target::Host(h) => format!("host {h}"),
         Target::Net(n) if n.is_host() => format!("ip {}", n.addr()),
         Target::Net(n) => format!("cidr {n}"),
+        Target::Inbound(n) if n.is_host() => format!("inbound {}", n.addr()),
+        Target::Inbound(n) => format!("inbound {n}"),
     };
     let ports = if rule.ports == [(0, u16::MAX)] {
         "every port".to_string()
@@ -476,7 +478,7 @@ fn covering(policy: &Policy, ip: IpAddr) -> Vec<&Rule> {
         .collect();
     rules.sort_by_key(|r| match &r.target {
         Target::Net(n) => std::cmp::Reverse(n.prefix_len()),
-        Target::Host(_) => std::cmp::Reverse(0),
+        Target::Host(_) | Target::Inbound(_) => std::cmp::Reverse(0),
     });
     rules
 }
@@ -493,6 +495,9 @@ fn ip_verdict(
         out.line(format_args!(
             "judged as the IPv4 address it carries, {canonical}"
         ));
+    }
+    if transport.is_none_or(|t| t == Transport::Tcp) {
+        inbound_note(policy, canonical, port, out);
     }
     let covering = covering(policy, canonical);
     let permitting: Vec<&Rule> = covering
@@ -518,6 +523,37 @@ fn ip_verdict(
     }
     dns_note(policy, canonical, port, transport, out);
     false
+}
+
+/// What the `inbound:` rules say about `ip` as a peer connecting in (TCP) to a local port
+/// (`port`, when given): one line, only when some inbound rule covers the address. It does
+/// not change the verdict, which is about reaching `ip`.
+fn inbound_note(policy: &Policy, ip: IpAddr, port: Option<u16>, out: &mut Out) {
+    let covering = policy.inbound_rules_for(ip);
+    if covering.is_empty() {
+        return;
+    }
+    let permitting: Vec<&Rule> = covering
+        .iter()
+        .copied()
+        .filter(|r| permits(r, port, Some(Transport::Tcp)))
+        .collect();
+    match (port, permitting.is_empty()) {
+        (Some(p), false) => out.line(format_args!(
+            "allowed inbound: may connect in to local port {p} by {}",
+            references(&permitting)
+        )),
+        (Some(p), true) => out.line(format_args!(
+            "not allowed inbound to local port {p}: {} allow only {}",
+            references(&covering),
+            union_text(&covering)
+        )),
+        (None, _) => out.line(format_args!(
+            "allowed inbound: may connect in to local {} by {}",
+            union_text(&covering),
+            references(&covering)
+        )),
+    }
 }
 
 /// What host rules could still do for an address no static rule allows.
@@ -546,7 +582,7 @@ fn dns_note(
             .take(MAX_NAMES)
             .map(|r| match &r.target {
                 Target::Host(h) => h.to_string(),
-                Target::Net(n) => n.to_string(),
+                Target::Net(n) | Target::Inbound(n) => n.to_string(),
             })
             .collect();
         if hosts.len() > MAX_NAMES {
@@ -961,5 +997,33 @@ allow:
         assert!(!e.allowed);
         let q = policy("version: 1\nallow:\n  - cidr: 0.0.0.0/0\n");
         assert!(!run(&q, "203.0.113.1", Some(Transport::Icmp)).allowed);
+    }
+
+    #[test]
+    fn a_peer_is_said_to_be_allowed_inbound() {
+        let p = policy(
+            "version: 1\nallow:\n  - inbound: 203.0.113.0/24\n    ports: [8080]\n  - ip: 198.51.100.1\n",
+        );
+        let yes = lines(&p, "203.0.113.7:8080");
+        assert!(
+            yes.iter().any(|l| l.contains(
+                "allowed inbound: may connect in to local port 8080 by allow[0] (allowlists/x.yaml:3:5)"
+            )),
+            "{yes:#?}"
+        );
+        let no = lines(&p, "203.0.113.7:22");
+        assert!(
+            no.iter()
+                .any(|l| l.contains("not allowed inbound to local port 22")),
+            "{no:#?}"
+        );
+        // Inbound rules never allow reaching the peer.
+        assert!(!run(&p, "203.0.113.7:8080", None).allowed);
+        assert!(
+            !lines(&p, "198.51.100.1:80")
+                .iter()
+                .any(|l| l.contains("inbound")),
+            "no note where no inbound rule covers the address"
+        );
     }
 }

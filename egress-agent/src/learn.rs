@@ -32,6 +32,8 @@ pub struct Observed {
     hosts: BTreeMap<String, Use>,
     ips: BTreeMap<IpAddr, Use>,
     looked_up: BTreeSet<String>,
+    /// Peers that connected in (`hook: accept`), with the local ports they connected to.
+    inbound: BTreeMap<IpAddr, BTreeSet<u16>>,
 }
 
 impl Observed {
@@ -54,6 +56,13 @@ impl Observed {
                         continue;
                     }
                     let dst: Option<IpAddr> = v["dst"].as_str().and_then(|d| d.parse().ok());
+                    if v["hook"].as_str() == Some("accept") {
+                        // A peer connecting in: an inbound rule, never a destination.
+                        if let Some(peer) = dst {
+                            o.inbound.entry(peer).or_default().insert(port as u16);
+                        }
+                        continue;
+                    }
                     let u = match v["host"].as_str() {
                         Some(h) => o.hosts.entry(h.to_owned()).or_default(),
                         None => match dst {
@@ -83,7 +92,10 @@ impl Observed {
 
     /// Whether nothing was seen.
     pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty() && self.ips.is_empty() && self.looked_up.is_empty()
+        self.hosts.is_empty()
+            && self.ips.is_empty()
+            && self.looked_up.is_empty()
+            && self.inbound.is_empty()
     }
 }
 
@@ -216,6 +228,20 @@ pub fn render(
             ports,
             protocol,
             comments: vec![review.into()],
+        });
+    }
+
+    for (peer, ports) in &observed.inbound {
+        rules.push(Proposed {
+            key: "inbound".into(),
+            value: peer.to_string(),
+            ports: ports.iter().copied().collect(),
+            protocol: "tcp",
+            comments: vec![
+                "REVIEW: a peer that connected in to the command; widen it to its network if \
+                 it has one"
+                    .into(),
+            ],
         });
     }
 
@@ -454,5 +480,23 @@ mod tests {
         );
         let p = policy::parse_str(&y, Path::new("learned.yaml")).expect("the result parses");
         assert_eq!(p.rules.len(), 4);
+    }
+
+    #[test]
+    fn peers_connecting_in_become_inbound_rules() {
+        let y = learned(&[
+            r#"{"event":"audit","proto":"tcp","dst":"203.0.113.7","port":8080,"hook":"accept"}"#,
+            r#"{"event":"audit","proto":"tcp","dst":"203.0.113.7","port":9000,"hook":"accept"}"#,
+        ]);
+        assert!(
+            y.contains("  - inbound: 203.0.113.7\n    ports: [8080, 9000]\n"),
+            "{y}"
+        );
+        assert!(
+            !y.contains("- ip: 203.0.113.7"),
+            "a peer is not a destination: {y}"
+        );
+        let p = policy::parse_str(&y, Path::new("learned.yaml")).expect("the result parses");
+        assert_eq!(p.rules.len(), 1);
     }
 }

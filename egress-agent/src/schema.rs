@@ -102,9 +102,10 @@ fn unwrap_description(schema: &mut Schema) {
 /// One DNS label: letters, digits, `_` and `-` (not first or last), 1-63 characters.
 const LABEL: &str = "[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?";
 
-/// `RawAllow` takes exactly one of `host`, `cidr`, `ip` (checked in `load.rs`); this says so
-/// in the schema, so that an editor marks a rule with none or two of them.
-/// It also says that `protocol: icmp` takes no `ports`.
+/// `RawAllow` takes exactly one of `host`, `cidr`, `ip`, `inbound` (checked in `load.rs`);
+/// this says so in the schema, so that an editor marks a rule with none or two of them.
+/// It also says that `protocol: icmp` takes no `ports`, and that an `inbound` rule needs
+/// `ports` and is TCP only.
 pub fn exactly_one_target(schema: &mut Schema) {
     schema.insert(
         "oneOf".into(),
@@ -112,15 +113,21 @@ pub fn exactly_one_target(schema: &mut Schema) {
             {"required": ["host"]},
             {"required": ["cidr"]},
             {"required": ["ip"]},
+            {"required": ["inbound"]},
         ]),
     );
     schema.insert(
-        "if".into(),
-        serde_json::json!({"required": ["protocol"], "properties": {"protocol": {"const": "icmp"}}}),
-    );
-    schema.insert(
-        "then".into(),
-        serde_json::json!({"not": {"required": ["ports"]}}),
+        "allOf".into(),
+        serde_json::json!([
+            {
+                "if": {"required": ["protocol"], "properties": {"protocol": {"const": "icmp"}}},
+                "then": {"not": {"required": ["ports"]}},
+            },
+            {
+                "if": {"required": ["inbound"]},
+                "then": {"required": ["ports"], "properties": {"protocol": {"const": "tcp"}}},
+            },
+        ]),
     );
 }
 
@@ -246,6 +253,25 @@ impl JsonSchema for IpText {
             "type": "string",
             "pattern": r"^\s*[0-9A-Fa-f:.]+\s*$",
             "examples": ["192.0.2.10", "2001:db8::1"],
+        })
+    }
+}
+
+/// The schema of an `inbound:` value (the type itself is private to `policy`).
+pub struct InboundText;
+
+impl JsonSchema for InboundText {
+    fn schema_name() -> Cow<'static, str> {
+        "Inbound".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Peers that may connect in: an IPv4 or IPv6 network in CIDR \
+                notation (without host bits), or one address.",
+            "type": "string",
+            "pattern": r"^\s*[0-9A-Fa-f:.]+(/[0-9]{1,3})?\s*$",
+            "examples": ["192.0.2.0/24", "2001:db8::/32", "192.0.2.10"],
         })
     }
 }

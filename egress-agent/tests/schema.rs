@@ -231,6 +231,7 @@ const GOOD: &[&str] = &[
     "version: 1\nallow: [{ip: 192.0.2.1}, {ip: \"2001:db8::1\"}, {ip: \"::ffff:192.0.2.1\"}]",
     "version: 1\nallow: [{ip: 192.0.2.1, ports: [1, 65535, \"1-65535\"]}]",
     "version: 1\nallow: [{host: a.example.com, protocol: icmp}, {cidr: 192.0.2.0/24, protocol: icmp}]",
+    "version: 1\nallow: [{inbound: 203.0.113.0/24, ports: 8080}, {inbound: \"2001:db8::7\", ports: [22], protocol: tcp}]",
 ];
 
 /// Mistakes the loader rejects and the schema can see.
@@ -255,6 +256,10 @@ const BAD: &[&str] = &[
     "version: 1\nallow: [{host: \"a b.example.com\"}]",
     "version: 1\nallow: [{cidr: 10.0.0.1}]",
     "version: 1\nallow: [{ip: 10.0.0.0/8}]",
+    "version: 1\nallow: [{inbound: 203.0.113.0/24}]",
+    "version: 1\nallow: [{inbound: 203.0.113.0/24, ports: 53, protocol: udp}]",
+    "version: 1\nallow: [{inbound: 203.0.113.0/24, ip: 192.0.2.1, ports: 80}]",
+    "version: 1\nallow: [{inbound: example.com, ports: 80}]",
     "version: 1\ndns: {min_ttl: 1.5s}",
     "version: 1\ndns: {upstream: []}",
     "version: 1\ndns: {upstream: google}",

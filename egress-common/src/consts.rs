@@ -2,6 +2,9 @@
 
 /// LPM trie of static `cidr:`/`ip:` rules: `Key<Addr>` to [`crate::AllowValue`].
 pub const MAP_ALLOW_CIDR: &str = "ALLOW_CIDR";
+/// LPM trie of `inbound:` rules: `Key<Addr>` (the peer) to [`crate::AllowValue`] (the local
+/// ports it may connect to, `PROTO_TCP`).
+pub const MAP_ALLOW_INBOUND: &str = "ALLOW_INBOUND";
 /// Hash of addresses learned from DNS answers: [`crate::Addr`] to [`crate::AllowValue`]
 /// (with an expiry).
 pub const MAP_ALLOW_DNS: &str = "ALLOW_DNS";
@@ -49,6 +52,8 @@ pub const MAX_PORT_RANGES: usize = 16;
 /// Default capacity of the static CIDR trie (allocated lazily: LPM tries are never
 /// preallocated).
 pub const DEFAULT_CIDR_CAPACITY: u32 = 1 << 20;
+/// Default capacity of the inbound trie (allocated lazily, as the CIDR trie).
+pub const DEFAULT_INBOUND_CAPACITY: u32 = 1 << 16;
 /// Default capacity of the DNS-derived hash.
 pub const DEFAULT_DNS_CAPACITY: u32 = 1 << 16;
 /// Size of the events ring buffer in bytes (a power of two, a multiple of the page size).

@@ -16,6 +16,11 @@ pub mod hook {
     pub const EGRESS: u8 = 6;
     /// `lsm_cgroup/socket_create` (address families). The event's `port` holds the family.
     pub const SOCKET_CREATE: u8 = 7;
+    /// A connection coming in to a listening socket of the cgroup from a peer no `inbound:`
+    /// rule allows: `cgroup_skb/ingress` (the peer's SYN, or the ACK completing a SYN-cookie
+    /// handshake) or the backstop (the SYN-ACK). The event's `addr` is the peer, `port` the
+    /// local port it connected to.
+    pub const ACCEPT: u8 = 8;
 }
 
 /// Why a destination was denied.

@@ -9,8 +9,8 @@ use egress_common::{
     Addr, AllowValue, Config,
     config::OrigDst,
     consts::{
-        COUNTER_SLOTS, DEFAULT_CIDR_CAPACITY, DEFAULT_DNS_CAPACITY, DNS_ORIG_CAPACITY,
-        EVENTS_RING_BYTES,
+        COUNTER_SLOTS, DEFAULT_CIDR_CAPACITY, DEFAULT_DNS_CAPACITY, DEFAULT_INBOUND_CAPACITY,
+        DNS_ORIG_CAPACITY, EVENTS_RING_BYTES,
     },
 };
 
@@ -19,6 +19,13 @@ use egress_common::{
 #[map]
 pub static ALLOW_CIDR: LpmTrie<Addr, AllowValue> =
     LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+
+/// `inbound:` rules: peers (prefixes, IPv4 mapped) that may connect to the cgroup's
+/// listening sockets, each with the local ports (`PROTO_TCP`) they may connect to; merged
+/// like `ALLOW_CIDR`. Written by the agent at start and on reload.
+#[map]
+pub static ALLOW_INBOUND: LpmTrie<Addr, AllowValue> =
+    LpmTrie::with_max_entries(DEFAULT_INBOUND_CAPACITY, 0);
 
 /// Addresses answered for allowed host names, each with its expiry.
 #[map]

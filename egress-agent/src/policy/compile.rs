@@ -10,7 +10,9 @@ use egress_common::{
     rules::TooManyRanges,
 };
 
-use super::{Policy, PolicyError, Protocol, Rule, Target, error::Location, net::mask_key, ports};
+use super::{
+    Net, Policy, PolicyError, Protocol, Rule, Target, error::Location, net::mask_key, ports,
+};
 
 /// The ports allowed per protocol: two sets of sorted, disjoint, non-touching ranges, and
 /// whether ICMP is allowed (it has no ports).
@@ -158,13 +160,34 @@ const V4_MAPPED_BASE: Addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0,
 /// and when an IPv6 rule covers `::ffff:0:0/96` an entry allowing nothing is added there
 /// (unless `0.0.0.0/0` is itself a rule) so that IPv4 addresses stop at it.
 pub fn cidr_entries(policy: &Policy) -> Result<Vec<CidrEntry>, PolicyError> {
+    trie_entries(policy, |t| match t {
+        Target::Net(n) => Some(n),
+        _ => None,
+    })
+}
+
+/// Compiles the `inbound:` rules into the entries of the inbound trie (peer prefix to the
+/// local ports it may connect to), merged exactly as [`cidr_entries`] merges its own.
+pub fn inbound_entries(policy: &Policy) -> Result<Vec<CidrEntry>, PolicyError> {
+    trie_entries(policy, |t| match t {
+        Target::Inbound(n) => Some(n),
+        _ => None,
+    })
+}
+
+/// The trie entries of the rules whose target `select` maps to a network.
+fn trie_entries(
+    policy: &Policy,
+    select: impl Fn(&Target) -> Option<&Net>,
+) -> Result<Vec<CidrEntry>, PolicyError> {
     struct Group<'a> {
         own: PortSet,
         first: &'a Rule,
+        net: Net,
     }
     let mut groups: HashMap<(Addr, u32), Group<'_>> = HashMap::new();
     for rule in &policy.rules {
-        let Target::Net(net) = &rule.target else {
+        let Some(net) = select(&rule.target) else {
             continue;
         };
         groups
@@ -172,6 +195,7 @@ pub fn cidr_entries(policy: &Policy) -> Result<Vec<CidrEntry>, PolicyError> {
             .or_insert_with(|| Group {
                 own: PortSet::default(),
                 first: rule,
+                net: *net,
             })
             .own
             .add(&rule.ports, rule.protocol);
@@ -217,9 +241,7 @@ pub fn cidr_entries(policy: &Policy) -> Result<Vec<CidrEntry>, PolicyError> {
             set != before
         });
         let value = set.value(0).map_err(|TooManyRanges(count)| {
-            let Target::Net(net) = group.first.target else {
-                unreachable!("groups hold net rules only")
-            };
+            let net = group.net;
             let o = &group.first.origin;
             PolicyError::TooManyRanges {
                 at: Location {

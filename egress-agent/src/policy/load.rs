@@ -9,7 +9,7 @@ use std::{
 use egress_common::consts::MAX_PORT_RANGES;
 
 use super::{
-    DnsSettings, Mode, Origin, Policy, PolicyError, Rule, Target,
+    DnsSettings, Mode, Origin, Policy, PolicyError, Protocol, Rule, Target,
     dns::format_duration,
     error::Location,
     ports::ALL_PORTS,
@@ -216,6 +216,9 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
     if let Some(ip) = raw.ip {
         targets.push(("ip", Target::Net(ip.0)));
     }
+    if let Some(peers) = raw.inbound {
+        targets.push(("inbound", Target::Inbound(peers.0)));
+    }
     let target = match targets.len() {
         1 => targets.pop().map(|(_, t)| t).expect("one target"),
         0 => {
@@ -223,7 +226,7 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
                 path,
                 node,
                 &field,
-                "no destination: give one of host, cidr, ip".into(),
+                "no destination: give one of host, cidr, ip, inbound".into(),
             ));
         }
         _ => {
@@ -233,13 +236,38 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
                 node,
                 &field,
                 format!(
-                    "give only one of host, cidr, ip (found {})",
+                    "give only one of host, cidr, ip, inbound (found {})",
                     names.join(" and ")
                 ),
             ));
         }
     };
-    let protocol = raw.protocol.unwrap_or_default();
+    if let Target::Inbound(peers) = &target {
+        let at = node.get("inbound").unwrap_or(node);
+        let field = format!("{field}.inbound");
+        if raw.protocol.is_some_and(|p| p != Protocol::Tcp) {
+            return Err(invalid(
+                path,
+                node.get("protocol").unwrap_or(node),
+                &format!("allow[{index}].protocol"),
+                "inbound rules are TCP only: remove protocol (a UDP server's replies are \
+                 sends, judged by the outbound rules)"
+                    .into(),
+            ));
+        }
+        if raw.ports.is_none() {
+            return Err(invalid(
+                path,
+                at,
+                &field,
+                format!("give ports: the local ports {peers} may connect to (\"1-65535\" for all)"),
+            ));
+        }
+    }
+    let protocol = match target {
+        Target::Inbound(_) => Protocol::Tcp,
+        _ => raw.protocol.unwrap_or_default(),
+    };
     let ports_error = |message: String| {
         invalid(
             path,

@@ -19,6 +19,8 @@
 //!   - ip: 2001:db8::1
 //!   - cidr: 198.51.100.0/24
 //!     protocol: icmp                   # ping (echo requests) only; no ports
+//!   - inbound: 203.0.113.0/24          # peers that may connect in (TCP)
+//!     ports: [8080]                    # the local ports; required
 //! ```
 //!
 //! The serde types of [`raw`] are the format's schema (one struct per mapping,
@@ -59,7 +61,7 @@ use std::{
 
 use serde::Deserialize;
 
-pub use compile::{CidrEntry, PortSet, cidr_entries, rule_value};
+pub use compile::{CidrEntry, PortSet, cidr_entries, inbound_entries, rule_value};
 pub use dns::{DnsSettings, Upstream, format_duration, parse_duration};
 pub use egress_common::rules::TooManyRanges;
 pub use error::{Location, PolicyError};
@@ -124,6 +126,9 @@ pub enum Target {
     Host(HostPattern),
     /// A `cidr:` network or `ip:` address (a `/32` or `/128`).
     Net(Net),
+    /// An `inbound:` network or address: peers that may connect in to the rule's local
+    /// ports (TCP). Not a destination: no outbound rule comes from it.
+    Inbound(Net),
 }
 
 impl fmt::Display for Target {
@@ -132,6 +137,8 @@ impl fmt::Display for Target {
             Self::Host(h) => h.fmt(f),
             Self::Net(n) if n.is_host() => n.addr().fmt(f),
             Self::Net(n) => n.fmt(f),
+            Self::Inbound(n) if n.is_host() => write!(f, "inbound {}", n.addr()),
+            Self::Inbound(n) => write!(f, "inbound {n}"),
         }
     }
 }
@@ -177,22 +184,37 @@ impl Policy {
         self.rules.iter().any(|r| r.protocol == Protocol::Icmp)
     }
 
+    /// The `inbound:` rules whose peers include `ip`, in policy order.
+    pub fn inbound_rules_for(&self, ip: std::net::IpAddr) -> Vec<&Rule> {
+        self.rules
+            .iter()
+            .filter(|r| matches!(&r.target, Target::Inbound(n) if n.contains(ip)))
+            .collect()
+    }
+
     /// One line for logs and `check`: `name "x", mode enforce, 12 rules (5 hosts,
-    /// 2 wildcards, 5 addresses), 1 include`.
+    /// 2 wildcards, 5 addresses), 1 include` (`, 1 inbound` after the addresses when some
+    /// rule lets peers connect in).
     pub fn summary(&self) -> String {
-        let (mut hosts, mut wildcards, mut nets) = (0, 0, 0);
+        let (mut hosts, mut wildcards, mut nets, mut inbound) = (0, 0, 0, 0);
         for r in &self.rules {
             match &r.target {
                 Target::Host(HostPattern::Exact(_)) => hosts += 1,
                 Target::Host(HostPattern::Wildcard(_)) => wildcards += 1,
                 Target::Net(_) => nets += 1,
+                Target::Inbound(_) => inbound += 1,
             }
         }
         let n = |count: usize, one: &str, many: &str| {
             format!("{count} {}", if count == 1 { one } else { many })
         };
+        let inbound = if inbound == 0 {
+            String::new()
+        } else {
+            format!(", {inbound} inbound")
+        };
         format!(
-            "name {:?}, mode {}, {} ({}, {}, {}), {}",
+            "name {:?}, mode {}, {} ({}, {}, {}{inbound}), {}",
             self.name,
             self.mode,
             n(self.rules.len(), "rule", "rules"),

@@ -152,6 +152,29 @@ impl TryFrom<String> for SingleIp {
     }
 }
 
+/// An `inbound:` value: a CIDR, or a single address (a `/32` or `/128`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+pub struct InboundNet(pub Net);
+
+impl TryFrom<String> for InboundNet {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let t = s.trim();
+        if t.contains('/') {
+            return t.parse().map(InboundNet);
+        }
+        match t.parse::<IpAddr>() {
+            Ok(ip) => Ok(InboundNet(Net::host(ip))),
+            Err(_) => Err(format!(
+                "{} is neither a CIDR nor an IP address",
+                quoted(&s)
+            )),
+        }
+    }
+}
+
 fn max_len(addr: IpAddr) -> u8 {
     match addr {
         IpAddr::V4(_) => 32,

@@ -15,7 +15,7 @@ use serde::{
 use super::{
     HostPattern, Mode,
     dns::{Dur, Upstream},
-    net::{Cidr, SingleIp},
+    net::{Cidr, InboundNet, SingleIp},
     ports::{Ports, Protocol},
 };
 
@@ -68,7 +68,8 @@ pub struct RawDns {
     pub upstream: Option<Upstream>,
 }
 
-/// One `allow` rule: exactly one of `host`, `cidr`, `ip`, with optional ports and protocol.
+/// One `allow` rule: exactly one of `host`, `cidr`, `ip` (where the workload may go), with
+/// optional ports and protocol; or `inbound` (who may connect in) with its local ports.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(rename = "Rule", transform = crate::schema::exactly_one_target)]
@@ -83,13 +84,20 @@ pub struct RawAllow {
     /// A single IPv4 or IPv6 address.
     #[schemars(with = "Option<crate::schema::IpText>")]
     pub ip: Option<SingleIp>,
+    /// Peers that may connect in (TCP) to the workload's listening sockets: a CIDR or a
+    /// single address. `ports` (required) are the local ports they may connect to. Loopback
+    /// peers (127.0.0.0/8, ::1) are always allowed; any other peer is refused its handshake.
+    #[schemars(with = "Option<crate::schema::InboundText>")]
+    pub inbound: Option<InboundNet>,
     /// A port (`443`), a range (`"8000-8080"`), or a list of them; ports are 1-65535.
-    /// Missing: every port. Not allowed with `protocol: icmp`.
+    /// Missing: every port. Not allowed with `protocol: icmp`. With `inbound`: the local
+    /// ports peers may connect to, required.
     #[serde(default, deserialize_with = "present")]
     #[schemars(with = "Option<crate::schema::PortsValue>")]
     pub ports: Option<Ports>,
     /// `tcp`, `udp`, `any` (the default: tcp and udp) or `icmp` (ICMP echo, "ping", to
-    /// this destination; takes no `ports`).
+    /// this destination; takes no `ports`). An `inbound` rule is TCP only (`tcp` or left
+    /// out): a UDP server's replies are sends, judged by the outbound rules.
     pub protocol: Option<Protocol>,
 }
 

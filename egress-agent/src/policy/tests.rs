@@ -153,11 +153,11 @@ allow:
 fn error_unknown_fields_point_at_the_key() {
     assert_eq!(
         err("version: 1\nallow:\n  - host: a.example.com\n    prot: tcp\n"),
-        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "prot", expected one of host, cidr, ip, ports, protocol"#
+        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, ports, protocol"#
     );
     assert_eq!(
         err("version: 1\nallow:\n- host: a.example.com\n  prot: tcp\n"),
-        r#"allowlists/x.yaml:4:3: allow[0]: unknown field "prot", expected one of host, cidr, ip, ports, protocol"#
+        r#"allowlists/x.yaml:4:3: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, ports, protocol"#
     );
     assert_eq!(
         err("version: 1\nallwo: []\n"),
@@ -169,7 +169,7 @@ fn error_unknown_fields_point_at_the_key() {
     );
     assert_eq!(
         err("version: 1\nallow:\n  - {ip: 10.0.0.1, port: 80}\n"),
-        r#"allowlists/x.yaml:3:20: allow[0]: unknown field "port", expected one of host, cidr, ip, ports, protocol"#
+        r#"allowlists/x.yaml:3:20: allow[0]: unknown field "port", expected one of host, cidr, ip, inbound, ports, protocol"#
     );
 }
 
@@ -296,15 +296,15 @@ fn error_hosts() {
 fn error_targets() {
     assert_eq!(
         err("version: 1\nallow:\n  - host: a.example.com\n    ip: 10.0.0.1\n"),
-        "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip (found host and ip)"
+        "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip, inbound (found host and ip)"
     );
     assert_eq!(
         err("version: 1\nallow:\n  - ip: 10.0.0.1\n  - ports: [443]\n    protocol: tcp\n"),
-        "allowlists/x.yaml:4:5: allow[1]: no destination: give one of host, cidr, ip"
+        "allowlists/x.yaml:4:5: allow[1]: no destination: give one of host, cidr, ip, inbound"
     );
     assert_eq!(
         err("version: 1\nallow:\n  - {}\n"),
-        "allowlists/x.yaml:3:5: allow[0]: no destination: give one of host, cidr, ip"
+        "allowlists/x.yaml:3:5: allow[0]: no destination: give one of host, cidr, ip, inbound"
     );
     assert_eq!(
         err("version: 1\nallow:\n  - just-a-string\n"),
@@ -845,4 +845,113 @@ allow:
     let got: Vec<(u16, u16, u8)> = v.ranges().iter().map(|r| (r.lo, r.hi, r.protos)).collect();
     assert_eq!(got, vec![(443, 443, PROTO_ANY), (0, 65535, PROTO_ICMP)]);
     assert!(v.permits(0, PROTO_ICMP) && v.permits(443, PROTO_UDP));
+}
+
+#[test]
+fn inbound_rules_parse() {
+    let p = parse(
+        r#"version: 1
+allow:
+  - inbound: 203.0.113.0/24
+    ports: [8080, "9000-9001"]
+  - inbound: 2001:db8::7
+    ports: 22
+    protocol: tcp
+  - inbound: "::ffff:198.51.100.0/120"
+    ports: "1-65535"
+  - ip: 203.0.113.9
+    ports: [443]
+"#,
+    );
+    assert_eq!(p.rules[0].target, Target::Inbound(net("203.0.113.0/24")));
+    assert_eq!(p.rules[0].ports, vec![(8080, 8080), (9000, 9001)]);
+    assert_eq!(p.rules[0].protocol, Protocol::Tcp);
+    // A single address is a /128 (or /32); IPv4-mapped is IPv4.
+    assert_eq!(p.rules[1].target, Target::Inbound(net("2001:db8::7/128")));
+    assert_eq!(p.rules[2].target, Target::Inbound(net("198.51.100.0/24")));
+    assert_eq!(p.rules[2].protocol, Protocol::Tcp);
+    assert_eq!(p.rules[0].target.to_string(), "inbound 203.0.113.0/24");
+    assert_eq!(p.rules[1].target.to_string(), "inbound 2001:db8::7");
+    let peer = "203.0.113.50".parse().unwrap();
+    assert_eq!(p.inbound_rules_for(peer), vec![&p.rules[0]]);
+    assert!(p.inbound_rules_for("192.0.2.1".parse().unwrap()).is_empty());
+    assert!(
+        p.summary().contains("1 address, 3 inbound)"),
+        "{}",
+        p.summary()
+    );
+}
+
+#[test]
+fn inbound_errors_name_the_rule() {
+    assert_eq!(
+        err("version: 1\nallow:\n  - inbound: 203.0.113.0/24\n"),
+        "allowlists/x.yaml:3:14: allow[0].inbound: give ports: the local ports \
+         203.0.113.0/24 may connect to (\"1-65535\" for all)"
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - inbound: 203.0.113.0/24\n    ports: 53\n    protocol: udp\n"),
+        "allowlists/x.yaml:5:15: allow[0].protocol: inbound rules are TCP only: remove \
+         protocol (a UDP server's replies are sends, judged by the outbound rules)"
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 192.0.2.1\n  - inbound: 10.1.2.3/8\n    ports: 80\n"),
+        "allowlists/x.yaml:4:14: allow[1].inbound: \"10.1.2.3/8\" has host bits set; did you \
+         mean 10.0.0.0/8"
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - inbound: peers.example.com\n    ports: 80\n"),
+        "allowlists/x.yaml:3:14: allow[0].inbound: \"peers.example.com\" is neither a CIDR \
+         nor an IP address"
+    );
+    assert_eq!(
+        err(
+            "version: 1\nallow:\n  - inbound: 203.0.113.0/24\n    cidr: 203.0.113.0/24\n    ports: 80\n"
+        ),
+        "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip, inbound (found cidr \
+         and inbound)"
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - inbound: 203.0.113.0/24\n    ports: 0\n"),
+        "allowlists/x.yaml:4:12: allow[0].ports: \"0\" is not a port (1-65535)"
+    );
+}
+
+#[test]
+fn inbound_compiles_to_its_own_trie() {
+    let p = parse(
+        r#"version: 1
+allow:
+  - inbound: 203.0.113.0/24
+    ports: [8080]
+  - inbound: 203.0.113.7
+    ports: [22]
+  - inbound: 2001:db8::/32
+    ports: [8080]
+  - cidr: 198.51.100.0/24
+    ports: [443]
+"#,
+    );
+    // Inbound rules never open a destination, and outbound rules never open inbound.
+    let out = cidr_entries(&p).unwrap();
+    assert_eq!(out.len(), 1, "{out:?}");
+    let inbound = inbound_entries(&p).unwrap();
+    let keys: Vec<(String, u32)> = inbound
+        .iter()
+        .map(|e| (std::net::Ipv6Addr::from(e.addr).to_string(), e.prefix_len))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            ("2001:db8::".to_string(), 32),
+            ("::ffff:203.0.113.0".to_string(), 120),
+            ("::ffff:203.0.113.7".to_string(), 128),
+        ]
+    );
+    let host = inbound[2].value;
+    // The /32 inherits 8080 from the /24 containing it; ports are TCP only.
+    assert!(host.permits(22, PROTO_TCP) && host.permits(8080, PROTO_TCP));
+    assert!(!host.permits(22, PROTO_UDP) && !host.permits(443, PROTO_TCP));
+    let net24 = inbound[1].value;
+    assert!(net24.permits(8080, PROTO_TCP) && !net24.permits(22, PROTO_TCP));
 }

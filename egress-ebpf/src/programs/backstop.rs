@@ -1,9 +1,12 @@
 //! `cgroup_skb/egress`: the backstop behind the socket hooks. Every IP packet a socket of the
 //! cgroup sends passes here, whatever path created it:
 //! - TCP: a SYN (without ACK) opens a connection, so its destination must be allowed now (a
-//!   connect that skipped connect4/6 is caught here; every other segment belongs to a
-//!   connection that was judged when it opened, or to one accepted from outside, and passes:
-//!   expiry never cuts a live connection);
+//!   connect that skipped connect4/6 is caught here). A SYN-ACK answers a peer that connected
+//!   in: the peer (its destination) must be allowed inbound to the local port (its source
+//!   port), see `super::inbound` (which already dropped the peer's SYN at `ingress`; this
+//!   catches a SYN-ACK whose SYN it did not see). Every other segment belongs to a
+//!   connection that was judged when it opened and passes without reading more than the
+//!   flags: expiry never cuts a live connection;
 //! - UDP: a connected UDP socket was judged at connect and passes; an unconnected send must be
 //!   allowed now (sendmsg4/6 judged it a moment ago; the backstop catches a path that did not).
 //!   "Connected UDP socket" means a SOCK_DGRAM/IPPROTO_UDP socket with a peer: a raw socket
@@ -42,13 +45,16 @@ use egress_common::{
 };
 
 use super::{
+    inbound,
     judged::judged,
     verdict::{audit_mode, count, lookup},
 };
 use crate::maps::{CONFIG, EVENTS};
 
-const PASS: i32 = 1;
-const DROP: i32 = 0;
+/// Let the packet through.
+pub const PASS: i32 = 1;
+/// Drop the packet (the sender sees EPERM where it waits for the send).
+pub const DROP: i32 = 0;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_ICMP: u8 = 1;
@@ -119,10 +125,18 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             // Ports, sequence and ack numbers, offset, flags.
             let t: [u8; 14] = read(ctx, l4_off)?;
             let (syn, ack) = (t[13] & 0x02 != 0, t[13] & 0x10 != 0);
-            if !syn || ack {
+            if !syn {
                 return Ok(PASS);
             }
             let port = u16::from_be_bytes([t[2], t[3]]);
+            if ack {
+                return Ok(judge_syn_ack(
+                    skb,
+                    &addr,
+                    u16::from_be_bytes([t[0], t[1]]),
+                    port,
+                ));
+            }
             let sk = full_socket(skb);
             if !sk.is_null() && judged(sk, &addr, port, IPPROTO_TCP) {
                 // connect4/6 allowed this very destination for this socket.
@@ -147,11 +161,11 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             // Type, code, checksum.
             let i: [u8; 4] = read(ctx, l4_off)?;
             if i[0] != echo.1 {
-                return Ok(drop_packet(&addr, 0, proto, reason::PROTOCOL));
+                return Ok(drop_packet(&addr, 0, proto, reason::PROTOCOL, hook::EGRESS));
             }
             Ok(judge_echo(skb, &addr, proto))
         }
-        other => Ok(drop_packet(&addr, 0, other, reason::PROTOCOL)),
+        other => Ok(drop_packet(&addr, 0, other, reason::PROTOCOL, hook::EGRESS)),
     }
 }
 
@@ -160,7 +174,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
 /// (its network header): straight from the linear data when it holds them, as it does for
 /// the headers of a locally built packet, else through the copying helper.
 #[inline(always)]
-fn read<T: Copy>(ctx: &SkBuffContext, off: usize) -> Result<T, ()> {
+pub fn read<T: Copy>(ctx: &SkBuffContext, off: usize) -> Result<T, ()> {
     let skb = ctx.skb.skb;
     // SAFETY: context fields the verifier turns into packet pointers; the read is bounds
     // checked against `data_end` first, as the verifier requires.
@@ -206,7 +220,23 @@ fn judge_echo(skb: *mut __sk_buff, addr: &Addr, ip_proto: u8) -> i32 {
         // A connected ping socket's destination was reported by connect4/6 already: one
         // event per would-be deny in audit mode, not two.
         Some(_) if audit_mode() && connected(full_socket(skb), u32::from(ip_proto)) => PASS,
-        Some(why) => drop_packet(addr, 0, ip_proto, why),
+        Some(why) => drop_packet(addr, 0, ip_proto, why, hook::EGRESS),
+    }
+}
+
+/// A SYN-ACK to `peer` from `local_port`: the reply to a peer connecting in (a listener's
+/// request socket, or a TCP Fast Open child socket), or the second SYN of a simultaneous open
+/// (then the socket's own connect judged `peer` and `peer_port`).
+fn judge_syn_ack(skb: *mut __sk_buff, peer: &Addr, local_port: u16, peer_port: u16) -> i32 {
+    let sk = full_socket(skb);
+    if !sk.is_null() && judged(sk, peer, peer_port, IPPROTO_TCP) {
+        return PASS;
+    }
+    match inbound::verdict(peer, local_port, peer_port) {
+        None => PASS,
+        // In audit mode `ingress` already reported this peer when its SYN came in.
+        Some(_) if audit_mode() => PASS,
+        Some(why) => drop_packet(peer, local_port, IPPROTO_TCP, why, hook::ACCEPT),
     }
 }
 
@@ -219,7 +249,7 @@ fn judge(addr: &Addr, port: u16, bit: u8, ip_proto: u8) -> i32 {
         // In audit mode the connect/sendmsg hooks already reported this destination: one
         // event per would-be deny, not two.
         Some(_) if audit_mode() => PASS,
-        Some(why) => drop_packet(addr, port, ip_proto, why),
+        Some(why) => drop_packet(addr, port, ip_proto, why, hook::EGRESS),
     }
 }
 
@@ -233,7 +263,8 @@ fn to_resolver(addr: &Addr, port: u16) -> bool {
     }
 }
 
-fn drop_packet(addr: &Addr, port: u16, ip_proto: u8, why: u8) -> i32 {
+/// Counts, reports (as `hook`) and drops a packet; in audit mode reports and passes.
+pub fn drop_packet(addr: &Addr, port: u16, ip_proto: u8, why: u8, hook: u8) -> i32 {
     count(COUNTER_BACKSTOP_DROP);
     let audit = audit_mode();
     if let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) {
@@ -249,7 +280,7 @@ fn drop_packet(addr: &Addr, port: u16, ip_proto: u8, why: u8) -> i32 {
             addr: *addr,
             port,
             ip_proto,
-            hook: hook::EGRESS,
+            hook,
             reason: why,
             audited: u8::from(audit),
             _pad: [0; 2],

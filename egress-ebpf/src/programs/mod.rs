@@ -3,6 +3,7 @@
 mod addr;
 mod backstop;
 mod dns;
+mod inbound;
 mod judged;
 mod restore;
 mod sock_addr;

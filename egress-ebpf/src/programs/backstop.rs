@@ -98,7 +98,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                 if ihl > 5 {
                     // IP options: a source route (LSRR, SSRR) would carry the packet on past
                     // the judged destination, and nothing the cgroup sends needs options.
-                    return Ok(drop_packet(&dst, 0, h[9], reason::ROUTE));
+                    return Ok(drop_packet(&dst, 0, h[9], reason::ROUTE, hook::EGRESS));
                 }
                 (dst, h[9], usize::from(ihl) * 4, (IPPROTO_ICMP, ICMP_ECHO))
             }
@@ -111,7 +111,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                     // packet to its segments. Hop-by-hop and destination options, which the
                     // kernel would put before it, need CAP_NET_RAW and are dropped below as
                     // another protocol.
-                    return Ok(drop_packet(&dst, 0, next, reason::ROUTE));
+                    return Ok(drop_packet(&dst, 0, next, reason::ROUTE, hook::EGRESS));
                 }
                 // An extension header before ICMPv6 leaves `next` at that header: dropped
                 // below as another protocol (a ping socket adds none unless asked to).

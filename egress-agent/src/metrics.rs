@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use crate::enforcer::Counters;
+use crate::bpf::enforcer::Counters;
 
 /// Counters the agent keeps (the kernel keeps allows, denies and drops).
 #[derive(Debug, Default)]

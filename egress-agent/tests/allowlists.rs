@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use egress_agent::{
-    explain::{self, Query},
     policy,
+    policy::explain::{self, Query},
 };
 
 fn root() -> PathBuf {

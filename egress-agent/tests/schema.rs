@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use egress_agent::{policy, schema};
+use egress_agent::{policy, policy::schema};
 use serde_json::Value;
 
 const REGENERATE: &str = "allowlists/schema.json is out of date: run `cargo run -p egress-agent -- schema > \

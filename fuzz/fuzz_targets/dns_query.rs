@@ -7,7 +7,7 @@ use std::{path::Path, sync::LazyLock};
 
 use egress_agent::{
     policy::{self, Policy},
-    resolver::{
+    dns::{
         answer::normalize,
         screen::{Screened, screen},
     },

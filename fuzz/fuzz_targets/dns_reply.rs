@@ -4,7 +4,7 @@
 
 use std::{str::FromStr as _, sync::LazyLock};
 
-use egress_agent::resolver::screen::answered_addresses;
+use egress_agent::dns::screen::answered_addresses;
 use hickory_proto::{
     op::{Message, Query},
     rr::{Name, RecordType},

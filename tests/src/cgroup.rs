@@ -14,7 +14,7 @@ use crate::unique_name;
 /// The cgroup v2 mount point, from `/proc/mounts` (hybrid hosts mount it at
 /// `/sys/fs/cgroup/unified`, so it is never assumed): the agent's own discovery.
 pub fn cgroup2_mount() -> PathBuf {
-    egress_agent::cgroup::cgroup2_mount()
+    egress_agent::sys::cgroup::cgroup2_mount()
         .unwrap_or_else(|e| panic!("{e:#}: the tests need cgroup v2"))
 }
 
@@ -85,7 +85,7 @@ pub fn remove_cgroup(cgroup: &Path) -> Result<(), String> {
     }
     // The agent's own emptying (cgroup.kill, else SIGKILL each member): a failure here is
     // retried below.
-    let _ = egress_agent::cgroup::kill_all(cgroup);
+    let _ = egress_agent::sys::cgroup::kill_all(cgroup);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match fs::remove_dir(cgroup) {

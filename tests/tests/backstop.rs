@@ -15,7 +15,7 @@ use std::{
 };
 
 use egress_agent::{
-    enforcer::{Enforcer, EnforcerOptions},
+    bpf::enforcer::{Enforcer, EnforcerOptions},
     policy,
 };
 use egress_tests::{TestCgroup, TestNetns, require_root};

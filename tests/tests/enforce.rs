@@ -12,7 +12,7 @@ use std::{
 };
 
 use egress_agent::{
-    enforcer::{Enforcer, EnforcerOptions},
+    bpf::enforcer::{Enforcer, EnforcerOptions},
     events::DenyRecord,
     policy,
 };

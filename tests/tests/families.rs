@@ -12,7 +12,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use egress_agent::{
-    enforcer::{Enforcer, EnforcerOptions},
+    bpf::enforcer::{Enforcer, EnforcerOptions},
     events::DenyRecord,
     policy,
 };

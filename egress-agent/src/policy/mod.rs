@@ -1,5 +1,8 @@
 //! The allowlist: a YAML file (and the files it includes) read into a validated [`Policy`],
-//! and compiled into the values of the kernel maps. Pure logic: no aya, no tokio.
+//! and compiled into the values of the kernel maps; its JSON Schema; `explain` (why a
+//! destination is allowed or not) as a query on a policy; the DNS rebinding guard's address
+//! set. Pure logic: no aya, no tokio. The bottom room of the agent: it uses only
+//! `egress-common`.
 //!
 //! # Format
 //!
@@ -44,11 +47,15 @@
 mod compile;
 mod dns;
 mod error;
+pub mod explain;
 mod host;
 mod load;
 mod net;
 mod ports;
 pub mod raw;
+pub mod rebinding;
+pub mod schema;
+pub mod value_schemas;
 mod yaml;
 
 #[cfg(test)]

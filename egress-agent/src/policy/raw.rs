@@ -6,7 +6,9 @@
 //! several fields or files (one target per rule, TTL bounds, includes) is checked in
 //! `load.rs`.
 
-use schemars::JsonSchema;
+use std::borrow::Cow;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{
     Deserialize, Deserializer,
     de::{self, Visitor},
@@ -53,15 +55,15 @@ pub struct RawFile {
 pub struct RawDns {
     /// Shortest time an answer's addresses stay allowed, whatever its TTL (default 30s).
     /// Durations are written `500ms`, `30s`, `5m`, `1h`, or as a number of seconds.
-    #[schemars(with = "Option<crate::schema::DurationText>")]
+    #[schemars(with = "Option<crate::policy::value_schemas::DurationText>")]
     pub min_ttl: Option<Dur>,
     /// Longest time an answer's addresses stay allowed before the name must be resolved
     /// again (default 1h); not shorter than `min_ttl`.
-    #[schemars(with = "Option<crate::schema::DurationText>")]
+    #[schemars(with = "Option<crate::policy::value_schemas::DurationText>")]
     pub max_ttl: Option<Dur>,
     /// Extra time an address stays allowed after its TTL ran out, for connections opened
     /// just before (default 60s).
-    #[schemars(with = "Option<crate::schema::DurationText>")]
+    #[schemars(with = "Option<crate::policy::value_schemas::DurationText>")]
     pub grace: Option<Dur>,
     /// Where queries are forwarded: `system` (the name servers of /etc/resolv.conf, the
     /// default) or a list of `ip`, `ip:port` or `[ipv6]:port` (port 53 if not given).
@@ -72,28 +74,28 @@ pub struct RawDns {
 /// optional ports and protocol; or `inbound` (who may connect in) with its local ports.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(rename = "Rule", transform = crate::schema::exactly_one_target)]
+#[schemars(rename = "Rule", transform = crate::policy::value_schemas::exactly_one_target)]
 pub struct RawAllow {
     /// A host name (`api.example.com`), or `*.` and a domain of at least two labels
     /// (`*.example.com`: every name below it at any depth, not `example.com` itself). The
     /// addresses it resolves to are allowed for the answer's TTL.
     pub host: Option<HostPattern>,
     /// A network in CIDR notation (`192.0.2.0/24`, `2001:db8::/32`), without host bits.
-    #[schemars(with = "Option<crate::schema::CidrText>")]
+    #[schemars(with = "Option<crate::policy::value_schemas::CidrText>")]
     pub cidr: Option<Cidr>,
     /// A single IPv4 or IPv6 address.
-    #[schemars(with = "Option<crate::schema::IpText>")]
+    #[schemars(with = "Option<crate::policy::value_schemas::IpText>")]
     pub ip: Option<SingleIp>,
     /// Peers that may connect in (TCP) to the workload's listening sockets: a CIDR or a
     /// single address. `ports` (required) are the local ports they may connect to. Loopback
     /// peers (127.0.0.0/8, ::1) are always allowed; any other peer is refused its handshake.
-    #[schemars(with = "Option<crate::schema::InboundText>")]
+    #[schemars(with = "Option<crate::policy::value_schemas::InboundText>")]
     pub inbound: Option<InboundNet>,
     /// A port (`443`), a range (`"8000-8080"`), or a list of them; ports are 1-65535.
     /// Missing: every port. Not allowed with `protocol: icmp`. With `inbound`: the local
     /// ports peers may connect to, required.
     #[serde(default, deserialize_with = "present")]
-    #[schemars(with = "Option<crate::schema::PortsValue>")]
+    #[schemars(with = "Option<crate::policy::value_schemas::PortsValue>")]
     pub ports: Option<Ports>,
     /// `tcp`, `udp`, `any` (the default: tcp and udp) or `icmp` (ICMP echo, "ping", to
     /// this destination; takes no `ports`). An `inbound` rule is TCP only (`tcp` or left
@@ -133,5 +135,19 @@ impl<'de> Deserialize<'de> for Version {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for Version {
+    fn schema_name() -> Cow<'static, str> {
+        "Version".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "The format version; the only one is 1.",
+            "type": "integer",
+            "const": VERSION,
+        })
     }
 }

@@ -6,13 +6,18 @@
 //! Permitted queries are forwarded upstream; the A/AAAA addresses of the answer (through CNAME
 //! chains) are written into the allow map *before* the answer goes back to the client, so the
 //! client's first connect already finds them.
+//!
+//! Owns: the resolver (screening, upstream, cache, answers), the grants (which names each
+//! answered address stands for, until when), the names deny events show, attribution of
+//! refused queries. May use: `bpf` (the DNS-derived map), `policy`, `events`, `metrics`,
+//! `sys`. May not touch: the session's other parts or the command.
 
 pub mod answer;
 pub mod attribution;
 pub mod cache;
-pub mod rebinding;
+pub mod grants;
+pub mod names;
 pub mod screen;
-pub mod sockdiag;
 pub mod upstream;
 
 use std::{
@@ -33,11 +38,11 @@ use tokio::{
 };
 
 use crate::{
-    enforcer::{Enforcer, ResolverAddr},
+    bpf::enforcer::{Enforcer, ResolverAddr},
+    dns::grants::{Change, Grants},
+    dns::names::Names,
     events::{Event, EventSink, boot_now},
-    grants::{self, Change, Grants},
     metrics::Metrics,
-    names::Names,
     policy::{self, Policy},
 };
 use answer::normalize;
@@ -487,7 +492,7 @@ fn allow_answer(
     // Whatever happens below, the grants may have changed: persist them.
     ctx.grants_changed.notify_one();
     for &(ip, ttl) in addrs {
-        if rebinding::is_guarded(ip) {
+        if crate::policy::rebinding::is_guarded(ip) {
             let message = format!(
                 "dns: {name} answered {ip}, a link-local or metadata address: not allowed \
                  (DNS rebinding guard; only a cidr/ip rule can allow it)"
@@ -644,7 +649,7 @@ fn warn(ctx: &DnsContext, message: &str) {
 
 /// Asks the resolver at `addr` something harmless (a STATUS query, answered NOTIMP without an
 /// event) and waits for any answer: readiness means the resolver answers.
-pub async fn check_answers(addr: crate::enforcer::ResolverAddr) -> anyhow::Result<()> {
+pub async fn check_answers(addr: crate::bpf::enforcer::ResolverAddr) -> anyhow::Result<()> {
     let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     sock.connect((addr.v4, addr.port)).await?;
     // id 0xe9e5, opcode STATUS (2), no questions.

@@ -17,7 +17,7 @@
 //!    capabilities, so not even a setuid-root binary gets them back;
 //! 5. `no_new_privs`, after the identity change, and a seccomp filter that answers `clone3`
 //!    with ENOSYS and refuses sockets of families other than unix, inet, inet6, netlink and
-//!    alg (see `crate::seccomp`).
+//!    alg (see `crate::workload::seccomp`).
 
 use std::{ffi::CString, fs, io, str::FromStr};
 
@@ -173,7 +173,7 @@ impl Confinement {
     /// root inside a user namespace of its own instead, [`OUTSIDE_ID`] outside, unless it keeps
     /// capabilities, which only exist outside (it then runs as [`OUTSIDE_ID`] with them).
     /// `allow_io_uring`: leave io_uring to the command even where the family guard cannot run
-    /// (see [`crate::seccomp::Rules::io_uring`]).
+    /// (see [`crate::workload::seccomp::Rules::io_uring`]).
     pub fn prepare(
         keep: &[Capability],
         root_command: bool,
@@ -216,7 +216,7 @@ impl Confinement {
             mounts,
             tmpfs: CString::from(c"tmpfs"),
             tmpfs_opts: CString::from(c"mode=0555"),
-            seccomp: crate::seccomp::filter(crate::seccomp::Rules {
+            seccomp: crate::workload::seccomp::filter(crate::workload::seccomp::Rules {
                 families: true,
                 io_uring: !allow_io_uring,
             }),
@@ -227,7 +227,7 @@ impl Confinement {
     }
 
     /// Binds `paths` read-only in the command's mount namespace (files that run later
-    /// outside the sandbox: [`crate::persistence`]).
+    /// outside the sandbox: [`crate::workload::persistence`]).
     pub fn protect(&mut self, paths: &[std::path::PathBuf]) -> anyhow::Result<()> {
         use std::os::unix::ffi::OsStrExt as _;
         for p in paths {
@@ -272,7 +272,7 @@ impl Confinement {
     /// each refusal, and sees sockets io_uring creates too): the seccomp filter keeps its
     /// `clone3` and terminal rules.
     pub fn leave_families_to_the_kernel(&mut self) {
-        self.seccomp = crate::seccomp::filter(crate::seccomp::Rules {
+        self.seccomp = crate::workload::seccomp::filter(crate::workload::seccomp::Rules {
             families: false,
             io_uring: false,
         });
@@ -570,7 +570,7 @@ impl Confinement {
     }
 }
 
-/// Installs [`crate::seccomp::filter`]: `clone3` answers ENOSYS (`clone3(CLONE_INTO_CGROUP)`
+/// Installs [`crate::workload::seccomp::filter`]: `clone3` answers ENOSYS (`clone3(CLONE_INTO_CGROUP)`
 /// places a new process in any cgroup whose `cgroup.procs` the caller could write, checked on
 /// the inode only: the read-only mount does not stop it, and the cgroup namespace only does
 /// when cgroup2 is mounted with `nsdelegate`, not a setting we may change on a shared host),
@@ -808,7 +808,7 @@ fn parse_mountinfo_line(line: &str) -> Option<MountLine> {
         };
     }
     Some(MountLine {
-        target: crate::cgroup::unescape_mount_path(target),
+        target: crate::sys::cgroup::unescape_mount_path(target),
         fstype: fstype.to_owned(),
         flags,
     })

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use tokio::process::{Child, Command};
 
-use crate::confine::Confinement;
+use crate::workload::confine::Confinement;
 
 /// Who the command runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,11 +30,11 @@ pub struct Identity {
 
 impl Identity {
     /// The unprivileged id a command that would be root runs as outside its user namespace
-    /// (see [`crate::confine::OUTSIDE_ID`]).
+    /// (see [`crate::workload::confine::OUTSIDE_ID`]).
     pub fn outside_root() -> Self {
         Self {
-            uid: crate::confine::OUTSIDE_ID,
-            gid: crate::confine::OUTSIDE_ID,
+            uid: crate::workload::confine::OUTSIDE_ID,
+            gid: crate::workload::confine::OUTSIDE_ID,
             groups: Vec::new(),
         }
     }

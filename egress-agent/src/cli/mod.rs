@@ -1,4 +1,5 @@
-//! Command-line interface.
+//! Command-line interface: clap's argument types, one function per command, exit codes and
+//! rendering. The top of the dependency graph: it may use every room; nothing uses it.
 
 use std::{
     ffi::OsString,
@@ -11,10 +12,14 @@ use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum, builder::Possible
 use clap_mangen::Man;
 
 use crate::{
-    attach,
-    confine::Capability,
-    explain::{self, Destination, Transport},
-    policy, run, schema, session, status,
+    daemon::attach,
+    daemon::session,
+    daemon::status,
+    policy,
+    policy::explain::{self, Destination, Transport},
+    policy::schema,
+    workload::confine::Capability,
+    workload::run,
 };
 
 /// How the command of `run` and `learn` is confined, beyond the defaults.

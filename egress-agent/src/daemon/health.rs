@@ -12,7 +12,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{enforcer::Enforcer, metrics::Metrics};
+use crate::{bpf::enforcer::Enforcer, metrics::Metrics};
 
 /// What the endpoints read.
 pub struct HealthState {

@@ -12,11 +12,11 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    cgroup,
-    enforcer::EnforcerOptions,
+    bpf::enforcer::EnforcerOptions,
+    daemon::session::{self, Session, SessionConfig},
     events::EventSink,
     policy,
-    session::{self, Session, SessionConfig},
+    sys::cgroup,
 };
 
 /// What `attach` needs.

@@ -22,8 +22,8 @@ use std::{
 use egress_common::consts::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 use crate::{
+    policy::rebinding::is_guarded,
     policy::{HostPattern, Mode, Policy, PortSet, Protocol, Rule, Target},
-    resolver::rebinding::is_guarded,
 };
 
 /// The port every DNS packet or connection is steered from.

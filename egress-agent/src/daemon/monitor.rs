@@ -1,5 +1,5 @@
 //! Reads deny records from the kernel's ring buffer and writes them as event lines, within
-//! the bounds of [`crate::throttle`].
+//! the bounds of [`crate::daemon::throttle`].
 
 use std::{
     sync::Arc,
@@ -10,12 +10,12 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
+    daemon::throttle::{Throttle, Untracked},
+    dns::DnsContext,
+    dns::names::Names,
     events::{DenyRecord, Event, EventSink, raw_event, reason_name},
-    explain,
     metrics::Metrics,
-    names::Names,
-    resolver::DnsContext,
-    throttle::{Throttle, Untracked},
+    policy::explain,
 };
 
 /// Forwards deny records to `sink` until `stop` turns true, then drains what is left, so a

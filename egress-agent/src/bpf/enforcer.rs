@@ -140,7 +140,7 @@ enum Link {
 /// Says why the kernel would not load the family guard, in the words an operator needs.
 fn family_guard_load_error(e: aya::programs::ProgramError) -> anyhow::Error {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    if crate::kernel::parse_release(&release).is_some_and(|v| v < (6, 0)) {
+    if crate::bpf::kernel::parse_release(&release).is_some_and(|v| v < (6, 0)) {
         return anyhow!(
             "BPF LSM cgroup programs need Linux 6.0; this kernel is {}",
             release.trim()
@@ -239,8 +239,8 @@ impl Enforcer {
         opts: &EnforcerOptions,
         judged: bool,
     ) -> anyhow::Result<Self> {
-        crate::kernel::check()?;
-        crate::caps::check()?;
+        crate::bpf::kernel::check()?;
+        crate::sys::caps::check()?;
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
         let judged_on = u8::from(judged);
@@ -398,7 +398,7 @@ impl Enforcer {
         me.links.push(link);
         if let Err(e) = me.attach_family_guard(&cgroup_dir, btf.as_ref()) {
             me.family_guard = Some(format!("{e:#}"));
-        } else if crate::kernel::bpf_lsm_active() == Some(false) {
+        } else if crate::bpf::kernel::bpf_lsm_active() == Some(false) {
             me.family_guard = Some(
                 "the BPF LSM is not active on this kernel (add `bpf` to the `lsm=` boot \
                  parameter): the program is attached but never runs"
@@ -594,7 +594,7 @@ impl Enforcer {
         out
     }
 
-    /// Takes the ring buffer, for an async reader (see [`crate::monitor`]).
+    /// Takes the ring buffer, for an async reader (see [`crate::daemon::monitor`]).
     pub fn take_events(&mut self) -> Option<(RingBuf<MapData>, Duration)> {
         self.events.take().map(|r| (r, self.boot_offset))
     }

@@ -15,10 +15,10 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
+    dns::{self, DnsContext},
     events::Event,
     metrics::Metrics,
     policy::{self, Policy},
-    resolver::{self, DnsContext},
 };
 
 /// How often the files are compared.
@@ -108,14 +108,14 @@ pub fn apply(ctx: &DnsContext, new: Policy) -> anyhow::Result<String> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .apply_policy(&new)?;
-    *ctx.upstreams.write().unwrap_or_else(|p| p.into_inner()) = resolver::upstreams(&new);
+    *ctx.upstreams.write().unwrap_or_else(|p| p.into_inner()) = dns::upstreams(&new);
     *ctx.policy.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
     let changes = ctx
         .grants
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .retain_names(|name| !new.host_rules_for(name).is_empty());
-    resolver::apply_changes(ctx, &new, changes);
+    dns::apply_changes(ctx, &new, changes);
     ctx.answers.clear();
     Ok(summary)
 }

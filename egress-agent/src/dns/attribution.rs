@@ -1,5 +1,5 @@
 //! Which process sent a DNS query: the client's socket is found by an exact `sock_diag`
-//! lookup of the datagram's (or connection's) addresses (see [`super::sockdiag`]; the agent
+//! lookup of the datagram's (or connection's) addresses (see [`crate::sys::sockdiag`]; the agent
 //! shares the client's network namespace), then its owner among the processes of the enforced
 //! cgroup by their file descriptors. Only refused queries pay for this lookup; the client is
 //! still waiting for its answer, so its socket is still open. Owners are remembered by socket
@@ -21,7 +21,8 @@ use std::{
     },
 };
 
-use super::{sockdiag, upstream::Transport};
+use super::upstream::Transport;
+use crate::sys::sockdiag;
 
 /// The process behind a query.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -17,14 +17,7 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest DNS message over UDP that we accept from upstream.
 const MAX_UDP: usize = 65_535;
 
-/// Transport of a query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// UDP.
-    Udp,
-    /// TCP (length-prefixed messages).
-    Tcp,
-}
+pub use crate::sys::sockdiag::Transport;
 
 /// Sends `query` to each upstream in turn until one answers; returns its answer with the
 /// client's id.

@@ -19,7 +19,14 @@ use std::{
     time::Duration,
 };
 
-use super::upstream::Transport;
+/// The transport protocol of a socket (and of a DNS query).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP.
+    Udp,
+    /// TCP (for DNS: length-prefixed messages).
+    Tcp,
+}
 
 /// `SOCK_DIAG_BY_FAMILY` (linux/sock_diag.h).
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -44,7 +51,7 @@ const RECV_TIMEOUT: Duration = Duration::from_millis(100);
 /// The socket that sent a datagram or opened a connection (`transport`) from `local` to
 /// `remote`: one connected to `remote`, or for UDP an unconnected one bound at `local`.
 /// `Ok(None)` when the kernel has none (`ENOENT`, which is also its answer when it has no
-/// diag handler for the protocol: see [`super::attribution`]).
+/// diag handler for the protocol: see `crate::dns::attribution`).
 ///
 /// An IPv4 pair is looked up as `AF_INET`, then as IPv4-mapped `AF_INET6` (a dual-stack IPv6
 /// socket is normally found by the first: the kernel's IPv4 lookup sees them too).

@@ -21,7 +21,10 @@ use egress_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::session;
+/// The pin directory of `name`.
+pub fn pin_dir(name: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf/egress").join(name)
+}
 
 /// Where agents keep their state files.
 pub const STATE_DIR: &str = "/run/egress";
@@ -115,7 +118,7 @@ pub struct Status {
 
 /// Reads the status of `name`.
 pub fn read(name: &str) -> anyhow::Result<Status> {
-    let dir = session::pin_dir(name).join("maps");
+    let dir = pin_dir(name).join("maps");
     if !dir.exists() {
         bail!(
             "no egress agent named {name:?}: nothing pinned under {}",
@@ -147,7 +150,7 @@ pub fn read(name: &str) -> anyhow::Result<Status> {
     let agent_running = agent
         .as_ref()
         .is_some_and(|a| Path::new(&format!("/proc/{}", a.pid)).exists());
-    let links = session::pin_dir(name).join("links");
+    let links = pin_dir(name).join("links");
     let enforcing = fs::read_dir(&links).map(|d| d.count() > 0).unwrap_or(false);
     Ok(Status {
         name: name.to_owned(),

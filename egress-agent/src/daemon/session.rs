@@ -4,7 +4,7 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, RwLock, atomic::Ordering},
     time::{Duration, SystemTime},
 };
@@ -13,19 +13,22 @@ use anyhow::{Context as _, bail};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    cgroup,
-    enforcer::{self, Enforcer, EnforcerOptions},
+    bpf::enforcer::{self, Enforcer},
+    daemon::health::{self, HealthState},
+    daemon::monitor,
+    daemon::reload,
+    daemon::status,
+    dns::grants::{self, Change},
+    dns::names::Names,
+    dns::{self, DnsContext, Resolver},
     events::{Event, EventSink},
-    grants::{self, Change},
-    health::{self, HealthState},
     metrics::Metrics,
-    monitor,
-    names::Names,
     policy::{Mode, Policy},
-    reload,
-    resolver::{self, DnsContext, Resolver},
-    status,
+    sys::cgroup,
 };
+
+/// The kernel side's options, part of a [`SessionConfig`].
+pub use crate::bpf::enforcer::EnforcerOptions;
 
 /// The grants file is rewritten at most this often (and only after a change).
 const GRANTS_EVERY: Duration = Duration::from_millis(1000);
@@ -103,7 +106,7 @@ impl Session {
         // The cgroup's DNS goes to our resolver from the first packet on.
         let resolver = Resolver::bind().await?;
         enf.set_resolver(Some(resolver.addr()))?;
-        let upstreams = resolver::upstreams(&policy);
+        let upstreams = dns::upstreams(&policy);
         if upstreams.is_empty() {
             warnings.push(
                 "no upstream DNS server (no dns.upstream, none in /etc/resolv.conf): \
@@ -143,7 +146,7 @@ impl Session {
             enforcer: enf.clone(),
             grants: Mutex::new(grants),
             grants_changed: Default::default(),
-            search: resolver::system_search_domains(),
+            search: dns::system_search_domains(),
             names,
             sink: cfg.sink.clone(),
             cgroup: cfg.cgroup.clone(),
@@ -168,7 +171,7 @@ impl Session {
             }
         }
         // Before the resolver serves: the adopted entries take the current policy's values.
-        resolver::apply_changes(&dns, &policy, restored);
+        dns::apply_changes(&dns, &policy, restored);
         // Written now, so that the first answer is written at once too.
         let mut written = None;
         write_grants(&cfg.name, &dns, &mut written);
@@ -209,7 +212,7 @@ impl Session {
             dns.clone(),
             metrics.clone(),
         )));
-        resolver::check_answers(addr)
+        dns::check_answers(addr)
             .await
             .context("the resolver does not answer")?;
         metrics.ready.store(true, Ordering::Relaxed);
@@ -397,9 +400,4 @@ pub fn warn(sink: &EventSink, message: &str) {
         ts: SystemTime::now(),
         message,
     });
-}
-
-/// The pin directory of `name`.
-pub fn pin_dir(name: &str) -> PathBuf {
-    Path::new("/sys/fs/bpf/egress").join(name)
 }

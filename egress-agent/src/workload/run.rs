@@ -16,15 +16,17 @@ use std::{
 };
 
 use crate::{
-    cgroup::{self, OwnedCgroup},
-    confine::{Capability, Confinement},
-    enforcer::EnforcerOptions,
+    daemon::{
+        session::{EnforcerOptions, Session, SessionConfig, warn},
+        status,
+    },
     events::EventSink,
-    launch::{self, Identity, SpawnError},
-    learn,
-    persistence::Protected,
     policy::{self, Mode},
-    session::{self, Session, SessionConfig, warn},
+    sys::cgroup::{self, OwnedCgroup},
+    workload::confine::{Capability, Confinement},
+    workload::launch::{self, Identity, SpawnError},
+    workload::learn,
+    workload::persistence::Protected,
 };
 use anyhow::{Context as _, bail};
 use signal_hook::{
@@ -111,11 +113,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     let sink = Arc::new(sink);
 
     let mut cg = OwnedCgroup::create(&format!("egress-{name}"))?;
-    if session::pin_dir(&name).exists() {
+    if status::pin_dir(&name).exists() {
         bail!(
             "{} already exists: another egress-agent uses the name {name:?} (or one was \
              killed: egress-agent detach --name {name})",
-            session::pin_dir(&name).display(),
+            status::pin_dir(&name).display(),
         );
     }
     let session = Session::start(SessionConfig {
@@ -220,7 +222,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             ),
         );
     }
-    match crate::resolver::sockdiag::destroy_cgroup_sockets(cgroup::cgroup_id(cg.path())?) {
+    match crate::sys::sockdiag::destroy_cgroup_sockets(cgroup::cgroup_id(cg.path())?) {
         Ok(0) => {}
         Ok(n) => tracing::debug!("destroyed {n} sockets the command left behind"),
         Err(e) => warn(

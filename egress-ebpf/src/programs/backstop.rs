@@ -38,6 +38,7 @@ use egress_common::{
 
 use super::{
     judged::judged,
+    trace,
     verdict::{audit_mode, count, lookup},
 };
 use crate::maps::{CONFIG, EVENTS};
@@ -239,5 +240,7 @@ fn drop_packet(addr: &Addr, port: u16, ip_proto: u8, why: u8) -> i32 {
         });
         entry.submit(0);
     }
-    if audit { PASS } else { DROP }
+    let verdict = if audit { PASS } else { DROP };
+    trace::verdict(hook::EGRESS, addr, port, u32::from(ip_proto), verdict, why);
+    verdict
 }

@@ -350,6 +350,7 @@ impl EventSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use egress_common::events::reason;
 
     #[test]
     fn rfc3339_formats_known_instants() {

@@ -90,6 +90,11 @@ pub enum Command {
         /// one weakens enforcement, and the events say how.
         #[arg(long = "keep-cap", value_name = "CAP")]
         keep_caps: Vec<Capability>,
+        /// Debugging aid: log every verdict of the kernel programs (allow, deny, audit; hook,
+        /// protocol, destination, port, reason) to stderr. Costs a log record per connect and
+        /// send; without it the tracing code is not even loaded.
+        #[arg(long)]
+        trace_verdicts: bool,
         /// The command and its arguments.
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -153,6 +158,11 @@ pub enum Command {
         /// On SIGTERM/SIGINT, detach and remove the pins instead of leaving the cgroup closed.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Debugging aid: log every verdict of the kernel programs (allow, deny, audit; hook,
+        /// protocol, destination, port, reason) to stderr. Costs a log record per connect and
+        /// send; without it the tracing code is not even loaded.
+        #[arg(long)]
+        trace_verdicts: bool,
     },
     /// Detach the programs an agent named NAME pinned and remove its pins (the enforced
     /// cgroup is open again once no agent holds the links).
@@ -287,6 +297,7 @@ pub fn main(cli: Cli) -> ExitCode {
             name,
             audit,
             keep_caps,
+            trace_verdicts,
             command,
         } => {
             let config = run::RunConfig {
@@ -296,6 +307,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 name,
                 audit,
                 keep_caps,
+                trace_verdicts,
                 command,
             };
             run_command(config)
@@ -309,6 +321,7 @@ pub fn main(cli: Cli) -> ExitCode {
             name,
             health,
             detach_on_exit,
+            trace_verdicts,
         } => {
             let config = attach::AttachConfig {
                 cgroup,
@@ -319,6 +332,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 name,
                 health,
                 detach_on_exit,
+                trace_verdicts,
             };
             block_on(attach::attach(config))
         }
@@ -363,6 +377,7 @@ pub fn main(cli: Cli) -> ExitCode {
             name: None,
             audit: true,
             keep_caps,
+            trace_verdicts: false,
             command,
         }),
     }

@@ -13,8 +13,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-pub use egress_common::events::{hook_name, reason_name};
-use egress_common::{DenyEvent, events::hook, keys::ip_from_addr};
+use egress_common::{
+    DenyEvent,
+    events::{hook, reason},
+    keys::ip_from_addr,
+};
 use serde::Serialize;
 
 /// One denied connect or UDP send, decoded.
@@ -109,6 +112,33 @@ pub fn raw_event(bytes: &[u8]) -> Option<DenyEvent> {
     }
     // SAFETY: DenyEvent is plain old data of this size; read_unaligned needs no alignment.
     Some(unsafe { bytes.as_ptr().cast::<DenyEvent>().read_unaligned() })
+}
+
+/// The name of a `reason` code.
+pub fn reason_name(code: u8) -> &'static str {
+    match code {
+        reason::NO_RULE => "no-rule",
+        reason::PORT => "port",
+        reason::EXPIRED => "expired",
+        reason::PROTOCOL => "protocol",
+        reason::ERROR => "error",
+        reason::FAMILY => "family",
+        _ => "unknown",
+    }
+}
+
+/// The name of a `hook` code.
+pub fn hook_name(code: u8) -> &'static str {
+    match code {
+        hook::CONNECT4 => "connect4",
+        hook::CONNECT6 => "connect6",
+        hook::SENDMSG4 => "sendmsg4",
+        hook::SENDMSG6 => "sendmsg6",
+        hook::SOCK_CREATE => "sock_create",
+        hook::EGRESS => "egress",
+        hook::SOCKET_CREATE => "socket_create",
+        _ => "unknown",
+    }
 }
 
 /// The name of an address family the family guard refused.
@@ -350,7 +380,6 @@ impl EventSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use egress_common::events::reason;
 
     #[test]
     fn rfc3339_formats_known_instants() {

@@ -25,3 +25,4 @@ pub mod seccomp;
 pub mod session;
 pub mod status;
 pub mod throttle;
+pub mod trace;

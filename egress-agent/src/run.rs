@@ -54,6 +54,8 @@ pub struct RunConfig {
     pub audit: bool,
     /// Capabilities confinement keeps (each weakens it; reported as a warning event).
     pub keep_caps: Vec<Capability>,
+    /// Trace every verdict of the programs to the agent's log (a debugging aid).
+    pub trace_verdicts: bool,
     /// The command and its arguments.
     pub command: Vec<OsString>,
 }
@@ -106,7 +108,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         sink: sink.clone(),
         exempt_cgroup: 0,
         health: None,
-        enforcer: EnforcerOptions::default(),
+        enforcer: EnforcerOptions {
+            trace: config.trace_verdicts,
+            ..EnforcerOptions::default()
+        },
     })
     .await?;
     match session.family_guard_missing() {

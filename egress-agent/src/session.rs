@@ -24,7 +24,7 @@ use crate::{
     policy::{Mode, Policy},
     reload,
     resolver::{self, DnsContext, Resolver},
-    status,
+    status, trace,
 };
 
 /// The grants file is rewritten at most this often (and only after a change).
@@ -64,6 +64,8 @@ pub struct Session {
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     monitor: JoinHandle<anyhow::Result<()>>,
+    /// The verdict trace reader (`--trace-verdicts`).
+    trace: Option<JoinHandle<anyhow::Result<()>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -97,6 +99,7 @@ impl Session {
             bail!("the events ring buffer is missing");
         };
         let adopted = enf.dns_entries();
+        let trace = enf.take_trace();
 
         // The cgroup's DNS goes to our resolver from the first packet on.
         let resolver = Resolver::bind().await?;
@@ -158,6 +161,7 @@ impl Session {
             dns.clone(),
             stop_rx.clone(),
         ));
+        let trace = trace.map(|logger| tokio::spawn(trace::pump(logger, stop_rx.clone())));
         for change in &restored {
             if let Change::Update(ip, live) = change {
                 for g in live {
@@ -248,6 +252,7 @@ impl Session {
             metrics,
             stop,
             monitor,
+            trace,
             tasks,
         })
     }
@@ -275,6 +280,13 @@ impl Session {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("event reader: {e:#}"),
             Err(e) => tracing::warn!("event reader: {e}"),
+        }
+        if let Some(t) = self.trace {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("verdict trace reader: {e:#}"),
+                Err(e) => tracing::warn!("verdict trace reader: {e}"),
+            }
         }
         if detach {
             self.enforcer

@@ -35,36 +35,6 @@ pub mod reason {
     pub const FAMILY: u8 = 6;
 }
 
-/// The name of a `reason` code (as in the event lines and the verdict trace).
-pub fn reason_name(code: u8) -> &'static str {
-    match code {
-        reason::NO_RULE => "no-rule",
-        reason::PORT => "port",
-        reason::EXPIRED => "expired",
-        reason::PROTOCOL => "protocol",
-        reason::ERROR => "error",
-        reason::FAMILY => "family",
-        _ => "unknown",
-    }
-}
-
-/// The name of a `hook` code (as in the event lines and the verdict trace).
-pub fn hook_name(code: u8) -> &'static str {
-    match code {
-        hook::CONNECT4 => "connect4",
-        hook::CONNECT6 => "connect6",
-        hook::SENDMSG4 => "sendmsg4",
-        hook::SENDMSG6 => "sendmsg6",
-        hook::SOCK_CREATE => "sock_create",
-        hook::EGRESS => "egress",
-        hook::SOCKET_CREATE => "socket_create",
-        _ => "unknown",
-    }
-}
-
-/// The log target of the programs' verdict trace (aya-log records, `--trace-verdicts`).
-pub const TRACE_TARGET: &str = "egress::verdict";
-
 /// One denied connect or send.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -259,9 +259,7 @@ impl Enforcer {
         let events = RingBuf::try_from(take(MAP_EVENTS)?)?;
         // Taken before the programs load, which need its fd open: the logger keeps it.
         let trace = match opts.trace {
-            true => Some(
-                trace::logger(&mut ebpf).context("cannot read the verdict trace map")?,
-            ),
+            true => Some(trace::logger(&mut ebpf).context("cannot read the verdict trace map")?),
             false => None,
         };
 

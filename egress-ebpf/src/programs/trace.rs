@@ -30,7 +30,13 @@ pub fn verdict(hook: u8, addr: &Addr, port: u16, ip_proto: u32, verdict: i32, wh
     if unsafe { ptr::read_volatile(&raw const TRACE) } == 0 {
         return;
     }
-    emit(addr, port, ip_proto, hook, u16::from(why) << 8 | u16::from(verdict as u8));
+    emit(
+        addr,
+        port,
+        ip_proto,
+        hook,
+        u16::from(why) << 8 | u16::from(verdict as u8),
+    );
 }
 
 /// Writes the record. A BPF-to-BPF call, not inlined: the verdict paths keep nearly the

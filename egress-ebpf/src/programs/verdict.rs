@@ -45,7 +45,14 @@ pub fn decide(dst: &Destination) -> Result<i32, ()> {
         Some(bit) => match lookup(&dst.addr, dst.port, bit) {
             None => {
                 count(COUNTER_ALLOW);
-                trace::verdict(dst.hook, &dst.addr, dst.port, dst.ip_proto, VERDICT_ALLOW, 0);
+                trace::verdict(
+                    dst.hook,
+                    &dst.addr,
+                    dst.port,
+                    dst.ip_proto,
+                    VERDICT_ALLOW,
+                    0,
+                );
                 return Ok(VERDICT_ALLOW);
             }
             Some(why) => why,

@@ -1122,3 +1122,55 @@ fn restart_with_a_narrower_allowlist_drops_adopted_entries() {
         &second,
     );
 }
+
+/// The aya-log ring of `--trace-verdicts` is not pinned: an agent restarted with the flag
+/// adopts the pins of one that ran without it (and the reverse), its maps are the same, and
+/// it traces the verdicts of the programs it loaded.
+#[test]
+fn a_restart_with_trace_verdicts_adopts_the_pins_and_traces() {
+    let env = Env::new(ALLOWED_RULE);
+    let mut first = env.start_agent(&[]);
+    let maps_before = env.pins.maps();
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("before the kill", &out, &first);
+    first.kill9();
+
+    let mut second = env.start_agent(&["--trace-verdicts"]);
+    second
+        .wait_event(WAIT, |e| {
+            e["event"] == "warning"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("adopted the pinned state"))
+        })
+        .unwrap_or_else(|| panic!("no adopted warning\n{}", second.output()));
+    assert_eq!(
+        env.pins.maps(),
+        maps_before,
+        "the same maps, no log map pinned"
+    );
+    let out = env.app_tcp(ALLOWED_IP, 8080);
+    assert_connected("after the restart: adopted entry", &out, &second);
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("after the restart: denied address", &out, &second);
+    let want = format!("kernel verdict: deny connect4 tcp {DENIED_IP}:8080 reason no-rule");
+    let traced = poll_until(WAIT, || second.output().contains(&want).then_some(()));
+    assert!(
+        traced.is_some(),
+        "no trace line {want:?}\n{}",
+        second.output()
+    );
+    second.kill9();
+
+    // And back: without the flag, the same pins again, and no trace line.
+    let third = env.start_agent(&[]);
+    assert_eq!(env.pins.maps(), maps_before, "the same maps");
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("after the second restart: denied address", &out, &third);
+    wait_deny(&third, &out["pid"], DENIED_IP, 8080);
+    assert!(
+        !third.output().contains("kernel verdict:"),
+        "trace lines without the flag\n{}",
+        third.output()
+    );
+}

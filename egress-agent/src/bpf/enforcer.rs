@@ -35,6 +35,7 @@ use egress_common::{
     keys::addr_from_ip,
 };
 
+use super::trace;
 use crate::{
     events::{DenyRecord, boot_to_wall_offset},
     policy::{self, Mode, Policy},
@@ -106,6 +107,9 @@ pub struct EnforcerOptions {
     /// storage); `false`, or a kernel without socket storage for these programs, judges
     /// every SYN and unconnected datagram again.
     pub judged: bool,
+    /// Load the programs with verdict tracing on (`TRACE`, see [`super::trace`]) and read
+    /// their aya-log records; off, the verifier removes the tracing code.
+    pub trace: bool,
 }
 
 impl Default for EnforcerOptions {
@@ -115,6 +119,7 @@ impl Default for EnforcerOptions {
             dns_capacity: DEFAULT_DNS_CAPACITY,
             pin_dir: None,
             judged: true,
+            trace: false,
         }
     }
 }
@@ -207,6 +212,8 @@ pub struct Enforcer {
     config_value: Config,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    /// The reader of the programs' verdict trace, when tracing is on.
+    trace: Option<trace::Logger>,
     boot_offset: Duration,
     /// Why the family guard ([`FAMILY_PROGRAM`]) does not run, when it does not.
     family_guard: Option<String>,
@@ -244,14 +251,20 @@ impl Enforcer {
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
         let judged_on = u8::from(judged);
+        let trace_on = u8::from(opts.trace);
         // Parsed once: the loader's relocations and the family guard's hook both need it.
         let btf = Btf::from_sys_fs().ok();
         let mut loader = EbpfLoader::new();
         loader
             .btf(btf.as_ref())
             .override_global("JUDGED_ON", &judged_on, true)
+            .override_global(trace::GLOBAL, &trace_on, true)
             .map_max_entries(MAP_ALLOW_CIDR, opts.cidr_capacity)
             .map_max_entries(MAP_ALLOW_DNS, opts.dns_capacity);
+        if !opts.trace {
+            // Nothing writes the aya-log ring then: one page instead of 128 KiB of kernel memory.
+            loader.map_max_entries(trace::MAP, trace::page_size());
+        }
         // With a pin directory, maps already pinned there (by an earlier agent of this name,
         // killed or restarted) are reused as they are, entries included: that is adoption.
         let map_pins: Vec<(&str, PathBuf)> = match &opts.pin_dir {
@@ -281,6 +294,11 @@ impl Enforcer {
         let config = Array::try_from(take(MAP_CONFIG)?)?;
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?)?;
+        // Taken before the programs load, which need its fd open: the logger keeps it.
+        let trace = match opts.trace {
+            true => Some(trace::logger(&mut ebpf).context("cannot read the verdict trace map")?),
+            false => None,
+        };
 
         // Static entries an earlier agent wrote: known, so a changed policy removes them.
         let cidr_keys = trie_keys(&cidr);
@@ -303,6 +321,7 @@ impl Enforcer {
             config_value: Config::default(),
             counters,
             events: Some(events),
+            trace,
             boot_offset: boot_to_wall_offset(),
             family_guard: None,
             _ebpf: ebpf,
@@ -597,6 +616,11 @@ impl Enforcer {
     /// Takes the ring buffer, for an async reader (see [`crate::daemon::monitor`]).
     pub fn take_events(&mut self) -> Option<(RingBuf<MapData>, Duration)> {
         self.events.take().map(|r| (r, self.boot_offset))
+    }
+
+    /// Takes the reader of the verdict trace (`None` unless loaded with tracing on).
+    pub fn take_trace(&mut self) -> Option<trace::Logger> {
+        self.trace.take()
     }
 
     /// Detaches the programs and removes the pins. Without this, pinned links keep

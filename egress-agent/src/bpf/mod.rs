@@ -10,3 +10,4 @@
 
 pub mod enforcer;
 pub mod kernel;
+pub mod trace;

@@ -113,6 +113,11 @@ pub enum Command {
         audit: bool,
         #[command(flatten)]
         confine: ConfineArgs,
+        /// Debugging aid: log every verdict of the kernel programs (allow, deny, audit; hook,
+        /// protocol, destination, port, reason) to stderr. Costs a log record per connect and
+        /// send; without it the tracing code is not even loaded.
+        #[arg(long)]
+        trace_verdicts: bool,
         /// The command and its arguments.
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -175,6 +180,11 @@ pub enum Command {
         /// On SIGTERM/SIGINT, detach and remove the pins instead of leaving the cgroup closed.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Debugging aid: log every verdict of the kernel programs (allow, deny, audit; hook,
+        /// protocol, destination, port, reason) to stderr. Costs a log record per connect and
+        /// send; without it the tracing code is not even loaded.
+        #[arg(long)]
+        trace_verdicts: bool,
     },
     /// Detach the programs an agent named NAME pinned and remove its pins (the enforced
     /// cgroup is open again once no agent holds the links).
@@ -309,6 +319,7 @@ pub fn main(cli: Cli) -> ExitCode {
             name,
             audit,
             confine,
+            trace_verdicts,
             command,
         } => {
             let config = run::RunConfig {
@@ -320,6 +331,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 keep_caps: confine.keep_caps,
                 allow_io_uring: confine.allow_io_uring,
                 pass_fds: confine.pass_fds,
+                trace_verdicts,
                 command,
             };
             run_command(config)
@@ -333,6 +345,7 @@ pub fn main(cli: Cli) -> ExitCode {
             name,
             health,
             detach_on_exit,
+            trace_verdicts,
         } => {
             let config = attach::AttachConfig {
                 cgroup,
@@ -343,6 +356,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 name,
                 health,
                 detach_on_exit,
+                trace_verdicts,
             };
             block_on(attach::attach(config))
         }
@@ -389,6 +403,7 @@ pub fn main(cli: Cli) -> ExitCode {
             keep_caps: confine.keep_caps,
             allow_io_uring: confine.allow_io_uring,
             pass_fds: confine.pass_fds,
+            trace_verdicts: false,
             command,
         }),
     }

@@ -38,6 +38,8 @@ pub struct AttachConfig {
     pub health: Option<SocketAddr>,
     /// Detach on SIGTERM/SIGINT instead of leaving enforcement in place.
     pub detach_on_exit: bool,
+    /// Trace every verdict of the programs to the agent's log (a debugging aid).
+    pub trace_verdicts: bool,
 }
 
 /// Runs until SIGTERM or SIGINT; returns the exit status.
@@ -101,7 +103,10 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
         sink: sink.clone(),
         exempt_cgroup: exempt,
         health: cfg.health,
-        enforcer: EnforcerOptions::default(),
+        enforcer: EnforcerOptions {
+            trace: cfg.trace_verdicts,
+            ..EnforcerOptions::default()
+        },
         protected: Vec::new(),
     })
     .await?;

@@ -14,6 +14,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     bpf::enforcer::{self, Enforcer},
+    bpf::trace,
     daemon::health::{self, HealthState},
     daemon::monitor,
     daemon::reload,
@@ -69,6 +70,8 @@ pub struct Session {
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     monitor: JoinHandle<anyhow::Result<()>>,
+    /// The verdict trace reader (`--trace-verdicts`).
+    trace: Option<JoinHandle<anyhow::Result<()>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -102,6 +105,7 @@ impl Session {
             bail!("the events ring buffer is missing");
         };
         let adopted = enf.dns_entries();
+        let trace = enf.take_trace();
 
         // The cgroup's DNS goes to our resolver from the first packet on.
         let resolver = Resolver::bind().await?;
@@ -163,6 +167,7 @@ impl Session {
             dns.clone(),
             stop_rx.clone(),
         ));
+        let trace = trace.map(|logger| tokio::spawn(trace::pump(logger, stop_rx.clone())));
         for change in &restored {
             if let Change::Update(ip, live) = change {
                 for g in live {
@@ -254,6 +259,7 @@ impl Session {
             metrics,
             stop,
             monitor,
+            trace,
             tasks,
         })
     }
@@ -281,6 +287,13 @@ impl Session {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("event reader: {e:#}"),
             Err(e) => tracing::warn!("event reader: {e}"),
+        }
+        if let Some(t) = self.trace {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("verdict trace reader: {e:#}"),
+                Err(e) => tracing::warn!("verdict trace reader: {e}"),
+            }
         }
         if detach {
             self.enforcer

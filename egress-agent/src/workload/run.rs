@@ -61,6 +61,8 @@ pub struct RunConfig {
     pub allow_io_uring: bool,
     /// Inherited descriptors passed to the command beside stdin, stdout and stderr.
     pub pass_fds: Vec<i32>,
+    /// Trace every verdict of the programs to the agent's log (a debugging aid).
+    pub trace_verdicts: bool,
     /// The command and its arguments.
     pub command: Vec<OsString>,
 }
@@ -128,7 +130,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         sink: sink.clone(),
         exempt_cgroup: 0,
         health: None,
-        enforcer: EnforcerOptions::default(),
+        enforcer: EnforcerOptions {
+            trace: config.trace_verdicts,
+            ..EnforcerOptions::default()
+        },
         protected: confinement.protected(),
     })
     .await?;

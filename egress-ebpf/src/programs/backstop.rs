@@ -47,6 +47,7 @@ use egress_common::{
 use super::{
     inbound,
     judged::judged,
+    trace,
     verdict::{audit_mode, count, lookup},
 };
 use crate::maps::{CONFIG, EVENTS};
@@ -288,5 +289,7 @@ pub fn drop_packet(addr: &Addr, port: u16, ip_proto: u8, why: u8, hook: u8) -> i
         });
         entry.submit(0);
     }
-    if audit { PASS } else { DROP }
+    let verdict = if audit { PASS } else { DROP };
+    trace::verdict(hook::EGRESS, addr, port, u32::from(ip_proto), verdict, why);
+    verdict
 }

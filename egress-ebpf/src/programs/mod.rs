@@ -9,4 +9,5 @@ mod restore;
 mod sock_addr;
 mod sock_create;
 mod socket_family;
+mod trace;
 mod verdict;

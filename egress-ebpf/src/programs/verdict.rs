@@ -17,6 +17,7 @@ use egress_common::{
     events::reason,
 };
 
+use super::trace;
 use crate::maps::{ALLOW_CIDR, ALLOW_DNS, CONFIG, COUNTERS, EVENTS};
 
 const IPPROTO_ICMP: u32 = 1;
@@ -44,6 +45,14 @@ pub fn decide(dst: &Destination) -> Result<i32, ()> {
         Some(bit) => match lookup(&dst.addr, dst.port, bit) {
             None => {
                 count(COUNTER_ALLOW);
+                trace::verdict(
+                    dst.hook,
+                    &dst.addr,
+                    dst.port,
+                    dst.ip_proto,
+                    VERDICT_ALLOW,
+                    0,
+                );
                 return Ok(VERDICT_ALLOW);
             }
             Some(why) => why,
@@ -160,7 +169,9 @@ pub fn deny(dst: &Destination, why: u8) -> i32 {
     count(COUNTER_DENY);
     let audit = audit_mode();
     report(dst, why, audit);
-    if audit { VERDICT_ALLOW } else { VERDICT_DENY }
+    let verdict = if audit { VERDICT_ALLOW } else { VERDICT_DENY };
+    trace::verdict(dst.hook, &dst.addr, dst.port, dst.ip_proto, verdict, why);
+    verdict
 }
 
 fn report(dst: &Destination, why: u8, audited: bool) {

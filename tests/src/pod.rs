@@ -207,11 +207,11 @@ impl AgentPins {
     }
 
     /// How many link pins one generation has: 8 sock_addr + sock_create + the egress
-    /// backstop, plus the family guard (`socket_create`) where the kernel loads BPF LSM
+    /// backstop + the ingress judge of accepted connections, plus the family guard (`socket_create`) where the kernel loads BPF LSM
     /// programs.
     pub fn links_per_generation(&self) -> usize {
         let guard = self.links().iter().any(|l| l.starts_with("socket_create@"));
-        10 + usize::from(guard)
+        11 + usize::from(guard)
     }
 
     /// The names of the pinned maps, sorted.

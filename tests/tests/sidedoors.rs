@@ -687,3 +687,82 @@ fn files_that_run_later_outside_cannot_be_written() {
     let protected = ready["protected"].to_string();
     assert!(protected.contains(".bashrc"), "ready: {ready}");
 }
+
+/// Runs `argv` on a fresh pty as its controlling terminal; once the terminal shows `marker`,
+/// types `input`. Returns what the terminal showed and the exit status (`exit=N` last).
+fn type_on_a_terminal(marker: &str, input: &[u8], argv: &[&str]) -> String {
+    let driver = r#"
+import os, pty, sys, time
+marker, typed = sys.argv[1].encode(), bytes.fromhex(sys.argv[2])
+pid, master = pty.fork()
+if pid == 0:
+    os.execvp(sys.argv[3], sys.argv[3:])
+out, sent, deadline = b"", False, time.time() + 30
+while time.time() < deadline:
+    try:
+        chunk = os.read(master, 4096)
+    except OSError:
+        break
+    if not chunk:
+        break
+    out += chunk
+    if not sent and marker in out:
+        time.sleep(0.2)
+        os.write(master, typed)
+        sent = True
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+sys.stdout.write(f"\nexit={os.waitstatus_to_exitcode(status)}\n")
+"#;
+    let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
+    let out = std::process::Command::new(python3())
+        .arg("-c")
+        .arg(driver)
+        .arg(marker)
+        .arg(hex)
+        .args(argv)
+        .output()
+        .expect("the pty driver");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `egress-agent run` with [`ALLOW_8080`] and `command`, as argv for the drivers.
+fn run_argv(dir: &TestDir, command: &[&str]) -> Vec<String> {
+    let allow = dir.path().join("allow.yaml");
+    std::fs::write(&allow, ALLOW_8080).expect("allowlist");
+    let mut v: Vec<String> = vec![
+        egress_tests::agent_bin().display().to_string(),
+        "run".into(),
+        "--allowlist".into(),
+        allow.display().to_string(),
+        "--events".into(),
+        dir.path().join("events.jsonl").display().to_string(),
+        "--".into(),
+    ];
+    v.extend(command.iter().map(|s| (*s).to_owned()));
+    v
+}
+
+#[test]
+fn an_interactive_program_works_on_its_own_terminal() {
+    let dir = TestDir::new();
+    // Reads a typed line; is on a terminal (its own pty) and is its session's leader.
+    let reader = "import os, sys; print('tty=%s' % os.isatty(0), flush=True); \
+                  line = input('name? '); print('got=' + line, flush=True)";
+    let argv = run_argv(&dir, &[python3(), "-c", reader]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let shown = type_on_a_terminal("name? ", b"hello\r", &argv);
+    assert!(shown.contains("tty=True"), "{shown}");
+    assert!(shown.contains("got=hello"), "{shown}");
+    assert!(shown.trim_end().ends_with("exit=0"), "{shown}");
+
+    // Ctrl-C typed on the caller's terminal reaches the command through its pty.
+    let sleeper = "import time; print('ready', flush=True); time.sleep(30)";
+    let argv = run_argv(&dir, &[python3(), "-c", sleeper]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let shown = type_on_a_terminal("ready", b"\x03", &argv);
+    assert!(
+        shown.trim_end().ends_with("exit=130"),
+        "Ctrl-C did not end the command with SIGINT: {shown}"
+    );
+}

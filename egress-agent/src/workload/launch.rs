@@ -134,6 +134,7 @@ pub fn spawn_in_cgroup(
     identity: Option<&Identity>,
     confinement: Option<Arc<Confinement>>,
     pass_fds: &[i32],
+    terminal: Option<(i32, Vec<i32>)>,
 ) -> anyhow::Result<Child> {
     let Some((program, args)) = argv.split_first() else {
         bail!("no command given");
@@ -160,6 +161,11 @@ pub fn spawn_in_cgroup(
             }
             if let Some(c) = &confinement {
                 c.apply_in_child()?;
+            }
+            // After the pid namespace's relays are forked: they keep the caller's terminal,
+            // the command gets the pty as its own.
+            if let Some((slave, replaced)) = &terminal {
+                crate::workload::pty::take_terminal(*slave, replaced)?;
             }
             if let Some(id) = &ident
                 && (libc::setgroups(id.groups.len(), id.groups.as_ptr()) != 0

@@ -10,5 +10,6 @@ pub mod confine;
 pub mod launch;
 pub mod learn;
 pub mod persistence;
+pub mod pty;
 pub mod run;
 pub mod seccomp;

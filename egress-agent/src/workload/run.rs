@@ -10,7 +10,7 @@ use std::{
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     sync::Arc,
-    sync::atomic::{AtomicI32, Ordering},
+    sync::atomic::{AtomicI32, AtomicI64, Ordering},
     thread,
     time::SystemTime,
 };
@@ -27,6 +27,7 @@ use crate::{
     workload::launch::{self, Identity, SpawnError},
     workload::learn,
     workload::persistence::Protected,
+    workload::pty::Pty,
 };
 use anyhow::{Context as _, bail};
 use signal_hook::{
@@ -178,6 +179,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         );
     }
 
+    // A terminal of its own, when started on one (see `pty`).
+    let mut pty = Pty::open_if_terminal()?;
+    let terminal = pty
+        .as_ref()
+        .and_then(|p| p.slave_fd().map(|s| (s, p.replaced.clone())));
     let spawned = match signals.early_signal() {
         Some(sig) => Ok(Err(128 + sig)),
         None => launch::spawn_in_cgroup(
@@ -186,9 +192,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             Some(&identity),
             Some(confinement.clone()),
             &config.pass_fds,
+            terminal,
         )
         .map(Ok),
     };
+    let mut output = None;
+    if let (Ok(Ok(_)), Some(p)) = (&spawned, pty.as_mut()) {
+        output = Some(p.relay()?);
+        signals.set_window(p.window_fds());
+    }
     let outcome = match spawned {
         Ok(Err(code)) => Ok(code),
         Ok(Ok(mut child)) => {
@@ -216,6 +228,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     // then stop the helpers, detach and remove.
     cgroup::kill_all(cg.path())?;
     cgroup::wait_empty(cg.path(), std::time::Duration::from_secs(5));
+    // Every copy of the pty's slave is gone with them: the last output is relayed, then the
+    // caller's terminal is put back.
+    if let Some(out) = output {
+        let _ = out.join();
+    }
+    if let Some(p) = &pty {
+        p.restore();
+    }
     for (created, aside) in persist.quarantine() {
         warn(
             &sink,
@@ -267,6 +287,9 @@ struct ForwardState {
     child: AtomicI32,
     /// A signal that came before the command ran, 0 if none.
     early: AtomicI32,
+    /// With a pty: the caller's terminal and the pty master (`terminal << 32 | master`), -1
+    /// without (0 until set, which no pty pair can be).
+    window: AtomicI64,
 }
 
 impl SignalForwarder {
@@ -289,7 +312,18 @@ impl SignalForwarder {
                         }
                         continue;
                     }
-                    if matches!(origin.cause, Cause::Kernel) {
+                    let window = st.window.load(Ordering::SeqCst);
+                    if window > 0 {
+                        // The command has a pty of its own: the caller's terminal signals
+                        // reach only us. A window change is copied to the pty (whose line
+                        // discipline tells the command); the rest is passed on.
+                        if origin.signal == SIGWINCH {
+                            Pty::copy_window_size((window >> 32) as i32, window as i32);
+                            continue;
+                        }
+                    } else if matches!(origin.cause, Cause::Kernel) {
+                        // The terminal sent this one to its whole foreground process group:
+                        // the command, in it, has it already.
                         continue;
                     }
                     // SAFETY: plain syscall to our own child's pid.
@@ -308,6 +342,12 @@ impl SignalForwarder {
             // SAFETY: plain syscall to our own child's pid.
             unsafe { libc::kill(pid, early) };
         }
+    }
+
+    /// The command runs on a pty: `(caller's terminal, master)`.
+    fn set_window(&self, (terminal, master): (i32, i32)) {
+        let packed = (i64::from(terminal) << 32) | i64::from(master);
+        self.state.window.store(packed, Ordering::SeqCst);
     }
 
     fn early_signal(&self) -> Option<i32> {

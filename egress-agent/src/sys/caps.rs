@@ -8,22 +8,90 @@
 
 use anyhow::bail;
 
-/// (capability number, name, what it is for).
-pub const REQUIRED: [(u32, &str, &str); 3] = [
-    (39, "CAP_BPF", "create maps and load programs"),
+/// A Linux capability, by number; the ones this product deals with have names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Capability(pub u32);
+
+impl Capability {
+    /// `CAP_NET_ADMIN`.
+    pub const NET_ADMIN: Self = Self(12);
+    /// `CAP_NET_RAW`.
+    pub const NET_RAW: Self = Self(13);
+    /// `CAP_SYS_MODULE`.
+    pub const SYS_MODULE: Self = Self(16);
+    /// `CAP_SYS_RAWIO`.
+    pub const SYS_RAWIO: Self = Self(17);
+    /// `CAP_SYS_PTRACE`.
+    pub const SYS_PTRACE: Self = Self(19);
+    /// `CAP_SYS_ADMIN`.
+    pub const SYS_ADMIN: Self = Self(21);
+    /// `CAP_PERFMON`.
+    pub const PERFMON: Self = Self(38);
+    /// `CAP_BPF`.
+    pub const BPF: Self = Self(39);
+
+    /// Every named one, with its name without the `CAP_` prefix.
+    pub const NAMED: [(Self, &'static str); 8] = [
+        (Self::NET_ADMIN, "NET_ADMIN"),
+        (Self::NET_RAW, "NET_RAW"),
+        (Self::SYS_MODULE, "SYS_MODULE"),
+        (Self::SYS_RAWIO, "SYS_RAWIO"),
+        (Self::SYS_PTRACE, "SYS_PTRACE"),
+        (Self::SYS_ADMIN, "SYS_ADMIN"),
+        (Self::PERFMON, "PERFMON"),
+        (Self::BPF, "BPF"),
+    ];
+
+    /// The name without the `CAP_` prefix (the number for an unnamed one).
+    pub fn name(self) -> String {
+        Self::NAMED
+            .iter()
+            .find(|(c, _)| *c == self)
+            .map_or_else(|| self.0.to_string(), |(_, n)| (*n).to_owned())
+    }
+
+    /// Its bit in a capability set.
+    pub fn bit(self) -> u64 {
+        1 << self.0
+    }
+}
+
+impl std::str::FromStr for Capability {
+    type Err = String;
+
+    /// `CAP_NET_RAW`, `net_raw`: one of [`Capability::NAMED`].
+    fn from_str(s: &str) -> Result<Self, String> {
+        let upper = s.trim().to_ascii_uppercase();
+        let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+        Self::NAMED
+            .iter()
+            .find(|(_, n)| *n == bare)
+            .map(|(c, _)| *c)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::NAMED
+                    .iter()
+                    .map(|(_, n)| format!("CAP_{n}"))
+                    .collect();
+                format!(
+                    "{s:?} is not a capability that confinement drops (one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// What the agent needs each for.
+pub const REQUIRED: [(Capability, &str); 3] = [
+    (Capability::BPF, "create maps and load programs"),
     (
-        12,
-        "CAP_NET_ADMIN",
+        Capability::NET_ADMIN,
         "load and attach cgroup socket programs",
     ),
     (
-        38,
-        "CAP_PERFMON",
+        Capability::PERFMON,
         "let the verifier accept the port-range check",
     ),
 ];
-
-const CAP_SYS_ADMIN: u32 = 21;
 
 /// The effective capability set of this process (from /proc/self/status).
 pub fn effective() -> u64 {
@@ -38,14 +106,14 @@ pub fn effective() -> u64 {
 }
 
 /// The required capabilities `eff` lacks (none when it has CAP_SYS_ADMIN).
-pub fn missing(eff: u64) -> Vec<&'static str> {
-    if eff & (1 << CAP_SYS_ADMIN) != 0 {
+pub fn missing(eff: u64) -> Vec<String> {
+    if eff & Capability::SYS_ADMIN.bit() != 0 {
         return Vec::new();
     }
     REQUIRED
         .iter()
-        .filter(|(n, _, _)| eff & (1 << n) == 0)
-        .map(|(_, name, _)| *name)
+        .filter(|(c, _)| eff & c.bit() == 0)
+        .map(|(c, _)| format!("CAP_{}", c.name()))
         .collect()
 }
 
@@ -57,8 +125,9 @@ pub fn check() -> anyhow::Result<()> {
     }
     let why: Vec<String> = REQUIRED
         .iter()
-        .filter(|(_, n, _)| lacking.contains(n))
-        .map(|(_, n, what)| format!("{n} ({what})"))
+        .map(|(c, what)| (format!("CAP_{}", c.name()), what))
+        .filter(|(n, _)| lacking.contains(n))
+        .map(|(n, what)| format!("{n} ({what})"))
         .collect();
     bail!(
         "missing capabilities: {}; the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON \
@@ -75,7 +144,7 @@ mod tests {
     fn the_three_or_sys_admin_suffice() {
         let three = (1 << 39) | (1 << 12) | (1 << 38);
         assert!(missing(three).is_empty());
-        assert!(missing(1 << CAP_SYS_ADMIN).is_empty());
+        assert!(missing(Capability::SYS_ADMIN.bit()).is_empty());
         assert_eq!(missing((1 << 39) | (1 << 12)), vec!["CAP_PERFMON"]);
         assert_eq!(missing(0).len(), 3);
     }

@@ -19,71 +19,41 @@
 //!    with ENOSYS and refuses sockets of families other than unix, inet, inet6, netlink and
 //!    alg (see `crate::workload::seccomp`).
 
-use std::{ffi::CString, fs, io, str::FromStr};
+use std::{ffi::CString, fs, io};
 
 use anyhow::Context as _;
 
-/// A Linux capability, by number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Capability(pub u32);
+pub use crate::sys::caps::Capability;
 
-/// The capabilities a confined command never has (unless kept with `--keep-cap`).
-pub const DROPPED: [(Capability, &str); 8] = [
-    (Capability(12), "NET_ADMIN"),
-    (Capability(13), "NET_RAW"),
-    (Capability(16), "SYS_MODULE"),
-    (Capability(17), "SYS_RAWIO"),
-    (Capability(19), "SYS_PTRACE"),
-    (Capability(21), "SYS_ADMIN"),
-    (Capability(38), "PERFMON"),
-    (Capability(39), "BPF"),
+/// The capabilities a confined command never has (unless kept with `--keep-cap`): every one
+/// [`Capability::NAMED`].
+pub const DROPPED: [Capability; 8] = [
+    Capability::NET_ADMIN,
+    Capability::NET_RAW,
+    Capability::SYS_MODULE,
+    Capability::SYS_RAWIO,
+    Capability::SYS_PTRACE,
+    Capability::SYS_ADMIN,
+    Capability::PERFMON,
+    Capability::BPF,
 ];
 
-impl Capability {
-    /// What keeping this capability lets the command do, for the warning event.
-    pub fn risk(self) -> &'static str {
-        match self.0 {
-            12 => "it can change network configuration and detach eBPF programs",
-            13 => "it can open raw and packet sockets, which the socket hooks do not see",
-            16 => "it can load kernel modules",
-            17 => "it can access devices and I/O ports directly",
-            19 => "it can trace and inject code into processes outside the cgroup",
-            21 => {
-                "it can remount the cgroup and bpf filesystems, leave the cgroup and detach the programs"
-            }
-            38 => "it can use performance monitoring and read kernel memory",
-            39 => "it can load eBPF programs and take the agent's maps and links",
-            _ => "unknown capability",
+/// What keeping `cap` lets the command do, for the warning event.
+pub fn risk(cap: Capability) -> &'static str {
+    match cap {
+        Capability::NET_ADMIN => "it can change network configuration and detach eBPF programs",
+        Capability::NET_RAW => {
+            "it can open raw and packet sockets, which the socket hooks do not see"
         }
-    }
-
-    /// The capability's name without the `CAP_` prefix.
-    pub fn name(self) -> String {
-        DROPPED
-            .iter()
-            .find(|(c, _)| *c == self)
-            .map(|(_, n)| (*n).to_owned())
-            .unwrap_or_else(|| format!("{}", self.0))
-    }
-}
-
-impl FromStr for Capability {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let upper = s.trim().to_ascii_uppercase();
-        let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
-        DROPPED
-            .iter()
-            .find(|(_, n)| *n == bare)
-            .map(|(c, _)| *c)
-            .ok_or_else(|| {
-                let names: Vec<_> = DROPPED.iter().map(|(_, n)| format!("CAP_{n}")).collect();
-                format!(
-                    "{s:?} is not a capability that confinement drops (one of {})",
-                    names.join(", ")
-                )
-            })
+        Capability::SYS_MODULE => "it can load kernel modules",
+        Capability::SYS_RAWIO => "it can access devices and I/O ports directly",
+        Capability::SYS_PTRACE => "it can trace and inject code into processes outside the cgroup",
+        Capability::SYS_ADMIN => {
+            "it can remount the cgroup and bpf filesystems, leave the cgroup and detach the programs"
+        }
+        Capability::PERFMON => "it can use performance monitoring and read kernel memory",
+        Capability::BPF => "it can load eBPF programs and take the agent's maps and links",
+        _ => "unknown capability",
     }
 }
 
@@ -179,11 +149,7 @@ impl Confinement {
         root_command: bool,
         allow_io_uring: bool,
     ) -> anyhow::Result<Self> {
-        let drop = DROPPED
-            .iter()
-            .map(|(c, _)| *c)
-            .filter(|c| !keep.contains(c))
-            .collect();
+        let drop = DROPPED.into_iter().filter(|c| !keep.contains(c)).collect();
         let info = fs::read_to_string("/proc/self/mountinfo")
             .context("cannot read /proc/self/mountinfo")?;
         let mut mounts = Vec::new();

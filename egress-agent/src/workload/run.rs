@@ -174,7 +174,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             &format!(
                 "confinement weakened: the command keeps CAP_{}: {}",
                 cap.name(),
-                cap.risk()
+                crate::workload::confine::risk(*cap)
             ),
         );
     }

@@ -9,7 +9,12 @@ pub mod config;
 pub mod consts;
 pub mod events;
 pub mod keys;
+#[cfg(feature = "std")]
+pub mod mounts;
 pub mod rules;
+
+#[cfg(feature = "std")]
+extern crate std;
 
 pub use config::Config;
 pub use events::DenyEvent;

@@ -1,8 +1,7 @@
 //! cgroup v2: finding the mount, creating the enforced cgroup, emptying and removing it.
 
 use std::{
-    fs,
-    io::{self, BufRead as _},
+    fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     thread,
@@ -14,43 +13,14 @@ use anyhow::{Context as _, bail};
 /// The mount point of the cgroup v2 hierarchy, read from `/proc/mounts` (it is not always
 /// `/sys/fs/cgroup`: hybrid systems mount it at `/sys/fs/cgroup/unified`).
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let mounts = fs::File::open("/proc/mounts").context("cannot read /proc/mounts")?;
-    for line in io::BufReader::new(mounts).lines() {
-        let line = line.context("cannot read /proc/mounts")?;
-        let mut fields = line.split_whitespace();
-        let (Some(_dev), Some(dir), Some(fstype)) = (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if fstype == "cgroup2" {
-            return Ok(PathBuf::from(unescape_mount_path(dir)));
-        }
+    match egress_common::mounts::cgroup2().context("cannot read /proc/mounts")? {
+        Some(mount) => Ok(mount),
+        None => bail!(
+            "no cgroup v2 hierarchy is mounted in this mount namespace (no cgroup2 in \
+             /proc/mounts); note that `ip netns exec` remounts /sys without it: enter a network \
+             namespace with `nsenter --net=/run/netns/NAME` instead"
+        ),
     }
-    bail!(
-        "no cgroup v2 hierarchy is mounted in this mount namespace (no cgroup2 in /proc/mounts); \
-         note that `ip netns exec` remounts /sys without it: enter a network namespace with \
-         `nsenter --net=/run/netns/NAME` instead"
-    )
-}
-
-/// `/proc/mounts` escapes space, tab, newline and backslash as octal (`\040`).
-pub(crate) fn unescape_mount_path(s: &str) -> String {
-    let mut out = Vec::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The cgroup v2 id of a cgroup directory: its inode number (what `bpf_get_current_cgroup_id`
@@ -163,19 +133,5 @@ pub fn wait_empty(path: &Path, timeout: Duration) {
             Ok(t) if !t.trim().is_empty() => thread::sleep(Duration::from_millis(5)),
             _ => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mount_paths_are_unescaped() {
-        assert_eq!(
-            unescape_mount_path("/sys/fs/cgroup/unified"),
-            "/sys/fs/cgroup/unified"
-        );
-        assert_eq!(unescape_mount_path("/mnt/a\\040b"), "/mnt/a b");
     }
 }

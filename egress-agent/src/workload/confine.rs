@@ -774,7 +774,7 @@ fn parse_mountinfo_line(line: &str) -> Option<MountLine> {
         };
     }
     Some(MountLine {
-        target: crate::sys::cgroup::unescape_mount_path(target),
+        target: egress_common::mounts::unescape(target),
         fstype: fstype.to_owned(),
         flags,
     })

@@ -231,12 +231,8 @@ fn machine(ctx: &Ctx) -> Vec<(String, String)> {
 
 /// Where cgroup v2 is mounted, from /proc/mounts.
 fn cgroup2_mount() -> Result<String> {
-    let mounts = fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
-        })
+    egress_common::mounts::cgroup2()
+        .context("cannot read /proc/mounts")?
+        .map(|m| m.display().to_string())
         .context("no cgroup v2 mount")
 }

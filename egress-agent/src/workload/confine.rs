@@ -2,7 +2,7 @@
 //! enforced cgroup, detach the programs, or reach the network below the socket hooks.
 //!
 //! What the child does between `fork` and `exec`, after joining the cgroup (see
-//! docs/CONFINEMENT.md for why each step is there):
+//! docs/THREATS.md for the technique each step stops):
 //! 1. its own cgroup namespace: `clone3(CLONE_INTO_CGROUP)` and `cgroup.procs` writes can only
 //!    name cgroups below the enforced one (the kernel checks targets against the namespace
 //!    root, whatever the file permissions say);

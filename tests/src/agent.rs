@@ -150,6 +150,13 @@ impl AgentRun {
             .start()
     }
 
+    /// The value of the first `KEY=VALUE` line the command printed; panics, showing the run,
+    /// when there is none.
+    pub fn expect_value(&self, key: &str) -> String {
+        crate::value(&self.stdout(), key)
+            .unwrap_or_else(|| panic!("the command printed no {key}=...\n{}", self.output()))
+    }
+
     /// The agent's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()

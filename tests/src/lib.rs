@@ -87,6 +87,15 @@ impl Drop for TestDir {
     }
 }
 
+/// The value of the first `KEY=VALUE` line of `out` (how test commands report).
+pub fn value(out: &str, key: &str) -> Option<String> {
+    out.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|r| r.strip_prefix('='))
+            .map(str::to_owned)
+    })
+}
+
 /// Polls `f` every 10 ms until it returns `Some`, for at most `timeout`.
 pub fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

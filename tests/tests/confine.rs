@@ -36,7 +36,7 @@ use std::{
 
 use egress_tests::{
     AgentRun, Outcome, TestCgroup, TestDir, TestNetns, agent::pin_dir, cgroup2_mount, poll_until,
-    probe_bin, target_profile_dir, unique_name, world::python3,
+    probe_bin, target_profile_dir, unique_name, value, world::python3,
 };
 use serde_json::Value;
 
@@ -192,24 +192,9 @@ const STATUS_SH: &str = r#"status() {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// The value of the first `KEY=VALUE` line of `out`.
-fn value(out: &str, key: &str) -> Option<String> {
-    out.lines().find_map(|l| {
-        l.strip_prefix(key)
-            .and_then(|r| r.strip_prefix('='))
-            .map(str::to_owned)
-    })
-}
-
-/// [`value`], or a panic naming the key and showing the run.
-fn expect_value(run: &AgentRun, key: &str) -> String {
-    value(&run.stdout(), key)
-        .unwrap_or_else(|| panic!("the command printed no {key}=...\n{}", run.output()))
-}
-
 /// A `KEY=ERRNO` value as a number.
 fn errno_value(run: &AgentRun, key: &str) -> i32 {
-    let v = expect_value(run, key);
+    let v = run.expect_value(key);
     v.split_whitespace()
         .next()
         .and_then(|n| n.parse().ok())
@@ -313,7 +298,7 @@ fn procs(cgroup: &Path) -> Vec<i32> {
 
 /// A `/proc/PID/status` capability mask printed as `KEY=HEX`.
 fn caps(run: &AgentRun, key: &str) -> u64 {
-    let v = expect_value(run, key);
+    let v = run.expect_value(key);
     u64::from_str_radix(v.trim(), 16).unwrap_or_else(|e| panic!("{key}={v}: {e}\n{}", run.output()))
 }
 
@@ -401,7 +386,7 @@ wait_go "$3"
         run.output()
     );
     for key in ["root_write", "sibling_write"] {
-        let v = expect_value(&run, key);
+        let v = run.expect_value(key);
         assert!(
             !v.starts_with("0 ") && v != "0",
             "{key}: a root command wrote its pid into another cgroup: {v}\n{}",
@@ -411,7 +396,7 @@ wait_go "$3"
     // Its own cgroup namespace: the enforced cgroup is its root.
     for key in ["cgroup_v2", "cgroup_v2_after"] {
         assert_eq!(
-            expect_value(&run, key),
+            run.expect_value(key),
             "0::/",
             "{key}: the command does not see the enforced cgroup as its root\n{}",
             run.output()
@@ -571,27 +556,27 @@ wait_go "$2"
         "umount_bpf",
         "umount_lazy_bpf",
     ] {
-        let v = expect_value(&run, key);
+        let v = run.expect_value(key);
         assert!(
             !v.starts_with("0 ") && v != "0",
             "{key}: a root command changed its mounts: {v}\n{}",
             run.output()
         );
     }
-    let opts = expect_value(&run, "cgroup2_opts");
+    let opts = run.expect_value("cgroup2_opts");
     assert!(
         opts.split(',').any(|o| o == "ro"),
         "the cgroup v2 mount is not read-only inside (mount options {opts:?})\n{}",
         run.output()
     );
     assert_eq!(
-        expect_value(&run, "bpf_egress"),
+        run.expect_value("bpf_egress"),
         "hidden",
         "/sys/fs/bpf/egress is visible inside\n{}",
         run.output()
     );
     assert_eq!(
-        expect_value(&run, "bpf_entries").trim(),
+        run.expect_value("bpf_entries").trim(),
         "",
         "the bpffs is not hidden inside\n{}",
         run.output()
@@ -966,7 +951,7 @@ sh -c 'echo $$ > "$1" 2>/dev/null; echo "host_procs_write=$?"; exec "$2" tcp-con
     assert_exit_0(&mut run);
 
     let mut escapes = Vec::new();
-    if expect_value(&run, "pins_visible") == "yes" {
+    if run.expect_value("pins_visible") == "yes" {
         escapes.push(format!(
             "the pins are visible at {host}/sys/fs/bpf/egress/run-{}",
             run.pid()
@@ -977,7 +962,7 @@ sh -c 'echo $$ > "$1" 2>/dev/null; echo "host_procs_write=$?"; exec "$2" tcp-con
         escapes.push(format!(
             "BPF_OBJ_GET through {host} returned fds for {ok} of {} pins (a pinned link's fd \
              is all BPF_LINK_DETACH needs)",
-            expect_value(&run, "objget_pins")
+            run.expect_value("objget_pins")
         ));
     }
     if errno_value(&run, "host_procs_write") == 0 {
@@ -1047,7 +1032,7 @@ fn a_root_command_cannot_open_raw_or_packet_sockets() {
         );
     }
     assert_eq!(
-        expect_value(&run, "status_NoNewPrivs"),
+        run.expect_value("status_NoNewPrivs"),
         "1",
         "{}",
         run.output()
@@ -1228,18 +1213,18 @@ status /proc/self/status self
         .start();
     assert_exit_0(&mut run);
     assert_eq!(
-        expect_value(&run, "suid_cat"),
+        run.expect_value("suid_cat"),
         "ran",
         "the setuid cat did not run\n{}",
         run.output()
     );
     assert_eq!(
-        expect_value(&run, "suid_id"),
+        run.expect_value("suid_id"),
         "65534",
         "a setuid-root binary made the confined command root\n{}",
         run.output()
     );
-    let uid = expect_value(&run, "suid_Uid");
+    let uid = run.expect_value("suid_Uid");
     assert!(
         uid.split_whitespace().all(|u| u == "65534"),
         "uids of the setuid cat: {uid}\n{}",
@@ -1251,12 +1236,7 @@ status /proc/self/status self
         "the setuid cat gained capabilities\n{}",
         run.output()
     );
-    assert_eq!(
-        expect_value(&run, "self_NoNewPrivs"),
-        "1",
-        "{}",
-        run.output()
-    );
+    assert_eq!(run.expect_value("self_NoNewPrivs"), "1", "{}", run.output());
     for key in ["self_CapBnd", "self_CapInh", "self_CapAmb"] {
         let left = dropped_in(caps(&run, key));
         assert!(
@@ -1462,41 +1442,36 @@ echo "uid=$(id -u)"
     let ctx = || format!("{}\nserver saw: {:#?}", run.output(), server.requests());
 
     assert_eq!(
-        expect_value(&run, "pwd"),
+        run.expect_value("pwd"),
         work.path().display().to_string(),
         "working directory\n{}",
         ctx()
     );
-    assert_eq!(expect_value(&run, "var"), "kept as it was", "{}", ctx());
-    assert_eq!(expect_value(&run, "python"), "1", "{}", ctx());
+    assert_eq!(run.expect_value("var"), "kept as it was", "{}", ctx());
+    assert_eq!(run.expect_value("python"), "1", "{}", ctx());
     assert_eq!(
-        expect_value(&run, "curl"),
+        run.expect_value("curl"),
         "hello from the allowed host",
         "curl to the allowed host\n{}",
         ctx()
     );
     assert_eq!(
-        expect_value(&run, "git_clone").trim(),
+        run.expect_value("git_clone").trim(),
         "0",
         "git clone over the allowed host\n{}",
         ctx()
     );
     assert_eq!(
-        expect_value(&run, "git_file"),
+        run.expect_value("git_file"),
         "cloned through the allowed host",
         "{}",
         ctx()
     );
     // Root stays root for ordinary files of its own (uid 0 inside, 65534 outside).
-    assert_eq!(expect_value(&run, "uid"), "0", "{}", ctx());
-    assert_eq!(expect_value(&run, "write").trim(), "0", "{}", ctx());
-    assert_eq!(
-        expect_value(&run, "read_secret"),
-        "read by root",
-        "{}",
-        ctx()
-    );
-    assert_eq!(expect_value(&run, "chown").trim(), "0", "{}", ctx());
+    assert_eq!(run.expect_value("uid"), "0", "{}", ctx());
+    assert_eq!(run.expect_value("write").trim(), "0", "{}", ctx());
+    assert_eq!(run.expect_value("read_secret"), "read by root", "{}", ctx());
+    assert_eq!(run.expect_value("chown").trim(), "0", "{}", ctx());
     let written = work.path().join("written");
     assert_eq!(
         fs::read_to_string(&written).unwrap_or_default(),
@@ -1545,27 +1520,22 @@ echo "bpf_entries=$(ls -A /sys/fs/bpf | tr '\n' ' ')"
     .learn(&learned)
     .start();
     assert_exit_0(&mut run);
-    assert_eq!(
-        expect_value(&run, "self_NoNewPrivs"),
-        "1",
-        "{}",
-        run.output()
-    );
+    assert_eq!(run.expect_value("self_NoNewPrivs"), "1", "{}", run.output());
     let left = dropped_in(caps(&run, "self_CapBnd"));
     assert!(
         left.is_empty(),
         "CapBnd under learn has {left:?}\n{}",
         run.output()
     );
-    let v = expect_value(&run, "root_write");
+    let v = run.expect_value("root_write");
     assert!(
         !v.starts_with("0 ") && v != "0",
         "under learn a root command wrote its pid into the root cgroup: {v}\n{}",
         run.output()
     );
-    assert_eq!(expect_value(&run, "cgroup_v2"), "0::/", "{}", run.output());
+    assert_eq!(run.expect_value("cgroup_v2"), "0::/", "{}", run.output());
     assert_eq!(
-        expect_value(&run, "bpf_entries").trim(),
+        run.expect_value("bpf_entries").trim(),
         "",
         "the bpffs is not hidden under learn\n{}",
         run.output()

@@ -12,7 +12,7 @@
 
 use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::Path, time::Duration};
 
-use egress_tests::{AgentRun, TcpListener, TestDir, TestNetns, unique_name, world::python3};
+use egress_tests::{AgentRun, TcpListener, TestDir, TestNetns, unique_name, value, world::python3};
 
 /// Allows only 127.0.0.1 port 8080.
 const ALLOW_8080: &str =
@@ -74,19 +74,6 @@ s.close()
 print("connect=ok", flush=True)
 "#;
 
-fn value(out: &str, key: &str) -> Option<String> {
-    out.lines().find_map(|l| {
-        l.strip_prefix(key)
-            .and_then(|r| r.strip_prefix('='))
-            .map(str::to_owned)
-    })
-}
-
-fn expect_value(run: &AgentRun, key: &str) -> String {
-    value(&run.stdout(), key)
-        .unwrap_or_else(|| panic!("the command printed no {key}=...\n{}", run.output()))
-}
-
 /// Whether root outside the sandbox may write `path` (the control).
 fn writable_outside(path: &str) -> bool {
     let c = CString::new(Path::new(path).as_os_str().as_bytes()).expect("path");
@@ -121,7 +108,7 @@ fn root_command(args: &[&str]) -> AgentRun {
     let status = run.wait();
     assert!(status.success(), "the command failed\n{}", run.output());
     for k in KNOBS {
-        let got = expect_value(&run, &format!("knob {k}"));
+        let got = run.expect_value(&format!("knob {k}"));
         if got == "absent" {
             continue;
         }
@@ -140,7 +127,7 @@ fn root_command(args: &[&str]) -> AgentRun {
             writable_outside(d),
             "control: root outside cannot write {d}"
         );
-        let got = expect_value(&run, &format!("dir {d}"));
+        let got = run.expect_value(&format!("dir {d}"));
         assert!(
             got.starts_with("refused"),
             "a root command created a file in {d}: {got}\n{}",
@@ -151,8 +138,8 @@ fn root_command(args: &[&str]) -> AgentRun {
             "{d}/{name} is left behind"
         );
     }
-    assert_eq!(expect_value(&run, "tmp"), "ok", "{}", run.output());
-    assert_eq!(expect_value(&run, "connect"), "ok", "{}", run.output());
+    assert_eq!(run.expect_value("tmp"), "ok", "{}", run.output());
+    assert_eq!(run.expect_value("connect"), "ok", "{}", run.output());
     assert!(
         listener.wait_received(1, Duration::from_secs(5)),
         "the allowed listener got nothing\n{}",
@@ -166,10 +153,10 @@ fn root_command(args: &[&str]) -> AgentRun {
 fn a_root_command_is_root_only_in_its_own_user_namespace() {
     let run = root_command(&[]);
     // Root inside: what programs that check for root see.
-    assert_eq!(expect_value(&run, "uid"), "0", "{}", run.output());
+    assert_eq!(run.expect_value("uid"), "0", "{}", run.output());
     // 65534 outside.
     assert_eq!(
-        expect_value(&run, "uid_map"),
+        run.expect_value("uid_map"),
         "['0', '65534', '1']",
         "{}",
         run.output()
@@ -180,7 +167,7 @@ fn a_root_command_is_root_only_in_its_own_user_namespace() {
 fn a_root_command_that_keeps_a_capability_runs_unprivileged_with_it() {
     let run = root_command(&["--keep-cap", "CAP_NET_RAW"]);
     // Kept capabilities exist only outside a user namespace: the command is not root there.
-    assert_eq!(expect_value(&run, "uid"), "65534", "{}", run.output());
+    assert_eq!(run.expect_value("uid"), "65534", "{}", run.output());
 }
 
 #[test]
@@ -210,7 +197,7 @@ fn a_user_command_cannot_reach_the_kernel_knobs_either() {
             "absent"
         };
         assert_eq!(
-            expect_value(&run, m),
+            run.expect_value(m),
             want,
             "{m} is not mounted read-only for the command\n{}",
             run.output()
@@ -254,7 +241,7 @@ fn an_inherited_socket_does_not_reach_the_command() {
     let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", WRITE_FD, &fd]).start();
     assert!(run.wait().success(), "{}", run.output());
     assert_eq!(
-        expect_value(&run, "write"),
+        run.expect_value("write"),
         libc::EBADF.to_string(),
         "the command wrote to the caller's socket (fd {fd})\n{}",
         run.output()
@@ -282,7 +269,7 @@ fn pass_fd_passes_one_descriptor_on_purpose() {
         .arg(&fd)
         .start();
     assert!(run.wait().success(), "{}", run.output());
-    assert_eq!(expect_value(&run, "write"), "ok", "{}", run.output());
+    assert_eq!(run.expect_value("write"), "ok", "{}", run.output());
     drop(conn);
     assert!(listener.wait_received(1, Duration::from_secs(5)));
     assert_eq!(listener.payloads(), vec![b"leak".to_vec()]);
@@ -313,7 +300,7 @@ fn io_uring_is_refused_where_the_family_guard_cannot_run_unless_allowed() {
         .events_of("warning")
         .iter()
         .any(|w| w["message"].as_str().unwrap_or("").contains("family guard"));
-    let got = expect_value(&run, "setup");
+    let got = run.expect_value("setup");
     if guard_missing {
         assert_eq!(
             got,
@@ -334,7 +321,7 @@ fn io_uring_is_refused_where_the_family_guard_cannot_run_unless_allowed() {
         .start();
     assert!(run.wait().success(), "{}", run.output());
     if disabled == "0" {
-        assert_eq!(expect_value(&run, "setup"), "ok", "{}", run.output());
+        assert_eq!(run.expect_value("setup"), "ok", "{}", run.output());
     }
     if guard_missing {
         assert!(
@@ -498,9 +485,9 @@ fn source_routing_options_are_refused_and_optioned_packets_dropped() {
     let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", SOURCE_ROUTE]).start();
     assert!(run.wait().success(), "{}", run.output());
     let eperm = libc::EPERM.to_string();
-    assert_eq!(expect_value(&run, "ip_options"), eperm, "{}", run.output());
-    assert_eq!(expect_value(&run, "rthdr"), eperm, "{}", run.output());
-    assert_eq!(expect_value(&run, "plain_sent"), "ok", "{}", run.output());
+    assert_eq!(run.expect_value("ip_options"), eperm, "{}", run.output());
+    assert_eq!(run.expect_value("rthdr"), eperm, "{}", run.output());
+    assert_eq!(run.expect_value("plain_sent"), "ok", "{}", run.output());
     assert!(
         rx.wait_received(1, Duration::from_secs(5)),
         "{}",
@@ -591,7 +578,7 @@ fn teardown_destroys_the_orphaned_connections_of_the_command() {
     let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", ORPHAN]).start();
     assert!(run.wait().success(), "{}", run.output());
     assert!(
-        expect_value(&run, "queued").parse::<u64>().unwrap_or(0) > 0,
+        run.expect_value("queued").parse::<u64>().unwrap_or(0) > 0,
         "{}",
         run.output()
     );
@@ -660,14 +647,14 @@ fn files_that_run_later_outside_cannot_be_written() {
         .start();
     assert!(run.wait().success(), "{}", run.output());
     let erofs = libc::EROFS.to_string();
-    assert_eq!(expect_value(&run, "bashrc"), erofs, "{}", run.output());
-    assert_eq!(expect_value(&run, "hook"), erofs, "{}", run.output());
+    assert_eq!(run.expect_value("bashrc"), erofs, "{}", run.output());
+    assert_eq!(run.expect_value("hook"), erofs, "{}", run.output());
     assert_eq!(
         std::fs::read_to_string(h.join(".bashrc")).unwrap_or_default(),
         "# mine\n"
     );
     // Written while it ran, moved aside when it was gone, with a warning.
-    assert_eq!(expect_value(&run, "zshrc"), "ok", "{}", run.output());
+    assert_eq!(run.expect_value("zshrc"), "ok", "{}", run.output());
     assert!(
         !h.join(".zshrc").exists(),
         "~/.zshrc is left for the next shell"
@@ -680,9 +667,9 @@ fn files_that_run_later_outside_cannot_be_written() {
         run.output()
     );
     // writable: opens one; ordinary files stay writable.
-    assert_eq!(expect_value(&run, "profile"), "ok", "{}", run.output());
-    assert_eq!(expect_value(&run, "ordinary"), "ok", "{}", run.output());
-    assert_eq!(expect_value(&run, "work"), "ok", "{}", run.output());
+    assert_eq!(run.expect_value("profile"), "ok", "{}", run.output());
+    assert_eq!(run.expect_value("ordinary"), "ok", "{}", run.output());
+    assert_eq!(run.expect_value("work"), "ok", "{}", run.output());
     let ready = &run.events_of("ready")[0];
     let protected = ready["protected"].to_string();
     assert!(protected.contains(".bashrc"), "ready: {ready}");

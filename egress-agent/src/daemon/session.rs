@@ -76,88 +76,33 @@ pub struct Session {
 }
 
 impl Session {
-    /// Attaches and starts everything; writes the `ready` event last.
+    /// Starts the parts in order, each given what it needs: the programs and maps (adopting
+    /// what an earlier agent pinned), the resolver (the cgroup's DNS comes to it from the
+    /// first packet on), the event readers, the optional reload watcher and health server,
+    /// the state file; then, once the resolver answers, the `ready` event (always the first
+    /// line; warnings follow it). [`Session::stop`] ends them in reverse.
     pub async fn start(cfg: SessionConfig) -> anyhow::Result<Self> {
-        let pin_dir = enforcer::ensure_bpffs()?.join("egress").join(&cfg.name);
-        let policy = Arc::new(cfg.policy);
-        let mut opts = cfg.enforcer.clone();
-        opts.pin_dir = Some(pin_dir.clone());
-        let fresh = !pin_dir.exists();
-        let mut enf = match Enforcer::attach(&cfg.cgroup, &policy, &opts) {
-            Ok(e) => e,
-            Err(e) => {
-                if fresh {
-                    // A failed first start leaves nothing half pinned behind.
-                    let _ = enforcer::remove_pin_dir(&pin_dir);
-                }
-                return Err(e);
-            }
-        };
-        enf.set_exempt_cgroup(cfg.exempt_cgroup)?;
-        // Loading leaves megabytes of freed heap behind (the parsed kernel BTF, the verifier
-        // log buffers of a program the kernel refused): hand them back, so an idle agent
-        // stays small (measured: 24 MiB without, 8 MiB with).
-        // SAFETY: glibc's malloc_trim has no preconditions.
-        unsafe { libc::malloc_trim(0) };
-        // Warnings follow the `ready` line, which is always the first.
-        let mut warnings = Vec::new();
-        let Some((ring, boot_offset)) = enf.take_events() else {
-            bail!("the events ring buffer is missing");
-        };
-        let adopted = enf.dns_entries();
-        let trace = enf.take_trace();
-
-        // The cgroup's DNS goes to our resolver from the first packet on.
-        let resolver = Resolver::bind().await?;
-        enf.set_resolver(Some(resolver.addr()))?;
-        let upstreams = dns::upstreams(&policy);
-        if upstreams.is_empty() {
-            warnings.push(
-                "no upstream DNS server (no dns.upstream, none in /etc/resolv.conf): \
-                 permitted names will get SERVFAIL"
-                    .to_owned(),
-            );
-        }
-        let enf = Arc::new(Mutex::new(enf));
-        let names = Names::default();
-        let metrics = Arc::new(Metrics::default());
+        let policy = Arc::new(cfg.policy.clone());
         let (stop, stop_rx) = watch::channel(false);
-        // The DNS entries an earlier agent wrote keep what the current policy still permits
-        // of the names it recorded for them; the rest go at once (fail closed).
-        let adopted: Vec<_> = adopted
-            .iter()
-            .map(|(addr, value)| {
-                (
-                    egress_common::keys::ip_from_addr(addr),
-                    Duration::from_nanos(value.expires_ns),
-                )
-            })
-            .collect();
-        let recorded = if adopted.is_empty() {
-            Default::default()
-        } else {
-            read_grants(&cfg.sink, &cfg.name)
-        };
-        let (grants, restored) =
-            grants::restore(&adopted, &recorded, crate::events::boot_now(), |name| {
-                !policy.host_rules_for(name).is_empty()
-            });
-        let kept = grants.len();
+        let metrics = Arc::new(Metrics::default());
+        let mut warnings = Vec::new();
 
-        let dns = Arc::new(DnsContext {
-            policy: RwLock::new(policy.clone()),
-            upstreams: RwLock::new(upstreams),
-            enforcer: enf.clone(),
-            grants: Mutex::new(grants),
-            grants_changed: Default::default(),
-            search: dns::system_search_domains(),
-            names,
-            sink: cfg.sink.clone(),
-            cgroup: cfg.cgroup.clone(),
-            metrics: metrics.clone(),
-            entries: Default::default(),
-            answers: Default::default(),
-        });
+        let kernel = Kernel::attach(&cfg, &policy)?;
+        let resolver = Resolver::bind().await?;
+        let Kernel {
+            mut enforcer,
+            pin_dir,
+            fresh,
+            ring,
+            adopted,
+            trace,
+        } = kernel;
+        enforcer.set_resolver(Some(resolver.addr()))?;
+        let enforcer = Arc::new(Mutex::new(enforcer));
+
+        let (dns, kept) = dns_context(&cfg, &policy, &enforcer, &metrics, &adopted, &mut warnings);
+        let mut tasks = Vec::new();
+        let (ring, boot_offset) = ring;
         let monitor = tokio::spawn(monitor::pump(
             ring,
             boot_offset,
@@ -168,29 +113,8 @@ impl Session {
             stop_rx.clone(),
         ));
         let trace = trace.map(|logger| tokio::spawn(trace::pump(logger, stop_rx.clone())));
-        for change in &restored {
-            if let Change::Update(ip, live) = change {
-                for g in live {
-                    dns.names.remember(*ip, &g.name);
-                }
-            }
-        }
-        // Before the resolver serves: the adopted entries take the current policy's values.
-        dns::apply_changes(&dns, &policy, restored);
-        // Written now, so that the first answer is written at once too.
-        let mut written = None;
-        write_grants(&cfg.name, &dns, &mut written);
         let addr = resolver.addr();
-        let mut tasks = vec![tokio::spawn(keep_grants(
-            cfg.name.clone(),
-            dns.clone(),
-            written,
-        ))];
-        let dns_thread = resolver.spawn(dns.clone(), stop_rx.clone())?;
-        // Done once the thread is: `stop` ends it.
-        tasks.push(tokio::task::spawn_blocking(move || {
-            let _ = dns_thread.join();
-        }));
+        tasks.extend(serve_dns(&cfg.name, resolver, &dns, &stop_rx)?);
         if let Some(root) = cfg.watch.clone() {
             tasks.push(tokio::spawn(reload::watch(
                 root,
@@ -203,8 +127,8 @@ impl Session {
             let listener = health::bind(at).await?;
             let state = Arc::new(HealthState {
                 metrics: metrics.clone(),
-                enforcer: enf.clone(),
-                dns_capacity: opts.dns_capacity,
+                enforcer: enforcer.clone(),
+                dns_capacity: cfg.enforcer.dns_capacity,
             });
             tasks.push(tokio::spawn(health::serve(listener, state)));
         }
@@ -217,25 +141,12 @@ impl Session {
             dns.clone(),
             metrics.clone(),
         )));
+
         dns::check_answers(addr)
             .await
             .context("the resolver does not answer")?;
         metrics.ready.store(true, Ordering::Relaxed);
-
-        let cgroup_id = cgroup::cgroup_id(&cfg.cgroup)?;
-        cfg.sink.emit(&Event::Ready {
-            ts: SystemTime::now(),
-            name: &cfg.name,
-            cgroup: &cfg.cgroup,
-            cgroup_id,
-            policy: &policy.name,
-            mode: match policy.mode {
-                Mode::Enforce => "enforce",
-                Mode::Audit => "audit",
-            },
-            rules: policy.rules.len(),
-            protected: &cfg.protected,
-        });
+        announce_ready(&cfg, &policy)?;
         for w in &warnings {
             warn(&cfg.sink, w);
         }
@@ -254,7 +165,7 @@ impl Session {
         Ok(Self {
             name: cfg.name,
             pin_dir,
-            enforcer: enf,
+            enforcer,
             dns,
             metrics,
             stop,
@@ -307,6 +218,160 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// The kernel part: programs attached and pinned (or adopted), and what the other parts take
+/// from it.
+struct Kernel {
+    enforcer: Enforcer,
+    pin_dir: PathBuf,
+    /// Nothing was pinned under this name before.
+    fresh: bool,
+    /// The event ring and the boot-to-wall-clock offset of its timestamps.
+    ring: (aya::maps::RingBuf<aya::maps::MapData>, Duration),
+    /// The DNS-derived entries an earlier agent left.
+    adopted: Vec<(std::net::IpAddr, Duration)>,
+    /// The verdict trace's logger (`--trace-verdicts`).
+    trace: Option<trace::Logger>,
+}
+
+impl Kernel {
+    fn attach(cfg: &SessionConfig, policy: &Policy) -> anyhow::Result<Self> {
+        let pin_dir = enforcer::ensure_bpffs()?.join("egress").join(&cfg.name);
+        let mut opts = cfg.enforcer.clone();
+        opts.pin_dir = Some(pin_dir.clone());
+        let fresh = !pin_dir.exists();
+        let mut enf = match Enforcer::attach(&cfg.cgroup, policy, &opts) {
+            Ok(e) => e,
+            Err(e) => {
+                if fresh {
+                    // A failed first start leaves nothing half pinned behind.
+                    let _ = enforcer::remove_pin_dir(&pin_dir);
+                }
+                return Err(e);
+            }
+        };
+        enf.set_exempt_cgroup(cfg.exempt_cgroup)?;
+        // Loading leaves megabytes of freed heap behind (the parsed kernel BTF, the verifier
+        // log buffers of a program the kernel refused): hand them back, so an idle agent
+        // stays small (measured: 24 MiB without, 8 MiB with).
+        // SAFETY: glibc's malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+        let Some(ring) = enf.take_events() else {
+            bail!("the events ring buffer is missing");
+        };
+        let adopted = enf
+            .dns_entries()
+            .iter()
+            .map(|(addr, value)| {
+                (
+                    egress_common::keys::ip_from_addr(addr),
+                    Duration::from_nanos(value.expires_ns),
+                )
+            })
+            .collect();
+        let trace = enf.take_trace();
+        Ok(Self {
+            enforcer: enf,
+            pin_dir,
+            fresh,
+            ring,
+            adopted,
+            trace,
+        })
+    }
+}
+
+/// The resolver's shared state, with the grants an earlier agent recorded for the `adopted`
+/// entries: what the current policy still permits of the names it recorded stays, the rest
+/// goes at once (fail closed). Returns how many entries were kept.
+fn dns_context(
+    cfg: &SessionConfig,
+    policy: &Arc<Policy>,
+    enforcer: &Arc<Mutex<Enforcer>>,
+    metrics: &Arc<Metrics>,
+    adopted: &[(std::net::IpAddr, Duration)],
+    warnings: &mut Vec<String>,
+) -> (Arc<DnsContext>, usize) {
+    let upstreams = dns::upstreams(policy);
+    if upstreams.is_empty() {
+        warnings.push(
+            "no upstream DNS server (no dns.upstream, none in /etc/resolv.conf): permitted \
+             names will get SERVFAIL"
+                .to_owned(),
+        );
+    }
+    let recorded = if adopted.is_empty() {
+        Default::default()
+    } else {
+        read_grants(&cfg.sink, &cfg.name)
+    };
+    let (grants, restored) =
+        grants::restore(adopted, &recorded, crate::events::boot_now(), |name| {
+            !policy.host_rules_for(name).is_empty()
+        });
+    let kept = grants.len();
+    let dns = Arc::new(DnsContext {
+        policy: RwLock::new(policy.clone()),
+        upstreams: RwLock::new(upstreams),
+        enforcer: enforcer.clone(),
+        grants: Mutex::new(grants),
+        grants_changed: Default::default(),
+        search: dns::system_search_domains(),
+        names: Names::default(),
+        sink: cfg.sink.clone(),
+        cgroup: cfg.cgroup.clone(),
+        metrics: metrics.clone(),
+        entries: Default::default(),
+        answers: Default::default(),
+    });
+    for change in &restored {
+        if let Change::Update(ip, live) = change {
+            for g in live {
+                dns.names.remember(*ip, &g.name);
+            }
+        }
+    }
+    // Before the resolver serves: the adopted entries take the current policy's values.
+    dns::apply_changes(&dns, policy, restored);
+    (dns, kept)
+}
+
+/// The resolver's thread and the grants file writer; their handles.
+fn serve_dns(
+    name: &str,
+    resolver: Resolver,
+    dns: &Arc<DnsContext>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    // Written now, so that the first answer is written at once too.
+    let mut written = None;
+    write_grants(name, dns, &mut written);
+    let grants = tokio::spawn(keep_grants(name.to_owned(), dns.clone(), written));
+    let thread = resolver.spawn(dns.clone(), stop.clone())?;
+    // Done once the thread is: `stop` ends it.
+    let resolver = tokio::task::spawn_blocking(move || {
+        let _ = thread.join();
+    });
+    Ok(vec![grants, resolver])
+}
+
+/// The `ready` event.
+fn announce_ready(cfg: &SessionConfig, policy: &Policy) -> anyhow::Result<()> {
+    cfg.sink.emit(&Event::Ready {
+        ts: SystemTime::now(),
+        name: &cfg.name,
+        cgroup: &cfg.cgroup,
+        cgroup_id: cgroup::cgroup_id(&cfg.cgroup)?,
+        policy: &policy.name,
+        mode: match policy.mode {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        },
+        rules: policy.rules.len(),
+        protected: &cfg.protected,
+    });
+    Ok(())
 }
 
 struct StateInputs {

@@ -1146,3 +1146,55 @@ out["literal"] = tcp("169.254.169.254", 80)
         run.context()
     );
 }
+
+#[test]
+fn dns_rebinding_to_loopback() {
+    // A permitted name that answers loopback, where a local proxy or a container engine listens.
+    let world = DnsWorld::builder()
+        .address("allowed.example.com", "198.51.100.10")
+        .host_record("local.example.com", &["127.0.0.1"], None)
+        .start();
+    let local = world.listen_tcp("127.0.0.1:3128");
+    let reachable = world
+        .netns()
+        .run_in(|| TcpStream::connect_timeout(&local.addr(), WAIT).is_ok());
+    assert!(
+        reachable && local.wait_accepted(1, WAIT),
+        "control: the loopback listener is reachable outside the cgroup"
+    );
+    let (run, out) = run_script(
+        &world,
+        &dns_policy("  - host: local.example.com\n    ports: [3128]\n    protocol: tcp\n"),
+        r#"
+out["r"] = resolve("local.example.com")
+out["by_name"] = tcp("local.example.com", 3128)
+out["literal"] = tcp("127.0.0.1", 3128)
+"#,
+    );
+    assert_script_eperm(&run, &out, "by_name");
+    assert_script_eperm(&run, &out, "literal");
+    std::thread::sleep(QUIET);
+    assert_eq!(
+        local.accepted(),
+        1,
+        "the loopback listener got a connection\n{}",
+        run.context()
+    );
+    let warned = run.events_of("warning").iter().any(|e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("127.0.0.1") && m.contains("rebinding guard"))
+    });
+    assert!(
+        warned,
+        "a warning names the rebinding guard\n{}",
+        run.context()
+    );
+    let d = denies_for(&run, "127.0.0.1", 3128);
+    assert_eq!(
+        d.len(),
+        2,
+        "both connects denied and reported\n{}",
+        run.context()
+    );
+}

@@ -1,5 +1,6 @@
-//! DNS rebinding guard: a permitted name that resolves to a link-local or cloud metadata
-//! address does not make that address reachable. Only a `cidr:`/`ip:` rule can allow such an
+//! DNS rebinding guard: a permitted name that resolves to a link-local, cloud metadata,
+//! loopback or unspecified address does not make that address reachable (loopback holds local
+//! proxies and container engines' TCP ports; `0.0.0.0` and `::` reach loopback too). Only a `cidr:`/`ip:` rule can allow such an
 //! address (through the static CIDR map, which this guard never touches).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -15,11 +16,11 @@ const METADATA: [IpAddr; 3] = [
 ];
 
 /// Whether DNS must not grant `ip`: link-local (169.254.0.0/16, fe80::/10, which hold the
-/// usual 169.254.169.254 metadata service) or a known metadata address, IPv4-mapped forms
-/// included.
+/// usual 169.254.169.254 metadata service), a known metadata address, loopback (127.0.0.0/8,
+/// ::1) or unspecified (0.0.0.0, ::), IPv4-mapped forms included.
 pub fn is_guarded(ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
-    if METADATA.contains(&ip) {
+    if METADATA.contains(&ip) || ip.is_loopback() || ip.is_unspecified() {
         return true;
     }
     match ip {
@@ -48,9 +49,18 @@ mod tests {
     }
 
     #[test]
+    fn loopback_and_unspecified_are_guarded() {
+        assert!(g("127.0.0.1"));
+        assert!(g("127.1.2.3"));
+        assert!(g("::1"));
+        assert!(g("::ffff:127.0.0.1"));
+        assert!(g("0.0.0.0"));
+        assert!(g("::"));
+    }
+
+    #[test]
     fn ordinary_addresses_are_not() {
         assert!(!g("198.51.100.10"));
-        assert!(!g("127.0.0.1"));
         assert!(!g("2001:db8::1"));
         assert!(!g("fec0::1"));
         assert!(!g("169.253.255.255"));

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use hickory_proto::{
     op::{Message, MessageType, OpCode, ResponseCode},
-    rr::RecordType,
+    rr::{Name, RecordType},
 };
 
 use super::answer::{addresses_for, normalize};
@@ -62,11 +62,15 @@ pub fn screen(query: &[u8], policy: &Policy, search: &[String]) -> Screened {
     if msg.op_code() != OpCode::Query || msg.queries().is_empty() {
         return encode(&reply_to(&msg, ResponseCode::NotImp));
     }
+    // A label holding a dot (`["x.ok", "test"]`, written `x\.ok.test`) would match `*.ok.test`
+    // on the text: names are judged only when every label is a plain host-name label.
     let names: Vec<(String, String)> = msg
         .queries()
         .iter()
+        .filter(|q| {
+            !plain_labels(q.name()) || policy.host_rules_for(&normalize(q.name())).is_empty()
+        })
         .map(|q| (normalize(q.name()), q.query_type().to_string()))
-        .filter(|(name, _)| policy.host_rules_for(name).is_empty())
         .collect();
     if names.is_empty() {
         return Screened::Forward(Box::new(msg));
@@ -88,6 +92,16 @@ pub fn screen(query: &[u8], policy: &Policy, search: &[String]) -> Screened {
         },
         Err(_) => Screened::Drop,
     }
+}
+
+/// Whether every label of `name` holds only letters, digits, `-` and `_`: what a host rule can
+/// name. Anything else (a dot inside a label, a space, a byte escaped in the text form) is
+/// never matched against the rules.
+fn plain_labels(name: &Name) -> bool {
+    name.iter().all(|l| {
+        l.iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+    })
 }
 
 /// Whether `name` is `<permitted name>.<search domain>` for one of `search`.
@@ -181,6 +195,24 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_dot_inside_a_label_matches_no_wildcard() {
+        let p = wildcard_policy();
+        let mut m = Message::new();
+        m.set_id(7).set_recursion_desired(true);
+        let name = Name::from_labels(vec![&b"x.wild"[..], b"example", b"com"]).unwrap();
+        m.add_query(Query::query(name, RecordType::A));
+        assert!(matches!(
+            screen(&m.to_vec().unwrap(), &p, &[]),
+            Screened::Refused { .. }
+        ));
+        // The same name with ordinary labels is permitted.
+        assert!(matches!(
+            screen(&query("x.wild.example.com.", RecordType::A), &p, &[]),
+            Screened::Forward(_)
+        ));
     }
 
     fn search() -> Vec<String> {

@@ -58,6 +58,12 @@ pub struct Protected {
     pub missing: Vec<PathBuf>,
     /// The (device, inode) each of `existing` had at the start.
     identity: Vec<(u64, u64)>,
+    /// The home and the project top: the paths above them are not the command's to change.
+    anchors: Vec<PathBuf>,
+    /// The (device, inode) of each directory between an anchor and a protected path at the
+    /// start, symlinks not followed: a symlink there that was not there before is the
+    /// command's, and the agent (root) must not follow it when it moves things aside.
+    parents: std::collections::HashMap<PathBuf, (u64, u64)>,
 }
 
 impl Protected {
@@ -77,10 +83,20 @@ impl Protected {
         let top = project_top(cwd);
         all.extend(PROJECT.iter().map(|p| top.join(p)));
         let mut out = Self::default();
+        out.anchors = home
+            .map(Path::to_path_buf)
+            .into_iter()
+            .chain([top])
+            .collect();
         for p in all {
             // A writable entry opens the path itself and everything below it.
             if open.iter().any(|o| p.starts_with(o)) || out.existing.contains(&p) {
                 continue;
+            }
+            for d in out.between(&p) {
+                if let Ok(m) = d.symlink_metadata() {
+                    out.parents.insert(d, (m.dev(), m.ino()));
+                }
             }
             match p.symlink_metadata() {
                 Ok(m) => {
@@ -107,18 +123,53 @@ impl Protected {
                     .is_ok_and(|m| (m.dev(), m.ino()) != **id)
             })
             .map(|(p, _)| p);
+        let mut aside = |p: &Path, moved: &mut Vec<(PathBuf, PathBuf)>| {
+            let mut to = p.as_os_str().to_owned();
+            to.push(format!(".egress-blocked-{stamp}"));
+            let to = PathBuf::from(to);
+            // rename(2) moves a symlink itself, never what it points to.
+            if std::fs::rename(p, &to).is_ok() {
+                moved.push((p.to_path_buf(), to));
+            }
+        };
         for p in self.missing.iter().chain(replaced) {
-            if p.symlink_metadata().is_err() {
+            // A symlink the command put between the anchor and the path (say `~/.config`
+            // pointing elsewhere) is moved aside itself: following it, the agent could move
+            // any file of the machine, and the path would resolve through it later.
+            let planted = self.between(p).into_iter().find(|d| {
+                d.symlink_metadata().is_ok_and(|m| {
+                    m.file_type().is_symlink() && self.parents.get(d) != Some(&(m.dev(), m.ino()))
+                })
+            });
+            if let Some(link) = planted {
+                aside(&link, &mut moved);
                 continue;
             }
-            let mut aside = p.clone().into_os_string();
-            aside.push(format!(".egress-blocked-{stamp}"));
-            let aside = PathBuf::from(aside);
-            if std::fs::rename(p, &aside).is_ok() {
-                moved.push((p.clone(), aside));
+            if p.symlink_metadata().is_ok() {
+                aside(p, &mut moved);
             }
         }
         moved
+    }
+
+    /// The directories strictly between the anchor `p` is below and `p`, outermost first.
+    fn between(&self, p: &Path) -> Vec<PathBuf> {
+        let Some(anchor) = self
+            .anchors
+            .iter()
+            .filter(|a| p.starts_with(a))
+            .max_by_key(|a| a.as_os_str().len())
+        else {
+            return Vec::new();
+        };
+        let mut dirs: Vec<PathBuf> = p
+            .ancestors()
+            .skip(1)
+            .take_while(|d| *d != anchor.as_path())
+            .map(Path::to_path_buf)
+            .collect();
+        dirs.reverse();
+        dirs
     }
 }
 
@@ -162,6 +213,21 @@ mod tests {
         assert!(!home.join(".zshrc").exists());
         assert!(!home.join(".config/autostart").exists());
         assert!(moved.iter().all(|(_, aside)| aside.exists()));
+        // A symlink planted as a parent is moved aside itself, never followed.
+        let elsewhere = dir.join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("systemd")).unwrap();
+        std::fs::remove_dir_all(home.join(".config")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, home.join(".config")).unwrap();
+        let moved = p.quarantine();
+        assert!(
+            elsewhere.join("systemd").exists(),
+            "followed the planted link"
+        );
+        assert!(
+            moved.iter().any(|(from, _)| *from == home.join(".config")),
+            "{moved:?}"
+        );
+        assert!(home.join(".config").symlink_metadata().is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

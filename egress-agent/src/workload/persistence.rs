@@ -82,12 +82,14 @@ impl Protected {
         }
         let top = project_top(cwd);
         all.extend(PROJECT.iter().map(|p| top.join(p)));
-        let mut out = Self::default();
-        out.anchors = home
-            .map(Path::to_path_buf)
-            .into_iter()
-            .chain([top])
-            .collect();
+        let mut out = Self {
+            anchors: home
+                .map(Path::to_path_buf)
+                .into_iter()
+                .chain([top])
+                .collect(),
+            ..Self::default()
+        };
         for p in all {
             // A writable entry opens the path itself and everything below it.
             if open.iter().any(|o| p.starts_with(o)) || out.existing.contains(&p) {
@@ -123,7 +125,7 @@ impl Protected {
                     .is_ok_and(|m| (m.dev(), m.ino()) != **id)
             })
             .map(|(p, _)| p);
-        let mut aside = |p: &Path, moved: &mut Vec<(PathBuf, PathBuf)>| {
+        let aside = |p: &Path, moved: &mut Vec<(PathBuf, PathBuf)>| {
             let mut to = p.as_os_str().to_owned();
             to.push(format!(".egress-blocked-{stamp}"));
             let to = PathBuf::from(to);

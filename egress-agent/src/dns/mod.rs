@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::Context as _;
 use egress_common::AllowValue;
-use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::op::{Edns, Message, ResponseCode};
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{Notify, Semaphore, watch},
@@ -402,6 +402,9 @@ async fn forward(
         key,
         cacheable,
     } = pending;
+    // What leaves for the upstream carries no bits the client chose beyond its questions.
+    let normalized = upstream_query(&msg);
+    let query = normalized.as_deref().unwrap_or(query);
     let answer = match upstream::exchange(&ctx.upstreams(), query, transport).await {
         Ok(a) => a,
         Err(e) => {
@@ -428,6 +431,31 @@ async fn forward(
         ctx.answers.put(key, &answer, granted, Instant::now());
     }
     Some(answer)
+}
+
+/// The query as it goes upstream: the questions only, names lower-cased, and of the client's
+/// EDNS only the buffer size (capped at 1,232 bytes) and the DNSSEC bit; no EDNS options, no
+/// other records. A permitted name's query is otherwise a channel of its own: letter case,
+/// options and extra records would carry the client's bits to that name's servers. The answer
+/// goes back to the client as it comes (stub resolvers compare question names without regard
+/// to case).
+fn upstream_query(msg: &Message) -> Option<Vec<u8>> {
+    let mut m = Message::new();
+    m.set_id(msg.id())
+        .set_op_code(msg.op_code())
+        .set_recursion_desired(msg.recursion_desired());
+    for q in msg.queries() {
+        let mut q = q.clone();
+        q.set_name(q.name().to_lowercase());
+        m.add_query(q);
+    }
+    if let Some(e) = msg.extensions() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(e.max_payload().clamp(512, 1232))
+            .set_dnssec_ok(e.flags().dnssec_ok);
+        m.set_edns(edns);
+    }
+    m.to_vec().ok()
 }
 
 /// Grants the answered addresses; on failure, the SERVFAIL answer to give instead.
@@ -714,5 +742,38 @@ pub fn system_name_servers() -> Vec<SocketAddr> {
             tracing::warn!("cannot read the system resolver configuration: {e}");
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr as _;
+
+    use hickory_proto::{
+        op::{Edns, Message, Query},
+        rr::{Name, RecordType, rdata::opt::EdnsOption},
+    };
+
+    #[test]
+    fn the_upstream_sees_lowercase_questions_and_no_client_options() {
+        let mut m = Message::new();
+        m.set_id(9).set_recursion_desired(true);
+        m.add_query(Query::query(
+            Name::from_str("OK.ExAmPle.COM.").unwrap(),
+            RecordType::A,
+        ));
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        edns.options_mut()
+            .insert(EdnsOption::Unknown(65001, b"secret".to_vec()));
+        m.set_edns(edns);
+        let sent = super::upstream_query(&m).unwrap();
+        assert!(!sent.windows(6).any(|w| w == b"secret"));
+        let out = Message::from_vec(&sent).unwrap();
+        assert_eq!(out.queries()[0].name().to_ascii(), "ok.example.com.");
+        assert_eq!(out.id(), 9);
+        let e = out.extensions().as_ref().unwrap();
+        assert_eq!(e.max_payload(), 1232);
+        assert!(AsRef::<[_]>::as_ref(e.options()).is_empty());
     }
 }

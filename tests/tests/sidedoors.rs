@@ -811,7 +811,11 @@ fn run_as_a_background_job_of_a_terminal_is_not_stopped() {
     // agent be, resolver included: `run` relays input only from the foreground.
     let mut argv = run_argv(
         &dir,
-        &[python3(), "-c", "import time; time.sleep(0.5); print('worked', flush=True)"],
+        &[
+            python3(),
+            "-c",
+            "import time; time.sleep(0.5); print('worked', flush=True)",
+        ],
     );
     let name = unique_name().replace("egress-test", "bg");
     argv.splice(2..2, ["--name".to_owned(), name.clone()]);

@@ -38,7 +38,7 @@ const SPANNED_VALUE: &str = "value";
 /// A document that could not be read, and where.
 #[derive(Debug)]
 pub struct Error {
-    /// Line and column (in characters) from 1.
+    /// Line, from 1.
     pub line: usize,
     /// Column in characters, from 1.
     pub column: usize,
@@ -121,8 +121,12 @@ enum Step {
 /// below serde (the parser: a syntax error, a duplicate key). An unknown field is reported at
 /// its mapping.
 fn steps(path: &serde_path_to_error::Path, error: &YamlError) -> Option<Vec<Step>> {
+    let mut segments: Vec<&Segment> = path.iter().collect();
+    if matches!(error, YamlError::SerdeUnknownField { .. }) {
+        segments.pop();
+    }
     let mut steps = Vec::new();
-    for segment in path {
+    for segment in segments {
         match segment {
             Segment::Seq { index } => steps.push(Step::Index(*index)),
             Segment::Map { key } if key != SPANNED_VALUE => steps.push(Step::Key(key.clone())),
@@ -130,9 +134,6 @@ fn steps(path: &serde_path_to_error::Path, error: &YamlError) -> Option<Vec<Step
             Segment::Map { .. } | Segment::Enum { .. } => {}
             Segment::Unknown => return None,
         }
-    }
-    if matches!(error, YamlError::SerdeUnknownField { .. }) {
-        steps.pop();
     }
     Some(steps)
 }
@@ -155,32 +156,23 @@ fn field(steps: &[Step]) -> String {
 }
 
 fn error(e: &YamlError, steps: Option<Vec<Step>>, text: &str) -> Error {
-    let e = match e {
-        YamlError::AliasError { error, .. } => error,
-        e => e,
-    };
+    let e = unalias(e);
     let (mut line, mut column) = at(e.location().unwrap_or(Location::UNKNOWN));
+    let syntax = !value_error(e);
+    let steps = steps.filter(|_| !syntax);
     let mut found = "something else".to_string();
-    let Some(steps) = steps.filter(|_| value_error(e)) else {
-        return Error {
-            line,
-            column,
-            field: String::new(),
-            message: syntax_message(e),
-            syntax: true,
-        };
-    };
     // serde-saphyr pins a value's type error on its key and a missing field on the last key
     // read: the node the path leads to is where the error is (an unknown field stays at its
     // key). The document is read again for that, on this error path only; serde reads a
     // document only as far as its first error, so a syntax error found now is the one to
     // report, as an editor would.
-    if !matches!(e, YamlError::SerdeUnknownField { .. }) {
-        match node_at(text, &steps) {
+    if let Some(steps) = &steps
+        && !matches!(e, YamlError::SerdeUnknownField { .. })
+    {
+        match node_at(text, steps) {
             Ok(Some(node)) => (line, column, found) = node,
-            Ok(None) => {}
-            Err(again) if !value_error(&again) => return error(&again, None, text),
-            Err(_) => {}
+            Err(again) if !value_error(unalias(&again)) => return error(&again, None, text),
+            Ok(None) | Err(_) => {}
         }
     }
     let message = match e {
@@ -220,23 +212,37 @@ fn error(e: &YamlError, steps: Option<Vec<Step>>, text: &str) -> Error {
         | YamlError::UnexpectedValueForUnitEnumVariant { .. } => {
             format!("expected a string, found {found}")
         }
+        YamlError::DuplicateMappingKey { key, .. } => {
+            format!("duplicate key {}", quoted(key.as_deref().unwrap_or("?")))
+        }
+        YamlError::MultipleDocuments { .. } => "more than one YAML document in the file".into(),
+        YamlError::AliasReplayLimitExceeded { .. }
+        | YamlError::AliasExpansionLimitExceeded { .. }
+        | YamlError::AliasReplayStackDepthExceeded { .. } => {
+            "aliases expand to too many nodes".into()
+        }
+        YamlError::Budget { breach, .. } => format!("over a parser limit: {breach:?}"),
         e => DefaultMessageFormatter.format_message(e).into_owned(),
     };
     Error {
         line,
         column,
-        field: field(&steps),
+        field: steps.as_deref().map(field).unwrap_or_default(),
         message,
-        syntax: false,
+        syntax,
+    }
+}
+
+/// An error met while replaying an alias is the error itself.
+fn unalias(e: &YamlError) -> &YamlError {
+    match e {
+        YamlError::AliasError { error, .. } => error,
+        e => e,
     }
 }
 
 /// Whether `e` is about a value of a well-formed document (else about the text).
 fn value_error(e: &YamlError) -> bool {
-    let e = match e {
-        YamlError::AliasError { error, .. } => error,
-        e => e,
-    };
     !matches!(
         e,
         YamlError::ExternalMessage { .. }
@@ -250,22 +256,6 @@ fn value_error(e: &YamlError) -> bool {
             | YamlError::Eof { .. }
             | YamlError::InvalidUtf8Input
     )
-}
-
-fn syntax_message(e: &YamlError) -> String {
-    match e {
-        YamlError::DuplicateMappingKey { key, .. } => {
-            format!("duplicate key {}", quoted(key.as_deref().unwrap_or("?")))
-        }
-        YamlError::MultipleDocuments { .. } => "more than one YAML document in the file".into(),
-        YamlError::AliasReplayLimitExceeded { .. }
-        | YamlError::AliasExpansionLimitExceeded { .. }
-        | YamlError::AliasReplayStackDepthExceeded { .. } => {
-            "aliases expand to too many nodes".into()
-        }
-        YamlError::Budget { breach, .. } => format!("over a parser limit: {breach:?}"),
-        e => DefaultMessageFormatter.format_message(e).into_owned(),
-    }
 }
 
 /// Any YAML node, kept for its position and what it is: an error's path leads through these.

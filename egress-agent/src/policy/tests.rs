@@ -1059,3 +1059,23 @@ fn anchors_and_aliases_are_read() {
     assert_eq!(p.rules[1].ports, vec![(80, 80), (443, 443)]);
     assert_eq!((p.rules[1].origin.line, p.rules[1].origin.column), (5, 5));
 }
+
+#[test]
+fn a_file_too_large_is_not_read_whole() {
+    // 1 GiB of NUL bytes (sparse): the loader stops reading one byte past the limit.
+    let path = std::env::temp_dir().join(format!("egress-policy-big-{}.yaml", std::process::id()));
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(1 << 30))
+        .unwrap();
+    let e = load(&path);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        e.unwrap_err().to_string(),
+        format!(
+            "{}:1:1: {} bytes, more than the {} a file may have",
+            path.display(),
+            yaml::MAX_BYTES + 1,
+            yaml::MAX_BYTES
+        )
+    );
+}

@@ -86,6 +86,11 @@ pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, Error> {
             syntax: true,
         });
     }
+    if let Ok(value) = serde_saphyr::from_str_with_options(text, options()) {
+        return Ok(value);
+    }
+    // Read again for the error, tracking the field path: that doubles the time a read takes,
+    // so only a file with an error pays it.
     let mut path = None;
     let read = serde_saphyr::with_deserializer_from_str_with_options(text, options(), |de| {
         serde_path_to_error::deserialize(de).map_err(|e| {

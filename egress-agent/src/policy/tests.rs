@@ -996,6 +996,10 @@ fn error_documents_and_budgets() {
         err("version: 1\nallow: [{<<: {ip: 10.0.0.1}}]\n"),
         r#"allowlists/x.yaml:2:10: allow[0]: unknown field "<<", expected one of host, cidr, ip, inbound, ports, protocol"#
     );
+    assert_eq!(
+        err("version: 1\nallow:\n- ip: 10.0.0.1\n  ports: .inf\n"),
+        r#"allowlists/x.yaml:4:10: allow[0].ports: ".inf" is not a port (1-65535)"#
+    );
     // A key named like the field `Spanned` wraps values in is a key like any other.
     assert_eq!(
         err("version: 1\nallow:\n  - ip: 10.0.0.1\n    value: 1\n"),

@@ -17,7 +17,7 @@ use serde::{
 use serde_path_to_error::Segment;
 use serde_saphyr::{
     DefaultMessageFormatter, DuplicateKeyPolicy, Error as YamlError, Location, MergeKeyPolicy,
-    MessageFormatter, Options,
+    MessageFormatter, NonFiniteFloatPolicy, Options,
 };
 
 pub use serde_saphyr::Spanned;
@@ -50,7 +50,8 @@ pub struct Error {
     pub syntax: bool,
 }
 
-/// The parser's settings: YAML 1.2 booleans only, no merge keys (`<<` is a key like any other,
+/// The parser's settings: YAML 1.2 booleans only, `.inf` and `.nan` read as words (a port or a
+/// duration rejects them as it rejects any word), no merge keys (`<<` is a key like any other,
 /// so an unknown field), duplicate keys rejected, and budgets that admit a file of a million
 /// rules but no alias bomb or deep nesting.
 fn options() -> Options {
@@ -67,6 +68,7 @@ fn options() -> Options {
         duplicate_keys: DuplicateKeyPolicy::Error,
         merge_keys: MergeKeyPolicy::AsOrdinary,
         strict_booleans: true,
+        non_finite_float_policy: NonFiniteFloatPolicy::AsString,
         with_snippet: false,
     }
 }

@@ -22,9 +22,10 @@ const BPF_OBJ_GET: libc::c_long = 7;
 
 /// `union bpf_attr`, large enough for the commands used here.
 #[repr(C, align(8))]
-struct Attr([u8; 128]);
+pub struct Attr(pub [u8; 128]);
 
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<i64> {
+/// The bpf syscall with `attr`; its result (a descriptor for some commands).
+pub fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<i64> {
     // SAFETY: `attr` is a zero-initialised bpf_attr of a size the kernel accepts.
     let rc = unsafe {
         libc::syscall(

@@ -9,6 +9,8 @@ mod connect;
 mod dns;
 mod flood;
 mod maps;
+mod progs;
+mod progstats;
 mod report;
 mod sandbox;
 mod scale;
@@ -26,6 +28,11 @@ use sandbox::Sandbox;
 pub struct Ctx {
     pub agent_bin: PathBuf,
     pub worker_bin: PathBuf,
+    /// `egress-bench-floor`: the reference floor's loader.
+    pub floor_bin: PathBuf,
+    /// Part 1's outside view (thread CPU, ABBA against controls, nftables); off for
+    /// EGRESS_BENCH_ONLY=progs, which measures the per-program figures alone.
+    pub outside: bool,
     pub cgroup_root: PathBuf,
     /// Allowlist sizes of part 1.
     pub sizes: Vec<u32>,
@@ -58,6 +65,8 @@ pub fn run() -> Result<()> {
     let ctx = Ctx {
         agent_bin: abs(release.join("egress-agent"))?,
         worker_bin: abs(release.join("bench-worker"))?,
+        floor_bin: abs(release.join("egress-bench-floor"))?,
+        outside: only().as_deref() != Some("progs"),
         cgroup_root: PathBuf::from(cgroup2_mount()?),
         sizes: if quick {
             vec![10, 10_000]
@@ -127,12 +136,13 @@ pub fn run() -> Result<()> {
     result
 }
 
-/// EGRESS_BENCH_ONLY=connect|dns: part 1 or part 2 alone, for working on the programs or the
-/// resolver (the report goes to `target/BENCHMARKS.<part>.md`).
+/// EGRESS_BENCH_ONLY=connect|progs|dns: part 1, part 1's per-program figures alone (kernel
+/// BPF statistics, egress against the floor: a minute or two), or part 2 alone, for working
+/// on the programs or the resolver (the report goes to `target/BENCHMARKS.<part>.md`).
 fn only() -> Option<String> {
     std::env::var("EGRESS_BENCH_ONLY")
         .ok()
-        .filter(|v| v == "connect" || v == "dns")
+        .filter(|v| v == "connect" || v == "progs" || v == "dns")
 }
 
 fn parts(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<()> {
@@ -142,8 +152,8 @@ fn parts(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<()> {
             dns::run(sb, ctx, report)?;
             return Ok(());
         }
-        Some(_) => {
-            println!("bench: part 1 only (EGRESS_BENCH_ONLY=connect)");
+        Some(part) => {
+            println!("bench: part 1 only (EGRESS_BENCH_ONLY={part})");
             connect::run(sb, ctx, report)?;
             return Ok(());
         }

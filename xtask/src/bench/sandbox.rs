@@ -34,6 +34,8 @@ pub struct Sandbox {
     /// `--detach-on-exit`), then `egress-agent detach` if their pins are still there.
     agents: Vec<(String, u32)>,
     agent_bin: PathBuf,
+    /// bpffs pins the bench made itself (the floor's map), removed at the end.
+    pub pins: Vec<PathBuf>,
 }
 
 impl Sandbox {
@@ -51,6 +53,7 @@ impl Sandbox {
             children: Vec::new(),
             agents: Vec::new(),
             agent_bin,
+            pins: Vec::new(),
         })
     }
 
@@ -306,6 +309,9 @@ impl Drop for Sandbox {
                     "xtask: warning: netns {ns} is left behind: {e:#}"
                 );
             }
+        }
+        for pin in self.pins.drain(..) {
+            let _ = fs::remove_file(pin);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

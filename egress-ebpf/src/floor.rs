@@ -33,7 +33,7 @@ fn verdict(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every cgroup/sock_addr program a valid `bpf_sock_addr`.
     let ip = unsafe { (*ctx.sock_addr).user_ip4 };
     // SAFETY: the value is only tested for presence.
-    i32::from(unsafe { FLOOR.get(&addr_from_v4(ip.to_ne_bytes())) }.is_some())
+    i32::from(unsafe { FLOOR.get(addr_from_v4(ip.to_ne_bytes())) }.is_some())
 }
 
 #[cfg(not(test))]

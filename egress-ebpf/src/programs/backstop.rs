@@ -11,8 +11,8 @@
 //!   allowed now (sendmsg4/6 judged it a moment ago; the backstop catches a path that did not).
 //!   "Connected UDP socket" means a SOCK_DGRAM/IPPROTO_UDP socket with a peer: a raw socket
 //!   carrying hand-made UDP can be connected too, but no hook judged its connect;
-//! - a SYN or unconnected datagram to the destination its socket's own hook allowed last passes
-//!   without a second lookup (`super::judged`);
+//! - a SYN or unconnected datagram to the destination its socket's own hook allowed a moment
+//!   ago (in the same system call) passes without a second lookup (`super::judged`);
 //! - ICMP echo requests (type 8 over IPv4, ICMPv6 type 128 over IPv6) must go to a
 //!   destination whose entry permits ICMP (`protocol: icmp`), judged on every packet: an
 //!   unconnected `sendto` on a ping socket runs no sendmsg hook (`ping_v4_sendmsg` and
@@ -138,8 +138,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                     port,
                 ));
             }
-            let sk = full_socket(skb);
-            if !sk.is_null() && judged(sk, &addr, port, IPPROTO_TCP) {
+            if judged(skb, &addr, port, IPPROTO_TCP) {
                 // connect4/6 allowed this very destination for this socket.
                 return Ok(PASS);
             }
@@ -152,7 +151,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             }
             let u: [u8; 4] = read(ctx, l4_off)?;
             let port = u16::from_be_bytes([u[2], u[3]]);
-            if !sk.is_null() && judged(sk, &addr, port, IPPROTO_UDP) {
+            if judged(skb, &addr, port, IPPROTO_UDP) {
                 // sendmsg4/6 allowed this very destination for this socket.
                 return Ok(PASS);
             }
@@ -229,8 +228,7 @@ fn judge_echo(skb: *mut __sk_buff, addr: &Addr, ip_proto: u8) -> i32 {
 /// request socket, or a TCP Fast Open child socket), or the second SYN of a simultaneous open
 /// (then the socket's own connect judged `peer` and `peer_port`).
 fn judge_syn_ack(skb: *mut __sk_buff, peer: &Addr, local_port: u16, peer_port: u16) -> i32 {
-    let sk = full_socket(skb);
-    if !sk.is_null() && judged(sk, peer, peer_port, IPPROTO_TCP) {
+    if judged(skb, peer, peer_port, IPPROTO_TCP) {
         return PASS;
     }
     match inbound::verdict(peer, local_port, peer_port) {

@@ -123,7 +123,11 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<Enforced>
         ],
     );
     let mut prog_table = Table::new(
-        "1p. Per-program run time (kernel BPF statistics, ns; median over ABBA repetitions)",
+        &format!(
+            "1p. Per-program run time (kernel BPF statistics, ns; median over {} ABBA \
+             repetitions)",
+            ctx.prog_reps
+        ),
         &[
             "entries",
             "operation",
@@ -184,7 +188,7 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<Enforced>
             let (e, f) = {
                 let mut a = Side::new(&mut enf, &enf_cg)?;
                 let mut b = Side::new(&mut flo, &floor_cg)?;
-                measure(&mut a, &mut b, cmd, reps)?
+                measure(&mut a, &mut b, cmd, ctx.prog_reps)?
             };
             prog_table.row(prog_row(size, label, &e, &f));
             prog_rows.push((size, (*label).to_owned(), e, f));

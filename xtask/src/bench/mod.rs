@@ -38,6 +38,8 @@ pub struct Ctx {
     pub sizes: Vec<u32>,
     /// ABBA repetitions per measurement.
     pub reps: usize,
+    /// ABBA repetitions of the per-program figures (cheap: batches of a tenth of a second).
+    pub prog_reps: usize,
     /// Rounds of each DNS measurement.
     pub dns_rounds: usize,
     pub cpus: usize,
@@ -74,6 +76,7 @@ pub fn run() -> Result<()> {
             vec![10, 10_000, 1_000_000]
         },
         reps: if quick { 3 } else { 7 },
+        prog_reps: if quick { 5 } else { 11 },
         dns_rounds: if quick { 1 } else { 2 },
         cpus: std::thread::available_parallelism().map_or(1, usize::from),
     };

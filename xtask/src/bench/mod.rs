@@ -88,6 +88,8 @@ pub fn run() -> Result<()> {
     };
     report.commands = vec![
         "sudo cargo xtask bench    # builds release egress-agent and bench-worker, then runs parts 1-4".into(),
+        "sudo EGRESS_BENCH_ONLY=progs cargo xtask bench    # table 1p alone (per-program figures, ~3 min), report in target/BENCHMARKS.progs.md".into(),
+        "# floor: egress-bench-floor <cgroup> <entries> <map pin> (connect4 + sendmsg4, one hash lookup each)".into(),
         "# each measured batch: bench-worker in its own netns + cgroup, e.g. `tcp 198.51.100.10:8080 2000`".into(),
         "# enforcement: egress-agent attach --cgroup <cgroup> --allowlist <file> --name <n> --detach-on-exit".into(),
         "# nftables peer: socket cgroupv2 level 1 \"<cgroup>\" ip daddr != @allowed reject (output hook, own netns)".into(),
@@ -113,6 +115,13 @@ pub fn run() -> Result<()> {
          64k capacity), the rest CIDRs (one in four a /28 in 10/8, the rest /32s spread over \
          198/8, around the destination's own /24). nftables gets the same addresses in an \
          interval set."
+            .into(),
+        "The floor: `egress-floor` (built by the agent's eBPF pipeline, loaded only by the \
+         bench-only `egress-bench-floor`), a cgroup/connect4 and a cgroup/sendmsg4 program that \
+         do one hash lookup of the destination in a map of the same key and value types as \
+         egress's DNS-derived one, sized and filled to the row's entry count, on a cgroup of its \
+         own; it is a column of table 1 (outside view, ABBA against the same control) and the \
+         reference of table 1p (kernel BPF statistics, in the same run)."
             .into(),
         "Listeners run as threads of xtask inside each namespace, so their sockets are outside \
          the measured cgroups (no hook or nftables rule judges the accepting side)."

@@ -360,9 +360,11 @@ fn prog_goals(report: &mut Report, rows: &[ProgRow]) {
         Some(worst <= 1.3),
         format!("worst {worst:.2}×; kernel BPF statistics, table 1p"),
     );
+    // Where it runs once per operation (TCP); a UDP batch creates one socket, one cold run.
     let creates: Vec<f64> = big
         .iter()
-        .filter_map(|r| r.2.on("sock_create").map(|p| p.ns_run))
+        .filter_map(|r| r.2.on("sock_create").filter(|p| p.runs_op >= 0.5))
+        .map(|p| p.ns_run)
         .collect();
     if !creates.is_empty() {
         let w = creates.iter().copied().fold(0.0, f64::max);
@@ -370,7 +372,10 @@ fn prog_goals(report: &mut Report, rows: &[ProgRow]) {
             "sock_create ≤ 60 ns/run",
             format!("worst {w:.0} ns/run"),
             Some(w <= 60.0),
-            "kernel BPF statistics, TCP rows of table 1p".into(),
+            "kernel BPF statistics, TCP rows of table 1p. sock_create is a few instructions \
+             (a config read and two compares): what it reads here is mostly the timing's own \
+             cost per run (two sched_clock reads in this VM), which the floor pays too"
+                .into(),
         );
     }
     let mut totals = Vec::new();
@@ -396,11 +401,24 @@ fn goals(report: &mut Report, rows: &[GoalRow]) {
     // nftables', at 10,000 entries and more.
     let big: Vec<&GoalRow> = rows.iter().filter(|r| r.0 >= 10_000).collect();
     if !big.is_empty() {
-        let (mut worst_floor, mut worst_nft) = (0.0f64, 0.0f64);
+        let (mut worst_floor, mut worst_nft, mut resolved) = (0.0f64, 0.0f64, 0);
         let text: Vec<String> = big
             .iter()
             .map(|r| {
-                let f = r.2.diff / r.5.diff.max(1.0);
+                // A ratio means something only when both Δ stand above this row's noise.
+                let noise = r.4.diff.abs().max(r.4.iqr);
+                if r.2.diff <= noise || r.5.diff <= noise {
+                    return format!(
+                        "{} @{}: ours {} µs, floor {} µs: within the noise (±{} µs)",
+                        short(&r.1),
+                        r.0,
+                        us(r.2.diff),
+                        us(r.5.diff),
+                        us(noise)
+                    );
+                }
+                resolved += 1;
+                let f = r.2.diff / r.5.diff;
                 worst_floor = worst_floor.max(f);
                 let n = r.3.map(|n| r.2.diff / n.diff.max(1.0));
                 worst_nft = worst_nft.max(n.unwrap_or(f64::INFINITY));
@@ -418,11 +436,12 @@ fn goals(report: &mut Report, rows: &[GoalRow]) {
             "added CPU per TCP connect+close and per UDP sendto ≤ 1.5× the floor's and ≤ 1/3 \
              of nftables's (outside view)",
             text.join("; "),
-            Some(worst_floor <= 1.5 && worst_nft <= 1.0 / 3.0),
+            (resolved > 0).then_some(worst_floor <= 1.5 && worst_nft <= 1.0 / 3.0),
             format!(
-                "worst {worst_floor:.2}× the floor, {worst_nft:.2}× nftables; median Δ over \
-                 ABBA repetitions against the same control (table 1); the TCP Δ carry this \
-                 machine's noise (A/A column)"
+                "judged on the rows resolved above this run's noise (A/A): worst \
+                 {worst_floor:.2}× the floor, {worst_nft:.2}× nftables; median Δ over ABBA \
+                 repetitions against the same control (table 1). Per-program figures (table \
+                 1p) resolve what the TCP rows here cannot"
             ),
         );
     }

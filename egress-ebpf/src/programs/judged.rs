@@ -6,28 +6,48 @@
 //! socket (by cookie), destination, port and protocol. A hook runs in the calling task, and the
 //! SYN or datagram it lets through reaches `cgroup_skb/egress` within the same system call, on
 //! the same CPU unless the task was moved in between. The backstop passes a packet only when
-//! the slot names its socket, destination, port and protocol; anything else (another socket's
-//! allow in between, a task moved to another CPU, a SYN retransmitted from a timer, a socket no
-//! hook judged) is judged in full. Nothing is allocated per socket: the socket storage this
-//! replaced cost about 1.1 µs per connect to allocate, for 0.1 µs saved on the SYN.
+//! the slot names its socket, destination, port and protocol, and uses the slot up; anything
+//! else (another socket's allow in between, a task moved to another CPU, a SYN retransmitted
+//! from a timer, a Fast Open SYN sent by a later `write`, a socket no hook judged) is judged in
+//! full. Nothing is allocated per socket: the socket storage this replaced cost about 1.1 µs
+//! per connect to allocate, for 0.1 µs saved on the SYN.
+//!
+//! The slot is shared by everything that runs on the CPU, and a cgroup program runs with
+//! migration off but preemption and softirqs on (`bpf_prog_run_array_cg`): a hook can be
+//! preempted by another task's hook, and interrupted by a softirq's backstop, in the middle of
+//! its writes. So the slot carries a tag: a writer zeroes it first, writes the fields, and
+//! closes with a fresh random tag only if nobody wrote in between; a reader accepts the fields
+//! only when the tag is non-zero and the same before and after reading them (a seqcount whose
+//! values never repeat, so a writer that read a stale count cannot make a torn slot look
+//! whole). A torn or busy slot reads as "not judged": the packet is judged in full.
+//! docs/KERNEL-NOTES.md ("The JUDGED slot") has the kernel paths this relies on.
 
-use core::ptr;
+use core::ptr::{self, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    EbpfContext as _, bindings::__sk_buff, helpers::bpf_get_socket_cookie, macros::map,
-    maps::PerCpuArray, programs::SockAddrContext,
+    EbpfContext as _,
+    bindings::__sk_buff,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    macros::map,
+    maps::PerCpuArray,
+    programs::SockAddrContext,
 };
 use egress_common::Addr;
 
-/// The last allow a hook made on this CPU.
+/// The last allow a hook made on this CPU. Read and written field by field with volatile
+/// accesses, so that the compiler keeps the tag's accesses around the fields'.
 #[repr(C)]
 pub struct Judged {
-    /// The socket's cookie (never 0 for a socket).
-    cookie: u64,
-    addr: Addr,
+    /// 0 while a hook writes the slot (or after the backstop used it), else the random tag of
+    /// the write that completed last.
+    tag: u32,
     port: u16,
     ip_proto: u8,
-    _pad: [u8; 5],
+    _pad: u8,
+    /// The socket's cookie (never 0 for a socket).
+    cookie: u64,
+    /// The destination (IPv4 mapped), as two words.
+    addr: [u64; 2],
 }
 
 #[map]
@@ -44,6 +64,15 @@ fn on() -> bool {
     unsafe { ptr::read_volatile(&raw const JUDGED_ON) != 0 }
 }
 
+#[inline(always)]
+fn words(addr: &Addr) -> [u64; 2] {
+    let mut lo = [0u8; 8];
+    let mut hi = [0u8; 8];
+    lo.copy_from_slice(&addr[..8]);
+    hi.copy_from_slice(&addr[8..]);
+    [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)]
+}
+
 /// Remembers that the hook of `ctx`'s socket allowed `addr`, `port` over `ip_proto`.
 #[inline(always)]
 pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) {
@@ -53,32 +82,58 @@ pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) {
     let Some(p) = JUDGED.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: a sock_addr context is a valid argument for this helper; the slot is this
-    // CPU's, and no other program runs on this CPU while this one does.
+    let [a0, a1] = words(addr);
+    // SAFETY: a sock_addr context is a valid argument for the cookie helper; `p` is this
+    // CPU's slot, which stays this CPU's for the whole run (migration is off), and every access
+    // is volatile so that the order below is the order of the stores.
     unsafe {
-        (*p).cookie = bpf_get_socket_cookie(ctx.as_ptr());
-        (*p).addr = *addr;
-        (*p).port = port;
-        (*p).ip_proto = ip_proto as u8;
+        let cookie = bpf_get_socket_cookie(ctx.as_ptr());
+        write_volatile(&raw mut (*p).tag, 0);
+        write_volatile(&raw mut (*p).cookie, cookie);
+        write_volatile(&raw mut (*p).addr[0], a0);
+        write_volatile(&raw mut (*p).addr[1], a1);
+        write_volatile(&raw mut (*p).port, port);
+        write_volatile(&raw mut (*p).ip_proto, ip_proto as u8);
+        // A hook that preempted this one between the first store and here wrote its own tag:
+        // some fields are ours, some its, so the slot stays unusable (0).
+        if read_volatile(&raw const (*p).tag) == 0 {
+            write_volatile(&raw mut (*p).tag, bpf_get_prandom_u32() | 1);
+        } else {
+            write_volatile(&raw mut (*p).tag, 0);
+        }
     }
 }
 
-/// Whether the hook of `skb`'s socket allowed `addr`, `port` over `ip_proto` last on this CPU.
+/// Whether the hook of `skb`'s socket allowed `addr`, `port` over `ip_proto` last on this
+/// CPU, with nobody using that allow since; a yes uses it up.
 #[inline(always)]
 pub fn judged(skb: *mut __sk_buff, addr: &Addr, port: u16, ip_proto: u8) -> bool {
     if !on() {
         return false;
     }
-    let Some(p) = JUDGED.get_ptr(0) else {
+    let Some(p) = JUDGED.get_ptr_mut(0) else {
         return false;
     };
-    // SAFETY: this CPU's slot; the skb is the program's context, a valid argument for the
-    // helper (0 for a packet without a socket, which no slot names).
+    let [a0, a1] = words(addr);
+    // SAFETY: this CPU's slot (see `remember`); the skb is the program's context, a valid
+    // argument for the helper (0 for a packet without a socket, which no slot names).
     unsafe {
-        (*p).port == port
-            && (*p).ip_proto == ip_proto
-            && (*p).addr == *addr
-            && (*p).cookie != 0
-            && bpf_get_socket_cookie(skb.cast()) == (*p).cookie
+        let tag = read_volatile(&raw const (*p).tag);
+        if tag == 0
+            || read_volatile(&raw const (*p).port) != port
+            || read_volatile(&raw const (*p).ip_proto) != ip_proto
+            || read_volatile(&raw const (*p).addr[0]) != a0
+            || read_volatile(&raw const (*p).addr[1]) != a1
+        {
+            return false;
+        }
+        let cookie = read_volatile(&raw const (*p).cookie);
+        if read_volatile(&raw const (*p).tag) != tag
+            || bpf_get_socket_cookie(skb.cast()) != cookie
+        {
+            return false;
+        }
+        write_volatile(&raw mut (*p).tag, 0);
+        true
     }
 }

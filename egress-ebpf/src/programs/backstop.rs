@@ -94,8 +94,13 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
         match u16::from_be(ctx.skb.protocol() as u16) {
             ETH_P_IP => {
                 let h: [u8; 20] = read(ctx, 0)?;
-                let dst = addr_from_v4([h[16], h[17], h[18], h[19]]);
                 let ihl = h[0] & 0x0f;
+                if ihl == 5 && h[9] == IPPROTO_TCP && !syn(ctx, 20)? {
+                    // The established path, first: a segment of a connection judged when it
+                    // opened, decided on three bytes, before the destination is even built.
+                    return Ok(PASS);
+                }
+                let dst = addr_from_v4([h[16], h[17], h[18], h[19]]);
                 if ihl > 5 {
                     // IP options: a source route (LSRR, SSRR) would carry the packet on past
                     // the judged destination, and nothing the cgroup sends needs options.
@@ -105,6 +110,10 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             }
             ETH_P_IPV6 => {
                 let h: [u8; 40] = read(ctx, 0)?;
+                if h[6] == IPPROTO_TCP && !syn(ctx, 40)? {
+                    // As for IPv4: the established path decides first.
+                    return Ok(PASS);
+                }
                 let (next, mut dst) = (h[6], [0u8; 16]);
                 dst.copy_from_slice(&h[24..40]);
                 if next == IPPROTO_ROUTING {
@@ -185,6 +194,14 @@ pub fn read<T: Copy>(ctx: &SkBuffContext, off: usize) -> Result<T, ()> {
         }
     }
     ctx.load(off).map_err(|_| ())
+}
+
+/// Whether the TCP segment at `l4_off` bytes into the packet carries SYN (its whole fixed
+/// header up to the flags is read, for the bounds check's sake, see [`read`]).
+#[inline(always)]
+fn syn(ctx: &SkBuffContext, l4_off: usize) -> Result<bool, ()> {
+    let t: [u8; 14] = read(ctx, l4_off)?;
+    Ok(t[13] & 0x02 != 0)
 }
 
 /// The packet's full socket, or null (a request socket, a time-wait socket, none).

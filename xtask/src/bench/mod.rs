@@ -70,10 +70,15 @@ pub fn run() -> Result<()> {
         floor_bin: abs(release.join("egress-bench-floor"))?,
         outside: only().as_deref() != Some("progs"),
         cgroup_root: PathBuf::from(cgroup2_mount()?),
-        sizes: if quick {
-            vec![10, 10_000]
-        } else {
-            vec![10, 10_000, 1_000_000]
+        // EGRESS_BENCH_SIZES=10000,1000000: only these allowlist sizes (a partial run).
+        sizes: match std::env::var("EGRESS_BENCH_SIZES") {
+            Ok(v) => v
+                .split(',')
+                .map(|n| n.trim().parse::<u32>())
+                .collect::<Result<_, _>>()
+                .context("EGRESS_BENCH_SIZES: a comma-separated list of entry counts")?,
+            Err(_) if quick => vec![10, 10_000],
+            Err(_) => vec![10, 10_000, 1_000_000],
         },
         reps: if quick { 3 } else { 7 },
         prog_reps: if quick { 5 } else { 11 },

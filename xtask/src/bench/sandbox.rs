@@ -368,10 +368,16 @@ impl Answer {
 /// Listens inside `netns`, from threads of this process (so the listening sockets belong to
 /// xtask's cgroup, not to the measured one): TCP on each `tcp` address, accepting and
 /// dropping every connection, and a UDP socket on each `udp` address that nobody reads
-/// (datagrams beyond its buffer are dropped by the kernel, the same on every side).
-pub fn listen(netns: &Path, tcp: &[SocketAddrV4], udp: &[SocketAddrV4]) -> Result<()> {
+/// (datagrams beyond its buffer are dropped by the kernel, the same on every side), and TCP on
+/// each `sink` address, reading every connection to its end (a thread per connection).
+pub fn listen(
+    netns: &Path,
+    tcp: &[SocketAddrV4],
+    udp: &[SocketAddrV4],
+    sink: &[SocketAddrV4],
+) -> Result<()> {
     let ns = File::open(netns).with_context(|| format!("cannot open {}", netns.display()))?;
-    let (tcp, udp) = (tcp.to_vec(), udp.to_vec());
+    let (tcp, udp, sink) = (tcp.to_vec(), udp.to_vec(), sink.to_vec());
     let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
     thread::Builder::new()
         .name("bench-listeners".into())
@@ -388,6 +394,23 @@ pub fn listen(netns: &Path, tcp: &[SocketAddrV4], udp: &[SocketAddrV4]) -> Resul
                         thread::spawn(move || {
                             for s in l.incoming() {
                                 drop(s);
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow::anyhow!("cannot listen on {a}: {e}")));
+                        return;
+                    }
+                }
+            }
+            for a in &sink {
+                match TcpListener::bind(a) {
+                    Ok(l) => {
+                        thread::spawn(move || {
+                            for mut s in l.incoming().flatten() {
+                                thread::spawn(move || {
+                                    let _ = io::copy(&mut s, &mut io::sink());
+                                });
                             }
                         });
                     }

@@ -4,13 +4,17 @@
 //! `ALLOW_DNS`, and allow only what they find. What any cgroup-BPF enforcement pays at least;
 //! egress's programs are measured against it. Loaded by `egress-bench-floor` (a bench-only
 //! binary of egress-agent), which sizes the map at load time.
+//!
+//! Beside them, a `cgroup/sock_create` and a `cgroup_skb/egress` program that do nothing but
+//! allow: what the kernel's run-time statistics read for an empty program (the timing's own
+//! cost per run), the reference of egress's `sock_create` and of its backstop per packet.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, map},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
     maps::HashMap,
-    programs::SockAddrContext,
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use egress_common::{Addr, AllowValue, addr_from_v4};
 
@@ -26,6 +30,16 @@ pub fn floor_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg4)]
 pub fn floor_sendmsg4(ctx: SockAddrContext) -> i32 {
     verdict(&ctx)
+}
+
+#[cgroup_sock(sock_create)]
+pub fn floor_sock_create(_ctx: SockContext) -> i32 {
+    1
+}
+
+#[cgroup_skb(egress)]
+pub fn floor_egress(_ctx: SkBuffContext) -> i32 {
+    1
 }
 
 #[inline(always)]

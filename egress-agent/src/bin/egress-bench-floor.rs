@@ -1,6 +1,7 @@
 //! The reference floor of `cargo xtask bench`, never part of enforcement: loads the
 //! `egress-floor` object (a `cgroup/connect4` and a `cgroup/sendmsg4` program doing one hash
-//! lookup each), sizes its map at load time, attaches both to a cgroup the bench created, pins
+//! lookup each, and an empty `cgroup/sock_create` and `cgroup_skb/egress`), sizes its map at
+//! load time, attaches all four to a cgroup the bench created, pins
 //! the map so the bench can fill it, prints `ready`, and holds the links until its stdin
 //! closes (or it is killed: the links go with its descriptors).
 //!
@@ -16,7 +17,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     EbpfLoader, include_bytes_aligned,
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr},
 };
 
 static FLOOR_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-floor"));
@@ -61,6 +62,24 @@ fn run() -> anyhow::Result<()> {
         prog.attach(&cgroup_dir, CgroupAttachMode::Single)
             .with_context(|| format!("cannot attach {name} to {cgroup}"))?;
     }
+    let prog: &mut CgroupSock = ebpf
+        .program_mut("floor_sock_create")
+        .ok_or_else(|| anyhow!("program floor_sock_create missing"))?
+        .try_into()?;
+    prog.load().context("the kernel rejected floor_sock_create")?;
+    prog.attach(&cgroup_dir, CgroupAttachMode::Single)
+        .with_context(|| format!("cannot attach floor_sock_create to {cgroup}"))?;
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut("floor_egress")
+        .ok_or_else(|| anyhow!("program floor_egress missing"))?
+        .try_into()?;
+    prog.load().context("the kernel rejected floor_egress")?;
+    prog.attach(
+        &cgroup_dir,
+        CgroupSkbAttachType::Egress,
+        CgroupAttachMode::Single,
+    )
+    .with_context(|| format!("cannot attach floor_egress to {cgroup}"))?;
     let mut out = io::stdout().lock();
     writeln!(out, "ready")?;
     out.flush()?;

@@ -332,24 +332,30 @@ fn prog_row(size: u32, label: &str, e: &SideFigures, f: &SideFigures) -> Vec<Str
         (Some(a), Some(b)) => format!("{hook}: {:.2}×", a.ns_run / b.ns_run.max(1.0)),
         _ => "—".into(),
     };
+    let floor_op = f.ns_op_of(hook);
     vec![
         size.to_string(),
         label.to_owned(),
         list(e),
         format!("{:.0}", e.total_ns_op),
         list(f),
-        format!("{:.0}", f.total_ns_op),
-        format!("{:.2}×", e.total_ns_op / f.total_ns_op.max(1.0)),
+        format!("{floor_op:.0}"),
+        format!("{:.2}×", e.total_ns_op / floor_op.max(1.0)),
         ratio,
     ]
 }
 
 /// The per-program targets of issue 14, judged at 10,000 entries and more.
 fn prog_goals(report: &mut Report, rows: &[ProgRow]) {
-    let streams: Vec<(u32, f64)> = rows
+    let streams: Vec<(u32, f64, f64)> = rows
         .iter()
         .filter(|r| r.0 >= 10_000 && established(&r.1))
-        .filter_map(|r| r.2.on("egress").map(|p| (r.0, p.ns_run)))
+        .filter_map(|r| {
+            r.2.on(BACKSTOP).map(|p| {
+                let empty = r.3.on(BACKSTOP).map_or(0.0, |f| f.ns_run);
+                (r.0, p.ns_run, empty)
+            })
+        })
         .collect();
     let big: Vec<&ProgRow> = rows
         .iter()
@@ -359,17 +365,24 @@ fn prog_goals(report: &mut Report, rows: &[ProgRow]) {
         return;
     }
     if !streams.is_empty() {
+        // (entries, ns/run, the empty program's ns/run)
         let w = streams.iter().map(|s| s.1).fold(0.0, f64::max);
         report.goal(
             "cgroup_skb backstop ≤ 60 ns per packet on established flows",
             streams
                 .iter()
-                .map(|(n, ns)| format!("@{n}: {ns:.0} ns/run"))
+                .map(|(n, ns, empty)| {
+                    format!("@{n}: {ns:.0} ns/run (an empty cgroup_skb program: {empty:.0})")
+                })
                 .collect::<Vec<_>>()
                 .join("; "),
             Some(w <= 60.0),
             format!(
-                "worst {w:.0} ns/run of `egress` on 32-byte writes over one connection (table                  1p, established row), the timing's own cost per run included"
+                "worst {w:.0} ns/run of the backstop on 32-byte writes over one connection \
+                 (table 1p, established row; autocorking sends several writes per segment, \
+                 hence runs/op below 1). The timing's own cost per run is included: the \
+                 floor's empty cgroup_skb program beside it reads what a program that does \
+                 nothing costs"
             ),
         );
     }
@@ -401,22 +414,28 @@ fn prog_goals(report: &mut Report, rows: &[ProgRow]) {
         .filter_map(|r| r.2.on("sock_create").filter(|p| p.runs_op >= 0.5))
         .map(|p| p.ns_run)
         .collect();
+    let empty = big
+        .iter()
+        .filter_map(|r| r.3.on("sock_create").filter(|p| p.runs_op >= 0.5))
+        .map(|p| p.ns_run)
+        .fold(0.0, f64::max);
     if !creates.is_empty() {
         let w = creates.iter().copied().fold(0.0, f64::max);
         report.goal(
             "sock_create ≤ 60 ns/run",
-            format!("worst {w:.0} ns/run"),
+            format!("worst {w:.0} ns/run; an empty cgroup/sock_create program: {empty:.0}"),
             Some(w <= 60.0),
-            "kernel BPF statistics, TCP rows of table 1p. sock_create is a few instructions \
-             (a config read and two compares): what it reads here is mostly the timing's own \
-             cost per run (two sched_clock reads in this VM), which the floor pays too"
+            "kernel BPF statistics, TCP rows of table 1p. sock_create decides a TCP or UDP \
+             socket on two loads of its context: what it reads is mostly the timing's own \
+             cost per run (two sched_clock reads and the statistics update), which the \
+             floor's empty program beside it shows"
                 .into(),
         );
     }
     let mut totals = Vec::new();
     let mut worst = 0.0f64;
     for r in &big {
-        let q = r.2.total_ns_op / r.3.total_ns_op.max(1.0);
+        let q = r.2.total_ns_op / r.3.ns_op_of(verdict_hook(&r.1)).max(1.0);
         worst = worst.max(q);
         totals.push(format!("{} @{}: {q:.2}×", short(&r.1), r.0));
     }
@@ -616,6 +635,9 @@ fn goals(report: &mut Report, rows: &[GoalRow]) {
         );
     }
 }
+
+/// The backstop's label in the per-program figures.
+const BACKSTOP: &str = "egress (cgroup_skb)";
 
 /// The established-flow row: one connection, the backstop's per-packet path.
 fn established(label: &str) -> bool {

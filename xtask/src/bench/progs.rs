@@ -111,6 +111,13 @@ impl SideFigures {
     pub fn on(&self, hook: &str) -> Option<&ProgFigure> {
         self.progs.iter().find(|p| p.hook == hook)
     }
+
+    /// ns per operation of the program on `hook` alone (the floor's lookup, without its empty
+    /// reference programs); the total when it did not run.
+    pub fn ns_op_of(&self, hook: &str) -> f64 {
+        self.on(hook)
+            .map_or(self.total_ns_op, |p| p.ns_run * p.runs_op)
+    }
 }
 
 /// One side: its worker and the programs attached to its cgroup.

@@ -22,7 +22,7 @@ const BPF_ENABLE_STATS: libc::c_long = 32;
 const BPF_STATS_RUN_TIME: u32 = 0;
 
 /// The cgroup attach types the bench looks at, with the names the report gives them.
-const ATTACH_TYPES: [(u32, &str); 10] = [
+const ATTACH_TYPES: [(u32, &str); 11] = [
     (2, "sock_create"),
     (10, "connect4"),
     (11, "connect6"),
@@ -33,6 +33,7 @@ const ATTACH_TYPES: [(u32, &str); 10] = [
     (29, "getpeername4"),
     (30, "getpeername6"),
     (1, "egress (cgroup_skb)"),
+    (0, "ingress (cgroup_skb)"),
 ];
 
 /// Run-time statistics switched on for as long as this lives.

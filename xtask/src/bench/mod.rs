@@ -94,7 +94,8 @@ pub fn run() -> Result<()> {
     report.commands = vec![
         "sudo cargo xtask bench    # builds release egress-agent and bench-worker, then runs parts 1-4".into(),
         "sudo EGRESS_BENCH_ONLY=progs cargo xtask bench    # table 1p alone (per-program figures, ~3 min), report in target/BENCHMARKS.progs.md".into(),
-        "# floor: egress-bench-floor <cgroup> <entries> <map pin> (connect4 + sendmsg4, one hash lookup each)".into(),
+        "sudo EGRESS_BENCH_ONLY=progs EGRESS_BENCH_SIZES=10000 cargo xtask bench    # one size only (any comma-separated list)".into(),
+        "# floor: egress-bench-floor <cgroup> <entries> <map pin> (connect4 + sendmsg4, one hash lookup each; empty sock_create and cgroup_skb/egress)".into(),
         "# each measured batch: bench-worker in its own netns + cgroup, e.g. `tcp 198.51.100.10:8080 2000`".into(),
         "# enforcement: egress-agent attach --cgroup <cgroup> --allowlist <file> --name <n> --detach-on-exit".into(),
         "# nftables peer: socket cgroupv2 level 1 \"<cgroup>\" ip daddr != @allowed reject (output hook, own netns)".into(),
@@ -127,6 +128,12 @@ pub fn run() -> Result<()> {
          egress's DNS-derived one, sized and filled to the row's entry count, on a cgroup of its \
          own; it is a column of table 1 (outside view, ABBA against the same control) and the \
          reference of table 1p (kernel BPF statistics, in the same run)."
+            .into(),
+        "The established-flow row: one TCP connection to a sink that reads, then 20,000 \
+         writes of 32 bytes with TCP_NODELAY (autocorking merges some: runs/op of the backstop \
+         is below 1); its goal is the backstop's ns per packet. The DNS-derived destination is \
+         written with an expiry (an hour ahead), as the resolver writes one, so the programs \
+         read the clock as they do in use."
             .into(),
         "Listeners run as threads of xtask inside each namespace, so their sockets are outside \
          the measured cgroups (no hook or nftables rule judges the accepting side)."

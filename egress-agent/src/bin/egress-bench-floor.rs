@@ -66,7 +66,8 @@ fn run() -> anyhow::Result<()> {
         .program_mut("floor_sock_create")
         .ok_or_else(|| anyhow!("program floor_sock_create missing"))?
         .try_into()?;
-    prog.load().context("the kernel rejected floor_sock_create")?;
+    prog.load()
+        .context("the kernel rejected floor_sock_create")?;
     prog.attach(&cgroup_dir, CgroupAttachMode::Single)
         .with_context(|| format!("cannot attach floor_sock_create to {cgroup}"))?;
     let prog: &mut CgroupSkb = ebpf

@@ -128,8 +128,7 @@ pub fn judged(skb: *mut __sk_buff, addr: &Addr, port: u16, ip_proto: u8) -> bool
             return false;
         }
         let cookie = read_volatile(&raw const (*p).cookie);
-        if read_volatile(&raw const (*p).tag) != tag
-            || bpf_get_socket_cookie(skb.cast()) != cookie
+        if read_volatile(&raw const (*p).tag) != tag || bpf_get_socket_cookie(skb.cast()) != cookie
         {
             return false;
         }

@@ -196,7 +196,8 @@ fn udp(to: SocketAddrV4, n: u64) -> Res<String> {
 fn stream(to: SocketAddrV4, n: u64) -> Res<String> {
     let mut s = std::net::TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(5))
         .map_err(|e| format!("connect {to}: {e}"))?;
-    s.set_nodelay(true).map_err(|e| format!("TCP_NODELAY: {e}"))?;
+    s.set_nodelay(true)
+        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
     let payload = [0x5au8; 32];
     let start = Instant::now();
     let cpu0 = thread_cpu_ns();

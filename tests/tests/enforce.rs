@@ -349,9 +349,10 @@ fn allowed_destinations_are_reached_over_every_family_and_action() {
 }
 
 #[test]
-fn without_socket_storage_the_backstop_judges_in_full_and_still_lets_allowed_traffic_through() {
-    // What a kernel without socket storage for cgroup programs gets: `JUDGED_ON` = 0, and the
-    // verifier must accept the programs with the storage calls pruned.
+fn without_the_judged_slot_the_backstop_judges_in_full_and_still_lets_allowed_traffic_through() {
+    // `JUDGED_ON` = 0: every SYN and unconnected datagram is judged by the backstop in full (what
+    // a retransmitted SYN or a task moved between CPUs meets), and the verifier must accept the
+    // programs with the slot's code pruned.
     reach_every_family_and_action(&EnforcerOptions {
         judged: false,
         ..EnforcerOptions::default()

@@ -103,9 +103,9 @@ pub struct EnforcerOptions {
     /// process (a killed agent leaves the cgroup closed, never open). `None`: links live as
     /// long as the [`Enforcer`].
     pub pin_dir: Option<PathBuf>,
-    /// Let the backstop pass a packet on the verdict its socket's hook remembered (socket
-    /// storage); `false`, or a kernel without socket storage for these programs, judges
-    /// every SYN and unconnected datagram again.
+    /// Let the backstop pass the SYN or datagram its socket's hook allowed a moment before,
+    /// in the same system call (`JUDGED`, one slot per CPU); `false` judges every SYN and
+    /// unconnected datagram again.
     pub judged: bool,
     /// Load the programs with verdict tracing on (`TRACE`, see [`super::trace`]) and read
     /// their aya-log records; off, the verifier removes the tracing code.
@@ -225,27 +225,7 @@ impl Enforcer {
     /// Loads the programs, writes `policy`'s static rules and mode, and attaches to the
     /// cgroup v2 directory `cgroup`.
     pub fn attach(cgroup: &Path, policy: &Policy, opts: &EnforcerOptions) -> anyhow::Result<Self> {
-        match Self::attach_with(cgroup, policy, opts, opts.judged) {
-            // Socket storage from cgroup sock_addr/skb programs came after our 5.8 floor: on a
-            // kernel without it the backstop judges every SYN and datagram in full instead.
-            Err(e) if opts.judged && format!("{e:#}").contains("sk_storage") => {
-                tracing::warn!(
-                    "this kernel offers no socket storage to cgroup programs: the backstop \
-                     judges every SYN and datagram again ({e:#})"
-                );
-                Self::attach_with(cgroup, policy, opts, false)
-            }
-            r => r,
-        }
-    }
-
-    /// [`Enforcer::attach`], with the backstop's per-socket shortcut (`JUDGED`) on or off.
-    fn attach_with(
-        cgroup: &Path,
-        policy: &Policy,
-        opts: &EnforcerOptions,
-        judged: bool,
-    ) -> anyhow::Result<Self> {
+        let judged = opts.judged;
         crate::bpf::kernel::check()?;
         crate::sys::caps::check()?;
         let cgroup_dir = fs::File::open(cgroup)

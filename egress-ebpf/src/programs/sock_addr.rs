@@ -45,6 +45,10 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     }
 }
 
+// Inlined: as a BPF-to-BPF call returning its `Result` through a stack pointer, LLVM may leave
+// that pointer in r0 at the callee's exit, which the verifier refuses ("cannot return stack
+// pointer to the caller"); inlined, the hook also saves the call.
+#[inline(always)]
 fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     if exempt() {
         return Ok(VERDICT_ALLOW);
@@ -64,6 +68,7 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     judge(ctx, addr, port, sa.protocol, hook)
 }
 
+#[inline(always)]
 fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     if exempt() {
         return Ok(VERDICT_ALLOW);

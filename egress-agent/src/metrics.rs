@@ -20,6 +20,12 @@ pub struct Metrics {
     pub dns_refused: AtomicU64,
     /// DNS queries that failed upstream (SERVFAIL).
     pub dns_upstream_failures: AtomicU64,
+    /// DNS queries dropped (a client over its rate) or answered SERVFAIL at once (every
+    /// forwarding slot taken).
+    pub dns_rate_limited: AtomicU64,
+    /// Addresses the resolver holds grants for (what it wrote into the DNS map), kept by the
+    /// resolver as it writes, so that a scrape never walks the kernel map.
+    pub dns_entries: AtomicU64,
     /// Policy reloads applied.
     pub reloads_ok: AtomicU64,
     /// Policy reloads rejected (invalid file; the old policy kept running).
@@ -65,12 +71,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition.
-    pub fn render(
-        &self,
-        kernel: Option<Counters>,
-        dns_entries: usize,
-        dns_capacity: u32,
-    ) -> String {
+    pub fn render(&self, kernel: Option<Counters>, dns_capacity: u32) -> String {
         let mut o = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
             let _ = writeln!(o, "# HELP {name} {help}");
@@ -138,10 +139,17 @@ impl Metrics {
             vec![(String::new(), get(&self.dns_upstream_failures))],
         );
         metric(
+            "egress_dns_rate_limited_total",
+            "counter",
+            "DNS queries dropped because their client was over its rate, or answered SERVFAIL \
+             at once because every forwarding slot was taken.",
+            vec![(String::new(), get(&self.dns_rate_limited))],
+        );
+        metric(
             "egress_dns_map_entries",
             "gauge",
             "Addresses allowed from DNS answers.",
-            vec![(String::new(), dns_entries as u64)],
+            vec![(String::new(), get(&self.dns_entries))],
         );
         metric(
             "egress_dns_map_capacity",

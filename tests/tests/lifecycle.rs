@@ -1174,3 +1174,85 @@ fn a_restart_with_trace_verdicts_adopts_the_pins_and_traces() {
         third.output()
     );
 }
+
+/// CPU time (user + system) of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+    // stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// Out of descriptors, the health server's accept fails at once for every queued connection
+/// (EMFILE): it backs off instead of spinning a CPU, and serves again once descriptors are
+/// free.
+#[test]
+fn health_server_backs_off_when_out_of_descriptors() {
+    let env = Env::new(ALLOWED_RULE);
+    let mut agent = env.start_agent(&["--health", HEALTH]);
+    assert_eq!(env.health("/healthz").0, 200);
+    let pid = agent.pid();
+    let open = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    // A few descriptors to spare, then connections that hold them (the server waits up to
+    // 5 s for a request) and more that stay queued.
+    let limit = open + 4;
+    // The soft limit only (raising it back needs no privilege).
+    let soft_before = fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Max open files")
+                .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .expect("the agent's open files limit");
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:"))
+        .output()
+        .expect("cannot run prlimit");
+    assert!(out.status.success(), "prlimit: {out:?}");
+    let addr: SocketAddr = HEALTH.parse().expect("health address");
+    let held: Vec<_> = (0..12)
+        .filter_map(|_| {
+            env.world
+                .netns()
+                .run_in(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+        })
+        .collect();
+    assert!(held.len() >= 8, "connections queued: {}", held.len());
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - t0;
+    // SAFETY: no arguments.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    assert!(
+        used * 100 < hz * 2 * 20,
+        "the agent used {used} ticks ({hz}/s) in 2 s while out of descriptors: more than 20% \
+         of a CPU\n{}",
+        agent.output()
+    );
+    drop(held);
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft_before}:"))
+        .output()
+        .expect("cannot run prlimit");
+    assert!(out.status.success(), "prlimit: {out:?}");
+    let served = poll_until(Duration::from_secs(10), || {
+        http_get(env.world.netns(), addr, "/healthz")
+            .ok()
+            .filter(|(c, _)| *c == 200)
+    });
+    assert!(
+        served.is_some(),
+        "/healthz answers again\n{}",
+        agent.output()
+    );
+    agent.terminate();
+}

@@ -109,13 +109,17 @@ pub fn apply(ctx: &DnsContext, new: Policy) -> anyhow::Result<String> {
         .unwrap_or_else(|p| p.into_inner())
         .apply_policy(&new)?;
     *ctx.upstreams.write().unwrap_or_else(|p| p.into_inner()) = dns::upstreams(&new);
-    *ctx.policy.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
-    let changes = ctx
-        .grants
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain_names(|name| !new.host_rules_for(name).is_empty());
-    dns::apply_changes(ctx, &new, changes);
+    {
+        // The swap and the prune under the grants lock, which the resolver holds while it
+        // judges an answer again under the policy in force and writes it: an answer to a query
+        // sent upstream before this reload is either written before the prune (which then
+        // removes what the new policy drops) or judged by the new policy.
+        let mut grants = ctx.grants.lock().unwrap_or_else(|p| p.into_inner());
+        *ctx.policy.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        let changes = grants.retain_names(|name| !new.host_rules_for(name).is_empty());
+        dns::count_entries(ctx, &grants);
+        dns::apply_changes(ctx, &new, changes);
+    }
     ctx.answers.clear();
     Ok(summary)
 }

@@ -334,6 +334,7 @@ fn dns_context(
     }
     // Before the resolver serves: the adopted entries take the current policy's values.
     dns::apply_changes(&dns, policy, restored);
+    dns::count_entries(&dns, &dns.grants.lock().unwrap_or_else(|p| p.into_inner()));
     (dns, kept)
 }
 

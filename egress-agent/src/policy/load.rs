@@ -181,6 +181,7 @@ fn dns_settings(path: &Path, node: &Node, raw: RawDns) -> Result<DnsSettings, Po
         max_ttl: raw.max_ttl.map_or(d.max_ttl, |v| v.0),
         grace: raw.grace.map_or(d.grace, |v| v.0),
         upstream: raw.upstream.unwrap_or(d.upstream),
+        block_private: raw.block_private.unwrap_or(d.block_private),
     };
     if settings.min_ttl > settings.max_ttl {
         let (min, max) = (

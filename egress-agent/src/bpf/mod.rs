@@ -10,4 +10,5 @@
 
 pub mod enforcer;
 pub mod kernel;
+pub mod rules;
 pub mod trace;

@@ -16,6 +16,7 @@ use crate::{
     bpf::enforcer::{self, Enforcer},
     bpf::trace,
     daemon::health::{self, HealthState},
+    daemon::lastgood,
     daemon::monitor,
     daemon::reload,
     daemon::status,
@@ -54,6 +55,9 @@ pub struct SessionConfig {
     pub enforcer: EnforcerOptions,
     /// What confinement protects, for the `ready` event (`run` only).
     pub protected: Vec<String>,
+    /// The allowlist file was rejected at start: `policy` is the last valid one, kept beside
+    /// the pins ([`lastgood`]), and this is reported once the session runs.
+    pub rejected: Option<reload::Rejected>,
 }
 
 /// A running session.
@@ -117,6 +121,7 @@ impl Session {
         tasks.extend(serve_dns(&cfg.name, resolver, &dns, &stop_rx)?);
         if let Some(root) = cfg.watch.clone() {
             tasks.push(tokio::spawn(reload::watch(
+                cfg.name.clone(),
                 root,
                 dns.clone(),
                 metrics.clone(),
@@ -149,6 +154,21 @@ impl Session {
         announce_ready(&cfg, &policy)?;
         for w in &warnings {
             warn(&cfg.sink, w);
+        }
+        match (&cfg.rejected, &cfg.watch) {
+            (Some(r), _) => {
+                Metrics::inc(&metrics.reloads_rejected);
+                reload::reject(&dns, &metrics, r);
+            }
+            (None, Some(root)) => {
+                if let Err(e) = lastgood::save(&cfg.name, root, &cfg.policy) {
+                    warn(
+                        &cfg.sink,
+                        &format!("cannot keep the policy beside the pins: {e:#}"),
+                    );
+                }
+            }
+            (None, None) => {}
         }
         if !fresh {
             warn(
@@ -390,6 +410,8 @@ async fn keep_state(inputs: StateInputs, dns: Arc<DnsContext>, metrics: Arc<Metr
             cgroup: inputs.cgroup.clone(),
             allowlist: inputs.allowlist.clone(),
             policy: dns.current_policy().summary(),
+            policy_state: metrics.standing().state().to_owned(),
+            policy_rejected: metrics.standing().rejected,
             latest_denies: metrics
                 .latest
                 .lock()

@@ -1489,3 +1489,29 @@ fn a_restart_with_an_invalid_allowlist_runs_the_last_valid_policy() {
     );
     assert!(!other.pins.dir().exists(), "nothing pinned");
 }
+
+/// A stub resolver on a connected UDP socket that sends its query with a control message
+/// (`IP_TOS`) runs `sendmsg4` with no address: judged as the socket's steered destination
+/// (the agent's resolver), it is answered, and the name then connects.
+#[test]
+fn dns_from_a_connected_socket_with_control_messages_is_answered() {
+    let env = Env::new(ALLOWED_RULE);
+    let agent = env.start_agent(&[]);
+    let out = env.app(&format!(
+        "import struct\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.connect(('192.0.2.53', 53))\n\
+         q = bytes.fromhex('abcd01000001000000000000') + b''.join(bytes([len(l)]) + l.encode() \
+         for l in '{ALLOWED}'.split('.')) + b'\\x00\\x00\\x01\\x00\\x01'\n\
+         try:\n    \
+             s.sendmsg([q], [(socket.IPPROTO_IP, socket.IP_TOS, struct.pack('i', 2))])\n    \
+             a = s.recv(512)\n    \
+             out['dns'] = {{'ok': a[:2] == q[:2] and a[3] & 15 == 0, 'answers': a[7]}}\n\
+         except OSError as e:\n    \
+             out['dns'] = {{'ok': False, 'error': errno.errorcode.get(e.errno, str(e))}}\n\
+         out['r'] = tcp('{ALLOWED_IP}', 8080)"
+    ));
+    assert_eq!(out["dns"]["ok"], true, "{out}\n{}", agent.output());
+    assert_connected("the answered address", &out, &agent);
+}

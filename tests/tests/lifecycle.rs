@@ -1515,3 +1515,67 @@ fn dns_from_a_connected_socket_with_control_messages_is_answered() {
     assert_eq!(out["dns"]["ok"], true, "{out}\n{}", agent.output());
     assert_connected("the answered address", &out, &agent);
 }
+
+/// Starts an agent for a pod of its own, kills it (-9: the pins stay) and deletes the pod's
+/// cgroups; returns the guard of its pins (stale now) and what else must outlive them.
+fn stale_pins_of_a_deleted_pod() -> (AgentPins, DnsWorld, TestDir) {
+    let env = Env::new(ALLOWED_RULE);
+    let mut agent = env.start_agent(&[]);
+    agent.kill9();
+    drop(agent);
+    let Env {
+        files,
+        pins,
+        pod,
+        listeners,
+        world,
+    } = env;
+    drop(listeners);
+    drop(pod);
+    assert!(pins.dir().exists(), "kill -9 leaves the pins");
+    // The kernel releases the links of a removed cgroup asynchronously.
+    let released = poll_until(Duration::from_secs(10), || {
+        egress_agent::bpf::stale::is_stale(&pins.dir()).then_some(())
+    });
+    assert!(
+        released.is_some(),
+        "the links of {} never released",
+        pins.name()
+    );
+    (pins, world, files)
+}
+
+/// The pins of an agent whose pod (cgroup) was deleted are swept by `detach --stale` and by
+/// the next agent's start; a live agent's pins are not.
+#[test]
+fn stale_pins_of_deleted_cgroups_are_swept() {
+    let live = Env::new(ALLOWED_RULE);
+    let agent = live.start_agent(&[]);
+
+    assert!(
+        !egress_agent::bpf::stale::is_stale(&live.pins.dir()),
+        "a live agent's pins are not stale"
+    );
+    let (gone, _world, _files) = stale_pins_of_a_deleted_pod();
+    let (code, out, err) = agent_cli(&["detach", "--stale"]);
+    assert_eq!(code, 0, "detach --stale: {err}");
+    assert!(out.contains(gone.name()), "{out}");
+    assert!(!gone.dir().exists(), "swept by detach --stale");
+    assert!(live.pins.dir().exists(), "the live agent's pins stay");
+    let out = live.app_resolve_and_connect(ALLOWED);
+    assert_connected("the live agent still enforces and answers", &out, &agent);
+
+    // At start: another agent's start sweeps them.
+    let (gone, _world, _files) = stale_pins_of_a_deleted_pod();
+    let other = Env::new(ALLOWED_RULE);
+    let started = other.start_agent(&[]);
+    let warned = started.wait_event(WAIT, |e| {
+        e["event"] == "warning"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("removed the pins of") && m.contains(gone.name()))
+    });
+    assert!(warned.is_some(), "no sweep warning\n{}", started.output());
+    assert!(!gone.dir().exists(), "swept at start");
+    assert!(live.pins.dir().exists(), "the live agent's pins stay");
+}

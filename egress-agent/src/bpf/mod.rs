@@ -11,4 +11,5 @@
 pub mod enforcer;
 pub mod kernel;
 pub mod rules;
+pub mod stale;
 pub mod trace;

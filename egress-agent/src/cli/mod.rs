@@ -188,12 +188,19 @@ pub enum Command {
     },
     /// Detach the programs an agent named NAME pinned and remove its pins (the enforced
     /// cgroup is open again once no agent holds the links).
-    #[command(after_help = "Example:\n  egress-agent detach --name pod-1f2e3d4c\n\n\
-        Exit status: 0 when removed, 1 when nothing of that name is pinned.")]
+    #[command(
+        after_help = "Examples:\n  egress-agent detach --name pod-1f2e3d4c\n  \
+        egress-agent detach --stale\n\n\
+        Exit status: 0 when removed, 1 when nothing of that name is pinned."
+    )]
     Detach {
         /// Instance name.
-        #[arg(long, value_name = "NAME", value_parser = parse_name)]
-        name: String,
+        #[arg(long, value_name = "NAME", value_parser = parse_name, required_unless_present = "stale")]
+        name: Option<String>,
+        /// Instead: remove the pins of every agent whose cgroup is gone (every pinned link
+        /// reports no cgroup), as each start does.
+        #[arg(long, conflicts_with = "name")]
+        stale: bool,
     },
     /// Show what an agent named NAME enforces: mode, counters, map fill, the running policy
     /// and the latest denies (from its pins and state file; works when the agent is gone).
@@ -360,7 +367,22 @@ pub fn main(cli: Cli) -> ExitCode {
             };
             block_on(attach::attach(config))
         }
-        Command::Detach { name } => match session::detach_pins(&name) {
+        Command::Detach { stale: true, .. } => match session::sweep_stale(None) {
+            Ok(names) => {
+                for n in names {
+                    println!("detached {n} (its cgroup is gone)");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("egress-agent: {e:#}");
+                ExitCode::from(run::EXIT_AGENT_ERROR as u8)
+            }
+        },
+        Command::Detach { name: None, .. } => ExitCode::FAILURE,
+        Command::Detach {
+            name: Some(name), ..
+        } => match session::detach_pins(&name) {
             Ok(true) => {
                 println!("detached {name}");
                 ExitCode::SUCCESS

@@ -91,6 +91,14 @@ impl Session {
         let metrics = Arc::new(Metrics::default());
         let mut warnings = Vec::new();
 
+        match sweep_stale(Some(&cfg.name)) {
+            Ok(swept) if !swept.is_empty() => warnings.push(format!(
+                "removed the pins of {}: their cgroups are gone",
+                swept.join(", ")
+            )),
+            Ok(_) => {}
+            Err(e) => warnings.push(format!("cannot sweep stale pins: {e:#}")),
+        }
         let kernel = Kernel::attach(&cfg, &policy)?;
         let resolver = Resolver::bind().await?;
         let Kernel {
@@ -492,6 +500,18 @@ pub fn detach_pins(name: &str) -> anyhow::Result<bool> {
     enforcer::remove_pin_dir(&dir)?;
     status::remove_state(name);
     Ok(true)
+}
+
+/// Removes the pins and state files of every agent whose cgroup is gone (`detach --stale`,
+/// and each start), except `keep`; returns their names.
+pub fn sweep_stale(keep: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let root = enforcer::ensure_bpffs()?.join("egress");
+    let names = crate::bpf::stale::stale_names(&root, keep)?;
+    for name in &names {
+        enforcer::remove_pin_dir(&root.join(name))?;
+        status::remove_state(name);
+    }
+    Ok(names)
 }
 
 /// Writes a warning line.

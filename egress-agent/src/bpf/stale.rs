@@ -40,6 +40,18 @@ struct InfoByFd {
     info: u64,
 }
 
+/// `bpf(cmd, attr, sizeof attr)`; its non-negative result.
+fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid attribute of `cmd` (the callers' `repr(C)` structs), of the
+    // size given; any pointer in it is valid for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_ref(attr), size_of::<T>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// The cgroup id a pinned cgroup link is attached to (0: its cgroup is gone); `None` for a
 /// pin that is not a cgroup link.
 fn link_cgroup_id(pin: &Path) -> io::Result<Option<u64>> {
@@ -49,19 +61,8 @@ fn link_cgroup_id(pin: &Path) -> io::Result<Option<u64>> {
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: a valid attribute of the size given, naming a NUL-terminated path.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const get,
-            size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(io::Error::other)?;
+    // The attribute names a NUL-terminated path that outlives the call.
+    let fd = i32::try_from(sys_bpf(BPF_OBJ_GET, &get)?).map_err(io::Error::other)?;
     // SAFETY: the syscall returned a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // `struct bpf_link_info`: type, id, prog_id (u32 each), then a union aligned to 8 whose
@@ -72,18 +73,8 @@ fn link_cgroup_id(pin: &Path) -> io::Result<Option<u64>> {
         info_len: u32::try_from(size_of_val(&info)).map_err(io::Error::other)?,
         info: info.as_mut_ptr() as u64,
     };
-    // SAFETY: a valid attribute; the kernel writes at most `info_len` bytes into `info`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw const attr,
-            size_of::<InfoByFd>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // The kernel writes at most `info_len` bytes into `info`, which outlives the call.
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
     let link_type = (info[0] & 0xffff_ffff) as u32;
     Ok((link_type == BPF_LINK_TYPE_CGROUP).then_some(info[2]))
 }

@@ -178,7 +178,8 @@ fn udp_connect_cmsg(dst: SocketAddr) -> io::Result<()> {
         libc::UDP_SEGMENT,
         1200u16.to_ne_bytes().to_vec(),
     );
-    send_with_cmsgs(&s, &[class.clone()]).map_err(|e| step("sendmsg (traffic class)", e))?;
+    send_with_cmsgs(&s, std::slice::from_ref(&class))
+        .map_err(|e| step("sendmsg (traffic class)", e))?;
     send_with_cmsgs(&s, &[info]).map_err(|e| step("sendmsg (packet info)", e))?;
     send_with_cmsgs(&s, &[gso, class]).map_err(|e| step("sendmsg (UDP_SEGMENT)", e))
 }

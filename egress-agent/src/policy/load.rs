@@ -193,6 +193,7 @@ fn dns_settings(path: &Path, node: Spanned<RawDns>) -> Result<DnsSettings, Polic
         max_ttl: raw.max_ttl.as_ref().map_or(d.max_ttl, |v| v.value.0),
         grace: raw.grace.map_or(d.grace, |v| v.0),
         upstream: raw.upstream.clone().unwrap_or(d.upstream),
+        block_private: raw.block_private.unwrap_or(d.block_private),
     };
     if settings.min_ttl > settings.max_ttl {
         let (min, max) = (

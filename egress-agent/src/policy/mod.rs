@@ -69,7 +69,7 @@ pub use compile::{CidrEntry, PortSet, cidr_entries, inbound_entries, rule_value}
 pub use dns::{DnsSettings, Upstream, format_duration, parse_duration};
 pub use egress_common::rules::TooManyRanges;
 pub use error::{Location, PolicyError};
-pub use host::HostPattern;
+pub use host::{HostPattern, is_label};
 pub use net::Net;
 pub use ports::Protocol;
 

@@ -75,6 +75,11 @@ pub struct RawDns {
     /// Where queries are forwarded: `system` (the name servers of /etc/resolv.conf, the
     /// default) or a list of `ip`, `ip:port` or `[ipv6]:port` (port 53 if not given).
     pub upstream: Option<Upstream>,
+    /// Whether a DNS answer may not allow a private address either (10.0.0.0/8,
+    /// 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, fc00::/7): only a `cidr:`/`ip:` rule can
+    /// then allow one (default false). Loopback, unspecified, link-local and metadata
+    /// addresses are never allowed by an answer.
+    pub block_private: Option<bool>,
 }
 
 /// One `allow` rule: exactly one of `host`, `cidr`, `ip` (where the workload may go), with

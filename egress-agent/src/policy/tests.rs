@@ -165,7 +165,7 @@ fn error_unknown_fields_point_at_the_key() {
     );
     assert_eq!(
         err("version: 1\ndns:\n  min: 3s\n"),
-        r#"allowlists/x.yaml:3:3: dns: unknown field "min", expected one of min_ttl, max_ttl, grace, upstream"#
+        r#"allowlists/x.yaml:3:3: dns: unknown field "min", expected one of min_ttl, max_ttl, grace, upstream, block_private"#
     );
     assert_eq!(
         err("version: 1\nallow:\n  - {ip: 10.0.0.1, port: 80}\n"),

@@ -139,6 +139,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             ..EnforcerOptions::default()
         },
         protected: confinement.protected(),
+        rejected: None,
     })
     .await?;
     match session.family_guard_missing() {

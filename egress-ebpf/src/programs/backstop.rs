@@ -40,7 +40,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     Addr, DenyEvent, addr_from_v4,
-    consts::{COUNTER_BACKSTOP_DROP, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    consts::{COUNTER_BACKSTOP_DROP, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     events::{hook, reason},
 };
 
@@ -307,6 +307,9 @@ pub fn drop_packet(addr: &Addr, port: u16, ip_proto: u8, why: u8, hook: u8) -> i
             comm: [0; 16],
         });
         entry.submit(0);
+    } else {
+        // Counted, so that deny lines plus `denies-unrecorded` counts add up to every drop.
+        count(COUNTER_RINGBUF_DROP);
     }
     let verdict = if audit { PASS } else { DROP };
     trace::verdict(hook::EGRESS, addr, port, u32::from(ip_proto), verdict, why);

@@ -77,16 +77,30 @@ fn fingerprint(files: &[PathBuf]) -> u64 {
     h.finish()
 }
 
-/// Watches `root` (and the files it includes) until `stop` turns true.
-pub async fn watch(
+/// Watches `root` (and the files it includes) until `stop` turns true. The files are read
+/// for the first comparison here, when the task is made, not when it first runs: an edit
+/// made right after `ready` (before a busy runtime polled the task) is then a change.
+pub fn watch(
+    name: String,
+    root: PathBuf,
+    ctx: Arc<DnsContext>,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let files = ctx.current_policy().files.clone();
+    let seen = fingerprint(&files);
+    watch_from(name, root, ctx, metrics, stop, files, seen)
+}
+
+async fn watch_from(
     name: String,
     root: PathBuf,
     ctx: Arc<DnsContext>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
+    mut files: Vec<PathBuf>,
+    mut seen: u64,
 ) {
-    let mut files = ctx.current_policy().files.clone();
-    let mut seen = fingerprint(&files);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(POLL_EVERY) => {}

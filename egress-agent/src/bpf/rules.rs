@@ -11,17 +11,17 @@
 //! Debug builds read `EGRESS_FAULT_FILE` (see [`Faults`]) to fail chosen steps on purpose, so
 //! the kernel tests can prove the rollback; release builds never read it.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::maps::{
-    Array, Map, MapData, MapError,
+    Array, HashMap, Map, MapData, MapError,
     lpm_trie::{Key, LpmTrie},
 };
 use egress_common::{
     Addr, AllowValue, Config,
     config::{FLAG_AUDIT, FLAG_ICMP},
-    consts::{MAP_ALLOW_CIDR, MAP_ALLOW_INBOUND, MAP_CONFIG},
+    consts::{MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_INBOUND, MAP_CONFIG},
 };
 
 use crate::policy::{self, CidrEntry, Mode, Policy};
@@ -100,6 +100,20 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<Rules> {
         contents(&inbound, "inbound rules")?,
         config.get(&0, 0)?.flags,
     ))
+}
+
+/// Reads every entry of the pinned DNS map under `pin_dir` (any unreadable entry fails).
+pub fn read_pinned_dns(pin_dir: &Path) -> anyhow::Result<BTreeMap<IpAddr, AllowValue>> {
+    let path = pin_dir.join("maps").join(MAP_ALLOW_DNS);
+    let map = MapData::from_pin(&path)
+        .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+    let dns: HashMap<MapData, Addr, AllowValue> = HashMap::try_from(Map::HashMap(map))?;
+    dns.iter()
+        .map(|item| {
+            let (k, v) = item.context("cannot read the DNS map")?;
+            Ok((egress_common::keys::ip_from_addr(&k), v))
+        })
+        .collect()
 }
 
 /// Makes `trie`, which holds `have`, hold exactly `want`: new and changed entries first, then

@@ -1790,3 +1790,42 @@ fn reloads_every_50ms_with_restarts_keep_the_maps_equal_to_the_policy() {
     let out = env.app_tcp(SECOND_IP, 8080);
     assert_eperm("the name the last policy dropped", &out, &agent);
 }
+
+/// An agent restarted on pinned maps whose DNS map cannot be read whole (a read failure
+/// injected through `EGRESS_FAULT_FILE`, debug builds) empties it rather than leave entries
+/// behind that no grant accounts for: right after it is ready the DNS map is empty, the
+/// earlier answer's address is denied, and the name resolves and connects anew. (Before,
+/// entries that could not be read were skipped and stayed allowed, unowned.)
+#[test]
+fn an_adopted_dns_map_that_cannot_be_read_is_emptied() {
+    let env = Env::new(ALLOWED_RULE);
+    let mut first = env.start_agent(&[]);
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("before the kill", &out, &first);
+    first.kill9();
+    let dns = || {
+        egress_agent::bpf::rules::read_pinned_dns(&env.pins.dir())
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .keys()
+            .map(ToString::to_string)
+            .collect::<BTreeSet<_>>()
+    };
+    assert!(dns().contains(ALLOWED_IP), "pinned after the kill");
+
+    let faults = env.files.path().join("faults");
+    fs::write(&faults, "dns read 1\n").expect("write the fault file");
+    let mut agent = env.attach().env("EGRESS_FAULT_FILE", &faults).start();
+    agent.wait_ready();
+    assert_eq!(dns(), BTreeSet::new(), "emptied\n{}", agent.output());
+    assert!(
+        agent
+            .output()
+            .contains("adopted DNS entries are removed, names resolve again"),
+        "the agent says so\n{}",
+        agent.output()
+    );
+    let out = env.app_tcp(ALLOWED_IP, 8080);
+    assert_eperm("the address of an entry that was removed", &out, &agent);
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("looked up anew", &out, &agent);
+}

@@ -186,6 +186,8 @@ pub enum Fault {
     Remove,
     /// The config write fails.
     Config,
+    /// Reading an entry fails.
+    Read,
 }
 
 /// Failures to inject into one policy change, from the file named by `EGRESS_FAULT_FILE`
@@ -193,12 +195,14 @@ pub enum Fault {
 /// hitting the `n`th operation of its kind on that map during the change (1-based): `cidr full
 /// 2` fails the second write into the CIDR trie as if it were full, `inbound invalid 1` writes
 /// a key the kernel refuses, `cidr remove 1` fails the first removal, `config config 1` fails
-/// the config write. Rollbacks run without faults.
+/// the config write, `dns read 1` fails reading the first adopted DNS entry. Rollbacks run
+/// without faults.
 #[derive(Debug, Default)]
 pub struct Faults {
     rules: Vec<(String, Fault, u32)>,
     inserts: BTreeMap<&'static str, u32>,
     removes: BTreeMap<&'static str, u32>,
+    reads: BTreeMap<&'static str, u32>,
 }
 
 impl Faults {
@@ -229,6 +233,7 @@ impl Faults {
                     "invalid" => Fault::Invalid,
                     "remove" => Fault::Remove,
                     "config" => Fault::Config,
+                    "read" => Fault::Read,
                     _ => return None,
                 };
                 Some((map.to_owned(), fault, n))
@@ -259,6 +264,14 @@ impl Faults {
         *n += 1;
         let n = *n;
         self.hit(map_name(map), n, &[Fault::Remove]).is_some()
+    }
+
+    /// Whether reading the next entry of `map` (`dns`) must fail.
+    pub fn on_read(&mut self, map: &'static str) -> bool {
+        let n = self.reads.entry(map).or_default();
+        *n += 1;
+        let n = *n;
+        self.hit(map, n, &[Fault::Read]).is_some()
     }
 
     /// Whether the config write must fail.

@@ -288,8 +288,22 @@ impl Kernel {
         let Some(ring) = enf.take_events() else {
             bail!("the events ring buffer is missing");
         };
-        let adopted = enf
-            .dns_entries()
+        // An adopted DNS map that cannot be read whole is emptied (names resolve, and are
+        // granted, anew); one that cannot be emptied either fails the start (the pins keep
+        // enforcing what they hold).
+        let entries = match enf.dns_entries() {
+            Ok(entries) => entries,
+            Err(e) => {
+                let removed = enf
+                    .clear_dns()
+                    .with_context(|| format!("{e:#}, and the DNS map cannot be emptied"))?;
+                tracing::warn!(
+                    "{e:#}: the {removed} adopted DNS entries are removed, names resolve again"
+                );
+                Vec::new()
+            }
+        };
+        let adopted = entries
             .iter()
             .map(|(addr, value)| {
                 (

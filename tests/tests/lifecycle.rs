@@ -1664,7 +1664,7 @@ fn reloads_every_50ms_with_restarts_keep_the_maps_equal_to_the_policy() {
             let tmp = path.with_extension("tmp");
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                let yaml = if n % 2 == 0 { &p2 } else { &p1 };
+                let yaml = if n.is_multiple_of(2) { &p2 } else { &p1 };
                 fs::write(&tmp, format!("# write {n}\n{yaml}")).expect("write the allowlist");
                 fs::rename(&tmp, &path).expect("rename the allowlist");
                 n += 1;
@@ -1776,12 +1776,11 @@ fn reloads_every_50ms_with_restarts_keep_the_maps_equal_to_the_policy() {
         "the static rule maps hold the last policy, exactly"
     );
     let permitted: BTreeSet<String> = [ALLOWED_IP, SHORT_IP].map(String::from).into();
-    let dns: BTreeSet<String> =
-        egress_agent::bpf::rules::read_pinned_dns(&env.pins.dir())
-            .unwrap_or_else(|e| panic!("{e:#}"))
-            .keys()
-            .map(ToString::to_string)
-            .collect();
+    let dns: BTreeSet<String> = egress_agent::bpf::rules::read_pinned_dns(&env.pins.dir())
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .keys()
+        .map(ToString::to_string)
+        .collect();
     assert!(
         dns.contains(ALLOWED_IP) && dns.is_subset(&permitted),
         "the DNS map holds only addresses of names the last policy permits: {dns:?}"

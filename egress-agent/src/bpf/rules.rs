@@ -295,7 +295,8 @@ mod tests {
 
     #[test]
     fn fault_lines_hit_the_nth_operation_of_their_map() {
-        let mut f = Faults::parse("cidr full 2\ninbound remove 1\nconfig config 1\nbad line\n");
+        let mut f =
+            Faults::parse("cidr full 2\ninbound remove 1\nconfig config 1\ndns read 2\nbad line\n");
         assert_eq!(f.on_insert("CIDR rules"), None);
         assert_eq!(f.on_insert("CIDR rules"), Some(Fault::Full));
         assert_eq!(f.on_insert("inbound rules"), None);
@@ -303,5 +304,8 @@ mod tests {
         assert!(!f.on_remove("CIDR rules"));
         assert!(f.on_config());
         assert!(!Faults::none().on_config());
+        assert!(!f.on_read("dns"));
+        assert!(f.on_read("dns"));
+        assert!(!f.on_read("dns"));
     }
 }

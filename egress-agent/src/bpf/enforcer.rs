@@ -167,6 +167,8 @@ fn family_guard_load_error(e: aya::programs::ProgramError) -> anyhow::Error {
 /// Programs attached to one cgroup, with handles on their maps.
 pub struct Enforcer {
     cgroup: PathBuf,
+    /// The enforced cgroup and those below it, for attributing denies.
+    workload: crate::sys::cgroup::Subtree,
     links: Vec<Link>,
     pin_dir: Option<PathBuf>,
     adopted: bool,
@@ -250,6 +252,7 @@ impl Enforcer {
 
         let mut me = Self {
             cgroup: cgroup.to_owned(),
+            workload: crate::sys::cgroup::Subtree::new(cgroup),
             links: Vec::new(),
             pin_dir: opts.pin_dir.clone(),
             adopted,
@@ -628,7 +631,8 @@ impl Enforcer {
         };
         let mut out = Vec::new();
         while let Some(item) = ring.next() {
-            if let Some(r) = DenyRecord::from_bytes(&item, offset) {
+            if let Some(mut r) = DenyRecord::from_bytes(&item, offset) {
+                r.attribute(&mut self.workload);
                 out.push(r);
             }
         }

@@ -114,14 +114,13 @@ impl Session {
 
         let (dns, kept) = dns_context(&cfg, &policy, &enforcer, &metrics, &adopted, &mut warnings);
         let mut tasks = Vec::new();
-        let (ring, boot_offset) = ring;
         let monitor = tokio::spawn(monitor::pump(
             ring,
-            boot_offset,
             cfg.sink.clone(),
             dns.names.clone(),
             metrics.clone(),
             dns.clone(),
+            cgroup::Subtree::new(&cfg.cgroup),
             stop_rx.clone(),
         ));
         let trace = trace.map(|logger| tokio::spawn(trace::pump(logger, stop_rx.clone())));

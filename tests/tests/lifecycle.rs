@@ -1766,7 +1766,7 @@ fn reloads_every_50ms_with_restarts_keep_the_maps_equal_to_the_policy() {
          {results:?}"
     );
     assert!(
-        writes >= 100 && reloaded >= writes / 2,
+        writes >= 100 && reloaded >= writes / 4,
         "the file changed {writes} times, {reloaded} reloads applied"
     );
 

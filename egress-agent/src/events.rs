@@ -110,9 +110,9 @@ impl DenyRecord {
 
     /// Attributes the record to the socket's side when its task is not in `workload` (see
     /// [`DenyRecord::worker`]). The family guard runs at socket creation, in the creating
-    /// task: always its own.
+    /// task: always its own. Packet hooks (`egress`, `accept`) name no task (cgroup 0).
     pub fn attribute(&mut self, workload: &mut crate::sys::cgroup::Subtree) {
-        if self.hook == "socket_create" || workload.contains(self.cgroup) {
+        if self.hook == "socket_create" || self.cgroup == 0 || workload.contains(self.cgroup) {
             return;
         }
         self.worker = Some(std::mem::take(&mut self.comm));
@@ -492,6 +492,14 @@ mod tests {
             (0, 0, "", ino(&root))
         );
         assert_eq!(worker.worker.as_deref(), Some("kworker/1:0"));
+        let mut packet = r.clone();
+        (packet.pid, packet.cgroup, packet.comm, packet.hook) = (0, 0, String::new(), "egress");
+        packet.attribute(&mut workload);
+        assert_eq!(
+            (packet.cgroup, packet.worker),
+            (0, None),
+            "packet context: no task"
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 

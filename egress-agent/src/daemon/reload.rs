@@ -64,6 +64,19 @@ impl Rejected {
 /// How often the files are compared.
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
 
+/// [`POLL_EVERY`]; debug builds take `EGRESS_RELOAD_POLL_MS` instead when it is set, so the
+/// stress test can reload every 50 ms (release builds never read it).
+fn poll_every() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("EGRESS_RELOAD_POLL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_millis(ms);
+    }
+    POLL_EVERY
+}
+
 /// A fingerprint of every file of a policy (a missing file counts as its own state).
 fn fingerprint(files: &[PathBuf]) -> u64 {
     let mut h = DefaultHasher::new();
@@ -101,9 +114,10 @@ async fn watch_from(
     mut files: Vec<PathBuf>,
     mut seen: u64,
 ) {
+    let every = poll_every();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(POLL_EVERY) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         let now = fingerprint(&files);

@@ -219,6 +219,9 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
     if let Some(peers) = raw.inbound {
         targets.push(("inbound", Target::Inbound(peers.0)));
     }
+    if let Some(u) = raw.unix {
+        targets.push(("unix", Target::Unix(u)));
+    }
     let target = match targets.len() {
         1 => targets.pop().map(|(_, t)| t).expect("one target"),
         0 => {
@@ -226,7 +229,7 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
                 path,
                 node,
                 &field,
-                "no destination: give one of host, cidr, ip, inbound".into(),
+                "no destination: give one of host, cidr, ip, inbound, unix".into(),
             ));
         }
         _ => {
@@ -236,7 +239,7 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
                 node,
                 &field,
                 format!(
-                    "give only one of host, cidr, ip, inbound (found {})",
+                    "give only one of host, cidr, ip, inbound, unix (found {})",
                     names.join(" and ")
                 ),
             ));
@@ -262,6 +265,18 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
                 &field,
                 format!("give ports: the local ports {peers} may connect to (\"1-65535\" for all)"),
             ));
+        }
+    }
+    if matches!(target, Target::Unix(_)) {
+        for key in ["ports", "protocol"] {
+            if let Some(at) = node.get(key) {
+                return Err(invalid(
+                    path,
+                    at,
+                    &format!("allow[{index}].{key}"),
+                    format!("a unix rule takes no {key}: remove it"),
+                ));
+            }
         }
     }
     let protocol = match target {

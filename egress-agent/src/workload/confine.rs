@@ -17,7 +17,9 @@
 //!    capabilities, so not even a setuid-root binary gets them back;
 //! 5. `no_new_privs`, after the identity change, and a seccomp filter that answers `clone3`
 //!    with ENOSYS and refuses sockets of families other than unix, inet, inet6, netlink and
-//!    alg (see `crate::workload::seccomp`).
+//!    alg (see `crate::workload::seccomp`);
+//! 6. no deputies: a private `/run`, the host's other unix sockets masked, abstract sockets
+//!    scoped by Landlock, and a resolver view (see `crate::workload::deputies`).
 
 use std::{ffi::CString, fs, io};
 
@@ -81,6 +83,8 @@ pub struct Confinement {
     userns: Option<UserNamespace>,
     /// Capabilities the command keeps (`--keep-cap`), carried through the identity change.
     keep: Vec<Capability>,
+    /// Local daemons out of reach (see `crate::workload::deputies`).
+    deputies: Option<crate::workload::deputies::DeputyView>,
 }
 
 /// The id a command that would run as root has outside its user namespace (`nobody`).
@@ -189,6 +193,7 @@ impl Confinement {
             masks: masks()?,
             userns,
             keep: keep.to_vec(),
+            deputies: None,
         })
     }
 
@@ -204,6 +209,19 @@ impl Confinement {
             });
         }
         Ok(())
+    }
+
+    /// Puts local daemons' unix sockets out of the command's reach and gives it a resolver
+    /// view (see [`crate::workload::deputies`]).
+    pub fn close_deputies(&mut self, view: crate::workload::deputies::DeputyView) {
+        self.deputies = Some(view);
+    }
+
+    /// Removes the generated resolver files once the command started (its view holds them).
+    pub fn forget_generated(&self) {
+        if let Some(d) = &self.deputies {
+            d.forget_generated();
+        }
     }
 
     /// Whether the command runs as root inside a user namespace of its own.
@@ -225,6 +243,9 @@ impl Confinement {
                 }
             })
             .collect();
+        if let Some(d) = &self.deputies {
+            out.extend(d.summary().iter().cloned());
+        }
         if self.userns.is_some() {
             out.push(format!(
                 "root runs in a user namespace (uid {OUTSIDE_ID} outside): host files, sysctls \
@@ -288,6 +309,9 @@ impl Confinement {
                         std::ptr::null(),
                     ))?;
                 }
+            }
+            if let Some(d) = &self.deputies {
+                d.apply_in_child()?;
             }
             // From here on the process forks twice (see `fork_into_pid_namespace`); what
             // follows runs in the command's own process, pid 2 of the new namespace.
@@ -531,6 +555,9 @@ impl Confinement {
         // the duration of the call (the kernel copies it).
         unsafe {
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            if let Some(d) = &self.deputies {
+                d.seal_in_child()?;
+            }
             install_seccomp(&self.seccomp)
         }
     }

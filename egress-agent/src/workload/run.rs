@@ -24,6 +24,7 @@ use crate::{
     policy::{self, Mode},
     sys::cgroup::{self, OwnedCgroup},
     workload::confine::{Capability, Confinement},
+    workload::deputies::DeputyView,
     workload::launch::{self, Identity, SpawnError},
     workload::learn,
     workload::persistence::Protected,
@@ -103,6 +104,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     let persist = Protected::find(home.as_deref(), &cwd, &policy_value.writable);
     confinement.protect(&persist.existing)?;
+    // Local daemons' unix sockets out of reach, names only through the resolver.
+    let view = DeputyView::prepare(
+        &policy_value,
+        (!root_command).then_some((identity.uid, identity.gid)),
+    )?;
+    let deputy_warnings = view.warnings.clone();
+    confinement.close_deputies(view);
     // Installed before anything is created, so a signal during set-up still ends in teardown.
     let signals = SignalForwarder::install()?;
     let name = config
@@ -167,6 +175,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             }
         }
     }
+    for w in &deputy_warnings {
+        warn(&sink, w);
+    }
     let confinement = Arc::new(confinement);
     for cap in &config.keep_caps {
         warn(
@@ -196,6 +207,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         )
         .map(Ok),
     };
+    // The command's view holds the generated resolver files now (or it never started).
+    confinement.forget_generated();
     let mut output = None;
     if let (Ok(Ok(_)), Some(p)) = (&spawned, pty.as_mut()) {
         output = Some(p.relay()?);

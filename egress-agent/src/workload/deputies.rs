@@ -1,0 +1,660 @@
+//! No deputies: a command under `run` cannot have a local daemon act for it through a unix
+//! socket (the system D-Bus starting a transient unit, a container engine starting an
+//! unconfined container, nscd or systemd-resolved resolving a name past the resolver, an
+//! ssh-agent signing, X11 typing into another window), unless a `unix:` rule names the socket.
+//!
+//! Three mechanisms, all set up in the child between `fork` and `exec` (see
+//! docs/THREATS.md, "Deputies"):
+//! 1. **A private `/run`** (and `/var/run` where it is a directory of its own): an empty tmpfs
+//!    in the command's mount namespace, where the host's daemons keep their sockets (D-Bus,
+//!    docker, containerd, podman, nscd, systemd-resolved, cups, the session's
+//!    `/run/user/UID`: bus, ssh and gpg agents, wayland, pulse). A socket a `unix:` rule names
+//!    is bound back in at its place, and the invoking user gets an empty `/run/user/UID` of
+//!    its own. It covers sockets daemons bind there later too. Mount namespaces: any kernel.
+//! 2. **Masked sockets elsewhere**: every path socket bound in any network namespace with a
+//!    process when the command starts (`/proc/PID/net/unix`: /tmp's X11, ssh-agent and tmux sockets, a
+//!    home's docker or gpg socket) gets `/dev/null` bound over it (connect: ECONNREFUSED),
+//!    unless a rule names it. A socket bound there after the command started stays reachable:
+//!    the agent says so in a warning.
+//! 3. **Landlock scoping of abstract sockets** (`LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET`, Landlock
+//!    ABI 6, Linux 6.12): the command's Landlock domain may connect and send only to abstract
+//!    sockets created inside it, which is exactly "its own, and its children's". Scoping is
+//!    all or nothing, so a `unix: "@name"` rule turns it off (warning).
+//!
+//! The command's own sockets are untouched: a socketpair has no address, a listener it binds
+//! anywhere it may write is its own inode (not in the scan, which ran before it started), an
+//! abstract name it binds belongs to its domain.
+//!
+//! And names only through our resolver: `/etc/nsswitch.conf` and `/etc/resolv.conf` (or what
+//! they link to) are replaced in the view by generated files: `hosts: files dns` (no nscd,
+//! `resolve`, `mdns`, `myhostname`), and the host's name servers, search and options (every
+//! name server is steered to the agent's resolver, 127.0.0.53 too).
+//!
+//! The cgroup unix socket-address hooks (`BPF_CGROUP_UNIX_CONNECT`/`_SENDMSG`, Linux 6.7)
+//! would give deny events for unix sockets; aya 0.14 cannot load them (see
+//! docs/KERNEL-NOTES.md), so a refused unix connect is an error for the command without an
+//! event.
+
+use std::{
+    collections::BTreeSet,
+    ffi::CString,
+    fs, io,
+    os::unix::{ffi::OsStrExt as _, fs::FileTypeExt as _},
+    path::{Component, Path, PathBuf},
+};
+
+use anyhow::Context as _;
+
+use crate::policy::{Policy, UnixName};
+
+/// The most binds (rule-named sockets in a private directory, generated files) one view holds:
+/// their mount descriptors live on the child's stack.
+const MAX_BINDS: usize = 64;
+
+/// The most sockets masked outside the private directories.
+const MAX_MASKED: usize = 16384;
+
+/// `open_tree` and `move_mount` flags (linux/mount.h, Linux 5.2).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// `landlock_create_ruleset` flag asking for the ABI version.
+const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+/// `landlock_ruleset_attr.scoped` bit (Landlock ABI 6, Linux 6.12).
+const LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1;
+
+/// `struct landlock_ruleset_attr` as of ABI 6.
+#[repr(C)]
+struct LandlockRulesetAttr {
+    handled_access_fs: u64,
+    handled_access_net: u64,
+    scoped: u64,
+}
+
+/// One mount to place in the view: `source` is opened (as a detached bind) before the private
+/// directories cover it, and placed at `target` after.
+#[derive(Debug)]
+struct Bind {
+    source: CString,
+    target: CString,
+    /// The target is inside a private directory: create an empty file there first.
+    create: bool,
+}
+
+/// The command's view of local daemons, prepared before the fork.
+#[derive(Debug)]
+pub struct DeputyView {
+    private: Vec<CString>,
+    /// Directories to create inside the private ones (parents of bind targets), in order.
+    dirs: Vec<CString>,
+    binds: Vec<Bind>,
+    /// `/run/user/UID` for the invoking user, with its owner.
+    runtime_dir: Option<(CString, CString, u32, u32)>,
+    masked: Vec<CString>,
+    scope_abstract: bool,
+    /// Where the generated resolver files are written (removed once the command started).
+    generated: Option<PathBuf>,
+    /// What the view protects, for the `ready` event and `status`.
+    summary: Vec<String>,
+    /// What stays open, one `warning` event each.
+    pub warnings: Vec<String>,
+}
+
+impl DeputyView {
+    /// Reads the host (`/proc/net/unix`, the resolver files, the Landlock ABI) and plans the
+    /// view. `user`: the invoking user's uid and gid, when the command runs as one (it gets a
+    /// `/run/user/UID` of its own).
+    pub fn prepare(policy: &Policy, user: Option<(u32, u32)>) -> anyhow::Result<Self> {
+        let mut private = vec![PathBuf::from("/run")];
+        if fs::symlink_metadata("/var/run").is_ok_and(|m| m.is_dir()) {
+            private.push(PathBuf::from("/var/run"));
+        }
+        let inside = |p: &Path| private.iter().any(|d| p.starts_with(d));
+        let mut warnings = Vec::new();
+        let mut summary = Vec::new();
+        let mut binds = Vec::new();
+        let mut dirs = BTreeSet::new();
+
+        // Rule-named sockets.
+        let mut named = BTreeSet::new();
+        let mut abstract_rules = Vec::new();
+        for name in policy.unix_names() {
+            let path = match name {
+                UnixName::Abstract(a) => {
+                    abstract_rules.push(format!("@{a}"));
+                    continue;
+                }
+                UnixName::Path(p) => p,
+            };
+            let real = fs::canonicalize(path).unwrap_or_else(|_| resolve(path));
+            named.insert(real.clone());
+            let is_socket = fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_socket());
+            if !inside(&real) {
+                continue;
+            }
+            if !is_socket {
+                warnings.push(format!(
+                    "unix: {} names no socket that exists now: the command's private /run \
+                     holds only sockets that exist when it starts, so it stays out of reach",
+                    path.display()
+                ));
+                continue;
+            }
+            add_parents(&real, &private, &mut dirs);
+            binds.push(Bind {
+                source: cstring(&real)?,
+                target: cstring(&real)?,
+                create: true,
+            });
+            summary.push(format!("{} (unix: rule, bound into the private /run)", real.display()));
+        }
+
+        // The resolver view.
+        let generated = PathBuf::from(format!(
+            "{}/view-{}",
+            crate::daemon::status::STATE_DIR,
+            std::process::id()
+        ));
+        let files = resolver_files();
+        if !files.is_empty() {
+            fs::create_dir_all(&generated)
+                .with_context(|| format!("cannot create {}", generated.display()))?;
+        }
+        for (host_path, content) in files {
+            let real = fs::canonicalize(host_path).unwrap_or_else(|_| resolve(Path::new(host_path)));
+            let file = generated.join(Path::new(host_path).file_name().unwrap_or_default());
+            fs::write(&file, content)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            let create = inside(&real);
+            if create {
+                add_parents(&real, &private, &mut dirs);
+            } else if !fs::metadata(&real).is_ok_and(|m| m.is_file()) {
+                // Nothing to bind over outside the private directories (the real /etc is
+                // never written); glibc's defaults apply.
+                continue;
+            }
+            binds.push(Bind {
+                source: cstring(&file)?,
+                target: cstring(&real)?,
+                create,
+            });
+            summary.push(if host_path.ends_with("nsswitch.conf") {
+                format!("{host_path} (resolver view: hosts: files dns)")
+            } else {
+                format!("{host_path} (resolver view: its name servers, steered to the agent)")
+            });
+        }
+        if binds.len() > MAX_BINDS {
+            anyhow::bail!(
+                "{} unix: rules name sockets in /run, more than the {MAX_BINDS} a view holds",
+                binds.len()
+            );
+        }
+
+        // Sockets bound now elsewhere.
+        let mut masked = BTreeSet::new();
+        let paths: BTreeSet<String> = unix_tables().iter().flat_map(|t| bound_paths(t)).collect();
+        for path in paths {
+            let p = Path::new(&path);
+            if !fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+                continue;
+            }
+            let real = fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            if inside(&real) || named.contains(&real) {
+                continue;
+            }
+            masked.insert(real);
+        }
+        if masked.len() > MAX_MASKED {
+            warnings.push(format!(
+                "{} unix sockets are bound outside /run; only the first {MAX_MASKED} are masked",
+                masked.len()
+            ));
+        }
+        let masked: Vec<CString> = masked
+            .iter()
+            .take(MAX_MASKED)
+            .map(|p| cstring(p))
+            .collect::<anyhow::Result<_>>()?;
+
+        let runtime_dir = match user {
+            Some((uid, gid)) if uid != 0 => Some((
+                CString::new("/run/user")?,
+                CString::new(format!("/run/user/{uid}"))?,
+                uid,
+                gid,
+            )),
+            _ => None,
+        };
+        let shown: Vec<String> = private.iter().map(|p| p.display().to_string()).collect();
+        summary.insert(
+            0,
+            format!(
+                "{} (private and empty: the host daemons' unix sockets there are out of reach)",
+                shown.join(", ")
+            ),
+        );
+        summary.push(format!(
+            "{} unix sockets bound elsewhere when the command started (masked)",
+            masked.len()
+        ));
+
+        let abi = landlock_abi();
+        let scope_abstract = abstract_rules.is_empty() && abi >= 6;
+        if scope_abstract {
+            summary.push(
+                "abstract unix sockets bound outside the sandbox (Landlock scope)".to_string(),
+            );
+        } else if !abstract_rules.is_empty() {
+            warnings.push(format!(
+                "abstract unix sockets outside the sandbox stay reachable: the rule for {} \
+                 needs them unscoped (Landlock scopes abstract sockets all or nothing), so \
+                 every abstract socket in this network namespace is open to the command",
+                abstract_rules.join(", ")
+            ));
+        } else {
+            warnings.push(format!(
+                "abstract unix sockets outside the sandbox stay reachable (the X server's, the \
+                 session bus's where it has one, any daemon's in this network namespace): \
+                 scoping them needs Landlock ABI 6 (Linux 6.12); {}",
+                match abi {
+                    a if a > 0 => format!("this kernel gives ABI {a}"),
+                    _ => "Landlock is not enabled on this kernel".to_string(),
+                }
+            ));
+        }
+        warnings.push(
+            "a unix socket that a process outside the sandbox binds after the command \
+             started, outside /run, stays reachable by the command (the view is made at start; \
+             the cgroup unix socket hooks of Linux 6.7 are not used yet), and a refused unix \
+             connect gives no deny event"
+                .to_string(),
+        );
+
+        Ok(Self {
+            private: private.iter().map(|p| cstring(p)).collect::<anyhow::Result<_>>()?,
+            dirs: dirs.iter().map(|p| cstring(p)).collect::<anyhow::Result<_>>()?,
+            binds,
+            runtime_dir,
+            masked,
+            scope_abstract,
+            generated: Some(generated),
+            summary,
+            warnings,
+        })
+    }
+
+    /// What the view protects, for the `ready` event and `status`.
+    pub fn summary(&self) -> &[String] {
+        &self.summary
+    }
+
+    /// Removes the generated resolver files once the command's view holds them.
+    pub fn forget_generated(&self) {
+        if let Some(dir) = &self.generated {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Makes the view, in the child's own mount namespace, as root of the initial user
+    /// namespace.
+    ///
+    /// # Safety
+    /// Only raw syscalls on data prepared by [`DeputyView::prepare`]: fit for the window
+    /// between `fork` and `exec` of a multi-threaded parent.
+    pub unsafe fn apply_in_child(&self) -> io::Result<()> {
+        let mut fds = [-1 as libc::c_int; MAX_BINDS];
+        // SAFETY (whole body): raw syscalls with NUL-terminated strings prepared before the
+        // fork, on descriptors this function opened.
+        unsafe {
+            // Detached copies of every source first: the private directories hide them next.
+            for (fd, b) in fds.iter_mut().zip(&self.binds) {
+                let r = libc::syscall(
+                    libc::SYS_open_tree,
+                    libc::AT_FDCWD,
+                    b.source.as_ptr(),
+                    OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+                );
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                *fd = r as libc::c_int;
+            }
+            for d in &self.private {
+                check(libc::mount(
+                    c"tmpfs".as_ptr(),
+                    d.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"mode=0755".as_ptr().cast(),
+                ))?;
+            }
+            for d in &self.dirs {
+                mkdir(d, 0o755)?;
+            }
+            if let Some((parent, dir, uid, gid)) = &self.runtime_dir {
+                mkdir(parent, 0o755)?;
+                mkdir(dir, 0o700)?;
+                check(libc::chown(dir.as_ptr(), *uid, *gid))?;
+            }
+            for (fd, b) in fds.iter().zip(&self.binds) {
+                if b.create {
+                    let f = libc::open(
+                        b.target.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o644,
+                    );
+                    if f < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    libc::close(f);
+                }
+                let r = libc::syscall(
+                    libc::SYS_move_mount,
+                    *fd,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    b.target.as_ptr(),
+                    MOVE_MOUNT_F_EMPTY_PATH,
+                );
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::close(*fd);
+            }
+            for m in &self.masked {
+                let r = libc::mount(
+                    c"/dev/null".as_ptr(),
+                    m.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                );
+                // A socket removed since the scan leaves nothing to mask.
+                if r < 0 && *libc::__errno_location() != libc::ENOENT {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Scopes abstract unix sockets to the command's Landlock domain. After `no_new_privs`.
+    ///
+    /// # Safety
+    /// As for [`DeputyView::apply_in_child`].
+    pub unsafe fn seal_in_child(&self) -> io::Result<()> {
+        if !self.scope_abstract {
+            return Ok(());
+        }
+        let attr = LandlockRulesetAttr {
+            handled_access_fs: 0,
+            handled_access_net: 0,
+            scoped: LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET,
+        };
+        // SAFETY: the attribute struct outlives the call; the descriptor is ours.
+        unsafe {
+            let fd = libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                &attr as *const LandlockRulesetAttr,
+                std::mem::size_of::<LandlockRulesetAttr>(),
+                0u32,
+            );
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let r = libc::syscall(libc::SYS_landlock_restrict_self, fd as libc::c_int, 0u32);
+            let err = io::Error::last_os_error();
+            libc::close(fd as libc::c_int);
+            if r < 0 {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The Landlock ABI version this kernel gives (0: none, or Landlock is not enabled).
+pub fn landlock_abi() -> i64 {
+    // SAFETY: the version query takes no attribute.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<LandlockRulesetAttr>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    v.max(0)
+}
+
+/// `/proc/PID/net/unix` of one process in each network namespace that has processes: a path
+/// socket bound in any of them is reachable through the file system, whatever the
+/// namespace of the process that connects.
+fn unix_tables() -> Vec<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    let pids = fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().as_bytes().iter().all(u8::is_ascii_digit))
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    for dir in std::iter::once(PathBuf::from("/proc/self")).chain(pids) {
+        let Ok(ns) = fs::metadata(dir.join("ns/net")) else {
+            continue;
+        };
+        if !seen.insert((ns.dev(), ns.ino())) {
+            continue;
+        }
+        if let Ok(t) = fs::read_to_string(dir.join("net/unix")) {
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// The generated `/etc/nsswitch.conf` and `/etc/resolv.conf`, for the files the host has.
+fn resolver_files() -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Ok(text) = fs::read_to_string("/etc/nsswitch.conf") {
+        out.push(("/etc/nsswitch.conf", nsswitch(&text)));
+    }
+    let text = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    out.push(("/etc/resolv.conf", resolv_conf(&text)));
+    out
+}
+
+/// The host's nsswitch.conf with its `hosts:` line replaced by `hosts: files dns`: no nscd
+/// cache (glibc asks nscd only through its socket, which the view hides anyway), no
+/// `resolve` (systemd-resolved over varlink), no `mdns` (avahi), no `myhostname`.
+pub fn nsswitch(host: &str) -> String {
+    let mut out = String::from("# egress: names only through the agent's resolver\n");
+    let mut seen = false;
+    for line in host.lines() {
+        if line.trim_start().starts_with("hosts:") {
+            if !seen {
+                out.push_str("hosts: files dns\n");
+            }
+            seen = true;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !seen {
+        out.push_str("hosts: files dns\n");
+    }
+    out
+}
+
+/// The host's resolv.conf reduced to its name servers, search list and options (every name
+/// server is steered to the agent's resolver: port 53 at any address is); `nameserver
+/// 127.0.0.1` when it names none.
+pub fn resolv_conf(host: &str) -> String {
+    let mut out = String::from("# egress: every name server here is steered to the agent\n");
+    let mut servers = 0;
+    for line in host.lines() {
+        let word = line.split_whitespace().next().unwrap_or("");
+        if matches!(word, "nameserver" | "search" | "domain" | "options") {
+            servers += usize::from(word == "nameserver");
+            out.push_str(line.trim());
+            out.push('\n');
+        }
+    }
+    if servers == 0 {
+        out.push_str("nameserver 127.0.0.1\n");
+    }
+    out
+}
+
+/// The absolute paths of the sockets bound in `/proc/net/unix` (abstract names, shown with a
+/// leading `@`, and relative paths, whose directory is unknown, are left out).
+pub fn bound_paths(table: &str) -> BTreeSet<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // Num RefCount Protocol Flags Type St Inode Path: the path is what follows the
+            // seventh field (it may hold spaces).
+            let mut rest = line.trim_start();
+            for _ in 0..7 {
+                let end = rest.find(char::is_whitespace)?;
+                rest = rest[end..].trim_start();
+            }
+            rest.starts_with('/').then(|| rest.to_owned())
+        })
+        .collect()
+}
+
+/// Where `path` leads when it cannot be canonicalized (it does not exist): its parent
+/// canonicalized, or `path` with `.` and `..` folded.
+fn resolve(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf();
+    // A dangling symlink (`/etc/resolv.conf` to a file under a /run that is not there):
+    // follow it by hand.
+    for _ in 0..8 {
+        match fs::read_link(&p) {
+            Ok(to) => p = p.parent().unwrap_or(Path::new("/")).join(to),
+            Err(_) => break,
+        }
+    }
+    let folded = fold(&p);
+    match (folded.parent(), folded.file_name()) {
+        (Some(parent), Some(name)) => fs::canonicalize(parent)
+            .map(|c| c.join(name))
+            .unwrap_or(folded),
+        _ => folded,
+    }
+}
+
+fn fold(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Adds the directories between the private directory holding `target` and `target`.
+fn add_parents(target: &Path, private: &[PathBuf], dirs: &mut BTreeSet<PathBuf>) {
+    let Some(root) = private.iter().find(|d| target.starts_with(d)) else {
+        return;
+    };
+    let mut p = target.parent();
+    while let Some(d) = p {
+        if d == root.as_path() || !d.starts_with(root) {
+            break;
+        }
+        dirs.insert(d.to_path_buf());
+        p = d.parent();
+    }
+}
+
+fn cstring(p: &Path) -> anyhow::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).with_context(|| format!("{p:?} holds a NUL byte"))
+}
+
+/// # Safety
+/// A raw syscall on a NUL-terminated path.
+unsafe fn mkdir(path: &CString, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: as the function says.
+    unsafe {
+        if libc::mkdir(path.as_ptr(), mode) < 0 && *libc::__errno_location() != libc::EEXIST {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nsswitch_keeps_everything_but_hosts() {
+        let host = "passwd: files systemd\nhosts: mymachines resolve [!UNAVAIL=return] files \
+                    myhostname dns\nnetworks: files\n";
+        let v = nsswitch(host);
+        assert!(v.contains("\nhosts: files dns\n"), "{v}");
+        assert!(!v.contains("mymachines") && !v.contains("myhostname"), "{v}");
+        assert!(v.contains("passwd: files systemd\n") && v.contains("networks: files\n"));
+        assert!(nsswitch("passwd: files\n").ends_with("hosts: files dns\n"));
+    }
+
+    #[test]
+    fn resolv_conf_keeps_servers_search_and_options() {
+        let v = resolv_conf("# stub\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch x.test\nsortlist 1.2.3.4\n");
+        assert_eq!(
+            v.lines().skip(1).collect::<Vec<_>>(),
+            ["nameserver 127.0.0.53", "options edns0 trust-ad", "search x.test"]
+        );
+        assert!(resolv_conf("").ends_with("nameserver 127.0.0.1\n"));
+    }
+
+    #[test]
+    fn bound_paths_reads_proc_net_unix() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 20504 /run/dbus/system_bus_socket\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 20505 @/tmp/.X11-unix/X0\n\
+            0000000000000000: 00000003 00000000 00000000 0001 03 20506\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 20507 /tmp/a b.sock\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 20508 rel.sock\n";
+        assert_eq!(
+            bound_paths(table).into_iter().collect::<Vec<_>>(),
+            ["/run/dbus/system_bus_socket", "/tmp/a b.sock"]
+        );
+    }
+
+    #[test]
+    fn parents_stop_at_the_private_directory() {
+        let mut dirs = BTreeSet::new();
+        add_parents(
+            Path::new("/run/systemd/resolve/stub-resolv.conf"),
+            &[PathBuf::from("/run")],
+            &mut dirs,
+        );
+        assert_eq!(
+            dirs.into_iter().collect::<Vec<_>>(),
+            [PathBuf::from("/run/systemd"), PathBuf::from("/run/systemd/resolve")]
+        );
+        assert_eq!(fold(Path::new("/etc/../run/x")), PathBuf::from("/run/x"));
+    }
+}

@@ -1,0 +1,506 @@
+//! No deputies (issue #15): a command under `run` cannot have a daemon outside its sandbox act
+//! for it through a unix socket (path stream, abstract, datagram), unless a `unix:` rule names
+//! the socket; its own unix sockets keep working; its names go only through the agent's
+//! resolver, also on a host whose nsswitch.conf says `resolve` and whose resolv.conf says
+//! 127.0.0.53.
+//!
+//! The deputy here is a thread of the test, outside every cgroup of ours: asked `connect
+//! ADDR` on any of its sockets, it opens a TCP connection to ADDR (a listener of the test on
+//! the host's loopback) and answers `done`. Each test first runs its command *outside* the
+//! sandbox (the control: the deputy is reached and connects), then under `egress-agent run`.
+//!
+//! Run as root, after `cargo build -p egress-agent`:
+//! `cargo test -p egress-tests --test deputies -- --test-threads=1`.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::TcpStream,
+    os::{
+        linux::net::SocketAddrExt as _,
+        unix::{
+            fs::PermissionsExt as _,
+            net::{SocketAddr, UnixDatagram, UnixListener},
+        },
+    },
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use egress_tests::{
+    AgentRun, TestDir, TestNetns, poll_until, unique_name, value,
+    world::{DnsWorld, UPSTREAM, python3},
+};
+
+/// A TCP listener on the host's loopback standing in for the address a deputy is asked to
+/// reach: it counts the connections it accepts.
+struct Target {
+    addr: String,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Target {
+    fn start() -> Self {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the target");
+        l.set_nonblocking(true).expect("nonblocking");
+        let addr = l.local_addr().expect("target address").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (accepted.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok(_) => {
+                        a.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One socket of the deputy and what it was asked.
+struct Deputy {
+    requests: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Opens a TCP connection to what `line` (`connect ADDR`) names: what a deputy does for
+/// its client.
+fn act(line: &str) {
+    if let Some(addr) = line.trim().strip_prefix("connect ") {
+        let _ = TcpStream::connect_timeout(
+            &addr.parse().expect("a socket address"),
+            Duration::from_secs(2),
+        );
+    }
+}
+
+impl Deputy {
+    fn new() -> Self {
+        Self {
+            requests: Arc::new(Mutex::new(Vec::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        }
+    }
+
+    /// Serves a stream listener: each connection's first line is acted on and answered.
+    fn serve_stream(&mut self, l: UnixListener, label: &str) {
+        l.set_nonblocking(true).expect("nonblocking");
+        let (req, stop, label) = (self.requests.clone(), self.stop.clone(), label.to_owned());
+        self.threads.push(thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((conn, _)) = l.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
+                let mut line = String::new();
+                let _ = BufReader::new(&conn).read_line(&mut line);
+                req.lock().expect("lock").push(format!("{label} {}", line.trim()));
+                act(&line);
+                let _ = (&conn).write_all(b"done\n");
+            }
+        }));
+    }
+
+    /// Serves a datagram socket: each datagram is acted on.
+    fn serve_dgram(&mut self, s: UnixDatagram, label: &str) {
+        s.set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let (req, stop, label) = (self.requests.clone(), self.stop.clone(), label.to_owned());
+        self.threads.push(thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = s.recv(&mut buf) {
+                    let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    req.lock().expect("lock").push(format!("{label} {}", line.trim()));
+                    act(&line);
+                }
+            }
+        }));
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("lock").clone()
+    }
+
+    fn clear(&self) {
+        self.requests.lock().expect("lock").clear();
+    }
+}
+
+impl Drop for Deputy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The command: asks the deputy's sockets given as `kind=address` arguments (`@name` for
+/// an abstract one; kinds starting with `dgram` are datagram sockets) to connect to the
+/// target, then uses its own socketpair, its own listener path and its own abstract name,
+/// each across a fork. Prints `kind=reached|sent|refused ERRNO` and `own_*=ok`.
+const COMMAND: &str = r#"
+import os, socket, sys
+target, workdir, own_name = sys.argv[1], sys.argv[2], sys.argv[3]
+def addr(a):
+    return "\0" + a[1:] if a.startswith("@") else a
+for arg in sys.argv[4:]:
+    kind, a = arg.split("=", 1)
+    dgram = kind.startswith("dgram")
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM if dgram else socket.SOCK_STREAM)
+        s.settimeout(5)
+        req = f"connect {target}\n".encode()
+        if dgram:
+            s.sendto(req, addr(a))
+            print(f"{kind}=sent", flush=True)
+        else:
+            s.connect(addr(a))
+            s.sendall(req)
+            got = "reached" if s.recv(5) == b"done\n" else "closed"
+            print(f"{kind}={got}", flush=True)
+    except OSError as e:
+        print(f"{kind}=refused {e.errno}", flush=True)
+a, b = socket.socketpair()
+a.sendall(b"pair")
+print(f"own_socketpair={'ok' if b.recv(4) == b'pair' else 'bad'}", flush=True)
+def own(kind, a, stype):
+    try:
+        l = socket.socket(socket.AF_UNIX, stype)
+        l.bind(a)
+        if stype == socket.SOCK_STREAM:
+            l.listen(1)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                c = socket.socket(socket.AF_UNIX, stype)
+                if stype == socket.SOCK_STREAM:
+                    c.connect(a)
+                    c.sendall(b"own")
+                else:
+                    c.sendto(b"own", a)
+                os._exit(0)
+            except OSError:
+                os._exit(1)
+        l.settimeout(5)
+        if stype == socket.SOCK_STREAM:
+            conn, _ = l.accept()
+            data = conn.recv(3)
+        else:
+            data = l.recv(3)
+        _, status = os.waitpid(pid, 0)
+        print(f"{kind}={'ok' if data == b'own' and status == 0 else 'bad'}", flush=True)
+    except OSError as e:
+        print(f"{kind}=failed {e.errno}", flush=True)
+own("own_path", os.path.join(workdir, "own.sock"), socket.SOCK_STREAM)
+own("own_dgram", os.path.join(workdir, "own-dgram.sock"), socket.SOCK_DGRAM)
+own("own_abstract", "\0" + own_name, socket.SOCK_STREAM)
+"#;
+
+/// A directory anyone may write (the command runs as root in a user namespace: nobody
+/// outside), for the command's own listeners.
+fn open_dir() -> TestDir {
+    let d = TestDir::new();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod the work dir");
+    d
+}
+
+fn command_args(target: &Target, work: &Path, own: &str, sockets: &[(&str, String)]) -> Vec<String> {
+    let mut v = vec![
+        python3().to_owned(),
+        "-c".to_owned(),
+        COMMAND.to_owned(),
+        target.addr.clone(),
+        work.display().to_string(),
+        own.to_owned(),
+    ];
+    v.extend(sockets.iter().map(|(k, a)| format!("{k}={a}")));
+    v
+}
+
+/// Runs the command outside the sandbox (in `netns`, for its abstract names): the control.
+fn control(netns: &TestNetns, args: &[String]) -> String {
+    let out = netns
+        .command(&args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the control");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The deputy: a path stream socket, an abstract stream socket (in `netns`, where the
+/// command's abstract names live) and a path datagram socket, in `dir`.
+fn deputy(netns: &TestNetns, dir: &Path) -> (Deputy, Vec<(&'static str, String)>) {
+    let mut d = Deputy::new();
+    let stream = dir.join("deputy.sock");
+    let dgram = dir.join("deputy-dgram.sock");
+    let abstract_name = unique_name();
+    d.serve_stream(UnixListener::bind(&stream).expect("bind the path socket"), "stream");
+    let l = netns.run_in(|| {
+        let a = SocketAddr::from_abstract_name(abstract_name.as_bytes()).expect("name");
+        UnixListener::bind_addr(&a).expect("bind the abstract socket")
+    });
+    d.serve_stream(l, "abstract");
+    d.serve_dgram(UnixDatagram::bind(&dgram).expect("bind the datagram socket"), "dgram");
+    for p in [&stream, &dgram] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    let sockets = vec![
+        ("stream", stream.display().to_string()),
+        ("abstract", format!("@{abstract_name}")),
+        ("dgram", dgram.display().to_string()),
+    ];
+    (d, sockets)
+}
+
+const NO_RULES: &str = "version: 1\nname: deputies-test\nallow: []\n";
+
+#[test]
+fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
+    let netns = TestNetns::new();
+    let dir = open_dir();
+    let target = Target::start();
+    let (deputy, sockets) = deputy(&netns, dir.path());
+    let work = open_dir();
+    let own = unique_name();
+
+    // Control: outside the sandbox the deputy is reached on all three and acts.
+    let args = command_args(&target, work.path(), &format!("{own}-c"), &sockets);
+    let out = control(&netns, &args);
+    for (k, want) in [("stream", "reached"), ("abstract", "reached"), ("dgram", "sent")] {
+        assert_eq!(value(&out, k).as_deref(), Some(want), "control {k}\n{out}");
+    }
+    assert!(
+        poll_until(Duration::from_secs(5), || (target.accepted() >= 3).then_some(())).is_some(),
+        "control: the deputy did not reach the target ({} connections)\n{:?}",
+        target.accepted(),
+        deputy.requests()
+    );
+    deputy.clear();
+    let before = target.accepted();
+    std::fs::remove_file(work.path().join("own.sock")).expect("control's own socket");
+    std::fs::remove_file(work.path().join("own-dgram.sock")).expect("control's own socket");
+
+    let args = command_args(&target, work.path(), &own, &sockets);
+    let mut run = AgentRun::builder(&netns, NO_RULES, &args)
+        .current_dir(work.path())
+        .start();
+    assert!(run.wait().success(), "{}", run.output());
+    for (k, errno) in [
+        // A path socket bound outside at start has /dev/null over it: ECONNREFUSED.
+        ("stream", "refused 111"),
+        // Landlock scope: EPERM.
+        ("abstract", "refused 1"),
+        ("dgram", "refused 111"),
+    ] {
+        assert_eq!(run.expect_value(k), errno, "{k}\n{}", run.output());
+    }
+    for k in ["own_socketpair", "own_path", "own_dgram", "own_abstract"] {
+        assert_eq!(run.expect_value(k), "ok", "{k}\n{}", run.output());
+    }
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(deputy.requests(), Vec::<String>::new(), "the deputy was asked");
+    assert_eq!(target.accepted(), before, "the target got a connection");
+    let ready = run.events_of("ready");
+    let protected = ready[0]["protected"].to_string();
+    assert!(
+        protected.contains("/run (private") && protected.contains("Landlock scope"),
+        "the ready event says what is protected: {protected}"
+    );
+}
+
+#[test]
+fn a_unix_rule_lets_exactly_the_named_socket_through() {
+    let netns = TestNetns::new();
+    let dir = open_dir();
+    let target = Target::start();
+    let mut deputy = Deputy::new();
+    let allowed = dir.path().join("allowed.sock");
+    let other = dir.path().join("other.sock");
+    // A socket in /run, which the command sees only as the rule binds it back in (the
+    // agent's own state directory, not a host daemon's).
+    let run_dir = PathBuf::from("/run/egress").join(unique_name());
+    std::fs::create_dir_all(&run_dir).expect("create the /run socket's directory");
+    let _cleanup = RemoveOnDrop(run_dir.clone());
+    let in_run = run_dir.join("deputy.sock");
+    for (p, label) in [(&allowed, "allowed"), (&other, "other"), (&in_run, "in_run")] {
+        deputy.serve_stream(UnixListener::bind(p).expect("bind"), label);
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    let sockets = [
+        ("allowed", allowed.display().to_string()),
+        ("other", other.display().to_string()),
+        ("in_run", in_run.display().to_string()),
+    ];
+    let work = open_dir();
+    let args = command_args(&target, work.path(), &unique_name(), &sockets);
+    let policy = format!(
+        "version: 1\nname: deputies-test\nallow:\n  - unix: {}\n  - unix: {}\n",
+        allowed.display(),
+        in_run.display()
+    );
+    let mut run = AgentRun::builder(&netns, &policy, &args)
+        .current_dir(work.path())
+        .start();
+    assert!(run.wait().success(), "{}", run.output());
+    assert_eq!(run.expect_value("allowed"), "reached", "{}", run.output());
+    assert_eq!(run.expect_value("in_run"), "reached", "{}", run.output());
+    assert_eq!(run.expect_value("other"), "refused 111", "{}", run.output());
+    let mut asked: Vec<String> = deputy
+        .requests()
+        .iter()
+        .map(|r| r.split(' ').next().unwrap_or("").to_owned())
+        .collect();
+    asked.sort();
+    assert_eq!(asked, ["allowed", "in_run"], "{:?}", deputy.requests());
+}
+
+/// Removes a directory on drop.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fake nscd for the host view: listens on `/run/nscd/socket` of the mount namespace it
+/// starts in, appends a line to `LOG` for each connection, and exits when its parent is gone
+/// (bounded: 60 s at most).
+const FAKE_NSCD: &str = r#"
+import os, socket, sys, time
+log, parent = sys.argv[1], os.getppid()
+os.makedirs("/run/nscd", exist_ok=True)
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+l.bind("/run/nscd/socket")
+os.chmod("/run/nscd/socket", 0o666)
+l.listen(8)
+l.settimeout(0.1)
+open(log + ".ready", "w").close()
+end = time.time() + 60
+while time.time() < end and os.getppid() == parent:
+    try:
+        c, _ = l.accept()
+        with open(log, "a") as f:
+            f.write("connection\n")
+        c.close()
+    except socket.timeout:
+        pass
+"#;
+
+#[test]
+fn names_resolve_only_through_the_agent_on_a_resolved_host() {
+    let world = DnsWorld::builder()
+        .address("allowed.test", "192.0.2.10")
+        .address("denied.test", "192.0.2.11")
+        .start();
+    let files = TestDir::new();
+    let nsswitch = files.path().join("nsswitch.conf");
+    let resolv = files.path().join("resolv.conf");
+    std::fs::write(
+        &nsswitch,
+        "passwd: files\ngroup: files\nhosts: files resolve [!UNAVAIL=return] dns\n",
+    )
+    .expect("nsswitch");
+    std::fs::write(&resolv, "nameserver 127.0.0.53\noptions edns0 trust-ad\n").expect("resolv");
+    let nscd_log = files.path().join("nscd.log");
+    let allow = world.write_allowlist(&format!(
+        "version: 1\nname: deputies-test\ndns:\n  upstream: [\"{UPSTREAM}\"]\nallow:\n  - host: \
+         allowed.test\n"
+    ));
+    let events = files.path().join("events.jsonl");
+    let agent = egress_tests::agent_bin();
+    // The host: a mount namespace of this test (private propagation) where /etc/nsswitch.conf
+    // says `resolve`, /etc/resolv.conf 127.0.0.53, and /run (a tmpfs) holds an nscd socket.
+    // First the control (getent outside the sandbox asks nscd), then the agent.
+    let script = format!(
+        "set -e; mount --bind {nsswitch} /etc/nsswitch.conf; mount --bind {resolv} \
+         /etc/resolv.conf; mount -t tmpfs tmpfs /run; {py} -c '{nscd}' {log} & \
+         for i in $(seq 100); do [ -e {log}.ready ] && break; sleep 0.05; done; \
+         getent ahosts control.test >/dev/null || true; \
+         echo control_nscd=$(cat {log} 2>/dev/null | wc -l); \
+         exec {agent} run --allowlist {allow} --events {events} -- sh -c 'grep ^hosts: \
+         /etc/nsswitch.conf; getent ahosts allowed.test >/dev/null && echo allowed=resolved \
+         || echo allowed=failed; getent ahosts denied.test >/dev/null && echo denied=resolved \
+         || echo denied=refused'",
+        nsswitch = nsswitch.display(),
+        resolv = resolv.display(),
+        py = python3(),
+        nscd = FAKE_NSCD.replace('\'', "\""),
+        log = nscd_log.display(),
+        agent = agent.display(),
+        allow = allow.display(),
+        events = events.display(),
+    );
+    let out = world
+        .netns()
+        .command("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env_remove("SUDO_UID")
+        .env_remove("SUDO_GID")
+        .env_remove("SUDO_USER")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the host view");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let context = format!(
+        "{stdout}\n{}\nevents:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&events).unwrap_or_default()
+    );
+    assert!(out.status.success(), "{context}");
+    // Control: glibc on this host asks nscd.
+    let control: usize = value(&stdout, "control_nscd")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(control >= 1, "control: getent did not ask nscd\n{context}");
+    assert!(stdout.contains("hosts: files dns\n"), "{context}");
+    assert_eq!(value(&stdout, "allowed").as_deref(), Some("resolved"), "{context}");
+    assert_eq!(value(&stdout, "denied").as_deref(), Some("refused"), "{context}");
+    // The command never reached nscd: every line is the control's.
+    let nscd = std::fs::read_to_string(&nscd_log).unwrap_or_default();
+    assert_eq!(nscd.lines().count(), control, "nscd was asked from inside\n{context}");
+    assert!(world.wait_query("allowed.test", Duration::from_secs(5)), "{context}");
+    assert!(
+        !world.queries().iter().any(|q| q == "denied.test"),
+        "a denied name reached the upstream\n{context}"
+    );
+    let refused = std::fs::read_to_string(&events).unwrap_or_default();
+    assert!(refused.contains("\"dns-refused\"") && refused.contains("denied.test"), "{context}");
+}

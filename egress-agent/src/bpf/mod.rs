@@ -11,3 +11,4 @@
 pub mod enforcer;
 pub mod kernel;
 pub mod trace;
+pub mod unix;

@@ -31,9 +31,10 @@
 //! name server is steered to the agent's resolver, 127.0.0.53 too).
 //!
 //! The cgroup unix socket-address hooks (`BPF_CGROUP_UNIX_CONNECT`/`_SENDMSG`, Linux 6.7)
-//! would give deny events for unix sockets; aya 0.14 cannot load them (see
-//! docs/KERNEL-NOTES.md), so a refused unix connect is an error for the command without an
-//! event.
+//! report each unix connect and send of the command (`bpf::unix`); [`UnixJudge`] says which
+//! of them the view refused, and `daemon::unix_watch` writes a `deny` line with
+//! `"proto":"unix"` for those. The hooks cannot judge by themselves: they see the address as
+//! written, before the lookup.
 
 use std::{
     collections::BTreeSet,
@@ -81,6 +82,47 @@ struct Bind {
     create: bool,
 }
 
+/// Which unix addresses the view refuses, for the `deny` lines of `daemon::unix_watch` (the
+/// kernel programs only report what the command asked for).
+#[derive(Debug, Clone, Default)]
+pub struct UnixJudge {
+    private: Vec<PathBuf>,
+    named: BTreeSet<PathBuf>,
+    named_abstract: BTreeSet<String>,
+    masked: BTreeSet<PathBuf>,
+    /// Abstract names bound in the command's network namespace before it started.
+    outside_abstract: BTreeSet<String>,
+    scope_abstract: bool,
+}
+
+impl UnixJudge {
+    /// Whether the command's attempt on `target` was refused by the view: an absolute path
+    /// (folded, then resolved in the host's view) that was masked, or that is a socket in a
+    /// private directory on the host; an abstract name bound outside before the command
+    /// started, while scoping is on. A relative path or a name bound later is not named.
+    pub fn refused(&self, target: &crate::bpf::unix::UnixTarget) -> bool {
+        use crate::bpf::unix::UnixTarget;
+        match target {
+            UnixTarget::Path(p) if p.starts_with('/') => {
+                let folded = fold(Path::new(p));
+                let real = fs::canonicalize(&folded).unwrap_or(folded);
+                if self.named.contains(&real) {
+                    return false;
+                }
+                self.masked.contains(&real)
+                    || (self.private.iter().any(|d| real.starts_with(d))
+                        && fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_socket()))
+            }
+            UnixTarget::Abstract(n) => {
+                self.scope_abstract
+                    && !self.named_abstract.contains(n)
+                    && self.outside_abstract.contains(n)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The command's view of local daemons, prepared before the fork.
 #[derive(Debug)]
 pub struct DeputyView {
@@ -98,6 +140,7 @@ pub struct DeputyView {
     summary: Vec<String>,
     /// What stays open, one `warning` event each.
     pub warnings: Vec<String>,
+    judge: UnixJudge,
 }
 
 impl DeputyView {
@@ -118,10 +161,12 @@ impl DeputyView {
         // Rule-named sockets.
         let mut named = BTreeSet::new();
         let mut abstract_rules = Vec::new();
+        let mut named_abstract = BTreeSet::new();
         for name in policy.unix_names() {
             let path = match name {
                 UnixName::Abstract(a) => {
                     abstract_rules.push(format!("@{a}"));
+                    named_abstract.insert(a.clone());
                     continue;
                 }
                 UnixName::Path(p) => p,
@@ -211,6 +256,7 @@ impl DeputyView {
                 masked.len()
             ));
         }
+        let masked_set = masked.clone();
         let masked: Vec<CString> = masked
             .iter()
             .take(MAX_MASKED)
@@ -265,11 +311,20 @@ impl DeputyView {
         }
         warnings.push(
             "a unix socket that a process outside the sandbox binds after the command \
-             started, outside /run, stays reachable by the command (the view is made at start; \
-             the cgroup unix socket hooks of Linux 6.7 are not used yet), and a refused unix \
-             connect gives no deny event"
+             started, outside /run, stays reachable by the command (the view is made at start)"
                 .to_string(),
         );
+        let outside_abstract = fs::read_to_string("/proc/self/net/unix")
+            .map(|t| bound_abstract(&t))
+            .unwrap_or_default();
+        let judge = UnixJudge {
+            private: private.clone(),
+            named: named.clone(),
+            named_abstract,
+            masked: masked_set,
+            outside_abstract,
+            scope_abstract,
+        };
 
         Ok(Self {
             private: private.iter().map(|p| cstring(p)).collect::<anyhow::Result<_>>()?,
@@ -281,7 +336,13 @@ impl DeputyView {
             generated: Some(generated),
             summary,
             warnings,
+            judge,
         })
+    }
+
+    /// Which unix addresses this view refuses (for the `deny` lines).
+    pub fn judge(&self) -> UnixJudge {
+        self.judge.clone()
     }
 
     /// What the view protects, for the `ready` event and `status`.
@@ -526,6 +587,22 @@ pub fn bound_paths(table: &str) -> BTreeSet<String> {
                 rest = rest[end..].trim_start();
             }
             rest.starts_with('/').then(|| rest.to_owned())
+        })
+        .collect()
+}
+
+/// The abstract names bound in a `/proc/net/unix` table (shown there with a leading `@`).
+pub fn bound_abstract(table: &str) -> BTreeSet<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut rest = line.trim_start();
+            for _ in 0..7 {
+                let end = rest.find(char::is_whitespace)?;
+                rest = rest[end..].trim_start();
+            }
+            rest.strip_prefix('@').map(str::to_owned)
         })
         .collect()
 }

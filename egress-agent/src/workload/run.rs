@@ -110,6 +110,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         (!root_command).then_some((identity.uid, identity.gid)),
     )?;
     let deputy_warnings = view.warnings.clone();
+    let unix_judge = view.judge();
     confinement.close_deputies(view);
     // Installed before anything is created, so a signal during set-up still ends in teardown.
     let signals = SignalForwarder::install()?;
@@ -178,6 +179,24 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     for w in &deputy_warnings {
         warn(&sink, w);
     }
+    // Deny lines for the unix sockets the view refuses (Linux 6.7: the cgroup unix hooks).
+    let unix_watch = match crate::daemon::unix_watch::start(
+        cg.path(),
+        move |t| unix_judge.refused(t),
+        sink.clone(),
+    ) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn(
+                &sink,
+                &format!(
+                    "a unix connect or send the command's view refuses gives no deny event: \
+                     the cgroup unix socket hooks cannot run here ({e:#}; they need Linux 6.7)"
+                ),
+            );
+            None
+        }
+    };
     let confinement = Arc::new(confinement);
     for cap in &config.keep_caps {
         warn(
@@ -241,6 +260,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     // then stop the helpers, detach and remove.
     cgroup::kill_all(cg.path())?;
     cgroup::wait_empty(cg.path(), std::time::Duration::from_secs(5));
+    if let Some(w) = unix_watch {
+        w.stop().await;
+    }
     // Every copy of the pty's slave is gone with them: the last output is relayed, then the
     // caller's terminal is put back.
     if let Some(out) = output {

@@ -1,0 +1,333 @@
+//! The unix socket watch of `run`: two small cgroup programs on the cgroup unix
+//! socket-address hooks (`BPF_CGROUP_UNIX_CONNECT`, `BPF_CGROUP_UNIX_SENDMSG`, Linux 6.7) that
+//! copy each unix `connect`/`sendmsg` address of the cgroup, with the process, into a ring
+//! buffer, and allow it. They judge nothing: the hooks run before the lookup and see only the
+//! address as written (relative, through symlinks), so they cannot tell the command's own
+//! sockets from one bound outside; the deputy view does the refusing, and the agent names a
+//! refused attempt in a `deny` event (see `crate::workload::deputies`).
+//!
+//! aya 0.14 has no attach type for these hooks (and a program's expected attach type is fixed
+//! at load), so the programs are assembled here and loaded and attached with raw `bpf()`
+//! calls. Each reads the address through `bpf_probe_read_kernel` of the context's kernel
+//! struct (`bpf_sock_addr_kern`: `uaddr` at 8, `uaddrlen` at 32, unchanged since 6.7; this is
+//! allowed at lockdown `integrity`, not at `confidentiality`).
+
+use std::{
+    ffi::CStr,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use anyhow::Context as _;
+use aya::maps::{Map, MapData, RingBuf};
+
+/// `bpf()` commands and types (linux/bpf.h).
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+/// `BPF_CGROUP_UNIX_CONNECT` (Linux 6.7).
+pub const BPF_CGROUP_UNIX_CONNECT: u32 = 49;
+/// `BPF_CGROUP_UNIX_SENDMSG` (Linux 6.7).
+pub const BPF_CGROUP_UNIX_SENDMSG: u32 = 50;
+
+/// Ring buffer size: 64 KiB holds about 400 records.
+const RING_BYTES: u32 = 64 * 1024;
+
+/// One record: pid_tgid (8), uid_gid (8), comm (16), hook (4), address length (4), the
+/// address as the caller gave it (`sockaddr_un`: family, then 108 bytes of path; 112 read).
+const RECORD: i32 = 152;
+const OFF_COMM: i32 = 16;
+const OFF_HOOK: i16 = 32;
+const OFF_LEN: i16 = 36;
+const OFF_ADDR: i32 = 40;
+const ADDR_BYTES: i32 = 112;
+
+/// One unix `connect` or `sendmsg` of the cgroup, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixAttempt {
+    /// Process id.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// The process's command name.
+    pub comm: String,
+    /// `connect_unix` or `sendmsg_unix`.
+    pub hook: &'static str,
+    /// The address.
+    pub target: UnixTarget,
+}
+
+/// A unix address as the caller wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnixTarget {
+    /// A path (as written: it may be relative).
+    Path(String),
+    /// An abstract name, without its leading zero byte.
+    Abstract(String),
+    /// No name (autobind, or an address too short to hold one).
+    Unnamed,
+}
+
+impl UnixAttempt {
+    /// Decodes a record the programs wrote.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() < RECORD as usize {
+            return None;
+        }
+        let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let (pid_tgid, uid_gid) = (u64_at(0), u64_at(8));
+        let comm = &b[OFF_COMM as usize..OFF_COMM as usize + 16];
+        let comm_end = comm.iter().position(|&c| c == 0).unwrap_or(16);
+        let hook = match u32_at(OFF_HOOK as usize) {
+            BPF_CGROUP_UNIX_SENDMSG => "sendmsg_unix",
+            _ => "connect_unix",
+        };
+        // sun_path follows the 2-byte family; its length is the address length minus 2.
+        let len = (u32_at(OFF_LEN as usize) as usize).min(ADDR_BYTES as usize);
+        let path = &b[OFF_ADDR as usize + 2..OFF_ADDR as usize + len.max(2)];
+        let target = match path.first() {
+            None => UnixTarget::Unnamed,
+            Some(0) if path.len() == 1 => UnixTarget::Unnamed,
+            Some(0) => UnixTarget::Abstract(String::from_utf8_lossy(&path[1..]).into_owned()),
+            Some(_) => {
+                let end = path.iter().position(|&c| c == 0).unwrap_or(path.len());
+                UnixTarget::Path(String::from_utf8_lossy(&path[..end]).into_owned())
+            }
+        };
+        Some(Self {
+            pid: (pid_tgid >> 32) as u32,
+            tid: pid_tgid as u32,
+            uid: uid_gid as u32,
+            gid: (uid_gid >> 32) as u32,
+            comm: String::from_utf8_lossy(&comm[..comm_end]).into_owned(),
+            hook,
+            target,
+        })
+    }
+}
+
+/// The attached programs and their ring buffer; dropping it detaches them.
+pub struct UnixWatch {
+    ring: RingBuf<MapData>,
+    /// The links, then the programs.
+    fds: Vec<OwnedFd>,
+}
+
+impl UnixWatch {
+    /// The ring buffer, and what keeps the programs attached (drop it to detach them).
+    pub fn into_parts(self) -> (RingBuf<MapData>, Vec<OwnedFd>) {
+        (self.ring, self.fds)
+    }
+}
+
+impl std::fmt::Debug for UnixWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UnixWatch")
+    }
+}
+
+/// Loads the two programs and attaches them to `cgroup`. Fails on kernels before 6.7 (the
+/// attach types do not exist: `EINVAL`).
+pub fn attach(cgroup: &Path) -> anyhow::Result<UnixWatch> {
+    let ring = map_create()?;
+    let dir = std::fs::File::open(cgroup)
+        .with_context(|| format!("cannot open {}", cgroup.display()))?;
+    let mut progs = Vec::new();
+    let mut links = Vec::new();
+    for (hook, name) in [
+        (BPF_CGROUP_UNIX_CONNECT, c"connect_unix"),
+        (BPF_CGROUP_UNIX_SENDMSG, c"sendmsg_unix"),
+    ] {
+        let prog = prog_load(&program(ring.as_raw_fd(), hook), hook, name)
+            .with_context(|| format!("cannot load {}", name.to_string_lossy()))?;
+        links.push(
+            link_create(&prog, dir.as_raw_fd(), hook)
+                .with_context(|| format!("cannot attach {}", name.to_string_lossy()))?,
+        );
+        progs.push(prog);
+    }
+    let map = MapData::from_fd(ring).context("cannot open the unix watch's ring buffer")?;
+    let ring = RingBuf::try_from(Map::RingBuf(map)).context("not a ring buffer")?;
+    links.extend(progs);
+    Ok(UnixWatch { ring, fds: links })
+}
+
+/// One eBPF instruction.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Insn {
+    code: u8,
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+const fn ins(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    Insn {
+        code,
+        regs: (src << 4) | dst,
+        off,
+        imm,
+    }
+}
+
+const MOV_X: u8 = 0xbf;
+const MOV_K: u8 = 0xb7;
+const ADD_K: u8 = 0x07;
+const LD_IMM64: u8 = 0x18;
+const CALL: u8 = 0x85;
+const EXIT: u8 = 0x95;
+const JEQ_K: u8 = 0x15;
+const STX_DW: u8 = 0x7b;
+const STX_W: u8 = 0x63;
+const ST_W: u8 = 0x62;
+const LDX_DW: u8 = 0x79;
+const LDX_W: u8 = 0x61;
+const PSEUDO_MAP_FD: u8 = 1;
+const FN_GET_CURRENT_PID_TGID: i32 = 14;
+const FN_GET_CURRENT_UID_GID: i32 = 15;
+const FN_GET_CURRENT_COMM: i32 = 16;
+const FN_PROBE_READ_KERNEL: i32 = 113;
+const FN_RINGBUF_RESERVE: i32 = 131;
+const FN_RINGBUF_SUBMIT: i32 = 132;
+
+/// The program for `hook`: reserve a record, fill it, submit it, allow (1).
+fn program(ring_fd: i32, hook: u32) -> Vec<Insn> {
+    vec![
+        ins(MOV_X, 6, 1, 0, 0), // r6 = ctx
+        ins(LD_IMM64, 1, PSEUDO_MAP_FD, 0, ring_fd),
+        ins(0, 0, 0, 0, 0),
+        ins(MOV_K, 2, 0, 0, RECORD),
+        ins(MOV_K, 3, 0, 0, 0),
+        ins(CALL, 0, 0, 0, FN_RINGBUF_RESERVE),
+        ins(JEQ_K, 0, 0, 25, 0), // full ring: allow, unrecorded
+        ins(MOV_X, 7, 0, 0, 0),
+        ins(CALL, 0, 0, 0, FN_GET_CURRENT_PID_TGID),
+        ins(STX_DW, 7, 0, 0, 0),
+        ins(CALL, 0, 0, 0, FN_GET_CURRENT_UID_GID),
+        ins(STX_DW, 7, 0, 8, 0),
+        ins(MOV_X, 1, 7, 0, 0),
+        ins(ADD_K, 1, 0, 0, OFF_COMM),
+        ins(MOV_K, 2, 0, 0, 16),
+        ins(CALL, 0, 0, 0, FN_GET_CURRENT_COMM),
+        ins(ST_W, 7, 0, OFF_HOOK, hook as i32),
+        // The kernel context (struct bpf_sock_addr_kern, 40 bytes) onto the stack.
+        ins(MOV_X, 1, 10, 0, 0),
+        ins(ADD_K, 1, 0, 0, -40),
+        ins(MOV_K, 2, 0, 0, 40),
+        ins(MOV_X, 3, 6, 0, 0),
+        ins(CALL, 0, 0, 0, FN_PROBE_READ_KERNEL),
+        ins(LDX_W, 1, 10, -8, 0), // uaddrlen (offset 32)
+        ins(STX_W, 7, 1, OFF_LEN, 0),
+        ins(LDX_DW, 3, 10, -32, 0), // uaddr (offset 8)
+        ins(MOV_X, 1, 7, 0, 0),
+        ins(ADD_K, 1, 0, 0, OFF_ADDR),
+        ins(MOV_K, 2, 0, 0, ADDR_BYTES),
+        ins(CALL, 0, 0, 0, FN_PROBE_READ_KERNEL),
+        ins(MOV_X, 1, 7, 0, 0),
+        ins(MOV_K, 2, 0, 0, 0),
+        ins(CALL, 0, 0, 0, FN_RINGBUF_SUBMIT),
+        ins(MOV_K, 0, 0, 0, 1),
+        ins(EXIT, 0, 0, 0, 0),
+    ]
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix the kernel reads (and may
+    // write) within its 128 bytes.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn put32(attr: &mut [u8; 128], at: usize, v: u32) {
+    attr[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn put64(attr: &mut [u8; 128], at: usize, v: u64) {
+    attr[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn map_create() -> anyhow::Result<OwnedFd> {
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, BPF_MAP_TYPE_RINGBUF);
+    put32(&mut attr, 12, RING_BYTES);
+    attr[28..28 + 11].copy_from_slice(b"UNIX_EVENTS");
+    bpf(BPF_MAP_CREATE, &mut attr).context("cannot create the unix watch's ring buffer")
+}
+
+fn prog_load(insns: &[Insn], hook: u32, name: &CStr) -> anyhow::Result<OwnedFd> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 64 * 1024];
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, BPF_PROG_TYPE_CGROUP_SOCK_ADDR);
+    put32(&mut attr, 4, insns.len() as u32);
+    put64(&mut attr, 8, insns.as_ptr() as u64);
+    put64(&mut attr, 16, license.as_ptr() as u64);
+    put32(&mut attr, 24, 1);
+    put32(&mut attr, 28, log.len() as u32);
+    put64(&mut attr, 32, log.as_mut_ptr() as u64);
+    let n = name.to_bytes().len().min(15);
+    attr[48..48 + n].copy_from_slice(&name.to_bytes()[..n]);
+    put32(&mut attr, 68, hook);
+    bpf(BPF_PROG_LOAD, &mut attr).map_err(|e| {
+        let end = log.iter().position(|&c| c == 0).unwrap_or(0);
+        let text = String::from_utf8_lossy(&log[..end]);
+        let tail: Vec<&str> = text.lines().rev().take(4).collect();
+        anyhow::anyhow!("{e} (verifier: {})", tail.join(" | "))
+    })
+}
+
+fn link_create(prog: &OwnedFd, cgroup_fd: i32, hook: u32) -> anyhow::Result<OwnedFd> {
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put32(&mut attr, 4, cgroup_fd as u32);
+    put32(&mut attr, 8, hook);
+    Ok(bpf(BPF_LINK_CREATE, &mut attr)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(hook: u32, addr: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; RECORD as usize];
+        b[0..8].copy_from_slice(&((42u64 << 32) | 43).to_ne_bytes());
+        b[8..16].copy_from_slice(&((1000u64 << 32) | 1001).to_ne_bytes());
+        b[16..20].copy_from_slice(b"curl");
+        b[32..36].copy_from_slice(&hook.to_ne_bytes());
+        b[36..40].copy_from_slice(&((addr.len() + 2) as u32).to_ne_bytes());
+        b[40..42].copy_from_slice(&1u16.to_ne_bytes());
+        b[42..42 + addr.len()].copy_from_slice(addr);
+        b
+    }
+
+    #[test]
+    fn records_decode() {
+        let a = UnixAttempt::decode(&record(BPF_CGROUP_UNIX_CONNECT, b"/run/docker.sock\0"))
+            .expect("decodes");
+        assert_eq!(
+            (a.pid, a.tid, a.uid, a.gid, a.comm.as_str(), a.hook),
+            (42, 43, 1001, 1000, "curl", "connect_unix")
+        );
+        assert_eq!(a.target, UnixTarget::Path("/run/docker.sock".into()));
+        let a = UnixAttempt::decode(&record(BPF_CGROUP_UNIX_SENDMSG, b"\0name")).expect("decodes");
+        assert_eq!(
+            (a.hook, a.target),
+            ("sendmsg_unix", UnixTarget::Abstract("name".into()))
+        );
+        let a = UnixAttempt::decode(&record(BPF_CGROUP_UNIX_CONNECT, b"")).expect("decodes");
+        assert_eq!(a.target, UnixTarget::Unnamed);
+    }
+}

@@ -337,6 +337,32 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
     thread::sleep(Duration::from_millis(300));
     assert_eq!(deputy.requests(), Vec::<String>::new(), "the deputy was asked");
     assert_eq!(target.accepted(), before, "the target got a connection");
+    // Each refusal is named: a deny line with proto unix, the address and the hook.
+    let denies: Vec<(String, String)> = run
+        .events_of("deny")
+        .iter()
+        .filter(|e| e["proto"] == "unix")
+        .map(|e| {
+            (
+                e["dst"].as_str().unwrap_or("").to_owned(),
+                e["hook"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    for (kind, hook) in [
+        ("stream", "connect_unix"),
+        ("abstract", "connect_unix"),
+        ("dgram", "sendmsg_unix"),
+    ] {
+        let dst = &sockets.iter().find(|(k, _)| *k == kind).expect("socket").1;
+        assert!(
+            denies.contains(&(dst.clone(), hook.to_owned())),
+            "no deny line for {kind} {dst} ({hook}): {denies:?}\n{}",
+            run.output()
+        );
+    }
+    // The command's own sockets are not reported.
+    assert_eq!(denies.len(), 3, "{denies:?}");
     let ready = run.events_of("ready");
     let protected = ready[0]["protected"].to_string();
     assert!(
@@ -389,6 +415,13 @@ fn a_unix_rule_lets_exactly_the_named_socket_through() {
         .collect();
     asked.sort();
     assert_eq!(asked, ["allowed", "in_run"], "{:?}", deputy.requests());
+    let denied: Vec<String> = run
+        .events_of("deny")
+        .iter()
+        .filter(|e| e["proto"] == "unix")
+        .map(|e| e["dst"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(denied, [other.display().to_string()], "{}", run.output());
 }
 
 /// Removes a directory on drop.

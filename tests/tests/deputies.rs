@@ -127,7 +127,9 @@ impl Deputy {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
                 let mut line = String::new();
                 let _ = BufReader::new(&conn).read_line(&mut line);
-                req.lock().expect("lock").push(format!("{label} {}", line.trim()));
+                req.lock()
+                    .expect("lock")
+                    .push(format!("{label} {}", line.trim()));
                 act(&line);
                 let _ = (&conn).write_all(b"done\n");
             }
@@ -144,7 +146,9 @@ impl Deputy {
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(n) = s.recv(&mut buf) {
                     let line = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    req.lock().expect("lock").push(format!("{label} {}", line.trim()));
+                    req.lock()
+                        .expect("lock")
+                        .push(format!("{label} {}", line.trim()));
                     act(&line);
                 }
             }
@@ -240,7 +244,12 @@ fn open_dir() -> TestDir {
     d
 }
 
-fn command_args(target: &Target, work: &Path, own: &str, sockets: &[(&str, String)]) -> Vec<String> {
+fn command_args(
+    target: &Target,
+    work: &Path,
+    own: &str,
+    sockets: &[(&str, String)],
+) -> Vec<String> {
     let mut v = vec![
         python3().to_owned(),
         "-c".to_owned(),
@@ -271,13 +280,19 @@ fn deputy(netns: &TestNetns, dir: &Path) -> (Deputy, Vec<(&'static str, String)>
     let stream = dir.join("deputy.sock");
     let dgram = dir.join("deputy-dgram.sock");
     let abstract_name = unique_name();
-    d.serve_stream(UnixListener::bind(&stream).expect("bind the path socket"), "stream");
+    d.serve_stream(
+        UnixListener::bind(&stream).expect("bind the path socket"),
+        "stream",
+    );
     let l = netns.run_in(|| {
         let a = SocketAddr::from_abstract_name(abstract_name.as_bytes()).expect("name");
         UnixListener::bind_addr(&a).expect("bind the abstract socket")
     });
     d.serve_stream(l, "abstract");
-    d.serve_dgram(UnixDatagram::bind(&dgram).expect("bind the datagram socket"), "dgram");
+    d.serve_dgram(
+        UnixDatagram::bind(&dgram).expect("bind the datagram socket"),
+        "dgram",
+    );
     for p in [&stream, &dgram] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     }
@@ -303,11 +318,17 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
     // Control: outside the sandbox the deputy is reached on all three and acts.
     let args = command_args(&target, work.path(), &format!("{own}-c"), &sockets);
     let out = control(&netns, &args);
-    for (k, want) in [("stream", "reached"), ("abstract", "reached"), ("dgram", "sent")] {
+    for (k, want) in [
+        ("stream", "reached"),
+        ("abstract", "reached"),
+        ("dgram", "sent"),
+    ] {
         assert_eq!(value(&out, k).as_deref(), Some(want), "control {k}\n{out}");
     }
     assert!(
-        poll_until(Duration::from_secs(5), || (target.accepted() >= 3).then_some(())).is_some(),
+        poll_until(Duration::from_secs(5), || (target.accepted() >= 3)
+            .then_some(()))
+        .is_some(),
         "control: the deputy did not reach the target ({} connections)\n{:?}",
         target.accepted(),
         deputy.requests()
@@ -335,7 +356,11 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
         assert_eq!(run.expect_value(k), "ok", "{k}\n{}", run.output());
     }
     thread::sleep(Duration::from_millis(300));
-    assert_eq!(deputy.requests(), Vec::<String>::new(), "the deputy was asked");
+    assert_eq!(
+        deputy.requests(),
+        Vec::<String>::new(),
+        "the deputy was asked"
+    );
     assert_eq!(target.accepted(), before, "the target got a connection");
     // Each refusal is named: a deny line with proto unix, the address and the hook.
     let denies: Vec<(String, String)> = run
@@ -385,7 +410,11 @@ fn a_unix_rule_lets_exactly_the_named_socket_through() {
     std::fs::create_dir_all(&run_dir).expect("create the /run socket's directory");
     let _cleanup = RemoveOnDrop(run_dir.clone());
     let in_run = run_dir.join("deputy.sock");
-    for (p, label) in [(&allowed, "allowed"), (&other, "other"), (&in_run, "in_run")] {
+    for (p, label) in [
+        (&allowed, "allowed"),
+        (&other, "other"),
+        (&in_run, "in_run"),
+    ] {
         deputy.serve_stream(UnixListener::bind(p).expect("bind"), label);
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     }
@@ -524,16 +553,34 @@ fn names_resolve_only_through_the_agent_on_a_resolved_host() {
         .unwrap_or(0);
     assert!(control >= 1, "control: getent did not ask nscd\n{context}");
     assert!(stdout.contains("hosts: files dns\n"), "{context}");
-    assert_eq!(value(&stdout, "allowed").as_deref(), Some("resolved"), "{context}");
-    assert_eq!(value(&stdout, "denied").as_deref(), Some("refused"), "{context}");
+    assert_eq!(
+        value(&stdout, "allowed").as_deref(),
+        Some("resolved"),
+        "{context}"
+    );
+    assert_eq!(
+        value(&stdout, "denied").as_deref(),
+        Some("refused"),
+        "{context}"
+    );
     // The command never reached nscd: every line is the control's.
     let nscd = std::fs::read_to_string(&nscd_log).unwrap_or_default();
-    assert_eq!(nscd.lines().count(), control, "nscd was asked from inside\n{context}");
-    assert!(world.wait_query("allowed.test", Duration::from_secs(5)), "{context}");
+    assert_eq!(
+        nscd.lines().count(),
+        control,
+        "nscd was asked from inside\n{context}"
+    );
+    assert!(
+        world.wait_query("allowed.test", Duration::from_secs(5)),
+        "{context}"
+    );
     assert!(
         !world.queries().iter().any(|q| q == "denied.test"),
         "a denied name reached the upstream\n{context}"
     );
     let refused = std::fs::read_to_string(&events).unwrap_or_default();
-    assert!(refused.contains("\"dns-refused\"") && refused.contains("denied.test"), "{context}");
+    assert!(
+        refused.contains("\"dns-refused\"") && refused.contains("denied.test"),
+        "{context}"
+    );
 }

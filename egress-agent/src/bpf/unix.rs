@@ -138,8 +138,8 @@ impl std::fmt::Debug for UnixWatch {
 /// attach types do not exist: `EINVAL`).
 pub fn attach(cgroup: &Path) -> anyhow::Result<UnixWatch> {
     let ring = map_create()?;
-    let dir = std::fs::File::open(cgroup)
-        .with_context(|| format!("cannot open {}", cgroup.display()))?;
+    let dir =
+        std::fs::File::open(cgroup).with_context(|| format!("cannot open {}", cgroup.display()))?;
     let mut progs = Vec::new();
     let mut links = Vec::new();
     for (hook, name) in [

@@ -44,9 +44,7 @@ pub async fn pump(
             UnixTarget::Unnamed => return,
         };
         let now = Instant::now();
-        let slot = seen
-            .entry((a.pid, dst.clone(), a.hook))
-            .or_insert((now, 0));
+        let slot = seen.entry((a.pid, dst.clone(), a.hook)).or_insert((now, 0));
         if now.duration_since(slot.0) > Duration::from_secs(1) {
             *slot = (now, 0);
         }

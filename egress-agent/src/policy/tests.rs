@@ -1000,5 +1000,9 @@ fn explain_names_the_unix_rule() {
     assert!(yes.lines[0].contains("allow[0]"), "{:?}", yes.lines);
     let no = ask("unix:@other");
     assert!(!no.allowed);
-    assert!(no.lines[0].starts_with("unix:@other: denied"), "{:?}", no.lines);
+    assert!(
+        no.lines[0].starts_with("unix:@other: denied"),
+        "{:?}",
+        no.lines
+    );
 }

@@ -95,10 +95,7 @@ mod tests {
             "@/tmp/.X11-unix/X0".parse::<UnixName>(),
             Ok(UnixName::Abstract("/tmp/.X11-unix/X0".into()))
         );
-        assert_eq!(
-            UnixName::Abstract("dbus-x".into()).to_string(),
-            "@dbus-x"
-        );
+        assert_eq!(UnixName::Abstract("dbus-x".into()).to_string(), "@dbus-x");
     }
 
     #[test]

@@ -191,7 +191,10 @@ impl DeputyView {
                 target: cstring(&real)?,
                 create: true,
             });
-            summary.push(format!("{} (unix: rule, bound into the private /run)", real.display()));
+            summary.push(format!(
+                "{} (unix: rule, bound into the private /run)",
+                real.display()
+            ));
         }
 
         // The resolver view.
@@ -206,7 +209,8 @@ impl DeputyView {
                 .with_context(|| format!("cannot create {}", generated.display()))?;
         }
         for (host_path, content) in files {
-            let real = fs::canonicalize(host_path).unwrap_or_else(|_| resolve(Path::new(host_path)));
+            let real =
+                fs::canonicalize(host_path).unwrap_or_else(|_| resolve(Path::new(host_path)));
             let file = generated.join(Path::new(host_path).file_name().unwrap_or_default());
             fs::write(&file, content)
                 .with_context(|| format!("cannot write {}", file.display()))?;
@@ -327,8 +331,14 @@ impl DeputyView {
         };
 
         Ok(Self {
-            private: private.iter().map(|p| cstring(p)).collect::<anyhow::Result<_>>()?,
-            dirs: dirs.iter().map(|p| cstring(p)).collect::<anyhow::Result<_>>()?,
+            private: private
+                .iter()
+                .map(|p| cstring(p))
+                .collect::<anyhow::Result<_>>()?,
+            dirs: dirs
+                .iter()
+                .map(|p| cstring(p))
+                .collect::<anyhow::Result<_>>()?,
             binds,
             runtime_dir,
             masked,
@@ -691,17 +701,26 @@ mod tests {
                     myhostname dns\nnetworks: files\n";
         let v = nsswitch(host);
         assert!(v.contains("\nhosts: files dns\n"), "{v}");
-        assert!(!v.contains("mymachines") && !v.contains("myhostname"), "{v}");
+        assert!(
+            !v.contains("mymachines") && !v.contains("myhostname"),
+            "{v}"
+        );
         assert!(v.contains("passwd: files systemd\n") && v.contains("networks: files\n"));
         assert!(nsswitch("passwd: files\n").ends_with("hosts: files dns\n"));
     }
 
     #[test]
     fn resolv_conf_keeps_servers_search_and_options() {
-        let v = resolv_conf("# stub\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch x.test\nsortlist 1.2.3.4\n");
+        let v = resolv_conf(
+            "# stub\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch x.test\nsortlist 1.2.3.4\n",
+        );
         assert_eq!(
             v.lines().skip(1).collect::<Vec<_>>(),
-            ["nameserver 127.0.0.53", "options edns0 trust-ad", "search x.test"]
+            [
+                "nameserver 127.0.0.53",
+                "options edns0 trust-ad",
+                "search x.test"
+            ]
         );
         assert!(resolv_conf("").ends_with("nameserver 127.0.0.1\n"));
     }
@@ -730,7 +749,10 @@ mod tests {
         );
         assert_eq!(
             dirs.into_iter().collect::<Vec<_>>(),
-            [PathBuf::from("/run/systemd"), PathBuf::from("/run/systemd/resolve")]
+            [
+                PathBuf::from("/run/systemd"),
+                PathBuf::from("/run/systemd/resolve")
+            ]
         );
         assert_eq!(fold(Path::new("/etc/../run/x")), PathBuf::from("/run/x"));
     }

@@ -49,8 +49,7 @@ impl Observed {
             match v["event"].as_str() {
                 Some("audit" | "deny") if v["proto"].as_str() == Some("unix") => {
                     // A relative path names no rule (its directory is unknown).
-                    if let Some(d) = v["dst"].as_str().filter(|d| d.parse::<UnixName>().is_ok())
-                    {
+                    if let Some(d) = v["dst"].as_str().filter(|d| d.parse::<UnixName>().is_ok()) {
                         o.unix.insert(d.to_owned());
                     }
                 }
@@ -522,7 +521,10 @@ mod tests {
         ]);
         assert!(y.contains("  - unix: \"/run/user/1000/bus\"\n"), "{y}");
         assert!(y.contains("  - unix: \"@my-daemon\"\n"), "{y}");
-        assert!(!y.contains("relative") && !y.contains("protocol: unix"), "{y}");
+        assert!(
+            !y.contains("relative") && !y.contains("protocol: unix"),
+            "{y}"
+        );
         crate::policy::parse_str(&y, std::path::Path::new("learned.yaml")).expect("parses");
     }
 

@@ -690,7 +690,8 @@ fn exit_like(status: libc::c_int) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-fn check(rc: libc::c_int) -> io::Result<()> {
+/// A libc return value as an `io::Result` (`errno` on -1).
+pub(crate) fn check(rc: libc::c_int) -> io::Result<()> {
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {

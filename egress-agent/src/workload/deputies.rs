@@ -46,7 +46,10 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::policy::{Policy, UnixName};
+use crate::{
+    policy::{Policy, UnixName},
+    workload::confine::check,
+};
 
 /// The most binds (rule-named sockets in a private directory, generated files) one view holds:
 /// their mount descriptors live on the child's stack.
@@ -582,38 +585,33 @@ pub fn resolv_conf(host: &str) -> String {
     out
 }
 
+/// The name column of each socket in a `/proc/net/unix` table (`Num RefCount Protocol Flags
+/// Type St Inode Path`: what follows the seventh field, which may hold spaces).
+fn names(table: &str) -> impl Iterator<Item = &str> {
+    table.lines().skip(1).filter_map(|line| {
+        let mut rest = line.trim_start();
+        for _ in 0..7 {
+            let end = rest.find(char::is_whitespace)?;
+            rest = rest[end..].trim_start();
+        }
+        Some(rest)
+    })
+}
+
 /// The absolute paths of the sockets bound in `/proc/net/unix` (abstract names, shown with a
 /// leading `@`, and relative paths, whose directory is unknown, are left out).
 pub fn bound_paths(table: &str) -> BTreeSet<String> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            // Num RefCount Protocol Flags Type St Inode Path: the path is what follows the
-            // seventh field (it may hold spaces).
-            let mut rest = line.trim_start();
-            for _ in 0..7 {
-                let end = rest.find(char::is_whitespace)?;
-                rest = rest[end..].trim_start();
-            }
-            rest.starts_with('/').then(|| rest.to_owned())
-        })
+    names(table)
+        .filter(|n| n.starts_with('/'))
+        .map(str::to_owned)
         .collect()
 }
 
 /// The abstract names bound in a `/proc/net/unix` table (shown there with a leading `@`).
 pub fn bound_abstract(table: &str) -> BTreeSet<String> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut rest = line.trim_start();
-            for _ in 0..7 {
-                let end = rest.find(char::is_whitespace)?;
-                rest = rest[end..].trim_start();
-            }
-            rest.strip_prefix('@').map(str::to_owned)
-        })
+    names(table)
+        .filter_map(|n| n.strip_prefix('@'))
+        .map(str::to_owned)
         .collect()
 }
 
@@ -683,14 +681,6 @@ unsafe fn mkdir(path: &CString, mode: libc::mode_t) -> io::Result<()> {
     Ok(())
 }
 
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -733,6 +723,10 @@ mod tests {
             0000000000000000: 00000003 00000000 00000000 0001 03 20506\n\
             0000000000000000: 00000002 00000000 00010000 0001 01 20507 /tmp/a b.sock\n\
             0000000000000000: 00000002 00000000 00010000 0001 01 20508 rel.sock\n";
+        assert_eq!(
+            bound_abstract(table).into_iter().collect::<Vec<_>>(),
+            ["/tmp/.X11-unix/X0"]
+        );
         assert_eq!(
             bound_paths(table).into_iter().collect::<Vec<_>>(),
             ["/run/dbus/system_bus_socket", "/tmp/a b.sock"]

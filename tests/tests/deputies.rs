@@ -584,3 +584,92 @@ fn names_resolve_only_through_the_agent_on_a_resolved_host() {
         "{context}"
     );
 }
+
+/// Waits for `GO` to exist, then asks the socket at `PATH` to act; prints `late=...`.
+const LATE_COMMAND: &str = r#"
+import os, socket, sys, time
+path, go, target, own = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+# Its own listener, bound before the wait: the agent's looks must leave it alone.
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+l.bind(own)
+l.listen(1)
+print("waiting=1", flush=True)
+for _ in range(1000):
+    if os.path.exists(go):
+        break
+    time.sleep(0.02)
+try:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(f"connect {target}\n".encode())
+    got = "reached" if s.recv(5) == b"done\n" else "closed"
+    print(f"late={got}", flush=True)
+except OSError as e:
+    print(f"late=refused {e.errno}", flush=True)
+pid = os.fork()
+if pid == 0:
+    try:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(own)
+        c.sendall(b"own")
+        os._exit(0)
+    except OSError:
+        os._exit(1)
+l.settimeout(5)
+try:
+    conn, _ = l.accept()
+    ok = conn.recv(3) == b"own"
+except OSError:
+    ok = False
+_, status = os.waitpid(pid, 0)
+print(f"own_path={'ok' if ok and status == 0 else 'bad'}", flush=True)
+"#;
+
+#[test]
+fn a_deputy_bound_after_the_start_is_masked_as_it_appears() {
+    let netns = TestNetns::new();
+    let dir = open_dir();
+    let target = Target::start();
+    let late = dir.path().join("late.sock");
+    let go = dir.path().join("go");
+    let work = open_dir();
+    let args = [
+        python3().to_owned(),
+        "-c".to_owned(),
+        LATE_COMMAND.to_owned(),
+        late.display().to_string(),
+        go.display().to_string(),
+        target.addr.clone(),
+        work.path().join("own.sock").display().to_string(),
+    ];
+    let mut run = AgentRun::builder(&netns, NO_RULES, &args).start();
+    assert!(
+        poll_until(Duration::from_secs(30), || {
+            value(&run.stdout(), "waiting").map(|_| ())
+        })
+        .is_some(),
+        "the command did not start\n{}",
+        run.output()
+    );
+    // The deputy starts now, while the command runs (an ssh-agent started in another
+    // terminal, say).
+    let mut deputy = Deputy::new();
+    deputy.serve_stream(UnixListener::bind(&late).expect("bind"), "late");
+    std::fs::set_permissions(&late, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    // A few of the agent's looks.
+    thread::sleep(Duration::from_millis(500));
+    std::fs::write(&go, b"").expect("go");
+    assert!(run.wait().success(), "{}", run.output());
+    assert_eq!(run.expect_value("late"), "refused 111", "{}", run.output());
+    assert_eq!(run.expect_value("own_path"), "ok", "{}", run.output());
+    assert_eq!(deputy.requests(), Vec::<String>::new());
+    assert_eq!(target.accepted(), 0);
+    let denied: Vec<String> = run
+        .events_of("deny")
+        .iter()
+        .filter(|e| e["proto"] == "unix")
+        .map(|e| e["dst"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(denied, [late.display().to_string()], "{}", run.output());
+}

@@ -217,6 +217,11 @@ impl Confinement {
         self.deputies = Some(view);
     }
 
+    /// The deputy view, when [`Confinement::close_deputies`] set one.
+    pub fn deputy_view(&self) -> Option<&crate::workload::deputies::DeputyView> {
+        self.deputies.as_ref()
+    }
+
     /// Removes the generated resolver files once the command started (its view holds them).
     pub fn forget_generated(&self) {
         if let Some(d) = &self.deputies {

@@ -96,6 +96,10 @@ pub struct UnixJudge {
     /// Abstract names bound in the command's network namespace before it started.
     outside_abstract: BTreeSet<String>,
     scope_abstract: bool,
+    /// Socket files (device, inode) masked at the start.
+    masked_ids: BTreeSet<(u64, u64)>,
+    /// Sockets bound outside after the start, masked since by [`LateMasker`].
+    late: std::sync::Arc<std::sync::Mutex<BTreeSet<PathBuf>>>,
 }
 
 impl UnixJudge {
@@ -113,6 +117,7 @@ impl UnixJudge {
                     return false;
                 }
                 self.masked.contains(&real)
+                    || self.late.lock().is_ok_and(|l| l.contains(&real))
                     || (self.private.iter().any(|d| real.starts_with(d))
                         && fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_socket()))
             }
@@ -264,6 +269,14 @@ impl DeputyView {
             ));
         }
         let masked_set = masked.clone();
+        let masked_ids = masked
+            .iter()
+            .filter_map(|p| fs::symlink_metadata(p).ok())
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                (m.dev(), m.ino())
+            })
+            .collect();
         let masked: Vec<CString> = masked
             .iter()
             .take(MAX_MASKED)
@@ -316,11 +329,12 @@ impl DeputyView {
                 }
             ));
         }
-        warnings.push(
+        warnings.push(format!(
             "a unix socket that a process outside the sandbox binds after the command \
-             started, outside /run, stays reachable by the command (the view is made at start)"
-                .to_string(),
-        );
+             started, outside /run, is masked in the command's view only when the agent next \
+             looks (every {} ms): until then the command can reach it",
+            LATE_TICK.as_millis()
+        ));
         let outside_abstract = fs::read_to_string("/proc/self/net/unix")
             .map(|t| bound_abstract(&t))
             .unwrap_or_default();
@@ -331,6 +345,8 @@ impl DeputyView {
             masked: masked_set,
             outside_abstract,
             scope_abstract,
+            masked_ids,
+            late: Default::default(),
         };
 
         Ok(Self {
@@ -502,6 +518,135 @@ pub fn landlock_abi() -> i64 {
     v.max(0)
 }
 
+/// How often [`LateMasker`] looks for sockets bound after the start.
+pub const LATE_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Masks, in the command's mount namespace, the path sockets that processes outside its
+/// cgroup bind after it started (the scan at the start could not see them): polled every
+/// [`LATE_TICK`], so such a socket is reachable from its `bind` until the next look. A socket
+/// is the command's own when one of the cgroup's processes holds it (`/proc/PID/fd`); that is
+/// true from `socket()` on, before any `bind`.
+#[derive(Debug)]
+pub struct LateMasker {
+    judge: UnixJudge,
+    known: BTreeSet<(u64, u64)>,
+    mntns: std::os::fd::OwnedFd,
+    procs: PathBuf,
+}
+
+impl LateMasker {
+    /// For the command whose first process (in its mount namespace) is `pid`, in `cgroup`.
+    pub fn new(view: &DeputyView, pid: u32, cgroup: &Path) -> anyhow::Result<Self> {
+        let ns = fs::File::open(format!("/proc/{pid}/ns/mnt"))
+            .with_context(|| format!("cannot open the mount namespace of {pid}"))?;
+        Ok(Self {
+            judge: view.judge.clone(),
+            known: view.judge.masked_ids.clone(),
+            mntns: ns.into(),
+            procs: cgroup.join("cgroup.procs"),
+        })
+    }
+
+    /// One look: masks what is new and outside; returns it.
+    pub fn tick(&mut self) -> Vec<PathBuf> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut own: Option<BTreeSet<u64>> = None;
+        let mut out = Vec::new();
+        for table in unix_tables() {
+            for (inode, name) in named_sockets(&table) {
+                if !name.starts_with('/') {
+                    continue;
+                }
+                let Ok(m) = fs::symlink_metadata(name) else {
+                    continue;
+                };
+                if !m.file_type().is_socket() || !self.known.insert((m.dev(), m.ino())) {
+                    continue;
+                }
+                let real = fs::canonicalize(name).unwrap_or_else(|_| PathBuf::from(name));
+                if self.judge.private.iter().any(|d| real.starts_with(d))
+                    || self.judge.named.contains(&real)
+                {
+                    continue;
+                }
+                if own.get_or_insert_with(|| own_sockets(&self.procs)).contains(&inode) {
+                    continue;
+                }
+                out.push(real);
+            }
+        }
+        if out.is_empty() {
+            return out;
+        }
+        let paths: Vec<CString> = out.iter().filter_map(|p| cstring(p).ok()).collect();
+        if let Err(e) = mask_in(&self.mntns, &paths) {
+            tracing::warn!("cannot mask sockets bound after the start: {e}");
+        }
+        if let Ok(mut late) = self.judge.late.lock() {
+            late.extend(out.iter().cloned());
+        }
+        out
+    }
+}
+
+/// The socket inodes the cgroup's processes hold.
+fn own_sockets(procs: &Path) -> BTreeSet<u64> {
+    let pids = fs::read_to_string(procs).unwrap_or_default();
+    let mut out = BTreeSet::new();
+    for pid in pids.split_whitespace() {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(|e| e.ok()) {
+            if let Ok(link) = fs::read_link(fd.path())
+                && let Some(n) = link
+                    .to_str()
+                    .and_then(|l| l.strip_prefix("socket:["))
+                    .and_then(|l| l.strip_suffix(']'))
+                    .and_then(|n| n.parse().ok())
+            {
+                out.insert(n);
+            }
+        }
+    }
+    out
+}
+
+/// Binds `/dev/null` over each of `paths` in the mount namespace `ns`, from a forked child
+/// (`setns` into a mount namespace needs a single-threaded caller).
+fn mask_in(ns: &std::os::fd::OwnedFd, paths: &[CString]) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let fd = ns.as_raw_fd();
+    // SAFETY: the child makes only raw syscalls on data prepared before the fork, then exits.
+    unsafe {
+        let pid = libc::fork();
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            if libc::setns(fd, libc::CLONE_NEWNS) != 0 {
+                libc::_exit(1);
+            }
+            for p in paths {
+                libc::mount(
+                    c"/dev/null".as_ptr(),
+                    p.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                );
+            }
+            libc::_exit(0);
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+            return Err(io::Error::other("the masking child failed to enter the namespace"));
+        }
+    }
+    Ok(())
+}
+
 /// `/proc/PID/net/unix` of one process in each network namespace that has processes: a path
 /// socket bound in any of them is reachable through the file system, whatever the
 /// namespace of the process that connects.
@@ -588,13 +733,22 @@ pub fn resolv_conf(host: &str) -> String {
 /// The name column of each socket in a `/proc/net/unix` table (`Num RefCount Protocol Flags
 /// Type St Inode Path`: what follows the seventh field, which may hold spaces).
 fn names(table: &str) -> impl Iterator<Item = &str> {
+    named_sockets(table).map(|(_, n)| n)
+}
+
+/// The socket inode and name column of each socket in a `/proc/net/unix` table.
+fn named_sockets(table: &str) -> impl Iterator<Item = (u64, &str)> {
     table.lines().skip(1).filter_map(|line| {
         let mut rest = line.trim_start();
-        for _ in 0..7 {
+        let mut inode = 0;
+        for i in 0..7 {
             let end = rest.find(char::is_whitespace)?;
+            if i == 6 {
+                inode = rest[..end].parse().unwrap_or(0);
+            }
             rest = rest[end..].trim_start();
         }
-        Some(rest)
+        Some((inode, rest))
     })
 }
 

@@ -24,7 +24,7 @@ use crate::{
     policy::{self, Mode},
     sys::cgroup::{self, OwnedCgroup},
     workload::confine::{Capability, Confinement},
-    workload::deputies::DeputyView,
+    workload::deputies::{DeputyView, LateMasker},
     workload::launch::{self, Identity, SpawnError},
     workload::learn,
     workload::persistence::Protected,
@@ -228,6 +228,31 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     };
     // The command's view holds the generated resolver files now (or it never started).
     confinement.forget_generated();
+    // Sockets bound outside after the start: masked in the command's view as they appear.
+    let late_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let late = match (&spawned, confinement.deputy_view()) {
+        (Ok(Ok(child)), Some(view)) => child
+            .id()
+            .and_then(|pid| match LateMasker::new(view, pid, cg.path()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    warn(&sink, &format!("sockets bound after the start stay reachable: {e:#}"));
+                    None
+                }
+            }),
+        _ => None,
+    }
+    .map(|mut m| {
+        let stop = late_stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for p in m.tick() {
+                    tracing::debug!("masked {}, bound outside after the start", p.display());
+                }
+                std::thread::sleep(crate::workload::deputies::LATE_TICK);
+            }
+        })
+    });
     let mut output = None;
     if let (Ok(Ok(_)), Some(p)) = (&spawned, pty.as_mut()) {
         output = Some(p.relay()?);
@@ -258,6 +283,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     // sockets they leave behind (an orphaned connection keeps retransmitting its queued data
     // after its process is gone, and would do so unjudged once the programs are detached),
     // then stop the helpers, detach and remove.
+    late_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = late {
+        let _ = t.join();
+    }
     cgroup::kill_all(cg.path())?;
     cgroup::wait_empty(cg.path(), std::time::Duration::from_secs(5));
     if let Some(w) = unix_watch {

@@ -569,7 +569,10 @@ impl LateMasker {
                 {
                     continue;
                 }
-                if own.get_or_insert_with(|| own_sockets(&self.procs)).contains(&inode) {
+                if own
+                    .get_or_insert_with(|| own_sockets(&self.procs))
+                    .contains(&inode)
+                {
                     continue;
                 }
                 out.push(real);
@@ -641,7 +644,9 @@ fn mask_in(ns: &std::os::fd::OwnedFd, paths: &[CString]) -> io::Result<()> {
         let mut status = 0;
         libc::waitpid(pid, &mut status, 0);
         if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-            return Err(io::Error::other("the masking child failed to enter the namespace"));
+            return Err(io::Error::other(
+                "the masking child failed to enter the namespace",
+            ));
         }
     }
     Ok(())

@@ -231,15 +231,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     // Sockets bound outside after the start: masked in the command's view as they appear.
     let late_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let late = match (&spawned, confinement.deputy_view()) {
-        (Ok(Ok(child)), Some(view)) => child
-            .id()
-            .and_then(|pid| match LateMasker::new(view, pid, cg.path()) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    warn(&sink, &format!("sockets bound after the start stay reachable: {e:#}"));
-                    None
-                }
-            }),
+        (Ok(Ok(child)), Some(view)) => {
+            child
+                .id()
+                .and_then(|pid| match LateMasker::new(view, pid, cg.path()) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        warn(
+                            &sink,
+                            &format!("sockets bound after the start stay reachable: {e:#}"),
+                        );
+                        None
+                    }
+                })
+        }
         _ => None,
     }
     .map(|mut m| {

@@ -652,6 +652,19 @@ fn a_deputy_bound_after_the_start_is_masked_as_it_appears() {
         "the command did not start\n{}",
         run.output()
     );
+    // `status` shows what the view protects and what stays open (the state file is written
+    // every 2 s).
+    let name = format!("run-{}", run.pid());
+    let status = poll_until(Duration::from_secs(5), || {
+        let out = std::process::Command::new(egress_tests::agent_bin())
+            .args(["status", "--name", &name])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("/run (private").then_some(text)
+    });
+    let status = status.unwrap_or_else(|| panic!("status never showed the view\n{}", run.output()));
+    assert!(status.contains("still open: "), "{status}");
     // The deputy starts now, while the command runs (an ssh-agent started in another
     // terminal, say).
     let mut deputy = Deputy::new();

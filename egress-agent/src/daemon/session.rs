@@ -137,6 +137,7 @@ impl Session {
                 name: cfg.name.clone(),
                 cgroup: cfg.cgroup.clone(),
                 allowlist: cfg.watch.clone(),
+                protected: cfg.protected.clone(),
             },
             dns.clone(),
             metrics.clone(),
@@ -378,6 +379,7 @@ struct StateInputs {
     name: String,
     cgroup: PathBuf,
     allowlist: Option<PathBuf>,
+    protected: Vec<String>,
 }
 
 /// Writes the state file `status` reads, every 2 s.
@@ -389,6 +391,7 @@ async fn keep_state(inputs: StateInputs, dns: Arc<DnsContext>, metrics: Arc<Metr
             cgroup: inputs.cgroup.clone(),
             allowlist: inputs.allowlist.clone(),
             policy: dns.current_policy().summary(),
+            protected: inputs.protected.clone(),
             latest_denies: metrics
                 .latest
                 .lock()

@@ -42,6 +42,10 @@ pub struct AgentState {
     pub allowlist: Option<PathBuf>,
     /// One-line summary of the running policy.
     pub policy: String,
+    /// What the command of `run` cannot write or reach, and what stays open (as in the
+    /// `ready` event); empty for `attach`.
+    #[serde(default)]
+    pub protected: Vec<String>,
     /// Latest deny events, newest last.
     pub latest_denies: Vec<serde_json::Value>,
     /// When written (seconds since the epoch).
@@ -214,6 +218,9 @@ pub fn render(s: &Status) -> String {
                 row(&mut o, "allowlist", f.display().to_string());
             }
             row(&mut o, "policy", a.policy.clone());
+            for (i, p) in a.protected.iter().enumerate() {
+                row(&mut o, if i == 0 { "protected" } else { "" }, p.clone());
+            }
         }
         None => row(&mut o, "agent", "unknown (no state file)".into()),
     }

@@ -349,6 +349,8 @@ impl DeputyView {
             late: Default::default(),
         };
 
+        // What stays open, in the `ready` event and `status` too.
+        summary.extend(warnings.iter().map(|w| format!("still open: {w}")));
         Ok(Self {
             private: private
                 .iter()

@@ -10,5 +10,7 @@
 
 pub mod enforcer;
 pub mod kernel;
+pub mod rules;
+pub mod stale;
 pub mod trace;
 pub mod unix;

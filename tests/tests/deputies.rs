@@ -686,3 +686,126 @@ fn a_deputy_bound_after_the_start_is_masked_as_it_appears() {
         .collect();
     assert_eq!(denied, [late.display().to_string()], "{}", run.output());
 }
+
+/// Quotes `s` for `sh`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[test]
+fn a_deputy_shown_through_another_mount_is_out_of_reach_there_too() {
+    let netns = TestNetns::new();
+    let dir = open_dir();
+    let target = Target::start();
+    let mut deputy = Deputy::new();
+    // A socket in a directory that another mount shows again (a bind mount of the directory
+    // elsewhere), and one in /run whose directory is bound elsewhere (what a container
+    // engine's socket directory or a flatpak's view of /run/user looks like).
+    let real = dir.path().join("real");
+    let alias = dir.path().join("alias");
+    let run_alias = dir.path().join("run-alias");
+    for d in [&real, &alias, &run_alias] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    let run_dir = PathBuf::from("/run/egress").join(unique_name());
+    std::fs::create_dir_all(&run_dir).expect("create the /run socket's directory");
+    let _cleanup = RemoveOnDrop(run_dir.clone());
+    for (p, label) in [
+        (real.join("deputy.sock"), "bound"),
+        (run_dir.join("deputy.sock"), "in_run"),
+    ] {
+        deputy.serve_stream(UnixListener::bind(&p).expect("bind"), label);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    let sockets = [
+        ("alias", alias.join("deputy.sock").display().to_string()),
+        (
+            "run_alias",
+            run_alias.join("deputy.sock").display().to_string(),
+        ),
+    ];
+    let work = open_dir();
+    let files = TestDir::new();
+    let allow = files.path().join("allow.yaml");
+    std::fs::write(&allow, NO_RULES).expect("allowlist");
+    let events = files.path().join("events.jsonl");
+    let quoted = |own: &str| {
+        command_args(&target, work.path(), own, &sockets)
+            .iter()
+            .map(|a| sh_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // The host: a mount namespace of this test where both aliases are mounted. First the
+    // control (the command outside reaches the deputy through both), then the agent.
+    let script = format!(
+        "set -e; mount --bind {real} {alias}; mount --bind {run_dir} {run_alias}; \
+         {control} | sed 's/^/control_/'; rm -f {work}/own.sock {work}/own-dgram.sock; \
+         exec {agent} run --allowlist {allow} --events {events} -- {command}",
+        real = real.display(),
+        alias = alias.display(),
+        run_dir = run_dir.display(),
+        run_alias = run_alias.display(),
+        control = quoted(&format!("{}-c", unique_name())),
+        work = work.path().display(),
+        agent = egress_tests::agent_bin().display(),
+        allow = allow.display(),
+        events = events.display(),
+        command = quoted(&unique_name()),
+    );
+    let out = netns
+        .command("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .current_dir(work.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the host view");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let events = std::fs::read_to_string(&events).unwrap_or_default();
+    let context = format!(
+        "{stdout}\n{}\nevents:\n{events}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{context}");
+    for k in ["control_alias", "control_run_alias"] {
+        assert_eq!(
+            value(&stdout, k).as_deref(),
+            Some("reached"),
+            "{k}\n{context}"
+        );
+    }
+    // Masked at the alias too; the /run alias is as private as /run.
+    assert_eq!(
+        value(&stdout, "alias").as_deref(),
+        Some("refused 111"),
+        "{context}"
+    );
+    assert_eq!(
+        value(&stdout, "run_alias").as_deref(),
+        Some("refused 2"),
+        "{context}"
+    );
+    for k in ["own_socketpair", "own_path", "own_dgram", "own_abstract"] {
+        assert_eq!(value(&stdout, k).as_deref(), Some("ok"), "{k}\n{context}");
+    }
+    // Only the control's two requests reached the deputy, and only its two connections the
+    // target.
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        deputy.requests().len(),
+        2,
+        "the deputy was asked from inside: {:?}",
+        deputy.requests()
+    );
+    assert_eq!(
+        target.accepted(),
+        2,
+        "the target got a connection from inside"
+    );
+    for (_, path) in &sockets {
+        assert!(
+            events.contains(&format!("\"dst\":\"{path}\"")),
+            "no deny line for {path}\n{context}"
+        );
+    }
+}

@@ -793,18 +793,24 @@ unsafe fn set_kept(caps: &[Capability]) -> io::Result<()> {
 
 /// The parts of a mountinfo line that matter here.
 #[derive(Debug, PartialEq, Eq)]
-struct MountLine {
-    target: String,
-    fstype: String,
-    flags: libc::c_ulong,
+pub(super) struct MountLine {
+    /// The file system (`maj:min`): two mounts with the same one show the same files.
+    pub dev: String,
+    /// The directory of that file system shown at `target` (`/` unless a bind mount).
+    pub root: String,
+    pub target: String,
+    pub fstype: String,
+    pub flags: libc::c_ulong,
 }
 
 /// Parses one `/proc/self/mountinfo` line: `id parent maj:min root target opts [optional...]
 /// - fstype source superopts`.
-fn parse_mountinfo_line(line: &str) -> Option<MountLine> {
+pub(super) fn parse_mountinfo_line(line: &str) -> Option<MountLine> {
     let (left, right) = line.split_once(" - ")?;
     let mut l = left.split(' ');
-    let target = l.nth(4)?;
+    let dev = l.nth(2)?;
+    let root = l.next()?;
+    let target = l.next()?;
     let opts = l.next()?;
     let fstype = right.split(' ').next()?;
     let mut flags = 0;
@@ -820,6 +826,8 @@ fn parse_mountinfo_line(line: &str) -> Option<MountLine> {
         };
     }
     Some(MountLine {
+        dev: dev.to_owned(),
+        root: egress_common::mounts::unescape(root),
         target: egress_common::mounts::unescape(target),
         fstype: fstype.to_owned(),
         flags,
@@ -835,6 +843,7 @@ mod tests {
         let l = "35 24 0:30 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw";
         let m = parse_mountinfo_line(l).unwrap();
         assert_eq!(m.target, "/sys/fs/cgroup/unified");
+        assert_eq!((m.dev.as_str(), m.root.as_str()), ("0:30", "/"));
         assert_eq!(m.fstype, "cgroup2");
         assert_eq!(
             m.flags,

@@ -14,8 +14,11 @@
 //! 2. **Masked sockets elsewhere**: every path socket bound in any network namespace with a
 //!    process when the command starts (`/proc/PID/net/unix`: /tmp's X11, ssh-agent and tmux sockets, a
 //!    home's docker or gpg socket) gets `/dev/null` bound over it (connect: ECONNREFUSED),
-//!    unless a rule names it. A socket bound there after the command started stays reachable:
-//!    the agent says so in a warning.
+//!    unless a rule names it, at every path another mount of its file system shows it too (a
+//!    bind mount of its directory elsewhere). A mount elsewhere that shows part of a private
+//!    directory (a bind mount of `/run/docker` or `/run/user/UID`) is made private as well.
+//!    A socket bound there after the command started is masked by [`LateMasker`] when it next
+//!    looks: the agent says so in a warning.
 //! 3. **Landlock scoping of abstract sockets** (`LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET`, Landlock
 //!    ABI 6, Linux 6.12): the command's Landlock domain may connect and send only to abstract
 //!    sockets created inside it, which is exactly "its own, and its children's". Scoping is
@@ -160,6 +163,19 @@ impl DeputyView {
         if fs::symlink_metadata("/var/run").is_ok_and(|m| m.is_dir()) {
             private.push(PathBuf::from("/var/run"));
         }
+        let mounts = mounts();
+        // Other mounts showing what a private directory hides (a bind mount of /run or of a
+        // directory in it elsewhere) are private too; one of a single socket is masked.
+        let mut alias_files = Vec::new();
+        let mut alias_dirs = Vec::new();
+        for a in private_aliases(&mounts, &private) {
+            if fs::symlink_metadata(&a).is_ok_and(|m| m.is_dir()) {
+                alias_dirs.push(a);
+            } else if fs::symlink_metadata(&a).is_ok_and(|m| m.file_type().is_socket()) {
+                alias_files.push(a);
+            }
+        }
+        private.extend(alias_dirs.iter().cloned());
         let inside = |p: &Path| private.iter().any(|d| p.starts_with(d));
         let mut warnings = Vec::new();
         let mut summary = Vec::new();
@@ -260,8 +276,15 @@ impl DeputyView {
             if inside(&real) || named.contains(&real) {
                 continue;
             }
+            // The same socket where another mount of its file system shows it.
+            for a in aliases(&mounts, &real) {
+                if !inside(&a) && !named.contains(&a) {
+                    masked.insert(a);
+                }
+            }
             masked.insert(real);
         }
+        masked.extend(alias_files);
         if masked.len() > MAX_MASKED {
             warnings.push(format!(
                 "{} unix sockets are bound outside /run; only the first {MAX_MASKED} are masked",
@@ -292,11 +315,22 @@ impl DeputyView {
             )),
             _ => None,
         };
-        let shown: Vec<String> = private.iter().map(|p| p.display().to_string()).collect();
+        let shown: Vec<String> = private
+            .iter()
+            .filter(|p| !alias_dirs.contains(p))
+            .map(|p| p.display().to_string())
+            .collect();
+        let aliased = if alias_dirs.is_empty() {
+            String::new()
+        } else {
+            let a: Vec<String> = alias_dirs.iter().map(|p| p.display().to_string()).collect();
+            format!(", and {} (other mounts of what they hold)", a.join(", "))
+        };
         summary.insert(
             0,
             format!(
-                "{} (private and empty: the host daemons' unix sockets there are out of reach)",
+                "{}{aliased} (private and empty: the host daemons' unix sockets there are out of \
+                 reach)",
                 shown.join(", ")
             ),
         );
@@ -583,6 +617,16 @@ impl LateMasker {
         if out.is_empty() {
             return out;
         }
+        let mounts = mounts();
+        let also: Vec<PathBuf> = out
+            .iter()
+            .flat_map(|p| aliases(&mounts, p))
+            .filter(|a| {
+                !self.judge.private.iter().any(|d| a.starts_with(d))
+                    && !self.judge.named.contains(a)
+            })
+            .collect();
+        out.extend(also);
         let paths: Vec<CString> = out.iter().filter_map(|p| cstring(p).ok()).collect();
         if let Err(e) = mask_in(&self.mntns, &paths) {
             tracing::warn!("cannot mask sockets bound after the start: {e}");
@@ -652,6 +696,108 @@ fn mask_in(ns: &std::os::fd::OwnedFd, paths: &[CString]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A mount of the agent's view: which file system, which of its directories, where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mount {
+    dev: String,
+    root: PathBuf,
+    target: PathBuf,
+}
+
+/// The mounts of the agent's view, in `/proc/self/mountinfo` order (a later one over an
+/// earlier one at the same place).
+fn mounts() -> Vec<Mount> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(crate::workload::confine::parse_mountinfo_line)
+        .map(|m| Mount {
+            dev: m.dev,
+            root: PathBuf::from(m.root),
+            target: PathBuf::from(m.target),
+        })
+        .collect()
+}
+
+/// Where `path` lives: its file system and its path inside it (through the topmost of the
+/// mounts with the longest target above it).
+fn locate<'a>(mounts: &'a [Mount], path: &Path) -> Option<(&'a str, PathBuf)> {
+    let m = mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.target))
+        .max_by_key(|m| m.target.components().count())?;
+    let rel = path.strip_prefix(&m.target).ok()?;
+    Some((&m.dev, fold(&m.root.join(rel))))
+}
+
+/// The other paths under which the file at `path` shows through mounts of its file system
+/// elsewhere (a bind mount of its directory or of a parent, a second mount of the same file
+/// system), each checked to be the same file (device and inode): a socket masked at one path
+/// must be masked at all of them.
+fn aliases(mounts: &[Mount], path: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |p: &Path| fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let (Some((dev, inner)), Some(want)) = (locate(mounts, path), id(path)) else {
+        return Vec::new();
+    };
+    let mut out = BTreeSet::new();
+    for m in mounts.iter().filter(|m| m.dev == dev) {
+        if let Ok(rel) = inner.strip_prefix(&m.root) {
+            let a = fold(&m.target.join(rel));
+            if a != path && id(&a) == Some(want) {
+                out.insert(a);
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Mounts outside the private directories that show what those hide: a mount of the same
+/// file system whose root is inside a hidden part (a bind mount of `/run/docker` at `/srv/x`,
+/// a second mount of `/run/user/UID`), or above it where the same directory shows through
+/// (a bind mount of `/` at `/mnt/root` when `/run` is a plain directory of the root file
+/// system). Outermost first; none above a private directory.
+fn private_aliases(mounts: &[Mount], private: &[PathBuf]) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |p: &Path| fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let under = |p: &Path| private.iter().any(|d| p.starts_with(d));
+    // (file system, hidden directory inside it, where it shows in the host's view).
+    let mut hidden: Vec<(&str, PathBuf, PathBuf)> = Vec::new();
+    for d in private {
+        if let Some((dev, inner)) = locate(mounts, d) {
+            hidden.push((dev, inner, d.clone()));
+        }
+    }
+    for m in mounts.iter().filter(|m| under(&m.target)) {
+        hidden.push((&m.dev, m.root.clone(), m.target.clone()));
+    }
+    let mut found = BTreeSet::new();
+    for m in mounts.iter().filter(|m| !under(&m.target)) {
+        for (dev, inner, shown) in &hidden {
+            if m.dev != *dev || &m.target == shown {
+                continue;
+            }
+            if m.root.starts_with(inner) {
+                found.insert(m.target.clone());
+            } else if let Ok(rel) = inner.strip_prefix(&m.root) {
+                let a = fold(&m.target.join(rel));
+                if &a != shown && !under(&a) && id(&a).is_some() && id(&a) == id(shown) {
+                    found.insert(a);
+                }
+            }
+        }
+    }
+    let mut out: Vec<PathBuf> = Vec::new();
+    for a in found {
+        // BTreeSet order: a parent comes before what is below it.
+        if out.iter().any(|o| a.starts_with(o)) || private.iter().any(|d| d.starts_with(&a)) {
+            continue;
+        }
+        out.push(a);
+    }
+    out
 }
 
 /// `/proc/PID/net/unix` of one process in each network namespace that has processes: a path
@@ -891,6 +1037,34 @@ mod tests {
         assert_eq!(
             bound_paths(table).into_iter().collect::<Vec<_>>(),
             ["/run/dbus/system_bus_socket", "/tmp/a b.sock"]
+        );
+    }
+
+    #[test]
+    fn a_path_is_located_through_the_topmost_longest_mount() {
+        let m = |dev: &str, root: &str, target: &str| Mount {
+            dev: dev.into(),
+            root: root.into(),
+            target: target.into(),
+        };
+        let mounts = [
+            m("8:1", "/", "/"),
+            m("0:25", "/", "/run"),
+            m("8:1", "/srv/run", "/run"),
+            m("0:25", "/docker", "/srv/d"),
+        ];
+        // The later of two mounts at /run is the one on top.
+        assert_eq!(
+            locate(&mounts, Path::new("/run/a.sock")),
+            Some(("8:1", PathBuf::from("/srv/run/a.sock")))
+        );
+        assert_eq!(
+            locate(&mounts, Path::new("/srv/d/x.sock")),
+            Some(("0:25", PathBuf::from("/docker/x.sock")))
+        );
+        assert_eq!(
+            locate(&mounts, Path::new("/tmp")),
+            Some(("8:1", PathBuf::from("/tmp")))
         );
     }
 

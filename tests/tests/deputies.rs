@@ -311,22 +311,27 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
     let netns = TestNetns::new();
     let dir = open_dir();
     let target = Target::start();
-    let (deputy, sockets) = deputy(&netns, dir.path());
+    let (deputy, mut sockets) = deputy(&netns, dir.path());
+    // The stream socket again, through the root of a process outside (this test): the
+    // command's pid namespace has no such process.
+    let through_root = format!("/proc/{}/root{}", std::process::id(), sockets[0].1);
+    sockets.push(("proc_root", through_root));
     let work = open_dir();
     let own = unique_name();
 
-    // Control: outside the sandbox the deputy is reached on all three and acts.
+    // Control: outside the sandbox the deputy is reached on all four and acts.
     let args = command_args(&target, work.path(), &format!("{own}-c"), &sockets);
     let out = control(&netns, &args);
     for (k, want) in [
         ("stream", "reached"),
         ("abstract", "reached"),
         ("dgram", "sent"),
+        ("proc_root", "reached"),
     ] {
         assert_eq!(value(&out, k).as_deref(), Some(want), "control {k}\n{out}");
     }
     assert!(
-        poll_until(Duration::from_secs(5), || (target.accepted() >= 3)
+        poll_until(Duration::from_secs(5), || (target.accepted() >= 4)
             .then_some(()))
         .is_some(),
         "control: the deputy did not reach the target ({} connections)\n{:?}",
@@ -349,6 +354,8 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
         // Landlock scope: EPERM.
         ("abstract", "refused 1"),
         ("dgram", "refused 111"),
+        // No process outside is there (pid namespace).
+        ("proc_root", "refused 2"),
     ] {
         assert_eq!(run.expect_value(k), errno, "{k}\n{}", run.output());
     }
@@ -378,6 +385,7 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
         ("stream", "connect_unix"),
         ("abstract", "connect_unix"),
         ("dgram", "sendmsg_unix"),
+        ("proc_root", "connect_unix"),
     ] {
         let dst = &sockets.iter().find(|(k, _)| *k == kind).expect("socket").1;
         assert!(
@@ -387,7 +395,7 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
         );
     }
     // The command's own sockets are not reported.
-    assert_eq!(denies.len(), 3, "{denies:?}");
+    assert_eq!(denies.len(), 4, "{denies:?}");
     let ready = run.events_of("ready");
     let protected = ready[0]["protected"].to_string();
     assert!(

@@ -700,6 +700,53 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// A host of the test's making: a mount namespace of its own (private to the machine) in
+/// which a shell script sets the scene and ends by starting the agent on a command.
+struct HostView {
+    files: TestDir,
+}
+
+impl HostView {
+    fn new() -> Self {
+        let files = TestDir::new();
+        std::fs::write(files.path().join("allow.yaml"), NO_RULES).expect("allowlist");
+        Self { files }
+    }
+
+    /// `exec egress-agent run` on `command` (its words quoted), with no rules.
+    fn agent(&self, command: &[String]) -> String {
+        let words: Vec<String> = command.iter().map(|a| sh_quote(a)).collect();
+        format!(
+            "exec {} run --allowlist {} --events {} -- {}",
+            egress_tests::agent_bin().display(),
+            self.files.path().join("allow.yaml").display(),
+            self.files.path().join("events.jsonl").display(),
+            words.join(" ")
+        )
+    }
+
+    /// Runs `script` in `netns`, in a new mount namespace, from `work`; returns its output
+    /// and the agent's events, and the two as a context for failures.
+    fn run(&self, netns: &TestNetns, work: &Path, script: &str) -> (String, String, String) {
+        let out = netns
+            .command("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", script])
+            .current_dir(work)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the host view");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let events =
+            std::fs::read_to_string(self.files.path().join("events.jsonl")).unwrap_or_default();
+        let context = format!(
+            "{stdout}\n{}\nevents:\n{events}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{context}");
+        (stdout, events, context)
+    }
+}
+
 #[test]
 fn a_deputy_shown_through_another_mount_is_out_of_reach_there_too() {
     let netns = TestNetns::new();
@@ -733,10 +780,7 @@ fn a_deputy_shown_through_another_mount_is_out_of_reach_there_too() {
         ),
     ];
     let work = open_dir();
-    let files = TestDir::new();
-    let allow = files.path().join("allow.yaml");
-    std::fs::write(&allow, NO_RULES).expect("allowlist");
-    let events = files.path().join("events.jsonl");
+    let view = HostView::new();
     let quoted = |own: &str| {
         command_args(&target, work.path(), own, &sockets)
             .iter()
@@ -749,32 +793,21 @@ fn a_deputy_shown_through_another_mount_is_out_of_reach_there_too() {
     let script = format!(
         "set -e; mount --bind {real} {alias}; mount --bind {run_dir} {run_alias}; \
          {control} | sed 's/^/control_/'; rm -f {work}/own.sock {work}/own-dgram.sock; \
-         exec {agent} run --allowlist {allow} --events {events} -- {command}",
+         {agent}",
         real = real.display(),
         alias = alias.display(),
         run_dir = run_dir.display(),
         run_alias = run_alias.display(),
         control = quoted(&format!("{}-c", unique_name())),
         work = work.path().display(),
-        agent = egress_tests::agent_bin().display(),
-        allow = allow.display(),
-        events = events.display(),
-        command = quoted(&unique_name()),
+        agent = view.agent(&command_args(
+            &target,
+            work.path(),
+            &unique_name(),
+            &sockets
+        )),
     );
-    let out = netns
-        .command("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .current_dir(work.path())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the host view");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let events = std::fs::read_to_string(&events).unwrap_or_default();
-    let context = format!(
-        "{stdout}\n{}\nevents:\n{events}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{context}");
+    let (stdout, events, context) = view.run(&netns, work.path(), &script);
     for k in ["control_alias", "control_run_alias"] {
         assert_eq!(
             value(&stdout, k).as_deref(),
@@ -816,4 +849,80 @@ fn a_deputy_shown_through_another_mount_is_out_of_reach_there_too() {
             "no deny line for {path}\n{context}"
         );
     }
+}
+
+#[test]
+fn a_mount_of_run_made_after_the_start_is_private_too() {
+    let netns = TestNetns::new();
+    let dir = open_dir();
+    let target = Target::start();
+    let mut deputy = Deputy::new();
+    let run_dir = PathBuf::from("/run/egress").join(unique_name());
+    std::fs::create_dir_all(&run_dir).expect("create the /run socket's directory");
+    let _cleanup = RemoveOnDrop(run_dir.clone());
+    let sock = run_dir.join("deputy.sock");
+    deputy.serve_stream(UnixListener::bind(&sock).expect("bind"), "in_run");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let late_alias = dir.path().join("late-alias");
+    std::fs::create_dir(&late_alias).expect("mkdir");
+    let go = dir.path().join("go");
+    let work = open_dir();
+    let own = work.path().join("own.sock");
+    let view = HostView::new();
+    let command = [
+        python3().to_owned(),
+        "-c".to_owned(),
+        LATE_COMMAND.to_owned(),
+        late_alias.join("deputy.sock").display().to_string(),
+        go.display().to_string(),
+        target.addr.clone(),
+        own.display().to_string(),
+    ];
+    // The host: a mount namespace of this test whose mounts propagate to the command's (as
+    // the host's do). Once the command runs (its own listener exists), /run's directory is
+    // bound elsewhere (a container engine starting, say); the control reaches the deputy
+    // there, then the command tries.
+    let script = format!(
+        "set -e; mount --make-rshared /; \
+         ( for i in $(seq 600); do [ -S {own} ] && break; sleep 0.05; done; \
+           mount --bind {run_dir} {late_alias}; \
+           {py} -c 'import socket; s = socket.socket(socket.AF_UNIX); \
+             s.connect(\"{late_alias}/deputy.sock\"); print(\"control=reached\")' \
+             || echo control=refused; \
+           sleep 0.5; touch {go} ) & \
+         {agent}",
+        own = own.display(),
+        run_dir = run_dir.display(),
+        late_alias = late_alias.display(),
+        py = python3(),
+        go = go.display(),
+        agent = view.agent(&command),
+    );
+    let (stdout, events, context) = view.run(&netns, work.path(), &script);
+    assert_eq!(
+        value(&stdout, "control").as_deref(),
+        Some("reached"),
+        "{context}"
+    );
+    assert_eq!(
+        value(&stdout, "late").as_deref(),
+        Some("refused 2"),
+        "{context}"
+    );
+    assert_eq!(
+        value(&stdout, "own_path").as_deref(),
+        Some("ok"),
+        "{context}"
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(deputy.requests().len(), 1, "{:?}", deputy.requests());
+    assert_eq!(
+        target.accepted(),
+        0,
+        "the target got a connection from inside"
+    );
+    assert!(
+        events.contains(&format!("\"dst\":\"{}/deputy.sock\"", late_alias.display())),
+        "no deny line\n{context}"
+    );
 }

@@ -103,6 +103,9 @@ pub struct UnixJudge {
     masked_ids: BTreeSet<(u64, u64)>,
     /// Sockets bound outside after the start, masked since by [`LateMasker`].
     late: std::sync::Arc<std::sync::Mutex<BTreeSet<PathBuf>>>,
+    /// Mounts made outside after the start that show part of a private directory, made
+    /// private since by [`LateMasker`].
+    late_private: std::sync::Arc<std::sync::Mutex<Vec<PathBuf>>>,
 }
 
 impl UnixJudge {
@@ -119,9 +122,14 @@ impl UnixJudge {
                 if self.named.contains(&real) {
                     return false;
                 }
+                let private = self.private.iter().any(|d| real.starts_with(d))
+                    || self
+                        .late_private
+                        .lock()
+                        .is_ok_and(|l| l.iter().any(|d| real.starts_with(d)));
                 self.masked.contains(&real)
                     || self.late.lock().is_ok_and(|l| l.contains(&real))
-                    || (self.private.iter().any(|d| real.starts_with(d))
+                    || (private
                         && fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_socket()))
             }
             UnixTarget::Abstract(n) => {
@@ -152,6 +160,11 @@ pub struct DeputyView {
     /// What stays open, one `warning` event each.
     pub warnings: Vec<String>,
     judge: UnixJudge,
+    /// The private directories as asked (`/run`, `/var/run`), without the other mounts of
+    /// what they hold.
+    base_private: Vec<PathBuf>,
+    /// Those other mounts (private or masked), as found at the start.
+    aliases: BTreeSet<PathBuf>,
 }
 
 impl DeputyView {
@@ -166,9 +179,12 @@ impl DeputyView {
         let mounts = mounts();
         // Other mounts showing what a private directory hides (a bind mount of /run or of a
         // directory in it elsewhere) are private too; one of a single socket is masked.
+        let base_private = private.clone();
         let mut alias_files = Vec::new();
         let mut alias_dirs = Vec::new();
-        for a in private_aliases(&mounts, &private) {
+        let shown_elsewhere: BTreeSet<PathBuf> =
+            private_aliases(&mounts, &private).into_iter().collect();
+        for a in shown_elsewhere.iter().cloned() {
             if fs::symlink_metadata(&a).is_ok_and(|m| m.is_dir()) {
                 alias_dirs.push(a);
             } else if fs::symlink_metadata(&a).is_ok_and(|m| m.file_type().is_socket()) {
@@ -381,6 +397,7 @@ impl DeputyView {
             scope_abstract,
             masked_ids,
             late: Default::default(),
+            late_private: Default::default(),
         };
 
         // What stays open, in the `ready` event and `status` too.
@@ -402,6 +419,8 @@ impl DeputyView {
             summary,
             warnings,
             judge,
+            base_private,
+            aliases: shown_elsewhere,
         })
     }
 
@@ -566,6 +585,8 @@ pub const LATE_TICK: std::time::Duration = std::time::Duration::from_millis(100)
 pub struct LateMasker {
     judge: UnixJudge,
     known: BTreeSet<(u64, u64)>,
+    base_private: Vec<PathBuf>,
+    aliases: BTreeSet<PathBuf>,
     mntns: std::os::fd::OwnedFd,
     procs: PathBuf,
 }
@@ -578,6 +599,8 @@ impl LateMasker {
         Ok(Self {
             judge: view.judge.clone(),
             known: view.judge.masked_ids.clone(),
+            base_private: view.base_private.clone(),
+            aliases: view.aliases.clone(),
             mntns: ns.into(),
             procs: cgroup.join("cgroup.procs"),
         })
@@ -586,8 +609,8 @@ impl LateMasker {
     /// One look: masks what is new and outside; returns it.
     pub fn tick(&mut self) -> Vec<PathBuf> {
         use std::os::unix::fs::MetadataExt as _;
+        let mut out = self.late_aliases();
         let mut own: Option<BTreeSet<u64>> = None;
-        let mut out = Vec::new();
         for table in unix_tables() {
             for (inode, name) in named_sockets(&table) {
                 if !name.starts_with('/') {
@@ -628,13 +651,47 @@ impl LateMasker {
             .collect();
         out.extend(also);
         let paths: Vec<CString> = out.iter().filter_map(|p| cstring(p).ok()).collect();
-        if let Err(e) = mask_in(&self.mntns, &paths) {
+        if let Err(e) = mask_in(&self.mntns, &paths, &[]) {
             tracing::warn!("cannot mask sockets bound after the start: {e}");
         }
         if let Ok(mut late) = self.judge.late.lock() {
             late.extend(out.iter().cloned());
         }
         out
+    }
+}
+
+impl LateMasker {
+    /// Mounts made outside since the start that show part of a private directory (they
+    /// propagate into the command's namespace, which is a slave of the host's): made private
+    /// (a directory) or masked (a socket) there too. Returns them.
+    fn late_aliases(&mut self) -> Vec<PathBuf> {
+        let (mut dirs, mut files) = (Vec::new(), Vec::new());
+        for a in private_aliases(&mounts(), &self.base_private) {
+            if !self.aliases.insert(a.clone()) {
+                continue;
+            }
+            match fs::symlink_metadata(&a) {
+                Ok(m) if m.is_dir() => dirs.push(a),
+                Ok(m) if m.file_type().is_socket() => files.push(a),
+                _ => {}
+            }
+        }
+        if dirs.is_empty() && files.is_empty() {
+            return Vec::new();
+        }
+        let c =
+            |v: &[PathBuf]| -> Vec<CString> { v.iter().filter_map(|p| cstring(p).ok()).collect() };
+        if let Err(e) = mask_in(&self.mntns, &c(&files), &c(&dirs)) {
+            tracing::warn!("cannot hide mounts of /run made after the start: {e}");
+        }
+        if let Ok(mut l) = self.judge.late_private.lock() {
+            l.extend(dirs.iter().cloned());
+        }
+        if let Ok(mut l) = self.judge.late.lock() {
+            l.extend(files.iter().cloned());
+        }
+        dirs.into_iter().chain(files).collect()
     }
 }
 
@@ -661,9 +718,10 @@ fn own_sockets(procs: &Path) -> BTreeSet<u64> {
     out
 }
 
-/// Binds `/dev/null` over each of `paths` in the mount namespace `ns`, from a forked child
-/// (`setns` into a mount namespace needs a single-threaded caller).
-fn mask_in(ns: &std::os::fd::OwnedFd, paths: &[CString]) -> io::Result<()> {
+/// Covers each of `dirs` with an empty tmpfs and binds `/dev/null` over each of `paths` in
+/// the mount namespace `ns`, from a forked child (`setns` into a mount namespace needs a
+/// single-threaded caller).
+fn mask_in(ns: &std::os::fd::OwnedFd, paths: &[CString], dirs: &[CString]) -> io::Result<()> {
     use std::os::fd::AsRawFd as _;
     let fd = ns.as_raw_fd();
     // SAFETY: the child makes only raw syscalls on data prepared before the fork, then exits.
@@ -675,6 +733,15 @@ fn mask_in(ns: &std::os::fd::OwnedFd, paths: &[CString]) -> io::Result<()> {
         if pid == 0 {
             if libc::setns(fd, libc::CLONE_NEWNS) != 0 {
                 libc::_exit(1);
+            }
+            for d in dirs {
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    d.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"mode=0755".as_ptr().cast(),
+                );
             }
             for p in paths {
                 libc::mount(

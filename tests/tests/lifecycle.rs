@@ -21,7 +21,7 @@ use std::{
     fs::{self, File},
     io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
-    os::unix::fs::{MetadataExt as _, symlink},
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _, symlink},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
@@ -1578,4 +1578,42 @@ fn stale_pins_of_deleted_cgroups_are_swept() {
     assert!(warned.is_some(), "no sweep warning\n{}", started.output());
     assert!(!gone.dir().exists(), "swept at start");
     assert!(live.pins.dir().exists(), "the live agent's pins stay");
+}
+
+/// Under attach nothing judges unix sockets (issue 15): the agent says so at start, names the
+/// `unix:` rules that take effect only under `run`, and it is true: the app reaches a unix
+/// socket of a process outside its cgroup that no rule names.
+#[test]
+fn attach_says_unix_sockets_stay_open_and_they_do() {
+    let dir = TestDir::new();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).expect("chmod");
+    let sock = dir.path().join("outside.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o777)).expect("chmod");
+    let env = Env::new(&format!(
+        "{ALLOWED_RULE}  - unix: /run/user/1000/ssh-agent.sock\n"
+    ));
+    let agent = env.start_agent(&[]);
+    let warning = agent
+        .wait_event(WAIT, |e| {
+            e["event"] == "warning"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("unix sockets are not judged under attach"))
+        })
+        .unwrap_or_else(|| panic!("no unix warning\n{}", agent.output()));
+    assert!(
+        warning["message"].as_str().is_some_and(
+            |m| m.contains("(/run/user/1000/ssh-agent.sock) take effect only under run")
+        ),
+        "{warning}"
+    );
+    let out = env.app(&format!(
+        "s = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect('{}')\n    out['r'] = 'reached'\n\
+         except OSError as e:\n    out['r'] = f'refused {{e.errno}}'",
+        sock.display()
+    ));
+    assert_eq!(out["r"], "reached", "{out}\n{}", agent.output());
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(listener.accept().is_ok(), "the connection arrived outside");
 }

@@ -162,9 +162,29 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
              CAP_BPF, and must see the cgroup filesystem read-only"
         ),
     );
+    let unix_rules: Vec<String> = (session.dns.current_policy().unix_names().iter())
+        .map(|u| u.to_string())
+        .collect();
+    session::warn(&sink, &unix_open(&unix_rules));
     stop.wait().await;
     session.stop(cfg.detach_on_exit).await?;
     Ok(0)
+}
+
+/// What stays open to unix sockets under `attach` (issue 15): nothing judges them, and
+/// `unix:` rules take effect only under `run`.
+fn unix_open(rules: &[String]) -> String {
+    let mut m = "unix sockets are not judged under attach: the enforced processes reach every \
+                 unix socket their mount and network namespaces show (a daemon there can act \
+                 for them); run keeps them out of reach"
+        .to_string();
+    if !rules.is_empty() {
+        m.push_str(&format!(
+            "; the unix: rules ({}) take effect only under run",
+            rules.join(", ")
+        ));
+    }
+    m
 }
 
 /// SIGTERM and SIGINT, caught from before the session starts: a stop request that arrives

@@ -94,6 +94,11 @@ impl FromStr for Destination {
                 "empty destination: give NAME, NAME:PORT, IP, IP:PORT or [IPV6]:PORT".into(),
             );
         }
+        if t.starts_with('/') || t.starts_with('@') {
+            return Err(format!(
+                "{t:?} is not a destination: write a unix socket as unix:{t}"
+            ));
+        }
         if t.contains("://") || t.contains('/') {
             return Err(format!(
                 "{t:?} is not a destination: give a host name or address and a port, like \

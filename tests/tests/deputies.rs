@@ -178,13 +178,18 @@ impl Drop for Deputy {
 /// target, then uses its own socketpair, its own listener path and its own abstract name,
 /// each across a fork. Prints `kind=reached|sent|refused ERRNO` and `own_*=ok`.
 const COMMAND: &str = r#"
-import os, socket, sys
+import os, socket, sys, time
 target, workdir, own_name = sys.argv[1], sys.argv[2], sys.argv[3]
 def addr(a):
     return "\0" + a[1:] if a.startswith("@") else a
 for arg in sys.argv[4:]:
     kind, a = arg.split("=", 1)
     dgram = kind.startswith("dgram")
+    here = os.getcwd()
+    if kind.startswith("rel"):
+        # A path relative to the working directory.
+        os.chdir(os.path.dirname(a))
+        a = os.path.basename(a)
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM if dgram else socket.SOCK_STREAM)
         s.settimeout(5)
@@ -199,6 +204,10 @@ for arg in sys.argv[4:]:
             print(f"{kind}={got}", flush=True)
     except OSError as e:
         print(f"{kind}=refused {e.errno}", flush=True)
+    if kind.startswith("rel"):
+        # The agent reads the working directory when it names the refusal.
+        time.sleep(0.5)
+    os.chdir(here)
 a, b = socket.socketpair()
 a.sendall(b"pair")
 print(f"own_socketpair={'ok' if b.recv(4) == b'pair' else 'bad'}", flush=True)
@@ -316,6 +325,9 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
     // command's pid namespace has no such process.
     let through_root = format!("/proc/{}/root{}", std::process::id(), sockets[0].1);
     sockets.push(("proc_root", through_root));
+    // And by a path relative to the working directory.
+    let stream = sockets[0].1.clone();
+    sockets.push(("rel_stream", stream));
     let work = open_dir();
     let own = unique_name();
 
@@ -327,11 +339,12 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
         ("abstract", "reached"),
         ("dgram", "sent"),
         ("proc_root", "reached"),
+        ("rel_stream", "reached"),
     ] {
         assert_eq!(value(&out, k).as_deref(), Some(want), "control {k}\n{out}");
     }
     assert!(
-        poll_until(Duration::from_secs(5), || (target.accepted() >= 4)
+        poll_until(Duration::from_secs(5), || (target.accepted() >= 5)
             .then_some(()))
         .is_some(),
         "control: the deputy did not reach the target ({} connections)\n{:?}",
@@ -356,6 +369,7 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
         ("dgram", "refused 111"),
         // No process outside is there (pid namespace).
         ("proc_root", "refused 2"),
+        ("rel_stream", "refused 111"),
     ] {
         assert_eq!(run.expect_value(k), errno, "{k}\n{}", run.output());
     }
@@ -386,8 +400,19 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
         ("abstract", "connect_unix"),
         ("dgram", "sendmsg_unix"),
         ("proc_root", "connect_unix"),
+        ("rel_stream", "connect_unix"),
     ] {
-        let dst = &sockets.iter().find(|(k, _)| *k == kind).expect("socket").1;
+        let mut dst = sockets
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .expect("socket")
+            .1
+            .clone();
+        if kind == "rel_stream" {
+            // As written: the name in its directory.
+            dst = "deputy.sock".to_owned();
+        }
+        let dst = &dst;
         assert!(
             denies.contains(&(dst.clone(), hook.to_owned())),
             "no deny line for {kind} {dst} ({hook}): {denies:?}\n{}",
@@ -395,7 +420,7 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
         );
     }
     // The command's own sockets are not reported.
-    assert_eq!(denies.len(), 4, "{denies:?}");
+    assert_eq!(denies.len(), 5, "{denies:?}");
     let ready = run.events_of("ready");
     let protected = ready[0]["protected"].to_string();
     assert!(

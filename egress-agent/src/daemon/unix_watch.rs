@@ -23,7 +23,7 @@ const PER_SECOND: u32 = 10;
 /// is queued.
 pub async fn pump(
     watch: UnixWatch,
-    refused: impl Fn(&UnixTarget) -> bool,
+    refused: impl Fn(&UnixAttempt) -> bool,
     cgroup_id: u64,
     sink: Arc<EventSink>,
     mut stop: watch::Receiver<bool>,
@@ -35,7 +35,7 @@ pub async fn pump(
     let mut fd = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
     let mut seen: HashMap<(u32, String, &'static str), (Instant, u32)> = HashMap::new();
     let mut out = |a: UnixAttempt| {
-        if !refused(&a.target) {
+        if !refused(&a) {
             return;
         }
         let dst = match &a.target {
@@ -117,7 +117,7 @@ impl Running {
 /// says the view refused. Fails where the kernel has no unix socket hooks (before 6.7).
 pub fn start(
     cgroup: &std::path::Path,
-    refused: impl Fn(&UnixTarget) -> bool + Send + Sync + 'static,
+    refused: impl Fn(&UnixAttempt) -> bool + Send + Sync + 'static,
     sink: Arc<EventSink>,
 ) -> anyhow::Result<Running> {
     let watch = crate::bpf::unix::attach(cgroup)?;

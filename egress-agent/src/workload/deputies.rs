@@ -109,15 +109,26 @@ pub struct UnixJudge {
 }
 
 impl UnixJudge {
-    /// Whether the command's attempt on `target` was refused by the view: an absolute path
-    /// (folded, then resolved in the host's view) that was masked, or that is a socket in a
-    /// private directory on the host; an abstract name bound outside before the command
-    /// started, while scoping is on. A relative path or a name bound later is not named.
-    pub fn refused(&self, target: &crate::bpf::unix::UnixTarget) -> bool {
+    /// Whether the command's attempt was refused by the view: a path (a relative one taken
+    /// from the process's working directory, while it still has one), folded, then resolved
+    /// in the host's view, that was masked, or that is a socket in a private directory on the
+    /// host; an abstract name bound outside before the command started, while scoping is on.
+    /// An abstract name bound later is not named.
+    pub fn refused(&self, attempt: &crate::bpf::unix::UnixAttempt) -> bool {
         use crate::bpf::unix::UnixTarget;
-        match target {
-            UnixTarget::Path(p) if p.starts_with('/') => {
-                let folded = fold(Path::new(p));
+        match &attempt.target {
+            UnixTarget::Path(p) => {
+                let absolute = if p.starts_with('/') {
+                    PathBuf::from(p)
+                } else {
+                    match fs::read_link(format!("/proc/{}/task/{}/cwd", attempt.pid, attempt.tid))
+                        .or_else(|_| fs::read_link(format!("/proc/{}/cwd", attempt.pid)))
+                    {
+                        Ok(cwd) => cwd.join(p),
+                        Err(_) => return false,
+                    }
+                };
+                let folded = fold(&absolute);
                 let real = fs::canonicalize(&folded).unwrap_or(folded);
                 if self.named.contains(&real) {
                     return false;
@@ -137,7 +148,7 @@ impl UnixJudge {
                     && !self.named_abstract.contains(n)
                     && self.outside_abstract.contains(n)
             }
-            _ => false,
+            UnixTarget::Unnamed => false,
         }
     }
 }

@@ -186,7 +186,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     // Deny lines for the unix sockets the view refuses (Linux 6.7: the cgroup unix hooks).
     let unix_watch = match crate::daemon::unix_watch::start(
         cg.path(),
-        move |t| unix_judge.refused(t),
+        move |a| unix_judge.refused(a),
         sink.clone(),
     ) {
         Ok(w) => Some(w),

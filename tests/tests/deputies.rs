@@ -313,6 +313,20 @@ fn deputy(netns: &TestNetns, dir: &Path) -> (Deputy, Vec<(&'static str, String)>
     (d, sockets)
 }
 
+/// The unix deny lines of `run`: (dst, hook).
+fn unix_denies(run: &AgentRun) -> Vec<(String, String)> {
+    run.events_of("deny")
+        .iter()
+        .filter(|e| e["proto"] == "unix")
+        .map(|e| {
+            (
+                e["dst"].as_str().unwrap_or("").to_owned(),
+                e["hook"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
 const NO_RULES: &str = "version: 1\nname: deputies-test\nallow: []\n";
 
 #[test]
@@ -384,17 +398,7 @@ fn a_deputy_outside_is_out_of_reach_and_own_sockets_work() {
     );
     assert_eq!(target.accepted(), before, "the target got a connection");
     // Each refusal is named: a deny line with proto unix, the address and the hook.
-    let denies: Vec<(String, String)> = run
-        .events_of("deny")
-        .iter()
-        .filter(|e| e["proto"] == "unix")
-        .map(|e| {
-            (
-                e["dst"].as_str().unwrap_or("").to_owned(),
-                e["hook"].as_str().unwrap_or("").to_owned(),
-            )
-        })
-        .collect();
+    let denies = unix_denies(&run);
     for (kind, hook) in [
         ("stream", "connect_unix"),
         ("abstract", "connect_unix"),
@@ -950,4 +954,91 @@ fn a_mount_of_run_made_after_the_start_is_private_too() {
         events.contains(&format!("\"dst\":\"{}/deputy.sock\"", late_alias.display())),
         "no deny line\n{context}"
     );
+}
+
+#[test]
+fn an_abstract_rule_opens_only_the_named_abstract_socket() {
+    let netns = TestNetns::new();
+    let target = Target::start();
+    let mut deputy = Deputy::new();
+    let (allowed, other, other_dgram) = (unique_name(), unique_name(), unique_name());
+    let (l_allowed, l_other, d_other) = netns.run_in(|| {
+        let a = |n: &str| SocketAddr::from_abstract_name(n.as_bytes()).expect("name");
+        (
+            UnixListener::bind_addr(&a(&allowed)).expect("bind"),
+            UnixListener::bind_addr(&a(&other)).expect("bind"),
+            UnixDatagram::bind_addr(&a(&other_dgram)).expect("bind"),
+        )
+    });
+    deputy.serve_stream(l_allowed, "allowed");
+    deputy.serve_stream(l_other, "other");
+    deputy.serve_dgram(d_other, "dgram_other");
+    let sockets = [
+        ("allowed", format!("@{allowed}")),
+        ("other", format!("@{other}")),
+        ("dgram_other", format!("@{other_dgram}")),
+    ];
+    let work = open_dir();
+    // Control: outside, all three are reached.
+    let out = control(
+        &netns,
+        &command_args(&target, work.path(), &unique_name(), &sockets),
+    );
+    for (k, want) in [
+        ("allowed", "reached"),
+        ("other", "reached"),
+        ("dgram_other", "sent"),
+    ] {
+        assert_eq!(value(&out, k).as_deref(), Some(want), "control {k}\n{out}");
+    }
+    assert!(
+        poll_until(Duration::from_secs(5), || (deputy.requests().len() >= 3)
+            .then_some(()))
+        .is_some(),
+        "control: {:?}",
+        deputy.requests()
+    );
+    deputy.clear();
+    std::fs::remove_file(work.path().join("own.sock")).expect("control's own socket");
+    std::fs::remove_file(work.path().join("own-dgram.sock")).expect("control's own socket");
+
+    // The rule turns Landlock's scope off; the cgroup hooks refuse the other names.
+    let policy = format!("version: 1\nname: deputies-test\nallow:\n  - unix: \"@{allowed}\"\n");
+    let args = command_args(&target, work.path(), &unique_name(), &sockets);
+    let mut run = AgentRun::builder(&netns, &policy, &args)
+        .current_dir(work.path())
+        .start();
+    assert!(run.wait().success(), "{}", run.output());
+    assert_eq!(run.expect_value("allowed"), "reached", "{}", run.output());
+    assert_eq!(run.expect_value("other"), "refused 1", "{}", run.output());
+    assert_eq!(
+        run.expect_value("dgram_other"),
+        "refused 1",
+        "{}",
+        run.output()
+    );
+    for k in ["own_socketpair", "own_path", "own_dgram", "own_abstract"] {
+        assert_eq!(run.expect_value(k), "ok", "{k}\n{}", run.output());
+    }
+    thread::sleep(Duration::from_millis(300));
+    let asked: Vec<String> = deputy
+        .requests()
+        .iter()
+        .map(|r| r.split(' ').next().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(asked, ["allowed"], "{:?}", deputy.requests());
+    let mut denied = unix_denies(&run);
+    denied.sort();
+    let mut want = vec![
+        (format!("@{other}"), "connect_unix".to_owned()),
+        (format!("@{other_dgram}"), "sendmsg_unix".to_owned()),
+    ];
+    want.sort();
+    assert_eq!(denied, want, "{}", run.output());
+    let warned = run.events_of("warning").iter().any(|w| {
+        w["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("bound outside after the command started stay reachable"))
+    });
+    assert!(warned, "{}", run.output());
 }

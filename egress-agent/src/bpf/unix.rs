@@ -26,6 +26,8 @@ use aya::maps::{Map, MapData, RingBuf};
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 /// `BPF_CGROUP_UNIX_CONNECT` (Linux 6.7).
@@ -44,6 +46,19 @@ const OFF_HOOK: i16 = 32;
 const OFF_LEN: i16 = 36;
 const OFF_ADDR: i32 = 40;
 const ADDR_BYTES: i32 = 112;
+
+/// Where the judged copy of the address sits on the stack (below the 40-byte context copy).
+const KEY_AT: i16 = -152;
+
+/// The key of an abstract name in the deny map: the address as the programs read it
+/// (`AF_UNIX`, a zero byte, the name), zero-filled to [`ADDR_BYTES`].
+pub fn abstract_key(name: &[u8]) -> [u8; ADDR_BYTES as usize] {
+    let mut k = [0u8; ADDR_BYTES as usize];
+    k[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+    let n = name.len().min(k.len() - 3);
+    k[3..3 + n].copy_from_slice(&name[..n]);
+    k
+}
 
 /// One unix `connect` or `sendmsg` of the cgroup, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,9 +150,21 @@ impl std::fmt::Debug for UnixWatch {
 }
 
 /// Loads the two programs and attaches them to `cgroup`. Fails on kernels before 6.7 (the
-/// attach types do not exist: `EINVAL`).
-pub fn attach(cgroup: &Path) -> anyhow::Result<UnixWatch> {
+/// attach types do not exist: `EINVAL`). With `deny_abstract` names, the programs also refuse
+/// (`EPERM`) a connect or send to any of them: an abstract address is exact, so the hooks can
+/// judge it before the lookup.
+pub fn attach(cgroup: &Path, deny_abstract: &[Vec<u8>]) -> anyhow::Result<UnixWatch> {
     let ring = map_create()?;
+    let deny = if deny_abstract.is_empty() {
+        None
+    } else {
+        let m = hash_create(deny_abstract.len())?;
+        for name in deny_abstract {
+            map_update(&m, &abstract_key(name), &[1])
+                .context("cannot fill the unix watch's abstract deny map")?;
+        }
+        Some(m)
+    };
     let dir =
         std::fs::File::open(cgroup).with_context(|| format!("cannot open {}", cgroup.display()))?;
     let mut progs = Vec::new();
@@ -146,7 +173,8 @@ pub fn attach(cgroup: &Path) -> anyhow::Result<UnixWatch> {
         (BPF_CGROUP_UNIX_CONNECT, c"connect_unix"),
         (BPF_CGROUP_UNIX_SENDMSG, c"sendmsg_unix"),
     ] {
-        let prog = prog_load(&program(ring.as_raw_fd(), hook), hook, name)
+        let deny_fd = deny.as_ref().map(|d| d.as_raw_fd());
+        let prog = prog_load(&program(ring.as_raw_fd(), hook, deny_fd), hook, name)
             .with_context(|| format!("cannot load {}", name.to_string_lossy()))?;
         links.push(
             link_create(&prog, dir.as_raw_fd(), hook)
@@ -157,7 +185,15 @@ pub fn attach(cgroup: &Path) -> anyhow::Result<UnixWatch> {
     let map = MapData::from_fd(ring).context("cannot open the unix watch's ring buffer")?;
     let ring = RingBuf::try_from(Map::RingBuf(map)).context("not a ring buffer")?;
     links.extend(progs);
+    links.extend(deny);
     Ok(UnixWatch { ring, fds: links })
+}
+
+/// Whether this kernel has the cgroup unix socket hooks (Linux 6.7): a two-instruction
+/// program for `BPF_CGROUP_UNIX_CONNECT` loads (and is closed at once).
+pub fn hooks_available() -> bool {
+    let p = [ins(MOV_K, 0, 0, 0, 1), ins(EXIT, 0, 0, 0, 0)];
+    prog_load(&p, BPF_CGROUP_UNIX_CONNECT, c"unix_probe").is_ok()
 }
 
 /// One eBPF instruction.
@@ -186,6 +222,12 @@ const LD_IMM64: u8 = 0x18;
 const CALL: u8 = 0x85;
 const EXIT: u8 = 0x95;
 const JEQ_K: u8 = 0x15;
+const JNE_K: u8 = 0x55;
+const JGT_K: u8 = 0x25;
+const JLE_K: u8 = 0xb5;
+const ST_B: u8 = 0x72;
+const LDX_B: u8 = 0x71;
+const FN_MAP_LOOKUP_ELEM: i32 = 1;
 const STX_DW: u8 = 0x7b;
 const STX_W: u8 = 0x63;
 const ST_W: u8 = 0x62;
@@ -199,10 +241,67 @@ const FN_PROBE_READ_KERNEL: i32 = 113;
 const FN_RINGBUF_RESERVE: i32 = 131;
 const FN_RINGBUF_SUBMIT: i32 = 132;
 
-/// The program for `hook`: reserve a record, fill it, submit it, allow (1).
-fn program(ring_fd: i32, hook: u32) -> Vec<Insn> {
-    vec![
+/// The program for `hook`: judge an abstract address against `deny` (when given: r9 = 0 to
+/// refuse, 1 to allow), then reserve a record, fill it, submit it, return r9. The judgement
+/// comes first so that a full ring cannot skip it.
+fn program(ring_fd: i32, hook: u32, deny: Option<i32>) -> Vec<Insn> {
+    let mut p = vec![
         ins(MOV_X, 6, 1, 0, 0), // r6 = ctx
+        ins(MOV_K, 9, 0, 0, 1), // r9 = allow
+    ];
+    if let Some(fd) = deny {
+        p.extend(judge(fd));
+    }
+    p.extend(record(ring_fd, hook));
+    p
+}
+
+/// Sets r9 = 0 when the address is an abstract name in the deny map: the address is copied
+/// to the stack, the bytes past its length zeroed (the kernel's copy holds garbage there),
+/// and looked up whole.
+fn judge(deny_fd: i32) -> Vec<Insn> {
+    // Jumps to the end are written with offset 0 and patched below.
+    let mut p = vec![
+        // The kernel context onto the stack: uaddrlen at -8, uaddr at -32.
+        ins(MOV_X, 1, 10, 0, 0),
+        ins(ADD_K, 1, 0, 0, -40),
+        ins(MOV_K, 2, 0, 0, 40),
+        ins(MOV_X, 3, 6, 0, 0),
+        ins(CALL, 0, 0, 0, FN_PROBE_READ_KERNEL),
+        ins(LDX_W, 8, 10, -8, 0), // r8 = uaddrlen
+        ins(MOV_X, 1, 10, 0, 0),
+        ins(ADD_K, 1, 0, 0, KEY_AT as i32),
+        ins(MOV_K, 2, 0, 0, ADDR_BYTES),
+        ins(LDX_DW, 3, 10, -32, 0),
+        ins(CALL, 0, 0, 0, FN_PROBE_READ_KERNEL),
+    ];
+    let mut to_end = vec![p.len()];
+    p.push(ins(JLE_K, 8, 0, 0, 3)); // unnamed, or no name after the zero byte
+    p.push(ins(LDX_B, 1, 10, KEY_AT + 2, 0)); // sun_path[0]
+    to_end.push(p.len());
+    p.push(ins(JNE_K, 1, 0, 0, 0)); // a path: the view judges it
+    for i in 0..ADDR_BYTES {
+        p.push(ins(JGT_K, 8, 0, 1, i)); // within the address: keep the byte
+        p.push(ins(ST_B, 10, 0, KEY_AT + i as i16, 0));
+    }
+    p.push(ins(LD_IMM64, 1, PSEUDO_MAP_FD, 0, deny_fd));
+    p.push(ins(0, 0, 0, 0, 0));
+    p.push(ins(MOV_X, 2, 10, 0, 0));
+    p.push(ins(ADD_K, 2, 0, 0, KEY_AT as i32));
+    p.push(ins(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
+    to_end.push(p.len());
+    p.push(ins(JEQ_K, 0, 0, 0, 0)); // not in the map
+    p.push(ins(MOV_K, 9, 0, 0, 0)); // refuse
+    let end = p.len();
+    for j in to_end {
+        p[j].off = (end - j - 1) as i16;
+    }
+    p
+}
+
+/// Reserves a record, fills it, submits it; returns r9.
+fn record(ring_fd: i32, hook: u32) -> Vec<Insn> {
+    vec![
         ins(LD_IMM64, 1, PSEUDO_MAP_FD, 0, ring_fd),
         ins(0, 0, 0, 0, 0),
         ins(MOV_K, 2, 0, 0, RECORD),
@@ -235,7 +334,7 @@ fn program(ring_fd: i32, hook: u32) -> Vec<Insn> {
         ins(MOV_X, 1, 7, 0, 0),
         ins(MOV_K, 2, 0, 0, 0),
         ins(CALL, 0, 0, 0, FN_RINGBUF_SUBMIT),
-        ins(MOV_K, 0, 0, 0, 1),
+        ins(MOV_X, 0, 9, 0, 0),
         ins(EXIT, 0, 0, 0, 0),
     ]
 }
@@ -265,6 +364,36 @@ fn map_create() -> anyhow::Result<OwnedFd> {
     put32(&mut attr, 12, RING_BYTES);
     attr[28..28 + 11].copy_from_slice(b"UNIX_EVENTS");
     bpf(BPF_MAP_CREATE, &mut attr).context("cannot create the unix watch's ring buffer")
+}
+
+fn hash_create(entries: usize) -> anyhow::Result<OwnedFd> {
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, BPF_MAP_TYPE_HASH);
+    put32(&mut attr, 4, ADDR_BYTES as u32);
+    put32(&mut attr, 8, 1);
+    put32(&mut attr, 12, entries.max(1) as u32);
+    attr[28..28 + 11].copy_from_slice(b"UNIX_DENIED");
+    bpf(BPF_MAP_CREATE, &mut attr).context("cannot create the unix watch's abstract deny map")
+}
+
+fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, map.as_raw_fd() as u32);
+    put64(&mut attr, 8, key.as_ptr() as u64);
+    put64(&mut attr, 16, value.as_ptr() as u64);
+    // SAFETY: `attr` holds pointers to `key` and `value`, which outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            attr.as_mut_ptr(),
+            attr.len(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn prog_load(insns: &[Insn], hook: u32, name: &CStr) -> anyhow::Result<OwnedFd> {

@@ -113,14 +113,15 @@ impl Running {
     }
 }
 
-/// Attaches the unix watch to `cgroup` and starts writing `deny` lines for what `refused`
-/// says the view refused. Fails where the kernel has no unix socket hooks (before 6.7).
+/// Attaches the unix watch to `cgroup` (refusing the abstract names of `deny_abstract`) and
+/// starts writing `deny` lines for what `refused` says was refused. Fails where the kernel has no unix socket hooks (before 6.7).
 pub fn start(
     cgroup: &std::path::Path,
     refused: impl Fn(&UnixAttempt) -> bool + Send + Sync + 'static,
+    deny_abstract: &[Vec<u8>],
     sink: Arc<EventSink>,
 ) -> anyhow::Result<Running> {
-    let watch = crate::bpf::unix::attach(cgroup)?;
+    let watch = crate::bpf::unix::attach(cgroup, deny_abstract)?;
     let cgroup_id = crate::sys::cgroup::cgroup_id(cgroup)?;
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(pump(watch, refused, cgroup_id, sink, rx));

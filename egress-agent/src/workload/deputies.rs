@@ -98,7 +98,6 @@ pub struct UnixJudge {
     masked: BTreeSet<PathBuf>,
     /// Abstract names bound in the command's network namespace before it started.
     outside_abstract: BTreeSet<String>,
-    scope_abstract: bool,
     /// Socket files (device, inode) masked at the start.
     masked_ids: BTreeSet<(u64, u64)>,
     /// Sockets bound outside after the start, masked since by [`LateMasker`].
@@ -143,10 +142,10 @@ impl UnixJudge {
                     || (private
                         && fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_socket()))
             }
+            // Refused by the Landlock scope, or by the cgroup hooks when a rule needs the
+            // scope off.
             UnixTarget::Abstract(n) => {
-                self.scope_abstract
-                    && !self.named_abstract.contains(n)
-                    && self.outside_abstract.contains(n)
+                !self.named_abstract.contains(n) && self.outside_abstract.contains(n)
             }
             UnixTarget::Unnamed => false,
         }
@@ -368,10 +367,36 @@ impl DeputyView {
 
         let abi = landlock_abi();
         let scope_abstract = abstract_rules.is_empty() && abi >= 6;
+        let hooks = crate::bpf::unix::hooks_available();
         if scope_abstract {
             summary.push(
                 "abstract unix sockets bound outside the sandbox (Landlock scope)".to_string(),
             );
+        } else if hooks {
+            summary.push(
+                "abstract unix sockets bound outside the sandbox when the command started, \
+                 but those rules name (cgroup unix hooks)"
+                    .to_string(),
+            );
+            warnings.push(format!(
+                "abstract unix sockets bound outside after the command started stay reachable: \
+                 {}; the cgroup unix hooks refuse only the names bound when it started",
+                if abstract_rules.is_empty() {
+                    format!(
+                        "scoping them needs Landlock ABI 6 (Linux 6.12), {}",
+                        match abi {
+                            a if a > 0 => format!("this kernel gives ABI {a}"),
+                            _ => "and Landlock is not enabled on this kernel".to_string(),
+                        }
+                    )
+                } else {
+                    format!(
+                        "the rule for {} needs Landlock's scope off (it scopes abstract sockets \
+                         all or nothing)",
+                        abstract_rules.join(", ")
+                    )
+                }
+            ));
         } else if !abstract_rules.is_empty() {
             warnings.push(format!(
                 "abstract unix sockets outside the sandbox stay reachable: the rule for {} \
@@ -405,7 +430,6 @@ impl DeputyView {
             named_abstract,
             masked: masked_set,
             outside_abstract,
-            scope_abstract,
             masked_ids,
             late: Default::default(),
             late_private: Default::default(),
@@ -438,6 +462,18 @@ impl DeputyView {
     /// Which unix addresses this view refuses (for the `deny` lines).
     pub fn judge(&self) -> UnixJudge {
         self.judge.clone()
+    }
+
+    /// The abstract names the cgroup unix hooks must refuse: with Landlock's scope off, those
+    /// bound outside when the command started that no rule names.
+    pub fn hook_denied_abstract(&self) -> Vec<Vec<u8>> {
+        if self.scope_abstract {
+            return Vec::new();
+        }
+        (self.judge.outside_abstract.iter())
+            .filter(|n| !self.judge.named_abstract.contains(*n))
+            .map(|n| n.as_bytes().to_vec())
+            .collect()
     }
 
     /// What the view protects, for the `ready` event and `status`.

@@ -114,6 +114,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     )?;
     let deputy_warnings = view.warnings.clone();
     let unix_judge = view.judge();
+    let deny_abstract = view.hook_denied_abstract();
     confinement.close_deputies(view);
     // Installed before anything is created, so a signal during set-up still ends in teardown.
     let signals = SignalForwarder::install()?;
@@ -187,6 +188,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     let unix_watch = match crate::daemon::unix_watch::start(
         cg.path(),
         move |a| unix_judge.refused(a),
+        &deny_abstract,
         sink.clone(),
     ) {
         Ok(w) => Some(w),

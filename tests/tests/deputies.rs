@@ -625,7 +625,9 @@ fn names_resolve_only_through_the_agent_on_a_resolved_host() {
 /// Waits for `GO` to exist, then asks the socket at `PATH` to act; prints `late=...`.
 const LATE_COMMAND: &str = r#"
 import os, socket, sys, time
-path, go, target, own = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+def addr(a):
+    return "\0" + a[1:] if a.startswith("@") else a
+path, go, target, own = [addr(a) for a in sys.argv[1:3]] + [sys.argv[3], addr(sys.argv[4])]
 # Its own listener, bound before the wait: the agent's looks must leave it alone.
 l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 l.bind(own)
@@ -663,6 +665,37 @@ _, status = os.waitpid(pid, 0)
 print(f"own_path={'ok' if ok and status == 0 else 'bad'}", flush=True)
 "#;
 
+/// Starts [`LATE_COMMAND`] under `policy` (asking `late` once `go` exists; its own
+/// listener at `own`) and waits until it waits.
+fn start_late(
+    netns: &TestNetns,
+    policy: &str,
+    late: &str,
+    go: &Path,
+    target: &Target,
+    own: &str,
+) -> AgentRun {
+    let args = [
+        python3().to_owned(),
+        "-c".to_owned(),
+        LATE_COMMAND.to_owned(),
+        late.to_owned(),
+        go.display().to_string(),
+        target.addr.clone(),
+        own.to_owned(),
+    ];
+    let run = AgentRun::builder(netns, policy, &args).start();
+    assert!(
+        poll_until(Duration::from_secs(30), || {
+            value(&run.stdout(), "waiting").map(|_| ())
+        })
+        .is_some(),
+        "the command did not start\n{}",
+        run.output()
+    );
+    run
+}
+
 #[test]
 fn a_deputy_bound_after_the_start_is_masked_as_it_appears() {
     let netns = TestNetns::new();
@@ -671,23 +704,14 @@ fn a_deputy_bound_after_the_start_is_masked_as_it_appears() {
     let late = dir.path().join("late.sock");
     let go = dir.path().join("go");
     let work = open_dir();
-    let args = [
-        python3().to_owned(),
-        "-c".to_owned(),
-        LATE_COMMAND.to_owned(),
-        late.display().to_string(),
-        go.display().to_string(),
-        target.addr.clone(),
-        work.path().join("own.sock").display().to_string(),
-    ];
-    let mut run = AgentRun::builder(&netns, NO_RULES, &args).start();
-    assert!(
-        poll_until(Duration::from_secs(30), || {
-            value(&run.stdout(), "waiting").map(|_| ())
-        })
-        .is_some(),
-        "the command did not start\n{}",
-        run.output()
+    let own = work.path().join("own.sock");
+    let mut run = start_late(
+        &netns,
+        NO_RULES,
+        &late.display().to_string(),
+        &go,
+        &target,
+        &own.display().to_string(),
     );
     // `status` shows what the view protects and what stays open (the state file is written
     // every 2 s).
@@ -1036,9 +1060,51 @@ fn an_abstract_rule_opens_only_the_named_abstract_socket() {
     want.sort();
     assert_eq!(denied, want, "{}", run.output());
     let warned = run.events_of("warning").iter().any(|w| {
-        w["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("bound outside after the command started stay reachable"))
+        w["message"].as_str().is_some_and(|m| {
+            m.contains(
+                "an abstract unix socket bound outside after the command started is refused only",
+            )
+        })
     });
     assert!(warned, "{}", run.output());
+}
+
+#[test]
+fn an_abstract_name_bound_after_the_start_is_refused_where_the_scope_is_off() {
+    let netns = TestNetns::new();
+    let dir = open_dir();
+    let target = Target::start();
+    let (late, named, own) = (unique_name(), unique_name(), unique_name());
+    let go = dir.path().join("go");
+    // A rule for another abstract name turns Landlock's scope off: the hooks judge.
+    let policy = format!("version: 1\nname: deputies-test\nallow:\n  - unix: \"@{named}\"\n");
+    let mut run = start_late(
+        &netns,
+        &policy,
+        &format!("@{late}"),
+        &go,
+        &target,
+        &format!("@{own}"),
+    );
+    // The deputy binds its abstract name now, outside.
+    let mut deputy = Deputy::new();
+    let l = netns.run_in(|| {
+        let a = SocketAddr::from_abstract_name(late.as_bytes()).expect("name");
+        UnixListener::bind_addr(&a).expect("bind the abstract socket")
+    });
+    deputy.serve_stream(l, "late");
+    thread::sleep(Duration::from_millis(500));
+    std::fs::write(&go, b"").expect("go");
+    assert!(run.wait().success(), "{}", run.output());
+    assert_eq!(run.expect_value("late"), "refused 1", "{}", run.output());
+    // Its own abstract listener, bound before, is left alone.
+    assert_eq!(run.expect_value("own_path"), "ok", "{}", run.output());
+    assert_eq!(deputy.requests(), Vec::<String>::new());
+    assert_eq!(target.accepted(), 0);
+    assert_eq!(
+        unix_denies(&run),
+        [(format!("@{late}"), "connect_unix".to_owned())],
+        "{}",
+        run.output()
+    );
 }

@@ -47,6 +47,9 @@ const OFF_LEN: i16 = 36;
 const OFF_ADDR: i32 = 40;
 const ADDR_BYTES: i32 = 112;
 
+/// Room in the deny map for abstract names bound outside after the start.
+const MAX_LATE_ABSTRACT: usize = 4096;
+
 /// Where the judged copy of the address sits on the stack (below the 40-byte context copy).
 const KEY_AT: i16 = -152;
 
@@ -132,6 +135,8 @@ impl UnixAttempt {
 /// The attached programs and their ring buffer; dropping it detaches them.
 pub struct UnixWatch {
     ring: RingBuf<MapData>,
+    /// The abstract deny map, when the programs judge abstract names.
+    deny: Option<OwnedFd>,
     /// The links, then the programs.
     fds: Vec<OwnedFd>,
 }
@@ -140,6 +145,12 @@ impl UnixWatch {
     /// The ring buffer, and what keeps the programs attached (drop it to detach them).
     pub fn into_parts(self) -> (RingBuf<MapData>, Vec<OwnedFd>) {
         (self.ring, self.fds)
+    }
+
+    /// A descriptor of the abstract deny map, when the programs judge abstract names (add
+    /// names with [`deny_abstract`]).
+    pub fn deny_map(&self) -> Option<OwnedFd> {
+        self.deny.as_ref().and_then(|d| d.try_clone().ok())
     }
 }
 
@@ -151,19 +162,20 @@ impl std::fmt::Debug for UnixWatch {
 
 /// Loads the two programs and attaches them to `cgroup`. Fails on kernels before 6.7 (the
 /// attach types do not exist: `EINVAL`). With `deny_abstract` names, the programs also refuse
-/// (`EPERM`) a connect or send to any of them: an abstract address is exact, so the hooks can
-/// judge it before the lookup.
-pub fn attach(cgroup: &Path, deny_abstract: &[Vec<u8>]) -> anyhow::Result<UnixWatch> {
+/// (`EPERM`) a connect or send to any of them, and to any name added later with
+/// [`deny_abstract`]: an abstract address is exact, so the hooks can judge it before the
+/// lookup. `None`: they judge nothing.
+pub fn attach(cgroup: &Path, deny_abstract: Option<&[Vec<u8>]>) -> anyhow::Result<UnixWatch> {
     let ring = map_create()?;
-    let deny = if deny_abstract.is_empty() {
-        None
-    } else {
-        let m = hash_create(deny_abstract.len())?;
+    let deny = if let Some(deny_abstract) = deny_abstract {
+        let m = hash_create(deny_abstract.len() + MAX_LATE_ABSTRACT)?;
         for name in deny_abstract {
             map_update(&m, &abstract_key(name), &[1])
                 .context("cannot fill the unix watch's abstract deny map")?;
         }
         Some(m)
+    } else {
+        None
     };
     let dir =
         std::fs::File::open(cgroup).with_context(|| format!("cannot open {}", cgroup.display()))?;
@@ -185,8 +197,13 @@ pub fn attach(cgroup: &Path, deny_abstract: &[Vec<u8>]) -> anyhow::Result<UnixWa
     let map = MapData::from_fd(ring).context("cannot open the unix watch's ring buffer")?;
     let ring = RingBuf::try_from(Map::RingBuf(map)).context("not a ring buffer")?;
     links.extend(progs);
+    let kept = deny.as_ref().map(|d| d.try_clone()).transpose()?;
     links.extend(deny);
-    Ok(UnixWatch { ring, fds: links })
+    Ok(UnixWatch {
+        ring,
+        deny: kept,
+        fds: links,
+    })
 }
 
 /// Whether this kernel has the cgroup unix socket hooks (Linux 6.7): a two-instruction
@@ -374,6 +391,11 @@ fn hash_create(entries: usize) -> anyhow::Result<OwnedFd> {
     put32(&mut attr, 12, entries.max(1) as u32);
     attr[28..28 + 11].copy_from_slice(b"UNIX_DENIED");
     bpf(BPF_MAP_CREATE, &mut attr).context("cannot create the unix watch's abstract deny map")
+}
+
+/// Adds the abstract `name` to the deny map: the programs refuse it from now on.
+pub fn deny_abstract(map: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    map_update(map, &abstract_key(name), &[1])
 }
 
 fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {

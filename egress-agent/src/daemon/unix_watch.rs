@@ -97,6 +97,8 @@ pub async fn pump(
 
 /// The running watch: stop it after the command exited.
 pub struct Running {
+    /// The abstract deny map, when the programs judge abstract names.
+    pub deny_map: Option<std::os::fd::OwnedFd>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -118,12 +120,17 @@ impl Running {
 pub fn start(
     cgroup: &std::path::Path,
     refused: impl Fn(&UnixAttempt) -> bool + Send + Sync + 'static,
-    deny_abstract: &[Vec<u8>],
+    deny_abstract: Option<&[Vec<u8>]>,
     sink: Arc<EventSink>,
 ) -> anyhow::Result<Running> {
     let watch = crate::bpf::unix::attach(cgroup, deny_abstract)?;
+    let deny_map = watch.deny_map();
     let cgroup_id = crate::sys::cgroup::cgroup_id(cgroup)?;
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(pump(watch, refused, cgroup_id, sink, rx));
-    Ok(Running { stop, task })
+    Ok(Running {
+        deny_map,
+        stop,
+        task,
+    })
 }

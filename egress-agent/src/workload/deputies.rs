@@ -105,6 +105,8 @@ pub struct UnixJudge {
     /// Mounts made outside after the start that show part of a private directory, made
     /// private since by [`LateMasker`].
     late_private: std::sync::Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    /// Abstract names bound outside after the start, refused since by the hooks.
+    late_abstract: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 impl UnixJudge {
@@ -145,7 +147,9 @@ impl UnixJudge {
             // Refused by the Landlock scope, or by the cgroup hooks when a rule needs the
             // scope off.
             UnixTarget::Abstract(n) => {
-                !self.named_abstract.contains(n) && self.outside_abstract.contains(n)
+                !self.named_abstract.contains(n)
+                    && (self.outside_abstract.contains(n)
+                        || self.late_abstract.lock().is_ok_and(|l| l.contains(n)))
             }
             UnixTarget::Unnamed => false,
         }
@@ -374,13 +378,15 @@ impl DeputyView {
             );
         } else if hooks {
             summary.push(
-                "abstract unix sockets bound outside the sandbox when the command started, \
-                 but those rules name (cgroup unix hooks)"
+                "abstract unix sockets bound outside the sandbox, but those rules name (cgroup \
+                 unix hooks)"
                     .to_string(),
             );
             warnings.push(format!(
-                "abstract unix sockets bound outside after the command started stay reachable: \
-                 {}; the cgroup unix hooks refuse only the names bound when it started",
+                "an abstract unix socket bound outside after the command started is refused only \
+                 when the agent next looks (every {} ms): until then the command can reach it; \
+                 {}; the cgroup unix hooks refuse the names instead",
+                LATE_TICK.as_millis(),
                 if abstract_rules.is_empty() {
                     format!(
                         "scoping them needs Landlock ABI 6 (Linux 6.12), {}",
@@ -433,6 +439,7 @@ impl DeputyView {
             masked_ids,
             late: Default::default(),
             late_private: Default::default(),
+            late_abstract: Default::default(),
         };
 
         // What stays open, in the `ready` event and `status` too.
@@ -465,15 +472,18 @@ impl DeputyView {
     }
 
     /// The abstract names the cgroup unix hooks must refuse: with Landlock's scope off, those
-    /// bound outside when the command started that no rule names.
-    pub fn hook_denied_abstract(&self) -> Vec<Vec<u8>> {
+    /// bound outside when the command started that no rule names (maybe none yet); `None`
+    /// with the scope on.
+    pub fn hook_denied_abstract(&self) -> Option<Vec<Vec<u8>>> {
         if self.scope_abstract {
-            return Vec::new();
+            return None;
         }
-        (self.judge.outside_abstract.iter())
-            .filter(|n| !self.judge.named_abstract.contains(*n))
-            .map(|n| n.as_bytes().to_vec())
-            .collect()
+        Some(
+            (self.judge.outside_abstract.iter())
+                .filter(|n| !self.judge.named_abstract.contains(*n))
+                .map(|n| n.as_bytes().to_vec())
+                .collect(),
+        )
     }
 
     /// What the view protects, for the `ready` event and `status`.
@@ -634,13 +644,23 @@ pub struct LateMasker {
     known: BTreeSet<(u64, u64)>,
     base_private: Vec<PathBuf>,
     aliases: BTreeSet<PathBuf>,
+    /// The hooks' abstract deny map, when they judge abstract names, and the names seen.
+    deny_map: Option<std::os::fd::OwnedFd>,
+    abstract_seen: BTreeSet<String>,
     mntns: std::os::fd::OwnedFd,
     procs: PathBuf,
 }
 
 impl LateMasker {
-    /// For the command whose first process (in its mount namespace) is `pid`, in `cgroup`.
-    pub fn new(view: &DeputyView, pid: u32, cgroup: &Path) -> anyhow::Result<Self> {
+    /// For the command whose first process (in its mount namespace) is `pid`, in `cgroup`;
+    /// `deny_map`: the hooks' abstract deny map, when they judge abstract names (Landlock's
+    /// scope off), to which abstract names bound outside later are added.
+    pub fn new(
+        view: &DeputyView,
+        pid: u32,
+        cgroup: &Path,
+        deny_map: Option<std::os::fd::OwnedFd>,
+    ) -> anyhow::Result<Self> {
         let ns = fs::File::open(format!("/proc/{pid}/ns/mnt"))
             .with_context(|| format!("cannot open the mount namespace of {pid}"))?;
         Ok(Self {
@@ -648,6 +668,8 @@ impl LateMasker {
             known: view.judge.masked_ids.clone(),
             base_private: view.base_private.clone(),
             aliases: view.aliases.clone(),
+            deny_map: if view.scope_abstract { None } else { deny_map },
+            abstract_seen: view.judge.outside_abstract.clone(),
             mntns: ns.into(),
             procs: cgroup.join("cgroup.procs"),
         })
@@ -658,6 +680,32 @@ impl LateMasker {
         use std::os::unix::fs::MetadataExt as _;
         let mut out = self.late_aliases();
         let mut own: Option<BTreeSet<u64>> = None;
+        if let Some(map) = &self.deny_map {
+            // Abstract names bound outside since, in the command's network namespace.
+            let table = fs::read_to_string("/proc/self/net/unix").unwrap_or_default();
+            for (inode, name) in named_sockets(&table) {
+                let Some(n) = name.strip_prefix('@') else {
+                    continue;
+                };
+                if !self.abstract_seen.insert(n.to_owned())
+                    || self.judge.named_abstract.contains(n)
+                    || own
+                        .get_or_insert_with(|| own_sockets(&self.procs))
+                        .contains(&inode)
+                {
+                    continue;
+                }
+                match crate::bpf::unix::deny_abstract(map, n.as_bytes()) {
+                    Ok(()) => {
+                        if let Ok(mut l) = self.judge.late_abstract.lock() {
+                            l.insert(n.to_owned());
+                        }
+                        out.push(PathBuf::from(format!("@{n}")));
+                    }
+                    Err(e) => tracing::warn!("cannot refuse @{n}, bound after the start: {e}"),
+                }
+            }
+        }
         for table in unix_tables() {
             for (inode, name) in named_sockets(&table) {
                 if !name.starts_with('/') {

@@ -188,7 +188,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     let unix_watch = match crate::daemon::unix_watch::start(
         cg.path(),
         move |a| unix_judge.refused(a),
-        &deny_abstract,
+        deny_abstract.as_deref(),
         sink.clone(),
     ) {
         Ok(w) => Some(w),
@@ -237,20 +237,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     // Sockets bound outside after the start: masked in the command's view as they appear.
     let late_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let late = match (&spawned, confinement.deputy_view()) {
-        (Ok(Ok(child)), Some(view)) => {
-            child
-                .id()
-                .and_then(|pid| match LateMasker::new(view, pid, cg.path()) {
-                    Ok(m) => Some(m),
-                    Err(e) => {
-                        warn(
-                            &sink,
-                            &format!("sockets bound after the start stay reachable: {e:#}"),
-                        );
-                        None
-                    }
-                })
-        }
+        (Ok(Ok(child)), Some(view)) => child.id().and_then(|pid| {
+            match LateMasker::new(
+                view,
+                pid,
+                cg.path(),
+                unix_watch
+                    .as_ref()
+                    .and_then(|w| w.deny_map.as_ref().and_then(|m| m.try_clone().ok())),
+            ) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    warn(
+                        &sink,
+                        &format!("sockets bound after the start stay reachable: {e:#}"),
+                    );
+                    None
+                }
+            }
+        }),
         _ => None,
     }
     .map(|mut m| {

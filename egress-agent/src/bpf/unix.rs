@@ -1,10 +1,11 @@
 //! The unix socket watch of `run`: two small cgroup programs on the cgroup unix
 //! socket-address hooks (`BPF_CGROUP_UNIX_CONNECT`, `BPF_CGROUP_UNIX_SENDMSG`, Linux 6.7) that
 //! copy each unix `connect`/`sendmsg` address of the cgroup, with the process, into a ring
-//! buffer, and allow it. They judge nothing: the hooks run before the lookup and see only the
-//! address as written (relative, through symlinks), so they cannot tell the command's own
-//! sockets from one bound outside; the deputy view does the refusing, and the agent names a
-//! refused attempt in a `deny` event (see `crate::workload::deputies`).
+//! buffer. A path they cannot judge: the hooks run before the lookup and see only the address
+//! as written (relative, through symlinks), so they cannot tell the command's own sockets from
+//! one bound outside; the deputy view does the refusing, and the agent names a refused attempt
+//! in a `deny` event (see `crate::workload::deputies`). An abstract name is exact: where
+//! Landlock's scope is off, they refuse the names in a deny map (`UNIX_DENIED`).
 //!
 //! aya 0.14 has no attach type for these hooks (and a program's expected attach type is fixed
 //! at load), so the programs are assembled here and loaded and attached with raw `bpf()`

@@ -3,7 +3,7 @@
 //! unconfined container, nscd or systemd-resolved resolving a name past the resolver, an
 //! ssh-agent signing, X11 typing into another window), unless a `unix:` rule names the socket.
 //!
-//! Three mechanisms, all set up in the child between `fork` and `exec` (see
+//! Four mechanisms, the first three set up in the child between `fork` and `exec` (see
 //! docs/THREATS.md, "Deputies"):
 //! 1. **A private `/run`** (and `/var/run` where it is a directory of its own): an empty tmpfs
 //!    in the command's mount namespace, where the host's daemons keep their sockets (D-Bus,
@@ -12,8 +12,8 @@
 //!    is bound back in at its place, and the invoking user gets an empty `/run/user/UID` of
 //!    its own. It covers sockets daemons bind there later too. Mount namespaces: any kernel.
 //! 2. **Masked sockets elsewhere**: every path socket bound in any network namespace with a
-//!    process when the command starts (`/proc/PID/net/unix`: /tmp's X11, ssh-agent and tmux sockets, a
-//!    home's docker or gpg socket) gets `/dev/null` bound over it (connect: ECONNREFUSED),
+//!    process when the command starts (`/proc/PID/net/unix`: /tmp's X11, ssh-agent and tmux
+//!    sockets, a home's docker or gpg socket) gets `/dev/null` bound over it (connect: ECONNREFUSED),
 //!    unless a rule names it, at every path another mount of its file system shows it too (a
 //!    bind mount of its directory elsewhere). A mount elsewhere that shows part of a private
 //!    directory (a bind mount of `/run/docker` or `/run/user/UID`) is made private as well.
@@ -23,6 +23,12 @@
 //!    ABI 6, Linux 6.12): the command's Landlock domain may connect and send only to abstract
 //!    sockets created inside it, which is exactly "its own, and its children's". Scoping is
 //!    all or nothing, so a `unix: "@name"` rule turns it off (warning).
+//! 4. **The cgroup unix hooks judge abstract names where the scope is off** (Linux 6.7): an
+//!    abstract address is exact, so the programs refuse (`EPERM`) the names bound outside
+//!    (at the start, and added by [`LateMasker`] as they appear) that no rule names.
+//!
+//! [`LateMasker`] also covers mounts made outside after the start that show part of a private
+//! directory (they propagate into the command's namespace).
 //!
 //! The command's own sockets are untouched: a socketpair has no address, a listener it binds
 //! anywhere it may write is its own inode (not in the scan, which ran before it started), an
@@ -36,8 +42,8 @@
 //! The cgroup unix socket-address hooks (`BPF_CGROUP_UNIX_CONNECT`/`_SENDMSG`, Linux 6.7)
 //! report each unix connect and send of the command (`bpf::unix`); [`UnixJudge`] says which
 //! of them the view refused, and `daemon::unix_watch` writes a `deny` line with
-//! `"proto":"unix"` for those. The hooks cannot judge by themselves: they see the address as
-//! written, before the lookup.
+//! `"proto":"unix"` for those. They cannot judge a path: they see it as written, before the
+//! lookup.
 
 use std::{
     collections::BTreeSet,

@@ -3,10 +3,16 @@
 //! `refused` (the view's judgement, see `workload::deputies`) about each.
 
 use std::{
-    collections::HashMap,
-    sync::Arc,
+    collections::{BTreeSet, HashMap},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
+
+use anyhow::Context as _;
 
 use tokio::{io::unix::AsyncFd, sync::watch};
 
@@ -133,4 +139,102 @@ pub fn start(
         stop,
         task,
     })
+}
+
+/// `attach` with `unix:` rules (issue 15): the hooks refuse connects and sends from the
+/// cgroup to the abstract names that processes outside it bound in the network namespaces of
+/// its processes (another container of the pod, say), unless a rule names them. Looked for
+/// every 100 ms: a name bound outside is reachable until the next look, and nothing is
+/// refused once the agent has stopped (the hooks are not pinned). Paths are not judged under
+/// attach.
+pub struct AbstractGuard {
+    running: Running,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often [`AbstractGuard`] looks for names bound outside.
+const GUARD_TICK: Duration = Duration::from_millis(100);
+
+impl AbstractGuard {
+    /// Attaches the hooks to `cgroup`, refusing the names bound outside now, and starts
+    /// looking for new ones. `named`: the names the rules allow.
+    pub fn start(
+        cgroup: &Path,
+        named: BTreeSet<String>,
+        sink: Arc<EventSink>,
+    ) -> anyhow::Result<Self> {
+        let first = outside_abstract(cgroup, &named);
+        let keys: Vec<Vec<u8>> = first.iter().map(|n| n.as_bytes().to_vec()).collect();
+        let denied = Arc::new(Mutex::new(first));
+        let judged = denied.clone();
+        let running = start(
+            cgroup,
+            move |a| {
+                matches!(&a.target, UnixTarget::Abstract(n)
+                    if judged.lock().is_ok_and(|d| d.contains(n)))
+            },
+            Some(&keys),
+            sink,
+        )?;
+        let map = (running.deny_map.as_ref())
+            .and_then(|m| m.try_clone().ok())
+            .context("no deny map")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (halt, cgroup) = (stop.clone(), cgroup.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                std::thread::sleep(GUARD_TICK);
+                for n in outside_abstract(&cgroup, &named) {
+                    if !denied.lock().is_ok_and(|mut d| d.insert(n.clone())) {
+                        continue;
+                    }
+                    if let Err(e) = crate::bpf::unix::deny_abstract(&map, n.as_bytes()) {
+                        tracing::warn!("cannot refuse @{n}, bound outside the cgroup: {e}");
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            running,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops looking and detaches the hooks.
+    pub async fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        self.running.stop().await;
+    }
+}
+
+/// The abstract names bound in the network namespaces of `cgroup`'s processes (and its
+/// children's) by sockets none of them holds, less `named`.
+fn outside_abstract(cgroup: &Path, named: &BTreeSet<String>) -> BTreeSet<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let pids = crate::sys::unix::cgroup_tree_pids(cgroup);
+    let held = crate::sys::unix::held_sockets(pids.iter().map(String::as_str));
+    let (mut namespaces, mut out) = (BTreeSet::new(), BTreeSet::new());
+    for pid in &pids {
+        let Ok(ns) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        if !namespaces.insert((ns.dev(), ns.ino())) {
+            continue;
+        }
+        let table = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+        for (inode, name) in crate::sys::unix::named_sockets(&table) {
+            if let Some(n) = name.strip_prefix('@')
+                && !held.contains(&inode)
+                && !named.contains(n)
+            {
+                out.insert(n.to_owned());
+            }
+        }
+    }
+    out
 }

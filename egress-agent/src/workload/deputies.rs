@@ -57,6 +57,7 @@ use anyhow::Context as _;
 
 use crate::{
     policy::{Policy, UnixName},
+    sys::unix::named_sockets,
     workload::confine::check,
 };
 
@@ -799,24 +800,7 @@ impl LateMasker {
 /// The socket inodes the cgroup's processes hold.
 fn own_sockets(procs: &Path) -> BTreeSet<u64> {
     let pids = fs::read_to_string(procs).unwrap_or_default();
-    let mut out = BTreeSet::new();
-    for pid in pids.split_whitespace() {
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for fd in fds.filter_map(|e| e.ok()) {
-            if let Ok(link) = fs::read_link(fd.path())
-                && let Some(n) = link
-                    .to_str()
-                    .and_then(|l| l.strip_prefix("socket:["))
-                    .and_then(|l| l.strip_suffix(']'))
-                    .and_then(|n| n.parse().ok())
-            {
-                out.insert(n);
-            }
-        }
-    }
-    out
+    crate::sys::unix::held_sockets(pids.split_whitespace())
 }
 
 /// Covers each of `dirs` with an empty tmpfs and binds `/dev/null` over each of `paths` in
@@ -1055,22 +1039,6 @@ pub fn resolv_conf(host: &str) -> String {
 /// Type St Inode Path`: what follows the seventh field, which may hold spaces).
 fn names(table: &str) -> impl Iterator<Item = &str> {
     named_sockets(table).map(|(_, n)| n)
-}
-
-/// The socket inode and name column of each socket in a `/proc/net/unix` table.
-fn named_sockets(table: &str) -> impl Iterator<Item = (u64, &str)> {
-    table.lines().skip(1).filter_map(|line| {
-        let mut rest = line.trim_start();
-        let mut inode = 0;
-        for i in 0..7 {
-            let end = rest.find(char::is_whitespace)?;
-            if i == 6 {
-                inode = rest[..end].parse().unwrap_or(0);
-            }
-            rest = rest[end..].trim_start();
-        }
-        Some((inode, rest))
-    })
 }
 
 /// The absolute paths of the sockets bound in `/proc/net/unix` (abstract names, shown with a

@@ -1,6 +1,8 @@
 //! Names the unix connects and sends of `run`'s command that its deputy view refused, as
 //! `deny` lines with `"proto":"unix"`: reads the records of `bpf::unix`'s programs and asks
-//! `refused` (the view's judgement, see `workload::deputies`) about each.
+//! `refused` (the view's judgement, see `workload::deputies`) about each. Under `attach` with
+//! `unix:` rules, [`AbstractGuard`] has the programs refuse abstract names bound outside the
+//! cgroup, and names those refusals the same way.
 
 use std::{
     collections::{BTreeSet, HashMap},

@@ -525,7 +525,8 @@ impl Enforcer {
             "inbound rules",
         )?;
         let mode = match policy.mode {
-            Mode::Enforce => 0,
+            // Ask denies in the kernel like enforce: only the resolver holds.
+            Mode::Enforce | Mode::Ask => 0,
             Mode::Audit => FLAG_AUDIT,
         };
         // Ping sockets may be created only while some rule allows ICMP; a reload that drops

@@ -8,6 +8,8 @@ use std::{
     process::ExitCode,
 };
 
+pub mod approve;
+
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum, builder::PossibleValue};
 use clap_mangen::Man;
 
@@ -64,6 +66,8 @@ Exit status:
   attach       0 after SIGTERM or SIGINT; 125 if egress-agent failed
   detach, status
                0; 1 if nothing of that name is pinned
+  pending, approve, deny
+               0; 1 for an unknown or decided request, bad input, or no such agent
   check        0 if every file is valid; 1 if one is not
   explain      0 if every destination is allowed; 1 if one is denied; 2 if the allowlist
                cannot be loaded
@@ -111,6 +115,8 @@ pub enum Command {
         /// refused query is reported with verdict `audit`.
         #[arg(long)]
         audit: bool,
+        #[command(flatten)]
+        ask: approve::AskArgs,
         #[command(flatten)]
         confine: ConfineArgs,
         /// Debugging aid: log every verdict of the kernel programs (allow, deny, audit; hook,
@@ -180,6 +186,12 @@ pub enum Command {
         /// On SIGTERM/SIGINT, detach and remove the pins instead of leaving the cgroup closed.
         #[arg(long)]
         detach_on_exit: bool,
+        #[command(flatten)]
+        ask: approve::AskArgs,
+        /// Ask mode: serve `GET /approvals` and `POST /approvals/<id>` on --health, to
+        /// requests bearing `Authorization: Bearer <the token in this file>`.
+        #[arg(long, value_name = "FILE", requires = "health")]
+        approval_token_file: Option<PathBuf>,
         /// Debugging aid: log every verdict of the kernel programs (allow, deny, audit; hook,
         /// protocol, destination, port, reason) to stderr. Costs a log record per connect and
         /// send; without it the tracing code is not even loaded.
@@ -208,6 +220,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask mode: list the requests an agent holds for a decision (id, name or address, who
+    /// asked, when). Needs root.
+    #[command(after_help = "Examples:\n  \
+        sudo egress-agent pending --name run-4242\n  \
+        sudo egress-agent pending --name pod-1f2e3d4c --json\n\n\
+        Exit status: 0; 1 when no agent of that name runs in ask mode.")]
+    Pending(approve::PendingArgs),
+    /// Ask mode: allow a held request (answers a held lookup at once with the real
+    /// addresses). Read the name first: a name can carry data out.
+    #[command(after_help = "Examples:\n  \
+        sudo egress-agent approve --name run-4242 pypi.org --for session --ports 443\n  \
+        sudo egress-agent approve --name run-4242 3 --for always\n  \
+        sudo egress-agent approve --name run-4242 --watch\n\n\
+        Exit status: 0 when done; 1 for an unknown or already decided request, bad ports, an\n\
+        agent that is not running, or an approvals file that cannot be appended to.")]
+    Approve(approve::ApproveArgs),
+    /// Ask mode: refuse a held request now (and, --for session, the same one later).
+    #[command(after_help = "Examples:\n  \
+        sudo egress-agent deny --name run-4242 exfil.example.net\n  \
+        sudo egress-agent deny --name run-4242 4 --for session\n\n\
+        Exit status: 0 when done; 1 for an unknown or already decided request or an agent\n\
+        that is not running.")]
+    Deny(approve::DenyArgs),
     /// Validate allowlist files and print a one-line summary of each.
     #[command(after_help = "Examples:\n  \
         egress-agent check allowlists/*.yaml\n  \
@@ -318,10 +353,18 @@ pub fn main(cli: Cli) -> ExitCode {
             events,
             name,
             audit,
+            ask,
             confine,
             trace_verdicts,
             command,
         } => {
+            let ask = match ask.config(&allowlist, None) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    eprintln!("egress-agent: {e:#}");
+                    return ExitCode::from(run::EXIT_AGENT_ERROR as u8);
+                }
+            };
             let config = run::RunConfig {
                 allowlist: Some(allowlist),
                 learn_output: None,
@@ -332,6 +375,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 allow_io_uring: confine.allow_io_uring,
                 pass_fds: confine.pass_fds,
                 trace_verdicts,
+                ask,
                 command,
             };
             run_command(config)
@@ -346,7 +390,16 @@ pub fn main(cli: Cli) -> ExitCode {
             health,
             detach_on_exit,
             trace_verdicts,
+            ask,
+            approval_token_file,
         } => {
+            let ask = match ask.config(&allowlist, approval_token_file.as_deref()) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    eprintln!("egress-agent: {e:#}");
+                    return ExitCode::from(run::EXIT_AGENT_ERROR as u8);
+                }
+            };
             let config = attach::AttachConfig {
                 cgroup,
                 pod_uid,
@@ -357,6 +410,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 health,
                 detach_on_exit,
                 trace_verdicts,
+                ask,
             };
             block_on(attach::attach(config))
         }
@@ -404,8 +458,12 @@ pub fn main(cli: Cli) -> ExitCode {
             allow_io_uring: confine.allow_io_uring,
             pass_fds: confine.pass_fds,
             trace_verdicts: false,
+            ask: None,
             command,
         }),
+        Command::Pending(args) => approve::pending(&args),
+        Command::Approve(args) => approve::approve(&args),
+        Command::Deny(args) => approve::deny(&args),
     }
 }
 

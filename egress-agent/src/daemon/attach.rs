@@ -40,6 +40,8 @@ pub struct AttachConfig {
     pub detach_on_exit: bool,
     /// Trace every verdict of the programs to the agent's log (a debugging aid).
     pub trace_verdicts: bool,
+    /// Ask mode's settings.
+    pub ask: Option<crate::daemon::approvals::AskConfig>,
 }
 
 /// Runs until SIGTERM or SIGINT; returns the exit status.
@@ -108,6 +110,7 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
             ..EnforcerOptions::default()
         },
         protected: Vec::new(),
+        ask: cfg.ask.clone(),
     })
     .await?;
     // Unlike `run`, attach cannot confine the workload: say what the runtime must provide.

@@ -16,6 +16,7 @@ pub mod answer;
 pub mod attribution;
 pub mod cache;
 pub mod grants;
+pub mod held;
 pub mod names;
 pub mod screen;
 pub mod upstream;
@@ -87,6 +88,8 @@ pub struct DnsContext {
     pub entries: Mutex<HashMap<IpAddr, (usize, AllowValue)>>,
     /// Answers to permitted queries, served again within their TTL.
     pub answers: cache::AnswerCache,
+    /// Ask mode: queries held for a person's decision, and the rules approved.
+    pub held: held::Held,
 }
 
 impl DnsContext {
@@ -243,7 +246,7 @@ async fn serve_udp(
                 }
                 continue;
             }
-            Step::Forward(p) => p,
+            step => step,
         };
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
@@ -251,7 +254,7 @@ async fn serve_udp(
         let query = buf[..n].to_vec();
         let (sock, ctx) = (sock.clone(), ctx.clone());
         tokio::spawn(async move {
-            if let Some(reply) = forward(&ctx, pending, &query, Transport::Udp).await
+            if let Some(reply) = finish(&ctx, pending, &query, Transport::Udp).await
                 && let Err(e) = sock.send_to(&reply, client).await
             {
                 tracing::debug!("dns: cannot answer {client}: {e}");
@@ -315,9 +318,17 @@ pub async fn handle(
     local: SocketAddr,
     transport: Transport,
 ) -> Option<Vec<u8>> {
-    match screen_query(ctx, query, client, local, transport) {
+    let step = screen_query(ctx, query, client, local, transport);
+    finish(ctx, step, query, transport).await
+}
+
+/// The answer to a screened query: at once, from the upstream, or (ask mode) after a
+/// person's decision.
+async fn finish(ctx: &DnsContext, step: Step, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    match step {
         Step::Answer(reply) => reply,
         Step::Forward(pending) => forward(ctx, pending, query, transport).await,
+        Step::Hold(hold) => held::wait(ctx, hold, query, transport).await,
     }
 }
 
@@ -327,6 +338,8 @@ enum Step {
     Answer(Option<Vec<u8>>),
     /// The upstream's answer.
     Forward(Pending),
+    /// Ask mode: a person's decision first (see `held`).
+    Hold(held::Hold),
 }
 
 /// A query on its way to the upstream.
@@ -367,6 +380,9 @@ fn screen_query(
         } => {
             Metrics::inc(&ctx.metrics.dns_queries);
             Metrics::inc(&ctx.metrics.dns_refused);
+            if policy.mode == policy::Mode::Ask {
+                return held::hold(ctx, &names, reply, client, local, transport);
+            }
             report_refused(ctx, &policy, &names, client, local, transport);
             if policy.mode != policy::Mode::Audit {
                 return Step::Answer(Some(reply));
@@ -500,6 +516,7 @@ fn report_refused(
             pid: owner.as_ref().map(|o| o.pid),
             comm: owner.as_ref().map(|o| o.comm.as_str()),
             uid: owner.as_ref().map(|o| o.uid),
+            reason: None,
         });
     }
 }

@@ -290,6 +290,46 @@ fn session_approval_lets_later_lookups_pass_and_session_deny_refuses_without_ask
 }
 
 #[test]
+fn watch_prompt_decides_each_request_as_it_comes() {
+    let world = world();
+    let mut ask = start(
+        &world,
+        &allowlist(""),
+        &[],
+        &format!("out['a1'] = dig('{NEW}')\nout['a2'] = dig('{NEW}', 5)"),
+    );
+    let name = ask.name.clone();
+    let run = &mut ask.run;
+    // A person at another terminal answers `s` (session) to the first request shown.
+    let mut watcher = std::process::Command::new(egress_tests::agent_bin())
+        .args(["approve", "--name", &name, "--watch"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("approve --watch");
+    watcher
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"s\n")
+        .expect("answer");
+    let granted = poll_until(WAIT, || {
+        run.events_of("approval-granted").into_iter().next()
+    });
+    // The process this test started.
+    let _ = watcher.kill();
+    let mut shown = String::new();
+    let _ = watcher.stdout.take().expect("stdout").read_to_string(&mut shown);
+    let _ = watcher.wait();
+    let granted = granted.unwrap_or_else(|| panic!("no decision\n{shown}\n{}", run.output()));
+    assert_eq!(granted["for"], "session", "{granted}");
+    assert!(shown.contains(NEW) && shown.contains("dig"), "the prompt shows the request: {shown}");
+    let out = result(run);
+    assert_eq!(out["a2"]["addrs"], serde_json::json!([NEW_IP]), "{out}");
+}
+
+#[test]
 fn deny_and_timeout_refuse_with_their_events_and_nothing_leaves() {
     let world = world();
     let mut ask = start(

@@ -218,7 +218,37 @@ fn line(r: &ApprovalRequest) -> String {
         (Some(pid), None) => format!("pid {pid}"),
         _ => "unknown process".to_owned(),
     };
-    format!("{:>4}  {what}  asked by {who}  at {}", r.id, r.asked)
+    let note = r.name.as_deref().map(data_hint).unwrap_or_default();
+    format!("{:>4}  {what}  asked by {who}  at {}{note}", r.id, r.asked)
+}
+
+/// A warning for a name that looks like it carries data (a long label, or one that reads
+/// like hex or base32/64): the command chooses the names it asks for, and an approved name
+/// is a query to that domain's servers.
+fn data_hint(name: &str) -> String {
+    let suspicious = name.len() > 80
+        || name.split('.').any(|l| {
+            let digits = l.bytes().filter(u8::is_ascii_digit).count();
+            l.len() > 30 || (l.len() >= 16 && digits * 4 >= l.len())
+        });
+    if suspicious {
+        "  [!] long or encoded-looking label: a name can carry data out".to_owned()
+    } else {
+        String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::data_hint;
+
+    #[test]
+    fn encoded_looking_names_are_flagged() {
+        assert!(data_hint("pypi.org").is_empty());
+        assert!(data_hint("files.pythonhosted.org").is_empty());
+        assert!(!data_hint("6b2f9a31c0d84e77a1b2.exfil.example").is_empty());
+        assert!(!data_hint(&format!("{}.example.com", "a".repeat(40))).is_empty());
+    }
 }
 
 fn uid(r: &ApprovalRequest) -> String {

@@ -11,6 +11,7 @@ use std::{
     fs::{self, File},
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
+    path::Path,
     process::Stdio,
     time::Duration,
 };
@@ -579,14 +580,7 @@ fn the_http_endpoint_needs_the_bearer_token() {
     agent.wait_ready();
     let addr: SocketAddr = health.parse().unwrap();
     let stdout = files.path().join("app.stdout");
-    let mut app = pod
-        .command(world.netns(), &pod.app(), "dig")
-        .args(["+time=25", "+tries=1", "@192.0.2.53", "held.example.com", "A"])
-        .stdin(Stdio::null())
-        .stdout(File::create(&stdout).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dig");
+    let app = app_dig(&world, &pod, "held.example.com", 25, &stdout);
     let req = agent
         .wait_event(WAIT, |e| {
             e["event"] == "approval-requested" && e["name"] == "held.example.com"
@@ -617,15 +611,115 @@ fn the_http_endpoint_needs_the_bearer_token() {
     let (code, _) = http(world.netns(), addr, "POST", &path, Some(token), allow_body);
     assert_eq!(code, 409, "a second decision");
 
-    let done = poll_until(WAIT, || app.try_wait().ok().flatten());
-    if done.is_none() {
-        let _ = app.kill();
-        let _ = app.wait();
-    }
+    reap(app);
     let dig = fs::read_to_string(&stdout).unwrap_or_default();
     assert!(dig.contains("198.51.100.23"), "{dig}\n{}", agent.output());
     let granted = agent.events_of("approval-granted");
     assert_eq!(granted.len(), 1, "{}", agent.output());
     assert_eq!(granted[0]["by"], "http");
     agent.terminate();
+}
+
+/// `dig NAME` from the pod's app container, waiting up to `wait` seconds for an answer; its
+/// output goes to `out`.
+fn app_dig(world: &DnsWorld, pod: &Pod, name: &str, wait: u32, out: &Path) -> std::process::Child {
+    pod.command(world.netns(), &pod.app(), "dig")
+        .args([&format!("+time={wait}"), "+tries=1", "@192.0.2.53", name, "A"])
+        .stdin(Stdio::null())
+        .stdout(File::create(out).expect("dig output file"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dig")
+}
+
+/// Waits for a child this test started, killing it if it takes longer than `WAIT`.
+fn reap(mut child: std::process::Child) {
+    if poll_until(WAIT, || child.try_wait().ok().flatten()).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[test]
+fn a_restart_refuses_what_was_held_and_keeps_what_was_approved_always() {
+    let world = world();
+    let pod = Pod::new();
+    let pins = AgentPins::new(&unique_name());
+    let files = TestDir::new();
+    let allow = files.path().join("team.yaml");
+    fs::write(&allow, allowlist("mode: ask\n")).unwrap();
+    let start_agent = || {
+        let mut agent = AttachAgent::builder(world.netns(), &pod.sidecar(), files.path())
+            .args(["--cgroup", &pod.path().to_string_lossy(), "--name", pins.name()])
+            .args(["--allowlist", &allow.to_string_lossy(), "--ask-timeout", "20s"])
+            .start();
+        agent.wait_ready();
+        agent
+    };
+    let mut first = start_agent();
+    let out = files.path().join("dig-always-1");
+    let dig = app_dig(&world, &pod, "always.example.com", 25, &out);
+    first
+        .wait_event(WAIT, |e| e["event"] == "approval-requested")
+        .unwrap_or_else(|| panic!("no request\n{}", first.output()));
+    let (code, o, e) = cli(&[
+        "approve",
+        "--name",
+        pins.name(),
+        "always.example.com",
+        "--for",
+        "always",
+    ]);
+    assert_eq!(code, 0, "{o}{e}\n{}", first.output());
+    reap(dig);
+    assert!(fs::read_to_string(&out).unwrap().contains("198.51.100.22"));
+    // `team.yaml` → `team.approved.yaml`.
+    let approved = files.path().join("team.approved.yaml");
+    assert!(approved.exists(), "{}", first.output());
+
+    // A lookup is held when the agent dies: it is never answered, never forwarded.
+    let out = files.path().join("dig-held-1");
+    let dig = app_dig(&world, &pod, "held.example.com", 4, &out);
+    first
+        .wait_event(WAIT, |e| {
+            e["event"] == "approval-requested" && e["name"] == "held.example.com"
+        })
+        .unwrap_or_else(|| panic!("no request\n{}", first.output()));
+    first.kill9();
+    reap(dig);
+    let text = fs::read_to_string(&out).unwrap_or_default();
+    assert!(!text.contains("198.51.100.23"), "answered after a crash: {text}");
+    assert!(
+        !world.queries().iter().any(|q| q == "held.example.com"),
+        "the held name reached the upstream: {:?}",
+        world.queries()
+    );
+
+    // The next agent (same name, adopting the pins) knows the `always` name, and asks again
+    // for the held one.
+    let second = start_agent();
+    let out = files.path().join("dig-always-2");
+    reap(app_dig(&world, &pod, "always.example.com", 5, &out));
+    assert!(
+        fs::read_to_string(&out).unwrap().contains("198.51.100.22"),
+        "{}",
+        second.output()
+    );
+    let out = files.path().join("dig-held-2");
+    let dig = app_dig(&world, &pod, "held.example.com", 10, &out);
+    let again = second
+        .wait_event(WAIT, |e| {
+            e["event"] == "approval-requested" && e["name"] == "held.example.com"
+        })
+        .unwrap_or_else(|| panic!("the held name is asked again\n{}", second.output()));
+    let (code, o, e) = cli(&["deny", "--name", pins.name(), &id(&again)]);
+    assert_eq!(code, 0, "{o}{e}");
+    reap(dig);
+    assert!(fs::read_to_string(&out).unwrap().contains("status: REFUSED"));
+    let requested: Vec<_> = second
+        .events_of("approval-requested")
+        .into_iter()
+        .filter(|e| e["name"] == "always.example.com")
+        .collect();
+    assert!(requested.is_empty(), "{requested:?}");
 }

@@ -38,6 +38,11 @@ pub struct AskArgs {
 }
 
 impl AskArgs {
+    /// Whether `--ask` was given.
+    pub fn forced(&self) -> bool {
+        self.ask
+    }
+
     /// The session's ask settings (used only if `--ask` or `mode: ask`).
     pub fn config(
         &self,

@@ -358,6 +358,10 @@ pub fn main(cli: Cli) -> ExitCode {
             trace_verdicts,
             command,
         } => {
+            if audit && ask.forced() {
+                eprintln!("egress-agent: --audit and --ask exclude each other");
+                return ExitCode::from(EXIT_USAGE);
+            }
             let ask = match ask.config(&allowlist, None) {
                 Ok(a) => Some(a),
                 Err(e) => {

@@ -179,6 +179,7 @@ impl Approvals {
         let (subject, view) = held.peek(id)?;
         if !allow {
             let taken = held.take(id)?;
+            let taken_transport = taken.transport;
             if scope == "session" {
                 held.deny_for_session(subject.clone());
             }
@@ -196,7 +197,7 @@ impl Approvals {
                     query: name,
                     qtype: view.qtype.as_deref().unwrap_or(""),
                     verdict: "refused",
-                    proto: "udp",
+                    proto: taken_transport,
                     pid: view.pid,
                     comm: view.comm.as_deref(),
                     uid: view.uid,

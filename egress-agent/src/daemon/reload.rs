@@ -102,7 +102,9 @@ fn reject(ctx: &DnsContext, root: &Path, at: Option<(PathBuf, usize)>, error: &s
 /// entries (an address keeps only what names the new policy still permits; entries no name
 /// permits any more are removed). Live connections are not touched.
 pub fn apply(ctx: &DnsContext, new: Policy) -> anyhow::Result<String> {
-    // Ask mode: what a person approved for the session stays through a reload.
+    // Ask mode: what a person approved for the session stays through a reload (one apply at
+    // a time, so a decision and a reload cannot drop each other's rules).
+    let _one = ctx.held.applying();
     let new = ctx.held.extend(new);
     let summary = new.summary();
     let new = Arc::new(new);

@@ -67,6 +67,8 @@ pub enum Verdict {
 struct Request {
     id: u64,
     subject: Subject,
+    /// How the first held query came (`udp`, `tcp`), for the events of a refused name.
+    transport: &'static str,
     view: ApprovalRequest,
     started: Instant,
     tx: watch::Sender<Option<Verdict>>,
@@ -79,6 +81,8 @@ pub struct Taken {
     pub view: ApprovalRequest,
     /// For what.
     pub subject: Subject,
+    /// How the first held query came (`udp`, `tcp`; `tcp` for an address).
+    pub transport: &'static str,
     tx: watch::Sender<Option<Verdict>>,
 }
 
@@ -103,6 +107,9 @@ struct State {
 #[derive(Default)]
 pub struct Held {
     state: Mutex<State>,
+    /// Held across a whole policy apply (`reload::apply`), so that a decision's apply and a
+    /// reload of the allowlist cannot interleave and drop an approved rule.
+    applying: Mutex<()>,
 }
 
 /// A query waiting for a decision.
@@ -116,6 +123,11 @@ pub(super) struct Hold {
 impl Held {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serializes policy applies (see `applying`).
+    pub fn applying(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.applying.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Turns ask mode on: requests wait `timeout`; `forced` keeps it on across reloads.
@@ -230,6 +242,7 @@ impl Held {
         Ok(Taken {
             view: r.view,
             subject: r.subject,
+            transport: r.transport,
             tx: r.tx,
         })
     }
@@ -267,7 +280,7 @@ impl Held {
         {
             return None;
         }
-        let (id, _) = new_request(&mut s, subject, None, who);
+        let (id, _) = new_request(&mut s, subject, None, who, "tcp");
         s.pending.iter().find(|r| r.id == id).map(|r| r.view.clone())
     }
 
@@ -300,6 +313,7 @@ fn new_request(
     subject: Subject,
     qtype: Option<&str>,
     who: Option<attribution::Owner>,
+    transport: &'static str,
 ) -> (u64, watch::Receiver<Option<Verdict>>) {
     s.next += 1;
     let id = s.next;
@@ -325,6 +339,7 @@ fn new_request(
     s.pending.push(Request {
         id,
         subject,
+        transport,
         view,
         started: Instant::now(),
         tx,
@@ -391,7 +406,7 @@ pub(super) fn hold(
     // open).
     let who = attribution::owner_of(transport, local, client, &ctx.cgroup);
     let mut s = ctx.held.state();
-    let (id, rx) = new_request(&mut s, subject, Some(qtype), who);
+    let (id, rx) = new_request(&mut s, subject, Some(qtype), who, proto_name(transport));
     let view = s.pending.last().map(|r| r.view.clone());
     drop(s);
     if let Some(view) = &view {

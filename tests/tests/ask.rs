@@ -17,9 +17,9 @@ use std::{
 };
 
 use egress_tests::{
-    AgentRun, TestDir, TestNetns, cgroup2_mount, poll_until,
+    AgentRun, TestDir, TestNetns, cgroup2_mount,
     pod::{AgentPins, AttachAgent, Pod, agent_cli},
-    remove_cgroup, unique_name,
+    poll_until, remove_cgroup, unique_name,
     world::{DnsWorld, UPSTREAM, python3},
 };
 use serde_json::Value;
@@ -152,7 +152,12 @@ fn cli(args: &[&str]) -> (i32, String, String) {
 /// Runs `egress-agent ARGS` and checks it exits 0.
 fn cli_ok(run: &AgentRun, args: &[&str]) -> String {
     let (code, out, err) = cli(args);
-    assert_eq!(code, 0, "egress-agent {args:?}: {out}{err}\n{}", run.output());
+    assert_eq!(
+        code,
+        0,
+        "egress-agent {args:?}: {out}{err}\n{}",
+        run.output()
+    );
     out
 }
 
@@ -186,7 +191,7 @@ fn held_lookup_approved_once_resolves_connects_and_reached_no_server_before() {
     );
     let name = ask.name.clone();
     let run = &mut ask.run;
-    let first = wait_request(&run, "name", NEW, &[]);
+    let first = wait_request(run, "name", NEW, &[]);
     assert_eq!(first["qtype"], "A", "{first}");
     assert_eq!(first["comm"], "dig", "the request names who asked: {first}");
     // Held: nothing of the query has left.
@@ -196,13 +201,13 @@ fn held_lookup_approved_once_resolves_connects_and_reached_no_server_before() {
         "the held name reached the upstream before approval:\n{}",
         world.log()
     );
-    let pending = cli_ok(&run, &["pending", "--name", &name]);
+    let pending = cli_ok(run, &["pending", "--name", &name]);
     assert!(
         pending.contains(NEW) && pending.contains("dig"),
         "pending shows the name and who asked: {pending}"
     );
     let json: Value =
-        serde_json::from_str(&cli_ok(&run, &["pending", "--name", &name, "--json"])).unwrap();
+        serde_json::from_str(&cli_ok(run, &["pending", "--name", &name, "--json"])).unwrap();
     assert_eq!(json[0]["name"], NEW, "{json}");
 
     // Bad input changes nothing: an unknown id, a malformed port list, another agent.
@@ -216,7 +221,7 @@ fn held_lookup_approved_once_resolves_connects_and_reached_no_server_before() {
     assert!(err.contains("no agent named"), "{err}");
     assert_eq!(run.events_of("approval-granted").len(), 0);
 
-    let out = cli_ok(&run, &["approve", "--name", &name, NEW, "--for", "once"]);
+    let out = cli_ok(run, &["approve", "--name", &name, NEW, "--for", "once"]);
     assert!(out.contains("allowed for once"), "{out}");
     // A second decision on the same id is refused.
     let (code, _, err) = cli(&["approve", "--name", &name, &id(&first)]);
@@ -224,8 +229,8 @@ fn held_lookup_approved_once_resolves_connects_and_reached_no_server_before() {
     assert!(err.contains("already decided"), "{err}");
 
     // `once`: the next lookup of the name asks again; deny it.
-    let second = wait_request(&run, "name", NEW, &[&id(&first)]);
-    cli_ok(&run, &["deny", "--name", &name, &id(&second)]);
+    let second = wait_request(run, "name", NEW, &[&id(&first)]);
+    cli_ok(run, &["deny", "--name", &name, &id(&second)]);
 
     let out = result(run);
     assert_eq!(out["r1"]["status"], "NOERROR", "{out}\n{}", run.output());
@@ -267,10 +272,10 @@ fn session_approval_lets_later_lookups_pass_and_session_deny_refuses_without_ask
     );
     let name = ask.name.clone();
     let run = &mut ask.run;
-    wait_request(&run, "name", NEW, &[]);
-    cli_ok(&run, &["approve", "--name", &name, NEW, "--for", "session"]);
-    wait_request(&run, "name", OTHER, &[]);
-    cli_ok(&run, &["deny", "--name", &name, OTHER, "--for", "session"]);
+    wait_request(run, "name", NEW, &[]);
+    cli_ok(run, &["approve", "--name", &name, NEW, "--for", "session"]);
+    wait_request(run, "name", OTHER, &[]);
+    cli_ok(run, &["deny", "--name", &name, OTHER, "--for", "session"]);
     let out = result(run);
     assert_eq!(out["a1"]["addrs"], serde_json::json!([NEW_IP]), "{out}");
     assert_eq!(out["a2"]["addrs"], serde_json::json!([NEW_IP]), "{out}");
@@ -321,11 +326,18 @@ fn watch_prompt_decides_each_request_as_it_comes() {
     // The process this test started.
     let _ = watcher.kill();
     let mut shown = String::new();
-    let _ = watcher.stdout.take().expect("stdout").read_to_string(&mut shown);
+    let _ = watcher
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut shown);
     let _ = watcher.wait();
     let granted = granted.unwrap_or_else(|| panic!("no decision\n{shown}\n{}", run.output()));
     assert_eq!(granted["for"], "session", "{granted}");
-    assert!(shown.contains(NEW) && shown.contains("dig"), "the prompt shows the request: {shown}");
+    assert!(
+        shown.contains(NEW) && shown.contains("dig"),
+        "the prompt shows the request: {shown}"
+    );
     let out = result(run);
     assert_eq!(out["a2"]["addrs"], serde_json::json!([NEW_IP]), "{out}");
 }
@@ -342,9 +354,9 @@ fn deny_and_timeout_refuse_with_their_events_and_nothing_leaves() {
     let name = ask.name.clone();
     let run = &mut ask.run;
     // Nobody decides the first one.
-    let timed = wait_request(&run, "name", NEW, &[]);
-    let denied = wait_request(&run, "name", OTHER, &[]);
-    cli_ok(&run, &["deny", "--name", &name, &id(&denied)]);
+    let timed = wait_request(run, "name", NEW, &[]);
+    let denied = wait_request(run, "name", OTHER, &[]);
+    cli_ok(run, &["deny", "--name", &name, &id(&denied)]);
     let out = result(run);
     assert_eq!(out["t"]["status"], "REFUSED", "{out}");
     assert!(
@@ -391,9 +403,9 @@ fn always_writes_a_file_check_accepts_and_the_next_run_uses() {
     );
     let name = ask.name.clone();
     let run = &mut ask.run;
-    wait_request(&run, "name", "always.example.com", &[]);
+    wait_request(run, "name", "always.example.com", &[]);
     cli_ok(
-        &run,
+        run,
         &[
             "approve",
             "--name",
@@ -409,14 +421,22 @@ fn always_writes_a_file_check_accepts_and_the_next_run_uses() {
     assert_eq!(out["r"]["status"], "NOERROR", "{out}");
     // Beside the allowlist (allow.yaml): allow.approved.yaml.
     let file = run.dir().join("allow.approved.yaml");
-    let text = fs::read_to_string(&file)
-        .unwrap_or_else(|e| panic!("no approvals file {}: {e}\n{}", file.display(), run.output()));
+    let text = fs::read_to_string(&file).unwrap_or_else(|e| {
+        panic!(
+            "no approvals file {}: {e}\n{}",
+            file.display(),
+            run.output()
+        )
+    });
     assert!(
         text.contains("- host: always.example.com\n    ports: [8080]"),
         "{text}"
     );
     let (code, stdout, err) = cli(&["check", &file.to_string_lossy()]);
-    assert_eq!(code, 0, "check accepts the approvals file: {stdout}{err}\n{text}");
+    assert_eq!(
+        code, 0,
+        "check accepts the approvals file: {stdout}{err}\n{text}"
+    );
 
     // The next run reads it: no question, the name resolves and connects on 8080.
     let kept = TestDir::new();
@@ -432,7 +452,12 @@ fn always_writes_a_file_check_accepts_and_the_next_run_uses() {
     );
     let next = &mut next_ask.run;
     let out = result(next);
-    assert_eq!(out["r"]["addrs"], serde_json::json!(["198.51.100.22"]), "{out}\n{}", next.output());
+    assert_eq!(
+        out["r"]["addrs"],
+        serde_json::json!(["198.51.100.22"]),
+        "{out}\n{}",
+        next.output()
+    );
     assert_eq!(out["c"]["ok"], true, "{out}");
     assert!(listener.wait_accepted(1, WAIT));
     assert!(
@@ -461,14 +486,20 @@ fn denied_address_raises_a_request_and_a_retry_after_approval_passes() {
     );
     let name = ask.name.clone();
     let run = &mut ask.run;
-    let req = wait_request(&run, "dst", BARE_IP, &[]);
+    let req = wait_request(run, "dst", BARE_IP, &[]);
     assert_eq!(req["port"], 8080, "{req}");
     assert_eq!(req["proto"], "tcp", "{req}");
     assert_eq!(listener.accepted(), 0, "nothing reached it before approval");
-    cli_ok(&run, &["approve", "--name", &name, BARE_IP, "--for", "session"]);
+    cli_ok(
+        run,
+        &["approve", "--name", &name, BARE_IP, "--for", "session"],
+    );
     let out = result(run);
     assert_eq!(out["first"]["error"], "EPERM", "denied at once: {out}");
-    assert_eq!(out["retry"]["ok"], true, "a retry after approval passes: {out}");
+    assert_eq!(
+        out["retry"]["ok"], true,
+        "a retry after approval passes: {out}"
+    );
     assert!(listener.wait_accepted(1, WAIT));
     let granted = run.events_of("approval-granted");
     assert_eq!(granted.len(), 1, "{granted:?}");
@@ -507,19 +538,25 @@ out["dig"] = held.communicate()[0]
     );
     let name = ask.name.clone();
     let run = &mut ask.run;
-    let req = wait_request(&run, "name", "held.example.com", &[]);
+    let req = wait_request(run, "name", "held.example.com", &[]);
     // Give the command time to try.
     std::thread::sleep(Duration::from_secs(3));
-    let pending = cli_ok(&run, &["pending", "--name", &name]);
+    let pending = cli_ok(run, &["pending", "--name", &name]);
     assert!(
         pending.contains("held.example.com"),
         "still pending after the command's try: {pending}\n{}",
         run.output()
     );
-    cli_ok(&run, &["deny", "--name", &name, &id(&req)]);
+    cli_ok(run, &["deny", "--name", &name, &id(&req)]);
     let out = result(run);
-    assert_eq!(out["list"]["ok"], false, "the command lists the control dir: {out}");
-    assert_eq!(out["connect"]["ok"], false, "the command reached the socket: {out}");
+    assert_eq!(
+        out["list"]["ok"], false,
+        "the command lists the control dir: {out}"
+    );
+    assert_eq!(
+        out["connect"]["ok"], false,
+        "the command reached the socket: {out}"
+    );
     assert!(
         matches!(out["connect"]["error"].as_str(), Some("EACCES" | "ENOENT")),
         "{out}"
@@ -573,7 +610,12 @@ fn the_http_endpoint_needs_the_bearer_token() {
     fs::write(&token_file, format!("{token}\n")).unwrap();
     let health = "127.0.0.1:9902";
     let mut agent = AttachAgent::builder(world.netns(), &pod.sidecar(), files.path())
-        .args(["--cgroup", &pod.path().to_string_lossy(), "--name", pins.name()])
+        .args([
+            "--cgroup",
+            &pod.path().to_string_lossy(),
+            "--name",
+            pins.name(),
+        ])
         .args(["--allowlist", &allow.to_string_lossy(), "--health", health])
         .args(["--approval-token-file", &token_file.to_string_lossy()])
         .start();
@@ -596,9 +638,20 @@ fn the_http_endpoint_needs_the_bearer_token() {
     assert_eq!(code, 401, "wrong token");
     let (code, _) = http(world.netns(), addr, "POST", &path, None, allow_body);
     assert_eq!(code, 401, "POST without a token");
-    let (code, _) = http(world.netns(), addr, "POST", &path, Some("wrong"), allow_body);
+    let (code, _) = http(
+        world.netns(),
+        addr,
+        "POST",
+        &path,
+        Some("wrong"),
+        allow_body,
+    );
     assert_eq!(code, 401, "POST with a wrong token");
-    assert!(agent.events_of("approval-granted").is_empty(), "{}", agent.output());
+    assert!(
+        agent.events_of("approval-granted").is_empty(),
+        "{}",
+        agent.output()
+    );
     let (code, body) = http(world.netns(), addr, "POST", &path, Some(token), "{nope");
     assert_eq!(code, 400, "malformed: {body}");
 
@@ -624,7 +677,13 @@ fn the_http_endpoint_needs_the_bearer_token() {
 /// output goes to `out`.
 fn app_dig(world: &DnsWorld, pod: &Pod, name: &str, wait: u32, out: &Path) -> std::process::Child {
     pod.command(world.netns(), &pod.app(), "dig")
-        .args([&format!("+time={wait}"), "+tries=1", "@192.0.2.53", name, "A"])
+        .args([
+            &format!("+time={wait}"),
+            "+tries=1",
+            "@192.0.2.53",
+            name,
+            "A",
+        ])
         .stdin(Stdio::null())
         .stdout(File::create(out).expect("dig output file"))
         .stderr(Stdio::null())
@@ -650,8 +709,18 @@ fn a_restart_refuses_what_was_held_and_keeps_what_was_approved_always() {
     fs::write(&allow, allowlist("mode: ask\n")).unwrap();
     let start_agent = || {
         let mut agent = AttachAgent::builder(world.netns(), &pod.sidecar(), files.path())
-            .args(["--cgroup", &pod.path().to_string_lossy(), "--name", pins.name()])
-            .args(["--allowlist", &allow.to_string_lossy(), "--ask-timeout", "20s"])
+            .args([
+                "--cgroup",
+                &pod.path().to_string_lossy(),
+                "--name",
+                pins.name(),
+            ])
+            .args([
+                "--allowlist",
+                &allow.to_string_lossy(),
+                "--ask-timeout",
+                "20s",
+            ])
             .start();
         agent.wait_ready();
         agent
@@ -688,7 +757,10 @@ fn a_restart_refuses_what_was_held_and_keeps_what_was_approved_always() {
     first.kill9();
     reap(dig);
     let text = fs::read_to_string(&out).unwrap_or_default();
-    assert!(!text.contains("198.51.100.23"), "answered after a crash: {text}");
+    assert!(
+        !text.contains("198.51.100.23"),
+        "answered after a crash: {text}"
+    );
     assert!(
         !world.queries().iter().any(|q| q == "held.example.com"),
         "the held name reached the upstream: {:?}",
@@ -715,7 +787,11 @@ fn a_restart_refuses_what_was_held_and_keeps_what_was_approved_always() {
     let (code, o, e) = cli(&["deny", "--name", pins.name(), &id(&again)]);
     assert_eq!(code, 0, "{o}{e}");
     reap(dig);
-    assert!(fs::read_to_string(&out).unwrap().contains("status: REFUSED"));
+    assert!(
+        fs::read_to_string(&out)
+            .unwrap()
+            .contains("status: REFUSED")
+    );
     let requested: Vec<_> = second
         .events_of("approval-requested")
         .into_iter()

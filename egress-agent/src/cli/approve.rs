@@ -44,11 +44,7 @@ impl AskArgs {
     }
 
     /// The session's ask settings (used only if `--ask` or `mode: ask`).
-    pub fn config(
-        &self,
-        allowlist: &Path,
-        token_file: Option<&Path>,
-    ) -> anyhow::Result<AskConfig> {
+    pub fn config(&self, allowlist: &Path, token_file: Option<&Path>) -> anyhow::Result<AskConfig> {
         AskConfig::new(
             self.ask,
             self.ask_timeout,
@@ -98,7 +94,11 @@ pub struct ApproveArgs {
     #[arg(long, value_name = "NAME", value_parser = super::parse_name)]
     name: String,
     /// The request: its id, its name or its address (as `pending` shows them).
-    #[arg(value_name = "ID|NAME", required_unless_present = "watch", conflicts_with = "watch")]
+    #[arg(
+        value_name = "ID|NAME",
+        required_unless_present = "watch",
+        conflicts_with = "watch"
+    )]
     target: Option<String>,
     /// How long the approval holds.
     #[arg(long = "for", value_name = "SCOPE", default_value = "once")]
@@ -243,19 +243,6 @@ fn data_hint(name: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::data_hint;
-
-    #[test]
-    fn encoded_looking_names_are_flagged() {
-        assert!(data_hint("pypi.org").is_empty());
-        assert!(data_hint("files.pythonhosted.org").is_empty());
-        assert!(!data_hint("6b2f9a31c0d84e77a1b2.exfil.example").is_empty());
-        assert!(!data_hint(&format!("{}.example.com", "a".repeat(40))).is_empty());
-    }
-}
-
 fn uid(r: &ApprovalRequest) -> String {
     r.uid.map_or_else(|| "?".into(), |u| u.to_string())
 }
@@ -325,5 +312,18 @@ fn watch(name: &str) -> ExitCode {
             }
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::data_hint;
+
+    #[test]
+    fn encoded_looking_names_are_flagged() {
+        assert!(data_hint("pypi.org").is_empty());
+        assert!(data_hint("files.pythonhosted.org").is_empty());
+        assert!(!data_hint("6b2f9a31c0d84e77a1b2.exfil.example").is_empty());
+        assert!(!data_hint(&format!("{}.example.com", "a".repeat(40))).is_empty());
     }
 }

@@ -373,7 +373,9 @@ fn rule_item(subject: &Subject, ports: Option<&str>) -> Result<(String, String),
                     && part.bytes().all(|b| b.is_ascii_digit() || b == b'-')
                     && part.split('-').count() <= 2;
                 if !ok {
-                    return Err(format!("ports {p:?}: give ports or ranges like 443,8000-8080"));
+                    return Err(format!(
+                        "ports {p:?}: give ports or ranges like 443,8000-8080"
+                    ));
                 }
                 items.push(if part.contains('-') {
                     format!("\"{part}\"")
@@ -455,12 +457,7 @@ fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// `GET /approvals` and `POST /approvals/<id>` of the health server. `head` is the request
 /// line and headers, `body` what followed them. Answers 401 without the right bearer token,
 /// whatever the path. Returns (status, JSON body).
-pub fn http(
-    approvals: &Approvals,
-    token: &str,
-    head: &str,
-    body: &[u8],
-) -> (&'static str, String) {
+pub fn http(approvals: &Approvals, token: &str, head: &str, body: &[u8]) -> (&'static str, String) {
     let mut lines = head.lines();
     let mut first = lines.next().unwrap_or("").split_whitespace();
     let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
@@ -495,7 +492,10 @@ pub fn http(
                 }
             };
             if id.parse::<u64>().is_err() {
-                return ("404 Not Found", error_json("no pending request with that id"));
+                return (
+                    "404 Not Found",
+                    error_json("no pending request with that id"),
+                );
             }
             match approvals.decide(id, &d, "http") {
                 Ok(m) => (
@@ -531,7 +531,10 @@ mod tests {
     fn rule_items_are_ordinary_rules() {
         let name = Subject::Name("pypi.org".into());
         let (item, ports) = rule_item(&name, Some("443,8000-8080")).unwrap();
-        assert_eq!(item, "  - host: pypi.org\n    ports: [443, \"8000-8080\"]\n");
+        assert_eq!(
+            item,
+            "  - host: pypi.org\n    ports: [443, \"8000-8080\"]\n"
+        );
         assert_eq!(ports, "443,8000-8080");
         let r = parse_rule(&item).unwrap();
         assert_eq!(r.ports, vec![(443, 443), (8000, 8080)]);

@@ -86,7 +86,9 @@ pub fn bind(name: &str) -> anyhow::Result<UnixListener> {
         Ok(m) if m.is_dir() => {
             fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?
         }
-        Ok(_) => fs::remove_file(&dir).with_context(|| format!("cannot remove {}", dir.display()))?,
+        Ok(_) => {
+            fs::remove_file(&dir).with_context(|| format!("cannot remove {}", dir.display()))?
+        }
         Err(_) => {}
     }
     fs::DirBuilder::new()
@@ -116,8 +118,7 @@ pub async fn serve(listener: UnixListener, approvals: Arc<Approvals>) {
         };
         let approvals = approvals.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &approvals))
-                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &approvals)).await;
         });
     }
 }

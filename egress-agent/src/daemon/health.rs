@@ -93,7 +93,11 @@ async fn read_body(s: &mut TcpStream, read: &[u8]) -> std::io::Result<(String, V
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|i| (i, i + 4))
-        .or_else(|| read.windows(2).position(|w| w == b"\n\n").map(|i| (i, i + 2)))
+        .or_else(|| {
+            read.windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|i| (i, i + 2))
+        })
         .unwrap_or((read.len(), read.len()));
     let head = String::from_utf8_lossy(&read[..split.0]).into_owned();
     let want = head

@@ -161,9 +161,9 @@ impl Session {
                 metrics: metrics.clone(),
                 enforcer: enforcer.clone(),
                 dns_capacity: cfg.enforcer.dns_capacity,
-                approvals: approvals.as_ref().and_then(|(a, token)| {
-                    token.as_ref().map(|t| (a.clone(), t.clone()))
-                }),
+                approvals: approvals
+                    .as_ref()
+                    .and_then(|(a, token)| token.as_ref().map(|t| (a.clone(), t.clone()))),
             });
             tasks.push(tokio::spawn(health::serve(listener, state)));
         }

@@ -202,9 +202,7 @@ impl Held {
             .iter()
             .filter(|r| match &r.subject {
                 Subject::Name(n) => *n == target,
-                Subject::Addr { ip, .. } => {
-                    r.view.subject() == target || ip.to_string() == target
-                }
+                Subject::Addr { ip, .. } => r.view.subject() == target || ip.to_string() == target,
             })
             .map(|r| r.id)
             .collect();
@@ -281,7 +279,10 @@ impl Held {
             return None;
         }
         let (id, _) = new_request(&mut s, subject, None, who, "tcp");
-        s.pending.iter().find(|r| r.id == id).map(|r| r.view.clone())
+        s.pending
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.view.clone())
     }
 
     /// Removes request `id` if it is still pending after its timeout; returns what it was.
@@ -293,7 +294,8 @@ impl Held {
         }
         let r = s.pending.remove(i);
         let _ = r.tx.send(Some(Verdict::Timeout));
-        s.decided.push_back((id, "refused: nobody decided in time".into()));
+        s.decided
+            .push_back((id, "refused: nobody decided in time".into()));
         while s.decided.len() > REMEMBER_DECIDED {
             s.decided.pop_front();
         }

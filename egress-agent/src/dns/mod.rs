@@ -324,7 +324,12 @@ pub async fn handle(
 
 /// The answer to a screened query: at once, from the upstream, or (ask mode) after a
 /// person's decision.
-async fn finish(ctx: &DnsContext, step: Step, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+async fn finish(
+    ctx: &DnsContext,
+    step: Step,
+    query: &[u8],
+    transport: Transport,
+) -> Option<Vec<u8>> {
     match step {
         Step::Answer(reply) => reply,
         Step::Forward(pending) => forward(ctx, pending, query, transport).await,

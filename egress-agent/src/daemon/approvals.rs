@@ -223,11 +223,20 @@ impl Approvals {
                 Verdict::Allow(None)
             }
             _ => {
-                held.add_rule(rule);
-                let current = (*self.dns.current_policy()).clone();
-                if let Err(e) = reload::apply(&self.dns, current) {
+                let new = held.add_rule(rule.clone());
+                if let Err(e) = reload::apply_approved(&self.dns) {
+                    // Nothing changed in the kernel or the policy in force (rolled back):
+                    // the rule must not come back with the next reload either.
+                    if new {
+                        held.remove_rule(&rule);
+                    }
                     held.settle(taken, Verdict::Deny, format!("failed: {e:#}"));
-                    return Err(format!("cannot apply the approved rule: {e:#}"));
+                    let appended = if scope == "always" {
+                        format!(" (it was appended to {})", self.file.display())
+                    } else {
+                        String::new()
+                    };
+                    return Err(format!("cannot apply the approved rule{appended}: {e:#}"));
                 }
                 Verdict::Allow(None)
             }

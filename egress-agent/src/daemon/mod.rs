@@ -11,6 +11,7 @@ pub mod approvals;
 pub mod attach;
 pub mod control;
 pub mod health;
+pub mod lastgood;
 pub mod monitor;
 pub mod reload;
 pub mod session;

@@ -9,7 +9,7 @@
 
 use std::{
     collections::VecDeque,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -18,7 +18,7 @@ use hickory_proto::op::Message;
 use tokio::sync::watch;
 
 use super::{
-    DnsContext, Pending, Step, attribution, cache, forward,
+    DnsContext, Origin, Pending, Refusal, Step, attribution, cache, forward, owner_of,
     screen::{self, Screened},
     upstream::Transport,
 };
@@ -117,7 +117,13 @@ pub(super) struct Hold {
     id: u64,
     rx: watch::Receiver<Option<Verdict>>,
     deadline: Instant,
+    /// The REFUSED answer, for a deny or a timeout.
     reply: Vec<u8>,
+    /// The client's query, screened again once approved.
+    query: Vec<u8>,
+    from: Origin,
+    /// This query raised the request (its owner is looked up and the request announced).
+    new: bool,
 }
 
 impl Held {
@@ -158,12 +164,19 @@ impl Held {
         policy
     }
 
-    /// Adds a rule for the session (apply it with a reload of the policy).
-    pub fn add_rule(&self, rule: Rule) {
+    /// Adds a rule for the session (apply it with a reload of the policy); whether it is new.
+    pub fn add_rule(&self, rule: Rule) -> bool {
         let mut s = self.state();
-        if !s.rules.contains(&rule) {
-            s.rules.push(rule);
+        if s.rules.contains(&rule) {
+            return false;
         }
+        s.rules.push(rule);
+        true
+    }
+
+    /// Takes back a rule [`Held::add_rule`] added (its apply failed).
+    pub fn remove_rule(&self, rule: &Rule) {
+        self.state().rules.retain(|r| r != rule);
     }
 
     /// Refuses `subject` for the rest of the session without asking.
@@ -352,23 +365,27 @@ fn new_request(
 
 /// Ask mode, a query with a name no rule permits: hold it (a new request, or joining the
 /// request for the same name), or refuse it at once (denied for the session, too many
-/// requests, a name no rule could be written for).
+/// requests, a name no rule could be written for). Runs on the resolver's thread: no owner
+/// lookup here ([`wait`] does it for a new request).
 pub(super) fn hold(
     ctx: &DnsContext,
-    names: &[(String, String)],
+    query: &[u8],
+    names: Vec<(String, String)>,
     reply: Vec<u8>,
-    client: SocketAddr,
-    local: SocketAddr,
-    transport: Transport,
+    from: Origin,
 ) -> Step {
     // The first refused name is asked about; once decided, the query is screened again (a
-    // second refused name in the same query is asked about then).
-    let Some((name, qtype)) = names.first() else {
+    // second refused name in the same query is refused then).
+    let Some((name, qtype)) = names.first().cloned() else {
         return Step::Answer(Some(reply));
     };
-    let refuse = |reason: &str| {
-        refused_event(ctx, name, qtype, transport, reason, client, local);
-        Step::Answer(Some(reply.clone()))
+    let refuse = |reason: &'static str| {
+        Step::Refused(Refusal {
+            reply: Some(reply.clone()),
+            names: vec![(name.clone(), qtype.clone())],
+            from,
+            reason: Some(reason),
+        })
     };
     let subject = Subject::Name(name.clone());
     let mut s = ctx.held.state();
@@ -391,59 +408,81 @@ pub(super) fn hold(
             return Step::Answer(None);
         }
         r.waiters += 1;
-        let hold = Hold {
+        return Step::Hold(Hold {
             id: r.id,
             rx: r.tx.subscribe(),
             deadline: r.started + timeout,
             reply,
-        };
-        return Step::Hold(hold);
+            query: query.to_vec(),
+            from,
+            new: false,
+        });
     }
     if s.pending.len() >= MAX_PENDING {
         drop(s);
         return refuse("approval-queue-full");
     }
-    drop(s);
-    // Who asks, before the request is shown (the client is still waiting: its socket is
-    // open).
-    let who = attribution::owner_of(transport, local, client, &ctx.cgroup);
-    let mut s = ctx.held.state();
-    let (id, rx) = new_request(&mut s, subject, Some(qtype), who, proto_name(transport));
-    let view = s.pending.last().map(|r| r.view.clone());
-    drop(s);
-    if let Some(view) = &view {
-        tracing::info!(
-            "ask: request {id}: {} asks for {:?} ({qtype}); egress-agent approve|deny",
-            view.comm.as_deref().unwrap_or("?"),
-            name
-        );
-        ctx.sink.emit(&Event::ApprovalRequested {
-            ts: SystemTime::now(),
-            request: view,
-        });
-    }
+    let (id, rx) = new_request(
+        &mut s,
+        subject,
+        Some(&qtype),
+        None,
+        proto_name(from.transport),
+    );
     Step::Hold(Hold {
         id,
         rx,
         deadline: Instant::now() + timeout,
         reply,
+        query: query.to_vec(),
+        from,
+        new: true,
     })
+}
+
+/// A new request: who asks (looked up while the client waits, its socket open), then the
+/// `approval-requested` event and log line.
+async fn announce(ctx: &DnsContext, id: u64, from: Origin) {
+    let who = owner_of(ctx, from).await;
+    let view = {
+        let mut s = ctx.held.state();
+        let Some(r) = s.pending.iter_mut().find(|r| r.id == id) else {
+            return;
+        };
+        if let Some(o) = &who {
+            r.view.pid = Some(o.pid);
+            r.view.comm = Some(o.comm.clone());
+            r.view.uid = Some(o.uid);
+        }
+        r.view.clone()
+    };
+    tracing::info!(
+        "ask: request {id}: {} asks for {:?} ({}); egress-agent approve|deny",
+        view.comm.as_deref().unwrap_or("?"),
+        view.name.as_deref().unwrap_or(""),
+        view.qtype.as_deref().unwrap_or("?"),
+    );
+    ctx.sink.emit(&Event::ApprovalRequested {
+        ts: SystemTime::now(),
+        request: &view,
+    });
 }
 
 /// Waits for the decision on a held query, then answers it: forwarded (nothing left before
 /// this point) and granted, or refused.
-pub(super) async fn wait(
-    ctx: &DnsContext,
-    hold: Hold,
-    query: &[u8],
-    transport: Transport,
-) -> Option<Vec<u8>> {
+pub(super) async fn wait(ctx: &DnsContext, hold: Hold) -> Option<Vec<u8>> {
     let Hold {
         id,
         mut rx,
         deadline,
         reply,
+        query,
+        from,
+        new,
     } = hold;
+    if new {
+        announce(ctx, id, from).await;
+    }
     let verdict = loop {
         if let Some(v) = rx.borrow_and_update().clone() {
             break v;
@@ -455,7 +494,7 @@ pub(super) async fn wait(
             Ok(Err(_)) => break Verdict::Deny,
             Err(_) => {
                 if let Some(view) = ctx.held.expire(id) {
-                    timeout_event(ctx, &view, transport);
+                    timeout_event(ctx, &view, from.transport);
                 }
                 break Verdict::Timeout;
             }
@@ -466,26 +505,27 @@ pub(super) async fn wait(
         Verdict::Deny | Verdict::Timeout => return Some(reply),
     };
     // Screened again: under the session's rules (a `session` or `always` decision is in the
-    // running policy now), plus the one rule of a `once` decision for this answer only.
+    // running policy now), plus the one rule of a `once` decision for this answer only. The
+    // answer is judged once more under the policy in force when it comes (`grant_all`).
     let mut policy = ctx.policy();
-    let cacheable = once.is_none();
-    if let Some(rule) = once {
+    if let Some(rule) = &once {
         let mut p = (*policy).clone();
-        p.rules.push(rule);
+        p.rules.push(rule.clone());
         policy = Arc::new(p);
     }
-    let msg: Box<Message> = match screen::screen(query, &policy, &ctx.search) {
+    let msg: Box<Message> = match screen::screen(&query, &policy, &ctx.search) {
         Screened::Forward(msg) => msg,
         _ => return Some(reply),
     };
-    let key = cache::Key::of(&msg, transport);
     let pending = Pending {
-        policy,
+        key: cache::Key::of(&msg),
         msg,
-        key,
-        cacheable,
+        cacheable: once.is_none(),
+        from,
+        audited: Vec::new(),
+        once,
     };
-    forward(ctx, pending, query, transport).await
+    forward(ctx, pending).await
 }
 
 fn timeout_event(ctx: &DnsContext, view: &ApprovalRequest, transport: Transport) {
@@ -499,29 +539,6 @@ fn timeout_event(ctx: &DnsContext, view: &ApprovalRequest, transport: Transport)
         comm: view.comm.as_deref(),
         uid: view.uid,
         reason: Some("approval-timeout"),
-    });
-}
-
-fn refused_event(
-    ctx: &DnsContext,
-    name: &str,
-    qtype: &str,
-    transport: Transport,
-    reason: &str,
-    client: SocketAddr,
-    local: SocketAddr,
-) {
-    let owner = attribution::owner_of(transport, local, client, &ctx.cgroup);
-    ctx.sink.emit(&Event::DnsRefused {
-        ts: SystemTime::now(),
-        query: name,
-        qtype,
-        verdict: "refused",
-        proto: proto_name(transport),
-        pid: owner.as_ref().map(|o| o.pid),
-        comm: owner.as_ref().map(|o| o.comm.as_str()),
-        uid: owner.as_ref().map(|o| o.uid),
-        reason: Some(reason),
     });
 }
 

@@ -799,3 +799,87 @@ fn a_restart_refuses_what_was_held_and_keeps_what_was_approved_always() {
         .collect();
     assert!(requested.is_empty(), "{requested:?}");
 }
+
+#[test]
+fn a_session_approval_and_allowlist_reloads_keep_each_other() {
+    let world = world();
+    let pod = Pod::new();
+    let pins = AgentPins::new(&unique_name());
+    let files = TestDir::new();
+    let allow = files.path().join("team.yaml");
+    let with = |hosts: &[&str]| {
+        let extra: String = hosts
+            .iter()
+            .map(|h| format!("  - host: {h}\n    ports: [8080]\n"))
+            .collect();
+        format!("{}{extra}", allowlist("mode: ask\n"))
+    };
+    fs::write(&allow, with(&[])).unwrap();
+    let mut agent = AttachAgent::builder(world.netns(), &pod.sidecar(), files.path())
+        .args([
+            "--cgroup",
+            &pod.path().to_string_lossy(),
+            "--name",
+            pins.name(),
+        ])
+        .args([
+            "--allowlist",
+            &allow.to_string_lossy(),
+            "--ask-timeout",
+            "20s",
+        ])
+        .start();
+    agent.wait_ready();
+    let reloaded = |agent: &AttachAgent, n: usize| {
+        poll_until(WAIT, || {
+            (agent.events_of("policy-reloaded").len() >= n).then_some(())
+        })
+        .unwrap_or_else(|| panic!("no reload {n}\n{}", agent.output()));
+    };
+    let dig = |name: &str, file: &str| {
+        let out = files.path().join(file);
+        reap(app_dig(&world, &pod, name, 25, &out));
+        fs::read_to_string(&out).unwrap_or_default()
+    };
+    let out = files.path().join("dig-new");
+    let held = app_dig(&world, &pod, NEW, 25, &out);
+    agent
+        .wait_event(WAIT, |e| {
+            e["event"] == "approval-requested" && e["name"] == NEW
+        })
+        .unwrap_or_else(|| panic!("no request\n{}", agent.output()));
+    // A reload while the request waits; the decision after it must not undo it.
+    fs::write(&allow, with(&[OTHER])).unwrap();
+    reloaded(&agent, 1);
+    let (code, o, e) = cli(&["approve", "--name", pins.name(), NEW, "--for", "session"]);
+    assert_eq!(code, 0, "{o}{e}\n{}", agent.output());
+    reap(held);
+    assert!(fs::read_to_string(&out).unwrap().contains(NEW_IP));
+    // A reload after the decision keeps the approved rule.
+    fs::write(&allow, with(&[OTHER, "always.example.com"])).unwrap();
+    reloaded(&agent, 2);
+    let other = dig(OTHER, "dig-other");
+    assert!(
+        other.contains("198.51.100.21"),
+        "the reload before the decision stays: {other}\n{}",
+        agent.output()
+    );
+    let always = dig("always.example.com", "dig-always");
+    assert!(
+        always.contains("198.51.100.22"),
+        "{always}\n{}",
+        agent.output()
+    );
+    let again = dig(NEW, "dig-new-2");
+    assert!(
+        again.contains(NEW_IP),
+        "the session approval outlives a reload: {again}\n{}",
+        agent.output()
+    );
+    assert_eq!(
+        agent.events_of("approval-requested").len(),
+        1,
+        "nothing asked again\n{}",
+        agent.output()
+    );
+}

@@ -1,6 +1,6 @@
 //! Allow entries: which ports and protocols an address (or prefix) may be reached on.
 
-use crate::consts::MAX_PORT_RANGES;
+use crate::consts::{MAX_PORT_RANGES, PROTO_NAMED, PROTO_TCP};
 
 /// An inclusive port range and the protocols it applies to.
 #[repr(C)]
@@ -59,6 +59,25 @@ impl AllowValue {
             let r = &self.ranges[i];
             if r.protos & proto != 0 && r.lo <= port && port <= r.hi {
                 return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether TCP to `port` is admitted by this entry only as name-bound: the range that
+    /// permits it carries [`PROTO_NAMED`]. The agent writes disjoint stretches, so the first
+    /// range that permits the port decides.
+    #[inline(always)]
+    pub fn named_tcp(&self, port: u16) -> bool {
+        let mut i = 0;
+        while i < MAX_PORT_RANGES {
+            if i as u32 >= self.len {
+                return false;
+            }
+            let r = &self.ranges[i];
+            if r.protos & PROTO_TCP != 0 && r.lo <= port && port <= r.hi {
+                return r.protos & PROTO_NAMED != 0;
             }
             i += 1;
         }

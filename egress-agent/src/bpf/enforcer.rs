@@ -16,7 +16,7 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{
-        Array, HashMap, MapData, PerCpuArray, RingBuf,
+        Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -30,8 +30,9 @@ use egress_common::{
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
         DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_INBOUND, MAP_CONFIG,
-        MAP_COUNTERS, MAP_DNS_ORIG, MAP_EVENTS,
+        MAP_BOUND, MAP_COUNTERS, MAP_DNS_ORIG, MAP_EVENTS, MAP_NAMES,
     },
+    names::NameBytes,
     keys::addr_from_ip,
 };
 
@@ -58,7 +59,9 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 ];
 
 /// Every map, by name (for pinning).
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 9] = [
+    MAP_NAMES,
+    MAP_BOUND,
     MAP_ALLOW_CIDR,
     MAP_ALLOW_INBOUND,
     MAP_ALLOW_DNS,
@@ -217,6 +220,13 @@ pub struct Enforcer {
     boot_offset: Duration,
     /// Why the family guard ([`FAMILY_PROGRAM`]) does not run, when it does not.
     family_guard: Option<String>,
+    /// The names host rules permit (name binding), and the keys written.
+    names: LpmTrie<MapData, NameBytes, AllowValue>,
+    name_keys: HashSet<super::name_bind::NameKey>,
+    /// Name-bound sockets awaiting their first flight; kept open for the sk_msg attachment.
+    bound: SockHash<MapData, u64>,
+    /// Why name binding does not run, when it does not.
+    name_binding: Option<String>,
     // Dropped last: the programs' file descriptors.
     _ebpf: Ebpf,
 }
@@ -294,6 +304,8 @@ impl Enforcer {
         let config = Array::try_from(take(MAP_CONFIG)?)?;
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?)?;
+        let names = LpmTrie::try_from(take(MAP_NAMES)?)?;
+        let bound = SockHash::try_from(take(MAP_BOUND)?)?;
         // Taken before the programs load, which need its fd open: the logger keeps it.
         let trace = match opts.trace {
             true => Some(trace::logger(&mut ebpf).context("cannot read the verdict trace map")?),
@@ -303,6 +315,7 @@ impl Enforcer {
         // Static entries an earlier agent wrote: known, so a changed policy removes them.
         let cidr_keys = trie_keys(&cidr);
         let inbound_keys = trie_keys(&inbound);
+        let name_keys = super::name_bind::keys(&names);
         let mut me = Self {
             cgroup: cgroup.to_owned(),
             links: Vec::new(),
@@ -324,6 +337,10 @@ impl Enforcer {
             trace,
             boot_offset: boot_to_wall_offset(),
             family_guard: None,
+            names,
+            name_keys,
+            bound,
+            name_binding: None,
             _ebpf: ebpf,
         };
         me.apply_policy(policy)?;
@@ -415,6 +432,18 @@ impl Enforcer {
             .map_err(|e| anyhow!("{INGRESS_PROGRAM}: not a bpf_link: {e:?}"))?;
         let link = me.keep_link(INGRESS_PROGRAM, link)?;
         me.links.push(link);
+        let bound_names = if judged {
+            super::name_bind::attach(&mut me._ebpf, &me.bound, &cgroup_dir)
+                .and_then(|link| me.keep_link(super::name_bind::SOCK_OPS_PROGRAM, link))
+        } else {
+            Err(anyhow!(
+                "it needs socket storage in cgroup programs, which this kernel lacks"
+            ))
+        };
+        match bound_names {
+            Ok(link) => me.links.push(link),
+            Err(e) => me.name_binding = Some(format!("{e:#}")),
+        }
         if let Err(e) = me.attach_family_guard(&cgroup_dir, btf.as_ref()) {
             me.family_guard = Some(format!("{e:#}"));
         } else if crate::bpf::kernel::bpf_lsm_active() == Some(false) {
@@ -498,6 +527,12 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Why name binding (TLS SNI / HTTP Host judged in the kernel) does *not* run, when it
+    /// does not: host rules then admit by address only.
+    pub fn name_binding_missing(&self) -> Option<&str> {
+        self.name_binding.as_deref()
+    }
+
     /// Whether the maps were adopted from an earlier agent's pins.
     pub fn adopted(&self) -> bool {
         self.adopted
@@ -513,10 +548,12 @@ impl Enforcer {
     pub fn apply_policy(&mut self, policy: &Policy) -> anyhow::Result<()> {
         // Both compiled before either map changes: a policy that does not compile changes
         // nothing.
-        let (cidr, inbound) = (
+        let (cidr, inbound, names) = (
             policy::cidr_entries(policy)?,
             policy::inbound_entries(policy)?,
+            policy::name_entries(policy),
         );
+        self.name_keys = super::name_bind::sync(&mut self.names, &self.name_keys, &names)?;
         self.cidr_keys = sync_trie(&mut self.cidr, &self.cidr_keys, &cidr, "CIDR rules")?;
         self.inbound_keys = sync_trie(
             &mut self.inbound,

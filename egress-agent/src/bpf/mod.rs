@@ -10,4 +10,5 @@
 
 pub mod enforcer;
 pub mod kernel;
+pub mod name_bind;
 pub mod trace;

@@ -290,10 +290,20 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
             ports.len()
         )));
     }
+    if raw.name_check.is_some() && !matches!(target, Target::Host(_)) {
+        return Err(invalid(
+            path,
+            node.get("name_check").unwrap_or(node),
+            &format!("{field}.name_check"),
+            "name_check applies to host rules only (ip and cidr rules admit by address)".into(),
+        ));
+    }
+    let name_check = matches!(target, Target::Host(_)) && raw.name_check.unwrap_or(true);
     Ok(Rule {
         target,
         ports,
         protocol,
+        name_check,
         origin: Origin {
             file: path.to_path_buf(),
             line: node.mark.line,

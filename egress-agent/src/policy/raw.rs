@@ -101,6 +101,13 @@ pub struct RawAllow {
     /// this destination; takes no `ports`). An `inbound` rule is TCP only (`tcp` or left
     /// out): a UDP server's replies are sends, judged by the outbound rules.
     pub protocol: Option<Protocol>,
+    /// Host rules only. `true` (the default): a TCP connection this rule alone admits is
+    /// bound to names: its first bytes must be a TLS ClientHello whose server name, or an
+    /// HTTP/1.x request whose Host, some host rule permits on that port; anything else (no
+    /// name, encrypted client hello, other protocols) is refused before a byte leaves.
+    /// `false`: admit by address, as for `ip`/`cidr` (SSH to a git host, databases, any
+    /// protocol that carries no name).
+    pub name_check: Option<bool>,
 }
 
 /// An explicit empty value is an error, not "field missing": for `ports:` that would

@@ -584,6 +584,8 @@ fn cidr_entries_scale_to_100k_rules() {
         let len = if i % 256 == 0 { 20 } else { 28 };
         let net = Net::new(ip.into(), len).unwrap().unwrap_or_else(|n| n);
         rules.push(Rule {
+        name_check: false,
+            name_check: false,
             target: Target::Net(net),
             ports: vec![(1000 + (i % 7) as u16, 1000 + (i % 7) as u16)],
             protocol: Protocol::Tcp,
@@ -591,6 +593,7 @@ fn cidr_entries_scale_to_100k_rules() {
         });
     }
     rules.push(Rule {
+        name_check: false,
         target: Target::Net(net("10.0.0.0/8")),
         ports: vec![(443, 443)],
         protocol: Protocol::Any,

@@ -20,11 +20,26 @@ use egress_common::Addr;
 /// The last destination a socket's hook allowed.
 #[repr(C)]
 pub struct Judged {
-    addr: Addr,
-    port: u16,
+    /// Destination, IPv4 mapped, network byte order.
+    pub addr: Addr,
+    /// Destination port, host byte order.
+    pub port: u16,
     ip_proto: u8,
-    _pad: [u8; 5],
+    /// Name binding state of a TCP socket, one of the `BIND_*` constants.
+    pub bind: u8,
+    _pad: [u8; 4],
+    /// The socket's cookie, its key in `BOUND` (written by `sock_ops` when it binds it).
+    pub cookie: u64,
 }
+
+/// Not name-bound: admitted by an `ip`/`cidr` rule or a `name_check: false` host rule.
+pub const BIND_NONE: u8 = 0;
+/// Name-bound, first flight not judged yet: `sock_ops` puts it in `BOUND` at the handshake.
+pub const BIND_PENDING: u8 = 1;
+/// Name-bound, first flight judged and let through.
+pub const BIND_PASSED: u8 = 2;
+/// Name-bound, first flight refused: every later send is refused too.
+pub const BIND_REFUSED: u8 = 3;
 
 #[btf_map]
 static JUDGED: SkStorage<Judged> = SkStorage::new();
@@ -41,9 +56,10 @@ fn on() -> bool {
     unsafe { ptr::read_volatile(&raw const JUDGED_ON) != 0 }
 }
 
-/// Remembers that the hook of `ctx`'s socket allowed `addr`, `port` over `ip_proto`.
+/// Remembers that the hook of `ctx`'s socket allowed `addr`, `port` over `ip_proto`, and
+/// whether that binds the connection to names (`bind`, a `BIND_*` constant).
 #[inline(always)]
-pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) {
+pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32, bind: u8) {
     if !on() {
         return;
     }
@@ -57,6 +73,22 @@ pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) {
         (*p).addr = *addr;
         (*p).port = port;
         (*p).ip_proto = ip_proto as u8;
+        (*p).bind = bind;
+    }
+}
+
+/// The socket storage of `sk` (any socket pointer the verifier accepts for
+/// `bpf_sk_storage_get`: `bpf_sock_ops.sk`, `sk_msg_md.sk`), not created; null if none or if
+/// the storage is off.
+#[inline(always)]
+pub fn of(sk: *mut bpf_sock) -> *mut Judged {
+    if !on() {
+        return ptr::null_mut();
+    }
+    // SAFETY: as in `judged`; the caller checked `sk` for null.
+    unsafe {
+        let map = ptr::addr_of!(JUDGED).cast_mut().cast();
+        bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0).cast::<Judged>()
     }
 }
 

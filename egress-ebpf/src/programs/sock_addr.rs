@@ -90,10 +90,16 @@ fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) 
         ip_proto,
         hook,
     };
-    let verdict = decide(&dst)?;
-    // In audit mode an allow may be a deny let through: never remembered.
-    if verdict == VERDICT_ALLOW && !audit_mode() {
-        judged::remember(ctx, &dst.addr, dst.port, ip_proto);
+    let (verdict, named) = decide(&dst)?;
+    // In audit mode an allow may be a deny let through: never remembered. A name-bound allow
+    // is always a real one (and audit mode must see its first flight too).
+    if verdict == VERDICT_ALLOW && (named || !audit_mode()) {
+        let bind = if named {
+            judged::BIND_PENDING
+        } else {
+            judged::BIND_NONE
+        };
+        judged::remember(ctx, &dst.addr, dst.port, ip_proto, bind);
     }
     Ok(verdict)
 }

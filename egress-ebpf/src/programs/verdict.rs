@@ -37,13 +37,14 @@ pub struct Destination {
     pub hook: u8,
 }
 
-/// Allow (1) or deny (0) `dst`, counting the outcome and reporting a deny.
+/// Allow (1) or deny (0) `dst`, counting the outcome and reporting a deny; with the allow,
+/// whether it binds the connection to names (only host rules with `name_check` admit it).
 #[inline(always)]
-pub fn decide(dst: &Destination) -> Result<i32, ()> {
+pub fn decide(dst: &Destination) -> Result<(i32, bool), ()> {
     let why = match proto_bit(dst.ip_proto) {
         None => reason::PROTOCOL,
-        Some(bit) => match lookup(&dst.addr, dst.port, bit) {
-            None => {
+        Some(bit) => match lookup_named(&dst.addr, dst.port, bit) {
+            Ok(named) => {
                 count(COUNTER_ALLOW);
                 trace::verdict(
                     dst.hook,
@@ -53,12 +54,12 @@ pub fn decide(dst: &Destination) -> Result<i32, ()> {
                     VERDICT_ALLOW,
                     0,
                 );
-                return Ok(VERDICT_ALLOW);
+                return Ok((VERDICT_ALLOW, named));
             }
-            Some(why) => why,
+            Err(why) => why,
         },
     };
-    Ok(deny(dst, why))
+    Ok((deny(dst, why), false))
 }
 
 /// The verdict when a program failed before it could decide: deny, count and report.
@@ -104,7 +105,15 @@ pub fn port_of_proto(ip_proto: u32, port: u16) -> u16 {
 /// `None` when allowed, else the reason for the deny.
 #[inline(always)]
 pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
+    lookup_named(addr, port, proto).err()
+}
+
+/// `Ok(named)` when allowed (`named`: TCP admitted only by host rules that check names, so
+/// the connection is name-bound), else the reason for the deny.
+#[inline(always)]
+pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
     let mut why = reason::NO_RULE;
+    let mut named = false;
     // DNS-derived addresses first: host rules are the usual way in, and an exact hash lookup
     // is cheaper than a longest-prefix walk that would miss.
     // SAFETY: the value is only read; a concurrent update from the agent replaces it whole
@@ -115,7 +124,11 @@ pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
         if v.expires_ns != 0 && now >= v.expires_ns {
             why = reason::EXPIRED;
         } else if v.permits(port, proto) {
-            return None;
+            if !(proto == PROTO_TCP && v.named_tcp(port)) {
+                return Ok(false);
+            }
+            // Name-bound, unless a static rule admits the address by itself.
+            named = true;
         } else {
             why = reason::PORT;
         }
@@ -125,11 +138,13 @@ pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
     // the address but not this port says `port`, over an expired DNS entry.
     if let Some(v) = ALLOW_CIDR.get(Key::new(128, *addr)) {
         if v.permits(port, proto) {
-            return None;
+            return Ok(false);
         }
-        why = reason::PORT;
+        if !named {
+            why = reason::PORT;
+        }
     }
-    Some(why)
+    if named { Ok(true) } else { Err(why) }
 }
 
 /// Whether the calling task belongs to the exempt cgroup (the agent itself, as a sidecar

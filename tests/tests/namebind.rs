@@ -1,0 +1,455 @@
+//! Name binding (issue 13) through the real kernel and the real `egress-agent run`: a shared
+//! front-end (one address serving several names) where a host rule admits only its own names.
+//!
+//! The world: `ok.example.test` and `evil.example.test` both resolve to 198.51.100.20, which
+//! serves TLS on 443 and HTTP on 80 (echo listeners that record every byte they receive).
+//! The allowlist permits `ok.example.test` only. The command resolves the permitted name (so
+//! the address is admitted) and then talks to the address with each first flight; a refused
+//! one must fail in the sender and leave the listener with **zero** bytes.
+
+use std::time::Duration;
+
+use egress_tests::{
+    require_root,
+    world::{DnsWorld, EchoListener, UPSTREAM},
+};
+use serde_json::Value;
+
+/// How long to wait for a listener to see a connection.
+const WAIT: Duration = Duration::from_secs(3);
+/// The shared front-end.
+const FRONT: &str = "198.51.100.20";
+
+/// Helpers for every script: `first(port, chunks)` connects to the front-end and sends the
+/// chunks as separate writes; `hello(...)` builds a TLS ClientHello record by hand.
+const PRELUDE: &str = r#"
+import errno, json, os, socket, ssl, sys, time
+
+FRONT = "198.51.100.20"
+
+def fail(e):
+    return {"ok": False, "errno": getattr(e, "errno", None),
+            "error": errno.errorcode.get(getattr(e, "errno", None) or 0, repr(e))}
+
+def resolve(name):
+    try:
+        return sorted({i[4][0] for i in socket.getaddrinfo(name, 443, socket.AF_INET)})
+    except socket.gaierror as e:
+        return str(e)
+
+def first(port, chunks, pause=0.05, host=FRONT):
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(3)
+    try:
+        s.connect((host, port))
+        t0 = time.monotonic()
+        for c in chunks:
+            s.sendall(c)
+            time.sleep(pause)
+        took = time.monotonic() - t0
+        # Then a plain send: a refused socket stays refused.
+        return {"ok": True, "took": took}
+    except OSError as e:
+        r = fail(e)
+        r["took"] = time.monotonic() - t0 if "t0" in locals() else None
+        return r
+    finally:
+        s.close()
+
+def hello(sni=None, pad=0, ech=False, sni_twice=False, upper=False):
+    exts = b""
+    names = [sni, sni] if sni_twice else ([sni] if sni is not None else [])
+    for n in names:
+        n = (n.upper() if upper else n).encode()
+        entry = b"\x00" + len(n).to_bytes(2, "big") + n
+        lst = len(entry).to_bytes(2, "big") + entry
+        exts += b"\x00\x00" + len(lst).to_bytes(2, "big") + lst
+    if ech:
+        body = os.urandom(40)
+        exts += b"\xfe\x0d" + len(body).to_bytes(2, "big") + body
+    if pad:
+        exts += b"\x00\x15" + pad.to_bytes(2, "big") + b"\x00" * pad
+    body = (b"\x03\x03" + os.urandom(32) + b"\x20" + os.urandom(32) + b"\x00\x02\x13\x01"
+            + b"\x01\x00" + len(exts).to_bytes(2, "big") + exts)
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
+
+def tls(sni, port=443):
+    """A real handshake by Python's ssl (OpenSSL): the echo server sends the ClientHello
+    back, so the handshake itself fails after the flight left; what matters is whether the
+    ClientHello was sent (errno EACCES from the kernel when it was refused)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    s = socket.create_connection((FRONT, port), timeout=3)
+    try:
+        w = ctx.wrap_socket(s, server_hostname=sni, do_handshake_on_connect=False)
+        w.do_handshake()
+        return {"ok": True}
+    except ssl.SSLError as e:
+        return {"ok": False, "ssl": e.__class__.__name__, "error": str(e)}
+    except OSError as e:
+        return fail(e)
+    finally:
+        s.close()
+
+out = {"pid": os.getpid(), "resolved": resolve("ok.example.test")}
+"#;
+
+/// The world, its two listeners (443, 80) and an allowlist with `rules`.
+fn world() -> (DnsWorld, EchoListener, EchoListener) {
+    require_root();
+    let world = DnsWorld::builder()
+        .address("ok.example.test", FRONT)
+        .address("evil.example.test", FRONT)
+        .start();
+    let tls = world.listen_tcp(&format!("{FRONT}:443"));
+    let http = world.listen_tcp(&format!("{FRONT}:80"));
+    (world, tls, http)
+}
+
+fn allowlist(rules: &str) -> String {
+    format!(
+        "version: 1\nname: namebind\ndns:\n  upstream: [\"{UPSTREAM}\"]\n  min_ttl: 60s\n\
+         allow:\n{rules}"
+    )
+}
+
+const OK_ONLY: &str = "  - host: ok.example.test\n    ports: [80, 443]\n";
+
+fn run(world: &DnsWorld, rules: &str, body: &str) -> (egress_tests::world::AgentExit, Value) {
+    let (run, out) = world.run_script(&[], &allowlist(rules), PRELUDE, body);
+    assert_eq!(
+        out["resolved"],
+        serde_json::json!([FRONT]),
+        "the permitted name resolves to the front-end\n{}",
+        run.context()
+    );
+    (run, out)
+}
+
+/// `out[key]` failed in the sender with EACCES (the sk_msg verdict), fast.
+fn assert_refused(run: &egress_tests::world::AgentExit, out: &Value, key: &str) {
+    assert_eq!(
+        out[key]["ok"],
+        false,
+        "{key} must be refused: {}\n{}",
+        out[key],
+        run.context()
+    );
+    assert_eq!(
+        out[key]["error"],
+        "EACCES",
+        "{key}: the sender gets EACCES: {}\n{}",
+        out[key],
+        run.context()
+    );
+}
+
+fn assert_passed(run: &egress_tests::world::AgentExit, out: &Value, key: &str) {
+    assert_eq!(
+        out[key]["ok"],
+        true,
+        "{key} must pass: {}\n{}",
+        out[key],
+        run.context()
+    );
+}
+
+/// The deny events with reason `name`.
+fn name_denies(run: &egress_tests::world::AgentExit) -> Vec<Value> {
+    run.events_of("deny")
+        .into_iter()
+        .filter(|e| e["reason"] == "name")
+        .cloned()
+        .collect()
+}
+
+/// Every listener connection received exactly nothing.
+fn assert_nothing_arrived(l: &EchoListener, what: &str, run: &egress_tests::world::AgentExit) {
+    let data = l.data();
+    assert!(
+        data.iter().all(Vec::is_empty),
+        "{what}: the listener must receive zero bytes, got {:?}\n{}",
+        data.iter().map(Vec::len).collect::<Vec<_>>(),
+        run.context()
+    );
+}
+
+#[test]
+fn permitted_sni_passes_foreign_sni_on_the_same_address_is_refused() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+out["foreign"] = first(443, [hello("evil.example.test")])
+"#,
+    );
+    assert_refused(&run, &out, "foreign");
+    assert!(
+        tls.wait_accepted(1, WAIT),
+        "the handshake itself is admitted by address\n{}",
+        run.context()
+    );
+    assert_nothing_arrived(&tls, "foreign SNI", &run);
+    let denies = name_denies(&run);
+    assert_eq!(denies.len(), 1, "one name deny\n{}", run.context());
+    let d = &denies[0];
+    assert_eq!(d["name"], "evil.example.test", "{d}");
+    assert_eq!(d["name_why"], "not-permitted", "{d}");
+    assert_eq!(d["dst"], FRONT, "{d}");
+    assert_eq!(d["port"], 443, "{d}");
+    // The script sees its pid in run's pid namespace; the event carries the host's.
+    assert!(d["pid"].as_u64().unwrap_or(0) > 0, "{d}");
+    assert_eq!(d["comm"], "python3", "{d}");
+
+    // The legitimate use beside it: the permitted name, same address, same port.
+    let (world, tls, _http) = self::world();
+    let (run, out) = self::run(
+        &world,
+        OK_ONLY,
+        r#"
+out["ok"] = first(443, [hello("ok.example.test")])
+out["upper"] = first(443, [hello("OK.Example.Test", upper=True)])
+"#,
+    );
+    assert_passed(&run, &out, "ok");
+    assert_passed(&run, &out, "upper");
+    assert!(tls.wait_accepted(2, WAIT), "{}", run.context());
+    assert!(
+        tls.data().iter().all(|d| d.first() == Some(&0x16)),
+        "both ClientHellos arrived\n{}",
+        run.context()
+    );
+    assert!(name_denies(&run).is_empty(), "{}", run.context());
+}
+
+#[test]
+fn real_tls_handshakes_python_ssl() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+out["ok"] = tls("ok.example.test")
+out["evil"] = tls("evil.example.test")
+"#,
+    );
+    // The echo server answers a ClientHello with itself, so OpenSSL fails the handshake
+    // after its flight left: an SSL error, not EACCES.
+    assert!(
+        out["ok"]["ssl"].is_string(),
+        "the permitted handshake's ClientHello left: {}\n{}",
+        out["ok"],
+        run.context()
+    );
+    assert_eq!(
+        out["evil"]["ok"],
+        false,
+        "the foreign handshake fails: {}\n{}",
+        out["evil"],
+        run.context()
+    );
+    assert!(tls.wait_accepted(2, WAIT), "{}", run.context());
+    let data = tls.data();
+    let nonempty: Vec<usize> = data.iter().map(Vec::len).filter(|n| *n > 0).collect();
+    assert_eq!(
+        nonempty.len(),
+        1,
+        "only the permitted ClientHello arrived, the foreign one sent zero bytes: {:?}\n{}",
+        data.iter().map(Vec::len).collect::<Vec<_>>(),
+        run.context()
+    );
+    let denies = name_denies(&run);
+    assert_eq!(denies.len(), 1, "{}", run.context());
+    assert_eq!(denies[0]["name"], "evil.example.test");
+}
+
+#[test]
+fn tls_without_a_name_or_with_ech_or_two_names_is_refused() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+out["nosni"] = first(443, [hello(None)])
+out["ech"] = first(443, [hello("ok.example.test", ech=True)])
+out["twice"] = first(443, [hello("ok.example.test", sni_twice=True)])
+out["garbage"] = first(443, [b"\x00\x01\x02 hello"])
+"#,
+    );
+    for key in ["nosni", "ech", "twice", "garbage"] {
+        assert_refused(&run, &out, key);
+    }
+    assert!(tls.wait_accepted(4, WAIT), "{}", run.context());
+    assert_nothing_arrived(&tls, "no name / ECH / two names / garbage", &run);
+    let why: Vec<Value> = name_denies(&run)
+        .iter()
+        .map(|d| d["name_why"].clone())
+        .collect();
+    assert_eq!(
+        why,
+        vec![
+            Value::from("no-sni"),
+            Value::from("ech"),
+            Value::from("bad-tls"),
+            Value::from("unknown-protocol")
+        ],
+        "{}",
+        run.context()
+    );
+}
+
+#[test]
+fn split_and_large_client_hellos_are_judged_whole() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+h = hello("ok.example.test", pad=1800)
+out["size"] = len(h)
+out["large"] = first(443, [h])
+h = hello("ok.example.test")
+out["split"] = first(443, [h[:3], h[3:20], h[20:]])
+e = hello("evil.example.test", pad=1800)
+out["split_evil"] = first(443, [e[:100], e[100:1500], e[1500:]])
+"#,
+    );
+    assert!(out["size"].as_u64().unwrap_or(0) > 1800, "{}", out["size"]);
+    assert_passed(&run, &out, "large");
+    assert_passed(&run, &out, "split");
+    assert_refused(&run, &out, "split_evil");
+    assert!(tls.wait_accepted(3, WAIT), "{}", run.context());
+    let lens: Vec<usize> = tls.data().iter().map(Vec::len).collect();
+    let size = out["size"].as_u64().unwrap_or(0) as usize;
+    assert!(
+        poll_lens(&tls, |l| l.len() == 3 && l[0] == size && l[1] > 0 && l[2] == 0),
+        "large passed whole, split passed, split foreign sent zero bytes: {lens:?}\n{}",
+        run.context()
+    );
+}
+
+/// Polls the listener's per-connection byte counts until `f` holds (data arrives a moment
+/// after the sender returns).
+fn poll_lens(l: &EchoListener, f: impl Fn(&[usize]) -> bool) -> bool {
+    egress_tests::poll_until(WAIT, || {
+        let lens: Vec<usize> = l.data().iter().map(Vec::len).collect();
+        f(&lens).then_some(())
+    })
+    .is_some()
+}
+
+#[test]
+fn http_host_is_judged() {
+    let (world, _tls, http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+out["ok"] = first(80, [b"GET / HTTP/1.1\r\nHost: ok.example.test\r\nAccept: */*\r\n\r\n"])
+out["okport"] = first(80, [b"GET /x HTTP/1.1\r\nhost:OK.example.test:80\r\n\r\n"])
+out["split"] = first(80, [b"GET / HTTP/1.1\r\nHo", b"st: ok.example.test\r\n", b"\r\n"])
+out["evil"] = first(80, [b"GET / HTTP/1.1\r\nHost: evil.example.test\r\n\r\n"])
+out["nohost"] = first(80, [b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n"])
+out["two"] = first(80, [b"GET / HTTP/1.1\r\nHost: ok.example.test\r\nHost: evil.example.test\r\n\r\n"])
+out["h2c"] = first(80, [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"])
+out["absolute"] = first(80, [b"GET http://evil.example.test/ HTTP/1.1\r\nHost: ok.example.test\r\n\r\n"])
+"#,
+    );
+    for key in ["ok", "okport", "split"] {
+        assert_passed(&run, &out, key);
+    }
+    for key in ["evil", "nohost", "two", "h2c", "absolute"] {
+        assert_refused(&run, &out, key);
+    }
+    assert!(
+        poll_lens(&http, |l| l.len() == 8
+            && l[..3].iter().all(|n| *n > 0)
+            && l[3..].iter().all(|n| *n == 0)),
+        "the three permitted requests arrived, the five refused sent zero bytes: {:?}\n{}",
+        http.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        run.context()
+    );
+    let why: Vec<Value> = name_denies(&run)
+        .iter()
+        .map(|d| d["name_why"].clone())
+        .collect();
+    assert_eq!(
+        why,
+        ["not-permitted", "no-host", "two-hosts", "h2c", "unknown-protocol"]
+            .map(Value::from)
+            .to_vec(),
+        "{}",
+        run.context()
+    );
+}
+
+#[test]
+fn name_check_false_admits_by_address() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        "  - host: ok.example.test\n    ports: [80, 443]\n    name_check: false\n",
+        r#"
+out["evil"] = first(443, [hello("evil.example.test")])
+out["raw"] = first(443, [b"SSH-2.0-OpenSSH_9.6\r\n"])
+"#,
+    );
+    assert_passed(&run, &out, "evil");
+    assert_passed(&run, &out, "raw");
+    assert!(
+        poll_lens(&tls, |l| l.len() == 2 && l.iter().all(|n| *n > 0)),
+        "both flights arrived: {:?}\n{}",
+        tls.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        run.context()
+    );
+    assert!(name_denies(&run).is_empty(), "{}", run.context());
+}
+
+#[test]
+fn after_a_permitted_flight_the_connection_is_unjudged_and_a_refused_one_stays_refused() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+def two(first_flight, second):
+    s = socket.create_connection((FRONT, 443), timeout=3)
+    r = {}
+    try:
+        s.sendall(first_flight)
+        r["first"] = True
+    except OSError as e:
+        r["first"] = fail(e)["error"]
+    try:
+        s.sendall(second)
+        r["second"] = True
+    except OSError as e:
+        r["second"] = fail(e)["error"]
+    s.close()
+    return r
+out["good"] = two(hello("ok.example.test"), b"\x17\x03\x03\x00\x05hello" * 1000)
+out["bad"] = two(hello("evil.example.test"), hello("ok.example.test"))
+"#,
+    );
+    assert_eq!(
+        out["good"],
+        serde_json::json!({"first": true, "second": true}),
+        "{}",
+        run.context()
+    );
+    assert_eq!(
+        out["bad"],
+        serde_json::json!({"first": "EACCES", "second": "EACCES"}),
+        "{}",
+        run.context()
+    );
+    assert!(
+        poll_lens(&tls, |l| l.len() == 2 && l[0] > 10_000 && l[1] == 0),
+        "{:?}\n{}",
+        tls.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        run.context()
+    );
+}

@@ -26,7 +26,7 @@ use aya::{
 };
 use egress_common::{
     Addr, AllowValue, Config,
-    config::{FLAG_AUDIT, FLAG_ICMP},
+    config::{FLAG_AUDIT, FLAG_ICMP, FLAG_NAME_BIND},
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
         DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_INBOUND, MAP_CONFIG,
@@ -441,7 +441,11 @@ impl Enforcer {
             ))
         };
         match bound_names {
-            Ok(link) => me.links.push(link),
+            Ok(link) => {
+                me.links.push(link);
+                me.config_value.flags |= FLAG_NAME_BIND;
+                me.write_config()?;
+            }
             Err(e) => me.name_binding = Some(format!("{e:#}")),
         }
         if let Err(e) = me.attach_family_guard(&cgroup_dir, btf.as_ref()) {
@@ -569,7 +573,9 @@ impl Enforcer {
         // the last ICMP rule refuses new ones again (sockets already open stay, but their
         // echo requests are judged per packet by the backstop and find no ICMP entry).
         let icmp = if policy.allows_icmp() { FLAG_ICMP } else { 0 };
-        self.config_value.flags = mode | icmp;
+        // Name binding stays as attached.
+        let bind = self.config_value.flags & FLAG_NAME_BIND;
+        self.config_value.flags = mode | icmp | bind;
         self.write_config()
     }
 

@@ -126,7 +126,15 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             // Ports, sequence and ack numbers, offset, flags.
             let t: [u8; 14] = read(ctx, l4_off)?;
             let (syn, ack) = (t[13] & 0x02 != 0, t[13] & 0x10 != 0);
+            // Payload bytes: a name-bound connection's first flight must have met
+            // `first_flight` (sk_msg) before any of them leaves.
+            let headers = l4_off as u32 + u32::from(t[12] >> 4) * 4;
+            let payload = ctx.skb.len() > headers;
             if !syn {
+                if payload && unjudged_flight(skb) {
+                    return Ok(drop_packet(&addr, u16::from_be_bytes([t[2], t[3]]), IPPROTO_TCP,
+                        reason::NAME, hook::EGRESS));
+                }
                 return Ok(PASS);
             }
             let port = u16::from_be_bytes([t[2], t[3]]);
@@ -137,6 +145,11 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                     u16::from_be_bytes([t[0], t[1]]),
                     port,
                 ));
+            }
+            if payload && unjudged_flight(skb) {
+                // TCP Fast Open data in the SYN of a name-bound connection: no sk_msg program
+                // saw it (the socket joins BOUND only when the handshake completes).
+                return Ok(drop_packet(&addr, port, IPPROTO_TCP, reason::NAME, hook::EGRESS));
             }
             let sk = full_socket(skb);
             if !sk.is_null() && judged(sk, &addr, port, IPPROTO_TCP) {
@@ -186,6 +199,22 @@ pub fn read<T: Copy>(ctx: &SkBuffContext, off: usize) -> Result<T, ()> {
         }
     }
     ctx.load(off).map_err(|_| ())
+}
+
+/// Whether the packet's socket is name-bound and its first flight was not judged and let
+/// through: payload sent past `first_flight` (TCP Fast Open data, a send that was already
+/// waiting in `tcp_sendmsg` for the handshake, a socket `sock_ops` could not put in `BOUND`),
+/// or sent after a refused one.
+#[inline(always)]
+fn unjudged_flight(skb: *mut __sk_buff) -> bool {
+    let sk = full_socket(skb);
+    if sk.is_null() {
+        return false;
+    }
+    matches!(
+        super::judged::bind_of(sk),
+        super::judged::BIND_PENDING | super::judged::BIND_REFUSED
+    )
 }
 
 /// The packet's full socket, or null (a request socket, a time-wait socket, none).

@@ -77,6 +77,17 @@ pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32, bi
     }
 }
 
+/// The name binding state (`BIND_*`) of `sk` (a full socket), `BIND_NONE` without storage.
+#[inline(always)]
+pub fn bind_of(sk: *mut bpf_sock) -> u8 {
+    let j = of(sk);
+    if j.is_null() {
+        return BIND_NONE;
+    }
+    // SAFETY: non-null socket storage.
+    unsafe { (*j).bind }
+}
+
 /// The socket storage of `sk` (any socket pointer the verifier accepts for
 /// `bpf_sk_storage_get`: `bpf_sock_ops.sk`, `sk_msg_md.sk`), not created; null if none or if
 /// the storage is off.

@@ -9,7 +9,9 @@ use super::{
     addr::read_v6,
     dns::{is_dns, steer_v4, steer_v6, steering},
     judged,
-    verdict::{Destination, audit_mode, decide, deny_on_error, exempt, port_of_proto},
+    verdict::{
+        Destination, audit_mode, decide, deny_on_error, exempt, name_binding, port_of_proto,
+    },
 };
 use egress_common::consts::VERDICT_ALLOW;
 
@@ -94,7 +96,7 @@ fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) 
     // In audit mode an allow may be a deny let through: never remembered. A name-bound allow
     // is always a real one (and audit mode must see its first flight too).
     if verdict == VERDICT_ALLOW && (named || !audit_mode()) {
-        let bind = if named {
+        let bind = if named && name_binding() {
             judged::BIND_PENDING
         } else {
             judged::BIND_NONE

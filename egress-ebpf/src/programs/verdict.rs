@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     Addr, DenyEvent,
-    config::{FLAG_AUDIT, FLAG_ICMP},
+    config::{FLAG_AUDIT, FLAG_ICMP, FLAG_NAME_BIND},
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_TCP,
         PROTO_UDP, VERDICT_ALLOW, VERDICT_DENY,
@@ -165,6 +165,15 @@ pub fn icmp_allowed() -> bool {
     match CONFIG.get(0) {
         Some(c) => c.flags & FLAG_ICMP != 0,
         // No config: strict.
+        None => false,
+    }
+}
+
+/// Whether name binding runs (`FLAG_NAME_BIND`).
+#[inline(always)]
+pub fn name_binding() -> bool {
+    match CONFIG.get(0) {
+        Some(c) => c.flags & FLAG_NAME_BIND != 0,
         None => false,
     }
 }

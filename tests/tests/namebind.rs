@@ -453,3 +453,88 @@ out["bad"] = two(hello("evil.example.test"), hello("ok.example.test"))
         run.context()
     );
 }
+
+#[test]
+fn tcp_fast_open_data_to_a_name_bound_destination_never_leaves() {
+    let (world, tls, _http) = world();
+    // Inside the test's own namespace only: clients send data in the SYN, without a cookie.
+    let out = world
+        .netns()
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.tcp_fastopen=5"])
+        .output()
+        .expect("sysctl runs");
+    assert!(out.status.success(), "{out:?}");
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+MSG_FASTOPEN = 0x20000000
+def tfo(payload):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.sendto(payload, MSG_FASTOPEN, (FRONT, 443))
+        r = {"ok": True}
+    except OSError as e:
+        r = fail(e)
+    time.sleep(0.5)
+    s.close()
+    return r
+out["tfo_evil"] = tfo(hello("evil.example.test"))
+out["tfo_ok"] = tfo(hello("ok.example.test"))
+out["plain_ok"] = first(443, [hello("ok.example.test")])
+"#,
+    );
+    assert_passed(&run, &out, "plain_ok");
+    // Fast Open data of a name-bound connection is never judged by sk_msg (the socket joins
+    // BOUND at the end of the handshake): the backstop holds it back, permitted name or not.
+    assert!(
+        poll_lens(&tls, |l| l.iter().filter(|n| **n > 0).count() == 1),
+        "only the plain connection's ClientHello arrived: {:?} {out}\n{}",
+        tls.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        run.context()
+    );
+    assert!(
+        run.events_of("deny")
+            .iter()
+            .any(|d| d["reason"] == "name" && d["hook"] == "egress"),
+        "the held-back Fast Open data is reported\n{}",
+        run.context()
+    );
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_destinations_are_bound_too() {
+    require_root();
+    let world = DnsWorld::builder()
+        .address("ok.example.test", FRONT)
+        .address("ok.example.test", "2001:db8::20")
+        .start();
+    let v4 = world.listen_tcp(&format!("{FRONT}:443"));
+    let v6 = world.listen_tcp("[2001:db8::20]:443");
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+out["r6"] = sorted({i[4][0] for i in socket.getaddrinfo("ok.example.test", 443, socket.AF_INET6)})
+out["v6_ok"] = first(443, [hello("ok.example.test")], host="2001:db8::20")
+out["v6_evil"] = first(443, [hello("evil.example.test")], host="2001:db8::20")
+out["mapped_evil"] = first(443, [hello("evil.example.test")], host="::ffff:198.51.100.20")
+out["mapped_ok"] = first(443, [hello("ok.example.test")], host="::ffff:198.51.100.20")
+"#,
+    );
+    assert_eq!(out["r6"], serde_json::json!(["2001:db8::20"]), "{}", run.context());
+    assert_passed(&run, &out, "v6_ok");
+    assert_passed(&run, &out, "mapped_ok");
+    assert_refused(&run, &out, "v6_evil");
+    assert_refused(&run, &out, "mapped_evil");
+    assert!(
+        poll_lens(&v6, |l| l.len() == 2 && l[0] > 0 && l[1] == 0)
+            && poll_lens(&v4, |l| l.len() == 2 && l[0] == 0 && l[1] > 0),
+        "v6 {:?}, mapped {:?}\n{}",
+        v6.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        v4.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        run.context()
+    );
+}

@@ -325,7 +325,10 @@ out["split_evil"] = first(443, [e[:100], e[100:1500], e[1500:]])
     let lens: Vec<usize> = tls.data().iter().map(Vec::len).collect();
     let size = out["size"].as_u64().unwrap_or(0) as usize;
     assert!(
-        poll_lens(&tls, |l| l.len() == 3 && l[0] == size && l[1] > 0 && l[2] == 0),
+        poll_lens(&tls, |l| l.len() == 3
+            && l[0] == size
+            && l[1] > 0
+            && l[2] == 0),
         "large passed whole, split passed, split foreign sent zero bytes: {lens:?}\n{}",
         run.context()
     );
@@ -378,9 +381,15 @@ out["absolute"] = first(80, [b"GET http://evil.example.test/ HTTP/1.1\r\nHost: o
         .collect();
     assert_eq!(
         why,
-        ["not-permitted", "no-host", "two-hosts", "h2c", "unknown-protocol"]
-            .map(Value::from)
-            .to_vec(),
+        [
+            "not-permitted",
+            "no-host",
+            "two-hosts",
+            "h2c",
+            "unknown-protocol"
+        ]
+        .map(Value::from)
+        .to_vec(),
         "{}",
         run.context()
     );
@@ -524,7 +533,12 @@ out["mapped_evil"] = first(443, [hello("evil.example.test")], host="::ffff:198.5
 out["mapped_ok"] = first(443, [hello("ok.example.test")], host="::ffff:198.51.100.20")
 "#,
     );
-    assert_eq!(out["r6"], serde_json::json!(["2001:db8::20"]), "{}", run.context());
+    assert_eq!(
+        out["r6"],
+        serde_json::json!(["2001:db8::20"]),
+        "{}",
+        run.context()
+    );
     assert_passed(&run, &out, "v6_ok");
     assert_passed(&run, &out, "mapped_ok");
     assert_refused(&run, &out, "v6_evil");

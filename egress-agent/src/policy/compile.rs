@@ -5,15 +5,16 @@ use std::collections::HashMap;
 
 use egress_common::{
     Addr, AllowValue, PortRange,
-    consts::{MAX_PORT_RANGES, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     consts::PROTO_NAMED,
+    consts::{MAX_PORT_RANGES, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     keys::{V4_MAPPED_PREFIX, is_v4_mapped},
     names::{NameBytes, name_key},
     rules::TooManyRanges,
 };
 
 use super::{
-    HostPattern, Net, Policy, PolicyError, Protocol, Rule, Target, error::Location, net::mask_key, ports,
+    HostPattern, Net, Policy, PolicyError, Protocol, Rule, Target, error::Location, net::mask_key,
+    ports,
 };
 
 /// The ports allowed per protocol: two sets of sorted, disjoint, non-touching ranges, and
@@ -114,8 +115,7 @@ impl PortSet {
             }
             let in_tcp = t < self.tcp.len() && u32::from(self.tcp[t].0) <= start;
             let in_udp = u < self.udp.len() && u32::from(self.udp[u].0) <= start;
-            let in_named =
-                nt < self.tcp_named.len() && u32::from(self.tcp_named[nt].0) <= start;
+            let in_named = nt < self.tcp_named.len() && u32::from(self.tcp_named[nt].0) <= start;
             let protos = if in_tcp || in_named { PROTO_TCP } else { 0 }
                 | if in_udp { PROTO_UDP } else { 0 }
                 | if in_named && !in_tcp { PROTO_NAMED } else { 0 };

@@ -504,7 +504,10 @@ allow:
     assert!(exact.permits(443, PROTO_TCP), "inherits *.example.com");
     let mid = find("api.example.com", true);
     assert!(mid.permits(8443, PROTO_TCP) && mid.permits(443, PROTO_TCP));
-    assert!(!mid.permits(80, PROTO_TCP), "an exact name below adds nothing to the wildcard");
+    assert!(
+        !mid.permits(80, PROTO_TCP),
+        "an exact name below adds nothing to the wildcard"
+    );
     // A name_check: false rule's name may still be carried by a bound connection.
     assert!(find("other.test", false).permits(443, PROTO_TCP));
     assert_eq!(entries.len(), 4);

@@ -132,8 +132,13 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             let payload = ctx.skb.len() > headers;
             if !syn {
                 if payload && unjudged_flight(skb) {
-                    return Ok(drop_packet(&addr, u16::from_be_bytes([t[2], t[3]]), IPPROTO_TCP,
-                        reason::NAME, hook::EGRESS));
+                    return Ok(drop_packet(
+                        &addr,
+                        u16::from_be_bytes([t[2], t[3]]),
+                        IPPROTO_TCP,
+                        reason::NAME,
+                        hook::EGRESS,
+                    ));
                 }
                 return Ok(PASS);
             }
@@ -149,7 +154,13 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             if payload && unjudged_flight(skb) {
                 // TCP Fast Open data in the SYN of a name-bound connection: no sk_msg program
                 // saw it (the socket joins BOUND only when the handshake completes).
-                return Ok(drop_packet(&addr, port, IPPROTO_TCP, reason::NAME, hook::EGRESS));
+                return Ok(drop_packet(
+                    &addr,
+                    port,
+                    IPPROTO_TCP,
+                    reason::NAME,
+                    hook::EGRESS,
+                ));
             }
             let sk = full_socket(skb);
             if !sk.is_null() && judged(sk, &addr, port, IPPROTO_TCP) {

@@ -30,8 +30,8 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_ktime_get_boot_ns,
         generated::{
-            bpf_get_socket_cookie, bpf_map_delete_elem, bpf_msg_cork_bytes, bpf_msg_pull_data,
-            bpf_loop, bpf_sk_storage_delete, bpf_sk_storage_get,
+            bpf_get_socket_cookie, bpf_loop, bpf_map_delete_elem, bpf_msg_cork_bytes,
+            bpf_msg_pull_data, bpf_sk_storage_delete, bpf_sk_storage_get,
         },
     },
     macros::{btf_map, map, sk_msg, sock_ops},

@@ -69,6 +69,10 @@ pub const PROTO_ICMP: u8 = 1 << 2;
 /// name-bound (its first flight must carry a permitted TLS SNI or HTTP Host). It is not a
 /// protocol: `permits` ignores it.
 pub const PROTO_NAMED: u8 = 1 << 3;
+/// Flag on a UDP [`crate::PortRange`] of a DNS-derived entry: the stretch is admitted only by
+/// host rules that check names, so QUIC long-header packets (an Initial carries its server
+/// name encrypted) are refused there; clients fall back to TCP, whose first flight is judged.
+pub const PROTO_NAMED_UDP: u8 = 1 << 4;
 
 /// How many port ranges one allow entry can hold. The verifier unrolls nothing: the check
 /// is a bounded loop (kernel >= 5.3), so this only sizes the value.

@@ -552,3 +552,69 @@ out["mapped_ok"] = first(443, [hello("ok.example.test")], host="::ffff:198.51.10
         run.context()
     );
 }
+
+/// The UDP part of the script: `udp(payload, connect)` sends one datagram to the front-end.
+const UDP: &str = r#"
+def udp(payload, connect=False):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if connect:
+            s.connect((FRONT, 443))
+            s.send(payload)
+        else:
+            s.sendto(payload, (FRONT, 443))
+        return {"ok": True}
+    except OSError as e:
+        return fail(e)
+    finally:
+        s.close()
+initial = b"\xc3\x00\x00\x00\x01" + os.urandom(1195)
+out["quic"] = udp(initial)
+out["quic_connected"] = udp(initial, connect=True)
+out["plain"] = udp(b"\x40 not a long header")
+"#;
+
+#[test]
+fn quic_initials_to_a_name_bound_address_are_refused_and_other_udp_passes() {
+    let (world, _tls, _http) = world();
+    let listener = world.listen_udp(&format!("{FRONT}:443"));
+    let (run, out) = run(&world, OK_ONLY, UDP);
+    for key in ["quic", "quic_connected"] {
+        assert_eq!(
+            out[key]["error"],
+            "EPERM",
+            "{key}: a QUIC Initial to a name-bound address is dropped: {}\n{}",
+            out[key],
+            run.context()
+        );
+    }
+    assert_passed(&run, &out, "plain");
+    assert!(listener.wait_received(1, WAIT), "{}", run.context());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        listener.payloads(),
+        vec![b"\x40 not a long header".to_vec()],
+        "only the datagram that is not a QUIC long header arrived\n{}",
+        run.context()
+    );
+    assert!(
+        run.events_of("deny")
+            .iter()
+            .any(|d| d["reason"] == "name" && d["proto"] == "udp"),
+        "{}",
+        run.context()
+    );
+
+    // `name_check: false` admits QUIC by address.
+    let (world, _tls, _http) = self::world();
+    let listener = world.listen_udp(&format!("{FRONT}:443"));
+    let (run, out) = self::run(
+        &world,
+        "  - host: ok.example.test\n    ports: [443]\n    name_check: false\n",
+        UDP,
+    );
+    for key in ["quic", "quic_connected", "plain"] {
+        assert_passed(&run, &out, key);
+    }
+    assert!(listener.wait_received(3, WAIT), "{}", run.context());
+}

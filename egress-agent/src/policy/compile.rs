@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use egress_common::{
     Addr, AllowValue, PortRange,
-    consts::PROTO_NAMED,
     consts::{MAX_PORT_RANGES, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    consts::{PROTO_NAMED, PROTO_NAMED_UDP},
     keys::{V4_MAPPED_PREFIX, is_v4_mapped},
     names::{NameBytes, name_key},
     rules::TooManyRanges,
@@ -27,6 +27,8 @@ pub struct PortSet {
     /// TCP ports of host rules that check names (`name_check`): where no rule in `tcp`
     /// also allows them, their stretches carry `PROTO_NAMED`.
     tcp_named: Vec<(u16, u16)>,
+    /// The same for UDP (`PROTO_NAMED_UDP`: QUIC long headers refused).
+    udp_named: Vec<(u16, u16)>,
 }
 
 /// The range ICMP is written with: every port, so that whatever port a hook reports for an
@@ -57,16 +59,18 @@ impl PortSet {
 
     /// Adds a rule's ports: a host rule that checks names adds its TCP ports as name-bound.
     pub fn add_rule(&mut self, rule: &Rule) {
-        if rule.name_check && rule.protocol.bits() & PROTO_TCP != 0 {
+        let bits = rule.protocol.bits();
+        if !rule.name_check || bits & (PROTO_TCP | PROTO_UDP) == 0 {
+            self.add(&rule.ports, rule.protocol);
+            return;
+        }
+        if bits & PROTO_TCP != 0 {
             self.tcp_named.extend_from_slice(&rule.ports);
             ports::merge(&mut self.tcp_named);
-            let rest = match rule.protocol {
-                Protocol::Any => Protocol::Udp,
-                _ => return,
-            };
-            self.add(&rule.ports, rest);
-        } else {
-            self.add(&rule.ports, rule.protocol);
+        }
+        if bits & PROTO_UDP != 0 {
+            self.udp_named.extend_from_slice(&rule.ports);
+            ports::merge(&mut self.udp_named);
         }
     }
 
@@ -74,6 +78,8 @@ impl PortSet {
     pub fn union(&mut self, other: &PortSet) {
         self.tcp_named.extend_from_slice(&other.tcp_named);
         ports::merge(&mut self.tcp_named);
+        self.udp_named.extend_from_slice(&other.udp_named);
+        ports::merge(&mut self.udp_named);
         self.tcp.extend_from_slice(&other.tcp);
         ports::merge(&mut self.tcp);
         self.udp.extend_from_slice(&other.udp);
@@ -96,11 +102,12 @@ impl PortSet {
             .iter()
             .chain(&self.udp)
             .chain(&self.tcp_named)
+            .chain(&self.udp_named)
             .flat_map(|&(lo, hi)| [u32::from(lo), u32::from(hi) + 1])
             .collect();
         points.sort_unstable();
         points.dedup();
-        let (mut t, mut u, mut nt) = (0, 0, 0);
+        let (mut t, mut u, mut nt, mut nu) = (0, 0, 0, 0);
         let mut out: Vec<PortRange> = Vec::new();
         for w in points.windows(2) {
             let (start, end) = (w[0], w[1] - 1);
@@ -113,12 +120,22 @@ impl PortSet {
             while nt < self.tcp_named.len() && u32::from(self.tcp_named[nt].1) < start {
                 nt += 1;
             }
+            while nu < self.udp_named.len() && u32::from(self.udp_named[nu].1) < start {
+                nu += 1;
+            }
             let in_tcp = t < self.tcp.len() && u32::from(self.tcp[t].0) <= start;
             let in_udp = u < self.udp.len() && u32::from(self.udp[u].0) <= start;
             let in_named = nt < self.tcp_named.len() && u32::from(self.tcp_named[nt].0) <= start;
+            let in_named_udp =
+                nu < self.udp_named.len() && u32::from(self.udp_named[nu].0) <= start;
             let protos = if in_tcp || in_named { PROTO_TCP } else { 0 }
-                | if in_udp { PROTO_UDP } else { 0 }
-                | if in_named && !in_tcp { PROTO_NAMED } else { 0 };
+                | if in_udp || in_named_udp { PROTO_UDP } else { 0 }
+                | if in_named && !in_tcp { PROTO_NAMED } else { 0 }
+                | if in_named_udp && !in_udp {
+                    PROTO_NAMED_UDP
+                } else {
+                    0
+                };
             if protos == 0 {
                 continue;
             }

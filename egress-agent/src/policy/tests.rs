@@ -5,7 +5,9 @@ use std::{
     time::Duration,
 };
 
-use egress_common::consts::{PROTO_ANY, PROTO_ICMP, PROTO_NAMED, PROTO_TCP, PROTO_UDP};
+use egress_common::consts::{
+    PROTO_ANY, PROTO_ICMP, PROTO_NAMED, PROTO_NAMED_UDP, PROTO_TCP, PROTO_UDP,
+};
 
 use super::*;
 
@@ -449,10 +451,11 @@ allow:
     assert_eq!(
         got,
         vec![
-            (53, 53, PROTO_UDP),
-            // Host rules check names by default: their TCP stretches are name-bound.
-            (443, 443, PROTO_ANY | PROTO_NAMED),
-            (8000, 8080, PROTO_ANY | PROTO_NAMED)
+            // Host rules check names by default: their TCP stretches are name-bound, their
+            // UDP stretches refuse QUIC long headers.
+            (53, 53, PROTO_UDP | PROTO_NAMED_UDP),
+            (443, 443, PROTO_ANY | PROTO_NAMED | PROTO_NAMED_UDP),
+            (8000, 8080, PROTO_ANY | PROTO_NAMED | PROTO_NAMED_UDP)
         ]
     );
     assert_eq!(rule_value(&[], 0).unwrap().len, 0);
@@ -472,6 +475,7 @@ allow:
     let v = rule_value(&rules, 0).unwrap();
     assert!(v.named_tcp(443), "443 is admitted by a checking rule only");
     assert!(!v.named_tcp(22), "22 is admitted by address too");
+    assert!(v.named_udp(443) && !v.named_udp(22));
     assert!(v.permits(22, PROTO_TCP) && v.permits(443, PROTO_TCP) && v.permits(22, PROTO_UDP));
     assert!(
         err("version: 1\nallow:\n  - ip: 192.0.2.1\n    name_check: false\n")
@@ -903,7 +907,10 @@ allow:
     let got: Vec<(u16, u16, u8)> = v.ranges().iter().map(|r| (r.lo, r.hi, r.protos)).collect();
     assert_eq!(
         got,
-        vec![(0, 65535, PROTO_ICMP), (443, 443, PROTO_ANY | PROTO_NAMED)]
+        vec![
+            (0, 65535, PROTO_ICMP),
+            (443, 443, PROTO_ANY | PROTO_NAMED | PROTO_NAMED_UDP)
+        ]
     );
     assert!(v.permits(0, PROTO_ICMP) && v.permits(443, PROTO_UDP));
 }

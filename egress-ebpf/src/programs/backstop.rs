@@ -171,14 +171,24 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
         }
         IPPROTO_UDP => {
             let sk = full_socket(skb);
-            if connected(sk, u32::from(IPPROTO_UDP)) {
+            let connected = connected(sk, u32::from(IPPROTO_UDP));
+            if connected && super::judged::bind_of(sk) != super::judged::BIND_NO_QUIC {
+                // Judged at connect, and no name binding to check.
                 return Ok(PASS);
             }
             let u: [u8; 4] = read(ctx, l4_off)?;
             let port = u16::from_be_bytes([u[2], u[3]]);
-            if !sk.is_null() && judged(sk, &addr, port, IPPROTO_UDP) {
-                // sendmsg4/6 allowed this very destination for this socket.
+            // The destination its own hook judged last: the binding state is that one's.
+            let judged_here = !sk.is_null() && judged(sk, &addr, port, IPPROTO_UDP);
+            if connected {
+                if judged_here {
+                    return Ok(quic_checked(ctx, sk, &addr, l4_off));
+                }
                 return Ok(PASS);
+            }
+            if judged_here {
+                // sendmsg4/6 allowed this very destination for this socket.
+                return Ok(quic_checked(ctx, sk, &addr, l4_off));
             }
             Ok(judge(&addr, port, PROTO_UDP, IPPROTO_UDP))
         }
@@ -210,6 +220,34 @@ pub fn read<T: Copy>(ctx: &SkBuffContext, off: usize) -> Result<T, ()> {
         }
     }
     ctx.load(off).map_err(|_| ())
+}
+
+/// PASS, unless the socket's destination is admitted only by name-checking host rules
+/// (`BIND_NO_QUIC`, set by the hook that judged it) and the datagram is a QUIC long-header
+/// packet (form and fixed bits set, a non-zero version: an Initial carries the server name
+/// encrypted, so it cannot be judged). Then DROP (`EPERM` to the sender), reason `name`;
+/// clients fall back to TCP.
+#[inline(always)]
+fn quic_checked(ctx: &SkBuffContext, sk: *mut bpf_sock, addr: &Addr, l4_off: usize) -> i32 {
+    if super::judged::bind_of(sk) != super::judged::BIND_NO_QUIC {
+        return PASS;
+    }
+    // UDP header, then the QUIC first byte and version.
+    let Ok(q) = read::<[u8; 13]>(ctx, l4_off) else {
+        // Shorter than a QUIC long header: not one.
+        return PASS;
+    };
+    let long = q[8] & 0xc0 == 0xc0 && (q[9] | q[10] | q[11] | q[12]) != 0;
+    if !long {
+        return PASS;
+    }
+    drop_packet(
+        addr,
+        u16::from_be_bytes([q[2], q[3]]),
+        IPPROTO_UDP,
+        reason::NAME,
+        hook::EGRESS,
+    )
 }
 
 /// Whether the packet's socket is name-bound and its first flight was not judged and let

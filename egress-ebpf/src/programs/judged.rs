@@ -40,6 +40,9 @@ pub const BIND_PENDING: u8 = 1;
 pub const BIND_PASSED: u8 = 2;
 /// Name-bound, first flight refused: every later send is refused too.
 pub const BIND_REFUSED: u8 = 3;
+/// UDP to a destination only name-checking host rules admit: QUIC long-header packets are
+/// dropped by the backstop (their name is encrypted), other datagrams pass.
+pub const BIND_NO_QUIC: u8 = 4;
 
 #[btf_map]
 static JUDGED: SkStorage<Judged> = SkStorage::new();

@@ -37,10 +37,17 @@ pub struct Destination {
     pub hook: u8,
 }
 
-/// Allow (1) or deny (0) `dst`, counting the outcome and reporting a deny; with the allow,
-/// whether it binds the connection to names (only host rules with `name_check` admit it).
+/// How a destination was admitted: not (a deny, or an audit-mode pass of one).
+pub const ADMIT_NONE: u8 = 0;
+/// By a rule, by address.
+pub const ADMIT_PLAIN: u8 = 1;
+/// Only by host rules with `name_check`: the connection is bound to names.
+pub const ADMIT_NAMED: u8 = 2;
+
+/// Allow (1) or deny (0) `dst`, counting the outcome and reporting a deny; with it, how the
+/// destination was admitted (`ADMIT_*`).
 #[inline(always)]
-pub fn decide(dst: &Destination) -> Result<(i32, bool), ()> {
+pub fn decide(dst: &Destination) -> Result<(i32, u8), ()> {
     let why = match proto_bit(dst.ip_proto) {
         None => reason::PROTOCOL,
         Some(bit) => match lookup_named(&dst.addr, dst.port, bit) {
@@ -54,12 +61,12 @@ pub fn decide(dst: &Destination) -> Result<(i32, bool), ()> {
                     VERDICT_ALLOW,
                     0,
                 );
-                return Ok((VERDICT_ALLOW, named));
+                return Ok((VERDICT_ALLOW, if named { ADMIT_NAMED } else { ADMIT_PLAIN }));
             }
             Err(why) => why,
         },
     };
-    Ok((deny(dst, why), false))
+    Ok((deny(dst, why), ADMIT_NONE))
 }
 
 /// The verdict when a program failed before it could decide: deny, count and report.
@@ -108,8 +115,9 @@ pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
     lookup_named(addr, port, proto).err()
 }
 
-/// `Ok(named)` when allowed (`named`: TCP admitted only by host rules that check names, so
-/// the connection is name-bound), else the reason for the deny.
+/// `Ok(named)` when allowed (`named`: TCP or UDP admitted only by host rules that check names:
+/// a TCP connection is name-bound, a UDP socket may send no QUIC long header), else the reason
+/// for the deny.
 #[inline(always)]
 pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
     let mut why = reason::NO_RULE;
@@ -124,7 +132,9 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
         if v.expires_ns != 0 && now >= v.expires_ns {
             why = reason::EXPIRED;
         } else if v.permits(port, proto) {
-            if !(proto == PROTO_TCP && v.named_tcp(port)) {
+            let bound = (proto == PROTO_TCP && v.named_tcp(port))
+                || (proto == PROTO_UDP && v.named_udp(port));
+            if !bound {
                 return Ok(false);
             }
             // Name-bound, unless a static rule admits the address by itself.

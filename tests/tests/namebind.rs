@@ -618,3 +618,74 @@ fn quic_initials_to_a_name_bound_address_are_refused_and_other_udp_passes() {
     }
     assert!(listener.wait_received(3, WAIT), "{}", run.context());
 }
+
+/// Not a timed test: prints what name binding costs, against the same rule with
+/// `name_check: false` (`cargo test -p egress-tests --test namebind -- --ignored --nocapture
+/// --test-threads=1 cost`). Per connection: thread CPU of the first `send` (the sk_msg verdict
+/// runs in it) and of connect + send + close; bulk: a 64 MiB transfer after the first flight,
+/// wall time and the sender's CPU. Runs alternate bound, unbound, bound, unbound.
+#[test]
+#[ignore = "a benchmark: run by hand, prints numbers"]
+fn cost_of_name_binding() {
+    const BENCH: &str = r#"
+import threading
+N = 1000
+h = hello("ok.example.test", pad=1500)
+send_ns = total_ns = 0
+for i in range(N):
+    t0 = time.thread_time_ns()
+    s = socket.create_connection((FRONT, 443))
+    t1 = time.thread_time_ns()
+    s.sendall(h)
+    t2 = time.thread_time_ns()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()
+    t3 = time.thread_time_ns()
+    send_ns += t2 - t1
+    total_ns += t3 - t0
+out["send_us"] = send_ns / N / 1000
+out["conn_us"] = total_ns / N / 1000
+s = socket.create_connection((FRONT, 443))
+s.sendall(h)
+time.sleep(0.1)
+def drain():
+    try:
+        while s.recv(1 << 20):
+            pass
+    except OSError:
+        pass
+d = threading.Thread(target=drain)
+d.start()
+chunk = b"\x17" * (1 << 16)
+w0, c0 = time.monotonic(), time.thread_time_ns()
+for i in range(1024):
+    s.sendall(chunk)
+out["bulk_s"] = time.monotonic() - w0
+out["bulk_cpu_ms"] = (time.thread_time_ns() - c0) / 1e6
+s.shutdown(socket.SHUT_WR)
+d.join(5)
+s.close()
+"#;
+    let bound = OK_ONLY;
+    let unbound = "  - host: ok.example.test\n    ports: [80, 443]\n    name_check: false\n";
+    let mut rows = Vec::new();
+    for (label, rules) in [
+        ("bound", bound),
+        ("unbound", unbound),
+        ("bound", bound),
+        ("unbound", unbound),
+    ] {
+        let (world, _tls, _http) = world();
+        let (run, out) = run(&world, rules, BENCH);
+        assert!(name_denies(&run).is_empty(), "{}", run.context());
+        rows.push(format!(
+            "{label:8} first send {:6.2} us  connect+send+close {:7.2} us  64 MiB: {:.3} s wall, \
+             {:.1} ms sender CPU",
+            out["send_us"].as_f64().unwrap_or(f64::NAN),
+            out["conn_us"].as_f64().unwrap_or(f64::NAN),
+            out["bulk_s"].as_f64().unwrap_or(f64::NAN),
+            out["bulk_cpu_ms"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
+    println!("{}", rows.join("\n"));
+}

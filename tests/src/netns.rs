@@ -1,110 +1,57 @@
 //! Test network namespaces: created with `ip netns add`, holding only `lo`.
 
-use std::{
-    ffi::OsStr,
-    fs::{self, File},
-    io,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
-    path::PathBuf,
-    process::{Command, Stdio},
-    sync::Arc,
-    thread,
-};
+use std::{ffi::OsStr, fs, path::PathBuf, process::Command, process::Stdio};
+
+use egress_netns::Netns;
 
 use crate::unique_name;
 
 /// A network namespace `egress-test-{pid}-{n}` with `lo` up (127.0.0.0/8 and ::1) and no
 /// other interface: nothing sent from inside can leave the machine. Dropping it deletes it.
+/// The tests' face of [`egress_netns::Netns`] (the one implementation the bench and the demo
+/// use too): it panics where that returns an error.
 #[derive(Debug)]
 pub struct TestNetns {
-    name: String,
-    /// Held open so that [`TestNetns::run_in`] and probes can `setns` into it.
-    file: File,
+    netns: Netns,
 }
 
 impl TestNetns {
     /// Creates the namespace and brings `lo` up; panics if it cannot.
     pub fn new() -> Self {
         crate::require_root();
-        let name = unique_name();
-        ip(&["netns", "add", &name]).unwrap_or_else(|e| panic!("{e}"));
-        // From here on, a failure still deletes the namespace (through Drop).
-        let path = PathBuf::from("/run/netns").join(&name);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = ip(&["netns", "del", &name]);
-                panic!("cannot open {}: {e}", path.display());
-            }
-        };
-        let ns = Self { name, file };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]).unwrap_or_else(|e| panic!("{e}"));
-        ns
+        let netns = Netns::create(&unique_name()).unwrap_or_else(|e| panic!("{e}"));
+        Self { netns }
     }
 
     /// Adds `cidr` (e.g. `198.51.100.20/32`) to the namespace's `lo`: a "remote" host
     /// without a veth (the `dummy` link type may be missing).
     pub fn add_lo_address(&self, cidr: &str) {
-        ip(&["-n", &self.name, "addr", "add", cidr, "dev", "lo"]).unwrap_or_else(|e| panic!("{e}"));
+        self.netns
+            .add_lo_address(cidr)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// The namespace's name (as `ip netns` knows it).
     pub fn name(&self) -> &str {
-        &self.name
+        self.netns.name()
     }
 
     /// `/run/netns/NAME`.
     pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
+        self.netns.path()
     }
 
-    /// A command whose process joins this namespace before `exec` (through a duplicate of
-    /// the namespace descriptor that the command owns, so it stays valid until spawned).
-    ///
-    /// Not `ip netns exec`: that also unshares the mount namespace and mounts a fresh sysfs
-    /// on `/sys`, which hides the cgroup v2 and bpf filesystems mounted below it.
+    /// A command whose process joins this namespace before `exec`.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let ns = Arc::new(
-            self.file
-                .try_clone()
-                .unwrap_or_else(|e| panic!("cannot duplicate the netns descriptor: {e}")),
-        );
-        let mut cmd = Command::new(program);
-        // SAFETY: between fork and exec the closure makes one raw syscall on a descriptor it
-        // owns (through the Arc) and allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd
+        self.netns
+            .command(program)
+            .unwrap_or_else(|e| panic!("cannot duplicate the netns descriptor: {e}"))
     }
 
     /// Runs `f` on a fresh thread that first joins this namespace. Network namespaces are
     /// per thread; sockets created in `f` stay in the namespace wherever they are used later.
     pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let fd = self.file.as_raw_fd();
-        thread::scope(|s| {
-            let handle = s.spawn(move || {
-                // SAFETY: plain syscall on a descriptor `self` keeps open.
-                let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
-                assert_eq!(
-                    rc,
-                    0,
-                    "setns into network namespace {}: {}",
-                    self.name,
-                    std::io::Error::last_os_error()
-                );
-                f()
-            });
-            match handle.join() {
-                Ok(v) => v,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        self.netns.run_in(f).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -124,7 +71,7 @@ impl TestNetns {
         assert!(
             out.status.success(),
             "cannot enable ping sockets in {}: {}",
-            self.name,
+            self.name(),
             String::from_utf8_lossy(&out.stderr)
         );
         let after = fs::read_to_string(PING_GROUP_RANGE).unwrap_or_default();
@@ -174,32 +121,5 @@ fn snmp6_field(text: &str, field: &str) -> u64 {
 impl Default for TestNetns {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.name]) {
-            eprintln!("warning: {e}");
-        }
-    }
-}
-
-/// Runs `ip ARGS`; the error names the command and carries its stderr.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run ip {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
     }
 }

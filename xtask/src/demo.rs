@@ -11,8 +11,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     cmd::{self, Cmd},
-    deps, interrupt,
-    sandbox::{self, Netns},
+    deps, interrupt, sandbox,
 };
 
 /// Allows tcp 127.0.0.1:8080 and not 9090.
@@ -52,7 +51,7 @@ pub fn run() -> Result<()> {
         "demo: network namespace {name}, with web servers on 127.0.0.1:{ALLOWED_PORT} and \
          127.0.0.1:{BLOCKED_PORT} inside"
     );
-    let netns = Netns::create(&name)?;
+    let netns = egress_netns::Netns::create(&name)?;
     sandbox::serve_hello(&netns, &[ALLOWED_PORT, BLOCKED_PORT])?;
     interrupt::check()?;
     let events = TempFile::create(std::env::temp_dir().join(format!("{name}-events.jsonl")))?;

@@ -11,4 +11,6 @@
 pub mod enforcer;
 pub mod kernel;
 pub mod name_bind;
+pub mod rules;
+pub mod stale;
 pub mod trace;

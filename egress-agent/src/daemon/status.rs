@@ -1,12 +1,11 @@
 //! `egress-agent status --name N`: what an agent of that name enforces, read from its pins
 //! (kernel counters, map fill, mode) and from the state file the agent keeps under
 //! `/run/egress/<name>/` (policy, latest denies). Works with the agent gone too: the pins are
-//! the enforcement.
+//! the enforcement. Its rendering is the CLI's (`cli/status.rs`).
 
 use std::{
     fs,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
@@ -42,6 +41,13 @@ pub struct AgentState {
     pub allowlist: Option<PathBuf>,
     /// One-line summary of the running policy.
     pub policy: String,
+    /// `applied` (the maps hold the allowlist file's policy), `previous` (the file was
+    /// rejected; the maps hold the previous valid policy whole) or `inconsistent`.
+    #[serde(default)]
+    pub policy_state: String,
+    /// Why the allowlist file was rejected, while it is.
+    #[serde(default)]
+    pub policy_rejected: Option<String>,
     /// Latest deny events, newest last.
     pub latest_denies: Vec<serde_json::Value>,
     /// When written (seconds since the epoch).
@@ -67,6 +73,11 @@ pub fn grants_path(name: &str) -> PathBuf {
 /// Writes the grants file of `name` atomically (rename).
 pub fn write_grants(name: &str, json: &[u8]) -> anyhow::Result<()> {
     write_atomically(&grants_path(name), json)
+}
+
+/// Writes a file of the state directory atomically (rename).
+pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_atomically(path, bytes)
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it over `path`: a reader
@@ -170,89 +181,4 @@ pub fn read(name: &str) -> anyhow::Result<Status> {
         agent,
         agent_running,
     })
-}
-
-/// The human-readable form.
-pub fn render(s: &Status) -> String {
-    use std::fmt::Write as _;
-    let mut o = String::new();
-    let row = |o: &mut String, k: &str, v: String| {
-        let _ = writeln!(o, "{k:<10} {v}");
-    };
-    row(&mut o, "name", s.name.clone());
-    row(
-        &mut o,
-        "enforcing",
-        if s.enforcing {
-            "yes (programs pinned)".into()
-        } else {
-            "NO (no links pinned)".into()
-        },
-    );
-    row(&mut o, "mode", s.mode.into());
-    match &s.agent {
-        Some(a) => {
-            let age = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .saturating_sub(Duration::from_secs(a.written));
-            row(
-                &mut o,
-                "agent",
-                if s.agent_running {
-                    format!("pid {} (running)", a.pid)
-                } else {
-                    format!(
-                        "pid {} NOT RUNNING (state from {}s ago)",
-                        a.pid,
-                        age.as_secs()
-                    )
-                },
-            );
-            row(&mut o, "cgroup", a.cgroup.display().to_string());
-            if let Some(f) = &a.allowlist {
-                row(&mut o, "allowlist", f.display().to_string());
-            }
-            row(&mut o, "policy", a.policy.clone());
-        }
-        None => row(&mut o, "agent", "unknown (no state file)".into()),
-    }
-    row(
-        &mut o,
-        "counters",
-        format!(
-            "allowed {}, denied {}, ring-buffer drops {}, errors {}",
-            s.allowed, s.denied, s.ringbuf_drops, s.errors
-        ),
-    );
-    row(
-        &mut o,
-        "entries",
-        format!("{} cidr/ip, {} from DNS", s.cidr_entries, s.dns_entries),
-    );
-    if let Some(a) = &s.agent {
-        let _ = writeln!(o, "latest denies:");
-        if a.latest_denies.is_empty() {
-            let _ = writeln!(o, "  (none)");
-        }
-        for d in &a.latest_denies {
-            let host = d["host"]
-                .as_str()
-                .map(|h| format!(" ({h})"))
-                .unwrap_or_default();
-            let _ = writeln!(
-                o,
-                "  {}  {} {}:{}{}  {} pid {}  {}",
-                d["ts"].as_str().unwrap_or("?"),
-                d["proto"].as_str().unwrap_or("?"),
-                d["dst"].as_str().unwrap_or("?"),
-                d["port"],
-                host,
-                d["comm"].as_str().unwrap_or("?"),
-                d["pid"],
-                d["reason"].as_str().unwrap_or("?"),
-            );
-        }
-    }
-    o
 }

@@ -2,7 +2,7 @@
 //! must send, as its first bytes, a TLS ClientHello whose `server_name` or an HTTP/1.x request
 //! whose `Host` the policy permits on that port. Judged before a byte leaves:
 //!
-//! - `connect4/6` mark such a socket `BIND_PENDING` in its socket storage (`judged`);
+//! - `connect4/6` mark such a socket `BIND_PENDING` in its `BINDING` socket storage (`judged`);
 //! - `sock_ops` (cgroup `sock_ops`) puts it in `BOUND` (a sockhash) when its handshake
 //!   completes, before the application can send;
 //! - `first_flight` (`sk_msg`, attached to `BOUND`) runs on each send of a socket in `BOUND`:
@@ -290,7 +290,7 @@ fn try_first_flight(ctx: &SkMsgContext) -> Result<u32, ()> {
 /// `BOUND` when its first flight is acknowledged; a refused one stays, and every later send
 /// is refused) and frees its flight buffer.
 #[inline(always)]
-fn release(sk: *mut bpf_sock, j: *mut judged::Judged, state: u8) {
+fn release(sk: *mut bpf_sock, j: *mut judged::Binding, state: u8) {
     // SAFETY: non-null storage and socket pointers.
     unsafe {
         (*j).bind = state;
@@ -718,7 +718,7 @@ fn name_to_key(f: &mut Flight) -> Result<(), u8> {
 }
 
 /// Reports a refused (or, in audit mode, passed) first flight with the name seen, if any.
-fn report(j: *mut judged::Judged, f: &Flight, why: u8, audited: bool) {
+fn report(j: *mut judged::Binding, f: &Flight, why: u8, audited: bool) {
     let Some(mut entry) = EVENTS.reserve::<NameDenyEvent>(0) else {
         count(egress_common::consts::COUNTER_RINGBUF_DROP);
         return;

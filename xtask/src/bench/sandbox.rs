@@ -15,8 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-
-use crate::cmd::Cmd;
+use egress_netns::Netns;
 
 /// Every object the bench creates; dropping it removes them, children first.
 #[derive(Debug)]
@@ -28,12 +27,14 @@ pub struct Sandbox {
     /// A private directory for allowlists, event files and logs.
     pub dir: PathBuf,
     cgroups: Vec<PathBuf>,
-    netns: Vec<String>,
+    netns: Vec<Netns>,
     children: Vec<Child>,
     /// Agents by instance name, with their pid: stopped with SIGTERM (they run with
     /// `--detach-on-exit`), then `egress-agent detach` if their pins are still there.
     agents: Vec<(String, u32)>,
     agent_bin: PathBuf,
+    /// bpffs pins the bench made itself (the floor's map), removed at the end.
+    pub pins: Vec<PathBuf>,
 }
 
 impl Sandbox {
@@ -51,6 +52,7 @@ impl Sandbox {
             children: Vec::new(),
             agents: Vec::new(),
             agent_bin,
+            pins: Vec::new(),
         })
     }
 
@@ -71,20 +73,13 @@ impl Sandbox {
     /// Creates the network namespace `egress-bench-{pid}-{suffix}` with `lo` up and `addrs`
     /// (documentation addresses, /32) on `lo`; returns its `/run/netns` path.
     pub fn netns(&mut self, suffix: &str, addrs: &[&str]) -> Result<PathBuf> {
-        let name = self.name(suffix);
-        Cmd::new("ip")
-            .args(["netns", "add", &name])
-            .run_captured()?;
-        self.netns.push(name.clone());
-        Cmd::new("ip")
-            .args(["-n", &name, "link", "set", "lo", "up"])
-            .run_captured()?;
+        let netns = Netns::create(&self.name(suffix))?;
+        let path = netns.path();
+        self.netns.push(netns);
         for a in addrs {
-            Cmd::new("ip")
-                .args(["-n", &name, "addr", "add", &format!("{a}/32"), "dev", "lo"])
-                .run_captured()?;
+            self.netns[self.netns.len() - 1].add_lo_address(&format!("{a}/32"))?;
         }
-        Ok(PathBuf::from("/run/netns").join(name))
+        Ok(path)
     }
 
     /// A command whose process joins `netns` and, if given, `cgroup` before `exec`.
@@ -93,9 +88,6 @@ impl Sandbox {
         netns: &Path,
         cgroup: Option<&Path>,
     ) -> Result<Command> {
-        let ns = Arc::new(
-            File::open(netns).with_context(|| format!("cannot open {}", netns.display()))?,
-        );
         let procs = match cgroup {
             Some(cg) => {
                 let p = cg.join("cgroup.procs");
@@ -108,14 +100,12 @@ impl Sandbox {
             }
             None => None,
         };
-        let mut cmd = Command::new(program);
-        // SAFETY: between fork and exec the closure makes raw syscalls on descriptors it
-        // owns (through the Arcs) and allocates nothing.
+        // The namespace first (egress_netns's own pre_exec step), then the cgroup.
+        let mut cmd = egress_netns::command_in(netns, program)?;
+        // SAFETY: between fork and exec the closure makes one raw syscall on a descriptor it
+        // owns (through the Arc) and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
                 if let Some(p) = &procs
                     && libc::write(p.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
                 {
@@ -299,13 +289,10 @@ impl Drop for Sandbox {
                 );
             }
         }
-        for ns in self.netns.drain(..) {
-            if let Err(e) = Cmd::new("ip").args(["netns", "delete", &ns]).run_captured() {
-                let _ = writeln!(
-                    io::stderr(),
-                    "xtask: warning: netns {ns} is left behind: {e:#}"
-                );
-            }
+        // Each deletes its namespace (and warns if it cannot).
+        self.netns.clear();
+        for pin in self.pins.drain(..) {
+            let _ = fs::remove_file(pin);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -362,17 +349,22 @@ impl Answer {
 /// Listens inside `netns`, from threads of this process (so the listening sockets belong to
 /// xtask's cgroup, not to the measured one): TCP on each `tcp` address, accepting and
 /// dropping every connection, and a UDP socket on each `udp` address that nobody reads
-/// (datagrams beyond its buffer are dropped by the kernel, the same on every side).
-pub fn listen(netns: &Path, tcp: &[SocketAddrV4], udp: &[SocketAddrV4]) -> Result<()> {
-    let ns = File::open(netns).with_context(|| format!("cannot open {}", netns.display()))?;
-    let (tcp, udp) = (tcp.to_vec(), udp.to_vec());
+/// (datagrams beyond its buffer are dropped by the kernel, the same on every side), and TCP on
+/// each `sink` address, reading every connection to its end (a thread per connection).
+pub fn listen(
+    netns: &Path,
+    tcp: &[SocketAddrV4],
+    udp: &[SocketAddrV4],
+    sink: &[SocketAddrV4],
+) -> Result<()> {
+    let netns = netns.to_path_buf();
+    let (tcp, udp, sink) = (tcp.to_vec(), udp.to_vec(), sink.to_vec());
     let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
     thread::Builder::new()
         .name("bench-listeners".into())
         .spawn(move || {
-            // SAFETY: setns of this thread only, on a descriptor we own.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let _ = tx.send(Err(io::Error::last_os_error().into()));
+            if let Err(e) = egress_netns::enter(&netns) {
+                let _ = tx.send(Err(e.into()));
                 return;
             }
             let mut sockets = Vec::new();
@@ -382,6 +374,23 @@ pub fn listen(netns: &Path, tcp: &[SocketAddrV4], udp: &[SocketAddrV4]) -> Resul
                         thread::spawn(move || {
                             for s in l.incoming() {
                                 drop(s);
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow::anyhow!("cannot listen on {a}: {e}")));
+                        return;
+                    }
+                }
+            }
+            for a in &sink {
+                match TcpListener::bind(a) {
+                    Ok(l) => {
+                        thread::spawn(move || {
+                            for mut s in l.incoming().flatten() {
+                                thread::spawn(move || {
+                                    let _ = io::copy(&mut s, &mut io::sink());
+                                });
                             }
                         });
                     }

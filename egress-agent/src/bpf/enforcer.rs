@@ -15,10 +15,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{
-        Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash,
-        lpm_trie::LpmTrie,
-    },
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash, lpm_trie::LpmTrie},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
         links::{FdLink, PinnedLink},
@@ -520,8 +517,8 @@ impl Enforcer {
         // change it holds the new policy's names, which judge only connections to addresses
         // the rolled-back maps admit.
         let names = policy::name_entries(policy);
-        self.name_keys = super::name_bind::sync(&mut self.names, &self.name_keys, &names)
-            .map_err(fail)?;
+        self.name_keys =
+            super::name_bind::sync(&mut self.names, &self.name_keys, &names).map_err(fail)?;
         let old_flags = self.config_value.flags;
         // Name binding stays as attached.
         let flags = rules::flags(policy) | (old_flags & FLAG_NAME_BIND);

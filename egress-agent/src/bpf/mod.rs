@@ -14,3 +14,4 @@ pub mod name_bind;
 pub mod rules;
 pub mod stale;
 pub mod trace;
+pub mod unix;

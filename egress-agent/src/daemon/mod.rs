@@ -15,3 +15,4 @@ pub mod reload;
 pub mod session;
 pub mod status;
 pub mod throttle;
+pub mod unix_watch;

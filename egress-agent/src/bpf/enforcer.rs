@@ -15,9 +15,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash, lpm_trie::LpmTrie,
-    },
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash, lpm_trie::LpmTrie},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
         links::{FdLink, PinnedLink},

@@ -1129,7 +1129,9 @@ fn a_query_in_flight_across_a_reload_is_judged_by_the_new_policy() {
     let rules = |names: &[&str]| {
         let mut r = String::new();
         for n in names {
-            r.push_str(&format!("  - host: {n}\n    ports: [8080]\n"));
+            r.push_str(&format!(
+                "  - host: {n}\n    ports: [8080]\n    name_check: false\n"
+            ));
         }
         policy_with("0s", "0s", FAKE, &r)
     };

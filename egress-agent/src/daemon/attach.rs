@@ -43,6 +43,8 @@ pub struct AttachConfig {
     pub detach_on_exit: bool,
     /// Trace every verdict of the programs to the agent's log (a debugging aid).
     pub trace_verdicts: bool,
+    /// Ask mode's settings.
+    pub ask: Option<crate::daemon::approvals::AskConfig>,
 }
 
 /// Runs until SIGTERM or SIGINT; returns the exit status.
@@ -125,6 +127,7 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
             ..EnforcerOptions::default()
         },
         protected: Vec::new(),
+        ask: cfg.ask.clone(),
         rejected,
     };
     let session = match Session::start(config(policy, rejected.clone())).await {

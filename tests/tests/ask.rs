@@ -51,14 +51,22 @@ def dig(name, wait=25):
     return {"status": m.group(1) if m else None, "addrs": sorted(addrs),
             "secs": round(time.monotonic() - t, 1)}
 
-def tcp(host, port):
+# An approved name is a host rule, so its connections are name-bound: with `name`, the first
+# bytes are an HTTP request naming it (plain bytes would be refused before they leave).
+def tcp(host, port, name=None):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(3)
+    msg = b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % name.encode() if name else b"ping\n"
     try:
         s.connect((host, port))
-        s.sendall(b"ping\n")
-        echo = s.recv(5)
-        return {"ok": echo == b"ping\n"}
+        s.sendall(msg)
+        echo = b""
+        while len(echo) < len(msg):
+            got = s.recv(len(msg) - len(echo))
+            if not got:
+                break
+            echo += got
+        return {"ok": echo == msg}
     except OSError as e:
         return fail(e)
     finally:
@@ -185,7 +193,7 @@ fn held_lookup_approved_once_resolves_connects_and_reached_no_server_before() {
         &["--ask-timeout", "20s"],
         &format!(
             "out['r1'] = dig('{NEW}')\n\
-             out['c1'] = tcp(out['r1']['addrs'][0], 8080) if out['r1']['addrs'] else None\n\
+             out['c1'] = tcp(out['r1']['addrs'][0], 8080, '{NEW}') if out['r1']['addrs'] else None\n\
              out['r2'] = dig('{NEW}')"
         ),
     );
@@ -448,7 +456,7 @@ fn always_writes_a_file_check_accepts_and_the_next_run_uses() {
         &allowlist(""),
         &["--approvals", &approved, "--ask-timeout", "3s"],
         "out['r'] = dig('always.example.com', 10)\n\
-         out['c'] = tcp(out['r']['addrs'][0], 8080) if out['r']['addrs'] else None",
+         out['c'] = tcp(out['r']['addrs'][0], 8080, 'always.example.com') if out['r']['addrs'] else None",
     );
     let next = &mut next_ask.run;
     let out = result(next);

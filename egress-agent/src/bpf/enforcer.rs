@@ -609,6 +609,13 @@ impl Enforcer {
             .context("cannot write the config map")
     }
 
+    /// Writes `entries` as the names trie (name binding), as a policy change does: a
+    /// `once` approval of a name adds it beside the policy's names until the next change.
+    pub fn set_names(&mut self, entries: &[policy::NameEntry]) -> anyhow::Result<()> {
+        self.name_keys = super::name_bind::sync(&mut self.names, &self.name_keys, entries)?;
+        Ok(())
+    }
+
     /// Allows `ip` with `value` (its ports and expiry) in the DNS-derived map.
     pub fn allow_dns(&mut self, ip: IpAddr, value: AllowValue) -> anyhow::Result<()> {
         self.dns

@@ -214,7 +214,15 @@ impl Approvals {
         let taken = held.take(id)?;
         let how = format!("allowed for {scope} (ports {ports}) by {by}");
         let verdict = match (&subject, scope) {
-            (Subject::Name(_), "once") => Verdict::Allow(Some(rule)),
+            (Subject::Name(_), "once") => {
+                // Its connections are name-bound like any host rule's: the name joins the
+                // names trie until the next policy change (its addresses expire by TTL).
+                if let Err(e) = self.permit_name_once(&rule) {
+                    held.settle(taken, Verdict::Deny, format!("failed: {e}"));
+                    return Err(e);
+                }
+                Verdict::Allow(Some(rule))
+            }
             (Subject::Addr { ip, .. }, "once") => {
                 if let Err(e) = self.allow_address_once(*ip, &rule) {
                     held.settle(taken, Verdict::Deny, format!("failed: {e}"));
@@ -255,6 +263,18 @@ impl Approvals {
             String::new()
         };
         Ok(format!("{} {how}{saved}", view.subject()))
+    }
+
+    /// `once` for a name: the names trie holds the policy's names and this rule's.
+    fn permit_name_once(&self, rule: &Rule) -> Result<(), String> {
+        let mut with = (*self.dns.current_policy()).clone();
+        with.rules.push(rule.clone());
+        self.dns
+            .enforcer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_names(&policy::name_entries(&with))
+            .map_err(|e| format!("{e:#}"))
     }
 
     /// `once` for an address: an entry in the DNS-derived map for `min_ttl + grace` (it

@@ -10,4 +10,5 @@
 
 pub mod enforcer;
 pub mod kernel;
+pub mod stale;
 pub mod trace;

@@ -95,6 +95,18 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
     });
     let sink = Arc::new(EventSink::open(cfg.events.as_deref())?);
     let stop = StopSignals::install()?;
+    // Deleted pods' pins (their cgroup is gone, the kernel detached their programs): a
+    // sidecar that stops leaves its pins on purpose, so the next one on the node cleans up.
+    if let Ok(bpffs) = crate::bpf::enforcer::ensure_bpffs() {
+        let removed = crate::bpf::stale::remove_stale(&bpffs.join("egress"), &name);
+        if !removed.is_empty() {
+            tracing::info!(
+                "removed the pins of {} instance(s) whose cgroup is gone: {}",
+                removed.len(),
+                removed.join(", ")
+            );
+        }
+    }
     let session = Session::start(SessionConfig {
         name,
         cgroup: target,

@@ -25,6 +25,7 @@ this script re-runs itself there. Exit status: 0 valid, 1 invalid, 2 cannot vali
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -449,6 +450,45 @@ def overlaps(path: str, fs: str) -> bool:
     return path == fs or path.startswith(fs + "/") or fs.startswith(path.rstrip("/") + "/")
 
 
+SECCOMP_DIR = ROOT / "deploy" / "seccomp"
+
+
+def check_seccomp(doc: Doc, spec: dict, sc: dict, where: str, report: Report) -> None:
+    """The sidecar's seccomp profile: a Localhost one shipped in deploy/seccomp/, which allows
+    bpf() (the runtimes' default profiles from containers-common allow it only with
+    CAP_SYS_ADMIN), reads the same in the Docker and OCI formats (no includes/excludes:
+    containerd ignores them) and refuses by default; never Unconfined."""
+    profile = sc.get("seccompProfile") or (spec.get("securityContext") or {}).get("seccompProfile") or {}
+    at = doc.where(f"{where}.securityContext.seccompProfile")
+    if profile.get("type") != "Localhost":
+        report.error(
+            at,
+            "must be Localhost with localhostProfile profiles/egress-agent.json "
+            "(deploy/seccomp/): RuntimeDefault refuses bpf() under podman and CRI-O, "
+            "Unconfined drops the filter",
+        )
+        return
+    name = str(profile.get("localhostProfile") or "")
+    path = SECCOMP_DIR / name.removeprefix("profiles/")
+    if not name.startswith("profiles/") or not path.is_file():
+        report.error(at, f"localhostProfile {name!r}: no such profile in {rel(SECCOMP_DIR)}")
+        return
+    try:
+        body = json.loads(path.read_text())
+    except ValueError as e:
+        report.error(rel(path), f"not JSON: {e}")
+        return
+    if body.get("defaultAction") not in ("SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS"):
+        report.error(rel(path), "defaultAction must refuse (SCMP_ACT_ERRNO)")
+    rules = body.get("syscalls") or []
+    if any(r.get("includes") or r.get("excludes") for r in rules):
+        report.error(rel(path), "includes/excludes are not read by containerd: resolve them")
+    allowed = {n for r in rules if r.get("action") == "SCMP_ACT_ALLOW" and not r.get("args") for n in r.get("names") or []}
+    refused = {n for r in rules if r.get("action") != "SCMP_ACT_ALLOW" for n in r.get("names") or []}
+    if "bpf" not in allowed or "bpf" in refused:
+        report.error(rel(path), "must allow bpf() (and not also refuse it)")
+
+
 def check_sidecar(
     doc: Doc,
     spec: dict,
@@ -564,6 +604,8 @@ def check_sidecar(
             doc.where(f"{where}.securityContext.capabilities.add"),
             "the agent needs BPF and NET_ADMIN at least",
         )
+
+    check_seccomp(doc, spec, sc, where, report)
 
     mounts = {m.get("mountPath", "").rstrip("/"): m for m in c.get("volumeMounts") or []}
     for fs, read_only in ((CGROUP_FS, True), (BPF_FS, False)):

@@ -40,6 +40,8 @@ pub struct AttachConfig {
     pub detach_on_exit: bool,
     /// Trace every verdict of the programs to the agent's log (a debugging aid).
     pub trace_verdicts: bool,
+    /// /readyz fails while CAP_NET_RAW or a packet socket is found in the cgroup.
+    pub require_no_raw: bool,
 }
 
 /// Runs until SIGTERM or SIGINT; returns the exit status.
@@ -82,6 +84,10 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
             target.display()
         );
     }
+    let watch = crate::daemon::raw_watch::RawWatch {
+        cgroup: target.clone(),
+        own: own.clone(),
+    };
     let exempt = match &own {
         Some(p) => cgroup::cgroup_id(p)?,
         None => 0,
@@ -145,7 +151,10 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
              CAP_BPF, and must see the cgroup filesystem read-only"
         ),
     );
+    let watcher =
+        tokio::spawn(watch.run(sink.clone(), session.metrics.clone(), cfg.require_no_raw));
     stop.wait().await;
+    watcher.abort();
     session.stop(cfg.detach_on_exit).await?;
     Ok(0)
 }

@@ -10,6 +10,7 @@
 pub mod attach;
 pub mod health;
 pub mod monitor;
+pub mod raw_watch;
 pub mod reload;
 pub mod session;
 pub mod status;

@@ -311,6 +311,59 @@ fn main_pod(env: &mut Env, spec: &PodSpec, report: &mut Report) -> Result<()> {
         "ok HTTP/1.0 200",
     );
 
+    // A container of the pod with CAP_NET_RAW (what container runtimes grant by default)
+    // opens a packet socket: a warning, the gauge, and /readyz fails (--require-no-raw).
+    let warned = count(&podman.logs("egress"), "packet socket");
+    podman.run(&[
+        "run",
+        "--detach",
+        "--pull=never",
+        "--pod",
+        &pod.name,
+        "--name",
+        "rawholder",
+        "--user=0",
+        "--cap-drop=ALL",
+        "--cap-add=NET_RAW",
+        "--read-only",
+        "--entrypoint",
+        "/usr/local/bin/probe",
+        images::APP_IMAGE,
+        "hold-packet",
+        "120",
+    ])?;
+    let seen = poll(Duration::from_secs(15), Duration::from_millis(250), || {
+        count(&podman.logs("egress"), "packet socket") > warned
+    });
+    let gauge = pod
+        .http_get(health, "/metrics")
+        .map(|(_, m)| m.contains("egress_raw_risks{kind=\"packet_socket\"} 1"))
+        .unwrap_or(false);
+    let blocked = matches!(pod.http_get(health, "/readyz"), Ok((503, _)));
+    podman.run(&["rm", "--force", "--time", "0", "rawholder"])?;
+    let cleared = poll(Duration::from_secs(15), Duration::from_millis(250), || {
+        matches!(pod.http_get(health, "/readyz"), Ok((200, _)))
+    });
+    let holder = podman.logs("egress");
+    report.check(
+        "packet-socket-detected",
+        if seen && gauge && blocked && cleared {
+            Ok(format!(
+                "{}; egress_raw_risks{{kind=packet_socket}} 1; /readyz 503 until it closed",
+                holder
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("packet socket"))
+                    .unwrap_or_default()
+                    .trim()
+            ))
+        } else {
+            Err(format!(
+                "warning: {seen}, gauge: {gauge}, /readyz 503: {blocked}, 200 after: {cleared}"
+            ))
+        },
+    );
+
     // Deleting the pod: the kubelet stops the containers (SIGTERM), then removes the cgroup.
     // The sidecar leaves its pins on purpose (a restart adopts them); the kernel detaches
     // the programs from the removed cgroup, and the next sidecar on the node removes the

@@ -272,6 +272,19 @@ pub enum Event<'a> {
         /// The error, as `check` prints it.
         error: &'a str,
     },
+    /// Denies (or audited would-be denies) written as no line: `cause` `ring-full` (the
+    /// kernel's event ring was full; its counter counts them) or `throttle` (held back beyond
+    /// the summary lines of a second). With the `repeats` of the deny lines (1 where absent),
+    /// the `count`s add up to every deny the kernel counted.
+    DeniesUnrecorded {
+        /// When.
+        #[serde(serialize_with = "ser_time")]
+        ts: SystemTime,
+        /// How many.
+        count: u64,
+        /// `ring-full` or `throttle`.
+        cause: &'a str,
+    },
     /// Something the operator should know (a host that failed to resolve, ...).
     Warning {
         /// When.

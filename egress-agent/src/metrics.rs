@@ -20,10 +20,19 @@ pub struct Metrics {
     pub dns_refused: AtomicU64,
     /// DNS queries that failed upstream (SERVFAIL).
     pub dns_upstream_failures: AtomicU64,
+    /// DNS queries dropped (a client over its rate) or answered SERVFAIL at once (every
+    /// forwarding slot taken).
+    pub dns_rate_limited: AtomicU64,
+    /// Addresses the resolver holds grants for (what it wrote into the DNS map), kept by the
+    /// resolver as it writes, so that a scrape never walks the kernel map.
+    pub dns_entries: AtomicU64,
     /// Policy reloads applied.
     pub reloads_ok: AtomicU64,
     /// Policy reloads rejected (invalid file; the old policy kept running).
     pub reloads_rejected: AtomicU64,
+    /// Where the running policy stands against the allowlist file (for `status` and the
+    /// `egress_policy_rejected` gauge).
+    pub standing: Mutex<Standing>,
     /// Deny events by reason, as reported through the ring buffer.
     pub denies_by_reason: Mutex<BTreeMap<String, u64>>,
     /// Enforcement attached and the resolver answering.
@@ -36,6 +45,28 @@ pub struct Metrics {
     pub raw_blocks_ready: AtomicBool,
     /// The latest deny events, newest last (for `status`).
     pub latest: Mutex<std::collections::VecDeque<serde_json::Value>>,
+}
+
+/// What the maps hold against the allowlist file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// Why the file on disk was last rejected (`None`: the maps hold its policy). While set,
+    /// the maps hold the previous valid policy whole, unless `inconsistent`.
+    pub rejected: Option<String>,
+    /// A failed change could not be rolled back: the maps match no policy.
+    pub inconsistent: bool,
+}
+
+impl Standing {
+    /// `applied` (the maps hold the file's policy), `previous` (the file was rejected, the
+    /// maps hold the previous valid policy whole) or `inconsistent`.
+    pub fn state(&self) -> &'static str {
+        match (&self.rejected, self.inconsistent) {
+            (_, true) => "inconsistent",
+            (Some(_), false) => "previous",
+            (None, false) => "applied",
+        }
+    }
 }
 
 /// How many deny events `status` shows.
@@ -65,18 +96,26 @@ impl Metrics {
         l.push_back(line);
     }
 
+    /// Records where the policy stands after a change (or a refused one).
+    pub fn set_standing(&self, standing: Standing) {
+        *self.standing.lock().unwrap_or_else(|p| p.into_inner()) = standing;
+    }
+
+    /// Where the policy stands.
+    pub fn standing(&self) -> Standing {
+        self.standing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Adds one to `c`.
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Prometheus text exposition.
-    pub fn render(
-        &self,
-        kernel: Option<Counters>,
-        dns_entries: usize,
-        dns_capacity: u32,
-    ) -> String {
+    pub fn render(&self, kernel: Option<Counters>, dns_capacity: u32) -> String {
         let mut o = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
             let _ = writeln!(o, "# HELP {name} {help}");
@@ -157,10 +196,17 @@ impl Metrics {
             vec![(String::new(), get(&self.dns_upstream_failures))],
         );
         metric(
+            "egress_dns_rate_limited_total",
+            "counter",
+            "DNS queries dropped because their client was over its rate, or answered SERVFAIL \
+             at once because every forwarding slot was taken.",
+            vec![(String::new(), get(&self.dns_rate_limited))],
+        );
+        metric(
             "egress_dns_map_entries",
             "gauge",
             "Addresses allowed from DNS answers.",
-            vec![(String::new(), dns_entries as u64)],
+            vec![(String::new(), get(&self.dns_entries))],
         );
         metric(
             "egress_dns_map_capacity",
@@ -176,6 +222,19 @@ impl Metrics {
                 ("{outcome=\"applied\"}".into(), get(&self.reloads_ok)),
                 ("{outcome=\"rejected\"}".into(), get(&self.reloads_rejected)),
             ],
+        );
+        let standing = self.standing();
+        metric(
+            "egress_policy_rejected",
+            "gauge",
+            "1 while the allowlist file is rejected and the previous valid policy runs.",
+            vec![(String::new(), u64::from(standing.rejected.is_some()))],
+        );
+        metric(
+            "egress_policy_maps_inconsistent",
+            "gauge",
+            "1 if a failed policy change could not be rolled back (the maps match no policy).",
+            vec![(String::new(), u64::from(standing.inconsistent))],
         );
         metric(
             "egress_ready",

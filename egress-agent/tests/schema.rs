@@ -186,7 +186,7 @@ fn validate(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mu
 
 fn errors(yaml: &str) -> Vec<String> {
     let schema = checked_in();
-    let value: Value = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}: {yaml}"));
+    let value: Value = serde_saphyr::from_str(yaml).unwrap_or_else(|e| panic!("{e}: {yaml}"));
     let mut errors = Vec::new();
     validate(&schema, &schema, &value, "$", &mut errors);
     errors

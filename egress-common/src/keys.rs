@@ -12,11 +12,20 @@ pub type Addr = [u8; 16];
 pub const V4_MAPPED_PREFIX: u32 = 96;
 
 /// The IPv4-mapped form of an IPv4 address given as 4 bytes in network byte order.
+///
+/// Built from four 32-bit words: as a byte array literal, the BPF backend zeroed the first ten
+/// bytes through a `memset` subprogram (a call and a ten-step byte loop) on every verdict.
 #[inline(always)]
 pub const fn addr_from_v4(octets: [u8; 4]) -> Addr {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]
+    let words: [u32; 4] = [
+        0,
+        0,
+        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+        u32::from_ne_bytes(octets),
+    ];
+    // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size, and every bit pattern is a valid
+    // byte array; the bytes are the words' in-memory (native) order, as written above.
+    unsafe { core::mem::transmute::<[u32; 4], Addr>(words) }
 }
 
 /// Whether `addr` is IPv4-mapped (`::ffff:0:0/96`).

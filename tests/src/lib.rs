@@ -22,6 +22,7 @@ mod listener;
 mod netns;
 pub mod pod;
 mod probe;
+pub mod upstream;
 pub mod world;
 
 use std::{

@@ -264,9 +264,17 @@ pub struct AttachBuilder<'a> {
     cgroup: PathBuf,
     out_dir: PathBuf,
     args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
 }
 
 impl AttachBuilder<'_> {
+    /// An environment variable for the agent.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
     /// One more argument after `attach`.
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.args.push(arg.as_ref().to_owned());
@@ -292,6 +300,7 @@ impl AttachBuilder<'_> {
             .arg("--events")
             .arg(&events)
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("agent output file"))
             .stderr(out);
@@ -328,6 +337,7 @@ impl AttachAgent {
             cgroup: cgroup.to_path_buf(),
             out_dir: out_dir.to_path_buf(),
             args: Vec::new(),
+            envs: Vec::new(),
         }
     }
 

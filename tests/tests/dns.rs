@@ -11,9 +11,20 @@
 //! Build the agent first; run as root, one thread:
 //! `cargo build -p egress-agent && cargo test -p egress-tests --test dns -- --test-threads=1`.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    fs::{self, File},
+    net::IpAddr,
+    process::Stdio,
+    time::Duration,
+};
 
-use egress_tests::world::{AgentExit, DnsWorld, UPSTREAM, python3};
+use egress_tests::{
+    AgentRun, TestDir,
+    pod::{AgentPins, AttachAgent, Pod},
+    poll_until, unique_name,
+    upstream::FakeUpstream,
+    world::{AgentExit, DnsWorld, EchoListener, UPSTREAM, python3},
+};
 use serde_json::Value;
 
 /// How long to wait for a listener to see a connection or dnsmasq to log a query.
@@ -81,6 +92,28 @@ def dig(*args):
                          text=True)
     text, _ = p.communicate()
     return {"pid": p.pid, "rc": p.returncode, "out": text}
+
+def wire_query(labels, qtype=1, qid=0x1234, flags=0x0100, qclass=1, additional=b""):
+    """A DNS query with these raw labels (bytes), built by hand: a label may hold anything."""
+    name = b"".join(bytes([len(l)]) + l for l in labels) + b"\0"
+    arcount = 1 if additional else 0
+    head = qid.to_bytes(2, "big") + flags.to_bytes(2, "big") + b"\0\1\0\0\0\0" + arcount.to_bytes(2, "big")
+    return head + name + qtype.to_bytes(2, "big") + qclass.to_bytes(2, "big") + additional
+
+def dns_udp(packet, server="192.0.2.53", timeout=3):
+    """Sends one raw query over UDP (steered to the agent) and returns the answer's rcode."""
+    s = socket.socket(family(server), socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    try:
+        s.sendto(packet, (server, 53))
+        reply, _ = s.recvfrom(65535)
+        return {"ok": True, "id": int.from_bytes(reply[:2], "big"), "rcode": reply[3] & 0xF,
+                "tc": bool(reply[2] & 0x02), "ancount": int.from_bytes(reply[6:8], "big"),
+                "reply": reply.hex()}
+    except OSError as e:
+        return fail(e)
+    finally:
+        s.close()
 
 out = {"pid": os.getpid()}
 "#;
@@ -920,5 +953,538 @@ out["c"] = tcp(out["r2"]["addrs"][0], 8080) if out["r2"]["ok"] else None
         1,
         "the upstream answered the A query once; the repeat came from the cache\n{}",
         world.log()
+    );
+}
+
+/// A name whose first wire label holds a dot (`["x.ok", "example", "com"]`) reads as
+/// `x\.ok.example.com`: as text it lines up with `*.ok.example.com`, label by label it does
+/// not. It is refused and never reaches the upstream; a real name below the wildcard still
+/// resolves.
+#[test]
+fn a_dot_inside_a_label_is_refused_and_never_forwarded() {
+    let world = DnsWorld::builder()
+        .address("ok.example.com", "198.51.100.17")
+        .start();
+    let (run, out) = run_script(
+        &world,
+        &policy("  - host: \"*.ok.example.com\"\n    ports: [8080]\n"),
+        r#"
+out["crafted"] = dns_udp(wire_query([b"x.ok", b"example", b"com"]))
+out["legit"] = resolve("a.ok.example.com")
+"#,
+    );
+    assert_eq!(
+        out["crafted"]["rcode"],
+        5,
+        "the crafted name is REFUSED: {}\n{}",
+        out["crafted"],
+        run.context()
+    );
+    assert_resolved(&run, &out, "legit", &["198.51.100.17"]);
+    assert_eq!(
+        refused_for(&run, "x\\.ok.example.com").len(),
+        1,
+        "one dns-refused event names the crafted name, escaped\n{}",
+        run.context()
+    );
+    assert!(
+        world.wait_query("a.ok.example.com", WAIT),
+        "the real name (asked last) reached dnsmasq\n{}",
+        world.log()
+    );
+    let q: Vec<_> = world
+        .queries()
+        .into_iter()
+        .filter(|n| n.contains("ok.example.com"))
+        .collect();
+    assert!(
+        q.iter().all(|n| n == "a.ok.example.com"),
+        "the crafted name reached the upstream: {q:?}\n{}",
+        world.log()
+    );
+}
+
+/// An allowed name that answers a loopback or unspecified address (any family, mapped forms
+/// too) does not open the machine itself: the rebinding guard keeps them out of the DNS map,
+/// with a warning. With `dns.block_private`, private ranges are kept out too. A `cidr:` rule
+/// naming the address still allows it.
+#[test]
+fn dns_answers_never_open_loopback_and_by_option_private_ranges() {
+    let world = DnsWorld::builder()
+        .address("loop.example.com", "127.0.0.1")
+        .address("loop.example.com", "::1")
+        .address("zero.example.com", "0.0.0.0")
+        .address("mapped.example.com", "::ffff:127.0.0.1")
+        // Not on lo: an allowed connect fails with ENETUNREACH, a denied one with EPERM.
+        .address("private.example.com", "10.0.0.1")
+        .start();
+    let l4 = EchoListener::bind(world.netns(), "127.0.0.1:8080".parse().expect("address"));
+    let l6 = EchoListener::bind(world.netns(), "[::1]:8080".parse().expect("address"));
+    let rules = "  - host: \"*.example.com\"\n    ports: [8080]\n";
+    let body = r#"
+out["r4"] = resolve("loop.example.com", socket.AF_INET)
+out["c4"] = tcp("127.0.0.1", 8080)
+out["r6"] = resolve("loop.example.com", socket.AF_INET6)
+out["c6"] = tcp("::1", 8080)
+out["rzero"] = resolve("zero.example.com", socket.AF_INET)
+out["czero"] = tcp("0.0.0.0", 8080)
+out["rmapped"] = resolve("mapped.example.com", socket.AF_INET6)
+out["cmapped"] = tcp("::ffff:127.0.0.1", 8080)
+out["rprivate"] = resolve("private.example.com", socket.AF_INET)
+out["cprivate"] = tcp("10.0.0.1", 8080)
+"#;
+    let (run, out) = run_script(&world, &policy(rules), body);
+    // The names resolve (the answer is passed on), but the addresses stay closed.
+    assert_resolved(&run, &out, "r4", &["127.0.0.1"]);
+    assert_resolved(&run, &out, "r6", &["::1"]);
+    assert_resolved(&run, &out, "rzero", &["0.0.0.0"]);
+    assert_resolved(&run, &out, "rmapped", &["::ffff:127.0.0.1"]);
+    for key in ["c4", "c6", "czero", "cmapped"] {
+        assert_eperm(&run, &out, key);
+    }
+    assert_eq!(
+        (l4.accepted(), l6.accepted()),
+        (0, 0),
+        "nothing reached loopback\n{}",
+        run.context()
+    );
+    let warned = |ip: &str| {
+        run.events_of("warning").iter().any(|w| {
+            let m = w["message"].as_str().unwrap_or_default();
+            m.contains(&format!("answered {ip},")) && m.contains("rebinding guard")
+        })
+    };
+    for ip in ["127.0.0.1", "::1", "0.0.0.0", "::ffff:127.0.0.1"] {
+        assert!(warned(ip), "a warning names {ip}\n{}", run.context());
+    }
+    // Private ranges are not guarded by default: the address was allowed (the connect got
+    // as far as routing, which has no route to it here).
+    assert_resolved(&run, &out, "rprivate", &["10.0.0.1"]);
+    assert_eq!(
+        out["cprivate"]["error"],
+        "ENETUNREACH",
+        "a private address answered for an allowed name is allowed by default: {}\n{}",
+        out["cprivate"],
+        run.context()
+    );
+
+    // block_private, and a cidr rule naming 127.0.0.1.
+    let strict = format!(
+        "version: 1\nname: dns-test\ndns:\n  upstream: [\"{UPSTREAM}\"]\n  min_ttl: 0s\n  \
+         grace: 0s\n  block_private: true\nallow:\n{rules}  - cidr: 127.0.0.1/32\n    ports: [8080]\n"
+    );
+    let (run, out) = run_script(&world, &strict, body);
+    assert_connected(&run, &out, "c4");
+    assert!(
+        l4.wait_accepted(1, WAIT),
+        "the cidr rule opens 127.0.0.1\n{}",
+        run.context()
+    );
+    assert_eperm(&run, &out, "c6");
+    assert_eq!(l6.accepted(), 0, "::1 is named by no rule");
+    assert_resolved(&run, &out, "rprivate", &["10.0.0.1"]);
+    assert_eperm(&run, &out, "cprivate");
+    assert!(
+        run.events_of("warning").iter().any(|w| {
+            let m = w["message"].as_str().unwrap_or_default();
+            m.contains("answered 10.0.0.1,") && m.contains("private")
+        }),
+        "a warning names the private address\n{}",
+        run.context()
+    );
+}
+
+/// Where the tests' own upstream ([`FakeUpstream`]) listens.
+const FAKE_IP: &str = "192.0.2.54";
+const FAKE: &str = "192.0.2.54:53";
+
+/// A policy reloaded while a query is upstream: the answer is judged by the policy in force
+/// when it comes back. The upstream holds the answers to a name the new policy drops and to a
+/// name both policies permit until the reload is applied; then the dropped name is REFUSED and
+/// its address never allowed, while the other resolves and connects.
+#[test]
+fn a_query_in_flight_across_a_reload_is_judged_by_the_new_policy() {
+    let world = DnsWorld::builder().local_addr(FAKE_IP).start();
+    let upstream = FakeUpstream::start(
+        world.netns(),
+        FAKE,
+        &[
+            ("dropped.example.com", "198.51.100.31"),
+            ("kept.example.com", "198.51.100.32"),
+        ],
+        300,
+    );
+    upstream.hold("dropped.example.com");
+    upstream.hold("kept.example.com");
+    let dropped = world.listen_tcp("198.51.100.31:8080");
+    let kept = world.listen_tcp("198.51.100.32:8080");
+    let files = TestDir::new();
+    let pins = AgentPins::new(&unique_name());
+    let pod = Pod::new();
+    let allowlist = files.path().join("allowlist.yaml");
+    let rules = |names: &[&str]| {
+        let mut r = String::new();
+        for n in names {
+            r.push_str(&format!("  - host: {n}\n    ports: [8080]\n"));
+        }
+        policy_with("0s", "0s", FAKE, &r)
+    };
+    fs::write(
+        &allowlist,
+        rules(&["dropped.example.com", "kept.example.com"]),
+    )
+    .expect("allowlist");
+    let mut agent = AttachAgent::builder(world.netns(), &pod.sidecar(), files.path())
+        .arg("--cgroup")
+        .arg(pod.path())
+        .arg("--name")
+        .arg(pins.name())
+        .arg("--allowlist")
+        .arg(&allowlist)
+        .start();
+    agent.wait_ready();
+
+    // The app asks for both names at once, then connects to both addresses.
+    let script = format!(
+        r#"{PRELUDE}
+import threading
+res = {{}}
+def ask(name):
+    res[name] = dns_udp(wire_query([l.encode() for l in name.split(".")]), timeout=8)
+threads = [threading.Thread(target=ask, args=(n,)) for n in ("dropped.example.com", "kept.example.com")]
+for t in threads: t.start()
+for t in threads: t.join()
+out["dropped"] = res["dropped.example.com"]
+out["kept"] = res["kept.example.com"]
+out["c_dropped"] = tcp("198.51.100.31", 8080)
+out["c_kept"] = tcp("198.51.100.32", 8080)
+print(json.dumps(out), flush=True)
+"#
+    );
+    let stdout = files.path().join("app.stdout");
+    let mut app = pod
+        .command(world.netns(), &pod.app(), python3())
+        .arg("-c")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout).expect("stdout file"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start python3");
+    let both_upstream = poll_until(WAIT, || (upstream.count() >= 2).then_some(()));
+    // The reload while both queries are upstream (the agent waits 2 s for an answer; the
+    // watcher looks at the file every second).
+    let seen = agent.events().len();
+    fs::write(&allowlist, rules(&["kept.example.com"])).expect("allowlist");
+    let reloaded = agent.wait_event(Duration::from_secs(3), |e| {
+        e["event"] == "policy-reloaded" || e["event"] == "policy-rejected"
+    });
+    upstream.release();
+    let status = poll_until(Duration::from_secs(20), || app.try_wait().ok().flatten());
+    if status.is_none() {
+        // The process this test started.
+        let _ = app.kill();
+        let _ = app.wait();
+    }
+    assert!(
+        both_upstream.is_some(),
+        "both queries reached the upstream: {:?}\n{}",
+        upstream.received(),
+        agent.output()
+    );
+    assert_eq!(
+        reloaded.as_ref().map(|e| e["event"].clone()),
+        Some(Value::from("policy-reloaded")),
+        "the reload was applied while the answers were held\n{}",
+        agent.output()
+    );
+    assert!(
+        agent.events().len() > seen,
+        "events were written after the reload"
+    );
+    let text = fs::read_to_string(&stdout).unwrap_or_default();
+    let out: Value = text
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("the app printed no JSON: {text}\n{}", agent.output()));
+    assert_eq!(
+        out["kept"]["rcode"],
+        0,
+        "a name both policies permit resolves across the reload: {out}\n{}",
+        agent.output()
+    );
+    assert_eq!(out["kept"]["ancount"], 1, "{out}");
+    assert_eq!(
+        out["c_kept"]["echo"],
+        "ping\n",
+        "and connects: {out}\n{}",
+        agent.output()
+    );
+    assert_eq!(
+        out["dropped"]["rcode"],
+        5,
+        "the name the new policy drops is REFUSED when its answer comes back: {out}\n{}",
+        agent.output()
+    );
+    assert_eq!(
+        out["c_dropped"]["error"],
+        "EPERM",
+        "its address is not allowed: {out}\n{}",
+        agent.output()
+    );
+    assert_eq!(
+        dropped.accepted(),
+        0,
+        "the dropped name's address got a connection"
+    );
+    assert!(
+        kept.wait_accepted(1, WAIT),
+        "the kept name's address got its connection"
+    );
+    assert!(
+        agent
+            .events_of("dns-refused")
+            .iter()
+            .any(|e| e["query"] == "dropped.example.com"),
+        "the refusal is reported\n{}",
+        agent.output()
+    );
+    agent.terminate();
+}
+
+/// What reaches the upstream for a permitted name is rebuilt by the agent: lower case, a
+/// fresh id, recursion desired and no other flag, our own EDNS record (payload 1232, no
+/// options, DNSSEC OK clear) whatever the client sent. The client gets its own question back
+/// (its letter case) and its id. Types other than A, AAAA, CNAME and HTTPS are refused and
+/// never forwarded.
+#[test]
+fn forwarded_queries_are_normalized() {
+    let world = DnsWorld::builder().local_addr(FAKE_IP).start();
+    let upstream = FakeUpstream::start(
+        world.netns(),
+        FAKE,
+        &[("allowed.example.com", "198.51.100.10")],
+        300,
+    );
+    let l = world.listen_tcp("198.51.100.10:8080");
+    // Flags: RD, AD and CD set, and bit 6 (Z). EDNS: payload 4000, DO set, a padding option
+    // (12) and an unassigned one (65001) carrying data.
+    let (run, out) = run_script(
+        &world,
+        &policy_with("0s", "0s", FAKE, ALLOWED_TCP_8080),
+        r#"
+opt = (b"\0" + (41).to_bytes(2, "big") + (4000).to_bytes(2, "big") + b"\0\0\x80\0"
+       + (4 + 5 + 4 + 3).to_bytes(2, "big")
+       + (12).to_bytes(2, "big") + (5).to_bytes(2, "big") + b"\0" * 5
+       + (65001).to_bytes(2, "big") + (3).to_bytes(2, "big") + b"abc")
+q = wire_query([b"AlLoWeD", b"ExAmPlE", b"cOm"], qid=0xBEEF, flags=0x0170, additional=opt)
+out["a"] = dns_udp(q)
+reply = bytes.fromhex(out["a"]["reply"])
+out["question"] = reply[12:12 + 1 + 7 + 1 + 7 + 1 + 3 + 1].decode("latin-1")
+out["txt"] = dns_udp(wire_query([b"allowed", b"example", b"com"], qtype=16))
+out["mx"] = dns_udp(wire_query([b"allowed", b"example", b"com"], qtype=15))
+out["chaos"] = dns_udp(wire_query([b"allowed", b"example", b"com"], qclass=3))
+out["c"] = tcp("198.51.100.10", 8080)
+"#,
+    );
+    assert_eq!(out["a"]["rcode"], 0, "{out}\n{}", run.context());
+    assert_eq!(out["a"]["ancount"], 1, "{out}");
+    assert_eq!(out["a"]["id"], 0xBEEF, "the client's id comes back: {out}");
+    assert_eq!(
+        out["question"], "\u{7}AlLoWeD\u{7}ExAmPlE\u{3}cOm\0",
+        "the client's question comes back as asked: {out}"
+    );
+    for k in ["txt", "mx", "chaos"] {
+        assert_eq!(
+            out[k]["rcode"],
+            5,
+            "{k} for a permitted name is REFUSED: {out}\n{}",
+            run.context()
+        );
+    }
+    let got = upstream.received();
+    assert_eq!(
+        got.len(),
+        1,
+        "only the A query reached the upstream: {got:?}\n{}",
+        run.context()
+    );
+    let q = &got[0];
+    assert_eq!(q.name(), "allowed.example.com", "lower case: {q:?}");
+    assert_eq!((q.qtype, q.qclass), (1, 1), "{q:?}");
+    assert_ne!(q.id(), 0xBEEF, "a fresh id: {q:?}");
+    assert_eq!(
+        q.flags(),
+        0x0100,
+        "recursion desired, no other flag: {:#06x}",
+        q.flags()
+    );
+    // ARCOUNT 1: one OPT record for the root, payload 1232, no extended flags, no options.
+    assert_eq!(&q.bytes[10..12], &[0, 1], "one additional record: {q:?}");
+    assert_eq!(
+        q.after_question(),
+        &[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0][..],
+        "our own EDNS record only: {q:?}"
+    );
+    assert_eq!(
+        out["c"]["echo"],
+        "ping\n",
+        "the answered address is allowed: {out}\n{}",
+        run.context()
+    );
+    assert!(l.wait_accepted(1, WAIT), "the connection arrived");
+    for (name, qtype) in [
+        ("allowed.example.com", "TXT"),
+        ("allowed.example.com", "MX"),
+    ] {
+        assert!(
+            run.events_of("dns-refused")
+                .iter()
+                .any(|e| e["query"] == name && e["qtype"] == qtype),
+            "the refused {qtype} query is reported\n{}",
+            run.context()
+        );
+    }
+}
+
+/// The agent's resident memory (VmRSS), in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A flood of random names under a wildcard from one socket (4 s, at most 2 M queries) is cut
+/// to that client's rate: another client's lookups (each a new name, so each forwarded) keep
+/// being answered promptly, most of the flood never reaches the upstream, and the agent's
+/// memory returns near where it started once the flood's answers expired.
+#[test]
+fn a_flood_from_one_client_degrades_only_that_client() {
+    let world = DnsWorld::builder().local_addr(FAKE_IP).start();
+    let upstream = FakeUpstream::start(
+        world.netns(),
+        FAKE,
+        &[
+            ("flood.example.com", "198.51.100.40"),
+            ("legit.example.com", "198.51.100.41"),
+        ],
+        1,
+    );
+    let allowlist = policy_with(
+        "0s",
+        "0s",
+        FAKE,
+        "  - host: \"*.flood.example.com\"\n    ports: [443]\n  - host: \"*.legit.example.com\"\n    ports: [443]\n",
+    );
+    let script = format!(
+        r#"{PRELUDE}
+import random, threading
+print("baseline", flush=True)
+time.sleep(2.0)
+stop = time.monotonic() + 4.0
+sent = [0]
+def flood():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    i = 0
+    while time.monotonic() < stop and i < 2_000_000:
+        try:
+            s.sendto(wire_query([b"f%x" % random.getrandbits(48), b"flood", b"example", b"com"], qid=i & 0xFFFF), ("192.0.2.53", 53))
+            i += 1
+        except BlockingIOError:
+            pass
+        try:
+            while True:
+                s.recv(512)
+        except BlockingIOError:
+            pass
+    sent[0] = i
+t = threading.Thread(target=flood)
+t.start()
+lat, fails, j = [], [], 0
+while time.monotonic() < stop:
+    t0 = time.monotonic()
+    r = dns_udp(wire_query([b"l%d" % j, b"legit", b"example", b"com"]), timeout=2)
+    dt = time.monotonic() - t0
+    if r.get("rcode") == 0 and r.get("ancount") == 1:
+        lat.append(dt)
+    else:
+        fails.append(r)
+    j += 1
+    time.sleep(0.05)
+t.join()
+out["sent"] = sent[0]
+out["legit"] = len(lat)
+out["max_latency"] = max(lat) if lat else None
+out["failed"] = len(fails)
+out["fails"] = fails[:3]
+print(json.dumps(out), flush=True)
+time.sleep(5.0)
+"#
+    );
+    let mut agent =
+        AgentRun::builder(world.netns(), &allowlist, &[python3(), "-c", &script]).start();
+    agent.wait_ready();
+    let baseline = poll_until(Duration::from_secs(10), || {
+        agent.stdout().contains("baseline").then_some(())
+    });
+    assert!(baseline.is_some(), "the script started\n{}", agent.output());
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = rss_kib(agent.pid());
+    let out = poll_until(Duration::from_secs(15), || {
+        agent
+            .stdout()
+            .lines()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+    })
+    .unwrap_or_else(|| panic!("no result from the script\n{}", agent.output()));
+    let during = rss_kib(agent.pid());
+    // The flood's answers had TTL 1 s: their grants expire and are swept within 2 s.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = rss_kib(agent.pid());
+    let code = agent.exit_code();
+    let flood_upstream = upstream
+        .received()
+        .iter()
+        .filter(|q| q.name().ends_with("flood.example.com"))
+        .count();
+    eprintln!(
+        "flood: {} sent, {flood_upstream} reached the upstream; legit: {} answered, {} failed, \
+         max latency {}; agent RSS {before} KiB before, {during} during, {after} after",
+        out["sent"], out["legit"], out["failed"], out["max_latency"]
+    );
+    assert_eq!(code, 0, "{}", agent.output());
+    assert!(
+        out["sent"].as_u64().unwrap_or(0) > 10_000,
+        "a flood was sent: {out}"
+    );
+    assert_eq!(
+        out["failed"],
+        0,
+        "every lookup of the other client was answered during the flood: {out}\n{}",
+        agent.output()
+    );
+    assert!(
+        out["legit"].as_u64().unwrap_or(0) >= 30,
+        "the other client kept resolving: {out}"
+    );
+    assert!(
+        out["max_latency"].as_f64().unwrap_or(f64::MAX) < 1.0,
+        "within a second each: {out}"
+    );
+    assert!(
+        (flood_upstream as u64) < out["sent"].as_u64().unwrap_or(0) / 4,
+        "most of the flood never reached the upstream ({flood_upstream} did): {out}"
+    );
+    assert!(
+        after <= before + 8 * 1024,
+        "the agent's memory returns near its start: {before} KiB before, {during} during, \
+         {after} after"
     );
 }

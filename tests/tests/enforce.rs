@@ -71,12 +71,15 @@ impl Sandbox {
     /// Runs the probe and asserts it succeeded and produced no deny event.
     fn allowed(&mut self, action: &str, dst: &str) -> Outcome {
         let out = self.probe(action, dst);
+        if !out.ok {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let events = self.enf.poll_denies();
         assert!(
             out.ok,
-            "{action} {dst} should be allowed under\n{}\ngot {out:?}",
+            "{action} {dst} should be allowed under\n{}\ngot {out:?}, denies {events:#?}",
             self.yaml
         );
-        let events = self.enf.poll_denies();
         assert!(
             events.is_empty(),
             "{action} {dst} was allowed but reported as denied: {events:#?}"
@@ -349,9 +352,10 @@ fn allowed_destinations_are_reached_over_every_family_and_action() {
 }
 
 #[test]
-fn without_socket_storage_the_backstop_judges_in_full_and_still_lets_allowed_traffic_through() {
-    // What a kernel without socket storage for cgroup programs gets: `JUDGED_ON` = 0, and the
-    // verifier must accept the programs with the storage calls pruned.
+fn without_the_judged_slot_the_backstop_judges_in_full_and_still_lets_allowed_traffic_through() {
+    // `JUDGED_ON` = 0: every SYN and unconnected datagram is judged by the backstop in full (what
+    // a retransmitted SYN or a task moved between CPUs meets), and the verifier must accept the
+    // programs with the slot's code pruned.
     reach_every_family_and_action(&EnforcerOptions {
         judged: false,
         ..EnforcerOptions::default()
@@ -695,4 +699,45 @@ fn audit_mode_allows_and_reports() {
         (0, 1),
         "audit counts would-be denies: {c:?}"
     );
+}
+
+/// A connected UDP socket's `sendmsg` with control messages (a traffic class, a packet info,
+/// UDP_SEGMENT) runs `sendmsg4/6` with no address (the kernel shows zeros): judged as the
+/// socket's connected peer, an allowed peer gets all three datagrams and no deny event (each
+/// was denied as `udp 0.0.0.0:0 no-rule` before); a denied peer is still refused at connect.
+#[test]
+fn connected_udp_sends_with_control_messages_are_judged_as_the_connected_peer() {
+    for (family, listen, target) in [
+        (Family::V4, "127.0.0.2:8080", "127.0.0.2:8080"),
+        (Family::V6, "[::1]:9090", "[::1]:9090"),
+        (Family::Mapped, "127.0.0.2:8080", "[::ffff:127.0.0.2]:8080"),
+    ] {
+        let mut sb = Sandbox::new(ONLY_CONTROLS);
+        let listener = sb.udp_listener(listen);
+        sb.allowed("udp-connect-cmsg", target);
+        assert!(
+            listener.wait_received(3, WAIT),
+            "{family:?}: the three datagrams to {target} never all arrived ({} did)",
+            listener.received()
+        );
+        assert_eq!(
+            listener.payloads(),
+            vec![b"probe\n".to_vec(); 3],
+            "{family:?}"
+        );
+        let denied = sb.udp_listener(if listen.starts_with('[') {
+            "[::1]:8080"
+        } else {
+            "127.0.0.1:8080"
+        });
+        let to = match family {
+            Family::V4 => "127.0.0.1:8080",
+            Family::V6 => "[::1]:8080",
+            Family::Mapped => "[::ffff:127.0.0.1]:8080",
+        };
+        let out = sb.probe("udp-connect-cmsg", to);
+        assert!(out.is_eperm(), "{family:?}: {out:?}");
+        let _ = sb.wait_denies();
+        assert_eq!(denied.received(), 0, "{family:?}: the denied peer got data");
+    }
 }

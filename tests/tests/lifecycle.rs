@@ -1174,3 +1174,408 @@ fn a_restart_with_trace_verdicts_adopts_the_pins_and_traces() {
         third.output()
     );
 }
+
+/// CPU time (user + system) of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+    // stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// Out of descriptors, the health server's accept fails at once for every queued connection
+/// (EMFILE): it backs off instead of spinning a CPU, and serves again once descriptors are
+/// free.
+#[test]
+fn health_server_backs_off_when_out_of_descriptors() {
+    let env = Env::new(ALLOWED_RULE);
+    let mut agent = env.start_agent(&["--health", HEALTH]);
+    assert_eq!(env.health("/healthz").0, 200);
+    let pid = agent.pid();
+    let open = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    // A few descriptors to spare, then connections that hold them (the server waits up to
+    // 5 s for a request) and more that stay queued.
+    let limit = open + 4;
+    // The soft limit only (raising it back needs no privilege).
+    let soft_before = fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Max open files")
+                .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .expect("the agent's open files limit");
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:"))
+        .output()
+        .expect("cannot run prlimit");
+    assert!(out.status.success(), "prlimit: {out:?}");
+    let addr: SocketAddr = HEALTH.parse().expect("health address");
+    let held: Vec<_> = (0..12)
+        .filter_map(|_| {
+            env.world
+                .netns()
+                .run_in(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+        })
+        .collect();
+    assert!(held.len() >= 8, "connections queued: {}", held.len());
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - t0;
+    // SAFETY: no arguments.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    assert!(
+        used * 100 < hz * 2 * 20,
+        "the agent used {used} ticks ({hz}/s) in 2 s while out of descriptors: more than 20% \
+         of a CPU\n{}",
+        agent.output()
+    );
+    drop(held);
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft_before}:"))
+        .output()
+        .expect("cannot run prlimit");
+    assert!(out.status.success(), "prlimit: {out:?}");
+    let served = poll_until(Duration::from_secs(10), || {
+        http_get(env.world.netns(), addr, "/healthz")
+            .ok()
+            .filter(|(c, _)| *c == 200)
+    });
+    assert!(
+        served.is_some(),
+        "/healthz answers again\n{}",
+        agent.output()
+    );
+    agent.terminate();
+}
+
+/// What the maps pinned for `env`'s agent hold, read from the kernel.
+fn pinned_rules(env: &Env) -> egress_agent::bpf::rules::Rules {
+    egress_agent::bpf::rules::read_pinned(&env.pins.dir())
+        .unwrap_or_else(|e| panic!("cannot read the pinned maps: {e:#}"))
+}
+
+/// What the allowlist `yaml` compiles to.
+fn compiled_rules(env: &Env, yaml: &str) -> egress_agent::bpf::rules::Rules {
+    let path = env.files.path().join("compiled.yaml");
+    fs::write(&path, yaml).expect("write the policy to compile");
+    let policy = egress_agent::policy::load(&path).expect("a valid policy");
+    egress_agent::bpf::rules::compiled(&policy).expect("the policy compiles")
+}
+
+/// Waits until `status --json` shows the agent's `policy_state` as `want`.
+#[track_caller]
+fn wait_policy_state(env: &Env, agent: &AttachAgent, want: &str) -> Value {
+    let mut last = Value::Null;
+    let found = poll_until(Duration::from_secs(8), || {
+        last = env.status();
+        (last["agent"]["policy_state"] == want).then_some(())
+    });
+    assert!(
+        found.is_some(),
+        "status never says policy_state {want}: {last}\n{}",
+        agent.output()
+    );
+    last
+}
+
+/// Waits for the first `policy-rejected` or `policy-reloaded` event after `seen`.
+#[track_caller]
+fn wait_policy_event(agent: &AttachAgent, seen: usize) -> Value {
+    poll_until(WAIT, || {
+        agent
+            .events()
+            .into_iter()
+            .skip(seen)
+            .find(|e| e["event"] == "policy-rejected" || e["event"] == "policy-reloaded")
+    })
+    .unwrap_or_else(|| panic!("no policy event\n{}", agent.output()))
+}
+
+/// Static rules of the first policy of the transaction tests (CIDR, inbound, no ICMP).
+const RULES_A: &str = "  - cidr: 198.51.100.20/32\n    ports: [8080]\n  - cidr: 203.0.113.0/24\n    \
+                       ports: [443]\n  - cidr: 203.0.113.128/25\n    ports: [80]\n  - inbound: \
+                       192.0.2.0/24\n    ports: [7000]\n";
+/// The second: one CIDR kept with other ports, two gone, new ones, another inbound peer, and
+/// an ICMP rule (a config flag).
+const RULES_B: &str = "  - cidr: 203.0.113.0/24\n    ports: [443, 8443]\n  - cidr: 198.51.100.21/32\n    \
+                       ports: [8080]\n  - cidr: 2001:db8::/48\n    ports: [443]\n  - inbound: \
+                       192.0.2.7/32\n    ports: [7001]\n  - cidr: 192.0.2.0/24\n    protocol: icmp\n";
+
+/// A policy change that fails at any step (a write into a full map, a key the kernel refuses,
+/// a failed removal, the config write), on reload and on adoption by a restarted agent, leaves
+/// the maps holding exactly the previous policy, read back from the kernel; `status`, the
+/// event and the gauge say the file was rejected; without the fault the same file is applied
+/// exactly. (The faults come from `EGRESS_FAULT_FILE`, read by debug builds only.) Without
+/// the rollback, the first fault leaves the new entries beside the old ones.
+#[test]
+fn a_failed_policy_change_leaves_the_previous_policy_whole() {
+    let env = Env::new(&format!("{ALLOWED_RULE}{RULES_A}"));
+    let faults = env.files.path().join("faults");
+    let start = |env: &Env| {
+        let mut agent = env
+            .attach()
+            .arg("--health")
+            .arg(HEALTH)
+            .env("EGRESS_FAULT_FILE", &faults)
+            .start();
+        agent.wait_ready();
+        agent
+    };
+    let mut agent = start(&env);
+    let a = policy(&format!("{ALLOWED_RULE}{RULES_A}"));
+    let b = policy(&format!("{ALLOWED_RULE}{RULES_B}"));
+    let (want_a, want_b) = (compiled_rules(&env, &a), compiled_rules(&env, &b));
+    assert_ne!(want_a, want_b);
+    assert_eq!(pinned_rules(&env), want_a, "the first policy, exactly");
+
+    for fault in [
+        "cidr full 1",
+        "cidr full 3",
+        "cidr invalid 2",
+        "cidr remove 1",
+        "cidr remove 2",
+        "inbound full 1",
+        "inbound invalid 1",
+        "inbound remove 1",
+        "config config 1",
+    ] {
+        fs::write(&faults, format!("{fault}\n")).expect("write the fault file");
+        let seen = agent.events().len();
+        // A comment makes each try a new file content.
+        env.write_allowlist(&format!("# {fault}\n{b}"));
+        let ev = wait_policy_event(&agent, seen);
+        assert_eq!(
+            ev["event"],
+            "policy-rejected",
+            "{fault}: {ev}\n{}",
+            agent.output()
+        );
+        assert_eq!(
+            pinned_rules(&env),
+            want_a,
+            "{fault}: the maps hold the previous policy, whole"
+        );
+        assert!(
+            ev["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("previous policy is kept whole")),
+            "{fault}: {ev}"
+        );
+        let status = wait_policy_state(&env, &agent, "previous");
+        assert!(
+            status["agent"]["policy_rejected"]
+                .as_str()
+                .is_some_and(|e| e.contains("injected fault") || e.contains("cannot write")),
+            "{fault}: {status}"
+        );
+    }
+    env.wait_metric("egress_policy_rejected", |v| v == 1.0);
+    // What the kernel does agrees: the first policy's address still connects.
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_connected("198.51.100.20 under the kept policy", &out, &agent);
+
+    fs::remove_file(&faults).expect("remove the fault file");
+    let seen = agent.events().len();
+    env.write_allowlist(&b);
+    wait_reloaded(&agent, seen);
+    assert_eq!(pinned_rules(&env), want_b, "the new policy, exactly");
+    wait_policy_state(&env, &agent, "applied");
+    env.wait_metric("egress_policy_rejected", |v| v == 0.0);
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("198.51.100.20 under the new policy", &out, &agent);
+
+    // Adoption: a restarted agent whose new file fails to apply keeps the pinned policy whole
+    // and runs under it (the last valid one), DNS included.
+    agent.kill9();
+    fs::write(&faults, "cidr remove 1\n").expect("write the fault file");
+    env.write_allowlist(&a);
+    let agent = start(&env);
+    let ev = wait_policy_event(&agent, 0);
+    assert_eq!(ev["event"], "policy-rejected", "{ev}\n{}", agent.output());
+    assert_eq!(
+        pinned_rules(&env),
+        want_b,
+        "adoption failed: the pinned policy, whole"
+    );
+    wait_policy_state(&env, &agent, "previous");
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("DNS under the kept policy", &out, &agent);
+
+    fs::remove_file(&faults).expect("remove the fault file");
+    let seen = agent.events().len();
+    env.write_allowlist(&format!("# fixed\n{a}"));
+    wait_reloaded(&agent, seen);
+    assert_eq!(pinned_rules(&env), want_a, "the file, once it applies");
+    wait_policy_state(&env, &agent, "applied");
+}
+
+/// `attach` restarted (after kill -9) while its allowlist is invalid adopts the pinned state
+/// and runs under the last valid policy, kept beside the pins: it keeps enforcing and
+/// answering DNS, reports `policy-rejected` (and in `status` and a gauge), and applies the
+/// file once it is valid. A start with no pinned state and an invalid file still refuses.
+#[test]
+fn a_restart_with_an_invalid_allowlist_runs_the_last_valid_policy() {
+    let env = Env::new(ALLOWED_RULE);
+    let mut first = env.start_agent(&[]);
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("before the kill", &out, &first);
+    first.kill9();
+
+    let bad = policy(&format!(
+        "{ALLOWED_RULE}{SECOND_RULE}  - host: x.test\n    ports: [70000]\n"
+    ));
+    env.write_allowlist(&bad);
+    let agent = env.start_agent(&["--health", HEALTH]);
+    let ev = wait_policy_event(&agent, 0);
+    assert_eq!(ev["event"], "policy-rejected", "{ev}\n{}", agent.output());
+    assert_eq!(
+        ev["file"],
+        env.allowlist().to_str().expect("utf-8 path"),
+        "{ev}"
+    );
+    assert!(
+        ev["error"].as_str().is_some_and(|e| e.contains("70000")),
+        "{ev}"
+    );
+    // DNS answers under the last valid policy; the bad file's new name is not permitted.
+    let out = env.app_resolve_and_connect(ALLOWED);
+    assert_connected("the last valid policy's name, looked up anew", &out, &agent);
+    let out = env.app_dig(SECOND);
+    assert_eq!(out["r"]["status"], "REFUSED", "{out}");
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("still enforcing", &out, &agent);
+    let status = wait_policy_state(&env, &agent, "previous");
+    assert!(
+        status["agent"]["policy_rejected"]
+            .as_str()
+            .is_some_and(|e| e.contains("70000")),
+        "{status}"
+    );
+    env.wait_metric("egress_policy_rejected", |v| v == 1.0);
+    assert_eq!(
+        pinned_rules(&env),
+        compiled_rules(&env, &policy(ALLOWED_RULE)),
+        "the maps hold the last valid policy"
+    );
+
+    // Fixed: applied.
+    let seen = agent.events().len();
+    env.write_allowlist(&policy(&format!("{ALLOWED_RULE}{SECOND_RULE}")));
+    wait_reloaded(&agent, seen);
+    let out = env.app_resolve_and_connect(SECOND);
+    assert_connected("the fixed file's new name", &out, &agent);
+    wait_policy_state(&env, &agent, "applied");
+    env.wait_metric("egress_policy_rejected", |v| v == 0.0);
+    drop(agent);
+
+    // Nothing pinned under another name and an invalid file: refused.
+    let other = Env::new(ALLOWED_RULE);
+    other.write_allowlist(&bad);
+    let mut refused = other.attach().start();
+    let gone = poll_until(WAIT, || (!refused.running()).then_some(()));
+    assert!(
+        gone.is_some(),
+        "a first start with an invalid file refuses\n{}",
+        refused.output()
+    );
+    assert!(!other.pins.dir().exists(), "nothing pinned");
+}
+
+/// A stub resolver on a connected UDP socket that sends its query with a control message
+/// (`IP_TOS`) runs `sendmsg4` with no address: judged as the socket's steered destination
+/// (the agent's resolver), it is answered, and the name then connects.
+#[test]
+fn dns_from_a_connected_socket_with_control_messages_is_answered() {
+    let env = Env::new(ALLOWED_RULE);
+    let agent = env.start_agent(&[]);
+    let out = env.app(&format!(
+        "import struct\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.connect(('192.0.2.53', 53))\n\
+         q = bytes.fromhex('abcd01000001000000000000') + b''.join(bytes([len(l)]) + l.encode() \
+         for l in '{ALLOWED}'.split('.')) + b'\\x00\\x00\\x01\\x00\\x01'\n\
+         try:\n    \
+             s.sendmsg([q], [(socket.IPPROTO_IP, socket.IP_TOS, struct.pack('i', 2))])\n    \
+             a = s.recv(512)\n    \
+             out['dns'] = {{'ok': a[:2] == q[:2] and a[3] & 15 == 0, 'answers': a[7]}}\n\
+         except OSError as e:\n    \
+             out['dns'] = {{'ok': False, 'error': errno.errorcode.get(e.errno, str(e))}}\n\
+         out['r'] = tcp('{ALLOWED_IP}', 8080)"
+    ));
+    assert_eq!(out["dns"]["ok"], true, "{out}\n{}", agent.output());
+    assert_connected("the answered address", &out, &agent);
+}
+
+/// Starts an agent for a pod of its own, kills it (-9: the pins stay) and deletes the pod's
+/// cgroups; returns the guard of its pins (stale now) and what else must outlive them.
+fn stale_pins_of_a_deleted_pod() -> (AgentPins, DnsWorld, TestDir) {
+    let env = Env::new(ALLOWED_RULE);
+    let mut agent = env.start_agent(&[]);
+    agent.kill9();
+    drop(agent);
+    let Env {
+        files,
+        pins,
+        pod,
+        listeners,
+        world,
+    } = env;
+    drop(listeners);
+    drop(pod);
+    assert!(pins.dir().exists(), "kill -9 leaves the pins");
+    // The kernel releases the links of a removed cgroup asynchronously.
+    let released = poll_until(Duration::from_secs(10), || {
+        egress_agent::bpf::stale::is_stale(&pins.dir()).then_some(())
+    });
+    assert!(
+        released.is_some(),
+        "the links of {} never released",
+        pins.name()
+    );
+    (pins, world, files)
+}
+
+/// The pins of an agent whose pod (cgroup) was deleted are swept by `detach --stale` and by
+/// the next agent's start; a live agent's pins are not.
+#[test]
+fn stale_pins_of_deleted_cgroups_are_swept() {
+    let live = Env::new(ALLOWED_RULE);
+    let agent = live.start_agent(&[]);
+
+    assert!(
+        !egress_agent::bpf::stale::is_stale(&live.pins.dir()),
+        "a live agent's pins are not stale"
+    );
+    let (gone, _world, _files) = stale_pins_of_a_deleted_pod();
+    let (code, out, err) = agent_cli(&["detach", "--stale"]);
+    assert_eq!(code, 0, "detach --stale: {err}");
+    assert!(out.contains(gone.name()), "{out}");
+    assert!(!gone.dir().exists(), "swept by detach --stale");
+    assert!(live.pins.dir().exists(), "the live agent's pins stay");
+    let out = live.app_resolve_and_connect(ALLOWED);
+    assert_connected("the live agent still enforces and answers", &out, &agent);
+
+    // At start: another agent's start sweeps them.
+    let (gone, _world, _files) = stale_pins_of_a_deleted_pod();
+    let other = Env::new(ALLOWED_RULE);
+    let started = other.start_agent(&[]);
+    let warned = started.wait_event(WAIT, |e| {
+        e["event"] == "warning"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("removed the pins of") && m.contains(gone.name()))
+    });
+    assert!(warned.is_some(), "no sweep warning\n{}", started.output());
+    assert!(!gone.dir().exists(), "swept at start");
+    assert!(live.pins.dir().exists(), "the live agent's pins stay");
+}

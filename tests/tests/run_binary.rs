@@ -282,3 +282,77 @@ fn a_deny_flood_is_summarized_and_every_deny_is_counted() {
         assert_eq!(l["port"], 443, "{l}");
     }
 }
+
+/// A deny flood that overflows the kernel's event ring (the agent stopped with SIGSTOP while
+/// 20,000 connects to 3,000 distinct ports are denied) is still accounted exactly: the deny
+/// lines' `repeats` (1 where absent) plus the `count`s of the `denies-unrecorded` lines
+/// (`ring-full`: lost in the kernel, counted there; `throttle`: beyond the summary lines) add up
+/// to every deny, and no more than 1,000 lines come out for the burst's second.
+#[test]
+fn a_deny_flood_that_overflows_the_ring_is_accounted_exactly() {
+    const N: u64 = 20_000;
+    let netns = TestNetns::new();
+    let script = format!(
+        "import socket, time\ntime.sleep(1.5)\nfor i in range({N}):\n    s = socket.socket()\n    \
+         try:\n        s.connect(('198.51.100.20', 1000 + i % 3000))\n    except \
+         PermissionError:\n        pass\n    s.close()\n"
+    );
+    let mut run = AgentRun::builder(&netns, ALLOW_8080, &["python3", "-c", &script]).start();
+    let ready = run.wait_ready();
+    let agent = libc::pid_t::try_from(run.pid()).expect("pid");
+    let procs = PathBuf::from(ready["cgroup"].as_str().expect("ready.cgroup")).join("cgroup.procs");
+    // The command is in its cgroup (sleeping before its flood): stop the agent now.
+    let started = poll_until(Duration::from_secs(10), || {
+        let pids = fs::read_to_string(&procs).unwrap_or_default();
+        (!pids.trim().is_empty()).then_some(())
+    });
+    assert!(
+        started.is_some(),
+        "the command never started\n{}",
+        run.output()
+    );
+    // SAFETY: plain syscall to the agent this test started.
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGSTOP) }, 0);
+    let done = poll_until(Duration::from_secs(60), || {
+        let pids = fs::read_to_string(&procs).unwrap_or_default();
+        pids.trim().is_empty().then_some(())
+    });
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(agent, libc::SIGCONT) }, 0);
+    assert!(done.is_some(), "the flood never ended");
+    assert_eq!(run.exit_code(), 0, "{}", run.output());
+    let events = run.events();
+    let lines: Vec<&Value> = events.iter().filter(|e| e["event"] == "deny").collect();
+    let repeats: u64 = lines
+        .iter()
+        .map(|l| l["repeats"].as_u64().unwrap_or(1))
+        .sum();
+    let unrecorded = |cause: &str| -> u64 {
+        events
+            .iter()
+            .filter(|e| e["event"] == "denies-unrecorded" && e["cause"] == cause)
+            .map(|e| e["count"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let (ring, throttle) = (unrecorded("ring-full"), unrecorded("throttle"));
+    assert!(
+        ring > 0,
+        "the ring never overflowed: the test proves nothing\n{}",
+        run.output()
+    );
+    assert_eq!(
+        repeats + ring + throttle,
+        N,
+        "lines {} (repeats {repeats}), ring-full {ring}, throttle {throttle}",
+        lines.len()
+    );
+    let counted = lines.len()
+        + events
+            .iter()
+            .filter(|e| e["event"] == "denies-unrecorded")
+            .count();
+    assert!(
+        counted <= 2 * 1000,
+        "{counted} lines for a burst read in about one second"
+    );
+}

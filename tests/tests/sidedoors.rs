@@ -753,3 +753,82 @@ fn an_interactive_program_works_on_its_own_terminal() {
         "Ctrl-C did not end the command with SIGINT: {shown}"
     );
 }
+
+/// Runs `argv` as a background job of a shell-like session on a fresh pty (its own process
+/// group, not the terminal's foreground one), bounded in time. Returns what the terminal
+/// showed and `job=exit:N`, `job=stopped:SIG` or `job=timeout`.
+fn in_the_background_of_a_terminal(argv: &[&str]) -> String {
+    let driver = r#"
+import os, pty, signal, sys, time
+pid, master = pty.fork()
+if pid == 0:
+    job = os.fork()
+    if job == 0:
+        os.setpgid(0, 0)
+        os.execvp(sys.argv[1], sys.argv[1:])
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        p, status = os.waitpid(job, os.WUNTRACED | os.WNOHANG)
+        if p == job and os.WIFSTOPPED(status):
+            # A stopped agent stops again on every read: the test removes what it leaves.
+            print(f"job=stopped:{os.WSTOPSIG(status)}", flush=True)
+            os.killpg(job, signal.SIGKILL)
+            os.waitpid(job, 0)
+            os._exit(1)
+        if p == job:
+            print(f"job=exit:{os.waitstatus_to_exitcode(status)}", flush=True)
+            os._exit(0)
+        time.sleep(0.05)
+    print("job=timeout", flush=True)
+    os.killpg(job, signal.SIGKILL)
+    os.waitpid(job, 0)
+    os._exit(1)
+out, deadline = b"", time.time() + 40
+while time.time() < deadline:
+    try:
+        chunk = os.read(master, 4096)
+    except OSError:
+        break
+    if not chunk:
+        break
+    out += chunk
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+"#;
+    let out = std::process::Command::new(python3())
+        .arg("-c")
+        .arg(driver)
+        .args(argv)
+        .output()
+        .expect("the pty driver");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn run_as_a_background_job_of_a_terminal_is_not_stopped() {
+    let dir = TestDir::new();
+    // A background job that reads its terminal is stopped (SIGTTIN), and so would the whole
+    // agent be, resolver included: `run` relays input only from the foreground.
+    let mut argv = run_argv(
+        &dir,
+        &[
+            python3(),
+            "-c",
+            "import time; time.sleep(0.5); print('worked', flush=True)",
+        ],
+    );
+    let name = unique_name().replace("egress-test", "bg");
+    argv.splice(2..2, ["--name".to_owned(), name.clone()]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let shown = in_the_background_of_a_terminal(&argv);
+    // An agent killed while stopped left its pins and cgroup (enforcement stays): remove them.
+    if egress_tests::agent::pin_dir(&name).exists() {
+        let _ = std::process::Command::new(egress_tests::agent_bin())
+            .args(["detach", "--name", &name])
+            .status();
+        let cg = egress_tests::cgroup2_mount().join(format!("egress-{name}"));
+        let _ = egress_tests::remove_cgroup(&cg);
+    }
+    assert!(shown.contains("worked"), "{shown}");
+    assert!(shown.contains("job=exit:0"), "{shown}");
+}

@@ -5,7 +5,6 @@
 //! everything is deny.
 
 use std::{
-    collections::HashSet,
     fs,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -15,10 +14,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{
-        Array, HashMap, MapData, PerCpuArray, RingBuf,
-        lpm_trie::{Key, LpmTrie},
-    },
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
         links::{FdLink, PinnedLink},
@@ -26,7 +22,6 @@ use aya::{
 };
 use egress_common::{
     Addr, AllowValue, Config,
-    config::{FLAG_AUDIT, FLAG_ICMP},
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
         DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_INBOUND, MAP_CONFIG,
@@ -35,10 +30,13 @@ use egress_common::{
     keys::addr_from_ip,
 };
 
-use super::trace;
+use super::{
+    rules::{self, ApplyError, Contents, Faults, Trie},
+    trace,
+};
 use crate::{
     events::{DenyRecord, boot_to_wall_offset},
-    policy::{self, Mode, Policy},
+    policy::{self, Policy},
 };
 
 /// The eBPF object built by `build.rs`.
@@ -103,9 +101,9 @@ pub struct EnforcerOptions {
     /// process (a killed agent leaves the cgroup closed, never open). `None`: links live as
     /// long as the [`Enforcer`].
     pub pin_dir: Option<PathBuf>,
-    /// Let the backstop pass a packet on the verdict its socket's hook remembered (socket
-    /// storage); `false`, or a kernel without socket storage for these programs, judges
-    /// every SYN and unconnected datagram again.
+    /// Let the backstop pass the SYN or datagram its socket's hook allowed a moment before,
+    /// in the same system call (`JUDGED`, one slot per CPU); `false` judges every SYN and
+    /// unconnected datagram again.
     pub judged: bool,
     /// Load the programs with verdict tracing on (`TRACE`, see [`super::trace`]) and read
     /// their aya-log records; off, the verifier removes the tracing code.
@@ -166,36 +164,6 @@ fn family_guard_load_error(e: aya::programs::ProgramError) -> anyhow::Error {
     }
 }
 
-/// The keys of a trie (entries an earlier agent wrote are known, so a changed policy
-/// removes them).
-fn trie_keys(trie: &LpmTrie<MapData, Addr, AllowValue>) -> HashSet<(Addr, u32)> {
-    trie.keys()
-        .filter_map(Result::ok)
-        .map(|k| (k.data(), k.prefix_len()))
-        .collect()
-}
-
-/// Writes `entries` into `trie`, then removes the keys of `old` they no longer hold (new
-/// entries first: an address allowed before and after never sees a gap). Returns the keys.
-fn sync_trie(
-    trie: &mut LpmTrie<MapData, Addr, AllowValue>,
-    old: &HashSet<(Addr, u32)>,
-    entries: &[policy::CidrEntry],
-    what: &str,
-) -> anyhow::Result<HashSet<(Addr, u32)>> {
-    let mut keys = HashSet::with_capacity(entries.len());
-    for e in entries {
-        trie.insert(&Key::new(e.prefix_len, e.addr), e.value, 0)
-            .with_context(|| format!("cannot write the {what} map (is it full?)"))?;
-        keys.insert((e.addr, e.prefix_len));
-    }
-    for (addr, len) in old.difference(&keys) {
-        // Already gone is fine.
-        let _ = trie.remove(&Key::new(*len, *addr));
-    }
-    Ok(keys)
-}
-
 /// Programs attached to one cgroup, with handles on their maps.
 pub struct Enforcer {
     cgroup: PathBuf,
@@ -203,10 +171,8 @@ pub struct Enforcer {
     pin_dir: Option<PathBuf>,
     adopted: bool,
     generation: u128,
-    cidr: LpmTrie<MapData, Addr, AllowValue>,
-    cidr_keys: HashSet<(Addr, u32)>,
-    inbound: LpmTrie<MapData, Addr, AllowValue>,
-    inbound_keys: HashSet<(Addr, u32)>,
+    cidr: Trie,
+    inbound: Trie,
     dns: HashMap<MapData, Addr, AllowValue>,
     config: Array<MapData, Config>,
     config_value: Config,
@@ -225,27 +191,7 @@ impl Enforcer {
     /// Loads the programs, writes `policy`'s static rules and mode, and attaches to the
     /// cgroup v2 directory `cgroup`.
     pub fn attach(cgroup: &Path, policy: &Policy, opts: &EnforcerOptions) -> anyhow::Result<Self> {
-        match Self::attach_with(cgroup, policy, opts, opts.judged) {
-            // Socket storage from cgroup sock_addr/skb programs came after our 5.8 floor: on a
-            // kernel without it the backstop judges every SYN and datagram in full instead.
-            Err(e) if opts.judged && format!("{e:#}").contains("sk_storage") => {
-                tracing::warn!(
-                    "this kernel offers no socket storage to cgroup programs: the backstop \
-                     judges every SYN and datagram again ({e:#})"
-                );
-                Self::attach_with(cgroup, policy, opts, false)
-            }
-            r => r,
-        }
-    }
-
-    /// [`Enforcer::attach`], with the backstop's per-socket shortcut (`JUDGED`) on or off.
-    fn attach_with(
-        cgroup: &Path,
-        policy: &Policy,
-        opts: &EnforcerOptions,
-        judged: bool,
-    ) -> anyhow::Result<Self> {
+        let judged = opts.judged;
         crate::bpf::kernel::check()?;
         crate::sys::caps::check()?;
         let cgroup_dir = fs::File::open(cgroup)
@@ -296,14 +242,13 @@ impl Enforcer {
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?)?;
         // Taken before the programs load, which need its fd open: the logger keeps it.
+        // The pinned config when adopting: a failed first policy change writes its flags back.
+        let config_value = config.get(&0, 0).unwrap_or_default();
         let trace = match opts.trace {
             true => Some(trace::logger(&mut ebpf).context("cannot read the verdict trace map")?),
             false => None,
         };
 
-        // Static entries an earlier agent wrote: known, so a changed policy removes them.
-        let cidr_keys = trie_keys(&cidr);
-        let inbound_keys = trie_keys(&inbound);
         let mut me = Self {
             cgroup: cgroup.to_owned(),
             links: Vec::new(),
@@ -314,12 +259,10 @@ impl Enforcer {
                 .unwrap_or_default()
                 .as_nanos(),
             cidr,
-            cidr_keys,
             inbound,
-            inbound_keys,
             dns,
             config,
-            config_value: Config::default(),
+            config_value,
             counters,
             events: Some(events),
             trace,
@@ -509,32 +452,77 @@ impl Enforcer {
         &self.cgroup
     }
 
-    /// Replaces the static rules, the mode and the ICMP flag with `policy`'s. New entries are written before
+    /// Replaces the static rules, the mode and the ICMP flag with `policy`'s, as one
+    /// transaction ([`super::rules`]): on success the maps hold exactly `policy`'s compiled
+    /// entries; on failure the previous contents are written back and checked
+    /// ([`ApplyError::rolled_back`] says whether that worked). New entries are written before
     /// stale ones are removed, so an address allowed by both policies never sees a gap.
-    pub fn apply_policy(&mut self, policy: &Policy) -> anyhow::Result<()> {
-        // Both compiled before either map changes: a policy that does not compile changes
-        // nothing.
-        let (cidr, inbound) = (
-            policy::cidr_entries(policy)?,
-            policy::inbound_entries(policy)?,
-        );
-        self.cidr_keys = sync_trie(&mut self.cidr, &self.cidr_keys, &cidr, "CIDR rules")?;
-        self.inbound_keys = sync_trie(
-            &mut self.inbound,
-            &self.inbound_keys,
-            &inbound,
-            "inbound rules",
-        )?;
-        let mode = match policy.mode {
-            Mode::Enforce => 0,
-            Mode::Audit => FLAG_AUDIT,
+    pub fn apply_policy(&mut self, policy: &Policy) -> Result<(), ApplyError> {
+        let fail = |error: anyhow::Error| ApplyError {
+            error,
+            rolled_back: true,
         };
-        // Ping sockets may be created only while some rule allows ICMP; a reload that drops
-        // the last ICMP rule refuses new ones again (sockets already open stay, but their
-        // echo requests are judged per packet by the backstop and find no ICMP entry).
-        let icmp = if policy.allows_icmp() { FLAG_ICMP } else { 0 };
-        self.config_value.flags = mode | icmp;
-        self.write_config()
+        // Compiled, and the maps read, before anything changes: a policy that does not
+        // compile, or maps that cannot be read in full, change nothing.
+        let want = (
+            rules::target(&policy::cidr_entries(policy).map_err(|e| fail(e.into()))?),
+            rules::target(&policy::inbound_entries(policy).map_err(|e| fail(e.into()))?),
+        );
+        let have = (
+            rules::contents(&self.cidr, "CIDR rules").map_err(fail)?,
+            rules::contents(&self.inbound, "inbound rules").map_err(fail)?,
+        );
+        let old_flags = self.config_value.flags;
+        let mut faults = Faults::from_env();
+        let forward = self.write_rules(&have, &want, rules::flags(policy), &mut faults);
+        let Err(error) = forward else {
+            return Ok(());
+        };
+        // Back to what was there, checked the same way; twice, should a write race a
+        // concurrent reader's iteration.
+        let mut rolled_back = false;
+        for _ in 0..2 {
+            let now = (
+                rules::contents(&self.cidr, "CIDR rules").unwrap_or_else(|_| want.0.clone()),
+                rules::contents(&self.inbound, "inbound rules").unwrap_or_else(|_| want.1.clone()),
+            );
+            if self
+                .write_rules(&now, &have, old_flags, &mut Faults::none())
+                .is_ok()
+            {
+                rolled_back = true;
+                break;
+            }
+        }
+        Err(ApplyError { error, rolled_back })
+    }
+
+    /// Makes the tries, which hold `have`, hold `want`, sets the config flags, and reads
+    /// everything back.
+    fn write_rules(
+        &mut self,
+        have: &(Contents, Contents),
+        want: &(Contents, Contents),
+        flags: u32,
+        faults: &mut Faults,
+    ) -> anyhow::Result<()> {
+        rules::converge(&mut self.cidr, &have.0, &want.0, "CIDR rules", faults)?;
+        rules::converge(&mut self.inbound, &have.1, &want.1, "inbound rules", faults)?;
+        if faults.on_config() {
+            bail!("cannot write the config map: injected fault");
+        }
+        self.config_value.flags = flags;
+        self.write_config()?;
+        rules::verify(&self.cidr, &want.0, "CIDR rules")?;
+        rules::verify(&self.inbound, &want.1, "inbound rules")?;
+        let written = self
+            .config
+            .get(&0, 0)
+            .context("cannot read the config map")?;
+        if written.flags != flags {
+            bail!("the config map does not hold the policy's flags after writing them");
+        }
+        Ok(())
     }
 
     /// Steers the cgroup's DNS (port 53, UDP and TCP, any address) to `resolver`; `None`

@@ -10,5 +10,6 @@
 
 pub mod enforcer;
 pub mod kernel;
+pub mod rules;
 pub mod stale;
 pub mod trace;

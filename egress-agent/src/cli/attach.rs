@@ -52,8 +52,12 @@ pub struct AttachArgs {
 #[derive(Debug, clap::Args)]
 pub struct DetachArgs {
     /// Instance name.
-    #[arg(long, value_name = "NAME", value_parser = parse_name)]
-    name: String,
+    #[arg(long, value_name = "NAME", value_parser = parse_name, required_unless_present = "stale")]
+    name: Option<String>,
+    /// Instead: remove the pins of every agent whose cgroup is gone (every pinned link reports
+    /// no cgroup), as each start does.
+    #[arg(long, conflicts_with = "name")]
+    stale: bool,
 }
 
 impl AttachArgs {
@@ -75,9 +79,23 @@ impl AttachArgs {
 }
 
 impl DetachArgs {
-    /// Removes the pins of the instance: 0 when removed, 1 when nothing was pinned.
+    /// Removes the pins of the instance: 0 when removed, 1 when nothing was pinned. With
+    /// `--stale`, of every instance whose cgroup is gone: 0 unless the sweep failed.
     pub fn execute(self) -> ExitCode {
-        let name = self.name;
+        let Some(name) = self.name else {
+            return match session::sweep_stale(None) {
+                Ok(names) => {
+                    for n in names {
+                        println!("detached {n} (its cgroup is gone)");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("egress-agent: {e:#}");
+                    ExitCode::from(EXIT_AGENT_ERROR)
+                }
+            };
+        };
         match session::detach_pins(&name) {
             Ok(true) => {
                 println!("detached {name}");

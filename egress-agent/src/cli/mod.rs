@@ -103,8 +103,11 @@ pub enum Command {
     Attach(attach::AttachArgs),
     /// Detach the programs an agent named NAME pinned and remove its pins (the enforced
     /// cgroup is open again once no agent holds the links).
-    #[command(after_help = "Example:\n  egress-agent detach --name pod-1f2e3d4c\n\n\
-        Exit status: 0 when removed, 1 when nothing of that name is pinned.")]
+    #[command(
+        after_help = "Examples:\n  egress-agent detach --name pod-1f2e3d4c\n  \
+        egress-agent detach --stale\n\n\
+        Exit status: 0 when removed, 1 when nothing of that name is pinned."
+    )]
     Detach(attach::DetachArgs),
     /// Show what an agent named NAME enforces: mode, counters, map fill, the running policy
     /// and the latest denies (from its pins and state file; works when the agent is gone).

@@ -84,6 +84,25 @@ fn render(s: &Status) -> String {
                 row(&mut o, "allowlist", f.display().to_string());
             }
             row(&mut o, "policy", a.policy.clone());
+            match a.policy_state.as_str() {
+                "previous" => row(
+                    &mut o,
+                    "REJECTED",
+                    format!(
+                        "{} (the previous valid policy runs, whole)",
+                        a.policy_rejected.as_deref().unwrap_or("?")
+                    ),
+                ),
+                "inconsistent" => row(
+                    &mut o,
+                    "MAPS",
+                    format!(
+                        "INCONSISTENT: a failed change could not be rolled back ({})",
+                        a.policy_rejected.as_deref().unwrap_or("?")
+                    ),
+                ),
+                _ => {}
+            }
         }
         None => row(&mut o, "agent", "unknown (no state file)".into()),
     }

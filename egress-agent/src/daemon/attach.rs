@@ -12,8 +12,11 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    bpf::enforcer::EnforcerOptions,
+    bpf::{enforcer::EnforcerOptions, rules::ApplyError},
+    daemon::lastgood,
+    daemon::reload::Rejected,
     daemon::session::{self, Session, SessionConfig},
+    daemon::status,
     events::EventSink,
     policy,
     sys::cgroup,
@@ -46,7 +49,6 @@ pub struct AttachConfig {
 
 /// Runs until SIGTERM or SIGINT; returns the exit status.
 pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
-    let policy = policy::load(&cfg.allowlist)?;
     let root = match &cfg.cgroup_root {
         Some(r) => r.clone(),
         None => cgroup::cgroup2_mount()?,
@@ -99,23 +101,26 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "attach".into()),
     });
+    // A pinned state of this name: an earlier agent enforces still, under the last valid
+    // policy it kept; a bad file then must not take DNS down with this agent.
+    let pinned = status::pin_dir(&name).join("maps").exists();
+    let (policy, rejected) = match policy::load(&cfg.allowlist) {
+        Ok(p) => (p, None),
+        Err(e) if pinned => match lastgood::load(&name) {
+            Ok(p) => (p, Some(Rejected::invalid(&cfg.allowlist, &e))),
+            Err(why) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "the allowlist is invalid and no last valid policy is kept beside the pins                      of {name:?} ({why:#}); enforcement stays pinned"
+                )));
+            }
+        },
+        Err(e) => return Err(e.into()),
+    };
     let sink = Arc::new(EventSink::open(cfg.events.as_deref())?);
     let stop = StopSignals::install()?;
-    // Deleted pods' pins (their cgroup is gone, the kernel detached their programs): a
-    // sidecar that stops leaves its pins on purpose, so the next one on the node cleans up.
-    if let Ok(bpffs) = crate::bpf::enforcer::ensure_bpffs() {
-        let removed = crate::bpf::stale::remove_stale(&bpffs.join("egress"), &name);
-        if !removed.is_empty() {
-            tracing::info!(
-                "removed the pins of {} instance(s) whose cgroup is gone: {}",
-                removed.len(),
-                removed.join(", ")
-            );
-        }
-    }
-    let session = Session::start(SessionConfig {
-        name,
-        cgroup: target,
+    let config = |policy, rejected| SessionConfig {
+        name: name.clone(),
+        cgroup: target.clone(),
         policy,
         watch: Some(cfg.allowlist.clone()),
         sink: sink.clone(),
@@ -126,8 +131,20 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
             ..EnforcerOptions::default()
         },
         protected: Vec::new(),
-    })
-    .await?;
+        rejected,
+    };
+    let session = match Session::start(config(policy, rejected.clone())).await {
+        Ok(s) => s,
+        // A valid file the adopted maps did not take (rolled back whole): run under the last
+        // valid policy rather than leave the cgroup without DNS.
+        Err(e) if pinned && rejected.is_none() && e.downcast_ref::<ApplyError>().is_some() => {
+            let why = Rejected::unapplied(&cfg.allowlist, &e);
+            let last = lastgood::load(&name)
+                .map_err(|no| e.context(format!("and no last valid policy is kept ({no:#})")))?;
+            Session::start(config(last, Some(why))).await?
+        }
+        Err(e) => return Err(e),
+    };
     // Unlike `run`, attach cannot confine the workload: say what the runtime must provide.
     let net_raw = match session.family_guard_missing() {
         None => "",

@@ -14,6 +14,9 @@ use tokio::{
 
 use crate::{bpf::enforcer::Enforcer, metrics::Metrics};
 
+/// How long the accept loop waits after a failed accept.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What the endpoints read.
 pub struct HealthState {
     /// Agent counters and the ready flag.
@@ -34,8 +37,15 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// Serves requests forever.
 pub async fn serve(listener: TcpListener, state: Arc<HealthState>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors (EMFILE, ENFILE) or memory: the pending connection stays
+                // queued and accept fails again at once. Back off rather than spin a CPU.
+                tracing::debug!("health: accept failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -94,13 +104,18 @@ fn route(path: &str, state: &HealthState) -> (&'static str, String, &'static str
             }
         }
         "/metrics" => {
-            let (kernel, entries) = {
-                let e = state.enforcer.lock().unwrap_or_else(|p| p.into_inner());
-                (e.counters().ok(), e.dns_entries().len())
-            };
+            // The lock only for the four counter reads: the DNS entries are counted by the
+            // resolver as it writes them (a walk of the kernel map here held the lock the
+            // resolver needs to answer, for as long as the map was large).
+            let kernel = state
+                .enforcer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .counters()
+                .ok();
             (
                 "200 OK",
-                state.metrics.render(kernel, entries, state.dns_capacity),
+                state.metrics.render(kernel, state.dns_capacity),
                 "text/plain; version=0.0.4; charset=utf-8",
             )
         }

@@ -9,6 +9,7 @@
 
 pub mod attach;
 pub mod health;
+pub mod lastgood;
 pub mod monitor;
 pub mod raw_watch;
 pub mod reload;

@@ -41,6 +41,8 @@ pub async fn pump(
     };
     let mut throttle = Throttle::new(Instant::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Records the kernel could not queue (ring full) before this agent: not ours to report.
+    let mut lost = ring_drops(&policy);
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
@@ -49,7 +51,10 @@ pub async fn pump(
                     guard.clear_ready();
                 }
             }
-            _ = tick.tick() => out.summaries(&mut throttle, false),
+            _ = tick.tick() => {
+                out.summaries(&mut throttle, false);
+                out.ring_full(&mut lost);
+            }
             _ = stop.wait_for(|s| *s) => {
                 // What is queued now, not a flood that goes on after the stop.
                 for _ in 0..16 {
@@ -58,6 +63,7 @@ pub async fn pump(
                     }
                 }
                 out.summaries(&mut throttle, true);
+                out.ring_full(&mut lost);
                 return Ok(());
             }
         }
@@ -100,15 +106,36 @@ impl Out<'_> {
             self.write(rec);
         }
         if untracked > 0 {
-            self.sink.emit(&Event::Warning {
+            self.sink.emit(&Event::DeniesUnrecorded {
                 ts: SystemTime::now(),
-                message: &format!(
-                    "{untracked} denies in the last second are not written as lines (more \
-                     distinct denies than the throttle tracks); the kernel counters count them"
-                ),
+                count: untracked,
+                cause: "throttle",
             });
         }
     }
+
+    /// Writes how many deny records the kernel could not queue since `lost` (its ring-full
+    /// counter) was read, and moves `lost` on.
+    fn ring_full(&self, lost: &mut u64) {
+        let now = ring_drops(self.policy);
+        if now > *lost {
+            self.sink.emit(&Event::DeniesUnrecorded {
+                ts: SystemTime::now(),
+                count: now - *lost,
+                cause: "ring-full",
+            });
+            *lost = now;
+        }
+    }
+}
+
+/// The kernel's count of deny records lost to a full ring (0 if it cannot be read).
+fn ring_drops(ctx: &DnsContext) -> u64 {
+    ctx.enforcer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .counters()
+        .map_or(0, |c| c.ringbuf_drop)
 }
 
 /// Records read per turn, so that a flood that keeps the ring full still lets the summaries

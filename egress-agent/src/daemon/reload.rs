@@ -15,11 +15,51 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
+    bpf::rules::ApplyError,
+    daemon::lastgood,
     dns::{self, DnsContext},
     events::Event,
-    metrics::Metrics,
-    policy::{self, Policy},
+    metrics::{Metrics, Standing},
+    policy::{self, Policy, PolicyError},
 };
+
+/// An allowlist file that was not applied: where, and why.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// The file (an include, when the error is in one).
+    pub file: PathBuf,
+    /// The line, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub error: String,
+    /// A change failed and could not be rolled back.
+    pub inconsistent: bool,
+}
+
+impl Rejected {
+    /// A file that does not parse or validate.
+    pub fn invalid(root: &Path, e: &PolicyError) -> Self {
+        let at = e.location().map(|l| (l.file.clone(), l.line));
+        Self {
+            file: at.as_ref().map_or_else(|| root.to_owned(), |a| a.0.clone()),
+            line: at.map(|a| a.1),
+            error: e.to_string(),
+            inconsistent: false,
+        }
+    }
+
+    /// A valid policy the maps did not take (its change was rolled back, or not).
+    pub fn unapplied(root: &Path, e: &anyhow::Error) -> Self {
+        Self {
+            file: root.to_owned(),
+            line: None,
+            error: format!("{e:#}"),
+            inconsistent: e
+                .downcast_ref::<ApplyError>()
+                .is_some_and(|a| !a.rolled_back),
+        }
+    }
+}
 
 /// How often the files are compared.
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -39,6 +79,7 @@ fn fingerprint(files: &[PathBuf]) -> u64 {
 
 /// Watches `root` (and the files it includes) until `stop` turns true.
 pub async fn watch(
+    name: String,
     root: PathBuf,
     ctx: Arc<DnsContext>,
     metrics: Arc<Metrics>,
@@ -60,9 +101,14 @@ pub async fn watch(
             Ok(new) => {
                 files = new.files.clone();
                 seen = fingerprint(&files);
+                let kept = new.clone();
                 match apply(&ctx, new) {
                     Ok(summary) => {
                         Metrics::inc(&metrics.reloads_ok);
+                        metrics.set_standing(Standing::default());
+                        if let Err(e) = lastgood::save(&name, &root, &kept) {
+                            tracing::warn!("cannot keep the policy beside the pins: {e:#}");
+                        }
                         ctx.sink.emit(&Event::PolicyReloaded {
                             ts: SystemTime::now(),
                             file: &root,
@@ -71,30 +117,39 @@ pub async fn watch(
                     }
                     Err(e) => {
                         Metrics::inc(&metrics.reloads_rejected);
-                        reject(&ctx, &root, None, &format!("{e:#}"));
+                        reject(&ctx, &metrics, &Rejected::unapplied(&root, &e));
                     }
                 }
             }
             Err(e) => {
                 Metrics::inc(&metrics.reloads_rejected);
-                let at = e.location().map(|l| (l.file.clone(), l.line));
-                reject(&ctx, &root, at, &e.to_string());
+                reject(&ctx, &metrics, &Rejected::invalid(&root, &e));
             }
         }
     }
 }
 
-fn reject(ctx: &DnsContext, root: &Path, at: Option<(PathBuf, usize)>, error: &str) {
-    tracing::warn!("policy rejected, the running policy stays: {error}");
-    let (file, line) = match &at {
-        Some((f, l)) => (f.as_path(), Some(*l)),
-        None => (root, None),
-    };
+/// Reports a rejected file (event, log, `status`, the `egress_policy_rejected` gauge); the
+/// previous policy keeps running.
+pub fn reject(ctx: &DnsContext, metrics: &Metrics, r: &Rejected) {
+    tracing::warn!(
+        "policy rejected, the running policy stays: {}: {}",
+        r.file.display(),
+        r.error
+    );
+    let was = metrics.standing();
+    metrics.set_standing(Standing {
+        rejected: Some(match r.line {
+            Some(l) => format!("{}:{l}: {}", r.file.display(), r.error),
+            None => format!("{}: {}", r.file.display(), r.error),
+        }),
+        inconsistent: was.inconsistent || r.inconsistent,
+    });
     ctx.sink.emit(&Event::PolicyRejected {
         ts: SystemTime::now(),
-        file,
-        line,
-        error,
+        file: &r.file,
+        line: r.line,
+        error: &r.error,
     });
 }
 
@@ -109,13 +164,17 @@ pub fn apply(ctx: &DnsContext, new: Policy) -> anyhow::Result<String> {
         .unwrap_or_else(|p| p.into_inner())
         .apply_policy(&new)?;
     *ctx.upstreams.write().unwrap_or_else(|p| p.into_inner()) = dns::upstreams(&new);
-    *ctx.policy.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
-    let changes = ctx
-        .grants
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain_names(|name| !new.host_rules_for(name).is_empty());
-    dns::apply_changes(ctx, &new, changes);
+    {
+        // The swap and the prune under the grants lock, which the resolver holds while it
+        // judges an answer again under the policy in force and writes it: an answer to a query
+        // sent upstream before this reload is either written before the prune (which then
+        // removes what the new policy drops) or judged by the new policy.
+        let mut grants = ctx.grants.lock().unwrap_or_else(|p| p.into_inner());
+        *ctx.policy.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        let changes = grants.retain_names(|name| !new.host_rules_for(name).is_empty());
+        dns::count_entries(ctx, &grants);
+        dns::apply_changes(ctx, &new, changes);
+    }
     ctx.answers.clear();
     Ok(summary)
 }

@@ -16,6 +16,7 @@ use crate::{
     bpf::enforcer::{self, Enforcer},
     bpf::trace,
     daemon::health::{self, HealthState},
+    daemon::lastgood,
     daemon::monitor,
     daemon::reload,
     daemon::status,
@@ -54,6 +55,9 @@ pub struct SessionConfig {
     pub enforcer: EnforcerOptions,
     /// What confinement protects, for the `ready` event (`run` only).
     pub protected: Vec<String>,
+    /// The allowlist file was rejected at start: `policy` is the last valid one, kept beside
+    /// the pins ([`lastgood`]), and this is reported once the session runs.
+    pub rejected: Option<reload::Rejected>,
 }
 
 /// A running session.
@@ -87,6 +91,14 @@ impl Session {
         let metrics = Arc::new(Metrics::default());
         let mut warnings = Vec::new();
 
+        match sweep_stale(Some(&cfg.name)) {
+            Ok(swept) if !swept.is_empty() => warnings.push(format!(
+                "removed the pins of {}: their cgroups are gone",
+                swept.join(", ")
+            )),
+            Ok(_) => {}
+            Err(e) => warnings.push(format!("cannot sweep stale pins: {e:#}")),
+        }
         let kernel = Kernel::attach(&cfg, &policy)?;
         let resolver = Resolver::bind().await?;
         let Kernel {
@@ -117,6 +129,7 @@ impl Session {
         tasks.extend(serve_dns(&cfg.name, resolver, &dns, &stop_rx)?);
         if let Some(root) = cfg.watch.clone() {
             tasks.push(tokio::spawn(reload::watch(
+                cfg.name.clone(),
                 root,
                 dns.clone(),
                 metrics.clone(),
@@ -149,6 +162,21 @@ impl Session {
         announce_ready(&cfg, &policy)?;
         for w in &warnings {
             warn(&cfg.sink, w);
+        }
+        match (&cfg.rejected, &cfg.watch) {
+            (Some(r), _) => {
+                Metrics::inc(&metrics.reloads_rejected);
+                reload::reject(&dns, &metrics, r);
+            }
+            (None, Some(root)) => {
+                if let Err(e) = lastgood::save(&cfg.name, root, &cfg.policy) {
+                    warn(
+                        &cfg.sink,
+                        &format!("cannot keep the policy beside the pins: {e:#}"),
+                    );
+                }
+            }
+            (None, None) => {}
         }
         if !fresh {
             warn(
@@ -334,6 +362,7 @@ fn dns_context(
     }
     // Before the resolver serves: the adopted entries take the current policy's values.
     dns::apply_changes(&dns, policy, restored);
+    dns::count_entries(&dns, &dns.grants.lock().unwrap_or_else(|p| p.into_inner()));
     (dns, kept)
 }
 
@@ -389,6 +418,8 @@ async fn keep_state(inputs: StateInputs, dns: Arc<DnsContext>, metrics: Arc<Metr
             cgroup: inputs.cgroup.clone(),
             allowlist: inputs.allowlist.clone(),
             policy: dns.current_policy().summary(),
+            policy_state: metrics.standing().state().to_owned(),
+            policy_rejected: metrics.standing().rejected,
             latest_denies: metrics
                 .latest
                 .lock()
@@ -469,6 +500,18 @@ pub fn detach_pins(name: &str) -> anyhow::Result<bool> {
     enforcer::remove_pin_dir(&dir)?;
     status::remove_state(name);
     Ok(true)
+}
+
+/// Removes the pins and state files of every agent whose cgroup is gone (`detach --stale`,
+/// and each start), except `keep`; returns their names.
+pub fn sweep_stale(keep: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let root = enforcer::ensure_bpffs()?.join("egress");
+    let names = crate::bpf::stale::stale_names(&root, keep)?;
+    for name in &names {
+        enforcer::remove_pin_dir(&root.join(name))?;
+        status::remove_state(name);
+    }
+    Ok(names)
 }
 
 /// Writes a warning line.

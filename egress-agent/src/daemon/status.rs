@@ -41,6 +41,13 @@ pub struct AgentState {
     pub allowlist: Option<PathBuf>,
     /// One-line summary of the running policy.
     pub policy: String,
+    /// `applied` (the maps hold the allowlist file's policy), `previous` (the file was
+    /// rejected; the maps hold the previous valid policy whole) or `inconsistent`.
+    #[serde(default)]
+    pub policy_state: String,
+    /// Why the allowlist file was rejected, while it is.
+    #[serde(default)]
+    pub policy_rejected: Option<String>,
     /// Latest deny events, newest last.
     pub latest_denies: Vec<serde_json::Value>,
     /// When written (seconds since the epoch).
@@ -66,6 +73,11 @@ pub fn grants_path(name: &str) -> PathBuf {
 /// Writes the grants file of `name` atomically (rename).
 pub fn write_grants(name: &str, json: &[u8]) -> anyhow::Result<()> {
     write_atomically(&grants_path(name), json)
+}
+
+/// Writes a file of the state directory atomically (rename).
+pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_atomically(path, bytes)
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it over `path`: a reader

@@ -2,9 +2,12 @@
 //! in a loop (or a hijacked agent scanning) must not fill the disk nor take the CPU from the
 //! workload: per second, each distinct deny (same process, destination, port, protocol, hook,
 //! reason and verdict) gets its first [`PER_KEY`] lines, and all denies together at most
-//! [`PER_SECOND`]. What is held back is counted, and once a second each such deny gets one more
-//! line whose `repeats` field says how many identical denies it stands for. Summing `repeats`
-//! (1 where absent) over the lines gives every deny; the kernel counters count them too.
+//! [`PER_SECOND`], summaries included. What is held back is counted, and once a second each
+//! such deny gets one more line whose `repeats` field says how many identical denies it stands
+//! for, the [`SUMMARY_LINES`] largest at most; the rest is one count (`denies-unrecorded`,
+//! cause `throttle`). Those summary and count lines are charged to the second they start, so
+//! no second holds more than [`PER_SECOND`] lines. Summing `repeats` (1 where absent) and the
+//! counts gives every deny the ring delivered; the kernel counters count them too.
 //!
 //! Pure bookkeeping: the caller decides what a line is and writes it.
 
@@ -19,6 +22,10 @@ use egress_common::{Addr, DenyEvent};
 pub const PER_KEY: u32 = 10;
 /// Lines per second for all denies together.
 pub const PER_SECOND: u32 = 1000;
+/// Summary lines a second at most (the largest first).
+pub const SUMMARY_LINES: usize = 100;
+/// Lines a second kept for the counts (`throttle`, `ring-full`).
+pub const COUNT_LINES: u32 = 2;
 /// Distinct denies tracked in one second; beyond, held-back denies are only counted.
 pub const MAX_KEYS: usize = 4096;
 const WINDOW: Duration = Duration::from_secs(1);
@@ -130,11 +137,20 @@ impl Throttle {
                 out.push((rec, s.held));
             }
         }
+        let mut untracked = std::mem::take(&mut self.untracked);
+        if out.len() > SUMMARY_LINES {
+            out.sort_unstable_by_key(|(_, held)| std::cmp::Reverse(*held));
+            untracked += out
+                .drain(SUMMARY_LINES..)
+                .map(|(_, held)| held)
+                .sum::<u64>();
+        }
         out.sort_by_key(|(r, _)| r.ts_ns);
-        let untracked = Untracked(std::mem::take(&mut self.untracked));
         self.window_start = now;
-        self.lines = 0;
-        (out, untracked)
+        // The summary and count lines are written now: they take their share of the new
+        // second's lines.
+        self.lines = out.len() as u32 + COUNT_LINES;
+        (out, Untracked(untracked))
     }
 }
 
@@ -198,13 +214,26 @@ mod tests {
         }
         assert_eq!(lines, u64::from(PER_SECOND), "the global bound holds");
         let (summary, Untracked(untracked)) = t.flush(t0 + WINDOW, false);
+        assert!(
+            summary.len() <= SUMMARY_LINES,
+            "{} summary lines",
+            summary.len()
+        );
+        // The next second: its own lines and the summaries just written stay within the bound.
+        let next = (0..total)
+            .filter(|i| t.admit(&rec(2, (i % 6000) as u16)))
+            .count();
+        assert_eq!(
+            next + summary.len() + COUNT_LINES as usize,
+            PER_SECOND as usize,
+            "summaries count against the second they are written in"
+        );
         let repeats: u64 = summary.iter().map(|(_, n)| n).sum();
         assert_eq!(
             lines + repeats + untracked,
             total,
             "nothing lost from the count"
         );
-        assert!(summary.len() <= MAX_KEYS);
     }
 
     #[test]

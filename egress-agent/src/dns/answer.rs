@@ -21,6 +21,24 @@ pub fn normalize(name: &Name) -> String {
     s
 }
 
+/// The name as a policy matches it (lowercase labels joined by dots, no trailing dot), or
+/// `None` when some wire label is not a host name label (a dot, a backslash, a space or any
+/// other byte inside a label): such a name is permitted by no rule, and must not reach the
+/// policy as text, where `x\.ok.test` (one label `x.ok`) would line up with `*.ok.test`.
+pub fn host_name(name: &Name) -> Option<String> {
+    let mut out = String::new();
+    for label in name.iter() {
+        if !crate::policy::is_label(label) {
+            return None;
+        }
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.extend(label.iter().map(|b| char::from(b.to_ascii_lowercase())));
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 /// The addresses answered for `qname`, each with the smallest TTL along its chain (the
 /// answer is only as fresh as its shortest-lived link).
 pub fn addresses_for(qname: &str, response: &Message) -> Vec<(IpAddr, u32)> {
@@ -147,6 +165,18 @@ mod tests {
             Record::from_rdata(n("b.test."), 60, RData::CNAME(CNAME(n("a.test.")))),
         ]);
         assert!(addresses_for("a.test", &m).is_empty());
+    }
+
+    #[test]
+    fn a_dot_inside_a_label_is_no_host_name() {
+        let crafted = Name::from_labels(vec![&b"x.ok"[..], b"test"]).unwrap();
+        assert_eq!(crafted.num_labels(), 2);
+        assert_eq!(host_name(&crafted), None);
+        assert_eq!(normalize(&crafted), "x\\.ok.test", "reported escaped");
+        assert_eq!(host_name(&n("X.Ok.TEST.")).as_deref(), Some("x.ok.test"));
+        assert_eq!(host_name(&Name::root()), None);
+        let space = Name::from_labels(vec![&b"a b"[..], b"test"]).unwrap();
+        assert_eq!(host_name(&space), None);
     }
 
     #[test]

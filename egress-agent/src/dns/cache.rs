@@ -13,31 +13,23 @@ use std::{
 
 use hickory_proto::op::{Message, ResponseCode};
 
-use super::upstream::Transport;
-
 /// Entries kept at most (the whole cache is dropped when full: simple, and bounded).
 pub const CAPACITY: usize = 4096;
 /// Longest time an answer is served from the cache, whatever its TTL.
 pub const MAX_AGE: Duration = Duration::from_secs(300);
 
-/// What makes two queries ask the same thing.
+/// What makes two queries ask the same thing: their questions (name in lower case, type,
+/// class), as the upstream saw them ([`super::screen::upstream_query`] drops every client
+/// flag and EDNS option; an answer too large for a UDP client is cut at serving time,
+/// [`super::screen::client_answer`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     questions: Vec<(String, u16, u16)>,
-    dnssec_ok: bool,
-    checking_disabled: bool,
-    /// The largest answer the client takes (UDP: 512 or its EDNS payload size; TCP: any).
-    max_size: u16,
 }
 
 impl Key {
     /// The key of a (screened) query.
-    pub fn of(query: &Message, transport: Transport) -> Self {
-        let edns = query.extensions().as_ref();
-        let max_size = match transport {
-            Transport::Tcp => u16::MAX,
-            Transport::Udp => edns.map_or(512, |e| e.max_payload().max(512)),
-        };
+    pub fn of(query: &Message) -> Self {
         Self {
             questions: query
                 .queries()
@@ -50,9 +42,6 @@ impl Key {
                     )
                 })
                 .collect(),
-            dnssec_ok: edns.is_some_and(|e| e.flags().dnssec_ok),
-            checking_disabled: query.checking_disabled(),
-            max_size,
         }
     }
 }
@@ -74,9 +63,9 @@ pub struct AnswerCache {
 }
 
 impl AnswerCache {
-    /// The cached answer to `key`, with `id` and the remaining TTLs, and what it grants (with
-    /// the remaining TTLs too); `None` on a miss or an expired entry.
-    pub fn get(&self, key: &Key, id: u16, now: Instant) -> Option<(Vec<u8>, Granted)> {
+    /// The cached answer to `key`, with the remaining TTLs, and what it grants (with the
+    /// remaining TTLs too); `None` on a miss or an expired entry.
+    pub fn get(&self, key: &Key, now: Instant) -> Option<(Message, Granted)> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let e = entries.get(key)?;
         let age = u32::try_from(now.saturating_duration_since(e.stored).as_secs()).ok()?;
@@ -84,7 +73,6 @@ impl AnswerCache {
             return None;
         }
         let mut answer = e.answer.clone();
-        answer.set_id(id);
         let age_out = |records: &mut Vec<hickory_proto::rr::Record>| {
             for r in records {
                 r.set_ttl(r.ttl().saturating_sub(age));
@@ -93,7 +81,6 @@ impl AnswerCache {
         age_out(answer.answers_mut());
         age_out(answer.name_servers_mut());
         age_out(answer.additionals_mut());
-        let bytes = answer.to_vec().ok()?;
         let granted = e
             .granted
             .iter()
@@ -105,18 +92,14 @@ impl AnswerCache {
                 (name.clone(), addrs)
             })
             .collect();
-        Some((bytes, granted))
+        Some((answer, granted))
     }
 
-    /// Keeps `answer` (the upstream's bytes) for `key` if it is complete and positive.
-    pub fn put(&self, key: Key, answer: &[u8], granted: Granted, now: Instant) {
-        let Ok(parsed) = Message::from_vec(answer) else {
-            return;
-        };
+    /// Keeps the upstream's `parsed` answer for `key` if it is complete and positive.
+    pub fn put(&self, key: Key, parsed: &Message, granted: Granted, now: Instant) {
         if parsed.response_code() != ResponseCode::NoError
             || parsed.truncated()
             || parsed.answers().is_empty()
-            || answer.len() > usize::from(key.max_size)
         {
             return;
         }
@@ -142,12 +125,25 @@ impl AnswerCache {
         entries.insert(
             key,
             Entry {
-                answer: parsed,
+                answer: parsed.clone(),
                 stored: now,
                 ttl,
                 granted,
             },
         );
+    }
+
+    /// Drops the answers expired at `now`; how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let before = entries.len();
+        entries.retain(|_, e| now.saturating_duration_since(e.stored).as_secs() < u64::from(e.ttl));
+        let gone = before - entries.len();
+        if entries.is_empty() && gone > 0 {
+            // Give the table's memory back too.
+            entries.shrink_to_fit();
+        }
+        gone
     }
 
     /// Forgets everything (after a policy change: grants are recomputed from new answers).
@@ -178,7 +174,7 @@ mod tests {
         m
     }
 
-    fn answer(ttl: u32) -> Vec<u8> {
+    fn answer(ttl: u32) -> Message {
         let mut a = query(1);
         a.set_message_type(MessageType::Response);
         a.add_answer(Record::from_rdata(
@@ -186,7 +182,7 @@ mod tests {
             ttl,
             RData::A(A::new(198, 51, 100, 10)),
         ));
-        a.to_vec().unwrap()
+        a
     }
 
     fn granted(ttl: u32) -> Granted {
@@ -200,15 +196,13 @@ mod tests {
     fn a_repeat_is_served_with_its_id_and_the_remaining_ttl() {
         let c = AnswerCache::default();
         let t0 = Instant::now();
-        let key = Key::of(&query(7), Transport::Udp);
+        let key = Key::of(&query(7));
         c.put(key.clone(), &answer(60), granted(60), t0);
-        let (bytes, g) = c.get(&key, 9, t0 + Duration::from_secs(20)).unwrap();
-        let m = Message::from_vec(&bytes).unwrap();
-        assert_eq!(m.id(), 9);
+        let (m, g) = c.get(&key, t0 + Duration::from_secs(20)).unwrap();
         assert_eq!(m.answers()[0].ttl(), 40);
         assert_eq!(g[0].1[0].1, 40);
         assert!(
-            c.get(&key, 9, t0 + Duration::from_secs(60)).is_none(),
+            c.get(&key, t0 + Duration::from_secs(60)).is_none(),
             "expired"
         );
     }
@@ -217,27 +211,37 @@ mod tests {
     fn only_complete_positive_answers_are_kept() {
         let c = AnswerCache::default();
         let t0 = Instant::now();
-        let key = Key::of(&query(7), Transport::Udp);
+        let key = Key::of(&query(7));
         c.put(key.clone(), &answer(0), granted(0), t0);
-        assert!(c.get(&key, 1, t0).is_none(), "TTL 0 is not cached");
+        assert!(c.get(&key, t0).is_none(), "TTL 0 is not cached");
         let mut refused = query(1);
         refused
             .set_message_type(MessageType::Response)
             .set_response_code(ResponseCode::ServFail);
-        c.put(key.clone(), &refused.to_vec().unwrap(), Vec::new(), t0);
-        assert!(c.get(&key, 1, t0).is_none(), "errors are not cached");
+        c.put(key.clone(), &refused, Vec::new(), t0);
+        assert!(c.get(&key, t0).is_none(), "errors are not cached");
     }
 
     #[test]
-    fn transport_and_size_are_part_of_the_key() {
-        assert_ne!(
-            Key::of(&query(1), Transport::Udp),
-            Key::of(&query(1), Transport::Tcp)
-        );
+    fn only_the_questions_make_the_key() {
+        let mut flags = query(2);
+        flags.set_checking_disabled(true);
         assert_eq!(
-            Key::of(&query(1), Transport::Udp),
-            Key::of(&query(2), Transport::Udp),
-            "the id is not"
+            Key::of(&query(1)),
+            Key::of(&flags),
+            "not the id, not the flags"
         );
+        let mut upper = Message::new();
+        upper.add_query(Query::query(
+            Name::from_str("OK.Example.COM.").unwrap(),
+            RecordType::A,
+        ));
+        assert_eq!(Key::of(&query(1)), Key::of(&upper), "not the letter case");
+        let mut aaaa = Message::new();
+        aaaa.add_query(Query::query(
+            Name::from_str("ok.example.com.").unwrap(),
+            RecordType::AAAA,
+        ));
+        assert_ne!(Key::of(&query(1)), Key::of(&aaaa));
     }
 }

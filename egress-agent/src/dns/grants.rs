@@ -12,6 +12,12 @@ use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+/// Names kept per address at most: a new name beyond them replaces the one that expires
+/// first. A flood of random names under a wildcard (all answered with the same address) then
+/// costs a bounded amount of memory and grants-file space; the addresses stay granted. The
+/// number of addresses is bounded by the kernel map's capacity (a failed write forgets it).
+pub const NAMES_PER_ADDRESS: usize = 64;
+
 /// One name's grant on an address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
@@ -79,6 +85,9 @@ pub struct Added {
     pub names: usize,
     /// The latest expiry among them.
     pub latest: Duration,
+    /// Whether another name was dropped to make room ([`NAMES_PER_ADDRESS`]): the entry
+    /// must be computed again from the names left.
+    pub evicted: bool,
 }
 
 impl Grants {
@@ -87,16 +96,32 @@ impl Grants {
     pub fn add(&mut self, ip: IpAddr, name: &str, expires: Duration) -> Added {
         self.generation += 1;
         let names = self.by_ip.entry(ip).or_default();
+        let mut evicted = false;
         match names.expiries.get_mut(name) {
             Some(e) => *e = (*e).max(expires),
             None => {
+                if names.expiries.len() >= NAMES_PER_ADDRESS
+                    && let Some(first) = names
+                        .expiries
+                        .iter()
+                        .min_by_key(|(_, e)| **e)
+                        .map(|(n, _)| n.clone())
+                {
+                    names.expiries.remove(&first);
+                    evicted = true;
+                }
                 names.expiries.insert(name.to_owned(), expires);
             }
         }
-        names.latest = names.latest.max(expires);
+        names.latest = if evicted {
+            names.expiries.values().copied().max().unwrap_or_default()
+        } else {
+            names.latest.max(expires)
+        };
         Added {
             names: names.expiries.len(),
             latest: names.latest,
+            evicted,
         }
     }
 
@@ -299,7 +324,8 @@ mod tests {
             both,
             Added {
                 names: 2,
-                latest: S(20)
+                latest: S(20),
+                evicted: false,
             }
         );
         assert_eq!(latest(&g.live(&ip("198.51.100.10"))), S(20));
@@ -406,6 +432,30 @@ mod tests {
     }
 
     #[test]
+    fn an_address_keeps_a_bounded_number_of_names() {
+        let mut g = Grants::default();
+        let a = ip("198.51.100.30");
+        for i in 0..NAMES_PER_ADDRESS as u64 {
+            let added = g.add(a, &format!("n{i}.flood.test"), S(100 + i));
+            assert!(!added.evicted);
+        }
+        // One more: the name that expires first (n0) makes room.
+        let added = g.add(a, "late.flood.test", S(50));
+        assert!(added.evicted);
+        assert_eq!(added.names, NAMES_PER_ADDRESS);
+        let live = g.live(&a);
+        assert!(!live.iter().any(|x| x.name == "n0.flood.test"));
+        assert!(live.iter().any(|x| x.name == "late.flood.test"));
+        // A name already there is no new name.
+        assert!(!g.add(a, "late.flood.test", S(60)).evicted);
+        for i in 0..10_000u64 {
+            g.add(a, &format!("r{i}.flood.test"), S(200 + i));
+        }
+        assert_eq!(g.live(&a).len(), NAMES_PER_ADDRESS);
+        assert_eq!(latest(&g.live(&a)), S(200 + 9_999));
+    }
+
+    #[test]
     fn a_new_answer_extends_but_never_shortens() {
         let mut g = Grants::default();
         g.add(ip("2001:db8::1"), "a.example.com", S(30));
@@ -414,7 +464,8 @@ mod tests {
             l,
             Added {
                 names: 1,
-                latest: S(30)
+                latest: S(30),
+                evicted: false,
             }
         );
         assert_eq!(g.live(&ip("2001:db8::1"))[0].expires, S(30));

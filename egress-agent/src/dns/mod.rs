@@ -17,6 +17,7 @@ pub mod attribution;
 pub mod cache;
 pub mod grants;
 pub mod names;
+pub mod ratelimit;
 pub mod screen;
 pub mod upstream;
 
@@ -30,7 +31,7 @@ use std::{
 
 use anyhow::Context as _;
 use egress_common::AllowValue;
-use hickory_proto::op::{Edns, Message, ResponseCode};
+use hickory_proto::op::{Message, ResponseCode};
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{Notify, Semaphore, watch},
@@ -46,11 +47,11 @@ use crate::{
     policy::{self, Policy},
 };
 use answer::normalize;
-use screen::{Screened, reply_to};
+use screen::{Screened, client_answer, reply_to};
 use upstream::{Transport, read_framed, write_framed};
 
 /// Queries handled at once; more wait (UDP) or are read later (TCP).
-const MAX_IN_FLIGHT: usize = 512;
+pub const MAX_IN_FLIGHT: usize = 512;
 /// An idle TCP client is dropped after this long.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// How often expired grants are swept from the map.
@@ -147,6 +148,9 @@ impl Resolver {
         };
         udp4.set_nonblocking(true)?;
         tcp4.set_nonblocking(true)?;
+        for u in std::iter::once(&udp4).chain(&udp6) {
+            grow_receive_buffer(u);
+        }
         if let (Some(u), Some(t)) = (&udp6, &tcp6) {
             u.set_nonblocking(true)?;
             t.set_nonblocking(true)?;
@@ -216,6 +220,35 @@ impl Resolver {
     }
 }
 
+/// The receive buffer of each UDP socket of the resolver: room for about 10,000 queries, so
+/// that a flood from one client (dropped by its rate limit as fast as it is read) does not
+/// fill the socket while the thread is briefly off the CPU, losing other clients' queries
+/// with it (the default of about 200 KiB holds some 270 datagrams: 3 ms of a 90,000 a second
+/// flood).
+const RECEIVE_BUFFER: libc::c_int = 8 << 20;
+
+/// Sets [`RECEIVE_BUFFER`]: past `net.core.rmem_max` with CAP_NET_ADMIN (which the agent
+/// holds), else as far as the limit allows.
+fn grow_receive_buffer(sock: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd as _;
+    let size = RECEIVE_BUFFER;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket descriptor and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
 /// Serves the UDP socket bound to `local`.
 async fn serve_udp(
     sock: Arc<UdpSocket>,
@@ -224,6 +257,7 @@ async fn serve_udp(
     limit: Arc<Semaphore>,
 ) {
     let mut buf = vec![0u8; 65_535];
+    let mut clients = ratelimit::Limiter::default();
     loop {
         let (n, client) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
@@ -232,6 +266,11 @@ async fn serve_udp(
                 continue;
             }
         };
+        // Before any parsing: a client over its rate costs one hash lookup.
+        if !clients.allow(client, Instant::now()) {
+            Metrics::inc(&ctx.metrics.dns_rate_limited);
+            continue;
+        }
         // Answered here when no upstream is needed (refused names, cache hits, malformed
         // queries): no task, no thread hop. Only a forwarded query gets a task of its own.
         let pending = match screen_query(&ctx, &buf[..n], client, local, Transport::Udp) {
@@ -243,15 +282,32 @@ async fn serve_udp(
                 }
                 continue;
             }
+            Step::Refused(refusal) => {
+                // Named (the owner lookup off this thread) before the answer goes: the client
+                // still waits for it, so its socket is still there to be found.
+                let (sock, ctx) = (sock.clone(), ctx.clone());
+                tokio::spawn(async move {
+                    report_refused(&ctx, &refusal.names, refusal.from).await;
+                    if let Some(reply) = refusal.reply {
+                        let _ = sock.send_to(&reply, client).await;
+                    }
+                });
+                continue;
+            }
             Step::Forward(p) => p,
         };
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
+        // Never wait for a slot here: waiting stops this loop from reading, and every other
+        // client's queries would be lost with the flood's. Without a slot: SERVFAIL at once.
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            Metrics::inc(&ctx.metrics.dns_rate_limited);
+            if let Some(reply) = encode(&reply_to(&pending.msg, ResponseCode::ServFail)) {
+                let _ = sock.send_to(&reply, client).await;
+            }
+            continue;
         };
-        let query = buf[..n].to_vec();
         let (sock, ctx) = (sock.clone(), ctx.clone());
         tokio::spawn(async move {
-            if let Some(reply) = forward(&ctx, pending, &query, Transport::Udp).await
+            if let Some(reply) = forward(&ctx, pending).await
                 && let Err(e) = sock.send_to(&reply, client).await
             {
                 tracing::debug!("dns: cannot answer {client}: {e}");
@@ -289,11 +345,17 @@ async fn tcp_client(
     ctx: &DnsContext,
     limit: &Semaphore,
 ) {
+    let mut rate = ratelimit::ClientLimit::new();
     loop {
         let query = match tokio::time::timeout(TCP_IDLE, read_framed(&mut s)).await {
             Ok(Ok(Some(q))) => q,
             _ => return,
         };
+        // A connection over its rate is read more slowly (TCP pushes back on the client).
+        if let Some(wait) = rate.wait() {
+            Metrics::inc(&ctx.metrics.dns_rate_limited);
+            tokio::time::sleep(wait).await;
+        }
         let Ok(_permit) = limit.acquire().await else {
             return;
         };
@@ -317,7 +379,11 @@ pub async fn handle(
 ) -> Option<Vec<u8>> {
     match screen_query(ctx, query, client, local, transport) {
         Step::Answer(reply) => reply,
-        Step::Forward(pending) => forward(ctx, pending, query, transport).await,
+        Step::Refused(r) => {
+            report_refused(ctx, &r.names, r.from).await;
+            r.reply
+        }
+        Step::Forward(pending) => forward(ctx, pending).await,
     }
 }
 
@@ -325,17 +391,47 @@ pub async fn handle(
 enum Step {
     /// This answer now (`None`: nothing to answer, not even a header).
     Answer(Option<Vec<u8>>),
+    /// REFUSED, once the refusal is reported.
+    Refused(Refusal),
     /// The upstream's answer.
     Forward(Pending),
 }
 
+/// A refused query: what to report, and the answer to give after.
+struct Refusal {
+    /// The REFUSED answer (`None`: nothing to answer).
+    reply: Option<Vec<u8>>,
+    /// (name, type) of each refused question.
+    names: Vec<(String, String)>,
+    from: Origin,
+}
+
+/// Why an answer is not given after all.
+enum Denied {
+    /// The policy in force no longer permits a question.
+    Refused(Refusal),
+    /// This answer instead (SERVFAIL: a write failed).
+    Failed(Option<Vec<u8>>),
+}
+
 /// A query on its way to the upstream.
 struct Pending {
-    policy: Arc<Policy>,
     msg: Box<Message>,
     key: cache::Key,
     /// Refused names forwarded in audit mode are never cached.
     cacheable: bool,
+    /// Who asked, and where: to name the sender if the answer is refused after all.
+    from: Origin,
+    /// Refused questions forwarded anyway (audit mode), to report.
+    audited: Vec<(String, String)>,
+}
+
+/// Where a query came from.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    client: SocketAddr,
+    local: SocketAddr,
+    transport: Transport,
 }
 
 /// Everything that needs no upstream, synchronously: screening, refusals (with their event)
@@ -348,7 +444,13 @@ fn screen_query(
     transport: Transport,
 ) -> Step {
     let policy = ctx.policy();
+    let from = Origin {
+        client,
+        local,
+        transport,
+    };
     let mut cacheable = true;
+    let mut audited = Vec::new();
     let msg = match screen::screen(query, &policy, &ctx.search) {
         Screened::Drop => return Step::Answer(None),
         Screened::Reply(r) => return Step::Answer(Some(r)),
@@ -367,45 +469,59 @@ fn screen_query(
         } => {
             Metrics::inc(&ctx.metrics.dns_queries);
             Metrics::inc(&ctx.metrics.dns_refused);
-            report_refused(ctx, &policy, &names, client, local, transport);
             if policy.mode != policy::Mode::Audit {
-                return Step::Answer(Some(reply));
+                return Step::Refused(Refusal {
+                    reply: Some(reply),
+                    names,
+                    from,
+                });
             }
             cacheable = false;
+            audited = names;
             query
         }
     };
 
-    let key = cache::Key::of(&msg, transport);
-    if cacheable && let Some((reply, granted)) = ctx.answers.get(&key, msg.id(), Instant::now()) {
+    let key = cache::Key::of(&msg);
+    if cacheable && let Some((answer, granted)) = ctx.answers.get(&key, Instant::now()) {
         // The addresses are granted again, for what remains of their TTL.
-        return Step::Answer(grant_all(ctx, &policy, &msg, granted).map_or(Some(reply), Some));
+        return match grant_all(ctx, &msg, granted, from) {
+            Ok(()) => Step::Answer(client_answer(answer, &msg, transport == Transport::Udp)),
+            Err(Denied::Refused(r)) => Step::Refused(r),
+            Err(Denied::Failed(reply)) => Step::Answer(reply),
+        };
     }
     Step::Forward(Pending {
-        policy,
         msg,
         key,
         cacheable,
+        from,
+        audited,
     })
 }
 
-/// Forwards a screened query and grants what the upstream answered before returning it.
-async fn forward(
-    ctx: &DnsContext,
-    pending: Pending,
-    query: &[u8],
-    transport: Transport,
-) -> Option<Vec<u8>> {
+/// Forwards a screened query (normalized: [`screen::upstream_query`]) and grants what the
+/// upstream answered before returning it.
+async fn forward(ctx: &DnsContext, pending: Pending) -> Option<Vec<u8>> {
     let Pending {
-        policy,
         msg,
         key,
         cacheable,
+        from,
+        audited,
     } = pending;
-    // What leaves for the upstream carries no bits the client chose beyond its questions.
-    let normalized = upstream_query(&msg);
-    let query = normalized.as_deref().unwrap_or(query);
-    let answer = match upstream::exchange(&ctx.upstreams(), query, transport).await {
+    let transport = from.transport;
+    if !audited.is_empty() {
+        report_refused(ctx, &audited, from).await;
+    }
+    let query = match screen::upstream_query(&msg) {
+        Ok(q) => q,
+        Err(e) => {
+            warn(ctx, &format!("dns: cannot build the upstream query: {e}"));
+            return encode(&reply_to(&msg, ResponseCode::ServFail));
+        }
+    };
+    let answer = match upstream::exchange(&ctx.upstreams(), &query, transport).await {
         Ok(a) => a,
         Err(e) => {
             Metrics::inc(&ctx.metrics.dns_upstream_failures);
@@ -417,83 +533,111 @@ async fn forward(
             return encode(&reply_to(&msg, ResponseCode::ServFail));
         }
     };
-    let granted = match screen::answered_addresses(&msg, &answer) {
-        Ok(g) => g,
+    let parsed = match Message::from_vec(&answer) {
+        Ok(m) => m,
         Err(e) => {
             warn(ctx, &format!("dns: unparseable upstream answer: {e}"));
             return encode(&reply_to(&msg, ResponseCode::ServFail));
         }
     };
-    if let Some(servfail) = grant_all(ctx, &policy, &msg, granted.clone()) {
-        return Some(servfail);
+    let granted = screen::addresses_in(&msg, &parsed);
+    match grant_all(ctx, &msg, granted.clone(), from) {
+        Ok(()) => {}
+        Err(Denied::Refused(r)) => {
+            report_refused(ctx, &r.names, r.from).await;
+            return r.reply;
+        }
+        Err(Denied::Failed(reply)) => return reply,
     }
     if cacheable {
-        ctx.answers.put(key, &answer, granted, Instant::now());
+        ctx.answers.put(key, &parsed, granted, Instant::now());
     }
-    Some(answer)
+    client_answer(parsed, &msg, transport == Transport::Udp)
 }
 
-/// The query as it goes upstream: the questions only, names lower-cased, and of the client's
-/// EDNS only the buffer size (capped at 1,232 bytes) and the DNSSEC bit; no EDNS options, no
-/// other records. A permitted name's query is otherwise a channel of its own: letter case,
-/// options and extra records would carry the client's bits to that name's servers. The answer
-/// goes back to the client as it comes (stub resolvers compare question names without regard
-/// to case).
-fn upstream_query(msg: &Message) -> Option<Vec<u8>> {
-    let mut m = Message::new();
-    m.set_id(msg.id())
-        .set_op_code(msg.op_code())
-        .set_recursion_desired(msg.recursion_desired());
-    for q in msg.queries() {
-        let mut q = q.clone();
-        q.set_name(q.name().to_lowercase());
-        m.add_query(q);
-    }
-    if let Some(e) = msg.extensions() {
-        let mut edns = Edns::new();
-        edns.set_max_payload(e.max_payload().clamp(512, 1232))
-            .set_dnssec_ok(e.flags().dnssec_ok);
-        m.set_edns(edns);
-    }
-    m.to_vec().ok()
-}
-
-/// Grants the answered addresses; on failure, the SERVFAIL answer to give instead.
+/// Grants the answered addresses under the policy in force *now*, not the one the query was
+/// screened under: a reload may have come while the query was upstream. On refusal, the
+/// answer to give instead: REFUSED (with its `dns-refused` event) when that policy no longer
+/// permits a question, SERVFAIL when a write failed.
 fn grant_all(
     ctx: &DnsContext,
-    policy: &Policy,
     msg: &Message,
     granted: cache::Granted,
-) -> Option<Vec<u8>> {
-    for (name, addrs) in granted {
-        if let Err(e) = allow_answer(ctx, policy, &name, &addrs) {
-            // The addresses are not allowed: say so rather than hand out an answer that
-            // only fails later.
-            warn(ctx, &format!("dns: {e:#}"));
-            return encode(&reply_to(msg, ResponseCode::ServFail));
+    from: Origin,
+) -> Result<(), Denied> {
+    let mut grants = ctx.grants.lock().unwrap_or_else(|p| p.into_inner());
+    // Read under the grants lock: a reload swaps the policy and prunes the grants under the
+    // same lock ([`crate::daemon::reload::apply`]), so this answer is either judged by the new policy
+    // or written before the prune, which then removes what the new policy drops.
+    let policy = ctx.policy();
+    if policy.mode != policy::Mode::Audit {
+        let refused: Vec<(String, String)> = msg
+            .queries()
+            .iter()
+            .filter(|q| !screen::permitted(q, &policy))
+            .map(|q| (normalize(q.name()), q.query_type().to_string()))
+            .collect();
+        if !refused.is_empty() {
+            Metrics::inc(&ctx.metrics.dns_refused);
+            return Err(Denied::Refused(Refusal {
+                reply: encode(&reply_to(msg, ResponseCode::Refused)),
+                names: refused,
+                from,
+            }));
         }
     }
-    None
+    let written = granted
+        .iter()
+        .try_for_each(|(name, addrs)| allow_answer(ctx, &policy, &mut grants, name, addrs));
+    count_entries(ctx, &grants);
+    if let Err(e) = written {
+        // The addresses are not allowed: say so rather than hand out an answer that only
+        // fails later.
+        warn(ctx, &format!("dns: {e:#}"));
+        return Err(Denied::Failed(encode(&reply_to(
+            msg,
+            ResponseCode::ServFail,
+        ))));
+    }
+    Ok(())
 }
 
-/// Writes a `dns-refused` event per refused question, naming the querying process.
-fn report_refused(
-    ctx: &DnsContext,
-    policy: &Policy,
-    names: &[(String, String)],
-    client: SocketAddr,
-    local: SocketAddr,
-    transport: Transport,
-) {
-    let audit = policy.mode == policy::Mode::Audit;
-    let owner = attribution::owner_of(transport, local, client, &ctx.cgroup);
+/// Keeps the `egress_dns_map_entries` gauge: the addresses holding grants.
+pub fn count_entries(ctx: &DnsContext, grants: &Grants) {
+    ctx.metrics
+        .dns_entries
+        .store(grants.len() as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Owner lookups running at once; a refused query beyond them is reported without its
+/// sender rather than wait.
+const ATTRIBUTING: usize = 4;
+static ATTRIBUTION_SLOTS: Semaphore = Semaphore::const_new(ATTRIBUTING);
+
+/// Writes a `dns-refused` event per refused question, naming the querying process. The owner
+/// lookup (a `sock_diag` request, at worst a walk over `/proc`) runs on the blocking pool,
+/// never on the resolver's thread, at most [`ATTRIBUTING`] at once.
+async fn report_refused(ctx: &DnsContext, names: &[(String, String)], from: Origin) {
+    let audit = ctx.policy().mode == policy::Mode::Audit;
+    let owner = match ATTRIBUTION_SLOTS.try_acquire() {
+        Ok(_slot) => {
+            let cgroup = ctx.cgroup.clone();
+            tokio::task::spawn_blocking(move || {
+                attribution::owner_of(from.transport, from.local, from.client, &cgroup)
+            })
+            .await
+            .ok()
+            .flatten()
+        }
+        Err(_) => None,
+    };
     for (name, qtype) in names {
         ctx.sink.emit(&Event::DnsRefused {
             ts: SystemTime::now(),
             query: name,
             qtype,
             verdict: if audit { "audit" } else { "refused" },
-            proto: match transport {
+            proto: match from.transport {
                 Transport::Udp => "udp",
                 Transport::Tcp => "tcp",
             },
@@ -508,6 +652,7 @@ fn report_refused(
 fn allow_answer(
     ctx: &DnsContext,
     policy: &Policy,
+    grants: &mut Grants,
     name: &str,
     addrs: &[(IpAddr, u32)],
 ) -> anyhow::Result<()> {
@@ -515,15 +660,14 @@ fn allow_answer(
         return Ok(());
     }
     let now = boot_now();
-    let mut grants = ctx.grants.lock().unwrap_or_else(|p| p.into_inner());
     let mut enf = ctx.enforcer.lock().unwrap_or_else(|p| p.into_inner());
     // Whatever happens below, the grants may have changed: persist them.
     ctx.grants_changed.notify_one();
     for &(ip, ttl) in addrs {
-        if crate::policy::rebinding::is_guarded(ip) {
+        if let Some(what) = crate::policy::rebinding::guarded(ip, policy.dns.block_private) {
             let message = format!(
-                "dns: {name} answered {ip}, a link-local or metadata address: not allowed \
-                 (DNS rebinding guard; only a cidr/ip rule can allow it)"
+                "dns: {name} answered {ip}, {what}: not allowed (DNS rebinding guard; only a \
+                 cidr/ip rule can allow it)"
             );
             tracing::warn!("{message}");
             ctx.sink.emit(&Event::Warning {
@@ -534,7 +678,7 @@ fn allow_answer(
         }
         let ttl = Duration::from_secs(ttl.into()).clamp(policy.dns.min_ttl, policy.dns.max_ttl);
         let added = grants.add(ip, name, now + ttl + policy.dns.grace);
-        let Some(value) = cached_entry(ctx, policy, ip, name, added, &grants)? else {
+        let Some(value) = cached_entry(ctx, policy, ip, name, added, grants)? else {
             // The kernel's entry already holds these rules until (almost) the same time.
             ctx.names.remember(ip, name);
             continue;
@@ -567,6 +711,8 @@ fn cached_entry(
     let expires = added.latest.as_nanos() as u64;
     let mut cache = ctx.entries.lock().unwrap_or_else(|p| p.into_inner());
     let value = match cache.get(&ip) {
+        // A name made room for this one: computed again below.
+        _ if added.evicted => entry_value(policy, &grants.live(&ip))?,
         // The same names as before: only the expiry moves.
         Some((n, v)) if *n == added.names => {
             if expires.saturating_sub(v.expires_ns) <= rewrite_slack(policy).as_nanos() as u64 {
@@ -622,17 +768,28 @@ async fn sweep_forever(ctx: Arc<DnsContext>) {
 /// Removes expired grants from the map (the programs also check expiry themselves, so a late
 /// sweep never extends an entry).
 pub fn sweep(ctx: &DnsContext) {
-    let changes = ctx
-        .grants
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .sweep(boot_now());
+    let changes = {
+        let mut grants = ctx.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let changes = grants.sweep(boot_now());
+        count_entries(ctx, &grants);
+        changes
+    };
+    let expired = ctx.answers.expire(Instant::now());
+    if changes.len() + expired >= TRIM_AFTER {
+        // After a burst (a flood of names) the freed memory goes back to the system rather
+        // than stay with the allocator.
+        // SAFETY: glibc's malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+    }
     if changes.is_empty() {
         return;
     }
     let policy = ctx.policy();
     apply_changes(ctx, &policy, changes);
 }
+
+/// A sweep that removed at least this many grants and cached answers hands freed memory back.
+const TRIM_AFTER: usize = 256;
 
 /// Writes grant changes into the map.
 pub fn apply_changes(ctx: &DnsContext, policy: &Policy, changes: Vec<Change>) {
@@ -742,38 +899,5 @@ pub fn system_name_servers() -> Vec<SocketAddr> {
             tracing::warn!("cannot read the system resolver configuration: {e}");
             Vec::new()
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::str::FromStr as _;
-
-    use hickory_proto::{
-        op::{Edns, Message, Query},
-        rr::{Name, RecordType, rdata::opt::EdnsOption},
-    };
-
-    #[test]
-    fn the_upstream_sees_lowercase_questions_and_no_client_options() {
-        let mut m = Message::new();
-        m.set_id(9).set_recursion_desired(true);
-        m.add_query(Query::query(
-            Name::from_str("OK.ExAmPle.COM.").unwrap(),
-            RecordType::A,
-        ));
-        let mut edns = Edns::new();
-        edns.set_max_payload(4096);
-        edns.options_mut()
-            .insert(EdnsOption::Unknown(65001, b"secret".to_vec()));
-        m.set_edns(edns);
-        let sent = super::upstream_query(&m).unwrap();
-        assert!(!sent.windows(6).any(|w| w == b"secret"));
-        let out = Message::from_vec(&sent).unwrap();
-        assert_eq!(out.queries()[0].name().to_ascii(), "ok.example.com.");
-        assert_eq!(out.id(), 9);
-        let e = out.extensions().as_ref().unwrap();
-        assert_eq!(e.max_payload(), 1232);
-        assert!(AsRef::<[_]>::as_ref(e.options()).is_empty());
     }
 }

@@ -5,12 +5,27 @@
 use std::net::IpAddr;
 
 use hickory_proto::{
-    op::{Message, MessageType, OpCode, ResponseCode},
-    rr::{Name, RecordType},
+    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{DNSClass, RecordType},
 };
 
-use super::answer::{addresses_for, normalize};
+use super::answer::{addresses_for, host_name, normalize};
 use crate::policy::Policy;
+
+/// The query types forwarded upstream: what a client needs to connect to a name (addresses,
+/// the alias chain, and the HTTPS record browsers and HTTP clients ask for beside them). Any
+/// other type, and any class but IN, is refused for a permitted name too: the client's choice
+/// among 65,536 types would be 16 bits per query sent towards the permitted name's servers.
+pub const FORWARDED_TYPES: [RecordType; 4] = [
+    RecordType::A,
+    RecordType::AAAA,
+    RecordType::CNAME,
+    RecordType::HTTPS,
+];
+
+/// The UDP payload size our own EDNS record offers upstream (the DNS flag day 2020 value),
+/// whatever the client offered.
+pub const EDNS_PAYLOAD: u16 = 1232;
 
 /// What to do with a query.
 #[derive(Debug)]
@@ -62,14 +77,12 @@ pub fn screen(query: &[u8], policy: &Policy, search: &[String]) -> Screened {
     if msg.op_code() != OpCode::Query || msg.queries().is_empty() {
         return encode(&reply_to(&msg, ResponseCode::NotImp));
     }
-    // A label holding a dot (`["x.ok", "test"]`, written `x\.ok.test`) would match `*.ok.test`
-    // on the text: names are judged only when every label is a plain host-name label.
+    // Judged on the wire labels: a name with a label no host name can hold (a dot inside a
+    // label, say) is permitted by nothing, whatever its escaped text looks like.
     let names: Vec<(String, String)> = msg
         .queries()
         .iter()
-        .filter(|q| {
-            !plain_labels(q.name()) || policy.host_rules_for(&normalize(q.name())).is_empty()
-        })
+        .filter(|q| !permitted(q, policy))
         .map(|q| (normalize(q.name()), q.query_type().to_string()))
         .collect();
     if names.is_empty() {
@@ -94,14 +107,66 @@ pub fn screen(query: &[u8], policy: &Policy, search: &[String]) -> Screened {
     }
 }
 
-/// Whether every label of `name` holds only letters, digits, `-` and `_`: what a host rule can
-/// name. Anything else (a dot inside a label, a space, a byte escaped in the text form) is
-/// never matched against the rules.
-fn plain_labels(name: &Name) -> bool {
-    name.iter().all(|l| {
-        l.iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
-    })
+/// Whether `policy` permits the question: a permitted name, one of [`FORWARDED_TYPES`],
+/// class IN.
+pub fn permitted(q: &Query, policy: &Policy) -> bool {
+    q.query_class() == DNSClass::IN
+        && FORWARDED_TYPES.contains(&q.query_type())
+        && host_name(q.name()).is_some_and(|n| !policy.host_rules_for(&n).is_empty())
+}
+
+/// The query sent upstream for a screened client query: built afresh, so that nothing the
+/// client chose beyond its questions' names and types reaches the upstream. Names in lower
+/// case, class IN, recursion desired, no other flag, and our own EDNS record (payload
+/// [`EDNS_PAYLOAD`], no options, DNSSEC OK clear) whatever the client sent. The id is
+/// replaced by a random one on the way out ([`super::upstream::exchange`]).
+pub fn upstream_query(msg: &Message) -> Result<Vec<u8>, String> {
+    let mut q = Message::new();
+    q.set_id(0)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true);
+    for question in msg.queries() {
+        let mut question = Query::query(question.name().to_lowercase(), question.query_type());
+        question.set_query_class(DNSClass::IN);
+        q.add_query(question);
+    }
+    let mut edns = Edns::new();
+    edns.set_max_payload(EDNS_PAYLOAD).set_version(0);
+    q.set_edns(edns);
+    q.to_vec().map_err(|e| e.to_string())
+}
+
+/// The answer for the client from the upstream's (or the cache's) `answer` to the client's
+/// `query`: the client's id, questions (their letter case included) and recursion flag; an
+/// EDNS record only if the client sent one; over UDP, if it exceeds what the client takes
+/// (512 bytes, or its EDNS payload size), only the header and questions with TC set, so that
+/// the client asks again over TCP.
+pub fn client_answer(mut answer: Message, query: &Message, udp: bool) -> Option<Vec<u8>> {
+    answer
+        .set_id(query.id())
+        .set_recursion_desired(query.recursion_desired())
+        .set_checking_disabled(false);
+    answer.take_queries();
+    answer.add_queries(query.queries().iter().cloned());
+    *answer.extensions_mut() = query.extensions().as_ref().map(|_| {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD).set_version(0);
+        edns
+    });
+    let bytes = answer.to_vec().ok()?;
+    let fits = query
+        .extensions()
+        .as_ref()
+        .map_or(512, |e| e.max_payload().max(512));
+    if !udp || bytes.len() <= usize::from(fits) {
+        return Some(bytes);
+    }
+    answer.take_answers();
+    answer.take_name_servers();
+    answer.take_additionals();
+    answer.set_truncated(true);
+    answer.to_vec().ok()
 }
 
 /// Whether `name` is `<permitted name>.<search domain>` for one of `search`.
@@ -120,7 +185,12 @@ pub type Answered = Vec<(String, Vec<(IpAddr, u32)>)>;
 /// name, addresses with their TTLs). An unparseable answer is an error.
 pub fn answered_addresses(query: &Message, answer: &[u8]) -> Result<Answered, String> {
     let parsed = Message::from_vec(answer).map_err(|e| e.to_string())?;
-    Ok(query
+    Ok(addresses_in(query, &parsed))
+}
+
+/// The addresses the parsed `answer` gives for each address question of `query`.
+pub fn addresses_in(query: &Message, parsed: &Message) -> Answered {
+    query
         .queries()
         .iter()
         .filter(|q| {
@@ -132,10 +202,10 @@ pub fn answered_addresses(query: &Message, answer: &[u8]) -> Result<Answered, St
         })
         .map(|q| {
             let name = normalize(q.name());
-            let addrs = addresses_for(&name, &parsed);
+            let addrs = addresses_for(&name, parsed);
             (name, addrs)
         })
-        .collect())
+        .collect()
 }
 
 /// An error answer to `q`, echoing its question.
@@ -321,6 +391,148 @@ mod tests {
             Screened::Refused { names, .. } => assert_eq!(names.len(), 2),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_dot_inside_a_label_is_refused() {
+        let p = policy::parse_str(
+            "version: 1\nallow:\n  - host: \"*.ok.test\"\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let mut m = Message::new();
+        m.set_id(3).set_recursion_desired(true);
+        m.add_query(Query::query(
+            Name::from_labels(vec![&b"x.ok"[..], b"test"]).unwrap(),
+            RecordType::A,
+        ));
+        match screen(&m.to_vec().unwrap(), &p, &[]) {
+            Screened::Refused { names, .. } => {
+                assert_eq!(names, vec![("x\\.ok.test".into(), "A".into())]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            screen(&query("x.ok.test.", RecordType::A), &p, &[]),
+            Screened::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn only_the_needed_types_of_a_permitted_name_are_forwarded() {
+        let p = policy();
+        for t in [
+            RecordType::A,
+            RecordType::AAAA,
+            RecordType::CNAME,
+            RecordType::HTTPS,
+        ] {
+            assert!(
+                matches!(
+                    screen(&query("ok.example.com.", t), &p, &[]),
+                    Screened::Forward(_)
+                ),
+                "{t}"
+            );
+        }
+        for t in [
+            RecordType::TXT,
+            RecordType::MX,
+            RecordType::NULL,
+            RecordType::ANY,
+            RecordType::Unknown(65_000),
+        ] {
+            match screen(&query("ok.example.com.", t), &p, &[]) {
+                Screened::Refused { names, .. } => {
+                    assert_eq!(names, vec![("ok.example.com".into(), t.to_string())])
+                }
+                other => panic!("{t}: {other:?}"),
+            }
+        }
+        let mut chaos = Message::new();
+        let mut q = Query::query(Name::from_str("ok.example.com.").unwrap(), RecordType::A);
+        q.set_query_class(hickory_proto::rr::DNSClass::CH);
+        chaos.add_query(q);
+        assert!(matches!(
+            screen(&chaos.to_vec().unwrap(), &p, &[]),
+            Screened::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn the_upstream_query_carries_nothing_the_client_chose_but_names_and_types() {
+        use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+        let mut m = Message::new();
+        m.set_id(0x4242)
+            .set_recursion_desired(false)
+            .set_checking_disabled(true)
+            .set_authentic_data(true);
+        m.add_query(Query::query(
+            Name::from_ascii("Ok.EXAMPLE.com.").unwrap(),
+            RecordType::AAAA,
+        ));
+        let mut edns = Edns::new();
+        edns.set_max_payload(4000).set_dnssec_ok(true);
+        edns.options_mut().insert(EdnsOption::Unknown(
+            u16::from(EdnsCode::Padding),
+            vec![7; 9],
+        ));
+        m.set_edns(edns);
+        let up = Message::from_vec(&upstream_query(&m).unwrap()).unwrap();
+        assert_eq!(up.id(), 0);
+        assert!(up.recursion_desired());
+        assert!(!up.checking_disabled() && !up.authentic_data());
+        assert_eq!(up.queries().len(), 1);
+        assert_eq!(up.queries()[0].name().to_string(), "ok.example.com.");
+        assert_eq!(up.queries()[0].query_type(), RecordType::AAAA);
+        let e = up.extensions().as_ref().expect("our EDNS record");
+        assert_eq!(e.max_payload(), EDNS_PAYLOAD);
+        assert!(!e.flags().dnssec_ok);
+        assert!(e.options().as_ref().is_empty(), "no options");
+    }
+
+    #[test]
+    fn the_client_gets_its_question_back_and_a_size_it_takes() {
+        let mut q = Message::new();
+        q.set_id(9).set_recursion_desired(true);
+        q.add_query(Query::query(
+            Name::from_ascii("Ok.Example.COM.").unwrap(),
+            RecordType::A,
+        ));
+        let mut a = Message::from_vec(&query("ok.example.com.", RecordType::A)).unwrap();
+        a.set_message_type(MessageType::Response).set_id(77);
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        a.set_edns(edns);
+        for i in 0..40u8 {
+            a.add_answer(Record::from_rdata(
+                Name::from_str("ok.example.com.").unwrap(),
+                60,
+                RData::A(A::new(198, 51, 100, i)),
+            ));
+        }
+        // Over TCP, whole, with the client's id and question, and no EDNS (it sent none).
+        let r = Message::from_vec(&client_answer(a.clone(), &q, false).unwrap()).unwrap();
+        assert_eq!(r.id(), 9);
+        assert_eq!(r.queries()[0].name().to_string(), "Ok.Example.COM.");
+        assert_eq!(r.answers().len(), 40);
+        assert!(r.extensions().is_none());
+        // Over UDP without EDNS: more than 512 bytes, so cut with TC.
+        let r = Message::from_vec(&client_answer(a.clone(), &q, true).unwrap()).unwrap();
+        assert!(r.truncated());
+        assert!(r.answers().is_empty());
+        assert_eq!(r.queries().len(), 1);
+        // With EDNS 1232 it fits, and the answer carries our EDNS record.
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        q.set_edns(edns);
+        let r = Message::from_vec(&client_answer(a, &q, true).unwrap()).unwrap();
+        assert!(!r.truncated());
+        assert_eq!(r.answers().len(), 40);
+        assert_eq!(
+            r.extensions().as_ref().map(|e| e.max_payload()),
+            Some(EDNS_PAYLOAD)
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Forwarding a client's query, byte for byte (its flags and EDNS options included), to the
-//! upstream servers: UDP for UDP clients (a truncated answer goes back truncated, so the client
-//! retries over TCP), TCP for TCP clients. Each query gets a fresh socket (random source
-//! port) and a random id, checked on the answer and restored for the client.
+//! Sending a query to the upstream servers: UDP for UDP clients (a truncated answer goes back
+//! truncated, so the client retries over TCP), TCP for TCP clients. The query is the one the
+//! resolver built from the client's ([`super::screen::upstream_query`]: lower case, no client
+//! flag or EDNS option), never the client's bytes. Each query gets a fresh socket (random
+//! source port) and a random id, checked on the answer.
 
 use std::{io, net::SocketAddr, time::Duration};
 

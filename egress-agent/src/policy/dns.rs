@@ -34,6 +34,8 @@ pub struct DnsSettings {
     pub grace: Duration,
     /// Where queries are forwarded.
     pub upstream: Upstream,
+    /// Private ranges too are kept out of DNS-derived entries (the rebinding guard).
+    pub block_private: bool,
 }
 
 impl Default for DnsSettings {
@@ -43,6 +45,7 @@ impl Default for DnsSettings {
             max_ttl: DEFAULT_MAX_TTL,
             grace: DEFAULT_GRACE,
             upstream: Upstream::System,
+            block_private: false,
         }
     }
 }

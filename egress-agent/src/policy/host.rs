@@ -27,8 +27,18 @@ impl HostPattern {
     ///
     /// A wildcard needs a whole label boundary: `*.example.com` covers `a.b.example.com` but
     /// neither `example.com` nor `evilexample.com`.
+    ///
+    /// Matching is label by label: `name` is the dotted form of a name whose labels hold only
+    /// what a host name label may hold (`a-z`, `0-9`, `-`, `_`, any case). A name with any
+    /// other byte (a presentation form such as `x\.ok.example.com`, whose first label holds a
+    /// dot, or an empty label) matches nothing: its text could otherwise line up with a
+    /// pattern's labels that its wire labels do not. See [`HostPattern::matches_labels`] for
+    /// wire labels.
     pub fn matches(&self, name: &str) -> bool {
         let name = name.strip_suffix('.').unwrap_or(name);
+        if name.is_empty() || !name.split('.').all(|l| is_label(l.as_bytes())) {
+            return false;
+        }
         match self {
             Self::Exact(exact) => name.eq_ignore_ascii_case(exact),
             Self::Wildcard(suffix) => {
@@ -39,6 +49,28 @@ impl HostPattern {
                     && name.is_char_boundary(cut)
                     && name.as_bytes()[cut] == b'.'
                     && name[cut + 1..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
+
+    /// Whether a name given as its wire labels (the root label left out) is covered: each
+    /// label compared whole, so a label holding a dot never stands for two.
+    pub fn matches_labels(&self, labels: &[&[u8]]) -> bool {
+        if labels.is_empty() || !labels.iter().all(|l| is_label(l)) {
+            return false;
+        }
+        let eq = |want: &str, have: &[&[u8]]| {
+            want.split('.').count() == have.len()
+                && want
+                    .split('.')
+                    .zip(have)
+                    .all(|(w, h)| w.as_bytes().eq_ignore_ascii_case(h))
+        };
+        match self {
+            Self::Exact(exact) => eq(exact, labels),
+            Self::Wildcard(suffix) => {
+                let n = suffix.split('.').count();
+                labels.len() > n && eq(suffix, &labels[labels.len() - n..])
             }
         }
     }
@@ -125,6 +157,14 @@ impl TryFrom<String> for HostPattern {
     }
 }
 
+/// Whether `label` is a non-empty host name label: `a-z` (any case), `0-9`, `-`, `_` only.
+pub fn is_label(label: &[u8]) -> bool {
+    !label.is_empty()
+        && label
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+}
+
 fn check_label(label: &str) -> Result<(), String> {
     if label.is_empty() {
         return Err("empty label".into());
@@ -197,6 +237,35 @@ mod tests {
         // A multi-byte character just before the suffix must not panic the slicing.
         assert!(!p("*.b.c").matches("\u{e9}b.c"));
         assert!(!w.matches(""));
+    }
+
+    #[test]
+    fn a_dot_inside_a_label_matches_nothing() {
+        // The wire name ["x.ok", "test"] in presentation form: its text would line up with
+        // the labels of *.ok.test, its labels do not.
+        let w = p("*.ok.test");
+        assert!(!w.matches("x\\.ok.test"));
+        assert!(!w.matches_labels(&[b"x.ok", b"test"]));
+        assert!(w.matches_labels(&[b"x", b"ok", b"test"]));
+        assert!(w.matches_labels(&[b"A", b"b", b"OK", b"Test"]));
+        assert!(!w.matches_labels(&[b"ok", b"test"]));
+        assert!(!w.matches_labels(&[b"x", b"ok.test"]));
+        let e = p("ok.test");
+        assert!(!e.matches("ok\\.test"));
+        assert!(!e.matches_labels(&[b"ok.test"]));
+        assert!(e.matches_labels(&[b"OK", b"test"]));
+        // Other bytes a label cannot hold, and empty labels.
+        for bad in [
+            "x\\032.ok.test",
+            "x ok.test",
+            "x..ok.test",
+            ".x.ok.test",
+            "x.ok.test..",
+        ] {
+            assert!(!w.matches(bad), "{bad}");
+        }
+        assert!(!w.matches_labels(&[b"", b"ok", b"test"]));
+        assert!(!w.matches_labels(&[b"a\0", b"ok", b"test"]));
     }
 
     #[test]

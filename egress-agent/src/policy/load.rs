@@ -3,6 +3,7 @@
 use std::{
     collections::HashSet,
     fs,
+    io::{self, Read},
     path::{Component, Path, PathBuf},
 };
 
@@ -14,7 +15,7 @@ use super::{
     error::Location,
     ports::ALL_PORTS,
     raw::{RawAllow, RawDns, RawFile},
-    yaml::{self, Mark, Node},
+    yaml::{self, Spanned},
 };
 
 /// Loads the policy rooted at `path`; `text` is its content if the caller already has it.
@@ -23,7 +24,7 @@ pub(super) fn load_root(path: &Path, text: Option<&str>) -> Result<Policy, Polic
     let text = match text {
         Some(t) => t,
         None => {
-            owned = fs::read_to_string(path).map_err(|error| PolicyError::Read {
+            owned = read(path).map_err(|error| PolicyError::Read {
                 path: path.to_path_buf(),
                 error,
             })?;
@@ -74,65 +75,62 @@ impl Loader {
         self.files.push(path.to_path_buf());
         self.stack.push((id, path.to_path_buf()));
 
-        let tree = yaml::parse(text).map_err(|e| PolicyError::Syntax {
-            at: location(path, e.mark, String::new()),
-            message: e.message,
-        })?;
-        let raw: RawFile = yaml::from_node(&tree).map_err(|e| {
-            let (mark, field) = e.at.unwrap_or((tree.mark, String::new()));
-            PolicyError::Invalid {
-                at: location(path, mark, field),
-                message: e.message,
+        let raw: RawFile = yaml::from_str(text).map_err(|e| {
+            let at = Location {
+                file: path.to_path_buf(),
+                line: e.line,
+                column: e.column,
+                field: e.field,
+            };
+            let message = e.message;
+            if e.syntax {
+                PolicyError::Syntax { at, message }
+            } else {
+                PolicyError::Invalid { at, message }
             }
         })?;
 
-        let name = match (raw.name, tree.get("name")) {
-            (Some(name), Some(node)) if name.trim().is_empty() => {
-                return Err(invalid(path, node, "name", "empty name".into()));
+        let name = match raw.name {
+            Some(name) if name.value.trim().is_empty() => {
+                return Err(invalid(path, &name, "name", "empty name".into()));
             }
-            (name, _) => name,
+            name => name.map(|n| n.value),
         };
         let dns = match raw.dns {
-            Some(dns) => dns_settings(path, tree.get("dns").unwrap_or(&tree), dns)?,
+            Some(dns) => dns_settings(path, dns)?,
             None => DnsSettings::default(),
         };
 
-        let writable_node = tree.get("writable");
         let mut writable = Vec::new();
         for (i, entry) in raw.writable.into_iter().flatten().enumerate() {
-            let node = writable_node.and_then(|n| n.at(i)).unwrap_or(&tree);
-            if !(entry.starts_with('/') || entry.starts_with("~/")) {
+            if !(entry.value.starts_with('/') || entry.value.starts_with("~/")) {
                 return Err(invalid(
                     path,
-                    node,
+                    &entry,
                     &format!("writable[{i}]"),
-                    format!("{entry:?} is neither absolute nor below ~/"),
+                    format!("{:?} is neither absolute nor below ~/", entry.value),
                 ));
             }
-            writable.push(entry);
+            writable.push(entry.value);
         }
 
-        let allow = tree.get("allow");
         for (index, item) in raw.allow.into_iter().flatten().enumerate() {
-            let node = allow.and_then(|a| a.at(index)).unwrap_or(&tree);
-            self.rules.push(rule(path, index, node, item)?);
+            self.rules.push(rule(path, index, item)?);
         }
 
-        let include = tree.get("include");
         for (i, entry) in raw.include.iter().flatten().enumerate() {
-            let node = include.and_then(|n| n.at(i)).unwrap_or(&tree);
             let field = format!("include[{i}]");
-            if entry.trim().is_empty() {
-                return Err(invalid(path, node, &field, "empty path".into()));
+            if entry.value.trim().is_empty() {
+                return Err(invalid(path, entry, &field, "empty path".into()));
             }
-            let included = path.parent().unwrap_or(Path::new("")).join(entry);
+            let included = path.parent().unwrap_or(Path::new("")).join(&entry.value);
             let id = identity(&included);
             if let Some(pos) = self.stack.iter().position(|(s, _)| *s == id) {
                 let mut chain: Vec<PathBuf> =
                     self.stack[pos..].iter().map(|(_, p)| p.clone()).collect();
                 chain.push(self.stack[pos].1.clone());
                 return Err(PolicyError::IncludeCycle {
-                    at: location(path, node.mark, field),
+                    at: location(path, entry, field),
                     chain,
                 });
             }
@@ -140,8 +138,8 @@ impl Loader {
                 // Reached before through another include: its rules are already in.
                 continue;
             }
-            let text = fs::read_to_string(&included).map_err(|error| PolicyError::Include {
-                at: location(path, node.mark, field),
+            let text = read(&included).map_err(|error| PolicyError::Include {
+                at: location(path, entry, field),
                 path: included.clone(),
                 error,
             })?;
@@ -158,29 +156,44 @@ impl Loader {
     }
 }
 
-fn location(path: &Path, mark: Mark, field: String) -> Location {
+/// Reads a file of at most [`yaml::MAX_BYTES`] (and one byte more, so that the parser can
+/// say it is too long): a file without end, like a FIFO or `/dev/zero`, is not read forever.
+fn read(path: &Path) -> io::Result<String> {
+    let mut text = String::new();
+    let limit = u64::try_from(yaml::MAX_BYTES).unwrap_or(u64::MAX) + 1;
+    fs::File::open(path)?
+        .take(limit)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Where `at` is in `path`, naming `field`.
+fn location<T>(path: &Path, at: &Spanned<T>, field: String) -> Location {
+    let (line, column) = yaml::position(at);
     Location {
         file: path.to_path_buf(),
-        line: mark.line,
-        column: mark.col,
+        line,
+        column,
         field,
     }
 }
 
-fn invalid(path: &Path, node: &Node, field: &str, message: String) -> PolicyError {
+fn invalid<T>(path: &Path, at: &Spanned<T>, field: &str, message: String) -> PolicyError {
     PolicyError::Invalid {
-        at: location(path, node.mark, field.to_string()),
+        at: location(path, at, field.to_string()),
         message,
     }
 }
 
-fn dns_settings(path: &Path, node: &Node, raw: RawDns) -> Result<DnsSettings, PolicyError> {
+fn dns_settings(path: &Path, node: Spanned<RawDns>) -> Result<DnsSettings, PolicyError> {
     let d = DnsSettings::default();
+    let raw = &node.value;
     let settings = DnsSettings {
-        min_ttl: raw.min_ttl.map_or(d.min_ttl, |v| v.0),
-        max_ttl: raw.max_ttl.map_or(d.max_ttl, |v| v.0),
+        min_ttl: raw.min_ttl.as_ref().map_or(d.min_ttl, |v| v.value.0),
+        max_ttl: raw.max_ttl.as_ref().map_or(d.max_ttl, |v| v.value.0),
         grace: raw.grace.map_or(d.grace, |v| v.0),
-        upstream: raw.upstream.unwrap_or(d.upstream),
+        upstream: raw.upstream.clone().unwrap_or(d.upstream),
+        block_private: raw.block_private.unwrap_or(d.block_private),
     };
     if settings.min_ttl > settings.max_ttl {
         let (min, max) = (
@@ -188,27 +201,31 @@ fn dns_settings(path: &Path, node: &Node, raw: RawDns) -> Result<DnsSettings, Po
             format_duration(settings.max_ttl),
         );
         // Point at the value the user wrote; if only one is written, the other is a default.
-        let (field, message) = match (node.get("max_ttl"), node.get("min_ttl")) {
-            (Some(n), _) => (
-                ("dns.max_ttl", n),
+        return Err(match (&raw.max_ttl, &raw.min_ttl) {
+            (Some(n), _) => invalid(
+                path,
+                n,
+                "dns.max_ttl",
                 format!("{max} is shorter than min_ttl ({min})"),
             ),
-            (None, Some(n)) => (
-                ("dns.min_ttl", n),
+            (None, Some(n)) => invalid(
+                path,
+                n,
+                "dns.min_ttl",
                 format!("{min} is longer than max_ttl (default {max})"),
             ),
-            (None, None) => (("dns", node), format!("min_ttl {min} > max_ttl {max}")),
-        };
-        return Err(invalid(path, field.1, field.0, message));
+            (None, None) => invalid(path, &node, "dns", format!("min_ttl {min} > max_ttl {max}")),
+        });
     }
     Ok(settings)
 }
 
-fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, PolicyError> {
+fn rule(path: &Path, index: usize, node: Spanned<RawAllow>) -> Result<Rule, PolicyError> {
     let field = format!("allow[{index}]");
+    let raw = &node.value;
     let mut targets = Vec::new();
-    if let Some(h) = raw.host {
-        targets.push(("host", Target::Host(h)));
+    if let Some(h) = &raw.host {
+        targets.push(("host", Target::Host(h.clone())));
     }
     if let Some(c) = raw.cidr {
         targets.push(("cidr", Target::Net(c.0)));
@@ -216,15 +233,15 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
     if let Some(ip) = raw.ip {
         targets.push(("ip", Target::Net(ip.0)));
     }
-    if let Some(peers) = raw.inbound {
-        targets.push(("inbound", Target::Inbound(peers.0)));
+    if let Some(peers) = &raw.inbound {
+        targets.push(("inbound", Target::Inbound(peers.value.0)));
     }
     let target = match targets.len() {
         1 => targets.pop().map(|(_, t)| t).expect("one target"),
         0 => {
             return Err(invalid(
                 path,
-                node,
+                &node,
                 &field,
                 "no destination: give one of host, cidr, ip, inbound".into(),
             ));
@@ -233,7 +250,7 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
             let names: Vec<&str> = targets.iter().map(|(n, _)| *n).collect();
             return Err(invalid(
                 path,
-                node,
+                &node,
                 &field,
                 format!(
                     "give only one of host, cidr, ip, inbound (found {})",
@@ -242,14 +259,14 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
             ));
         }
     };
-    if let Target::Inbound(peers) = &target {
-        let at = node.get("inbound").unwrap_or(node);
-        let field = format!("{field}.inbound");
-        if raw.protocol.is_some_and(|p| p != Protocol::Tcp) {
+    if let (Target::Inbound(peers), Some(at)) = (&target, &raw.inbound) {
+        if let Some(p) = &raw.protocol
+            && p.value != Protocol::Tcp
+        {
             return Err(invalid(
                 path,
-                node.get("protocol").unwrap_or(node),
-                &format!("allow[{index}].protocol"),
+                p,
+                &format!("{field}.protocol"),
                 "inbound rules are TCP only: remove protocol (a UDP server's replies are \
                  sends, judged by the outbound rules)"
                     .into(),
@@ -259,45 +276,42 @@ fn rule(path: &Path, index: usize, node: &Node, raw: RawAllow) -> Result<Rule, P
             return Err(invalid(
                 path,
                 at,
-                &field,
+                &format!("{field}.inbound"),
                 format!("give ports: the local ports {peers} may connect to (\"1-65535\" for all)"),
             ));
         }
     }
     let protocol = match target {
         Target::Inbound(_) => Protocol::Tcp,
-        _ => raw.protocol.unwrap_or_default(),
+        _ => raw.protocol.as_ref().map(|p| p.value).unwrap_or_default(),
     };
-    let ports_error = |message: String| {
-        invalid(
-            path,
-            node.get("ports").unwrap_or(node),
-            &format!("{field}.ports"),
-            message,
-        )
-    };
-    if !protocol.has_ports() && raw.ports.is_some() {
-        return Err(ports_error(format!(
-            "protocol {protocol} has no ports: remove ports, or write a separate tcp or udp \
-             rule for them"
-        )));
-    }
     // ICMP rules keep every port: nothing that looks at ports narrows them.
-    let ports = raw.ports.map_or_else(|| vec![ALL_PORTS], |p| p.0);
-    if ports.len() > MAX_PORT_RANGES {
-        return Err(ports_error(format!(
-            "{} separate port ranges, more than the {MAX_PORT_RANGES} one rule can hold",
-            ports.len()
-        )));
+    let mut ports = vec![ALL_PORTS];
+    if let Some(given) = &raw.ports {
+        let ports_error = |message| invalid(path, given, &format!("{field}.ports"), message);
+        if !protocol.has_ports() {
+            return Err(ports_error(format!(
+                "protocol {protocol} has no ports: remove ports, or write a separate tcp or udp \
+                 rule for them"
+            )));
+        }
+        if given.value.0.len() > MAX_PORT_RANGES {
+            return Err(ports_error(format!(
+                "{} separate port ranges, more than the {MAX_PORT_RANGES} one rule can hold",
+                given.value.0.len()
+            )));
+        }
+        ports.clone_from(&given.value.0);
     }
+    let (line, column) = yaml::position(&node);
     Ok(Rule {
         target,
         ports,
         protocol,
         origin: Origin {
             file: path.to_path_buf(),
-            line: node.mark.line,
-            column: node.mark.col,
+            line,
+            column,
             index,
         },
     })

@@ -32,17 +32,14 @@
 //! # Error positions
 //!
 //! Every error names file, line, column and field: `x.yaml:7:5: allow[2].cidr: "10.0.0.300/8"
-//! is not a CIDR`. `serde_yaml` cannot give that: its errors have a position only while a
-//! value is being read, and a successful read keeps none, so a rule could not say which line
-//! it came from and a check spanning fields or files (two targets in one rule, TTL bounds, a
-//! missing include) could not point anywhere. Instead the text is parsed with `yaml-rust2`'s
-//! event parser into a tree of nodes that keep their line and column ([`yaml`]), and the same
-//! serde-derived types are read from that tree by a small `Deserializer` of our own. It tracks
-//! the field path and pins each error on the innermost node being read: a value rejected by
-//! its type's `Deserialize`/`TryFrom` at the value, an unknown field at its key, a missing
-//! field at its mapping. Checks made after deserializing take positions from the tree, and
-//! each [`Rule`] keeps its [`Origin`]. serde's standard messages are reworded through
-//! `de::Error`'s hooks (`unknown field "prot", expected one of host, cidr, ...`).
+//! is not a CIDR`. The text is read by `serde-saphyr` ([`yaml`]), which pins each error on the
+//! node being read, rejects duplicate keys and a second document, and bounds size, nesting and
+//! aliases; `serde_path_to_error` gives the field path. A value rejected by its type's
+//! `Deserialize`/`TryFrom` is reported at the value, an unknown field at its key, a missing
+//! field at its mapping, an empty value at its key. Checks made after deserializing (two
+//! targets in one rule, TTL bounds, includes) take positions from the `Spanned` fields of
+//! [`raw`], and each [`Rule`] keeps its [`Origin`]. serde's messages are reworded in [`yaml`]
+//! (`unknown field "prot", expected one of host, cidr, ...`).
 
 mod compile;
 mod dns;
@@ -72,7 +69,7 @@ pub use compile::{CidrEntry, PortSet, cidr_entries, inbound_entries, rule_value}
 pub use dns::{DnsSettings, Upstream, format_duration, parse_duration};
 pub use egress_common::rules::TooManyRanges;
 pub use error::{Location, PolicyError};
-pub use host::HostPattern;
+pub use host::{HostPattern, is_label};
 pub use net::Net;
 pub use ports::Protocol;
 

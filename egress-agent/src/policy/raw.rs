@@ -4,7 +4,8 @@
 //! Values are checked as they are read (`HostPattern`, `Cidr`, `Ports`, ... reject bad text in
 //! their `Deserialize`), so each such error is reported at the value itself. What needs
 //! several fields or files (one target per rule, TTL bounds, includes) is checked in
-//! `load.rs`.
+//! `load.rs`, which finds the values it points at through their [`Spanned`] positions (the
+//! schema sees the plain type: `#[schemars(with = ...)]`).
 
 use std::borrow::Cow;
 
@@ -19,6 +20,7 @@ use super::{
     dns::{Dur, Upstream},
     net::{Cidr, InboundNet, SingleIp},
     ports::{Ports, Protocol},
+    yaml::Spanned,
 };
 
 /// One allowlist file.
@@ -30,22 +32,27 @@ pub struct RawFile {
     pub version: Version,
     /// Name of the policy in logs and events; default: the file name without its extension.
     /// Only the root file's name is used.
-    pub name: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub name: Option<Spanned<String>>,
     /// `enforce` denies what is not allowed; `audit` reports it but lets it through.
     /// Default `enforce`. Only the root file's mode is used.
     pub mode: Option<Mode>,
     /// Other allowlist files whose `allow` rules (and includes) are added after this file's,
     /// as paths relative to this file. A file including itself, directly or not, is an error.
-    pub include: Option<Vec<String>>,
+    #[schemars(with = "Option<Vec<String>>")]
+    pub include: Option<Vec<Spanned<String>>>,
     /// How DNS answers are used. Only the root file's settings are used.
-    pub dns: Option<RawDns>,
+    #[schemars(with = "Option<RawDns>")]
+    pub dns: Option<Spanned<RawDns>>,
     /// The destinations the workload may reach; anything else is denied. Empty or missing:
     /// deny everything.
-    pub allow: Option<Vec<RawAllow>>,
+    #[schemars(with = "Option<Vec<RawAllow>>")]
+    pub allow: Option<Vec<Spanned<RawAllow>>>,
     /// Files that run later outside the sandbox (shell startup files, git hooks, autostart
     /// entries, ...) that a command under `run` may write nonetheless: absolute paths, or
     /// `~/...` below the invoking user's home. Only the root file's list is used.
-    pub writable: Option<Vec<String>>,
+    #[schemars(with = "Option<Vec<String>>")]
+    pub writable: Option<Vec<Spanned<String>>>,
 }
 
 /// The `dns:` mapping; every field is optional.
@@ -56,11 +63,11 @@ pub struct RawDns {
     /// Shortest time an answer's addresses stay allowed, whatever its TTL (default 30s).
     /// Durations are written `500ms`, `30s`, `5m`, `1h`, or as a number of seconds.
     #[schemars(with = "Option<crate::policy::value_schemas::DurationText>")]
-    pub min_ttl: Option<Dur>,
+    pub min_ttl: Option<Spanned<Dur>>,
     /// Longest time an answer's addresses stay allowed before the name must be resolved
     /// again (default 1h); not shorter than `min_ttl`.
     #[schemars(with = "Option<crate::policy::value_schemas::DurationText>")]
-    pub max_ttl: Option<Dur>,
+    pub max_ttl: Option<Spanned<Dur>>,
     /// Extra time an address stays allowed after its TTL ran out, for connections opened
     /// just before (default 60s).
     #[schemars(with = "Option<crate::policy::value_schemas::DurationText>")]
@@ -68,6 +75,11 @@ pub struct RawDns {
     /// Where queries are forwarded: `system` (the name servers of /etc/resolv.conf, the
     /// default) or a list of `ip`, `ip:port` or `[ipv6]:port` (port 53 if not given).
     pub upstream: Option<Upstream>,
+    /// Whether a DNS answer may not allow a private address either (10.0.0.0/8,
+    /// 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, fc00::/7): only a `cidr:`/`ip:` rule can
+    /// then allow one (default false). Loopback, unspecified, link-local and metadata
+    /// addresses are never allowed by an answer.
+    pub block_private: Option<bool>,
 }
 
 /// One `allow` rule: exactly one of `host`, `cidr`, `ip` (where the workload may go), with
@@ -90,17 +102,18 @@ pub struct RawAllow {
     /// single address. `ports` (required) are the local ports they may connect to. Loopback
     /// peers (127.0.0.0/8, ::1) are always allowed; any other peer is refused its handshake.
     #[schemars(with = "Option<crate::policy::value_schemas::InboundText>")]
-    pub inbound: Option<InboundNet>,
+    pub inbound: Option<Spanned<InboundNet>>,
     /// A port (`443`), a range (`"8000-8080"`), or a list of them; ports are 1-65535.
     /// Missing: every port. Not allowed with `protocol: icmp`. With `inbound`: the local
     /// ports peers may connect to, required.
     #[serde(default, deserialize_with = "present")]
     #[schemars(with = "Option<crate::policy::value_schemas::PortsValue>")]
-    pub ports: Option<Ports>,
+    pub ports: Option<Spanned<Ports>>,
     /// `tcp`, `udp`, `any` (the default: tcp and udp) or `icmp` (ICMP echo, "ping", to
     /// this destination; takes no `ports`). An `inbound` rule is TCP only (`tcp` or left
     /// out): a UDP server's replies are sends, judged by the outbound rules.
-    pub protocol: Option<Protocol>,
+    #[schemars(with = "Option<Protocol>")]
+    pub protocol: Option<Spanned<Protocol>>,
 }
 
 /// An explicit empty value is an error, not "field missing": for `ports:` that would

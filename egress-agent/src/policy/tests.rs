@@ -165,7 +165,7 @@ fn error_unknown_fields_point_at_the_key() {
     );
     assert_eq!(
         err("version: 1\ndns:\n  min: 3s\n"),
-        r#"allowlists/x.yaml:3:3: dns: unknown field "min", expected one of min_ttl, max_ttl, grace, upstream"#
+        r#"allowlists/x.yaml:3:3: dns: unknown field "min", expected one of min_ttl, max_ttl, grace, upstream, block_private"#
     );
     assert_eq!(
         err("version: 1\nallow:\n  - {ip: 10.0.0.1, port: 80}\n"),
@@ -954,4 +954,132 @@ allow:
     assert!(!host.permits(22, PROTO_UDP) && !host.permits(443, PROTO_TCP));
     let net24 = inbound[1].value;
     assert!(net24.permits(8080, PROTO_TCP) && !net24.permits(22, PROTO_TCP));
+}
+
+#[test]
+fn error_documents_and_budgets() {
+    assert_eq!(
+        err("version: 1\n---\nversion: 1\n"),
+        "allowlists/x.yaml:3:1: more than one YAML document in the file"
+    );
+    // An anchored list of 10 lists of 10 ... (10^9 items): refused, and soon.
+    let mut bomb = String::from("version: 1\nname: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..9 {
+        let p = i - 1;
+        bomb += &format!(
+            "k{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        );
+    }
+    let start = std::time::Instant::now();
+    let e = err(&bomb.replacen("version: 1", "version: 2", 1));
+    assert!(e.ends_with(": aliases expand to too many nodes"), "{e}");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    let deep = format!("version: 1\nallow: {}1{}\n", "[".repeat(20), "]".repeat(20));
+    assert_eq!(
+        err(&deep),
+        "allowlists/x.yaml:2:23: over a parser limit: Depth { depth: 17 }"
+    );
+    let big = format!("version: 1\nname: {}\n", "x".repeat(yaml::MAX_BYTES));
+    assert_eq!(
+        err(&big),
+        format!(
+            "allowlists/x.yaml:1:1: {} bytes, more than the 67108864 a file may have",
+            big.len()
+        )
+    );
+    // Merge keys are not part of the format.
+    assert_eq!(
+        err("version: 1\nallow: [{<<: {ip: 10.0.0.1}}]\n"),
+        r#"allowlists/x.yaml:2:10: allow[0]: unknown field "<<", expected one of host, cidr, ip, inbound, ports, protocol"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n- ip: 10.0.0.1\n  ports: .inf\n"),
+        r#"allowlists/x.yaml:4:10: allow[0].ports: ".inf" is not a port (1-65535)"#
+    );
+    // A key named like the field `Spanned` wraps values in is a key like any other.
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n    value: 1\n"),
+        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "value", expected one of host, cidr, ip, inbound, ports, protocol"#
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - ip: 10.0.0.1\n  - ip: *nope\n"),
+        "allowlists/x.yaml:4:9: alias references unknown anchor"
+    );
+}
+
+#[test]
+fn error_positions_of_empty_and_mistyped_values() {
+    // An empty list item is reported at its dash, a comment after it or not.
+    assert_eq!(
+        err("version: 1\nallow:\n  -\n  - ip: 10.0.0.1\n"),
+        "allowlists/x.yaml:3:3: allow[0]: expected a mapping, found an empty value"
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n  - # empty\n  - ip: 10.0.0.1\n"),
+        "allowlists/x.yaml:3:3: allow[0]: expected a mapping, found an empty value"
+    );
+    assert_eq!(
+        err("version: 1\nallow: [{ip: 10.0.0.1, ports: }]\n"),
+        "allowlists/x.yaml:2:24: allow[0].ports: no ports given; leave ports out to allow every port"
+    );
+    // A value of the wrong type is reported at the value, not at its key.
+    assert_eq!(
+        err("version: true\n"),
+        "allowlists/x.yaml:1:10: version: expected version 1, found true"
+    );
+    assert_eq!(
+        err("version: 1\nmode: [a]\n"),
+        "allowlists/x.yaml:2:7: mode: expected a string, found a list"
+    );
+    assert_eq!(
+        err("version: 1\nallow: [{ip: 10.0.0.1, protocol: {tcp: 1}}]\n"),
+        "allowlists/x.yaml:2:34: allow[0].protocol: expected a string, found a mapping"
+    );
+    assert_eq!(
+        err("version: 1\nallow:\n- ip: 10.0.0.1\n  ports: [true]\n"),
+        r#"allowlists/x.yaml:4:11: allow[0].ports[0]: expected a port or a range like "8000-8080", found true"#
+    );
+    // A missing field is reported at its mapping.
+    assert_eq!(
+        err("# comment\n\nname: x\nallow: []\n"),
+        r#"allowlists/x.yaml:3:1: missing field "version""#
+    );
+    // serde reads only up to the first error; a syntax error after it is the one reported.
+    assert_eq!(
+        err("version: 1\n  bad: indent\n"),
+        "allowlists/x.yaml:2:6: mapping values are not allowed in this context"
+    );
+}
+
+#[test]
+fn anchors_and_aliases_are_read() {
+    let p = parse(
+        "version: 1\nallow:\n  - ip: 192.0.2.1\n    ports: &web [80, 443]\n  - ip: 192.0.2.2\n    ports: *web\n",
+    );
+    assert_eq!(p.rules[1].ports, vec![(80, 80), (443, 443)]);
+    assert_eq!((p.rules[1].origin.line, p.rules[1].origin.column), (5, 5));
+}
+
+#[test]
+fn a_file_too_large_is_not_read_whole() {
+    // 1 GiB of NUL bytes (sparse): the loader stops reading one byte past the limit.
+    let path = std::env::temp_dir().join(format!("egress-policy-big-{}.yaml", std::process::id()));
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(1 << 30))
+        .unwrap();
+    let e = load(&path);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        e.unwrap_err().to_string(),
+        format!(
+            "{}:1:1: {} bytes, more than the {} a file may have",
+            path.display(),
+            yaml::MAX_BYTES + 1,
+            yaml::MAX_BYTES
+        )
+    );
 }

@@ -85,8 +85,18 @@ impl Pty {
     /// Once the command runs: closes our copy of the slave (so the master sees the end when the
     /// command's copies are gone), puts the caller's terminal in raw mode and starts relaying.
     /// Returns the thread copying the command's output, to join after the command exits.
+    ///
+    /// Input is relayed, and the caller's terminal put in raw mode, only when `run` is in the
+    /// terminal's foreground: a background job that reads its terminal is stopped by SIGTTIN
+    /// (all of it, resolver included) and one that sets its mode by SIGTTOU. Started in the
+    /// background, `run` leaves the terminal's mode and input alone and relays output only.
     pub fn relay(&mut self) -> anyhow::Result<thread::JoinHandle<()>> {
         self.slave = None;
+        // SAFETY: tcgetpgrp and getpgrp take no pointers.
+        let foreground = unsafe { libc::tcgetpgrp(self.terminal) == libc::getpgrp() };
+        if !foreground {
+            *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         if let Some(saved) = *self.saved.lock().unwrap_or_else(|p| p.into_inner()) {
             let mut raw = saved;
             // SAFETY: cfmakeraw edits the struct; tcsetattr on the caller's terminal.
@@ -99,7 +109,7 @@ impl Pty {
             .master
             .try_clone()
             .context("cannot duplicate the pty")?;
-        if self.replaced.contains(&0) {
+        if foreground && self.replaced.contains(&0) {
             thread::Builder::new()
                 .name("pty-in".into())
                 .spawn(move || {

@@ -38,6 +38,9 @@ use signal_hook::{
 
 /// Exit status when the agent itself fails (as `env` and container runtimes use it).
 pub const EXIT_AGENT_ERROR: i32 = 125;
+
+/// How long teardown waits for the command's last output on its pty once the cgroup is empty.
+const OUTPUT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Exit status when the command exists but cannot be executed.
 pub const EXIT_CANNOT_EXECUTE: i32 = 126;
 /// Exit status when the command does not exist.
@@ -136,6 +139,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             ..EnforcerOptions::default()
         },
         protected: confinement.protected(),
+        rejected: None,
     })
     .await?;
     match session.family_guard_missing() {
@@ -229,9 +233,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     cgroup::kill_all(cg.path())?;
     cgroup::wait_empty(cg.path(), std::time::Duration::from_secs(5));
     // Every copy of the pty's slave is gone with them: the last output is relayed, then the
-    // caller's terminal is put back.
+    // caller's terminal is put back. Bounded: a copy of the slave that reached a process
+    // outside the cgroup (passed over a unix socket) would keep the relay open forever, and
+    // teardown must not wait on it.
     if let Some(out) = output {
-        let _ = out.join();
+        let deadline = std::time::Instant::now() + OUTPUT_DRAIN;
+        while !out.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        if out.is_finished() {
+            let _ = out.join();
+        }
     }
     if let Some(p) = &pty {
         p.restore();

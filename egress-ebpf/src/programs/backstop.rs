@@ -11,8 +11,8 @@
 //!   allowed now (sendmsg4/6 judged it a moment ago; the backstop catches a path that did not).
 //!   "Connected UDP socket" means a SOCK_DGRAM/IPPROTO_UDP socket with a peer: a raw socket
 //!   carrying hand-made UDP can be connected too, but no hook judged its connect;
-//! - a SYN or unconnected datagram to the destination its socket's own hook allowed last passes
-//!   without a second lookup (`super::judged`);
+//! - a SYN or unconnected datagram to the destination its socket's own hook allowed a moment
+//!   ago (in the same system call) passes without a second lookup (`super::judged`);
 //! - ICMP echo requests (type 8 over IPv4, ICMPv6 type 128 over IPv6) must go to a
 //!   destination whose entry permits ICMP (`protocol: icmp`), judged on every packet: an
 //!   unconnected `sendto` on a ping socket runs no sendmsg hook (`ping_v4_sendmsg` and
@@ -47,7 +47,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     Addr, DenyEvent, addr_from_v4,
-    consts::{COUNTER_BACKSTOP_DROP, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    consts::{COUNTER_BACKSTOP_DROP, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     events::{hook, reason},
 };
 
@@ -101,9 +101,17 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
     let (addr, l4, l4_off, echo): (Addr, u8, usize, (u8, u8)) =
         match u16::from_be(ctx.skb.protocol() as u16) {
             ETH_P_IP => {
+                // The established path, first: a segment of a connection judged when it
+                // opened is decided on three bytes (header length, protocol, TCP flags), before
+                // the rest of the header is read (a read of all 20 bytes up front made LLVM
+                // load and assemble every one of them before the first test).
+                let p: [u8; 10] = read(ctx, 0)?;
+                if p[0] & 0x0f == 5 && p[9] == IPPROTO_TCP && !syn(ctx, 20)? {
+                    return Ok(PASS);
+                }
                 let h: [u8; 20] = read(ctx, 0)?;
-                let dst = addr_from_v4([h[16], h[17], h[18], h[19]]);
                 let ihl = h[0] & 0x0f;
+                let dst = addr_from_v4([h[16], h[17], h[18], h[19]]);
                 if ihl > 5 {
                     // IP options: a source route (LSRR, SSRR) would carry the packet on past
                     // the judged destination, and nothing the cgroup sends needs options.
@@ -112,6 +120,11 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                 (dst, h[9], usize::from(ihl) * 4, (IPPROTO_ICMP, ICMP_ECHO))
             }
             ETH_P_IPV6 => {
+                // As for IPv4: the established path decides first.
+                let p: [u8; 8] = read(ctx, 0)?;
+                if p[6] == IPPROTO_TCP && !syn(ctx, 40)? {
+                    return Ok(PASS);
+                }
                 let h: [u8; 40] = read(ctx, 0)?;
                 let (next, mut dst) = (h[6], [0u8; 16]);
                 dst.copy_from_slice(&h[24..40]);
@@ -149,8 +162,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                     port,
                 ));
             }
-            let sk = full_socket(skb);
-            if !sk.is_null() && judged(sk, &addr, port, IPPROTO_TCP) {
+            if judged(skb, &addr, port, IPPROTO_TCP) {
                 // connect4/6 allowed this very destination for this socket.
                 return Ok(PASS);
             }
@@ -163,7 +175,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             }
             let u: [u8; 4] = read(ctx, l4_off)?;
             let port = u16::from_be_bytes([u[2], u[3]]);
-            if !sk.is_null() && judged(sk, &addr, port, IPPROTO_UDP) {
+            if judged(skb, &addr, port, IPPROTO_UDP) {
                 // sendmsg4/6 allowed this very destination for this socket.
                 return Ok(PASS);
             }
@@ -225,6 +237,14 @@ pub fn read<T: Copy>(ctx: &SkBuffContext, off: usize) -> Result<T, ()> {
     ctx.load(off).map_err(|_| ())
 }
 
+/// Whether the TCP segment at `l4_off` bytes into the packet carries SYN (its whole fixed
+/// header up to the flags is read, for the bounds check's sake, see [`read`]).
+#[inline(always)]
+fn syn(ctx: &SkBuffContext, l4_off: usize) -> Result<bool, ()> {
+    let t: [u8; 14] = read(ctx, l4_off)?;
+    Ok(t[13] & 0x02 != 0)
+}
+
 /// The packet's full socket, or null (a request socket, a time-wait socket, none).
 #[inline(always)]
 fn full_socket(skb: *mut __sk_buff) -> *mut bpf_sock {
@@ -266,8 +286,7 @@ fn judge_echo(skb: *mut __sk_buff, addr: &Addr, ip_proto: u8) -> i32 {
 /// request socket, or a TCP Fast Open child socket), or the second SYN of a simultaneous open
 /// (then the socket's own connect judged `peer` and `peer_port`).
 fn judge_syn_ack(skb: *mut __sk_buff, peer: &Addr, local_port: u16, peer_port: u16) -> i32 {
-    let sk = full_socket(skb);
-    if !sk.is_null() && judged(sk, peer, peer_port, IPPROTO_TCP) {
+    if judged(skb, peer, peer_port, IPPROTO_TCP) {
         return PASS;
     }
     match inbound::verdict(peer, local_port, peer_port) {
@@ -325,6 +344,9 @@ pub fn drop_packet(addr: &Addr, port: u16, ip_proto: u8, why: u8, hook: u8) -> i
             comm: [0; 16],
         });
         entry.submit(0);
+    } else {
+        // Counted, so that deny lines plus `denies-unrecorded` counts add up to every drop.
+        count(COUNTER_RINGBUF_DROP);
     }
     let verdict = if audit { PASS } else { DROP };
     trace::verdict(hook::EGRESS, addr, port, u32::from(ip_proto), verdict, why);

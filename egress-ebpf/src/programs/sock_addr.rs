@@ -45,6 +45,10 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     }
 }
 
+// Inlined: as a BPF-to-BPF call returning its `Result` through a stack pointer, LLVM may leave
+// that pointer in r0 at the callee's exit, which the verifier refuses ("cannot return stack
+// pointer to the caller"); inlined, the hook also saves the call.
+#[inline(always)]
 fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     if exempt() {
         return Ok(VERDICT_ALLOW);
@@ -52,6 +56,11 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     // SAFETY: the kernel hands every cgroup/sock_addr program a valid `bpf_sock_addr`; the
     // verifier checks each field access (4-byte loads, as it requires).
     let sa = unsafe { &*ctx.sock_addr };
+    if hook == hook::SENDMSG4 && sa.user_family == 0 {
+        // A send without an address: a connected socket (see `connected_v4`).
+        let (addr, port) = connected_v4(ctx);
+        return judge_connected(ctx, addr, port, sa.protocol, hook);
+    }
     // `user_ip4` holds the address in network byte order: its in-memory bytes are the octets.
     let addr = addr_from_v4(sa.user_ip4.to_ne_bytes());
     let port = port_of(sa.user_port);
@@ -64,12 +73,17 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     judge(ctx, addr, port, sa.protocol, hook)
 }
 
+#[inline(always)]
 fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     if exempt() {
         return Ok(VERDICT_ALLOW);
     }
     // SAFETY: as in `try_v4`.
     let sa = unsafe { &*ctx.sock_addr };
+    if hook == hook::SENDMSG6 && sa.user_family == 0 {
+        let (addr, port) = connected_v6(ctx);
+        return judge_connected(ctx, addr, port, sa.protocol, hook);
+    }
     let addr = read_v6(ctx);
     let port = port_of(sa.user_port);
     if is_dns(port, sa.protocol)
@@ -79,6 +93,86 @@ fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         return Ok(VERDICT_ALLOW);
     }
     judge(ctx, addr, port, sa.protocol, hook)
+}
+
+/// The destination of the connected socket whose send runs `sendmsg4` without an address.
+///
+/// `udp_sendmsg` skips the hook for a connected socket only on its fast path: a send with
+/// control messages (`IP_TOS`, `IP_PKTINFO`, `IP_TTL`, ...; before 5.x `UDP_SEGMENT` as well)
+/// leaves it and runs the hook with a NULL address, which
+/// `__cgroup_bpf_run_filter_sock_addr` shows as a zeroed `sockaddr_storage` (`user_family`
+/// 0, address 0, port 0) while the datagram goes to the socket's own destination
+/// (`inet_daddr`, `inet_dport`; a rewrite is ignored). Judging the zeros denied such sends
+/// to an allowed peer as `0.0.0.0:0` (QUIC stacks set ECN through `IP_TOS` on every send).
+/// So the socket's destination is read from `ctx->sk` (a `PTR_TO_SOCKET`, never NULL in a
+/// sock_addr program). An IPv6 socket connected to an IPv4-mapped peer reaches this hook too
+/// (`udpv6_sendmsg` hands it to `udp_sendmsg`); `dst_ip4` holds that peer.
+#[inline(always)]
+fn connected_v4(ctx: &SockAddrContext) -> (Addr, u16) {
+    // SAFETY: the verifier types `sk` as a valid socket and checks each field load.
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        let ip = (*sk).dst_ip4;
+        (addr_from_v4(ip.to_ne_bytes()), sk_dst_port(sk))
+    }
+}
+
+/// [`connected_v4`] for `sendmsg6` (`udpv6_sendmsg` has the same fast path and the same NULL
+/// address): the socket's `dst_ip6`, four 4-byte loads.
+#[inline(always)]
+fn connected_v6(ctx: &SockAddrContext) -> (Addr, u16) {
+    // SAFETY: as in `connected_v4`.
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        let w = [
+            (*sk).dst_ip6[0].to_ne_bytes(),
+            (*sk).dst_ip6[1].to_ne_bytes(),
+            (*sk).dst_ip6[2].to_ne_bytes(),
+            (*sk).dst_ip6[3].to_ne_bytes(),
+        ];
+        let mut a = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            a[i * 4] = w[i][0];
+            a[i * 4 + 1] = w[i][1];
+            a[i * 4 + 2] = w[i][2];
+            a[i * 4 + 3] = w[i][3];
+            i += 1;
+        }
+        (a, sk_dst_port(sk))
+    }
+}
+
+/// `bpf_sock.dst_port`, read as the 4-byte load every kernel accepts (a `__u32` until 5.18,
+/// a `__be16` and padding since, with 4-byte loads kept for compatibility): the port in
+/// network byte order in its low 16 bits.
+///
+/// # Safety
+/// `sk` is the context's socket pointer.
+#[inline(always)]
+unsafe fn sk_dst_port(sk: *mut aya_ebpf::bindings::bpf_sock) -> u16 {
+    // SAFETY: the caller passes the context's socket; `dst_port` starts a 4-byte slot.
+    let raw = unsafe { core::ptr::read_volatile((&raw const (*sk).dst_port).cast::<u32>()) };
+    port_of(raw)
+}
+
+/// A connected socket's send: its resolver (a DNS socket `connect4/6` steered) passes, as the
+/// connect did; any other destination takes the verdict.
+#[inline(always)]
+fn judge_connected(
+    ctx: &SockAddrContext,
+    addr: Addr,
+    port: u16,
+    ip_proto: u32,
+    hook: u8,
+) -> Result<i32, ()> {
+    if let Some(cfg) = steering()
+        && port == cfg.dns_port
+        && (addr == addr_from_v4(cfg.dns_v4) || addr == cfg.dns_v6)
+    {
+        return Ok(VERDICT_ALLOW);
+    }
+    judge(ctx, addr, port, ip_proto, hook)
 }
 
 /// The verdict; an allow is remembered on the socket for the packet backstop.

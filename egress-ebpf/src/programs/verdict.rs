@@ -110,9 +110,9 @@ pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
     // SAFETY: the value is only read; a concurrent update from the agent replaces it whole
     // (BPF_ANY update of a hash map swaps in a new element).
     if let Some(v) = unsafe { ALLOW_DNS.get(addr) } {
+        // The clock is read only for an entry that expires (a helper call, not inlined).
         // SAFETY: helper without arguments.
-        let now = unsafe { bpf_ktime_get_boot_ns() };
-        if v.expires_ns != 0 && now >= v.expires_ns {
+        if v.expires_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= v.expires_ns {
             why = reason::EXPIRED;
         } else if v.permits(port, proto) {
             return None;

@@ -58,6 +58,12 @@ const ACTIONS: &[(&str, Action, &str)] = &[
         "connect() a UDP socket, then send()",
     ),
     (
+        "udp-connect-cmsg",
+        udp_connect_cmsg,
+        "connect() a UDP socket, then three sendmsg() with control messages and no address: \
+         a traffic class (IP_TOS/IPV6_TCLASS), a packet info, UDP_SEGMENT with a traffic class",
+    ),
+    (
         "udp-sendmmsg",
         udp_sendmmsg,
         "sendmmsg() of two datagrams from an unconnected UDP socket",
@@ -140,6 +146,82 @@ fn udp_connect(dst: SocketAddr) -> io::Result<()> {
     s.connect(dst)?;
     let n = s.send(PAYLOAD)?;
     short_write(n)
+}
+
+/// `udp_connect`, with control messages on each send (as QUIC stacks set ECN and GSO): the
+/// kernel leaves its connected fast path and runs `sendmsg4/6` without an address.
+fn udp_connect_cmsg(dst: SocketAddr) -> io::Result<()> {
+    let s = udp_socket(dst)?;
+    s.connect(dst)?;
+    // A plain IPv6 peer takes IPv6 options; IPv4 and IPv4-mapped peers go through udp_sendmsg,
+    // which reads SOL_IP ones.
+    let v6 = matches!(dst, SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_none());
+    let ect0: libc::c_int = 2;
+    let class = if v6 {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_TCLASS,
+            ect0.to_ne_bytes().to_vec(),
+        )
+    } else {
+        (libc::IPPROTO_IP, libc::IP_TOS, ect0.to_ne_bytes().to_vec())
+    };
+    let info = if v6 {
+        let n = mem::size_of::<libc::in6_pktinfo>();
+        (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, vec![0u8; n])
+    } else {
+        let n = mem::size_of::<libc::in_pktinfo>();
+        (libc::IPPROTO_IP, libc::IP_PKTINFO, vec![0u8; n])
+    };
+    let gso = (
+        libc::SOL_UDP,
+        libc::UDP_SEGMENT,
+        1200u16.to_ne_bytes().to_vec(),
+    );
+    send_with_cmsgs(&s, std::slice::from_ref(&class))
+        .map_err(|e| step("sendmsg (traffic class)", e))?;
+    send_with_cmsgs(&s, &[info]).map_err(|e| step("sendmsg (packet info)", e))?;
+    send_with_cmsgs(&s, &[gso, class]).map_err(|e| step("sendmsg (UDP_SEGMENT)", e))
+}
+
+/// `sendmsg` of [`PAYLOAD`] on the connected socket `s`, no address, with `cmsgs` (level,
+/// type, data).
+fn send_with_cmsgs(s: &UdpSocket, cmsgs: &[(libc::c_int, libc::c_int, Vec<u8>)]) -> io::Result<()> {
+    let len = |d: &Vec<u8>| u32::try_from(d.len()).expect("small control message");
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space: usize = cmsgs
+        .iter()
+        .map(|c| unsafe { libc::CMSG_SPACE(len(&c.2)) } as usize)
+        .sum();
+    // u64 words: control data must be aligned for `cmsghdr`.
+    let mut buf = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: PAYLOAD.as_ptr().cast_mut().cast(),
+        iov_len: PAYLOAD.len(),
+    };
+    // SAFETY: a zeroed msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = buf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the headers walk `buf`, which holds CMSG_SPACE of every message.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+        for (level, ty, data) in cmsgs {
+            (*c).cmsg_level = *level;
+            (*c).cmsg_type = *ty;
+            (*c).cmsg_len = libc::CMSG_LEN(len(data)) as usize;
+            ptr::copy_nonoverlapping(data.as_ptr(), libc::CMSG_DATA(c), data.len());
+            c = libc::CMSG_NXTHDR(&raw const msg, c);
+        }
+    }
+    // SAFETY: `msg` points at live buffers for the duration of the call.
+    let n = unsafe { libc::sendmsg(s.as_raw_fd(), &raw const msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    short_write(usize::try_from(n).unwrap_or(0))
 }
 
 /// An OS error at a named step of an action: the report shows `step: error` and the

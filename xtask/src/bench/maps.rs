@@ -22,9 +22,10 @@ const BPF_OBJ_GET: libc::c_long = 7;
 
 /// `union bpf_attr`, large enough for the commands used here.
 #[repr(C, align(8))]
-struct Attr([u8; 128]);
+pub struct Attr(pub [u8; 128]);
 
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<i64> {
+/// The bpf syscall with `attr`; its result (a descriptor for some commands).
+pub fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<i64> {
     // SAFETY: `attr` is a zero-initialised bpf_attr of a size the kernel accepts.
     let rc = unsafe {
         libc::syscall(
@@ -143,15 +144,26 @@ pub fn fill(pins: &Path, (from, to): (u32, u32), (dfrom, dto): (u32, u32)) -> Re
     Ok(())
 }
 
-/// Allows `ip` (IPv4) on the given ports and every protocol in the DNS-derived map, never
-/// expiring: a destination the resolver would have answered.
+/// Allows `ip` (IPv4) on the given ports and every protocol in the DNS-derived map, expiring
+/// in an hour: a destination the resolver would have answered (with an expiry, as the
+/// resolver writes it, so the programs read the clock as they do in use).
 pub fn allow_dns(pins: &Path, ip: [u8; 4], ports: &[(u16, u16)]) -> Result<()> {
     let dns = PinnedMap::open(&pins.join("maps").join("ALLOW_DNS"))?;
-    dns.update(
-        &egress_common::keys::addr_from_v4(ip),
-        &value_bytes(&allow_value(ports, PROTO_ANY)),
-    )
-    .context("cannot write the DNS-derived destination")
+    let mut value = allow_value(ports, PROTO_ANY);
+    value.expires_ns = boottime_ns() + 3_600_000_000_000;
+    dns.update(&egress_common::keys::addr_from_v4(ip), &value_bytes(&value))
+        .context("cannot write the DNS-derived destination")
+}
+
+/// CLOCK_BOOTTIME in nanoseconds, the clock of `expires_ns` (`bpf_ktime_get_boot_ns`).
+fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The kernel memory (`memlock`, bytes) of the map pinned at `path`, from bpftool.

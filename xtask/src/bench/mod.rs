@@ -9,6 +9,8 @@ mod connect;
 mod dns;
 mod flood;
 mod maps;
+mod progs;
+mod progstats;
 mod report;
 mod sandbox;
 mod scale;
@@ -26,11 +28,18 @@ use sandbox::Sandbox;
 pub struct Ctx {
     pub agent_bin: PathBuf,
     pub worker_bin: PathBuf,
+    /// `egress-bench-floor`: the reference floor's loader.
+    pub floor_bin: PathBuf,
+    /// Part 1's outside view (thread CPU, ABBA against controls, nftables); off for
+    /// EGRESS_BENCH_ONLY=progs, which measures the per-program figures alone.
+    pub outside: bool,
     pub cgroup_root: PathBuf,
     /// Allowlist sizes of part 1.
     pub sizes: Vec<u32>,
     /// ABBA repetitions per measurement.
     pub reps: usize,
+    /// ABBA repetitions of the per-program figures (cheap: batches of a tenth of a second).
+    pub prog_reps: usize,
     /// Rounds of each DNS measurement.
     pub dns_rounds: usize,
     pub cpus: usize,
@@ -58,13 +67,21 @@ pub fn run() -> Result<()> {
     let ctx = Ctx {
         agent_bin: abs(release.join("egress-agent"))?,
         worker_bin: abs(release.join("bench-worker"))?,
+        floor_bin: abs(release.join("egress-bench-floor"))?,
+        outside: only().as_deref() != Some("progs"),
         cgroup_root: PathBuf::from(cgroup2_mount()?),
-        sizes: if quick {
-            vec![10, 10_000]
-        } else {
-            vec![10, 10_000, 1_000_000]
+        // EGRESS_BENCH_SIZES=10000,1000000: only these allowlist sizes (a partial run).
+        sizes: match std::env::var("EGRESS_BENCH_SIZES") {
+            Ok(v) => v
+                .split(',')
+                .map(|n| n.trim().parse::<u32>())
+                .collect::<Result<_, _>>()
+                .context("EGRESS_BENCH_SIZES: a comma-separated list of entry counts")?,
+            Err(_) if quick => vec![10, 10_000],
+            Err(_) => vec![10, 10_000, 1_000_000],
         },
         reps: if quick { 3 } else { 7 },
+        prog_reps: if quick { 5 } else { 11 },
         dns_rounds: if quick { 1 } else { 2 },
         cpus: std::thread::available_parallelism().map_or(1, usize::from),
     };
@@ -76,6 +93,9 @@ pub fn run() -> Result<()> {
     };
     report.commands = vec![
         "sudo cargo xtask bench    # builds release egress-agent and bench-worker, then runs parts 1-4".into(),
+        "sudo EGRESS_BENCH_ONLY=progs cargo xtask bench    # table 1p alone (per-program figures, ~3 min), report in target/BENCHMARKS.progs.md".into(),
+        "sudo EGRESS_BENCH_ONLY=progs EGRESS_BENCH_SIZES=10000 cargo xtask bench    # one size only (any comma-separated list)".into(),
+        "# floor: egress-bench-floor <cgroup> <entries> <map pin> (connect4 + sendmsg4, one hash lookup each; empty sock_create and cgroup_skb/egress)".into(),
         "# each measured batch: bench-worker in its own netns + cgroup, e.g. `tcp 198.51.100.10:8080 2000`".into(),
         "# enforcement: egress-agent attach --cgroup <cgroup> --allowlist <file> --name <n> --detach-on-exit".into(),
         "# nftables peer: socket cgroupv2 level 1 \"<cgroup>\" ip daddr != @allowed reject (output hook, own netns)".into(),
@@ -102,6 +122,19 @@ pub fn run() -> Result<()> {
          198/8, around the destination's own /24). nftables gets the same addresses in an \
          interval set."
             .into(),
+        "The floor: `egress-floor` (built by the agent's eBPF pipeline, loaded only by the \
+         bench-only `egress-bench-floor`), a cgroup/connect4 and a cgroup/sendmsg4 program that \
+         do one hash lookup of the destination in a map of the same key and value types as \
+         egress's DNS-derived one, sized and filled to the row's entry count, on a cgroup of its \
+         own; it is a column of table 1 (outside view, ABBA against the same control) and the \
+         reference of table 1p (kernel BPF statistics, in the same run)."
+            .into(),
+        "The established-flow row: one TCP connection to a sink that reads, then 20,000 \
+         writes of 32 bytes with TCP_NODELAY (autocorking merges some: runs/op of the backstop \
+         is below 1); its goal is the backstop's ns per packet. The DNS-derived destination is \
+         written with an expiry (an hour ahead), as the resolver writes one, so the programs \
+         read the clock as they do in use."
+            .into(),
         "Listeners run as threads of xtask inside each namespace, so their sockets are outside \
          the measured cgroups (no hook or nftables rule judges the accepting side)."
             .into(),
@@ -127,12 +160,13 @@ pub fn run() -> Result<()> {
     result
 }
 
-/// EGRESS_BENCH_ONLY=connect|dns: part 1 or part 2 alone, for working on the programs or the
-/// resolver (the report goes to `target/BENCHMARKS.<part>.md`).
+/// EGRESS_BENCH_ONLY=connect|progs|dns: part 1, part 1's per-program figures alone (kernel
+/// BPF statistics, egress against the floor: a minute or two), or part 2 alone, for working
+/// on the programs or the resolver (the report goes to `target/BENCHMARKS.<part>.md`).
 fn only() -> Option<String> {
     std::env::var("EGRESS_BENCH_ONLY")
         .ok()
-        .filter(|v| v == "connect" || v == "dns")
+        .filter(|v| v == "connect" || v == "progs" || v == "dns")
 }
 
 fn parts(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<()> {
@@ -142,8 +176,8 @@ fn parts(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<()> {
             dns::run(sb, ctx, report)?;
             return Ok(());
         }
-        Some(_) => {
-            println!("bench: part 1 only (EGRESS_BENCH_ONLY=connect)");
+        Some(part) => {
+            println!("bench: part 1 only (EGRESS_BENCH_ONLY={part})");
             connect::run(sb, ctx, report)?;
             return Ok(());
         }

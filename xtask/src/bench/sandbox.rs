@@ -33,6 +33,8 @@ pub struct Sandbox {
     /// `--detach-on-exit`), then `egress-agent detach` if their pins are still there.
     agents: Vec<(String, u32)>,
     agent_bin: PathBuf,
+    /// bpffs pins the bench made itself (the floor's map), removed at the end.
+    pub pins: Vec<PathBuf>,
 }
 
 impl Sandbox {
@@ -50,6 +52,7 @@ impl Sandbox {
             children: Vec::new(),
             agents: Vec::new(),
             agent_bin,
+            pins: Vec::new(),
         })
     }
 
@@ -288,6 +291,9 @@ impl Drop for Sandbox {
         }
         // Each deletes its namespace (and warns if it cannot).
         self.netns.clear();
+        for pin in self.pins.drain(..) {
+            let _ = fs::remove_file(pin);
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -343,10 +349,16 @@ impl Answer {
 /// Listens inside `netns`, from threads of this process (so the listening sockets belong to
 /// xtask's cgroup, not to the measured one): TCP on each `tcp` address, accepting and
 /// dropping every connection, and a UDP socket on each `udp` address that nobody reads
-/// (datagrams beyond its buffer are dropped by the kernel, the same on every side).
-pub fn listen(netns: &Path, tcp: &[SocketAddrV4], udp: &[SocketAddrV4]) -> Result<()> {
+/// (datagrams beyond its buffer are dropped by the kernel, the same on every side), and TCP on
+/// each `sink` address, reading every connection to its end (a thread per connection).
+pub fn listen(
+    netns: &Path,
+    tcp: &[SocketAddrV4],
+    udp: &[SocketAddrV4],
+    sink: &[SocketAddrV4],
+) -> Result<()> {
     let netns = netns.to_path_buf();
-    let (tcp, udp) = (tcp.to_vec(), udp.to_vec());
+    let (tcp, udp, sink) = (tcp.to_vec(), udp.to_vec(), sink.to_vec());
     let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
     thread::Builder::new()
         .name("bench-listeners".into())
@@ -362,6 +374,23 @@ pub fn listen(netns: &Path, tcp: &[SocketAddrV4], udp: &[SocketAddrV4]) -> Resul
                         thread::spawn(move || {
                             for s in l.incoming() {
                                 drop(s);
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow::anyhow!("cannot listen on {a}: {e}")));
+                        return;
+                    }
+                }
+            }
+            for a in &sink {
+                match TcpListener::bind(a) {
+                    Ok(l) => {
+                        thread::spawn(move || {
+                            for mut s in l.incoming().flatten() {
+                                thread::spawn(move || {
+                                    let _ = io::copy(&mut s, &mut io::sink());
+                                });
                             }
                         });
                     }

@@ -6,6 +6,8 @@
 //! - `tcp ADDR:PORT N`: N connect+close (linger 0: a RST, no TIME_WAIT); `ns=` thread CPU
 //!   time per operation.
 //! - `udp ADDR:PORT N`: N unconnected `sendto` of 32 bytes; `ns=` thread CPU per send.
+//! - `stream ADDR:PORT N`: one TCP connection, then N writes of 32 bytes with `TCP_NODELAY`
+//!   (a segment each: the established path); `ns=` thread CPU per write.
 //! - `deny ADDR:PORT N`: N connects that must fail with EPERM; wall-clock `p50=`, `p99=`,
 //!   `max=` per connect, `eperm=` how many failed with EPERM.
 //! - `lat ADDR:PORT N`: N allowed connect+close, wall-clock `p50=`, `p99=` per connect.
@@ -62,6 +64,7 @@ fn command(w: &[&str]) -> Res<String> {
     match arg(0)? {
         "tcp" => tcp(addr(1)?, num(2)?),
         "udp" => udp(addr(1)?, num(2)?),
+        "stream" => stream(addr(1)?, num(2)?),
         "deny" => deny(addr(1)?, num(2)?),
         "lat" => lat(addr(1)?, num(2)?),
         "flood" => flood(addr(1)?, num(2)?, num(3)?),
@@ -187,6 +190,23 @@ fn udp(to: SocketAddrV4, n: u64) -> Res<String> {
             io::Error::last_os_error()
         ));
     }
+    Ok(format!("ns={:.1} n={done}", cpu as f64 / done as f64))
+}
+
+fn stream(to: SocketAddrV4, n: u64) -> Res<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(5))
+        .map_err(|e| format!("connect {to}: {e}"))?;
+    s.set_nodelay(true)
+        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+    let payload = [0x5au8; 32];
+    let start = Instant::now();
+    let cpu0 = thread_cpu_ns();
+    let mut done = 0u64;
+    while done < n && start.elapsed() < MAX_COMMAND {
+        io::Write::write_all(&mut s, &payload).map_err(|e| format!("write to {to}: {e}"))?;
+        done += 1;
+    }
+    let cpu = thread_cpu_ns() - cpu0;
     Ok(format!("ns={:.1} n={done}", cpu as f64 / done as f64))
 }
 

@@ -5,7 +5,7 @@
 use std::{fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// The pod, as far as the e2e needs it.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ pub fn read(path: &Path) -> Result<PodSpec> {
     let text =
         fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let doc: Value =
-        serde_yaml::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
+        serde_saphyr::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
     parse(&doc).with_context(|| format!("{}", path.display()))
 }
 
@@ -94,21 +94,21 @@ fn parse(doc: &Value) -> Result<PodSpec> {
     }
     let spec = &doc["spec"];
     let sidecar = spec["initContainers"]
-        .as_sequence()
+        .as_array()
         .and_then(|s| s.first())
         .filter(|c| c["restartPolicy"].as_str() == Some("Always"))
         .context("no native sidecar (first init container with restartPolicy: Always)")?;
     let app = spec["containers"]
-        .as_sequence()
+        .as_array()
         .and_then(|s| s.first())
         .context("no app container")?;
-    let ndots = spec["dnsConfig"]["options"].as_sequence().and_then(|opts| {
+    let ndots = spec["dnsConfig"]["options"].as_array().and_then(|opts| {
         opts.iter()
             .find(|o| o["name"].as_str() == Some("ndots"))
             .and_then(|o| o["value"].as_str().map(str::to_owned))
     });
     let mut volumes = Vec::new();
-    for v in spec["volumes"].as_sequence().into_iter().flatten() {
+    for v in spec["volumes"].as_array().into_iter().flatten() {
         let name = text(&v["name"]).context("a volume without a name")?;
         let kind = if let Some(cm) = v["configMap"]["name"].as_str() {
             Volume::ConfigMap(cm.to_owned())
@@ -134,14 +134,14 @@ fn parse(doc: &Value) -> Result<PodSpec> {
 fn container(c: &Value) -> Result<Container> {
     let name = text(&c["name"]).context("a container without a name")?;
     let strings = |v: &Value| -> Vec<String> {
-        v.as_sequence()
+        v.as_array()
             .into_iter()
             .flatten()
             .filter_map(text)
             .collect()
     };
     let mut env = Vec::new();
-    for e in c["env"].as_sequence().into_iter().flatten() {
+    for e in c["env"].as_array().into_iter().flatten() {
         let key = text(&e["name"]).context("an env entry without a name")?;
         let value = if let Some(v) = text(&e["value"]) {
             EnvValue::Literal(v)
@@ -154,7 +154,7 @@ fn container(c: &Value) -> Result<Container> {
     }
     let sc = &c["securityContext"];
     let mounts = c["volumeMounts"]
-        .as_sequence()
+        .as_array()
         .into_iter()
         .flatten()
         .map(|m| {

@@ -8,8 +8,9 @@
 //! - An address is allowed statically only by `cidr:`/`ip:` rules. Every rule containing it
 //!   counts, not only the longest prefix: the loader gives each trie entry the ports of the
 //!   broader prefixes containing it. A `host:` rule allows an address only after DNS answered
-//!   it for the rule's name, and never a link-local or cloud metadata address (the DNS
-//!   rebinding guard, [`is_guarded`]).
+//!   it for the rule's name, and never a loopback, unspecified, link-local or cloud metadata
+//!   address, nor with `dns.block_private` a private one (the DNS rebinding guard,
+//!   [`guarded`]).
 //! - Port 53 (TCP and UDP) goes to egress's own resolver whatever the address, so the address
 //!   itself is never reached and rules for it have no effect.
 
@@ -23,7 +24,7 @@ use egress_common::consts::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 pub use self::destination::{Destination, Host, Transport};
 use crate::{
-    policy::rebinding::is_guarded,
+    policy::rebinding::guarded,
     policy::{HostPattern, Mode, Policy, PortSet, Protocol, Rule, Target},
 };
 
@@ -428,11 +429,11 @@ fn dns_note(
         .iter()
         .filter(|r| matches!(r.target, Target::Host(_)) && permits(r, port, transport))
         .collect();
-    if is_guarded(ip) {
-        out.line(
-            "never allowed through host rules: link-local and cloud metadata addresses are not \
-             allowed from DNS answers (DNS rebinding guard); only a cidr or ip rule can allow it",
-        );
+    if let Some(what) = guarded(ip, policy.dns.block_private) {
+        out.line(format_args!(
+            "never allowed through host rules: {what} is not allowed from DNS answers (DNS \
+             rebinding guard); only a cidr or ip rule can allow it"
+        ));
     } else if hosts.is_empty() {
         out.line("no host rule allows this port and protocol either, so no DNS answer can");
     } else {

@@ -1,0 +1,221 @@
+//! The reference floor (issue 14) and the per-program figures: egress's programs and the
+//! floor's, timed by the kernel's BPF statistics over the same batches of operations.
+//!
+//! The floor is `egress-bench-floor` (a bench-only binary of egress-agent, built from the
+//! project's eBPF pipeline): a `cgroup/connect4` and a `cgroup/sendmsg4` program doing one
+//! hash lookup each, in a map of the same key and value types as egress's DNS-derived one,
+//! holding as many entries as the size measured, attached to a cgroup of its own.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::ChildStdin,
+};
+
+use anyhow::{Context as _, Result, bail};
+use egress_common::consts::PROTO_ANY;
+
+use super::{
+    maps,
+    progstats::{Prog, Runs, StatsOn, attached},
+    sandbox::{Sandbox, Worker},
+    stats::median,
+};
+
+/// The floor's programs on the floor's cgroup, resized for each allowlist size.
+pub struct Floor {
+    pub cgroup: PathBuf,
+    pin: PathBuf,
+    helper: Option<(u32, ChildStdin)>,
+}
+
+impl Floor {
+    pub fn new(sb: &mut Sandbox, cgroup: PathBuf) -> Self {
+        let pin = Path::new("/sys/fs/bpf").join(sb.name("floor-map"));
+        sb.pins.push(pin.clone());
+        Self {
+            cgroup,
+            pin,
+            helper: None,
+        }
+    }
+
+    /// (Re)loads the floor with a map of `size` entries plus `allowed` (the destinations the
+    /// bench connects to), filled, and its two programs attached.
+    pub fn load(
+        &mut self,
+        sb: &mut Sandbox,
+        bin: &Path,
+        size: u32,
+        allowed: &[[u8; 4]],
+    ) -> Result<()> {
+        self.stop(sb);
+        let entries = size + allowed.len() as u32;
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg(&self.cgroup)
+            .arg(entries.to_string())
+            .arg(&self.pin);
+        let (pid, stdin, stdout) = sb.spawn(cmd, "floor.log")?;
+        self.helper = Some((pid, stdin));
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("egress-bench-floor")?;
+        if line.trim() != "ready" {
+            let log = fs::read_to_string(sb.dir.join("floor.log")).unwrap_or_default();
+            bail!("egress-bench-floor did not start: {log}");
+        }
+        let map = maps::PinnedMap::open(&self.pin)?;
+        let value = maps::value_bytes(&maps::allow_value(&[(1, 65535)], PROTO_ANY));
+        for ip in allowed {
+            map.update(&egress_common::keys::addr_from_v4(*ip), &value)
+                .context("cannot fill the floor map")?;
+        }
+        for i in 0..size {
+            let key = egress_common::keys::addr_from_v4(maps::dns_entry(i).to_be_bytes());
+            map.update(&key, &value)
+                .with_context(|| format!("cannot write floor entry {i}"))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the floor (its helper ends and its links with it).
+    pub fn stop(&mut self, sb: &mut Sandbox) {
+        if let Some((pid, stdin)) = self.helper.take() {
+            drop(stdin);
+            sb.wait_pid(pid);
+        }
+        let _ = fs::remove_file(&self.pin);
+    }
+}
+
+/// One program's figures: medians over repetitions.
+#[derive(Debug, Clone)]
+pub struct ProgFigure {
+    pub hook: &'static str,
+    pub ns_run: f64,
+    pub runs_op: f64,
+}
+
+/// What one side's programs cost per operation.
+#[derive(Debug, Clone, Default)]
+pub struct SideFigures {
+    pub progs: Vec<ProgFigure>,
+    /// Median over repetitions of the sum of every program's ns per operation.
+    pub total_ns_op: f64,
+}
+
+impl SideFigures {
+    /// The figure of the program on `hook` (the first one that ran).
+    pub fn on(&self, hook: &str) -> Option<&ProgFigure> {
+        self.progs.iter().find(|p| p.hook == hook)
+    }
+
+    /// ns per operation of the program on `hook` alone (the floor's lookup, without its empty
+    /// reference programs); the total when it did not run.
+    pub fn ns_op_of(&self, hook: &str) -> f64 {
+        self.on(hook)
+            .map_or(self.total_ns_op, |p| p.ns_run * p.runs_op)
+    }
+}
+
+/// One side: its worker and the programs attached to its cgroup.
+pub struct Side<'a> {
+    pub worker: &'a mut Worker,
+    pub progs: Vec<Prog>,
+}
+
+impl<'a> Side<'a> {
+    pub fn new(worker: &'a mut Worker, cgroup: &Path) -> Result<Self> {
+        Ok(Self {
+            worker,
+            progs: attached(cgroup)?,
+        })
+    }
+
+    fn snapshot(&self) -> Result<Vec<Runs>> {
+        self.progs.iter().map(Prog::runs).collect()
+    }
+
+    /// One batch: (Δ per program, operations done).
+    fn batch(&mut self, command: &str) -> Result<(Vec<Runs>, f64)> {
+        let before = self.snapshot()?;
+        let n = self.worker.ask(command)?.f("n");
+        let after = self.snapshot()?;
+        Ok((
+            before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| Runs {
+                    ns: a.ns - b.ns,
+                    cnt: a.cnt - b.cnt,
+                })
+                .collect(),
+            n,
+        ))
+    }
+}
+
+/// Runs `command` as A B B A `reps` times with the statistics on (they are off again when
+/// this returns), and returns the per-program figures of both sides.
+pub fn measure(
+    a: &mut Side<'_>,
+    b: &mut Side<'_>,
+    command: &str,
+    reps: usize,
+) -> Result<(SideFigures, SideFigures)> {
+    let _stats = StatsOn::enable()?;
+    // Warm-up, thrown away.
+    a.batch(command)?;
+    b.batch(command)?;
+    let mut ra = Vec::with_capacity(reps);
+    let mut rb = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let a1 = a.batch(command)?;
+        let b1 = b.batch(command)?;
+        let b2 = b.batch(command)?;
+        let a2 = a.batch(command)?;
+        ra.push(sum(&a1, &a2));
+        rb.push(sum(&b1, &b2));
+    }
+    Ok((figures(&a.progs, &ra), figures(&b.progs, &rb)))
+}
+
+fn sum(x: &(Vec<Runs>, f64), y: &(Vec<Runs>, f64)) -> (Vec<Runs>, f64) {
+    (
+        x.0.iter()
+            .zip(&y.0)
+            .map(|(p, q)| Runs {
+                ns: p.ns + q.ns,
+                cnt: p.cnt + q.cnt,
+            })
+            .collect(),
+        x.1 + y.1,
+    )
+}
+
+fn figures(progs: &[Prog], reps: &[(Vec<Runs>, f64)]) -> SideFigures {
+    let mut out = SideFigures::default();
+    for (i, p) in progs.iter().enumerate() {
+        let runs: Vec<(Runs, f64)> = reps.iter().map(|(r, n)| (r[i], *n)).collect();
+        if runs.iter().all(|(r, _)| r.cnt == 0) {
+            continue;
+        }
+        let per = |f: &dyn Fn(&Runs, f64) -> f64| {
+            median(&runs.iter().map(|(r, n)| f(r, *n)).collect::<Vec<_>>())
+        };
+        out.progs.push(ProgFigure {
+            hook: p.hook,
+            ns_run: per(&|r, _| r.ns as f64 / r.cnt.max(1) as f64),
+            runs_op: per(&|r, n| r.cnt as f64 / n.max(1.0)),
+        });
+    }
+    out.total_ns_op = median(
+        &reps
+            .iter()
+            .map(|(r, n)| r.iter().map(|x| x.ns as f64).sum::<f64>() / n.max(1.0))
+            .collect::<Vec<_>>(),
+    );
+    out
+}

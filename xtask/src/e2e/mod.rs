@@ -311,6 +311,38 @@ fn main_pod(env: &mut Env, spec: &PodSpec, report: &mut Report) -> Result<()> {
         "ok HTTP/1.0 200",
     );
 
+    // The app's shipped seccomp profile refuses packet sockets also to root with
+    // CAP_NET_RAW (the check below shows such a container opens one without it).
+    let app_profile = match &spec.app.seccomp {
+        Some(manifest::Seccomp::Localhost(p)) => {
+            site.seccomp_dir.join(p.trim_start_matches("profiles/"))
+        }
+        other => {
+            bail!("the app container's seccompProfile is {other:?}, not the shipped Localhost one")
+        }
+    };
+    let refused = podman.run(&[
+        "run",
+        "--rm",
+        "--pull=never",
+        "--pod",
+        &pod.name,
+        "--user=0",
+        "--cap-drop=ALL",
+        "--cap-add=NET_RAW",
+        "--read-only",
+        &format!("--security-opt=seccomp={}", app_profile.display()),
+        "--entrypoint",
+        "/usr/local/bin/probe",
+        images::APP_IMAGE,
+        "packet",
+    ]);
+    report.expect(
+        "app-profile-refuses-packet-socket-with-net-raw",
+        &refused.unwrap_or_else(|e| format!("{e:#}")),
+        "errno EPERM",
+    );
+
     // A container of the pod with CAP_NET_RAW (what container runtimes grant by default)
     // opens a packet socket: a warning, the gauge, and /readyz fails (--require-no-raw).
     let warned = count(&podman.logs("egress"), "packet socket");

@@ -109,6 +109,11 @@ impl Pod {
 
     /// Runs `c` of `spec` in the pod (detached), as container `name`, from `image`,
     /// with `command` instead of the manifest's (the app) and `extra` flags before the image.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "what the kubelet combines: the pod, its spec, the container, the node's files, \
+                  the image and the e2e's own command and flags"
+    )]
     pub fn run(
         &self,
         podman: &Podman,

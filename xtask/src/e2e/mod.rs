@@ -321,26 +321,37 @@ fn main_pod(env: &mut Env, spec: &PodSpec, report: &mut Report) -> Result<()> {
             bail!("the app container's seccompProfile is {other:?}, not the shipped Localhost one")
         }
     };
-    let refused = podman.run(&[
-        "run",
-        "--rm",
-        "--pull=never",
-        "--pod",
-        &pod.name,
-        "--user=0",
-        "--cap-drop=ALL",
-        "--cap-add=NET_RAW",
-        "--read-only",
-        &format!("--security-opt=seccomp={}", app_profile.display()),
-        "--entrypoint",
-        "/usr/local/bin/probe",
-        images::APP_IMAGE,
-        "packet",
-    ]);
+    let under_profile = |probe: &str| {
+        podman
+            .run(&[
+                "run",
+                "--rm",
+                "--pull=never",
+                "--pod",
+                &pod.name,
+                "--user=0",
+                "--cap-drop=ALL",
+                "--cap-add=NET_RAW",
+                "--read-only",
+                &format!("--security-opt=seccomp={}", app_profile.display()),
+                "--entrypoint",
+                "/usr/local/bin/probe",
+                images::APP_IMAGE,
+                probe,
+            ])
+            .unwrap_or_else(|e| format!("{e:#}"))
+    };
     report.expect(
         "app-profile-refuses-packet-socket-with-net-raw",
-        &refused.unwrap_or_else(|e| format!("{e:#}")),
+        &under_profile("packet"),
         "errno EPERM",
+    );
+    // AF_VSOCK needs no capability; ENOSYS is the profile's default action (a kernel
+    // without vsock would say EAFNOSUPPORT).
+    report.expect(
+        "app-profile-refuses-vsock",
+        &under_profile("vsock"),
+        "errno ENOSYS",
     );
 
     // A container of the pod with CAP_NET_RAW (what container runtimes grant by default)

@@ -6,6 +6,7 @@ Each command prints one line the e2e matches on:
   resolve NAME          rcode <NAME> [addresses...] | timeout: one A query, raw, to resolv.conf's server
   packet                ok | errno <NAME>: opens an AF_PACKET socket
   hold-packet SECONDS   opens an AF_PACKET socket, prints `holding`, keeps it open
+  vsock                 ok | errno <NAME>: opens an AF_VSOCK socket (needs no capability)
   first                 the app's first instruction: `first ` + connect 198.51.100.20 80, then idles
 """
 
@@ -100,6 +101,12 @@ def main(argv: list[str]) -> int:
     elif cmd == "packet":
         try:
             packet().close()
+            print("ok")
+        except OSError as e:
+            print(err(e))
+    elif cmd == "vsock":
+        try:
+            socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
             print("ok")
         except OSError as e:
             print(err(e))

@@ -376,6 +376,7 @@ def check_pods(docs: list[Doc], report: Report, allowlists: list[tuple[Doc, dict
                 if container is not sidecar:
                     check_app(
                         doc,
+                        spec,
                         container,
                         f"{prefix}.{group}[{i}] ({container.get('name')})",
                         volumes,
@@ -695,8 +696,18 @@ def check_allowlist(doc, allowlist, where, c, volumes, configmaps, report, allow
     report.error(doc.where(f"{where}.args"), f"--allowlist {allowlist} is on no mounted volume")
 
 
-def check_app(doc: Doc, c: dict, where: str, volumes: dict[str, dict], report: Report) -> None:
+def check_app(doc: Doc, spec: dict, c: dict, where: str, volumes: dict[str, dict], report: Report) -> None:
     sc = c.get("securityContext") or {}
+    profile = sc.get("seccompProfile") or (spec.get("securityContext") or {}).get("seccompProfile") or {}
+    at = doc.where(f"{where}.securityContext.seccompProfile")
+    if profile.get("type") == "Unconfined":
+        report.error(at, "Unconfined: nothing refuses packet and vsock sockets where the kernel has no BPF LSM")
+    elif profile.get("type") != "Localhost" or profile.get("localhostProfile") != "profiles/egress-app.json":
+        report.warning(
+            at,
+            "not Localhost profiles/egress-app.json (deploy/seccomp/): without it a container that holds "
+            "or regains NET_RAW sends packet-socket frames past the programs where the kernel has no BPF LSM",
+        )
     if sc.get("privileged") is True:
         report.error(
             doc.where(f"{where}.securityContext.privileged"),

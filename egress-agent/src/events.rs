@@ -65,6 +65,12 @@ pub struct DenyRecord {
     /// many, beyond the lines already written for it (see `throttle`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repeats: Option<u64>,
+    /// Present when the task the kernel ran the hook in is not the workload's but a kernel
+    /// worker acting for one of its sockets (an MPTCP subflow the path manager opens): its
+    /// `comm`. `pid` and `tid` are then 0 (the socket's owner is not known), `comm` is empty,
+    /// and `cgroup` is the enforced cgroup's (the socket's, or one above it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 impl DenyRecord {
@@ -98,7 +104,21 @@ impl DenyRecord {
             host: None,
             near_rule: None,
             repeats: None,
+            worker: None,
         }
+    }
+
+    /// Attributes the record to the socket's side when its task is not in `workload` (see
+    /// [`DenyRecord::worker`]). The family guard runs at socket creation, in the creating
+    /// task: always its own. Packet hooks (`egress`, `accept`) name no task (cgroup 0).
+    pub fn attribute(&mut self, workload: &mut crate::sys::cgroup::Subtree) {
+        if self.hook == "socket_create" || self.cgroup == 0 || workload.contains(self.cgroup) {
+            return;
+        }
+        self.worker = Some(std::mem::take(&mut self.comm));
+        self.pid = 0;
+        self.tid = 0;
+        self.cgroup = workload.root_id();
     }
 
     /// Decodes a ring-buffer item; `None` if it is not a whole [`DenyEvent`].
@@ -445,6 +465,42 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("host"), "no host field when unknown: {line}");
+        assert!(
+            !line.contains("worker"),
+            "no worker field for the workload: {line}"
+        );
+
+        // A directory tree stands for the cgroup tree (ids are inode numbers).
+        let root = std::env::temp_dir().join(format!("egress-subtree-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("app/sub")).unwrap();
+        let ino = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&p.metadata().unwrap());
+        let mut workload = crate::sys::cgroup::Subtree::new(&root);
+        let mut inside = r.clone();
+        inside.cgroup = ino(&root.join("app/sub"));
+        inside.attribute(&mut workload);
+        assert_eq!(
+            (inside.pid, inside.worker.as_deref()),
+            (7, None),
+            "{inside:?}"
+        );
+        let mut worker = r.clone();
+        worker.cgroup = 1;
+        worker.comm = "kworker/1:0".to_owned();
+        worker.attribute(&mut workload);
+        assert_eq!(
+            (worker.pid, worker.tid, worker.comm.as_str(), worker.cgroup),
+            (0, 0, "", ino(&root))
+        );
+        assert_eq!(worker.worker.as_deref(), Some("kworker/1:0"));
+        let mut packet = r.clone();
+        (packet.pid, packet.cgroup, packet.comm, packet.hook) = (0, 0, String::new(), "egress");
+        packet.attribute(&mut workload);
+        assert_eq!(
+            (packet.cgroup, packet.worker),
+            (0, None),
+            "packet context: no task"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -26,6 +26,8 @@ const SCRIPT: &str = r#"
 import json, socket, sys
 icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+conn = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+conn.connect(("198.51.100.20", 5001))
 print("ready", flush=True)
 # An ICMP message of `kind` (8: echo request, 13: timestamp request), id 0x4242, seq 1,
 # checksum computed below.
@@ -47,6 +49,10 @@ for line in sys.stdin:
             icmp.sendto(icmp_message(13), ("198.51.100.20", 0))
         elif what == "udp":
             udp.sendto(b"x", ("198.51.100.20", 5000))
+        elif what == "udp-connected":
+            conn.send(b"x")
+        elif what == "udp-connected-cmsg":
+            conn.sendmsg([b"x"], [(socket.IPPROTO_IP, socket.IP_TOS, (0x10).to_bytes(4, sys.byteorder))])
         print(json.dumps({"what": what, "ok": True}), flush=True)
     except OSError as e:
         print(json.dumps({"what": what, "ok": False, "errno": e.errno}), flush=True)
@@ -183,4 +189,39 @@ fn a_socket_opened_before_enforcement_cannot_send_what_no_rule_allows() {
         backstop("no-rule") && backstop("protocol"),
         "both drops are reported by the backstop: {events:?}"
     );
+}
+
+/// What the backstop does not do, as README and THREATS say: a UDP socket connected before
+/// the programs were attached (`attach` on a running workload) keeps sending to its peer with
+/// a plain `send` (no socket hook runs on that path, and the backstop passes connected UDP:
+/// it cannot tell when the connect was judged). A send of the same socket that carries a
+/// control message runs `sendmsg4` and is judged as its connected peer: denied here.
+#[test]
+fn a_udp_socket_connected_before_enforcement_keeps_only_its_peer() {
+    require_root();
+    let netns = TestNetns::new();
+    netns.add_lo_address("198.51.100.20/32");
+    let cg = TestCgroup::new();
+    let mut sender = Sender::start(&netns, &cg);
+    let policy = policy::parse_str(
+        "version: 1\nallow:\n  - ip: 127.0.0.1\n    ports: [8080]\n",
+        Path::new("backstop.yaml"),
+    )
+    .expect("policy");
+    let _enf = Enforcer::attach(cg.path(), &policy, &EnforcerOptions::default())
+        .expect("attach to the test cgroup");
+
+    let plain = sender.send("udp-connected");
+    assert_eq!(
+        plain["ok"], true,
+        "a plain send on a socket connected before attach passes (the gap written down): {plain}"
+    );
+    let cmsg = sender.send("udp-connected-cmsg");
+    assert_eq!(
+        (cmsg["ok"].clone(), cmsg["errno"].clone()),
+        (serde_json::json!(false), serde_json::json!(libc::EPERM)),
+        "with a control message it is judged: {cmsg}"
+    );
+    let unconnected = sender.send("udp");
+    assert_eq!(unconnected["errno"], libc::EPERM, "{unconnected}");
 }

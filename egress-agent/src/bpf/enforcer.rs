@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
         links::{FdLink, PinnedLink},
@@ -167,6 +167,8 @@ fn family_guard_load_error(e: aya::programs::ProgramError) -> anyhow::Error {
 /// Programs attached to one cgroup, with handles on their maps.
 pub struct Enforcer {
     cgroup: PathBuf,
+    /// The enforced cgroup and those below it, for attributing denies.
+    workload: crate::sys::cgroup::Subtree,
     links: Vec<Link>,
     pin_dir: Option<PathBuf>,
     adopted: bool,
@@ -251,6 +253,7 @@ impl Enforcer {
 
         let mut me = Self {
             cgroup: cgroup.to_owned(),
+            workload: crate::sys::cgroup::Subtree::new(cgroup),
             links: Vec::new(),
             pin_dir: opts.pin_dir.clone(),
             adopted,
@@ -569,9 +572,43 @@ impl Enforcer {
         let _ = self.dns.remove(&addr_from_ip(ip));
     }
 
-    /// The DNS-derived entries.
-    pub fn dns_entries(&self) -> Vec<(Addr, AllowValue)> {
-        self.dns.iter().filter_map(Result::ok).collect()
+    /// The DNS-derived entries; an entry that cannot be read (or a walk that stops) fails
+    /// the read: an adopted entry nobody can account for must not stay behind unowned.
+    /// (`dns read N` in `EGRESS_FAULT_FILE` fails the Nth read, debug builds only.)
+    pub fn dns_entries(&self) -> anyhow::Result<Vec<(Addr, AllowValue)>> {
+        let mut faults = Faults::from_env();
+        self.dns
+            .iter()
+            .map(|item| {
+                if faults.on_read("dns") {
+                    bail!("cannot read the DNS map: injected fault");
+                }
+                item.context("cannot read the DNS map")
+            })
+            .collect()
+    }
+
+    /// Removes every DNS-derived entry (each name resolves, and is granted, anew); fails
+    /// unless the map is then read back empty.
+    pub fn clear_dns(&mut self) -> anyhow::Result<usize> {
+        let mut removed = 0;
+        for _ in 0..3 {
+            // A walk that stops early still names keys to remove; the next pass sees the rest.
+            let keys: Vec<Addr> = self.dns.keys().map_while(Result::ok).collect();
+            if keys.is_empty() && self.dns.keys().next().is_none() {
+                return Ok(removed);
+            }
+            for k in keys {
+                match self.dns.remove(&k) {
+                    Ok(()) => removed += 1,
+                    Err(MapError::KeyNotFound) => {}
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(e).context("cannot clear the DNS map"),
+                }
+            }
+        }
+        bail!("cannot clear the DNS map: entries remain after three passes")
     }
 
     /// Counters summed over CPUs.
@@ -595,7 +632,8 @@ impl Enforcer {
         };
         let mut out = Vec::new();
         while let Some(item) = ring.next() {
-            if let Some(r) = DenyRecord::from_bytes(&item, offset) {
+            if let Some(mut r) = DenyRecord::from_bytes(&item, offset) {
+                r.attribute(&mut self.workload);
                 out.push(r);
             }
         }

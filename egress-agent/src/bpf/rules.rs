@@ -11,17 +11,17 @@
 //! Debug builds read `EGRESS_FAULT_FILE` (see [`Faults`]) to fail chosen steps on purpose, so
 //! the kernel tests can prove the rollback; release builds never read it.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::maps::{
-    Array, Map, MapData, MapError,
+    Array, HashMap, Map, MapData, MapError,
     lpm_trie::{Key, LpmTrie},
 };
 use egress_common::{
     Addr, AllowValue, Config,
     config::{FLAG_AUDIT, FLAG_ICMP},
-    consts::{MAP_ALLOW_CIDR, MAP_ALLOW_INBOUND, MAP_CONFIG},
+    consts::{MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_INBOUND, MAP_CONFIG},
 };
 
 use crate::policy::{self, CidrEntry, Mode, Policy};
@@ -102,6 +102,20 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<Rules> {
     ))
 }
 
+/// Reads every entry of the pinned DNS map under `pin_dir` (any unreadable entry fails).
+pub fn read_pinned_dns(pin_dir: &Path) -> anyhow::Result<BTreeMap<IpAddr, AllowValue>> {
+    let path = pin_dir.join("maps").join(MAP_ALLOW_DNS);
+    let map = MapData::from_pin(&path)
+        .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+    let dns: HashMap<MapData, Addr, AllowValue> = HashMap::try_from(Map::HashMap(map))?;
+    dns.iter()
+        .map(|item| {
+            let (k, v) = item.context("cannot read the DNS map")?;
+            Ok((egress_common::keys::ip_from_addr(&k), v))
+        })
+        .collect()
+}
+
 /// Makes `trie`, which holds `have`, hold exactly `want`: new and changed entries first, then
 /// the removal of keys `want` lacks. Stops at the first error.
 pub fn converge(
@@ -172,6 +186,8 @@ pub enum Fault {
     Remove,
     /// The config write fails.
     Config,
+    /// Reading an entry fails.
+    Read,
 }
 
 /// Failures to inject into one policy change, from the file named by `EGRESS_FAULT_FILE`
@@ -179,12 +195,14 @@ pub enum Fault {
 /// hitting the `n`th operation of its kind on that map during the change (1-based): `cidr full
 /// 2` fails the second write into the CIDR trie as if it were full, `inbound invalid 1` writes
 /// a key the kernel refuses, `cidr remove 1` fails the first removal, `config config 1` fails
-/// the config write. Rollbacks run without faults.
+/// the config write, `dns read 1` fails reading the first adopted DNS entry. Rollbacks run
+/// without faults.
 #[derive(Debug, Default)]
 pub struct Faults {
     rules: Vec<(String, Fault, u32)>,
     inserts: BTreeMap<&'static str, u32>,
     removes: BTreeMap<&'static str, u32>,
+    reads: BTreeMap<&'static str, u32>,
 }
 
 impl Faults {
@@ -215,6 +233,7 @@ impl Faults {
                     "invalid" => Fault::Invalid,
                     "remove" => Fault::Remove,
                     "config" => Fault::Config,
+                    "read" => Fault::Read,
                     _ => return None,
                 };
                 Some((map.to_owned(), fault, n))
@@ -247,6 +266,14 @@ impl Faults {
         self.hit(map_name(map), n, &[Fault::Remove]).is_some()
     }
 
+    /// Whether reading the next entry of `map` (`dns`) must fail.
+    pub fn on_read(&mut self, map: &'static str) -> bool {
+        let n = self.reads.entry(map).or_default();
+        *n += 1;
+        let n = *n;
+        self.hit(map, n, &[Fault::Read]).is_some()
+    }
+
     /// Whether the config write must fail.
     pub fn on_config(&self) -> bool {
         self.hit("config", 1, &[Fault::Config]).is_some()
@@ -268,7 +295,8 @@ mod tests {
 
     #[test]
     fn fault_lines_hit_the_nth_operation_of_their_map() {
-        let mut f = Faults::parse("cidr full 2\ninbound remove 1\nconfig config 1\nbad line\n");
+        let mut f =
+            Faults::parse("cidr full 2\ninbound remove 1\nconfig config 1\ndns read 2\nbad line\n");
         assert_eq!(f.on_insert("CIDR rules"), None);
         assert_eq!(f.on_insert("CIDR rules"), Some(Fault::Full));
         assert_eq!(f.on_insert("inbound rules"), None);
@@ -276,5 +304,8 @@ mod tests {
         assert!(!f.on_remove("CIDR rules"));
         assert!(f.on_config());
         assert!(!Faults::none().on_config());
+        assert!(!f.on_read("dns"));
+        assert!(f.on_read("dns"));
+        assert!(!f.on_read("dns"));
     }
 }

@@ -20,13 +20,14 @@ use crate::{
 
 /// Forwards deny records to `sink` until `stop` turns true, then drains what is left, so a
 /// deny that happened just before the command exited is still reported.
+/// `ring`: the event ring and the boot-to-wall-clock offset of its timestamps.
 pub async fn pump(
-    ring: RingBuf<MapData>,
-    boot_offset: Duration,
+    (ring, boot_offset): (RingBuf<MapData>, Duration),
     sink: Arc<EventSink>,
     names: Names,
     metrics: Arc<Metrics>,
     policy: Arc<DnsContext>,
+    workload: crate::sys::cgroup::Subtree,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, which deregisters it
@@ -38,6 +39,7 @@ pub async fn pump(
         names: &names,
         metrics: &metrics,
         policy: &policy,
+        workload: std::cell::RefCell::new(workload),
     };
     let mut throttle = Throttle::new(Instant::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -77,11 +79,14 @@ struct Out<'a> {
     names: &'a Names,
     metrics: &'a Metrics,
     policy: &'a DnsContext,
+    /// The enforced cgroup and those below it (see [`DenyRecord::attribute`]).
+    workload: std::cell::RefCell<crate::sys::cgroup::Subtree>,
 }
 
 impl Out<'_> {
     /// Names the host and the nearest rule, keeps the line for `status`, writes it.
     fn write(&self, mut rec: DenyRecord) {
+        rec.attribute(&mut self.workload.borrow_mut());
         rec.host = self.names.lookup(&rec.dst);
         if rec.reason == "port" {
             rec.near_rule =

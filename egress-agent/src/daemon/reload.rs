@@ -64,6 +64,19 @@ impl Rejected {
 /// How often the files are compared.
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
 
+/// [`POLL_EVERY`]; debug builds take `EGRESS_RELOAD_POLL_MS` instead when it is set, so the
+/// stress test can reload every 50 ms (release builds never read it).
+fn poll_every() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("EGRESS_RELOAD_POLL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_millis(ms);
+    }
+    POLL_EVERY
+}
+
 /// A fingerprint of every file of a policy (a missing file counts as its own state).
 fn fingerprint(files: &[PathBuf]) -> u64 {
     let mut h = DefaultHasher::new();
@@ -77,19 +90,34 @@ fn fingerprint(files: &[PathBuf]) -> u64 {
     h.finish()
 }
 
-/// Watches `root` (and the files it includes) until `stop` turns true.
-pub async fn watch(
+/// Watches `root` (and the files it includes) until `stop` turns true. The files are read
+/// for the first comparison here, when the task is made, not when it first runs: an edit
+/// made right after `ready` (before a busy runtime polled the task) is then a change.
+pub fn watch(
+    name: String,
+    root: PathBuf,
+    ctx: Arc<DnsContext>,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let files = ctx.current_policy().files.clone();
+    let seen = fingerprint(&files);
+    watch_from(name, root, ctx, metrics, stop, files, seen)
+}
+
+async fn watch_from(
     name: String,
     root: PathBuf,
     ctx: Arc<DnsContext>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
+    mut files: Vec<PathBuf>,
+    mut seen: u64,
 ) {
-    let mut files = ctx.current_policy().files.clone();
-    let mut seen = fingerprint(&files);
+    let every = poll_every();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(POLL_EVERY) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         let now = fingerprint(&files);

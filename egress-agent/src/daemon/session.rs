@@ -114,14 +114,13 @@ impl Session {
 
         let (dns, kept) = dns_context(&cfg, &policy, &enforcer, &metrics, &adopted, &mut warnings);
         let mut tasks = Vec::new();
-        let (ring, boot_offset) = ring;
         let monitor = tokio::spawn(monitor::pump(
             ring,
-            boot_offset,
             cfg.sink.clone(),
             dns.names.clone(),
             metrics.clone(),
             dns.clone(),
+            cgroup::Subtree::new(&cfg.cgroup),
             stop_rx.clone(),
         ));
         let trace = trace.map(|logger| tokio::spawn(trace::pump(logger, stop_rx.clone())));
@@ -288,8 +287,22 @@ impl Kernel {
         let Some(ring) = enf.take_events() else {
             bail!("the events ring buffer is missing");
         };
-        let adopted = enf
-            .dns_entries()
+        // An adopted DNS map that cannot be read whole is emptied (names resolve, and are
+        // granted, anew); one that cannot be emptied either fails the start (the pins keep
+        // enforcing what they hold).
+        let entries = match enf.dns_entries() {
+            Ok(entries) => entries,
+            Err(e) => {
+                let removed = enf
+                    .clear_dns()
+                    .with_context(|| format!("{e:#}, and the DNS map cannot be emptied"))?;
+                tracing::warn!(
+                    "{e:#}: the {removed} adopted DNS entries are removed, names resolve again"
+                );
+                Vec::new()
+            }
+        };
+        let adopted = entries
             .iter()
             .map(|(addr, value)| {
                 (

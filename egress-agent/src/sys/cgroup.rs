@@ -135,3 +135,71 @@ pub fn wait_empty(path: &Path, timeout: Duration) {
         }
     }
 }
+
+/// The cgroup ids of an enforced cgroup and every cgroup below it: whether a deny's task
+/// belongs to the workload, or is a kernel worker acting for one of its sockets (an MPTCP
+/// subflow opened by the path manager runs the connect hook in a kworker, in the root
+/// cgroup). Rescanned at most once a second, when an id is not known yet.
+#[derive(Debug)]
+pub struct Subtree {
+    root: PathBuf,
+    root_id: u64,
+    ids: std::collections::HashSet<u64>,
+    scanned: Option<Instant>,
+}
+
+impl Subtree {
+    /// The subtree at `root` (read now).
+    pub fn new(root: &Path) -> Self {
+        let root_id = fs::metadata(root).map_or(0, |m| m.ino());
+        let mut s = Self {
+            root: root.to_owned(),
+            root_id,
+            ids: std::collections::HashSet::new(),
+            scanned: None,
+        };
+        s.scan();
+        s
+    }
+
+    /// The enforced cgroup's own id.
+    pub fn root_id(&self) -> u64 {
+        self.root_id
+    }
+
+    /// Whether `id` is the enforced cgroup or one below it.
+    pub fn contains(&mut self, id: u64) -> bool {
+        if id == self.root_id || self.ids.contains(&id) {
+            return true;
+        }
+        if self
+            .scanned
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.scan();
+        }
+        self.ids.contains(&id)
+    }
+
+    fn scan(&mut self) {
+        self.scanned = Some(Instant::now());
+        let mut stack = vec![self.root.clone()];
+        // Bounded: a workload can make cgroups below its own only if delegated; 4096 is plenty.
+        while let Some(dir) = stack.pop() {
+            if self.ids.len() >= 4096 {
+                break;
+            }
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.filter_map(Result::ok) {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    if let Ok(m) = e.metadata() {
+                        self.ids.insert(m.ino());
+                    }
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+}

@@ -621,6 +621,10 @@ unsafe fn relay(child: libc::pid_t) -> ! {
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        // A child that ended before the signals were blocked sent a SIGCHLD that was
+        // discarded (its default action is to ignore it): reap once before waiting, or a
+        // command that exits at once leaves this relay waiting for ever.
+        reap(child);
         loop {
             let mut info: libc::siginfo_t = std::mem::zeroed();
             let sig = libc::sigwaitinfo(&all, &mut info);
@@ -628,16 +632,7 @@ unsafe fn relay(child: libc::pid_t) -> ! {
                 continue;
             }
             if sig == libc::SIGCHLD {
-                loop {
-                    let mut status = 0;
-                    let pid = libc::waitpid(-1, &mut status, libc::WNOHANG);
-                    if pid <= 0 {
-                        break;
-                    }
-                    if pid == child {
-                        exit_like(status);
-                    }
-                }
+                reap(child);
                 continue;
             }
             // The terminal sent this one to the whole process group: the command has it.
@@ -645,6 +640,24 @@ unsafe fn relay(child: libc::pid_t) -> ! {
                 continue;
             }
             libc::kill(child, sig);
+        }
+    }
+}
+
+/// Reaps every ended child; exits like `child` when it is one of them.
+///
+/// # Safety
+/// Async-signal-safe.
+unsafe fn reap(child: libc::pid_t) {
+    loop {
+        let mut status = 0;
+        // SAFETY: a plain syscall.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+        if pid == child {
+            exit_like(status);
         }
     }
 }

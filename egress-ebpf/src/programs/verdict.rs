@@ -107,8 +107,12 @@ pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
     let mut why = reason::NO_RULE;
     // DNS-derived addresses first: host rules are the usual way in, and an exact hash lookup
     // is cheaper than a longest-prefix walk that would miss.
-    // SAFETY: the value is only read; a concurrent update from the agent replaces it whole
-    // (BPF_ANY update of a hash map swaps in a new element).
+    // SAFETY: the value is only read, through a pointer the kernel keeps valid (preallocated
+    // elements are never freed). It is NOT a snapshot: the element of a key the agent
+    // replaces or removes goes back to the map's free elements at once, with no grace period,
+    // and the agent's next write on that CPU may copy another key's value into it while this
+    // reads (docs/KERNEL-NOTES.md, "Values of ALLOW_DNS read while rewritten"): the decision
+    // may then mix this entry's value with another DNS entry's (docs/THREATS.md).
     if let Some(v) = unsafe { ALLOW_DNS.get(addr) } {
         // The clock is read only for an entry that expires (a helper call, not inlined).
         // SAFETY: helper without arguments.

@@ -245,6 +245,34 @@ pub enum Event<'a> {
     Deny(&'a DenyRecord),
     /// A connect or send would have been denied; audit mode let it through.
     Audit(&'a DenyRecord),
+    /// A unix `connect` or `sendmsg` of `run`'s command to a socket bound outside its sandbox
+    /// that no `unix:` rule names, refused by its view (see `workload::deputies`).
+    #[serde(rename = "deny")]
+    UnixDeny {
+        /// When the agent read it.
+        #[serde(serialize_with = "ser_time")]
+        ts: SystemTime,
+        /// Always `unix`.
+        proto: &'a str,
+        /// The path as the command wrote it, or `@` and the abstract name.
+        dst: &'a str,
+        /// Process id.
+        pid: u32,
+        /// Thread id.
+        tid: u32,
+        /// Command name.
+        comm: &'a str,
+        /// User id.
+        uid: u32,
+        /// Group id.
+        gid: u32,
+        /// cgroup v2 id of the command's cgroup.
+        cgroup: u64,
+        /// Always `no-rule`.
+        reason: &'a str,
+        /// `connect_unix` or `sendmsg_unix`.
+        hook: &'a str,
+    },
     /// A DNS query for a name no rule permits was refused (`verdict: refused`), or answered
     /// anyway in audit mode (`verdict: audit`).
     DnsRefused {

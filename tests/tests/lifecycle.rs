@@ -21,7 +21,7 @@ use std::{
     fs::{self, File},
     io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
-    os::unix::fs::{MetadataExt as _, symlink},
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _, symlink},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
@@ -1902,4 +1902,89 @@ fn an_adopted_dns_map_that_cannot_be_read_is_emptied() {
     assert_eperm("the address of an entry that was removed", &out, &agent);
     let out = env.app_resolve_and_connect(ALLOWED);
     assert_connected("looked up anew", &out, &agent);
+}
+
+/// The first `warning` event whose message starts with `prefix`.
+fn wait_warning(agent: &AttachAgent, prefix: &str) -> Value {
+    agent
+        .wait_event(WAIT, |e| {
+            e["event"] == "warning" && e["message"].as_str().is_some_and(|m| m.starts_with(prefix))
+        })
+        .unwrap_or_else(|| panic!("no warning {prefix:?}\n{}", agent.output()))
+}
+
+/// Without unix rules nothing judges unix sockets under attach (issue 15): the agent says so
+/// at start, and it is true: the app reaches a unix socket of a process outside its cgroup.
+#[test]
+fn attach_says_unix_sockets_stay_open_and_they_do() {
+    let dir = TestDir::new();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).expect("chmod");
+    let sock = dir.path().join("outside.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o777)).expect("chmod");
+    let env = Env::new(ALLOWED_RULE);
+    let agent = env.start_agent(&[]);
+    let warning = wait_warning(&agent, "unix sockets are not judged under attach");
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("run keeps them out of reach")),
+        "{warning}"
+    );
+    let out = env.app(&format!(
+        "s = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect('{}')\n    out['r'] = 'reached'\n\
+         except OSError as e:\n    out['r'] = f'refused {{e.errno}}'",
+        sock.display()
+    ));
+    assert_eq!(out["r"], "reached", "{out}\n{}", agent.output());
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(listener.accept().is_ok(), "the connection arrived outside");
+}
+
+/// With unix rules, the hooks judge abstract names under attach (issue 15): the app reaches
+/// the named one, is refused (EPERM, a deny line) another bound outside its cgroup in its
+/// network namespace, bound before or after the start; the warning says paths stay open.
+#[test]
+fn attach_with_unix_rules_refuses_other_abstract_names() {
+    use std::os::{linux::net::SocketAddrExt as _, unix::net};
+    let base = unique_name();
+    let (named, other, later) = (
+        format!("{base}-named"),
+        format!("{base}-other"),
+        format!("{base}-later"),
+    );
+    let env = Env::new(&format!("{ALLOWED_RULE}  - unix: \"@{named}\"\n"));
+    let bind = |n: &str| {
+        env.world.netns().run_in(|| {
+            let a = net::SocketAddr::from_abstract_name(n.as_bytes()).expect("name");
+            net::UnixListener::bind_addr(&a).expect("bind")
+        })
+    };
+    let (_named_l, _other_l) = (bind(&named), bind(&other));
+    let agent = env.start_agent(&[]);
+    let warning = wait_warning(&agent, "unix sockets bound by path are not judged");
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&named)),
+        "{warning}"
+    );
+    let _later_l = bind(&later);
+    std::thread::sleep(Duration::from_millis(500));
+    let connect = |n: &str| {
+        env.app(&format!(
+            "s = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect('\\0{n}')\n    out['r'] = \
+             'reached'\nexcept OSError as e:\n    out['r'] = f'refused {{e.errno}}'"
+        ))
+    };
+    assert_eq!(connect(&named)["r"], "reached", "{}", agent.output());
+    assert_eq!(connect(&other)["r"], "refused 1", "{}", agent.output());
+    assert_eq!(connect(&later)["r"], "refused 1", "{}", agent.output());
+    for n in [&other, &later] {
+        agent
+            .wait_event(WAIT, |e| {
+                e["event"] == "deny" && e["proto"] == "unix" && e["dst"] == format!("@{n}")
+            })
+            .unwrap_or_else(|| panic!("no deny line for @{n}\n{}", agent.output()));
+    }
 }

@@ -13,3 +13,4 @@ pub mod kernel;
 pub mod rules;
 pub mod stale;
 pub mod trace;
+pub mod unix;

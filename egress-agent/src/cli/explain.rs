@@ -23,8 +23,8 @@ pub struct ExplainArgs {
     /// The protocol to judge; default: tcp when a port is given, any without one.
     #[arg(long, short = 'p', value_name = "PROTOCOL")]
     protocol: Option<Transport>,
-    /// Destinations: NAME, NAME:PORT, IP, IP:PORT or [IPV6]:PORT. Without a port: what
-    /// the matching rules allow.
+    /// Destinations: NAME, NAME:PORT, IP, IP:PORT or [IPV6]:PORT, or a unix socket as
+    /// unix:/PATH or unix:@NAME. Without a port: what the matching rules allow.
     #[arg(required = true, value_name = "TARGET")]
     targets: Vec<Destination>,
 }

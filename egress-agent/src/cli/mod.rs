@@ -129,7 +129,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         egress-agent explain --allowlist allowlists/default.yaml api.anthropic.com:443\n  \
         egress-agent explain --allowlist team.yaml github.com:22 pypi.org evil.test\n  \
-        egress-agent explain --allowlist team.yaml --protocol udp 10.0.0.5:5353 '[2001:db8::1]:443'\n\n\
+        egress-agent explain --allowlist team.yaml --protocol udp 10.0.0.5:5353 '[2001:db8::1]:443'\n  \
+        egress-agent explain --allowlist team.yaml unix:/run/user/1000/ssh-agent.sock\n\n\
         Exit status: 0 if every destination is allowed, 1 if one is denied, 2 if the\n\
         allowlist cannot be loaded or a destination is not one.")]
     Explain(explain::ExplainArgs),

@@ -103,6 +103,9 @@ fn render(s: &Status) -> String {
                 ),
                 _ => {}
             }
+            for (i, p) in a.protected.iter().enumerate() {
+                row(&mut o, if i == 0 { "protected" } else { "" }, p.clone());
+            }
         }
         None => row(&mut o, "agent", "unknown (no state file)".into()),
     }

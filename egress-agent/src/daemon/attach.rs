@@ -168,12 +168,70 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
              CAP_BPF, and must see the cgroup filesystem read-only"
         ),
     );
+    let policy_now = session.dns.current_policy();
+    let unix_rules: Vec<String> = (policy_now.unix_names().iter())
+        .map(|u| u.to_string())
+        .collect();
+    // With unix rules, the hooks refuse abstract names bound outside the cgroup.
+    let guard = if unix_rules.is_empty() {
+        None
+    } else {
+        let named = (policy_now.unix_names().into_iter())
+            .filter_map(|u| match u {
+                crate::policy::UnixName::Abstract(n) => Some(n.clone()),
+                crate::policy::UnixName::Path(_) => None,
+            })
+            .collect();
+        match crate::daemon::unix_watch::AbstractGuard::start(&target, named, sink.clone()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                session::warn(
+                    &sink,
+                    &format!(
+                        "abstract unix sockets are not judged either: the cgroup unix socket \
+                         hooks cannot run here ({e:#}; they need Linux 6.7)"
+                    ),
+                );
+                None
+            }
+        }
+    };
+    session::warn(&sink, &unix_open(&unix_rules, guard.is_some()));
     let watcher =
         tokio::spawn(watch.run(sink.clone(), session.metrics.clone(), cfg.require_no_raw));
     stop.wait().await;
     watcher.abort();
+    if let Some(g) = guard {
+        g.stop().await;
+    }
     session.stop(cfg.detach_on_exit).await?;
     Ok(0)
+}
+
+/// What stays open to unix sockets under `attach` (issue 15): paths are not judged; abstract
+/// names only with `unix:` rules (`guarded`: the hooks refuse the others bound outside).
+fn unix_open(rules: &[String], guarded: bool) -> String {
+    if guarded {
+        return format!(
+            "unix sockets bound by path are not judged under attach: the enforced processes \
+             reach every one their mount namespace shows (the unix: rules for paths take \
+             effect only under run); abstract names bound outside the cgroup are refused \
+             unless a rule names them ({}), one bound later from the agent's next look (every \
+             100 ms), and none once the agent has stopped",
+            rules.join(", ")
+        );
+    }
+    let mut m = "unix sockets are not judged under attach: the enforced processes reach every \
+                 unix socket their mount and network namespaces show (a daemon there can act \
+                 for them); run keeps them out of reach"
+        .to_string();
+    if !rules.is_empty() {
+        m.push_str(&format!(
+            "; the unix: rules ({}) take effect only under run",
+            rules.join(", ")
+        ));
+    }
+    m
 }
 
 /// SIGTERM and SIGINT, caught from before the session starts: a stop request that arrives

@@ -16,3 +16,4 @@ pub mod reload;
 pub mod session;
 pub mod status;
 pub mod throttle;
+pub mod unix_watch;

@@ -149,6 +149,7 @@ impl Session {
                 name: cfg.name.clone(),
                 cgroup: cfg.cgroup.clone(),
                 allowlist: cfg.watch.clone(),
+                protected: cfg.protected.clone(),
             },
             dns.clone(),
             metrics.clone(),
@@ -420,6 +421,7 @@ struct StateInputs {
     name: String,
     cgroup: PathBuf,
     allowlist: Option<PathBuf>,
+    protected: Vec<String>,
 }
 
 /// Writes the state file `status` reads, every 2 s.
@@ -431,6 +433,7 @@ async fn keep_state(inputs: StateInputs, dns: Arc<DnsContext>, metrics: Arc<Metr
             cgroup: inputs.cgroup.clone(),
             allowlist: inputs.allowlist.clone(),
             policy: dns.current_policy().summary(),
+            protected: inputs.protected.clone(),
             policy_state: metrics.standing().state().to_owned(),
             policy_rejected: metrics.standing().rejected,
             latest_denies: metrics

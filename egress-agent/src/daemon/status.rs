@@ -41,6 +41,10 @@ pub struct AgentState {
     pub allowlist: Option<PathBuf>,
     /// One-line summary of the running policy.
     pub policy: String,
+    /// What the command of `run` cannot write or reach, and what stays open (as in the
+    /// `ready` event); empty for `attach`.
+    #[serde(default)]
+    pub protected: Vec<String>,
     /// `applied` (the maps hold the allowlist file's policy), `previous` (the file was
     /// rejected; the maps hold the previous valid policy whole) or `inconsistent`.
     #[serde(default)]

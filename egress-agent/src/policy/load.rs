@@ -236,6 +236,9 @@ fn rule(path: &Path, index: usize, node: Spanned<RawAllow>) -> Result<Rule, Poli
     if let Some(peers) = &raw.inbound {
         targets.push(("inbound", Target::Inbound(peers.value.0)));
     }
+    if let Some(u) = &raw.unix {
+        targets.push(("unix", Target::Unix(u.clone())));
+    }
     let target = match targets.len() {
         1 => targets.pop().map(|(_, t)| t).expect("one target"),
         0 => {
@@ -243,7 +246,7 @@ fn rule(path: &Path, index: usize, node: Spanned<RawAllow>) -> Result<Rule, Poli
                 path,
                 &node,
                 &field,
-                "no destination: give one of host, cidr, ip, inbound".into(),
+                "no destination: give one of host, cidr, ip, inbound, unix".into(),
             ));
         }
         _ => {
@@ -253,7 +256,7 @@ fn rule(path: &Path, index: usize, node: Spanned<RawAllow>) -> Result<Rule, Poli
                 &node,
                 &field,
                 format!(
-                    "give only one of host, cidr, ip, inbound (found {})",
+                    "give only one of host, cidr, ip, inbound, unix (found {})",
                     names.join(" and ")
                 ),
             ));
@@ -278,6 +281,20 @@ fn rule(path: &Path, index: usize, node: Spanned<RawAllow>) -> Result<Rule, Poli
                 at,
                 &format!("{field}.inbound"),
                 format!("give ports: the local ports {peers} may connect to (\"1-65535\" for all)"),
+            ));
+        }
+    }
+    if matches!(target, Target::Unix(_)) {
+        let no = |key: &str| format!("a unix rule takes no {key}: remove it");
+        if let Some(at) = &raw.ports {
+            return Err(invalid(path, at, &format!("{field}.ports"), no("ports")));
+        }
+        if let Some(at) = &raw.protocol {
+            return Err(invalid(
+                path,
+                at,
+                &format!("{field}.protocol"),
+                no("protocol"),
             ));
         }
     }

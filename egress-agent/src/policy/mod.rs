@@ -24,6 +24,8 @@
 //!     protocol: icmp                   # ping (echo requests) only; no ports
 //!   - inbound: 203.0.113.0/24          # peers that may connect in (TCP)
 //!     ports: [8080]                    # the local ports; required
+//!   - unix: /run/user/1000/ssh.sock    # a local daemon's socket `run` may use
+//!   - unix: "@name"                    # an abstract one
 //! ```
 //!
 //! The serde types of [`raw`] are the format's schema (one struct per mapping,
@@ -52,6 +54,7 @@ mod ports;
 pub mod raw;
 pub mod rebinding;
 pub mod schema;
+mod unix;
 pub mod value_schemas;
 mod yaml;
 
@@ -72,6 +75,7 @@ pub use error::{Location, PolicyError};
 pub use host::{HostPattern, is_label};
 pub use net::Net;
 pub use ports::Protocol;
+pub use unix::{MAX_UNIX_PATH, UnixName};
 
 /// What the kernel does with a destination no rule allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
@@ -133,6 +137,9 @@ pub enum Target {
     /// An `inbound:` network or address: peers that may connect in to the rule's local
     /// ports (TCP). Not a destination: no outbound rule comes from it.
     Inbound(Net),
+    /// A `unix:` socket path or abstract name a command under `run` may connect or send to.
+    /// Not an IP destination: no map entry comes from it.
+    Unix(UnixName),
 }
 
 impl fmt::Display for Target {
@@ -143,6 +150,7 @@ impl fmt::Display for Target {
             Self::Net(n) => n.fmt(f),
             Self::Inbound(n) if n.is_host() => write!(f, "inbound {}", n.addr()),
             Self::Inbound(n) => write!(f, "inbound {n}"),
+            Self::Unix(u) => write!(f, "unix {u}"),
         }
     }
 }
@@ -196,17 +204,29 @@ impl Policy {
             .collect()
     }
 
+    /// The `unix:` rules, in policy order.
+    pub fn unix_names(&self) -> Vec<&UnixName> {
+        self.rules
+            .iter()
+            .filter_map(|r| match &r.target {
+                Target::Unix(u) => Some(u),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// One line for logs and `check`: `name "x", mode enforce, 12 rules (5 hosts,
     /// 2 wildcards, 5 addresses), 1 include` (`, 1 inbound` after the addresses when some
-    /// rule lets peers connect in).
+    /// rule lets peers connect in, `, 1 unix` when some rule names a unix socket).
     pub fn summary(&self) -> String {
-        let (mut hosts, mut wildcards, mut nets, mut inbound) = (0, 0, 0, 0);
+        let (mut hosts, mut wildcards, mut nets, mut inbound, mut unix) = (0, 0, 0, 0, 0);
         for r in &self.rules {
             match &r.target {
                 Target::Host(HostPattern::Exact(_)) => hosts += 1,
                 Target::Host(HostPattern::Wildcard(_)) => wildcards += 1,
                 Target::Net(_) => nets += 1,
                 Target::Inbound(_) => inbound += 1,
+                Target::Unix(_) => unix += 1,
             }
         }
         let n = |count: usize, one: &str, many: &str| {
@@ -217,8 +237,13 @@ impl Policy {
         } else {
             format!(", {inbound} inbound")
         };
+        let unix = if unix == 0 {
+            String::new()
+        } else {
+            format!(", {unix} unix")
+        };
         format!(
-            "name {:?}, mode {}, {} ({}, {}, {}{inbound}), {}",
+            "name {:?}, mode {}, {} ({}, {}, {}{inbound}{unix}), {}",
             self.name,
             self.mode,
             n(self.rules.len(), "rule", "rules"),

@@ -20,6 +20,7 @@ use super::{
     dns::{Dur, Upstream},
     net::{Cidr, InboundNet, SingleIp},
     ports::{Ports, Protocol},
+    unix::UnixName,
     yaml::Spanned,
 };
 
@@ -103,6 +104,11 @@ pub struct RawAllow {
     /// peers (127.0.0.0/8, ::1) are always allowed; any other peer is refused its handshake.
     #[schemars(with = "Option<crate::policy::value_schemas::InboundText>")]
     pub inbound: Option<Spanned<InboundNet>>,
+    /// A unix socket bound outside the sandbox that a command under `run` may connect or
+    /// send to: an absolute path (`/run/user/1000/ssh-agent.sock`) or an abstract name
+    /// (`"@name"`). Takes no `ports` or `protocol`. Without such a rule, none is reachable.
+    #[schemars(with = "Option<crate::policy::value_schemas::UnixText>")]
+    pub unix: Option<UnixName>,
     /// A port (`443`), a range (`"8000-8080"`), or a list of them; ports are 1-65535.
     /// Missing: every port. Not allowed with `protocol: icmp`. With `inbound`: the local
     /// ports peers may connect to, required.

@@ -153,11 +153,11 @@ allow:
 fn error_unknown_fields_point_at_the_key() {
     assert_eq!(
         err("version: 1\nallow:\n  - host: a.example.com\n    prot: tcp\n"),
-        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, ports, protocol"#
+        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, unix, ports, protocol"#
     );
     assert_eq!(
         err("version: 1\nallow:\n- host: a.example.com\n  prot: tcp\n"),
-        r#"allowlists/x.yaml:4:3: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, ports, protocol"#
+        r#"allowlists/x.yaml:4:3: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, unix, ports, protocol"#
     );
     assert_eq!(
         err("version: 1\nallwo: []\n"),
@@ -169,7 +169,7 @@ fn error_unknown_fields_point_at_the_key() {
     );
     assert_eq!(
         err("version: 1\nallow:\n  - {ip: 10.0.0.1, port: 80}\n"),
-        r#"allowlists/x.yaml:3:20: allow[0]: unknown field "port", expected one of host, cidr, ip, inbound, ports, protocol"#
+        r#"allowlists/x.yaml:3:20: allow[0]: unknown field "port", expected one of host, cidr, ip, inbound, unix, ports, protocol"#
     );
 }
 
@@ -296,15 +296,15 @@ fn error_hosts() {
 fn error_targets() {
     assert_eq!(
         err("version: 1\nallow:\n  - host: a.example.com\n    ip: 10.0.0.1\n"),
-        "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip, inbound (found host and ip)"
+        "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip, inbound, unix (found host and ip)"
     );
     assert_eq!(
         err("version: 1\nallow:\n  - ip: 10.0.0.1\n  - ports: [443]\n    protocol: tcp\n"),
-        "allowlists/x.yaml:4:5: allow[1]: no destination: give one of host, cidr, ip, inbound"
+        "allowlists/x.yaml:4:5: allow[1]: no destination: give one of host, cidr, ip, inbound, unix"
     );
     assert_eq!(
         err("version: 1\nallow:\n  - {}\n"),
-        "allowlists/x.yaml:3:5: allow[0]: no destination: give one of host, cidr, ip, inbound"
+        "allowlists/x.yaml:3:5: allow[0]: no destination: give one of host, cidr, ip, inbound, unix"
     );
     assert_eq!(
         err("version: 1\nallow:\n  - just-a-string\n"),
@@ -908,7 +908,7 @@ fn inbound_errors_name_the_rule() {
         err(
             "version: 1\nallow:\n  - inbound: 203.0.113.0/24\n    cidr: 203.0.113.0/24\n    ports: 80\n"
         ),
-        "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip, inbound (found cidr \
+        "allowlists/x.yaml:3:5: allow[0]: give only one of host, cidr, ip, inbound, unix (found cidr \
          and inbound)"
     );
     assert_eq!(
@@ -957,6 +957,57 @@ allow:
 }
 
 #[test]
+fn unix_rules_parse_and_take_no_ports() {
+    let p = parse(
+        r#"
+version: 1
+allow:
+  - unix: /run/user/1000/ssh-agent.sock
+  - unix: "@my-daemon"
+"#,
+    );
+    assert_eq!(
+        p.unix_names(),
+        [
+            &UnixName::Path("/run/user/1000/ssh-agent.sock".into()),
+            &UnixName::Abstract("my-daemon".into())
+        ]
+    );
+    assert!(p.summary().contains(", 2 unix"), "{}", p.summary());
+    // No map entry comes from a unix rule.
+    assert!(cidr_entries(&p).unwrap().is_empty());
+    assert_eq!(
+        err("version: 1\nallow:\n  - unix: /run/x.sock\n    ports: [1]\n"),
+        "allowlists/x.yaml:4:12: allow[0].ports: a unix rule takes no ports: remove it"
+    );
+    assert!(err("version: 1\nallow:\n  - unix: run/x.sock\n").contains("absolute path"));
+}
+
+#[test]
+fn explain_names_the_unix_rule() {
+    let p = parse("version: 1\nallow:\n  - unix: /run/a.sock\n");
+    let ask = |d: &str| {
+        explain::explain(
+            &p,
+            &explain::Query {
+                destination: d.parse().unwrap(),
+                transport: None,
+            },
+        )
+    };
+    let yes = ask("unix:/run/a.sock");
+    assert!(yes.allowed, "{:?}", yes.lines);
+    assert!(yes.lines[0].contains("allow[0]"), "{:?}", yes.lines);
+    let no = ask("unix:@other");
+    assert!(!no.allowed);
+    assert!(
+        no.lines[0].starts_with("unix:@other: denied"),
+        "{:?}",
+        no.lines
+    );
+}
+
+#[test]
 fn error_documents_and_budgets() {
     assert_eq!(
         err("version: 1\n---\nversion: 1\n"),
@@ -994,7 +1045,7 @@ fn error_documents_and_budgets() {
     // Merge keys are not part of the format.
     assert_eq!(
         err("version: 1\nallow: [{<<: {ip: 10.0.0.1}}]\n"),
-        r#"allowlists/x.yaml:2:10: allow[0]: unknown field "<<", expected one of host, cidr, ip, inbound, ports, protocol"#
+        r#"allowlists/x.yaml:2:10: allow[0]: unknown field "<<", expected one of host, cidr, ip, inbound, unix, ports, protocol"#
     );
     assert_eq!(
         err("version: 1\nallow:\n- ip: 10.0.0.1\n  ports: .inf\n"),
@@ -1003,7 +1054,7 @@ fn error_documents_and_budgets() {
     // A key named like the field `Spanned` wraps values in is a key like any other.
     assert_eq!(
         err("version: 1\nallow:\n  - ip: 10.0.0.1\n    value: 1\n"),
-        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "value", expected one of host, cidr, ip, inbound, ports, protocol"#
+        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "value", expected one of host, cidr, ip, inbound, unix, ports, protocol"#
     );
     assert_eq!(
         err("version: 1\nallow:\n  - ip: 10.0.0.1\n  - ip: *nope\n"),

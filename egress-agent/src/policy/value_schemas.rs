@@ -14,10 +14,10 @@ use crate::policy::{HostPattern, Mode, Protocol, Upstream};
 /// One DNS label: letters, digits, `_` and `-` (not first or last), 1-63 characters.
 const LABEL: &str = "[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?";
 
-/// `RawAllow` takes exactly one of `host`, `cidr`, `ip`, `inbound` (checked in `load.rs`);
-/// this says so in the schema, so that an editor marks a rule with none or two of them.
-/// It also says that `protocol: icmp` takes no `ports`, and that an `inbound` rule needs
-/// `ports` and is TCP only.
+/// `RawAllow` takes exactly one of `host`, `cidr`, `ip`, `inbound`, `unix` (checked in
+/// `load.rs`); this says so in the schema, so that an editor marks a rule with none or two
+/// of them. It also says that `protocol: icmp` takes no `ports`, that an `inbound` rule
+/// needs `ports` and is TCP only, and that a `unix` rule takes neither.
 pub fn exactly_one_target(schema: &mut Schema) {
     schema.insert(
         "oneOf".into(),
@@ -26,6 +26,7 @@ pub fn exactly_one_target(schema: &mut Schema) {
             {"required": ["cidr"]},
             {"required": ["ip"]},
             {"required": ["inbound"]},
+            {"required": ["unix"]},
         ]),
     );
     schema.insert(
@@ -38,6 +39,10 @@ pub fn exactly_one_target(schema: &mut Schema) {
             {
                 "if": {"required": ["inbound"]},
                 "then": {"required": ["ports"], "properties": {"protocol": {"const": "tcp"}}},
+            },
+            {
+                "if": {"required": ["unix"]},
+                "then": {"not": {"anyOf": [{"required": ["ports"]}, {"required": ["protocol"]}]}},
             },
         ]),
     );
@@ -170,6 +175,25 @@ impl JsonSchema for InboundText {
             "type": "string",
             "pattern": r"^\s*[0-9A-Fa-f:.]+(/[0-9]{1,3})?\s*$",
             "examples": ["192.0.2.0/24", "2001:db8::/32", "192.0.2.10"],
+        })
+    }
+}
+
+/// The schema of a `unix:` value.
+pub struct UnixText;
+
+impl JsonSchema for UnixText {
+    fn schema_name() -> Cow<'static, str> {
+        "UnixSocket".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A unix socket outside the sandbox: an absolute path, or `@` and an \
+                abstract name.",
+            "type": "string",
+            "pattern": r"^\s*(/[^\u0000]{0,106}|@[^\u0000]{1,107})\s*$",
+            "examples": ["/run/user/1000/ssh-agent.sock", "@my-daemon"],
         })
     }
 }

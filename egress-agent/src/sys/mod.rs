@@ -7,3 +7,4 @@
 pub mod caps;
 pub mod cgroup;
 pub mod sockdiag;
+pub mod unix;

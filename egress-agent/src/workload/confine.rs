@@ -17,7 +17,9 @@
 //!    capabilities, so not even a setuid-root binary gets them back;
 //! 5. `no_new_privs`, after the identity change, and a seccomp filter that answers `clone3`
 //!    with ENOSYS and refuses sockets of families other than unix, inet, inet6, netlink and
-//!    alg (see `crate::workload::seccomp`).
+//!    alg (see `crate::workload::seccomp`);
+//! 6. no deputies: a private `/run`, the host's other unix sockets masked, abstract sockets
+//!    scoped by Landlock, and a resolver view (see `crate::workload::deputies`).
 
 use std::{ffi::CString, fs, io};
 
@@ -81,6 +83,8 @@ pub struct Confinement {
     userns: Option<UserNamespace>,
     /// Capabilities the command keeps (`--keep-cap`), carried through the identity change.
     keep: Vec<Capability>,
+    /// Local daemons out of reach (see `crate::workload::deputies`).
+    deputies: Option<crate::workload::deputies::DeputyView>,
 }
 
 /// The id a command that would run as root has outside its user namespace (`nobody`).
@@ -189,6 +193,7 @@ impl Confinement {
             masks: masks()?,
             userns,
             keep: keep.to_vec(),
+            deputies: None,
         })
     }
 
@@ -204,6 +209,24 @@ impl Confinement {
             });
         }
         Ok(())
+    }
+
+    /// Puts local daemons' unix sockets out of the command's reach and gives it a resolver
+    /// view (see [`crate::workload::deputies`]).
+    pub fn close_deputies(&mut self, view: crate::workload::deputies::DeputyView) {
+        self.deputies = Some(view);
+    }
+
+    /// The deputy view, when [`Confinement::close_deputies`] set one.
+    pub fn deputy_view(&self) -> Option<&crate::workload::deputies::DeputyView> {
+        self.deputies.as_ref()
+    }
+
+    /// Removes the generated resolver files once the command started (its view holds them).
+    pub fn forget_generated(&self) {
+        if let Some(d) = &self.deputies {
+            d.forget_generated();
+        }
     }
 
     /// Whether the command runs as root inside a user namespace of its own.
@@ -225,6 +248,9 @@ impl Confinement {
                 }
             })
             .collect();
+        if let Some(d) = &self.deputies {
+            out.extend(d.summary().iter().cloned());
+        }
         if self.userns.is_some() {
             out.push(format!(
                 "root runs in a user namespace (uid {OUTSIDE_ID} outside): host files, sysctls \
@@ -288,6 +314,9 @@ impl Confinement {
                         std::ptr::null(),
                     ))?;
                 }
+            }
+            if let Some(d) = &self.deputies {
+                d.apply_in_child()?;
             }
             // From here on the process forks twice (see `fork_into_pid_namespace`); what
             // follows runs in the command's own process, pid 2 of the new namespace.
@@ -531,6 +560,9 @@ impl Confinement {
         // the duration of the call (the kernel copies it).
         unsafe {
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            if let Some(d) = &self.deputies {
+                d.seal_in_child()?;
+            }
             install_seccomp(&self.seccomp)
         }
     }
@@ -676,7 +708,8 @@ fn exit_like(status: libc::c_int) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-fn check(rc: libc::c_int) -> io::Result<()> {
+/// A libc return value as an `io::Result` (`errno` on -1).
+pub(crate) fn check(rc: libc::c_int) -> io::Result<()> {
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -760,18 +793,24 @@ unsafe fn set_kept(caps: &[Capability]) -> io::Result<()> {
 
 /// The parts of a mountinfo line that matter here.
 #[derive(Debug, PartialEq, Eq)]
-struct MountLine {
-    target: String,
-    fstype: String,
-    flags: libc::c_ulong,
+pub(super) struct MountLine {
+    /// The file system (`maj:min`): two mounts with the same one show the same files.
+    pub dev: String,
+    /// The directory of that file system shown at `target` (`/` unless a bind mount).
+    pub root: String,
+    pub target: String,
+    pub fstype: String,
+    pub flags: libc::c_ulong,
 }
 
 /// Parses one `/proc/self/mountinfo` line: `id parent maj:min root target opts [optional...]
 /// - fstype source superopts`.
-fn parse_mountinfo_line(line: &str) -> Option<MountLine> {
+pub(super) fn parse_mountinfo_line(line: &str) -> Option<MountLine> {
     let (left, right) = line.split_once(" - ")?;
     let mut l = left.split(' ');
-    let target = l.nth(4)?;
+    let dev = l.nth(2)?;
+    let root = l.next()?;
+    let target = l.next()?;
     let opts = l.next()?;
     let fstype = right.split(' ').next()?;
     let mut flags = 0;
@@ -787,6 +826,8 @@ fn parse_mountinfo_line(line: &str) -> Option<MountLine> {
         };
     }
     Some(MountLine {
+        dev: dev.to_owned(),
+        root: egress_common::mounts::unescape(root),
         target: egress_common::mounts::unescape(target),
         fstype: fstype.to_owned(),
         flags,
@@ -802,6 +843,7 @@ mod tests {
         let l = "35 24 0:30 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw";
         let m = parse_mountinfo_line(l).unwrap();
         assert_eq!(m.target, "/sys/fs/cgroup/unified");
+        assert_eq!((m.dev.as_str(), m.root.as_str()), ("0:30", "/"));
         assert_eq!(m.fstype, "cgroup2");
         assert_eq!(
             m.flags,

@@ -14,6 +14,8 @@ use std::{
 
 use serde_json::Value;
 
+use crate::policy::UnixName;
+
 /// Sibling names under one parent that make `learn` propose a wildcard.
 pub const WILDCARD_SIBLINGS: usize = 3;
 
@@ -34,6 +36,9 @@ pub struct Observed {
     looked_up: BTreeSet<String>,
     /// Peers that connected in (`hook: accept`), with the local ports they connected to.
     inbound: BTreeMap<IpAddr, BTreeSet<u16>>,
+    /// Unix sockets outside the sandbox the command tried (`proto: unix`): absolute paths
+    /// and `@` abstract names.
+    unix: BTreeSet<String>,
 }
 
 impl Observed {
@@ -42,6 +47,12 @@ impl Observed {
         let mut o = Self::default();
         for v in lines {
             match v["event"].as_str() {
+                Some("audit" | "deny") if v["proto"].as_str() == Some("unix") => {
+                    // A relative path names no rule (its directory is unknown).
+                    if let Some(d) = v["dst"].as_str().filter(|d| d.parse::<UnixName>().is_ok()) {
+                        o.unix.insert(d.to_owned());
+                    }
+                }
                 Some("audit" | "deny") => {
                     let (Some(proto), Some(port)) = (v["proto"].as_str(), v["port"].as_u64())
                     else {
@@ -96,6 +107,7 @@ impl Observed {
             && self.ips.is_empty()
             && self.looked_up.is_empty()
             && self.inbound.is_empty()
+            && self.unix.is_empty()
     }
 }
 
@@ -245,6 +257,20 @@ pub fn render(
         });
     }
 
+    for socket in &observed.unix {
+        rules.push(Proposed {
+            key: "unix".into(),
+            value: yaml_scalar(socket),
+            ports: Vec::new(),
+            protocol: "unix",
+            comments: vec![
+                "REVIEW: a local daemon's socket the command used; it acts for the command \
+                 outside the sandbox"
+                    .into(),
+            ],
+        });
+    }
+
     let mut out = String::new();
     let _ = writeln!(out, "# yaml-language-server: $schema=./schema.json");
     let _ = writeln!(out, "# Learned by `egress-agent learn` on {when} from:");
@@ -276,6 +302,10 @@ pub fn render(
             let _ = writeln!(out, "  # {c}");
         }
         let _ = writeln!(out, "  - {}: {}", r.key, r.value);
+        // A unix rule has neither ports nor a protocol.
+        if r.protocol == "unix" {
+            continue;
+        }
         // An ICMP rule has no ports.
         if r.protocol != "icmp" {
             let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
@@ -480,6 +510,22 @@ mod tests {
         );
         let p = policy::parse_str(&y, Path::new("learned.yaml")).expect("the result parses");
         assert_eq!(p.rules.len(), 4);
+    }
+
+    #[test]
+    fn unix_denies_become_unix_rules() {
+        let y = learned(&[
+            r#"{"event":"deny","proto":"unix","dst":"/run/user/1000/bus","hook":"connect_unix"}"#,
+            r#"{"event":"deny","proto":"unix","dst":"@my-daemon","hook":"connect_unix"}"#,
+            r#"{"event":"deny","proto":"unix","dst":"relative.sock","hook":"connect_unix"}"#,
+        ]);
+        assert!(y.contains("  - unix: \"/run/user/1000/bus\"\n"), "{y}");
+        assert!(y.contains("  - unix: \"@my-daemon\"\n"), "{y}");
+        assert!(
+            !y.contains("relative") && !y.contains("protocol: unix"),
+            "{y}"
+        );
+        crate::policy::parse_str(&y, std::path::Path::new("learned.yaml")).expect("parses");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! May not touch: `bpf` or `dns` directly: the session owns them.
 
 pub mod confine;
+pub mod deputies;
 pub mod launch;
 pub mod learn;
 pub mod persistence;

@@ -24,6 +24,7 @@ use crate::{
     policy::{self, Mode},
     sys::cgroup::{self, OwnedCgroup},
     workload::confine::{Capability, Confinement},
+    workload::deputies::{DeputyView, LateMasker},
     workload::launch::{self, Identity, SpawnError},
     workload::learn,
     workload::persistence::Protected,
@@ -106,6 +107,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     let persist = Protected::find(home.as_deref(), &cwd, &policy_value.writable);
     confinement.protect(&persist.existing)?;
+    // Local daemons' unix sockets out of reach, names only through the resolver.
+    let view = DeputyView::prepare(
+        &policy_value,
+        (!root_command).then_some((identity.uid, identity.gid)),
+    )?;
+    let deputy_warnings = view.warnings.clone();
+    let unix_judge = view.judge();
+    let deny_abstract = view.hook_denied_abstract();
+    confinement.close_deputies(view);
     // Installed before anything is created, so a signal during set-up still ends in teardown.
     let signals = SignalForwarder::install()?;
     let name = config
@@ -171,6 +181,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             }
         }
     }
+    for w in &deputy_warnings {
+        warn(&sink, w);
+    }
+    // Deny lines for the unix sockets the view refuses (Linux 6.7: the cgroup unix hooks).
+    let unix_watch = match crate::daemon::unix_watch::start(
+        cg.path(),
+        move |a| unix_judge.refused(a),
+        deny_abstract.as_deref(),
+        sink.clone(),
+    ) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn(
+                &sink,
+                &format!(
+                    "a unix connect or send the command's view refuses gives no deny event: \
+                     the cgroup unix socket hooks cannot run here ({e:#}; they need Linux 6.7)"
+                ),
+            );
+            None
+        }
+    };
     let confinement = Arc::new(confinement);
     for cap in &config.keep_caps {
         warn(
@@ -200,6 +232,43 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         )
         .map(Ok),
     };
+    // The command's view holds the generated resolver files now (or it never started).
+    confinement.forget_generated();
+    // Sockets bound outside after the start: masked in the command's view as they appear.
+    let late_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let late = match (&spawned, confinement.deputy_view()) {
+        (Ok(Ok(child)), Some(view)) => child.id().and_then(|pid| {
+            match LateMasker::new(
+                view,
+                pid,
+                cg.path(),
+                unix_watch
+                    .as_ref()
+                    .and_then(|w| w.deny_map.as_ref().and_then(|m| m.try_clone().ok())),
+            ) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    warn(
+                        &sink,
+                        &format!("sockets bound after the start stay reachable: {e:#}"),
+                    );
+                    None
+                }
+            }
+        }),
+        _ => None,
+    }
+    .map(|mut m| {
+        let stop = late_stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for p in m.tick() {
+                    tracing::debug!("masked {}, bound outside after the start", p.display());
+                }
+                std::thread::sleep(crate::workload::deputies::LATE_TICK);
+            }
+        })
+    });
     let mut output = None;
     if let (Ok(Ok(_)), Some(p)) = (&spawned, pty.as_mut()) {
         output = Some(p.relay()?);
@@ -230,8 +299,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
     // sockets they leave behind (an orphaned connection keeps retransmitting its queued data
     // after its process is gone, and would do so unjudged once the programs are detached),
     // then stop the helpers, detach and remove.
+    late_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = late {
+        let _ = t.join();
+    }
     cgroup::kill_all(cg.path())?;
     cgroup::wait_empty(cg.path(), std::time::Duration::from_secs(5));
+    if let Some(w) = unix_watch {
+        w.stop().await;
+    }
     // Every copy of the pty's slave is gone with them: the last output is relayed, then the
     // caller's terminal is put back. Bounded: a copy of the slave that reached a process
     // outside the cgroup (passed over a unix socket) would keep the relay open forever, and

@@ -63,6 +63,8 @@ pub enum Host {
     Name(String),
     /// An address (IPv4-mapped IPv6 is kept as written and judged as its IPv4 address).
     Ip(IpAddr),
+    /// A unix socket: `unix:/path` or `unix:@name` (what `run` lets the command reach).
+    Unix(crate::policy::UnixName),
 }
 
 /// A destination to explain: a name or an address, and maybe a port.
@@ -77,13 +79,25 @@ pub struct Destination {
 impl FromStr for Destination {
     type Err = String;
 
-    /// Parses `name`, `name:port`, `ip`, `ip:port`, `[ipv6]` or `[ipv6]:port`.
+    /// Parses `name`, `name:port`, `ip`, `ip:port`, `[ipv6]`, `[ipv6]:port`, or a unix
+    /// socket as `unix:/path` or `unix:@name`.
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
+        if let Some(u) = t.strip_prefix("unix:") {
+            return Ok(Self {
+                host: Host::Unix(u.parse()?),
+                port: None,
+            });
+        }
         if t.is_empty() {
             return Err(
                 "empty destination: give NAME, NAME:PORT, IP, IP:PORT or [IPV6]:PORT".into(),
             );
+        }
+        if t.starts_with('/') || t.starts_with('@') {
+            return Err(format!(
+                "{t:?} is not a destination: write a unix socket as unix:{t}"
+            ));
         }
         if t.contains("://") || t.contains('/') {
             return Err(format!(

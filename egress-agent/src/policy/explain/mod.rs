@@ -75,6 +75,7 @@ pub fn explain(policy: &Policy, query: &Query) -> Explanation {
             steered(policy, host, transport, &mut out);
             false
         }
+        (Host::Unix(u), _) => unix_verdict(policy, u, &mut out),
         (Host::Name(name), _) => name_verdict(policy, name, *port, transport, &mut out),
         (Host::Ip(ip), _) => ip_verdict(policy, *ip, *port, transport, &mut out),
     };
@@ -87,6 +88,30 @@ pub fn explain(policy: &Policy, query: &Query) -> Explanation {
     Explanation {
         allowed,
         lines: out.lines,
+    }
+}
+
+/// A unix socket: reachable from `run` when a `unix:` rule names it exactly (a socket the
+/// command binds itself needs no rule).
+fn unix_verdict(policy: &Policy, name: &crate::policy::UnixName, out: &mut Out) -> bool {
+    let rules: Vec<&Rule> = policy
+        .rules
+        .iter()
+        .filter(|r| matches!(&r.target, Target::Unix(u) if u == name))
+        .collect();
+    match rules.first() {
+        Some(r) => {
+            out.line(format_args!("allowed by {}: {}", reference(r), describe(r)));
+            true
+        }
+        None => {
+            out.line(
+                "denied: no unix rule names this socket; under run, a unix socket bound outside \
+                 the sandbox is out of reach unless a rule names it (the command's own sockets \
+                 need none)",
+            );
+            false
+        }
     }
 }
 
@@ -108,6 +133,7 @@ fn subject(host: &Host, port: Option<u16>, transport: Option<Transport>) -> Stri
         (Host::Name(n), _) => n.clone(),
         (Host::Ip(IpAddr::V6(v6)), Some(_)) => format!("[{v6}]"),
         (Host::Ip(ip), _) => ip.to_string(),
+        (Host::Unix(u), _) => return format!("unix:{u}"),
     };
     if let Some(p) = port {
         s.push_str(&format!(":{p}"));
@@ -159,6 +185,7 @@ fn describe(rule: &Rule) -> String {
         Target::Net(n) => format!("cidr {n}"),
         Target::Inbound(n) if n.is_host() => format!("inbound {}", n.addr()),
         Target::Inbound(n) => format!("inbound {n}"),
+        Target::Unix(u) => return format!("unix {u}"),
     };
     let ports = if rule.ports == [(0, u16::MAX)] {
         "every port".to_string()
@@ -244,6 +271,7 @@ fn steered(policy: &Policy, host: &Host, transport: Option<Transport>, out: &mut
     let moot: Vec<&Rule> = match host {
         Host::Name(name) => policy.host_rules_for(name),
         Host::Ip(ip) => covering(policy, *ip),
+        Host::Unix(_) => Vec::new(),
     }
     .into_iter()
     .filter(|r| permits(r, Some(DNS_PORT), transport))
@@ -338,7 +366,7 @@ fn covering(policy: &Policy, ip: IpAddr) -> Vec<&Rule> {
         .collect();
     rules.sort_by_key(|r| match &r.target {
         Target::Net(n) => std::cmp::Reverse(n.prefix_len()),
-        Target::Host(_) | Target::Inbound(_) => std::cmp::Reverse(0),
+        Target::Host(_) | Target::Inbound(_) | Target::Unix(_) => std::cmp::Reverse(0),
     });
     rules
 }
@@ -443,6 +471,7 @@ fn dns_note(
             .map(|r| match &r.target {
                 Target::Host(h) => h.to_string(),
                 Target::Net(n) | Target::Inbound(n) => n.to_string(),
+                Target::Unix(u) => u.to_string(),
             })
             .collect();
         if hosts.len() > MAX_NAMES {

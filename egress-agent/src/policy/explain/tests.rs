@@ -81,6 +81,9 @@ fn destinations_parse() {
         ("10.0.0.0/8", "not a URL or a network"),
         ("*.a.com", "is a wildcard"),
         ("a..com", "is not a host name"),
+        ("/run/x.sock", "write a unix socket as unix:/run/x.sock"),
+        ("@name", "write a unix socket as unix:@name"),
+        ("unix:run/x.sock", "absolute path"),
     ] {
         let e = d(bad).unwrap_err();
         assert!(e.contains(why), "{bad:?}: {e}");

@@ -296,6 +296,49 @@ pub enum Event<'a> {
         /// Its user id.
         #[serde(skip_serializing_if = "Option::is_none")]
         uid: Option<u32>,
+        /// Ask mode: why a held query was refused (`approval-denied`, `approval-timeout`,
+        /// `approval-queue-full`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
+    /// Ask mode: a DNS query or a connection no rule permits waits for a person's decision.
+    ApprovalRequested {
+        /// When.
+        #[serde(serialize_with = "ser_time")]
+        ts: SystemTime,
+        /// What is asked, by whom.
+        #[serde(flatten)]
+        request: &'a ApprovalRequest,
+    },
+    /// Ask mode: a person (or the HTTP endpoint) allowed a request.
+    ApprovalGranted {
+        /// When.
+        #[serde(serialize_with = "ser_time")]
+        ts: SystemTime,
+        /// What was asked.
+        #[serde(flatten)]
+        request: &'a ApprovalRequest,
+        /// `once`, `session` or `always`.
+        #[serde(rename = "for")]
+        scope: &'a str,
+        /// The ports allowed (`any` for every port).
+        ports: &'a str,
+        /// Who decided: `uid:N` (the control socket's peer) or `http`.
+        by: &'a str,
+    },
+    /// Ask mode: a person (or the HTTP endpoint) refused a request.
+    ApprovalDenied {
+        /// When.
+        #[serde(serialize_with = "ser_time")]
+        ts: SystemTime,
+        /// What was asked.
+        #[serde(flatten)]
+        request: &'a ApprovalRequest,
+        /// `once` or `session`.
+        #[serde(rename = "for")]
+        scope: &'a str,
+        /// Who decided: `uid:N` or `http`.
+        by: &'a str,
     },
     /// A changed allowlist was validated and applied.
     PolicyReloaded {
@@ -341,6 +384,62 @@ pub enum Event<'a> {
         /// What happened.
         message: &'a str,
     },
+}
+
+/// One request of ask mode, as the events, `pending` and `GET /approvals` show it: a name
+/// (with `qtype`) or an address (with `port` and `proto`), and who asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ApprovalRequest {
+    /// The request's id, for `approve`/`deny`.
+    pub id: String,
+    /// The name asked for (lowercase, no trailing dot), shown as is: read it before
+    /// approving (a name can carry data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The record type of the first query that asked (`A`, `AAAA`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qtype: Option<String>,
+    /// The denied destination address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<IpAddr>,
+    /// Its port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `tcp` or `udp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
+    /// The asking process, when found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Its command name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// Its user id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// When it was first asked (RFC 3339).
+    pub asked: String,
+}
+
+impl ApprovalRequest {
+    /// What is asked for: the name, or `address:port/proto`.
+    pub fn subject(&self) -> String {
+        match (&self.name, self.dst) {
+            (Some(n), _) => n.clone(),
+            (None, Some(ip)) => {
+                let ip = match ip {
+                    IpAddr::V6(v6) => format!("[{v6}]"),
+                    IpAddr::V4(v4) => v4.to_string(),
+                };
+                format!(
+                    "{ip}:{}/{}",
+                    self.port.unwrap_or(0),
+                    self.proto.as_deref().unwrap_or("tcp")
+                )
+            }
+            (None, None) => "?".to_owned(),
+        }
+    }
 }
 
 fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

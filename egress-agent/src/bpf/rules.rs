@@ -67,7 +67,8 @@ pub fn target(entries: &[CidrEntry]) -> Contents {
 /// backstop and find no ICMP entry).
 pub fn flags(policy: &Policy) -> u32 {
     let mode = match policy.mode {
-        Mode::Enforce => 0,
+        // Ask denies in the kernel like enforce: only the resolver holds.
+        Mode::Enforce | Mode::Ask => 0,
         Mode::Audit => FLAG_AUDIT,
     };
     mode | if policy.allows_icmp() { FLAG_ICMP } else { 0 }

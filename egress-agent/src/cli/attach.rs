@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
-    cli::{EXIT_AGENT_ERROR, block_on, parse_name},
+    cli::{EXIT_AGENT_ERROR, ask::AskArgs, block_on, parse_name},
     daemon::{attach, session},
 };
 
@@ -36,6 +36,12 @@ pub struct AttachArgs {
     /// On SIGTERM/SIGINT, detach and remove the pins instead of leaving the cgroup closed.
     #[arg(long)]
     detach_on_exit: bool,
+    #[command(flatten)]
+    ask: AskArgs,
+    /// Ask mode: serve `GET /approvals` and `POST /approvals/<id>` on --health, to
+    /// requests bearing `Authorization: Bearer <the token in this file>`.
+    #[arg(long, value_name = "FILE", requires = "health")]
+    approval_token_file: Option<PathBuf>,
     /// Debugging aid: log every verdict of the kernel programs (allow, deny, audit; hook,
     /// protocol, destination, port, reason) to stderr. Costs a log record per connect and
     /// send; without it the tracing code is not even loaded.
@@ -63,6 +69,16 @@ pub struct DetachArgs {
 impl AttachArgs {
     /// Enforces until SIGTERM or SIGINT.
     pub fn execute(self) -> ExitCode {
+        let ask = match self
+            .ask
+            .config(&self.allowlist, self.approval_token_file.as_deref())
+        {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("egress-agent: {e:#}");
+                return ExitCode::from(EXIT_AGENT_ERROR);
+            }
+        };
         block_on(attach::attach(attach::AttachConfig {
             cgroup: self.cgroup,
             pod_uid: self.pod_uid,
@@ -74,6 +90,7 @@ impl AttachArgs {
             detach_on_exit: self.detach_on_exit,
             trace_verdicts: self.trace_verdicts,
             require_no_raw: self.require_no_raw,
+            ask: Some(ask),
         }))
     }
 }

@@ -6,10 +6,14 @@
 //! command's help (its doc comment and examples) stays on its variant of [`Command`], so
 //! `--help`, the man pages and the completions read from one place.
 
+mod approve;
+mod ask;
 mod attach;
 mod check;
+mod deny;
 mod explain;
 mod man;
+mod pending;
 mod run;
 mod status;
 
@@ -49,6 +53,8 @@ Exit status:
   attach       0 after SIGTERM or SIGINT; 125 if egress-agent failed
   detach, status
                0; 1 if nothing of that name is pinned
+  pending, approve, deny
+               0; 1 for an unknown or decided request, bad input, or no such agent
   check        0 if every file is valid; 1 if one is not
   explain      0 if every destination is allowed; 1 if one is denied; 2 if the allowlist
                cannot be loaded
@@ -115,6 +121,29 @@ pub enum Command {
         egress-agent status --name pod-1f2e3d4c --json\n\n\
         Exit status: 0; 1 when nothing of that name is pinned.")]
     Status(status::StatusArgs),
+    /// Ask mode: list the requests an agent holds for a decision (id, name or address, who
+    /// asked, when). Needs root.
+    #[command(after_help = "Examples:\n  \
+        sudo egress-agent pending --name run-4242\n  \
+        sudo egress-agent pending --name pod-1f2e3d4c --json\n\n\
+        Exit status: 0; 1 when no agent of that name runs in ask mode.")]
+    Pending(pending::PendingArgs),
+    /// Ask mode: allow a held request (answers a held lookup at once with the real
+    /// addresses). Read the name first: a name can carry data out.
+    #[command(after_help = "Examples:\n  \
+        sudo egress-agent approve --name run-4242 pypi.org --for session --ports 443\n  \
+        sudo egress-agent approve --name run-4242 3 --for always\n  \
+        sudo egress-agent approve --name run-4242 --watch\n\n\
+        Exit status: 0 when done; 1 for an unknown or already decided request, bad ports, an\n\
+        agent that is not running, or an approvals file that cannot be appended to.")]
+    Approve(approve::ApproveArgs),
+    /// Ask mode: refuse a held request now (and, --for session, the same one later).
+    #[command(after_help = "Examples:\n  \
+        sudo egress-agent deny --name run-4242 exfil.example.net\n  \
+        sudo egress-agent deny --name run-4242 4 --for session\n\n\
+        Exit status: 0 when done; 1 for an unknown or already decided request or an agent\n\
+        that is not running.")]
+    Deny(deny::DenyArgs),
     /// Validate allowlist files and print a one-line summary of each.
     #[command(after_help = "Examples:\n  \
         egress-agent check allowlists/*.yaml\n  \
@@ -185,6 +214,9 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Attach(args) => args.execute(),
         Command::Detach(args) => args.execute(),
         Command::Status(args) => args.execute(),
+        Command::Pending(args) => args.execute(),
+        Command::Approve(args) => args.execute(),
+        Command::Deny(args) => args.execute(),
         Command::Check(args) => args.execute(),
         Command::Explain(args) => args.execute(),
         Command::Schema => print(&schema::allowlist_schema_json()),

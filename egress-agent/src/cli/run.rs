@@ -4,7 +4,7 @@
 use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
 use crate::{
-    cli::{block_on, parse_name},
+    cli::{EXIT_AGENT_ERROR, EXIT_USAGE, ask::AskArgs, block_on, parse_name},
     workload::{confine::Capability, run},
 };
 
@@ -45,6 +45,8 @@ pub struct RunArgs {
     #[arg(long)]
     audit: bool,
     #[command(flatten)]
+    ask: AskArgs,
+    #[command(flatten)]
     confine: ConfineArgs,
     /// Debugging aid: log every verdict of the kernel programs (allow, deny, audit; hook,
     /// protocol, destination, port, reason) to stderr. Costs a log record per connect and
@@ -78,6 +80,17 @@ pub struct LearnArgs {
 impl RunArgs {
     /// Runs the command under the allowlist; its exit status is ours.
     pub fn execute(self) -> ExitCode {
+        if self.audit && self.ask.forced() {
+            eprintln!("egress-agent: --audit and --ask exclude each other");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        let ask = match self.ask.config(&self.allowlist, None) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("egress-agent: {e:#}");
+                return ExitCode::from(EXIT_AGENT_ERROR);
+            }
+        };
         block_on(run::run(run::RunConfig {
             allowlist: Some(self.allowlist),
             learn_output: None,
@@ -88,6 +101,7 @@ impl RunArgs {
             allow_io_uring: self.confine.allow_io_uring,
             pass_fds: self.confine.pass_fds,
             trace_verdicts: self.trace_verdicts,
+            ask: Some(ask),
             command: self.command,
         }))
     }
@@ -106,6 +120,7 @@ impl LearnArgs {
             allow_io_uring: self.confine.allow_io_uring,
             pass_fds: self.confine.pass_fds,
             trace_verdicts: false,
+            ask: None,
             command: self.command,
         }))
     }

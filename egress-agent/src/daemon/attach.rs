@@ -45,6 +45,8 @@ pub struct AttachConfig {
     pub trace_verdicts: bool,
     /// /readyz fails while CAP_NET_RAW or a packet socket is found in the cgroup.
     pub require_no_raw: bool,
+    /// Ask mode's settings.
+    pub ask: Option<crate::daemon::approvals::AskConfig>,
 }
 
 /// Runs until SIGTERM or SIGINT; returns the exit status.
@@ -131,6 +133,7 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
             ..EnforcerOptions::default()
         },
         protected: Vec::new(),
+        ask: cfg.ask.clone(),
         rejected,
     };
     let session = match Session::start(config(policy, rejected.clone())).await {

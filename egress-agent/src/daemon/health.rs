@@ -25,6 +25,9 @@ pub struct HealthState {
     pub enforcer: Arc<Mutex<Enforcer>>,
     /// Capacity of the DNS-derived map.
     pub dns_capacity: u32,
+    /// Ask mode's decisions and the bearer token they need (`--approval-token-file`);
+    /// `None`: no `/approvals` endpoint.
+    pub approvals: Option<(Arc<crate::daemon::approvals::Approvals>, String)>,
 }
 
 /// Binds `addr`; the returned future serves until dropped.
@@ -69,19 +72,62 @@ async fn answer(mut s: TcpStream, state: &HealthState) -> std::io::Result<()> {
             break;
         }
     }
-    let req = String::from_utf8_lossy(&buf[..n]);
+    let req = String::from_utf8_lossy(&buf[..n]).into_owned();
     let path = req
         .lines()
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap_or("/");
-    let (status, body, ctype) = route(path, state);
+    let (status, body, ctype) = match &state.approvals {
+        Some((approvals, token)) if path.starts_with("/approvals") => {
+            let (head, body) = read_body(&mut s, &buf[..n]).await?;
+            let (status, body) = tokio::task::block_in_place(|| {
+                crate::daemon::approvals::http(approvals, token, &head, &body)
+            });
+            (status, body, "application/json")
+        }
+        _ => route(path, state),
+    };
     let resp = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(resp.as_bytes()).await?;
     s.shutdown().await
+}
+
+/// The head of a request (up to the blank line) and its body (`Content-Length` bytes, at
+/// most 4 KiB), from what was read so far and the rest of the stream.
+async fn read_body(s: &mut TcpStream, read: &[u8]) -> std::io::Result<(String, Vec<u8>)> {
+    let split = read
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4))
+        .or_else(|| {
+            read.windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|i| (i, i + 2))
+        })
+        .unwrap_or((read.len(), read.len()));
+    let head = String::from_utf8_lossy(&read[..split.0]).into_owned();
+    let want = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(4096);
+    let mut body = read[split.1..].to_vec();
+    while body.len() < want {
+        let mut more = vec![0u8; want - body.len()];
+        let r = s.read(&mut more).await?;
+        if r == 0 {
+            break;
+        }
+        body.extend_from_slice(&more[..r]);
+    }
+    body.truncate(want);
+    Ok((head, body))
 }
 
 fn route(path: &str, state: &HealthState) -> (&'static str, String, &'static str) {

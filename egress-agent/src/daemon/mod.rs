@@ -7,7 +7,9 @@
 //! May not touch: the command of `run` (that is `workload`, which starts a session) or the
 //! CLI's rendering.
 
+pub mod approvals;
 pub mod attach;
+pub mod control;
 pub mod health;
 pub mod lastgood;
 pub mod monitor;

@@ -99,6 +99,7 @@ impl Out<'_> {
             self.sink.emit(&Event::Audit(&rec));
         } else {
             self.sink.emit(&Event::Deny(&rec));
+            crate::daemon::approvals::raise_for_deny(self.policy, &rec);
         }
     }
 

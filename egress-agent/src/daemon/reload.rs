@@ -185,6 +185,25 @@ pub fn reject(ctx: &DnsContext, metrics: &Metrics, r: &Rejected) {
 /// entries (an address keeps only what names the new policy still permits; entries no name
 /// permits any more are removed). Live connections are not touched.
 pub fn apply(ctx: &DnsContext, new: Policy) -> anyhow::Result<String> {
+    // Ask mode: what a person approved for the session stays through a reload (one apply at
+    // a time, so a decision and a reload cannot drop each other's rules).
+    let _one = ctx.held.applying();
+    apply_extended(ctx, new)
+}
+
+/// Ask mode: applies the rules a person just approved (added to `held` before this call) to
+/// the policy in force, read under the same lock a reload holds: a reload that came first is
+/// kept, one that comes after keeps the approved rules. The same transaction as a reload:
+/// all of it or nothing (the maps rolled back, the policy in force unchanged).
+pub fn apply_approved(ctx: &DnsContext) -> anyhow::Result<String> {
+    let _one = ctx.held.applying();
+    let current = (*ctx.current_policy()).clone();
+    apply_extended(ctx, current)
+}
+
+/// [`apply`] with the apply lock held.
+fn apply_extended(ctx: &DnsContext, new: Policy) -> anyhow::Result<String> {
+    let new = ctx.held.extend(new);
     let summary = new.summary();
     let new = Arc::new(new);
     ctx.enforcer

@@ -15,6 +15,8 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     bpf::enforcer::{self, Enforcer},
     bpf::trace,
+    daemon::approvals,
+    daemon::control,
     daemon::health::{self, HealthState},
     daemon::lastgood,
     daemon::monitor,
@@ -22,7 +24,7 @@ use crate::{
     daemon::status,
     dns::grants::{self, Change},
     dns::names::Names,
-    dns::{self, DnsContext, Resolver},
+    dns::{self, DnsContext, Resolver, held::Held},
     events::{Event, EventSink},
     metrics::Metrics,
     policy::{Mode, Policy},
@@ -55,6 +57,8 @@ pub struct SessionConfig {
     pub enforcer: EnforcerOptions,
     /// What confinement protects, for the `ready` event (`run` only).
     pub protected: Vec<String>,
+    /// Ask mode's settings (`None`: never ask).
+    pub ask: Option<approvals::AskConfig>,
     /// The allowlist file was rejected at start: `policy` is the last valid one, kept beside
     /// the pins ([`lastgood`]), and this is reported once the session runs.
     pub rejected: Option<reload::Rejected>,
@@ -86,7 +90,8 @@ impl Session {
     /// the state file; then, once the resolver answers, the `ready` event (always the first
     /// line; warnings follow it). [`Session::stop`] ends them in reverse.
     pub async fn start(cfg: SessionConfig) -> anyhow::Result<Self> {
-        let policy = Arc::new(cfg.policy.clone());
+        let (held, ask) = ask_setup(&cfg)?;
+        let policy = Arc::new(held.extend(cfg.policy.clone()));
         let (stop, stop_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::default());
         let mut warnings = Vec::new();
@@ -112,8 +117,35 @@ impl Session {
         enforcer.set_resolver(Some(resolver.addr()))?;
         let enforcer = Arc::new(Mutex::new(enforcer));
 
-        let (dns, kept) = dns_context(&cfg, &policy, &enforcer, &metrics, &adopted, &mut warnings);
+        let (dns, kept) = dns_context(
+            &cfg,
+            &policy,
+            &enforcer,
+            &metrics,
+            &adopted,
+            &mut warnings,
+            held,
+        );
+        let approvals = match ask {
+            Some(a) => {
+                let approvals = Arc::new(approvals::Approvals::new(dns.clone(), a.file.clone()));
+                let listener = control::bind(&cfg.name)?;
+                tracing::info!(
+                    "ask mode: unlisted names wait up to {:?} for `egress-agent approve|deny \
+                     --name {}`; `always` appends to {}",
+                    a.timeout,
+                    cfg.name,
+                    a.file.display()
+                );
+                Some((approvals, listener, a.token.clone()))
+            }
+            None => None,
+        };
         let mut tasks = Vec::new();
+        let approvals = approvals.map(|(approvals, listener, token)| {
+            tasks.push(tokio::spawn(control::serve(listener, approvals.clone())));
+            (approvals, token)
+        });
         let monitor = tokio::spawn(monitor::pump(
             ring,
             cfg.sink.clone(),
@@ -141,6 +173,9 @@ impl Session {
                 metrics: metrics.clone(),
                 enforcer: enforcer.clone(),
                 dns_capacity: cfg.enforcer.dns_capacity,
+                approvals: approvals
+                    .as_ref()
+                    .and_then(|(a, token)| token.as_ref().map(|t| (a.clone(), t.clone()))),
             });
             tasks.push(tokio::spawn(health::serve(listener, state)));
         }
@@ -218,6 +253,9 @@ impl Session {
     /// (fail closed) for a later agent to adopt.
     pub async fn stop(self, detach: bool) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        // No decisions any more: what was held is refused by the resolver's end (fail
+        // closed); `always` rules are in their file.
+        let _ = std::fs::remove_dir_all(control::dir(&self.name));
         for t in self.tasks {
             t.abort();
             let _ = t.await;
@@ -334,6 +372,7 @@ fn dns_context(
     metrics: &Arc<Metrics>,
     adopted: &[(std::net::IpAddr, Duration)],
     warnings: &mut Vec<String>,
+    held: Held,
 ) -> (Arc<DnsContext>, usize) {
     let upstreams = dns::upstreams(policy);
     if upstreams.is_empty() {
@@ -366,6 +405,7 @@ fn dns_context(
         metrics: metrics.clone(),
         entries: Default::default(),
         answers: Default::default(),
+        held,
     });
     for change in &restored {
         if let Change::Update(ip, live) = change {
@@ -378,6 +418,20 @@ fn dns_context(
     dns::apply_changes(&dns, policy, restored);
     dns::count_entries(&dns, &dns.grants.lock().unwrap_or_else(|p| p.into_inner()));
     (dns, kept)
+}
+
+/// Ask mode's held requests, configured when the session asks (with the approvals file's
+/// rules, for the session), and the settings when it does.
+fn ask_setup(cfg: &SessionConfig) -> anyhow::Result<(Held, Option<approvals::AskConfig>)> {
+    let held = Held::default();
+    let Some(ask) = cfg.ask.as_ref().filter(|a| a.on(&cfg.policy)) else {
+        return Ok((held, None));
+    };
+    held.configure(ask.timeout, ask.forced);
+    for rule in approvals::file_rules(&ask.file, &cfg.policy)? {
+        let _ = held.add_rule(rule);
+    }
+    Ok((held, Some(ask.clone())))
 }
 
 /// The resolver's thread and the grants file writer; their handles.
@@ -410,6 +464,7 @@ fn announce_ready(cfg: &SessionConfig, policy: &Policy) -> anyhow::Result<()> {
         mode: match policy.mode {
             Mode::Enforce => "enforce",
             Mode::Audit => "audit",
+            Mode::Ask => "ask",
         },
         rules: policy.rules.len(),
         protected: &cfg.protected,

@@ -16,6 +16,7 @@ pub mod answer;
 pub mod attribution;
 pub mod cache;
 pub mod grants;
+pub mod held;
 pub mod names;
 pub mod ratelimit;
 pub mod screen;
@@ -88,6 +89,8 @@ pub struct DnsContext {
     pub entries: Mutex<HashMap<IpAddr, (usize, AllowValue)>>,
     /// Answers to permitted queries, served again within their TTL.
     pub answers: cache::AnswerCache,
+    /// Ask mode: queries held for a person's decision, and the rules approved.
+    pub held: held::Held,
 }
 
 impl DnsContext {
@@ -287,8 +290,19 @@ async fn serve_udp(
                 // still waits for it, so its socket is still there to be found.
                 let (sock, ctx) = (sock.clone(), ctx.clone());
                 tokio::spawn(async move {
-                    report_refused(&ctx, &refusal.names, refusal.from).await;
+                    refusal.report(&ctx).await;
                     if let Some(reply) = refusal.reply {
+                        let _ = sock.send_to(&reply, client).await;
+                    }
+                });
+                continue;
+            }
+            Step::Hold(hold) => {
+                // Ask mode: no slot taken (a held query may wait for minutes); the requests
+                // and their waiters are bounded in `held` instead.
+                let (sock, ctx) = (sock.clone(), ctx.clone());
+                tokio::spawn(async move {
+                    if let Some(reply) = held::wait(&ctx, hold).await {
                         let _ = sock.send_to(&reply, client).await;
                     }
                 });
@@ -380,10 +394,11 @@ pub async fn handle(
     match screen_query(ctx, query, client, local, transport) {
         Step::Answer(reply) => reply,
         Step::Refused(r) => {
-            report_refused(ctx, &r.names, r.from).await;
+            r.report(ctx).await;
             r.reply
         }
         Step::Forward(pending) => forward(ctx, pending).await,
+        Step::Hold(hold) => held::wait(ctx, hold).await,
     }
 }
 
@@ -395,6 +410,8 @@ enum Step {
     Refused(Refusal),
     /// The upstream's answer.
     Forward(Pending),
+    /// Ask mode: a person's decision first (see `held`).
+    Hold(held::Hold),
 }
 
 /// A refused query: what to report, and the answer to give after.
@@ -404,12 +421,21 @@ struct Refusal {
     /// (name, type) of each refused question.
     names: Vec<(String, String)>,
     from: Origin,
+    /// Why, when more than "no rule" (ask mode: `approval-denied`, `approval-timeout`, ...).
+    reason: Option<&'static str>,
+}
+
+impl Refusal {
+    /// Writes its `dns-refused` events.
+    async fn report(&self, ctx: &DnsContext) {
+        report_refused(ctx, &self.names, self.from, self.reason).await;
+    }
 }
 
 /// Why an answer is not given after all.
 enum Denied {
     /// The policy in force no longer permits a question.
-    Refused(Refusal),
+    Refused(Box<Refusal>),
     /// This answer instead (SERVFAIL: a write failed).
     Failed(Option<Vec<u8>>),
 }
@@ -424,6 +450,9 @@ struct Pending {
     from: Origin,
     /// Refused questions forwarded anyway (audit mode), to report.
     audited: Vec<(String, String)>,
+    /// Ask mode, `approve --for once`: the rule that permits this one answer, beside the
+    /// policy in force.
+    once: Option<policy::Rule>,
 }
 
 /// Where a query came from.
@@ -465,29 +494,33 @@ fn screen_query(
         Screened::Refused {
             reply,
             names,
-            query,
+            query: parsed,
         } => {
             Metrics::inc(&ctx.metrics.dns_queries);
             Metrics::inc(&ctx.metrics.dns_refused);
+            if policy.mode == policy::Mode::Ask {
+                return held::hold(ctx, query, names, reply, from);
+            }
             if policy.mode != policy::Mode::Audit {
                 return Step::Refused(Refusal {
                     reply: Some(reply),
                     names,
                     from,
+                    reason: None,
                 });
             }
             cacheable = false;
             audited = names;
-            query
+            parsed
         }
     };
 
     let key = cache::Key::of(&msg);
     if cacheable && let Some((answer, granted)) = ctx.answers.get(&key, Instant::now()) {
         // The addresses are granted again, for what remains of their TTL.
-        return match grant_all(ctx, &msg, granted, from) {
+        return match grant_all(ctx, &msg, granted, from, None) {
             Ok(()) => Step::Answer(client_answer(answer, &msg, transport == Transport::Udp)),
-            Err(Denied::Refused(r)) => Step::Refused(r),
+            Err(Denied::Refused(r)) => Step::Refused(*r),
             Err(Denied::Failed(reply)) => Step::Answer(reply),
         };
     }
@@ -497,6 +530,7 @@ fn screen_query(
         cacheable,
         from,
         audited,
+        once: None,
     })
 }
 
@@ -509,10 +543,11 @@ async fn forward(ctx: &DnsContext, pending: Pending) -> Option<Vec<u8>> {
         cacheable,
         from,
         audited,
+        once,
     } = pending;
     let transport = from.transport;
     if !audited.is_empty() {
-        report_refused(ctx, &audited, from).await;
+        report_refused(ctx, &audited, from, None).await;
     }
     let query = match screen::upstream_query(&msg) {
         Ok(q) => q,
@@ -541,10 +576,10 @@ async fn forward(ctx: &DnsContext, pending: Pending) -> Option<Vec<u8>> {
         }
     };
     let granted = screen::addresses_in(&msg, &parsed);
-    match grant_all(ctx, &msg, granted.clone(), from) {
+    match grant_all(ctx, &msg, granted.clone(), from, once) {
         Ok(()) => {}
         Err(Denied::Refused(r)) => {
-            report_refused(ctx, &r.names, r.from).await;
+            r.report(ctx).await;
             return r.reply;
         }
         Err(Denied::Failed(reply)) => return reply,
@@ -564,12 +599,19 @@ fn grant_all(
     msg: &Message,
     granted: cache::Granted,
     from: Origin,
+    once: Option<policy::Rule>,
 ) -> Result<(), Denied> {
     let mut grants = ctx.grants.lock().unwrap_or_else(|p| p.into_inner());
     // Read under the grants lock: a reload swaps the policy and prunes the grants under the
     // same lock ([`crate::daemon::reload::apply`]), so this answer is either judged by the new policy
     // or written before the prune, which then removes what the new policy drops.
-    let policy = ctx.policy();
+    let mut policy = ctx.policy();
+    if let Some(rule) = once {
+        // Ask mode, approved once: this answer also under the one approved rule.
+        let mut p = (*policy).clone();
+        p.rules.push(rule);
+        policy = Arc::new(p);
+    }
     if policy.mode != policy::Mode::Audit {
         let refused: Vec<(String, String)> = msg
             .queries()
@@ -579,11 +621,12 @@ fn grant_all(
             .collect();
         if !refused.is_empty() {
             Metrics::inc(&ctx.metrics.dns_refused);
-            return Err(Denied::Refused(Refusal {
+            return Err(Denied::Refused(Box::new(Refusal {
                 reply: encode(&reply_to(msg, ResponseCode::Refused)),
                 names: refused,
                 from,
-            }));
+                reason: None,
+            })));
         }
     }
     let written = granted
@@ -614,23 +657,16 @@ pub fn count_entries(ctx: &DnsContext, grants: &Grants) {
 const ATTRIBUTING: usize = 4;
 static ATTRIBUTION_SLOTS: Semaphore = Semaphore::const_new(ATTRIBUTING);
 
-/// Writes a `dns-refused` event per refused question, naming the querying process. The owner
-/// lookup (a `sock_diag` request, at worst a walk over `/proc`) runs on the blocking pool,
-/// never on the resolver's thread, at most [`ATTRIBUTING`] at once.
-async fn report_refused(ctx: &DnsContext, names: &[(String, String)], from: Origin) {
+/// Writes a `dns-refused` event per refused question, naming the querying process (see
+/// [`owner_of`]); `reason` says why when more than "no rule".
+async fn report_refused(
+    ctx: &DnsContext,
+    names: &[(String, String)],
+    from: Origin,
+    reason: Option<&str>,
+) {
     let audit = ctx.policy().mode == policy::Mode::Audit;
-    let owner = match ATTRIBUTION_SLOTS.try_acquire() {
-        Ok(_slot) => {
-            let cgroup = ctx.cgroup.clone();
-            tokio::task::spawn_blocking(move || {
-                attribution::owner_of(from.transport, from.local, from.client, &cgroup)
-            })
-            .await
-            .ok()
-            .flatten()
-        }
-        Err(_) => None,
-    };
+    let owner = owner_of(ctx, from).await;
     for (name, qtype) in names {
         ctx.sink.emit(&Event::DnsRefused {
             ts: SystemTime::now(),
@@ -644,7 +680,26 @@ async fn report_refused(ctx: &DnsContext, names: &[(String, String)], from: Orig
             pid: owner.as_ref().map(|o| o.pid),
             comm: owner.as_ref().map(|o| o.comm.as_str()),
             uid: owner.as_ref().map(|o| o.uid),
+            reason,
         });
+    }
+}
+
+/// The process that sent a query from `from`. The lookup (a `sock_diag` request, at worst a
+/// walk over `/proc`) runs on the blocking pool, never on the resolver's thread, at most
+/// [`ATTRIBUTING`] at once; beyond them, `None` rather than wait.
+async fn owner_of(ctx: &DnsContext, from: Origin) -> Option<attribution::Owner> {
+    match ATTRIBUTION_SLOTS.try_acquire() {
+        Ok(_slot) => {
+            let cgroup = ctx.cgroup.clone();
+            tokio::task::spawn_blocking(move || {
+                attribution::owner_of(from.transport, from.local, from.client, &cgroup)
+            })
+            .await
+            .ok()
+            .flatten()
+        }
+        Err(_) => None,
     }
 }
 

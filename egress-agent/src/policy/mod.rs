@@ -9,7 +9,7 @@
 //! ```yaml
 //! version: 1                 # required, must be 1
 //! name: claude-code          # optional; default: the file name without extension
-//! mode: enforce              # enforce | audit
+//! mode: enforce              # enforce | audit | ask
 //! include: [github.yaml]     # relative to this file; their allow rules are added
 //! dns: {min_ttl: 30s, max_ttl: 1h, grace: 60s, upstream: system}
 //! allow:
@@ -86,6 +86,9 @@ pub enum Mode {
     Enforce,
     /// Allow it, but report it as a deny would be.
     Audit,
+    /// Deny it, but hold a DNS query for a name no rule permits until a person approves or
+    /// denies it (`egress-agent approve`); a denied address raises a request too.
+    Ask,
 }
 
 impl fmt::Display for Mode {
@@ -93,6 +96,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Self::Enforce => "enforce",
             Self::Audit => "audit",
+            Self::Ask => "ask",
         })
     }
 }

@@ -35,7 +35,8 @@ pub struct RawFile {
     /// Only the root file's name is used.
     #[schemars(with = "Option<String>")]
     pub name: Option<Spanned<String>>,
-    /// `enforce` denies what is not allowed; `audit` reports it but lets it through.
+    /// `enforce` denies what is not allowed; `audit` reports it but lets it through; `ask`
+    /// denies it but holds a lookup of an unlisted name until a person approves or denies it.
     /// Default `enforce`. Only the root file's mode is used.
     pub mode: Option<Mode>,
     /// Other allowlist files whose `allow` rules (and includes) are added after this file's,

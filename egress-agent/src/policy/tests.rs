@@ -264,7 +264,7 @@ fn error_protocol_and_mode() {
     );
     assert_eq!(
         err("version: 1\nmode: block\n"),
-        r#"allowlists/x.yaml:2:7: mode: unknown value "block", expected one of enforce, audit"#
+        r#"allowlists/x.yaml:2:7: mode: unknown value "block", expected one of enforce, audit, ask"#
     );
 }
 

@@ -57,7 +57,7 @@ impl JsonSchema for Mode {
         json_schema!({
             "description": "What happens to what no rule allows.",
             "type": "string",
-            "enum": ["enforce", "audit"],
+            "enum": ["enforce", "audit", "ask"],
         })
     }
 }

@@ -68,6 +68,8 @@ pub struct RunConfig {
     pub pass_fds: Vec<i32>,
     /// Trace every verdict of the programs to the agent's log (a debugging aid).
     pub trace_verdicts: bool,
+    /// Ask mode's settings (`None` for `learn`).
+    pub ask: Option<crate::daemon::approvals::AskConfig>,
     /// The command and its arguments.
     pub command: Vec<OsString>,
 }
@@ -149,6 +151,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             ..EnforcerOptions::default()
         },
         protected: confinement.protected(),
+        ask: config.ask.clone(),
         rejected: None,
     })
     .await?;

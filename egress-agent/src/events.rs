@@ -15,7 +15,7 @@ use std::{
 use anyhow::Context as _;
 use egress_common::{
     DenyEvent,
-    events::{hook, reason},
+    events::{NameDenyEvent, hook, name_why, reason},
     keys::ip_from_addr,
 };
 use serde::Serialize;
@@ -60,6 +60,14 @@ pub struct DenyRecord {
     /// The rule that almost allowed it (right address, wrong port or protocol), when any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub near_rule: Option<String>,
+    /// `reason: name` (a name-bound connection's first flight): the name it carried, as sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `reason: name`: why the first flight was refused (`not-permitted`, `no-sni`, `ech`,
+    /// `bad-tls`, `no-host`, `two-hosts`, `h2c`, `unknown-protocol`, `bad-name`, `too-large`,
+    /// `error`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_why: Option<&'static str>,
     /// Present when this line stands for several identical denies (same process,
     /// destination, port, protocol, hook, reason and verdict) within the last second: how
     /// many, beyond the lines already written for it (see `throttle`).
@@ -103,6 +111,8 @@ impl DenyRecord {
             verdict: if e.audited != 0 { "audit" } else { "deny" },
             host: None,
             near_rule: None,
+            name: None,
+            name_why: None,
             repeats: None,
             worker: None,
         }
@@ -123,7 +133,42 @@ impl DenyRecord {
 
     /// Decodes a ring-buffer item; `None` if it is not a whole [`DenyEvent`].
     pub fn from_bytes(bytes: &[u8], boot_offset: Duration) -> Option<Self> {
-        raw_event(bytes).map(|e| Self::from_kernel(&e, boot_offset))
+        raw_event(bytes).map(|e| {
+            let mut r = Self::from_kernel(&e, boot_offset);
+            r.add_name(bytes);
+            r
+        })
+    }
+
+    /// Adds the name part of a [`NameDenyEvent`] record (`reason: name`), if `bytes` is one.
+    pub fn add_name(&mut self, bytes: &[u8]) {
+        if self.reason != "name" || bytes.len() < size_of::<NameDenyEvent>() {
+            return;
+        }
+        // SAFETY: plain old data of this size; read_unaligned needs no alignment.
+        let n = unsafe { bytes.as_ptr().cast::<NameDenyEvent>().read_unaligned() };
+        let len = usize::from(n.name_len).min(n.name.len());
+        if len > 0 {
+            self.name = Some(String::from_utf8_lossy(&n.name[..len]).into_owned());
+        }
+        self.name_why = Some(name_why_text(n.why));
+    }
+}
+
+/// The name of a `name_why` code.
+pub fn name_why_text(code: u8) -> &'static str {
+    match code {
+        name_why::NOT_PERMITTED => "not-permitted",
+        name_why::NO_SNI => "no-sni",
+        name_why::ECH => "ech",
+        name_why::BAD_TLS => "bad-tls",
+        name_why::NO_HOST => "no-host",
+        name_why::TWO_HOSTS => "two-hosts",
+        name_why::H2C => "h2c",
+        name_why::UNKNOWN => "unknown-protocol",
+        name_why::BAD_NAME => "bad-name",
+        name_why::TOO_LARGE => "too-large",
+        _ => "error",
     }
 }
 
@@ -146,6 +191,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::ERROR => "error",
         reason::FAMILY => "family",
         reason::ROUTE => "route",
+        reason::NAME => "name",
         _ => "unknown",
     }
 }
@@ -161,6 +207,7 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::EGRESS => "egress",
         hook::SOCKET_CREATE => "socket_create",
         hook::ACCEPT => "accept",
+        hook::FIRST_FLIGHT => "first_flight",
         _ => "unknown",
     }
 }

@@ -59,6 +59,7 @@ fn validate(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mu
                     "array" => value.is_array(),
                     "string" => value.is_string(),
                     "integer" => value.is_u64() || value.is_i64(),
+                    "boolean" => value.is_boolean(),
                     other => panic!("unsupported type {other}"),
                 };
                 if !ok {

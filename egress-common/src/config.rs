@@ -6,6 +6,10 @@ pub const FLAG_AUDIT: u32 = 1 << 0;
 /// sockets be created; their destinations are still judged (connect4/6 and the backstop).
 /// Raw sockets stay refused either way.
 pub const FLAG_ICMP: u32 = 1 << 1;
+/// Name binding runs (the `sock_ops` and `sk_msg` programs are attached): connect4/6 mark
+/// name-bound TCP sockets, and the backstop holds back their payload until their first
+/// flight is judged. Off, host rules admit by address only.
+pub const FLAG_NAME_BIND: u32 = 1 << 2;
 
 /// Program settings; a zeroed value is the strict default (enforce, no DNS steering: port 53
 /// is then judged like any other port).

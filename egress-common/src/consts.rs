@@ -16,6 +16,21 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_CONFIG: &str = "CONFIG";
 /// LRU hash: socket cookie to the [`crate::config::OrigDst`] of a steered DNS socket.
 pub const MAP_DNS_ORIG: &str = "DNS_ORIG";
+/// LPM trie of the names host rules permit (name binding, issue 13): a
+/// [`crate::names::NameKey`] (the name reversed, see `names`) to [`crate::AllowValue`] (the
+/// TCP ports the name may be used on).
+pub const MAP_NAMES: &str = "NAMES";
+/// Sockhash of name-bound TCP sockets whose first flight is not judged yet, by socket cookie;
+/// the `first_flight` sk_msg program runs on every send of a socket in it.
+pub const MAP_BOUND: &str = "BOUND";
+/// Capacity of `NAMES` (allocated lazily, as every LPM trie).
+pub const DEFAULT_NAMES_CAPACITY: u32 = 1 << 16;
+/// Capacity of `BOUND`: name-bound connections between their handshake and their first flight.
+pub const BOUND_CAPACITY: u32 = 1 << 16;
+/// The most bytes of a first flight the kernel waits for (corks) and parses: a TLS record
+/// holding the whole ClientHello, or an HTTP/1.x request head. Larger is refused.
+pub const FIRST_FLIGHT_MAX: u32 = 4096;
+
 /// Capacity of `DNS_ORIG` (least recently used entries are evicted).
 pub const DNS_ORIG_CAPACITY: u32 = 16_384;
 
@@ -31,6 +46,10 @@ pub const COUNTER_ERROR: u32 = 3;
 pub const COUNTER_DNS_STEERED: u32 = 4;
 /// Packets the `cgroup_skb/egress` backstop dropped.
 pub const COUNTER_BACKSTOP_DROP: u32 = 5;
+/// First flights of name-bound connections refused (or reported, in audit mode).
+pub const COUNTER_NAME_DENY: u32 = 6;
+/// First flights of name-bound connections judged and let through.
+pub const COUNTER_NAME_PASS: u32 = 7;
 /// Number of slots in the counters map.
 pub const COUNTER_SLOTS: u32 = 8;
 
@@ -44,6 +63,16 @@ pub const PROTO_ANY: u8 = PROTO_TCP | PROTO_UDP;
 /// has no ports: the agent writes it as one range covering every port, and the programs judge
 /// an ICMP destination with port 0.
 pub const PROTO_ICMP: u8 = 1 << 2;
+
+/// Flag on a TCP [`crate::PortRange`] of a DNS-derived entry: the stretch is admitted only by
+/// host rules that check names (`name_check`, the default), so a connection admitted by it is
+/// name-bound (its first flight must carry a permitted TLS SNI or HTTP Host). It is not a
+/// protocol: `permits` ignores it.
+pub const PROTO_NAMED: u8 = 1 << 3;
+/// Flag on a UDP [`crate::PortRange`] of a DNS-derived entry: the stretch is admitted only by
+/// host rules that check names, so QUIC long-header packets (an Initial carries its server
+/// name encrypted) are refused there; clients fall back to TCP, whose first flight is judged.
+pub const PROTO_NAMED_UDP: u8 = 1 << 4;
 
 /// How many port ranges one allow entry can hold. The verifier unrolls nothing: the check
 /// is a bounded loop (kernel >= 5.3), so this only sizes the value.

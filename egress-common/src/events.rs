@@ -21,6 +21,9 @@ pub mod hook {
     /// handshake) or the backstop (the SYN-ACK). The event's `addr` is the peer, `port` the
     /// local port it connected to.
     pub const ACCEPT: u8 = 8;
+    /// `sk_msg` `first_flight`: the first bytes a name-bound TCP connection sends (TLS SNI,
+    /// HTTP Host). The record is a [`super::NameDenyEvent`].
+    pub const FIRST_FLIGHT: u8 = 9;
 }
 
 /// Why a destination was denied.
@@ -41,7 +44,61 @@ pub mod reason {
     /// The packet carries IPv4 options or an IPv6 routing header: either can send it on to
     /// an address other than the one judged (source routing).
     pub const ROUTE: u8 = 7;
+    /// A name-bound connection's first flight did not carry a name the policy permits for
+    /// this port (see [`super::name_why`]).
+    pub const NAME: u8 = 8;
 }
+
+/// Why a first flight was refused (`NameDenyEvent::why`).
+pub mod name_why {
+    /// The name it carried is not permitted on this port (the name is in the event).
+    pub const NOT_PERMITTED: u8 = 1;
+    /// A TLS ClientHello without a `server_name`.
+    pub const NO_SNI: u8 = 2;
+    /// A ClientHello with an `encrypted_client_hello` extension: the real name is hidden.
+    pub const ECH: u8 = 3;
+    /// A TLS record that does not hold one whole, well-formed ClientHello (fragmented across
+    /// records, lengths that do not add up, two `server_name` extensions).
+    pub const BAD_TLS: u8 = 4;
+    /// An HTTP request head without a `Host` header.
+    pub const NO_HOST: u8 = 5;
+    /// An HTTP request head with more than one `Host` header.
+    pub const TWO_HOSTS: u8 = 6;
+    /// HTTP/2 prior knowledge (the `PRI * HTTP/2.0` preface): no Host to judge.
+    pub const H2C: u8 = 7;
+    /// Neither a TLS handshake nor an HTTP/1.x request in origin form.
+    pub const UNKNOWN: u8 = 8;
+    /// The name is not a plain host name (characters, empty label, length).
+    pub const BAD_NAME: u8 = 9;
+    /// The ClientHello or request head is larger than `FIRST_FLIGHT_MAX`.
+    pub const TOO_LARGE: u8 = 10;
+    /// The program could not read the message (it refuses).
+    pub const ERROR: u8 = 11;
+}
+
+/// Longest name a [`NameDenyEvent`] carries: a host name is at most 253 bytes.
+pub const NAME_MAX: usize = 256;
+
+/// A refused first flight: a [`DenyEvent`] (reason `NAME`, hook `FIRST_FLIGHT`) followed by
+/// why and the name seen, if any. The agent tells it from a plain `DenyEvent` by its reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NameDenyEvent {
+    /// The common part.
+    pub event: DenyEvent,
+    /// One of the `name_why` constants.
+    pub why: u8,
+    /// Always zero.
+    pub _pad: u8,
+    /// Bytes of `name` that count, host byte order.
+    pub name_len: u16,
+    /// Always zero.
+    pub _pad2: u32,
+    /// The name as sent (not lower-cased), when the flight carried one.
+    pub name: [u8; NAME_MAX],
+}
+
+const _: () = assert!(core::mem::size_of::<NameDenyEvent>() == 72 + 8 + NAME_MAX);
 
 /// One denied connect or send.
 #[repr(C)]

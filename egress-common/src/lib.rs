@@ -11,6 +11,7 @@ pub mod events;
 pub mod keys;
 #[cfg(feature = "std")]
 pub mod mounts;
+pub mod names;
 pub mod rules;
 
 #[cfg(feature = "std")]

@@ -1,6 +1,6 @@
 //! Allow entries: which ports and protocols an address (or prefix) may be reached on.
 
-use crate::consts::MAX_PORT_RANGES;
+use crate::consts::{MAX_PORT_RANGES, PROTO_NAMED, PROTO_NAMED_UDP, PROTO_TCP, PROTO_UDP};
 
 /// An inclusive port range and the protocols it applies to.
 #[repr(C)]
@@ -59,6 +59,37 @@ impl AllowValue {
             let r = &self.ranges[i];
             if r.protos & proto != 0 && r.lo <= port && port <= r.hi {
                 return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether TCP to `port` is admitted by this entry only as name-bound: the range that
+    /// permits it carries [`PROTO_NAMED`]. The agent writes disjoint stretches, so the first
+    /// range that permits the port decides.
+    #[inline(always)]
+    pub fn named_tcp(&self, port: u16) -> bool {
+        self.named(port, PROTO_TCP, PROTO_NAMED)
+    }
+
+    /// Whether UDP to `port` is admitted only by host rules that check names
+    /// ([`PROTO_NAMED_UDP`]): QUIC long-header packets are refused there.
+    #[inline(always)]
+    pub fn named_udp(&self, port: u16) -> bool {
+        self.named(port, PROTO_UDP, PROTO_NAMED_UDP)
+    }
+
+    #[inline(always)]
+    fn named(&self, port: u16, proto: u8, flag: u8) -> bool {
+        let mut i = 0;
+        while i < MAX_PORT_RANGES {
+            if i as u32 >= self.len {
+                return false;
+            }
+            let r = &self.ranges[i];
+            if r.protos & proto != 0 && r.lo <= port && port <= r.hi {
+                return r.protos & flag != 0;
             }
             i += 1;
         }

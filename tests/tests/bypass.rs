@@ -695,7 +695,7 @@ fn dns_policy(rules: &str) -> String {
 
 /// `allowed.example.com` on TCP 8080 only.
 const ALLOWED_TCP_8080: &str =
-    "  - host: allowed.example.com\n    ports: [8080]\n    protocol: tcp\n";
+    "  - host: allowed.example.com\n    ports: [8080]\n    protocol: tcp\n    name_check: false\n";
 
 /// Runs `body` (after [`PRELUDE`]) under `allowlist`; checks ready and exit status 0.
 fn run_script(world: &DnsWorld, allowlist: &str, body: &str) -> (AgentExit, Value) {
@@ -1042,7 +1042,9 @@ fn wildcard_look_alike() {
         .join(", ");
     let (run, out) = run_script(
         &world,
-        &dns_policy("  - host: \"*.example.com\"\n    ports: [443]\n    protocol: tcp\n"),
+        &dns_policy(
+            "  - host: \"*.example.com\"\n    ports: [443]\n    protocol: tcp\n    name_check: false\n",
+        ),
         &format!(
             r#"
 out["look"] = {{n: resolve(n) for n in [{names}]}}
@@ -1112,7 +1114,9 @@ fn dns_rebinding_to_metadata() {
     );
     let (run, out) = run_script(
         &world,
-        &dns_policy("  - host: meta.example.com\n    ports: [80]\n    protocol: tcp\n"),
+        &dns_policy(
+            "  - host: meta.example.com\n    ports: [80]\n    protocol: tcp\n    name_check: false\n",
+        ),
         r#"
 out["r"] = resolve("meta.example.com")
 out["by_name"] = tcp("meta.example.com", 80)
@@ -1164,7 +1168,9 @@ fn dns_rebinding_to_loopback() {
     );
     let (run, out) = run_script(
         &world,
-        &dns_policy("  - host: local.example.com\n    ports: [3128]\n    protocol: tcp\n"),
+        &dns_policy(
+            "  - host: local.example.com\n    ports: [3128]\n    protocol: tcp\n    name_check: false\n",
+        ),
         r#"
 out["r"] = resolve("local.example.com")
 out["by_name"] = tcp("local.example.com", 3128)

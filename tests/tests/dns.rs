@@ -297,7 +297,7 @@ fn parse_dig(text: &str) -> DigOutput {
 
 /// The single allowed name of most tests: `allowed.example.com` on TCP 8080.
 const ALLOWED_TCP_8080: &str =
-    "  - host: allowed.example.com\n    ports: [8080]\n    protocol: tcp\n";
+    "  - host: allowed.example.com\n    ports: [8080]\n    protocol: tcp\n    name_check: false\n";
 
 /// A world where `allowed.example.com` is 198.51.100.10 and 2001:db8::10.
 fn allowed_world() -> DnsWorld {
@@ -365,7 +365,7 @@ fn wildcard_permits_any_depth_below_but_not_the_apex() {
     let lapex = world.listen_tcp("198.51.100.13:8080");
     let (run, out) = run_script(
         &world,
-        &policy("  - host: \"*.wild.example.com\"\n    ports: [8080]\n"),
+        &policy("  - host: \"*.wild.example.com\"\n    ports: [8080]\n    name_check: false\n"),
         r#"
 out["ra"] = resolve("a.wild.example.com")
 out["ca"] = tcp("198.51.100.11", 8080)
@@ -445,7 +445,9 @@ fn look_alike_names_are_refused_and_never_forwarded() {
         .address("evilexample.com", "198.51.100.16")
         .address("evil.test", "198.51.100.16")
         .start();
-    let rules = format!("{ALLOWED_TCP_8080}  - host: \"*.sub.example.com\"\n    ports: [8080]\n");
+    let rules = format!(
+        "{ALLOWED_TCP_8080}  - host: \"*.sub.example.com\"\n    ports: [8080]\n    name_check: false\n"
+    );
     let names = look_alikes
         .iter()
         .map(|n| format!("{n:?}"))
@@ -507,7 +509,9 @@ fn cname_chain_to_an_unlisted_target_allows_the_answered_address() {
     let l = world.listen_tcp("198.51.100.14:8080");
     let (run, out) = run_script(
         &world,
-        &policy("  - host: www.example.com\n    ports: [8080]\n    protocol: tcp\n"),
+        &policy(
+            "  - host: www.example.com\n    ports: [8080]\n    protocol: tcp\n    name_check: false\n",
+        ),
         r#"
 out["before"] = tcp("198.51.100.14", 8080)
 out["r"] = resolve("www.example.com")
@@ -721,7 +725,7 @@ fn short_ttl_keeps_the_open_connection_but_denies_a_new_one() {
             "0s",
             "0s",
             UPSTREAM,
-            "  - host: short.example.com\n    ports: [8080]\n    protocol: tcp\n",
+            "  - host: short.example.com\n    ports: [8080]\n    protocol: tcp\n    name_check: false\n",
         ),
         r#"
 out["r"] = resolve("short.example.com")
@@ -1125,7 +1129,9 @@ fn a_query_in_flight_across_a_reload_is_judged_by_the_new_policy() {
     let rules = |names: &[&str]| {
         let mut r = String::new();
         for n in names {
-            r.push_str(&format!("  - host: {n}\n    ports: [8080]\n"));
+            r.push_str(&format!(
+                "  - host: {n}\n    ports: [8080]\n    name_check: false\n"
+            ));
         }
         policy_with("0s", "0s", FAKE, &r)
     };

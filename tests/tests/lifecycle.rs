@@ -59,11 +59,13 @@ const DENIED_IP: &str = "198.51.100.20";
 const DENIED_NAME: &str = "denied.example.com";
 
 /// `allowed.example.com` on 8080.
-const ALLOWED_RULE: &str = "  - host: allowed.example.com\n    ports: [8080]\n";
+const ALLOWED_RULE: &str =
+    "  - host: allowed.example.com\n    ports: [8080]\n    name_check: false\n";
 /// `second.example.com` on 8080.
-const SECOND_RULE: &str = "  - host: second.example.com\n    ports: [8080]\n";
+const SECOND_RULE: &str =
+    "  - host: second.example.com\n    ports: [8080]\n    name_check: false\n";
 /// `short.example.com` on 8080.
-const SHORT_RULE: &str = "  - host: short.example.com\n    ports: [8080]\n";
+const SHORT_RULE: &str = "  - host: short.example.com\n    ports: [8080]\n    name_check: false\n";
 /// The denied address, on 8080.
 const DENIED_IP_RULE: &str = "  - cidr: 198.51.100.20/32\n    ports: [8080]\n";
 
@@ -830,7 +832,7 @@ fn reload_in_place_applies_a_new_rule_and_keeps_live_connections() {
 
     let seen = agent.events().len();
     env.write_allowlist(&policy(&format!(
-        "{ALLOWED_RULE}  - host: allowed.example.com\n    ports: [9090]\n{DENIED_IP_RULE}"
+        "{ALLOWED_RULE}  - host: allowed.example.com\n    ports: [9090]\n    name_check: false\n{DENIED_IP_RULE}"
     )));
     assert_eq!(
         fs::metadata(env.allowlist()).expect("allowlist").ino(),
@@ -922,7 +924,7 @@ fn invalid_reload_is_rejected_and_the_old_policy_stays() {
 
     let seen = agent.events().len();
     let bad = policy(&format!(
-        "{ALLOWED_RULE}  - host: second.example.com\n    ports: [70000]\n"
+        "{ALLOWED_RULE}  - host: second.example.com\n    ports: [70000]\n    name_check: false\n"
     ));
     let at = bad.find("70000").expect("the bad port");
     let line = bad[..at].matches('\n').count() + 1;

@@ -5,6 +5,7 @@
 //! everything is deny.
 
 use std::{
+    collections::HashSet,
     fs,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -14,7 +15,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash, lpm_trie::LpmTrie},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
         links::{FdLink, PinnedLink},
@@ -22,12 +23,14 @@ use aya::{
 };
 use egress_common::{
     Addr, AllowValue, Config,
+    config::FLAG_NAME_BIND,
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
-        DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_INBOUND, MAP_CONFIG,
-        MAP_COUNTERS, MAP_DNS_ORIG, MAP_EVENTS,
+        DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_INBOUND, MAP_BOUND,
+        MAP_CONFIG, MAP_COUNTERS, MAP_DNS_ORIG, MAP_EVENTS, MAP_NAMES,
     },
     keys::addr_from_ip,
+    names::NameBytes,
 };
 
 use super::{
@@ -56,7 +59,9 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 ];
 
 /// Every map, by name (for pinning).
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 9] = [
+    MAP_NAMES,
+    MAP_BOUND,
     MAP_ALLOW_CIDR,
     MAP_ALLOW_INBOUND,
     MAP_ALLOW_DNS,
@@ -185,6 +190,13 @@ pub struct Enforcer {
     boot_offset: Duration,
     /// Why the family guard ([`FAMILY_PROGRAM`]) does not run, when it does not.
     family_guard: Option<String>,
+    /// The names host rules permit (name binding), and the keys written.
+    names: LpmTrie<MapData, NameBytes, AllowValue>,
+    name_keys: HashSet<super::name_bind::NameKey>,
+    /// Name-bound sockets awaiting their first flight; kept open for the sk_msg attachment.
+    bound: SockHash<MapData, u64>,
+    /// Why name binding does not run, when it does not.
+    name_binding: Option<String>,
     // Dropped last: the programs' file descriptors.
     _ebpf: Ebpf,
 }
@@ -243,6 +255,8 @@ impl Enforcer {
         let config = Array::try_from(take(MAP_CONFIG)?)?;
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?)?;
+        let names = LpmTrie::try_from(take(MAP_NAMES)?)?;
+        let bound = SockHash::try_from(take(MAP_BOUND)?)?;
         // Taken before the programs load, which need its fd open: the logger keeps it.
         // The pinned config when adopting: a failed first policy change writes its flags back.
         let config_value = config.get(&0, 0).unwrap_or_default();
@@ -251,6 +265,8 @@ impl Enforcer {
             false => None,
         };
 
+        // Name entries an earlier agent wrote: known, so a changed policy removes them.
+        let name_keys = super::name_bind::keys(&names);
         let mut me = Self {
             cgroup: cgroup.to_owned(),
             workload: crate::sys::cgroup::Subtree::new(cgroup),
@@ -271,6 +287,10 @@ impl Enforcer {
             trace,
             boot_offset: boot_to_wall_offset(),
             family_guard: None,
+            names,
+            name_keys,
+            bound,
+            name_binding: None,
             _ebpf: ebpf,
         };
         me.apply_policy(policy)?;
@@ -362,6 +382,22 @@ impl Enforcer {
             .map_err(|e| anyhow!("{INGRESS_PROGRAM}: not a bpf_link: {e:?}"))?;
         let link = me.keep_link(INGRESS_PROGRAM, link)?;
         me.links.push(link);
+        let bound_names = if judged {
+            super::name_bind::attach(&mut me._ebpf, &me.bound, &cgroup_dir)
+                .and_then(|link| me.keep_link(super::name_bind::SOCK_OPS_PROGRAM, link))
+        } else {
+            Err(anyhow!(
+                "it needs socket storage in cgroup programs, which this kernel lacks"
+            ))
+        };
+        match bound_names {
+            Ok(link) => {
+                me.links.push(link);
+                me.config_value.flags |= FLAG_NAME_BIND;
+                me.write_config()?;
+            }
+            Err(e) => me.name_binding = Some(format!("{e:#}")),
+        }
         if let Err(e) = me.attach_family_guard(&cgroup_dir, btf.as_ref()) {
             me.family_guard = Some(format!("{e:#}"));
         } else if crate::bpf::kernel::bpf_lsm_active() == Some(false) {
@@ -445,6 +481,12 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Why name binding (TLS SNI / HTTP Host judged in the kernel) does *not* run, when it
+    /// does not: host rules then admit by address only.
+    pub fn name_binding_missing(&self) -> Option<&str> {
+        self.name_binding.as_deref()
+    }
+
     /// Whether the maps were adopted from an earlier agent's pins.
     pub fn adopted(&self) -> bool {
         self.adopted
@@ -475,9 +517,17 @@ impl Enforcer {
             rules::contents(&self.cidr, "CIDR rules").map_err(fail)?,
             rules::contents(&self.inbound, "inbound rules").map_err(fail)?,
         );
+        // The names trie is not part of the transaction (left for later): after a failed
+        // change it holds the new policy's names, which judge only connections to addresses
+        // the rolled-back maps admit.
+        let names = policy::name_entries(policy);
+        self.name_keys =
+            super::name_bind::sync(&mut self.names, &self.name_keys, &names).map_err(fail)?;
         let old_flags = self.config_value.flags;
+        // Name binding stays as attached.
+        let flags = rules::flags(policy) | (old_flags & FLAG_NAME_BIND);
         let mut faults = Faults::from_env();
-        let forward = self.write_rules(&have, &want, rules::flags(policy), &mut faults);
+        let forward = self.write_rules(&have, &want, flags, &mut faults);
         let Err(error) = forward else {
             return Ok(());
         };

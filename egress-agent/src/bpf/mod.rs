@@ -10,6 +10,7 @@
 
 pub mod enforcer;
 pub mod kernel;
+pub mod name_bind;
 pub mod rules;
 pub mod stale;
 pub mod trace;

@@ -166,7 +166,9 @@ fn drain(
         };
         out.metrics.deny(reason_name(e.reason));
         if throttle.admit(&e) {
-            out.write(DenyRecord::from_kernel(&e, boot_offset));
+            let mut rec = DenyRecord::from_kernel(&e, boot_offset);
+            rec.add_name(&item);
+            out.write(rec);
         }
     }
     false

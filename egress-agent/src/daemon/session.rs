@@ -115,6 +115,11 @@ impl Session {
             trace,
         } = kernel;
         enforcer.set_resolver(Some(resolver.addr()))?;
+        if let Some(why) = enforcer.name_binding_missing() {
+            warnings.push(format!(
+                "name binding (TLS SNI and HTTP Host judged in the kernel) cannot run here:                  {why}. Host rules admit by address only"
+            ));
+        }
         let enforcer = Arc::new(Mutex::new(enforcer));
 
         let (dns, kept) = dns_context(

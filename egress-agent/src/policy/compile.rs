@@ -6,12 +6,15 @@ use std::collections::HashMap;
 use egress_common::{
     Addr, AllowValue, PortRange,
     consts::{MAX_PORT_RANGES, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    consts::{PROTO_NAMED, PROTO_NAMED_UDP},
     keys::{V4_MAPPED_PREFIX, is_v4_mapped},
+    names::{NameBytes, name_key},
     rules::TooManyRanges,
 };
 
 use super::{
-    Net, Policy, PolicyError, Protocol, Rule, Target, error::Location, net::mask_key, ports,
+    HostPattern, Net, Policy, PolicyError, Protocol, Rule, Target, error::Location, net::mask_key,
+    ports,
 };
 
 /// The ports allowed per protocol: two sets of sorted, disjoint, non-touching ranges, and
@@ -21,6 +24,11 @@ pub struct PortSet {
     tcp: Vec<(u16, u16)>,
     udp: Vec<(u16, u16)>,
     icmp: bool,
+    /// TCP ports of host rules that check names (`name_check`): where no rule in `tcp`
+    /// also allows them, their stretches carry `PROTO_NAMED`.
+    tcp_named: Vec<(u16, u16)>,
+    /// The same for UDP (`PROTO_NAMED_UDP`: QUIC long headers refused).
+    udp_named: Vec<(u16, u16)>,
 }
 
 /// The range ICMP is written with: every port, so that whatever port a hook reports for an
@@ -49,8 +57,29 @@ impl PortSet {
         }
     }
 
+    /// Adds a rule's ports: a host rule that checks names adds its TCP ports as name-bound.
+    pub fn add_rule(&mut self, rule: &Rule) {
+        let bits = rule.protocol.bits();
+        if !rule.name_check || bits & (PROTO_TCP | PROTO_UDP) == 0 {
+            self.add(&rule.ports, rule.protocol);
+            return;
+        }
+        if bits & PROTO_TCP != 0 {
+            self.tcp_named.extend_from_slice(&rule.ports);
+            ports::merge(&mut self.tcp_named);
+        }
+        if bits & PROTO_UDP != 0 {
+            self.udp_named.extend_from_slice(&rule.ports);
+            ports::merge(&mut self.udp_named);
+        }
+    }
+
     /// Adds everything `other` allows.
     pub fn union(&mut self, other: &PortSet) {
+        self.tcp_named.extend_from_slice(&other.tcp_named);
+        ports::merge(&mut self.tcp_named);
+        self.udp_named.extend_from_slice(&other.udp_named);
+        ports::merge(&mut self.udp_named);
         self.tcp.extend_from_slice(&other.tcp);
         ports::merge(&mut self.tcp);
         self.udp.extend_from_slice(&other.udp);
@@ -72,11 +101,13 @@ impl PortSet {
             .tcp
             .iter()
             .chain(&self.udp)
+            .chain(&self.tcp_named)
+            .chain(&self.udp_named)
             .flat_map(|&(lo, hi)| [u32::from(lo), u32::from(hi) + 1])
             .collect();
         points.sort_unstable();
         points.dedup();
-        let (mut t, mut u) = (0, 0);
+        let (mut t, mut u, mut nt, mut nu) = (0, 0, 0, 0);
         let mut out: Vec<PortRange> = Vec::new();
         for w in points.windows(2) {
             let (start, end) = (w[0], w[1] - 1);
@@ -86,9 +117,25 @@ impl PortSet {
             while u < self.udp.len() && u32::from(self.udp[u].1) < start {
                 u += 1;
             }
+            while nt < self.tcp_named.len() && u32::from(self.tcp_named[nt].1) < start {
+                nt += 1;
+            }
+            while nu < self.udp_named.len() && u32::from(self.udp_named[nu].1) < start {
+                nu += 1;
+            }
             let in_tcp = t < self.tcp.len() && u32::from(self.tcp[t].0) <= start;
             let in_udp = u < self.udp.len() && u32::from(self.udp[u].0) <= start;
-            let protos = if in_tcp { PROTO_TCP } else { 0 } | if in_udp { PROTO_UDP } else { 0 };
+            let in_named = nt < self.tcp_named.len() && u32::from(self.tcp_named[nt].0) <= start;
+            let in_named_udp =
+                nu < self.udp_named.len() && u32::from(self.udp_named[nu].0) <= start;
+            let protos = if in_tcp || in_named { PROTO_TCP } else { 0 }
+                | if in_udp || in_named_udp { PROTO_UDP } else { 0 }
+                | if in_named && !in_tcp { PROTO_NAMED } else { 0 }
+                | if in_named_udp && !in_udp {
+                    PROTO_NAMED_UDP
+                } else {
+                    0
+                };
             if protos == 0 {
                 continue;
             }
@@ -128,9 +175,74 @@ impl PortSet {
 pub fn rule_value(rules: &[&Rule], expires_ns: u64) -> Result<AllowValue, TooManyRanges> {
     let mut set = PortSet::default();
     for r in rules {
-        set.add(&r.ports, r.protocol);
+        set.add_rule(r);
     }
     set.value(expires_ns)
+}
+
+/// One entry of the names trie (name binding): a host rule's name in key form (see
+/// `egress_common::names`) and the ports every host rule covering it permits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameEntry {
+    /// Prefix length in bits.
+    pub prefix_len: u32,
+    /// The name, reversed and terminated.
+    pub data: NameBytes,
+    /// What the name may be used on: its own rules' ports and every broader wildcard's (one
+    /// longest-prefix lookup must decide).
+    pub value: AllowValue,
+}
+
+/// The names trie: one entry per host rule name, holding the union of the rules that cover
+/// it (an exact name: every rule that matches it; a wildcard: every wildcard at or above it).
+pub fn name_entries(policy: &Policy) -> Vec<NameEntry> {
+    let hosts: Vec<(&HostPattern, &Rule)> = policy
+        .rules
+        .iter()
+        .filter_map(|r| match &r.target {
+            Target::Host(h) => Some((h, r)),
+            _ => None,
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (pattern, _) in &hosts {
+        if !seen.insert((*pattern).clone()) {
+            continue;
+        }
+        let (probe, wildcard, name) = match pattern {
+            HostPattern::Exact(n) => (n.clone(), false, n),
+            HostPattern::Wildcard(s) => (format!("x.{s}"), true, s),
+        };
+        let covering: Vec<&Rule> = hosts
+            .iter()
+            .filter(|(p, _)| p.matches(&probe) && (!wildcard || p.is_wildcard()))
+            .map(|(_, r)| *r)
+            .collect();
+        // More ranges than one entry holds (the DNS entries of such a name fail the same
+        // way, so no address is admitted for it): the name then passes on every TCP port
+        // its address is admitted on.
+        let value = rule_value(&covering, 0).unwrap_or_else(|_| {
+            let mut v = AllowValue::EMPTY;
+            v.len = 1;
+            v.ranges[0] = PortRange {
+                lo: 0,
+                hi: u16::MAX,
+                protos: PROTO_TCP,
+                _pad: 0,
+            };
+            v
+        });
+        let Some((prefix_len, data)) = name_key(name, wildcard) else {
+            continue;
+        };
+        out.push(NameEntry {
+            prefix_len,
+            data,
+            value,
+        });
+    }
+    out
 }
 
 /// One entry of the static CIDR trie.

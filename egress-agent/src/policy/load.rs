@@ -320,11 +320,24 @@ fn rule(path: &Path, index: usize, node: Spanned<RawAllow>) -> Result<Rule, Poli
         }
         ports.clone_from(&given.value.0);
     }
+    if let Some(nc) = &raw.name_check
+        && !matches!(target, Target::Host(_))
+    {
+        return Err(invalid(
+            path,
+            nc,
+            &format!("{field}.name_check"),
+            "name_check applies to host rules only (ip and cidr rules admit by address)".into(),
+        ));
+    }
+    let name_check =
+        matches!(target, Target::Host(_)) && raw.name_check.as_ref().is_none_or(|n| n.value);
     let (line, column) = yaml::position(&node);
     Ok(Rule {
         target,
         ports,
         protocol,
+        name_check,
         origin: Origin {
             file: path.to_path_buf(),
             line,

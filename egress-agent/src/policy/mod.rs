@@ -68,7 +68,9 @@ use std::{
 
 use serde::Deserialize;
 
-pub use compile::{CidrEntry, PortSet, cidr_entries, inbound_entries, rule_value};
+pub use compile::{
+    CidrEntry, NameEntry, PortSet, cidr_entries, inbound_entries, name_entries, rule_value,
+};
 pub use dns::{DnsSettings, Upstream, format_duration, parse_duration};
 pub use egress_common::rules::TooManyRanges;
 pub use error::{Location, PolicyError};
@@ -127,6 +129,9 @@ pub struct Rule {
     pub ports: Vec<(u16, u16)>,
     /// Which protocols.
     pub protocol: Protocol,
+    /// Host rules: TCP connections this rule admits are bound to names (`name_check`,
+    /// default true). Always false for other rules.
+    pub name_check: bool,
     /// Where the rule was written.
     pub origin: Origin,
 }

@@ -121,6 +121,15 @@ pub struct RawAllow {
     /// out): a UDP server's replies are sends, judged by the outbound rules.
     #[schemars(with = "Option<Protocol>")]
     pub protocol: Option<Spanned<Protocol>>,
+    /// Host rules only. `true` (the default): a TCP connection this rule alone admits is
+    /// bound to names: its first bytes must be a TLS ClientHello whose server name, or an
+    /// HTTP/1.x request whose Host, some host rule permits on that port; anything else (no
+    /// name, encrypted client hello, other protocols) is refused before a byte leaves. Over
+    /// UDP, QUIC long-header packets are refused (clients fall back to TCP).
+    /// `false`: admit by address, as for `ip`/`cidr` (SSH to a git host, databases, any
+    /// protocol that carries no name).
+    #[schemars(with = "Option<bool>")]
+    pub name_check: Option<Spanned<bool>>,
 }
 
 /// An explicit empty value is an error, not "field missing": for `ports:` that would

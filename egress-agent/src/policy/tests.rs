@@ -5,7 +5,9 @@ use std::{
     time::Duration,
 };
 
-use egress_common::consts::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use egress_common::consts::{
+    PROTO_ANY, PROTO_ICMP, PROTO_NAMED, PROTO_NAMED_UDP, PROTO_TCP, PROTO_UDP,
+};
 
 use super::*;
 
@@ -153,11 +155,11 @@ allow:
 fn error_unknown_fields_point_at_the_key() {
     assert_eq!(
         err("version: 1\nallow:\n  - host: a.example.com\n    prot: tcp\n"),
-        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, unix, ports, protocol"#
+        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, unix, ports, protocol, name_check"#
     );
     assert_eq!(
         err("version: 1\nallow:\n- host: a.example.com\n  prot: tcp\n"),
-        r#"allowlists/x.yaml:4:3: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, unix, ports, protocol"#
+        r#"allowlists/x.yaml:4:3: allow[0]: unknown field "prot", expected one of host, cidr, ip, inbound, unix, ports, protocol, name_check"#
     );
     assert_eq!(
         err("version: 1\nallwo: []\n"),
@@ -169,7 +171,7 @@ fn error_unknown_fields_point_at_the_key() {
     );
     assert_eq!(
         err("version: 1\nallow:\n  - {ip: 10.0.0.1, port: 80}\n"),
-        r#"allowlists/x.yaml:3:20: allow[0]: unknown field "port", expected one of host, cidr, ip, inbound, unix, ports, protocol"#
+        r#"allowlists/x.yaml:3:20: allow[0]: unknown field "port", expected one of host, cidr, ip, inbound, unix, ports, protocol, name_check"#
     );
 }
 
@@ -449,12 +451,70 @@ allow:
     assert_eq!(
         got,
         vec![
-            (53, 53, PROTO_UDP),
-            (443, 443, PROTO_ANY),
-            (8000, 8080, PROTO_ANY)
+            // Host rules check names by default: their TCP stretches are name-bound, their
+            // UDP stretches refuse QUIC long headers.
+            (53, 53, PROTO_UDP | PROTO_NAMED_UDP),
+            (443, 443, PROTO_ANY | PROTO_NAMED | PROTO_NAMED_UDP),
+            (8000, 8080, PROTO_ANY | PROTO_NAMED | PROTO_NAMED_UDP)
         ]
     );
     assert_eq!(rule_value(&[], 0).unwrap().len, 0);
+}
+
+#[test]
+fn name_check_false_admits_by_address_and_wins_over_a_checking_rule() {
+    let p = parse(
+        r#"version: 1
+allow:
+  - {host: a.example.com, ports: [443, 22]}
+  - {host: a.example.com, ports: [22], name_check: false}
+"#,
+    );
+    let rules: Vec<&Rule> = p.rules.iter().collect();
+    assert!(rules[0].name_check && !rules[1].name_check);
+    let v = rule_value(&rules, 0).unwrap();
+    assert!(v.named_tcp(443), "443 is admitted by a checking rule only");
+    assert!(!v.named_tcp(22), "22 is admitted by address too");
+    assert!(v.named_udp(443) && !v.named_udp(22));
+    assert!(v.permits(22, PROTO_TCP) && v.permits(443, PROTO_TCP) && v.permits(22, PROTO_UDP));
+    assert!(
+        err("version: 1\nallow:\n  - ip: 192.0.2.1\n    name_check: false\n")
+            .contains("name_check applies to host rules only")
+    );
+}
+
+#[test]
+fn names_compile_to_reversed_keys_with_the_ports_of_every_covering_rule() {
+    let p = parse(
+        r#"version: 1
+allow:
+  - {host: "*.example.com", ports: [443]}
+  - {host: "*.api.example.com", ports: [8443]}
+  - {host: x.api.example.com, ports: [80]}
+  - {host: other.test, ports: [443], name_check: false}
+"#,
+    );
+    let entries = name_entries(&p);
+    let find = |name: &str, wildcard: bool| {
+        let (len, data) = egress_common::names::name_key(name, wildcard).unwrap();
+        entries
+            .iter()
+            .find(|e| e.prefix_len == len && e.data == data)
+            .map(|e| e.value)
+            .unwrap_or_else(|| panic!("no entry for {name}"))
+    };
+    let exact = find("x.api.example.com", false);
+    assert!(exact.permits(80, PROTO_TCP) && exact.permits(8443, PROTO_TCP));
+    assert!(exact.permits(443, PROTO_TCP), "inherits *.example.com");
+    let mid = find("api.example.com", true);
+    assert!(mid.permits(8443, PROTO_TCP) && mid.permits(443, PROTO_TCP));
+    assert!(
+        !mid.permits(80, PROTO_TCP),
+        "an exact name below adds nothing to the wildcard"
+    );
+    // A name_check: false rule's name may still be carried by a bound connection.
+    assert!(find("other.test", false).permits(443, PROTO_TCP));
+    assert_eq!(entries.len(), 4);
 }
 
 /// A trie entry as `prefix/len` and its `(lo, hi, protos)` ranges.
@@ -584,6 +644,7 @@ fn cidr_entries_scale_to_100k_rules() {
         let len = if i % 256 == 0 { 20 } else { 28 };
         let net = Net::new(ip.into(), len).unwrap().unwrap_or_else(|n| n);
         rules.push(Rule {
+            name_check: false,
             target: Target::Net(net),
             ports: vec![(1000 + (i % 7) as u16, 1000 + (i % 7) as u16)],
             protocol: Protocol::Tcp,
@@ -591,6 +652,7 @@ fn cidr_entries_scale_to_100k_rules() {
         });
     }
     rules.push(Rule {
+        name_check: false,
         target: Target::Net(net("10.0.0.0/8")),
         ports: vec![(443, 443)],
         protocol: Protocol::Any,
@@ -843,7 +905,13 @@ allow:
     );
     let v = rule_value(&q.host_rules_for("a.example.com"), 5).unwrap();
     let got: Vec<(u16, u16, u8)> = v.ranges().iter().map(|r| (r.lo, r.hi, r.protos)).collect();
-    assert_eq!(got, vec![(443, 443, PROTO_ANY), (0, 65535, PROTO_ICMP)]);
+    assert_eq!(
+        got,
+        vec![
+            (0, 65535, PROTO_ICMP),
+            (443, 443, PROTO_ANY | PROTO_NAMED | PROTO_NAMED_UDP)
+        ]
+    );
     assert!(v.permits(0, PROTO_ICMP) && v.permits(443, PROTO_UDP));
 }
 
@@ -1045,7 +1113,7 @@ fn error_documents_and_budgets() {
     // Merge keys are not part of the format.
     assert_eq!(
         err("version: 1\nallow: [{<<: {ip: 10.0.0.1}}]\n"),
-        r#"allowlists/x.yaml:2:10: allow[0]: unknown field "<<", expected one of host, cidr, ip, inbound, unix, ports, protocol"#
+        r#"allowlists/x.yaml:2:10: allow[0]: unknown field "<<", expected one of host, cidr, ip, inbound, unix, ports, protocol, name_check"#
     );
     assert_eq!(
         err("version: 1\nallow:\n- ip: 10.0.0.1\n  ports: .inf\n"),
@@ -1054,7 +1122,7 @@ fn error_documents_and_budgets() {
     // A key named like the field `Spanned` wraps values in is a key like any other.
     assert_eq!(
         err("version: 1\nallow:\n  - ip: 10.0.0.1\n    value: 1\n"),
-        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "value", expected one of host, cidr, ip, inbound, unix, ports, protocol"#
+        r#"allowlists/x.yaml:4:5: allow[0]: unknown field "value", expected one of host, cidr, ip, inbound, unix, ports, protocol, name_check"#
     );
     assert_eq!(
         err("version: 1\nallow:\n  - ip: 10.0.0.1\n  - ip: *nope\n"),

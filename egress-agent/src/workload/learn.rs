@@ -26,6 +26,10 @@ struct Use {
     seen: BTreeSet<(String, u16)>,
     /// ICMP echo requests (ping) went there.
     icmp: bool,
+    /// TCP ports whose first bytes carried no TLS server name or HTTP Host (name binding
+    /// refused them, or would have): the rule must admit by address (`name_check: false`),
+    /// with why (`name_why` of the events).
+    no_name: BTreeMap<u16, String>,
 }
 
 /// What the command used, gathered from event lines.
@@ -72,6 +76,28 @@ impl Observed {
                         if let Some(peer) = dst {
                             o.inbound.entry(peer).or_default().insert(port as u16);
                         }
+                        continue;
+                    }
+                    if v["reason"].as_str() == Some("name") {
+                        // A first flight name binding judged: the name it carried needs a
+                        // rule of its own (a client may connect to one name's address and ask
+                        // for another); no name means the rule must admit by address.
+                        if let Some(name) = v["name"].as_str() {
+                            let name = name.trim_end_matches('.').to_ascii_lowercase();
+                            if name.parse::<crate::policy::HostPattern>().is_ok() {
+                                let u = o.hosts.entry(name).or_default();
+                                u.seen.insert((proto.to_owned(), port as u16));
+                            }
+                            continue;
+                        }
+                        let why = v["name_why"].as_str().unwrap_or("no name").to_owned();
+                        let u = match (v["host"].as_str(), dst) {
+                            (Some(h), _) => o.hosts.entry(h.to_owned()).or_default(),
+                            (None, Some(ip)) => o.ips.entry(ip).or_default(),
+                            _ => continue,
+                        };
+                        u.seen.insert((proto.to_owned(), port as u16));
+                        u.no_name.insert(port as u16, why);
                         continue;
                     }
                     let u = match v["host"].as_str() {
@@ -133,6 +159,8 @@ struct Proposed {
     ports: Vec<u16>,
     protocol: &'static str,
     comments: Vec<String>,
+    /// Write `name_check: false` (the traffic carried no name).
+    by_address: bool,
 }
 
 /// Writes the allowlist. `name` is the policy name, `command` is quoted in the header,
@@ -186,6 +214,7 @@ pub fn render(
                 names.len(),
                 labels.join(", ")
             )],
+            by_address: false,
         });
         in_wildcard.extend(names.iter().cloned());
     }
@@ -197,12 +226,27 @@ pub fn render(
             continue;
         }
         let (ports, protocol) = ports_and_protocol(u);
+        let mut comments = Vec::new();
+        if !u.no_name.is_empty() {
+            let seen: Vec<String> = u
+                .no_name
+                .iter()
+                .map(|(port, why)| format!("{port} ({why})"))
+                .collect();
+            comments.push(format!(
+                "REVIEW: the first bytes to port {} carried no TLS server name or HTTP Host, \
+                 so this rule admits by address (any name served there); keep name-checked \
+                 ports in a rule of their own",
+                seen.join(", ")
+            ));
+        }
         rules.push(Proposed {
             key: "host".into(),
             value: host.clone(),
             ports,
             protocol,
-            comments: Vec::new(),
+            by_address: !u.no_name.is_empty(),
+            comments,
         });
     }
     // Names looked up but never connected to: their lookups must keep working.
@@ -222,6 +266,7 @@ pub fn render(
             comments: vec![
                 "looked up, never connected to: 443/tcp assumed; narrow or remove it".into(),
             ],
+            by_address: false,
         });
     }
     for (ip, u) in &observed.ips {
@@ -240,6 +285,7 @@ pub fn render(
             ports,
             protocol,
             comments: vec![review.into()],
+            by_address: false,
         });
     }
 
@@ -254,6 +300,7 @@ pub fn render(
                  it has one"
                     .into(),
             ],
+            by_address: false,
         });
     }
 
@@ -268,6 +315,7 @@ pub fn render(
                  outside the sandbox"
                     .into(),
             ],
+            by_address: false,
         });
     }
 
@@ -312,6 +360,9 @@ pub fn render(
             let _ = writeln!(out, "    ports: [{}]", ports.join(", "));
         }
         let _ = writeln!(out, "    protocol: {}", r.protocol);
+        if r.by_address {
+            let _ = writeln!(out, "    name_check: false");
+        }
     }
     out
 }
@@ -324,6 +375,7 @@ fn ping(key: &str, value: String, comments: Vec<String>) -> Proposed {
         ports: Vec::new(),
         protocol: "icmp",
         comments,
+        by_address: false,
     }
 }
 
@@ -411,6 +463,44 @@ mod tests {
         );
         assert!(!y.contains("198.51.100.10"), "{y}");
         policy::parse_str(&y, Path::new("learned.yaml")).unwrap();
+    }
+
+    #[test]
+    fn traffic_without_a_name_makes_an_address_rule_and_a_carried_name_a_rule_of_its_own() {
+        let y = learned(&[
+            r#"{"event":"audit","proto":"tcp","dst":"198.51.100.10","port":22,"host":"git.example.com"}"#,
+            r#"{"event":"audit","proto":"tcp","dst":"198.51.100.10","port":22,"host":"git.example.com","reason":"name","name_why":"unknown-protocol"}"#,
+            r#"{"event":"audit","proto":"tcp","dst":"198.51.100.11","port":443,"host":"cdn.example.com","reason":"name","name":"Tenant.Example.com","name_why":"not-permitted"}"#,
+        ]);
+        assert!(
+            y.contains(
+                "  - host: git.example.com
+    ports: [22]
+    protocol: tcp
+    name_check: false
+"
+            ),
+            "{y}"
+        );
+        assert!(y.contains("carried no TLS server name"), "{y}");
+        assert!(
+            y.contains(
+                "  - host: tenant.example.com
+    ports: [443]
+    protocol: tcp
+"
+            ),
+            "{y}"
+        );
+        assert!(
+            !y.contains(
+                "host: cdn.example.com
+    ports: [443]
+    protocol: tcp
+    name_check"
+            ),
+            "{y}"
+        );
     }
 
     #[test]

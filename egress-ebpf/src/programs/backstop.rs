@@ -46,7 +46,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use egress_common::{
-    Addr, DenyEvent, addr_from_v4,
+    Addr, Config, DenyEvent, addr_from_v4,
+    config::FLAG_NAME_BIND,
     consts::{COUNTER_BACKSTOP_DROP, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     events::{hook, reason},
 };
@@ -106,7 +107,11 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                 // the rest of the header is read (a read of all 20 bytes up front made LLVM
                 // load and assemble every one of them before the first test).
                 let p: [u8; 10] = read(ctx, 0)?;
-                if p[0] & 0x0f == 5 && p[9] == IPPROTO_TCP && !syn(ctx, 20)? {
+                if p[0] & 0x0f == 5
+                    && p[9] == IPPROTO_TCP
+                    && !syn(ctx, 20)?
+                    && !unjudged_flight(skb, cfg)
+                {
                     return Ok(PASS);
                 }
                 let h: [u8; 20] = read(ctx, 0)?;
@@ -122,7 +127,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             ETH_P_IPV6 => {
                 // As for IPv4: the established path decides first.
                 let p: [u8; 8] = read(ctx, 0)?;
-                if p[6] == IPPROTO_TCP && !syn(ctx, 40)? {
+                if p[6] == IPPROTO_TCP && !syn(ctx, 40)? && !unjudged_flight(skb, cfg) {
                     return Ok(PASS);
                 }
                 let h: [u8; 40] = read(ctx, 0)?;
@@ -150,7 +155,20 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             // Ports, sequence and ack numbers, offset, flags.
             let t: [u8; 14] = read(ctx, l4_off)?;
             let (syn, ack) = (t[13] & 0x02 != 0, t[13] & 0x10 != 0);
+            // Payload bytes: a name-bound connection's first flight must have met
+            // `first_flight` (sk_msg) before any of them leaves.
+            let headers = l4_off as u32 + u32::from(t[12] >> 4) * 4;
+            let payload = ctx.skb.len() > headers;
             if !syn {
+                if payload && unjudged_flight(skb, cfg) {
+                    return Ok(drop_packet(
+                        &addr,
+                        u16::from_be_bytes([t[2], t[3]]),
+                        IPPROTO_TCP,
+                        reason::NAME,
+                        hook::EGRESS,
+                    ));
+                }
                 return Ok(PASS);
             }
             let port = u16::from_be_bytes([t[2], t[3]]);
@@ -162,6 +180,17 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                     port,
                 ));
             }
+            if payload && unjudged_flight(skb, cfg) {
+                // TCP Fast Open data in the SYN of a name-bound connection: no sk_msg program
+                // saw it (the socket joins BOUND only when the handshake completes).
+                return Ok(drop_packet(
+                    &addr,
+                    port,
+                    IPPROTO_TCP,
+                    reason::NAME,
+                    hook::EGRESS,
+                ));
+            }
             if judged(skb, &addr, port, IPPROTO_TCP) {
                 // connect4/6 allowed this very destination for this socket.
                 return Ok(PASS);
@@ -170,14 +199,20 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
         }
         IPPROTO_UDP => {
             let sk = full_socket(skb);
-            if connected(sk, u32::from(IPPROTO_UDP)) {
+            let connected = connected(sk, u32::from(IPPROTO_UDP));
+            let binding = name_binding_on(cfg);
+            if connected && !binding {
                 return Ok(PASS);
             }
             let u: [u8; 4] = read(ctx, l4_off)?;
             let port = u16::from_be_bytes([u[2], u[3]]);
-            if judged(skb, &addr, port, IPPROTO_UDP) {
-                // sendmsg4/6 allowed this very destination for this socket.
-                return Ok(PASS);
+            // Judged at connect, or sendmsg4/6 allowed this very destination for this socket:
+            // a name-bound destination's QUIC is checked.
+            if connected || judged(skb, &addr, port, IPPROTO_UDP) {
+                return Ok(match binding {
+                    true => quic_checked(ctx, sk, &addr, port, l4_off),
+                    false => PASS,
+                });
             }
             Ok(judge(&addr, port, PROTO_UDP, IPPROTO_UDP))
         }
@@ -235,6 +270,70 @@ pub fn read<T: Copy>(ctx: &SkBuffContext, off: usize) -> Result<T, ()> {
         }
     }
     ctx.load(off).map_err(|_| ())
+}
+
+/// PASS, unless the socket's destination is admitted only by name-checking host rules
+/// (`BIND_NO_QUIC`, set by the hook that judged it) and the datagram is a QUIC long-header
+/// packet (form and fixed bits set, a non-zero version: an Initial carries the server name
+/// encrypted, so it cannot be judged). Then DROP (`EPERM` to the sender), reason `name`;
+/// clients fall back to TCP.
+#[inline(always)]
+fn quic_checked(
+    ctx: &SkBuffContext,
+    sk: *mut bpf_sock,
+    addr: &Addr,
+    port: u16,
+    l4_off: usize,
+) -> i32 {
+    if sk.is_null() || super::judged::bind_of(sk, addr, port) != super::judged::BIND_NO_QUIC {
+        return PASS;
+    }
+    // UDP header, then the QUIC first byte and version.
+    let Ok(q) = read::<[u8; 13]>(ctx, l4_off) else {
+        // Shorter than a QUIC long header: not one.
+        return PASS;
+    };
+    let long = q[8] & 0xc0 == 0xc0 && (q[9] | q[10] | q[11] | q[12]) != 0;
+    if !long {
+        return PASS;
+    }
+    drop_packet(
+        addr,
+        u16::from_be_bytes([q[2], q[3]]),
+        IPPROTO_UDP,
+        reason::NAME,
+        hook::EGRESS,
+    )
+}
+
+/// Whether `CONFIG` has name binding on.
+#[inline(always)]
+fn name_binding_on(cfg: Option<&Config>) -> bool {
+    cfg.is_some_and(|c| c.flags & FLAG_NAME_BIND != 0)
+}
+
+/// Whether the packet's socket is name-bound and its first flight was not judged and let
+/// through: payload sent past `first_flight` (TCP Fast Open data, a send that was already
+/// waiting in `tcp_sendmsg` for the handshake, a socket `sock_ops` could not put in `BOUND`),
+/// or sent after a refused one.
+#[inline(always)]
+/// Costs nothing while name binding is off (`cfg`'s `FLAG_NAME_BIND`); else a socket lookup and
+/// a socket storage lookup, which finds nothing for a socket name binding never concerned.
+fn unjudged_flight(skb: *mut __sk_buff, cfg: Option<&Config>) -> bool {
+    if !name_binding_on(cfg) {
+        return false;
+    }
+    let sk = full_socket(skb);
+    if sk.is_null() {
+        return false;
+    }
+    let b = super::judged::of(sk);
+    // SAFETY: non-null socket storage.
+    !b.is_null()
+        && matches!(
+            unsafe { (*b).bind },
+            super::judged::BIND_PENDING | super::judged::BIND_REFUSED
+        )
 }
 
 /// Whether the TCP segment at `l4_off` bytes into the packet carries SYN (its whole fixed

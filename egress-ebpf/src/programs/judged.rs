@@ -26,9 +26,10 @@ use core::ptr::{self, read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::__sk_buff,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
-    macros::map,
+    bindings::{__sk_buff, bpf_sock},
+    btf_maps::SkStorage,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, generated::bpf_sk_storage_get},
+    macros::{btf_map, map},
     maps::PerCpuArray,
     programs::SockAddrContext,
 };
@@ -73,10 +74,13 @@ fn words(addr: &Addr) -> [u64; 2] {
     [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)]
 }
 
-/// Remembers that the hook of `ctx`'s socket allowed `addr`, `port` over `ip_proto`.
+/// Remembers that the hook of `ctx`'s socket allowed `addr`, `port` over `ip_proto`, and
+/// whether that binds the connection to names (`bind`, a `BIND_*` constant). `ip_proto` 0 (an
+/// audit-mode pass) fills no slot: only the binding is recorded.
 #[inline(always)]
-pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) {
-    if !on() {
+pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32, bind: u8) {
+    remember_binding(ctx, addr, port, ip_proto, bind);
+    if !on() || ip_proto == 0 {
         return;
     }
     let Some(p) = JUDGED.get_ptr_mut(0) else {
@@ -134,5 +138,87 @@ pub fn judged(skb: *mut __sk_buff, addr: &Addr, port: u16, ip_proto: u8) -> bool
         }
         write_volatile(&raw mut (*p).tag, 0);
         true
+    }
+}
+
+/// Name binding state of a socket the hooks judged (issue 13), in socket storage: created only
+/// for a socket name binding concerns (a name-bound connect, a UDP send to a destination only
+/// name-checking host rules admit), so the common connect allocates nothing.
+#[repr(C)]
+pub struct Binding {
+    /// Destination, IPv4 mapped, network byte order.
+    pub addr: Addr,
+    /// Destination port, host byte order.
+    pub port: u16,
+    ip_proto: u8,
+    /// One of the `BIND_*` constants.
+    pub bind: u8,
+    _pad: [u8; 4],
+    /// The socket's cookie, its key in `BOUND` (written by `sock_ops` when it binds it).
+    pub cookie: u64,
+}
+
+/// Not name-bound: admitted by an `ip`/`cidr` rule or a `name_check: false` host rule.
+pub const BIND_NONE: u8 = 0;
+/// Name-bound, first flight not judged yet: `sock_ops` puts it in `BOUND` at the handshake.
+pub const BIND_PENDING: u8 = 1;
+/// Name-bound, first flight judged and let through.
+pub const BIND_PASSED: u8 = 2;
+/// Name-bound, first flight refused: every later send is refused too.
+pub const BIND_REFUSED: u8 = 3;
+/// UDP to a destination only name-checking host rules admit: QUIC long-header packets are
+/// dropped by the backstop (their name is encrypted), other datagrams pass.
+pub const BIND_NO_QUIC: u8 = 4;
+
+#[btf_map]
+static BINDING: SkStorage<Binding> = SkStorage::new();
+
+#[inline(always)]
+fn remember_binding(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32, bind: u8) {
+    // SAFETY: the helpers find (or, for a binding, create) the socket's entry; the pointer is
+    // tested for null before use.
+    unsafe {
+        let p = if bind == BIND_NONE {
+            // A socket that was bound before (a UDP socket now sending elsewhere) is no more.
+            BINDING.get_ptr_mut(ctx)
+        } else {
+            BINDING.get_or_insert_ptr_mut(ctx, None)
+        };
+        if p.is_null() {
+            return;
+        }
+        (*p).addr = *addr;
+        (*p).port = port;
+        (*p).ip_proto = ip_proto as u8;
+        (*p).bind = bind;
+    }
+}
+
+/// The binding storage of `sk` (any socket pointer the verifier accepts for
+/// `bpf_sk_storage_get`: `bpf_sock_ops.sk`, `sk_msg_md.sk`, a full socket from an skb), not
+/// created; null if none.
+#[inline(always)]
+pub fn of(sk: *mut bpf_sock) -> *mut Binding {
+    // SAFETY: the caller checked `sk` for null; the map pointer is the map's own definition.
+    unsafe {
+        let map = ptr::addr_of!(BINDING).cast_mut().cast();
+        bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0).cast::<Binding>()
+    }
+}
+
+/// The name binding state (`BIND_*`) of `sk` (a full socket) for `addr`, `port`: `BIND_NONE`
+/// without storage or when the binding was recorded for another destination.
+#[inline(always)]
+pub fn bind_of(sk: *mut bpf_sock, addr: &Addr, port: u16) -> u8 {
+    let b = of(sk);
+    if b.is_null() {
+        return BIND_NONE;
+    }
+    // SAFETY: non-null socket storage.
+    unsafe {
+        if (*b).port != port || (*b).addr != *addr {
+            return BIND_NONE;
+        }
+        (*b).bind
     }
 }

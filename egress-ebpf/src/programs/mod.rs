@@ -5,6 +5,7 @@ mod backstop;
 mod dns;
 mod inbound;
 mod judged;
+mod name_bind;
 mod restore;
 mod sock_addr;
 mod sock_create;

@@ -9,7 +9,10 @@ use super::{
     addr::read_v6,
     dns::{is_dns, steer_v4, steer_v6, steering},
     judged,
-    verdict::{Destination, audit_mode, decide, deny_on_error, exempt, port_of_proto},
+    verdict::{
+        ADMIT_NAMED, ADMIT_PLAIN, Destination, decide, deny_on_error, exempt, name_binding,
+        port_of_proto,
+    },
 };
 use egress_common::consts::VERDICT_ALLOW;
 
@@ -184,13 +187,33 @@ fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) 
         ip_proto,
         hook,
     };
-    let verdict = decide(&dst)?;
-    // In audit mode an allow may be a deny let through: never remembered.
-    if verdict == VERDICT_ALLOW && !audit_mode() {
-        judged::remember(ctx, &dst.addr, dst.port, ip_proto);
+    let (verdict, admit) = decide(&dst)?;
+    if verdict != VERDICT_ALLOW {
+        return Ok(verdict);
+    }
+    let named = admit == ADMIT_NAMED && name_binding();
+    match admit {
+        ADMIT_PLAIN | ADMIT_NAMED => {
+            let bind = match (named, ip_proto) {
+                (true, IPPROTO_TCP) => judged::BIND_PENDING,
+                (true, IPPROTO_UDP) => judged::BIND_NO_QUIC,
+                _ => judged::BIND_NONE,
+            };
+            judged::remember(ctx, &dst.addr, dst.port, ip_proto, bind);
+        }
+        // An audit-mode pass of a deny: its first flight is judged and reported too (so
+        // `learn` sees whether the traffic carried a name), but with protocol 0, so that the
+        // backstop's shortcut (`judged`) never takes it for an allow.
+        _ if ip_proto == IPPROTO_TCP && name_binding() => {
+            judged::remember(ctx, &dst.addr, dst.port, 0, judged::BIND_PENDING);
+        }
+        _ => {}
     }
     Ok(verdict)
 }
+
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 
 /// `user_port` holds the port in network byte order in its low 16 bits (as stored in memory).
 #[inline(always)]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     Addr, DenyEvent,
-    config::{FLAG_AUDIT, FLAG_ICMP},
+    config::{FLAG_AUDIT, FLAG_ICMP, FLAG_NAME_BIND},
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_TCP,
         PROTO_UDP, VERDICT_ALLOW, VERDICT_DENY,
@@ -37,13 +37,21 @@ pub struct Destination {
     pub hook: u8,
 }
 
-/// Allow (1) or deny (0) `dst`, counting the outcome and reporting a deny.
+/// How a destination was admitted: not (a deny, or an audit-mode pass of one).
+pub const ADMIT_NONE: u8 = 0;
+/// By a rule, by address.
+pub const ADMIT_PLAIN: u8 = 1;
+/// Only by host rules with `name_check`: the connection is bound to names.
+pub const ADMIT_NAMED: u8 = 2;
+
+/// Allow (1) or deny (0) `dst`, counting the outcome and reporting a deny; with it, how the
+/// destination was admitted (`ADMIT_*`).
 #[inline(always)]
-pub fn decide(dst: &Destination) -> Result<i32, ()> {
+pub fn decide(dst: &Destination) -> Result<(i32, u8), ()> {
     let why = match proto_bit(dst.ip_proto) {
         None => reason::PROTOCOL,
-        Some(bit) => match lookup(&dst.addr, dst.port, bit) {
-            None => {
+        Some(bit) => match lookup_named(&dst.addr, dst.port, bit) {
+            Ok(named) => {
                 count(COUNTER_ALLOW);
                 trace::verdict(
                     dst.hook,
@@ -53,12 +61,12 @@ pub fn decide(dst: &Destination) -> Result<i32, ()> {
                     VERDICT_ALLOW,
                     0,
                 );
-                return Ok(VERDICT_ALLOW);
+                return Ok((VERDICT_ALLOW, if named { ADMIT_NAMED } else { ADMIT_PLAIN }));
             }
-            Some(why) => why,
+            Err(why) => why,
         },
     };
-    Ok(deny(dst, why))
+    Ok((deny(dst, why), ADMIT_NONE))
 }
 
 /// The verdict when a program failed before it could decide: deny, count and report.
@@ -104,7 +112,16 @@ pub fn port_of_proto(ip_proto: u32, port: u16) -> u16 {
 /// `None` when allowed, else the reason for the deny.
 #[inline(always)]
 pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
+    lookup_named(addr, port, proto).err()
+}
+
+/// `Ok(named)` when allowed (`named`: TCP or UDP admitted only by host rules that check names:
+/// a TCP connection is name-bound, a UDP socket may send no QUIC long header), else the reason
+/// for the deny.
+#[inline(always)]
+pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
     let mut why = reason::NO_RULE;
+    let mut named = false;
     // DNS-derived addresses first: host rules are the usual way in, and an exact hash lookup
     // is cheaper than a longest-prefix walk that would miss.
     // SAFETY: the value is only read, through a pointer the kernel keeps valid (preallocated
@@ -119,7 +136,13 @@ pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
         if v.expires_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= v.expires_ns {
             why = reason::EXPIRED;
         } else if v.permits(port, proto) {
-            return None;
+            let bound = (proto == PROTO_TCP && v.named_tcp(port))
+                || (proto == PROTO_UDP && v.named_udp(port));
+            if !bound {
+                return Ok(false);
+            }
+            // Name-bound, unless a static rule admits the address by itself.
+            named = true;
         } else {
             why = reason::PORT;
         }
@@ -129,11 +152,13 @@ pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
     // the address but not this port says `port`, over an expired DNS entry.
     if let Some(v) = ALLOW_CIDR.get(Key::new(128, *addr)) {
         if v.permits(port, proto) {
-            return None;
+            return Ok(false);
         }
-        why = reason::PORT;
+        if !named {
+            why = reason::PORT;
+        }
     }
-    Some(why)
+    if named { Ok(true) } else { Err(why) }
 }
 
 /// Whether the calling task belongs to the exempt cgroup (the agent itself, as a sidecar
@@ -154,6 +179,15 @@ pub fn icmp_allowed() -> bool {
     match CONFIG.get(0) {
         Some(c) => c.flags & FLAG_ICMP != 0,
         // No config: strict.
+        None => false,
+    }
+}
+
+/// Whether name binding runs (`FLAG_NAME_BIND`).
+#[inline(always)]
+pub fn name_binding() -> bool {
+    match CONFIG.get(0) {
+        Some(c) => c.flags & FLAG_NAME_BIND != 0,
         None => false,
     }
 }

@@ -25,6 +25,7 @@ this script re-runs itself there. Exit status: 0 valid, 1 invalid, 2 cannot vali
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -375,6 +376,7 @@ def check_pods(docs: list[Doc], report: Report, allowlists: list[tuple[Doc, dict
                 if container is not sidecar:
                     check_app(
                         doc,
+                        spec,
                         container,
                         f"{prefix}.{group}[{i}] ({container.get('name')})",
                         volumes,
@@ -447,6 +449,45 @@ def host_path(volume: dict | None) -> str | None:
 def overlaps(path: str, fs: str) -> bool:
     """Whether a host path is fs, inside it or above it."""
     return path == fs or path.startswith(fs + "/") or fs.startswith(path.rstrip("/") + "/")
+
+
+SECCOMP_DIR = ROOT / "deploy" / "seccomp"
+
+
+def check_seccomp(doc: Doc, spec: dict, sc: dict, where: str, report: Report) -> None:
+    """The sidecar's seccomp profile: a Localhost one shipped in deploy/seccomp/, which allows
+    bpf() (the runtimes' default profiles from containers-common allow it only with
+    CAP_SYS_ADMIN), reads the same in the Docker and OCI formats (no includes/excludes:
+    containerd ignores them) and refuses by default; never Unconfined."""
+    profile = sc.get("seccompProfile") or (spec.get("securityContext") or {}).get("seccompProfile") or {}
+    at = doc.where(f"{where}.securityContext.seccompProfile")
+    if profile.get("type") != "Localhost":
+        report.error(
+            at,
+            "must be Localhost with localhostProfile profiles/egress-agent.json "
+            "(deploy/seccomp/): RuntimeDefault refuses bpf() under podman and CRI-O, "
+            "Unconfined drops the filter",
+        )
+        return
+    name = str(profile.get("localhostProfile") or "")
+    path = SECCOMP_DIR / name.removeprefix("profiles/")
+    if not name.startswith("profiles/") or not path.is_file():
+        report.error(at, f"localhostProfile {name!r}: no such profile in {rel(SECCOMP_DIR)}")
+        return
+    try:
+        body = json.loads(path.read_text())
+    except ValueError as e:
+        report.error(rel(path), f"not JSON: {e}")
+        return
+    if body.get("defaultAction") not in ("SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS"):
+        report.error(rel(path), "defaultAction must refuse (SCMP_ACT_ERRNO)")
+    rules = body.get("syscalls") or []
+    if any(r.get("includes") or r.get("excludes") for r in rules):
+        report.error(rel(path), "includes/excludes are not read by containerd: resolve them")
+    allowed = {n for r in rules if r.get("action") == "SCMP_ACT_ALLOW" and not r.get("args") for n in r.get("names") or []}
+    refused = {n for r in rules if r.get("action") != "SCMP_ACT_ALLOW" for n in r.get("names") or []}
+    if "bpf" not in allowed or "bpf" in refused:
+        report.error(rel(path), "must allow bpf() (and not also refuse it)")
 
 
 def check_sidecar(
@@ -565,6 +606,8 @@ def check_sidecar(
             "the agent needs BPF and NET_ADMIN at least",
         )
 
+    check_seccomp(doc, spec, sc, where, report)
+
     mounts = {m.get("mountPath", "").rstrip("/"): m for m in c.get("volumeMounts") or []}
     for fs, read_only in ((CGROUP_FS, True), (BPF_FS, False)):
         m = mounts.get(fs)
@@ -653,8 +696,18 @@ def check_allowlist(doc, allowlist, where, c, volumes, configmaps, report, allow
     report.error(doc.where(f"{where}.args"), f"--allowlist {allowlist} is on no mounted volume")
 
 
-def check_app(doc: Doc, c: dict, where: str, volumes: dict[str, dict], report: Report) -> None:
+def check_app(doc: Doc, spec: dict, c: dict, where: str, volumes: dict[str, dict], report: Report) -> None:
     sc = c.get("securityContext") or {}
+    profile = sc.get("seccompProfile") or (spec.get("securityContext") or {}).get("seccompProfile") or {}
+    at = doc.where(f"{where}.securityContext.seccompProfile")
+    if profile.get("type") == "Unconfined":
+        report.error(at, "Unconfined: nothing refuses packet and vsock sockets where the kernel has no BPF LSM")
+    elif profile.get("type") != "Localhost" or profile.get("localhostProfile") != "profiles/egress-app.json":
+        report.warning(
+            at,
+            "not Localhost profiles/egress-app.json (deploy/seccomp/): without it a container that holds "
+            "or regains NET_RAW sends packet-socket frames past the programs where the kernel has no BPF LSM",
+        )
     if sc.get("privileged") is True:
         report.error(
             doc.where(f"{where}.securityContext.privileged"),

@@ -37,6 +37,12 @@ pub struct Metrics {
     pub denies_by_reason: Mutex<BTreeMap<String, u64>>,
     /// Enforcement attached and the resolver answering.
     pub ready: AtomicBool,
+    /// `attach`: processes of the enforced cgroup holding CAP_NET_RAW, now (`raw_watch`).
+    pub raw_net_raw: AtomicU64,
+    /// `attach`: packet sockets open in the enforced cgroup or the pod's namespace, now.
+    pub raw_packet_sockets: AtomicU64,
+    /// `attach --require-no-raw` and one of the two above: /readyz says not ready.
+    pub raw_blocks_ready: AtomicBool,
     /// The latest deny events, newest last (for `status`).
     pub latest: Mutex<std::collections::VecDeque<serde_json::Value>>,
 }
@@ -157,6 +163,19 @@ impl Metrics {
             "counter",
             "Deny events received, by reason.",
             by_reason,
+        );
+        metric(
+            "egress_raw_risks",
+            "gauge",
+            "attach: processes of the enforced cgroup holding CAP_NET_RAW, and packet sockets \
+             open there (they bypass the cgroup programs), now.",
+            vec![
+                ("{kind=\"cap_net_raw\"}".to_owned(), get(&self.raw_net_raw)),
+                (
+                    "{kind=\"packet_socket\"}".to_owned(),
+                    get(&self.raw_packet_sockets),
+                ),
+            ],
         );
         metric(
             "egress_dns_queries_total",

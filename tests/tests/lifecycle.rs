@@ -1585,6 +1585,81 @@ fn stale_pins_of_deleted_cgroups_are_swept() {
     assert!(live.pins.dir().exists(), "the live agent's pins stay");
 }
 
+/// `attach --require-no-raw`: a root process of the app holding a packet socket (which
+/// bypasses every cgroup program where the family guard cannot load) is a `warning` naming
+/// its pid, for the socket and for CAP_NET_RAW, counted in `egress_raw_risks`, and /readyz
+/// answers 503 until it is gone. Control: ready before, and again after.
+#[test]
+fn packet_socket_in_the_pod_is_warned_counted_and_fails_readyz() {
+    let env = Env::new(ALLOWED_RULE);
+    let mut agent = env.start_agent(&["--health", HEALTH, "--require-no-raw"]);
+    assert_eq!(
+        env.health("/readyz").0,
+        200,
+        "ready with an empty app cgroup"
+    );
+    let mut holder = env
+        .pod
+        .command(env.world.netns(), &env.pod.app(), python3())
+        .arg("-c")
+        .arg(
+            "import socket, time\n\
+             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))\n\
+             print('holding', flush=True)\n\
+             time.sleep(60)\n",
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start python3: {e}"));
+    let pid = holder.id();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("the holder's first line");
+    assert_eq!(line.trim(), "holding", "the packet socket opens (root)");
+    let warned = |needle: &str| {
+        agent.wait_event(WAIT, |e| {
+            e["event"] == "warning"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(&format!("process {pid} ")) && m.contains(needle))
+        })
+    };
+    let socket = warned("open packet socket");
+    let net_raw = warned("CAP_NET_RAW");
+    let text = env.wait_metric("egress_raw_risks{kind=\"packet_socket\"}", |v| v == 1.0);
+    let (code, body) = env.health("/readyz");
+    // The process this test started.
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        socket.is_some(),
+        "no packet-socket warning:\n{}",
+        agent.output()
+    );
+    assert!(
+        net_raw.is_some(),
+        "no CAP_NET_RAW warning:\n{}",
+        agent.output()
+    );
+    assert!(
+        metric(&text, "egress_raw_risks{kind=\"cap_net_raw\"}").is_some_and(|v| v >= 1.0),
+        "{text}"
+    );
+    assert_eq!(code, 503, "/readyz while the socket is open: {body}");
+    assert!(body.contains("--require-no-raw"), "{body}");
+    env.wait_metric("egress_raw_risks{kind=\"packet_socket\"}", |v| v == 0.0);
+    assert!(
+        poll_until(WAIT, || (env.health("/readyz").0 == 200).then_some(())).is_some(),
+        "/readyz stays 503 after the socket closed:\n{}",
+        agent.output()
+    );
+    assert!(agent.running());
+}
+
 /// The stress client: for `sys.argv[1]` seconds, resolves `allowed.example.com` (retrying
 /// for up to 12 s: a query the killed agent took and never answered costs the stub resolver
 /// its 5 s timeout) and

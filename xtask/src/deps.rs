@@ -25,15 +25,16 @@ const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Installs whatever is missing: Debian packages (needs root), the nightly toolchain, its
 /// `rust-src` (for `-Z build-std=core`) and `bpf-linker`.
 pub fn install() -> Result<()> {
-    apt_packages()?;
+    apt(APT_PACKAGES)?;
     nightly()?;
     nightly_component("rust-src")?;
     bpf_linker()
 }
 
-fn apt_packages() -> Result<()> {
+/// Installs those of `packages` that are missing (apt-get, as root).
+pub fn apt(packages: &[&str]) -> Result<()> {
     let mut missing = Vec::new();
-    for &package in APT_PACKAGES {
+    for &package in packages {
         if !dpkg_installed(package)? {
             missing.push(package);
         }

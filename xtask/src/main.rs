@@ -6,6 +6,7 @@ mod cmd;
 mod demo;
 mod deploy;
 mod deps;
+mod e2e;
 mod fuzz;
 mod interrupt;
 mod lint;
@@ -39,6 +40,9 @@ verbs:
                    (installs cargo-fuzz; builds with the nightly toolchain)
   deploy-check     the Kubernetes manifests, Containerfile and their allowlists, offline
                    (deploy/validate.py, then egress-agent check)
+  e2e              as root: the Kubernetes sidecar (deploy/kubernetes) in real pods run by
+                   podman + runc (installed from Debian packages), with the app beside it;
+                   named checks, last line `e2e: N passed, M failed`
   bench            as root: enforcement cost vs. unenforced controls and nftables/dnsmasq,
                    in namespaces of its own; writes BENCHMARKS.md";
 
@@ -80,6 +84,7 @@ fn run(args: &[OsString]) -> Result<()> {
             _ => Err(anyhow::anyhow!("fuzz takes at most one argument: SECONDS")),
         },
         "bench" => no_args(&verb, rest).and_then(|()| bench::run()),
+        "e2e" => no_args(&verb, rest).and_then(|()| e2e::run()),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

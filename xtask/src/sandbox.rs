@@ -1,10 +1,10 @@
-//! The demo's listeners: HTTP servers inside the demo's network namespace (an
+//! The demo's and the e2e's listeners: HTTP servers inside a network namespace (an
 //! [`egress_netns::Netns`]: only `lo`, so nothing in it reaches the machine's network), served
 //! from this process.
 
 use std::{
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     thread,
     time::Duration,
 };
@@ -16,9 +16,18 @@ use egress_netns::Netns;
 /// an HTTP/1.0 200 whose body is `hello from <port>\n`. Returns once all ports listen; the
 /// listeners live on in background threads until this process exits.
 pub fn serve_hello(netns: &Netns, ports: &[u16]) -> Result<()> {
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|&p| SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
+        .collect();
+    serve_hello_at(netns, &addrs)
+}
+
+/// Like [`serve_hello`], on each of `addrs` (addresses of the namespace's own interfaces).
+pub fn serve_hello_at(netns: &Netns, addrs: &[SocketAddr]) -> Result<()> {
     // A socket belongs to the namespace it was created in, wherever it is used later: bind
     // inside, serve from ordinary threads.
-    let listeners = netns.run_in(|| bind(ports))??;
+    let listeners = netns.run_in(|| bind(addrs))??;
     for (port, listener) in listeners {
         thread::Builder::new()
             .name(format!("listener-{port}"))
@@ -28,13 +37,13 @@ pub fn serve_hello(netns: &Netns, ports: &[u16]) -> Result<()> {
     Ok(())
 }
 
-fn bind(ports: &[u16]) -> Result<Vec<(u16, TcpListener)>> {
-    ports
+fn bind(addrs: &[SocketAddr]) -> Result<Vec<(u16, TcpListener)>> {
+    addrs
         .iter()
-        .map(|&port| {
-            TcpListener::bind((Ipv4Addr::LOCALHOST, port))
-                .map(|listener| (port, listener))
-                .with_context(|| format!("cannot listen on 127.0.0.1:{port} in the namespace"))
+        .map(|&addr| {
+            TcpListener::bind(addr)
+                .map(|listener| (addr.port(), listener))
+                .with_context(|| format!("cannot listen on {addr} in the namespace"))
         })
         .collect()
 }

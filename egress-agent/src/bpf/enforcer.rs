@@ -242,7 +242,8 @@ impl Enforcer {
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
-            .context("cannot load the eBPF maps")?;
+            .context("cannot load the eBPF maps")
+            .map_err(crate::sys::caps::explain_bpf_eperm)?;
 
         let mut take = |name: &str| {
             ebpf.take_map(name)

@@ -47,6 +47,11 @@ pub struct AttachArgs {
     /// send; without it the tracing code is not even loaded.
     #[arg(long)]
     trace_verdicts: bool,
+    /// Report /readyz not ready while a process of the enforced cgroup holds CAP_NET_RAW or
+    /// a packet socket is open there (packet sockets bypass every cgroup program). Without
+    /// it they are still reported (warning events, egress_raw_risks).
+    #[arg(long)]
+    require_no_raw: bool,
 }
 
 /// The arguments of `detach`.
@@ -84,6 +89,7 @@ impl AttachArgs {
             health: self.health,
             detach_on_exit: self.detach_on_exit,
             trace_verdicts: self.trace_verdicts,
+            require_no_raw: self.require_no_raw,
             ask: Some(ask),
         }))
     }

@@ -43,6 +43,8 @@ pub struct AttachConfig {
     pub detach_on_exit: bool,
     /// Trace every verdict of the programs to the agent's log (a debugging aid).
     pub trace_verdicts: bool,
+    /// /readyz fails while CAP_NET_RAW or a packet socket is found in the cgroup.
+    pub require_no_raw: bool,
     /// Ask mode's settings.
     pub ask: Option<crate::daemon::approvals::AskConfig>,
 }
@@ -86,6 +88,10 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
             target.display()
         );
     }
+    let watch = crate::daemon::raw_watch::RawWatch {
+        cgroup: target.clone(),
+        own: own.clone(),
+    };
     let exempt = match &own {
         Some(p) => cgroup::cgroup_id(p)?,
         None => 0,
@@ -194,7 +200,10 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
         }
     };
     session::warn(&sink, &unix_open(&unix_rules, guard.is_some()));
+    let watcher =
+        tokio::spawn(watch.run(sink.clone(), session.metrics.clone(), cfg.require_no_raw));
     stop.wait().await;
+    watcher.abort();
     if let Some(g) = guard {
         g.stop().await;
     }

@@ -135,7 +135,15 @@ fn route(path: &str, state: &HealthState) -> (&'static str, String, &'static str
     match path.split('?').next().unwrap_or(path) {
         "/healthz" => ("200 OK", "ok\n".into(), TEXT),
         "/readyz" => {
-            if state.metrics.ready.load(Ordering::Relaxed) {
+            if state.metrics.raw_blocks_ready.load(Ordering::Relaxed) {
+                (
+                    "503 Service Unavailable",
+                    "not ready: a packet socket or CAP_NET_RAW in the enforced cgroup \
+                     (--require-no-raw)\n"
+                        .into(),
+                    TEXT,
+                )
+            } else if state.metrics.ready.load(Ordering::Relaxed) {
                 ("200 OK", "ready\n".into(), TEXT)
             } else {
                 ("503 Service Unavailable", "not ready\n".into(), TEXT)

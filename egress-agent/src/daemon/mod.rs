@@ -13,6 +13,7 @@ pub mod control;
 pub mod health;
 pub mod lastgood;
 pub mod monitor;
+pub mod raw_watch;
 pub mod reload;
 pub mod session;
 pub mod status;

@@ -136,6 +136,42 @@ pub fn check() -> anyhow::Result<()> {
     )
 }
 
+/// Why `bpf()` said EPERM although [`check`] found the capabilities: the error `e` (of
+/// loading the maps or programs) with a sentence added that names the cause, when it is an
+/// EPERM. Container runtimes' default seccomp profiles (podman's and CRI-O's, from
+/// containers-common) allow `bpf()` only to holders of CAP_SYS_ADMIN, and the kernel's
+/// refusal then reads exactly like a missing capability.
+pub fn explain_bpf_eperm(e: anyhow::Error) -> anyhow::Error {
+    let eperm = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM))
+    }) || format!("{e:#}").contains("Operation not permitted");
+    if !eperm || !missing(effective()).is_empty() {
+        return e;
+    }
+    let seccomp = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .map(|v| v.trim() == "2")
+        })
+        .unwrap_or(false);
+    let hint = if seccomp {
+        "bpf() was refused (EPERM) although this process holds CAP_BPF, CAP_NET_ADMIN and \
+         CAP_PERFMON, and a seccomp filter is active: the container runtime's default seccomp \
+         profile allows bpf() only with CAP_SYS_ADMIN (podman, CRI-O). Give this container a \
+         seccomp profile that allows bpf() (deploy/seccomp/egress-agent.json, as a Localhost \
+         profile), not CAP_SYS_ADMIN"
+    } else {
+        "bpf() was refused (EPERM) although this process holds CAP_BPF, CAP_NET_ADMIN and \
+         CAP_PERFMON, and no seccomp filter is active: a security module or kernel lockdown \
+         refuses it, or the process runs in a user namespace (its capabilities do not reach \
+         bpf())"
+    };
+    e.context(hint)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

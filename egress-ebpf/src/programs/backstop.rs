@@ -26,8 +26,15 @@
 //!   its seccomp filter; this catches the per-packet control messages and `attach` mode.
 //!
 //! Packets the kernel itself sends (ICMPv6 neighbour discovery and MLD, ICMP errors, TCP
-//! resets from the stack) go out through per-namespace control sockets that are not the
-//! cgroup's, so this program never sees them.
+//! resets from the stack) go out through per-namespace control sockets, which belong to the
+//! cgroup of whoever created the network namespace. Usually that is not the enforced cgroup,
+//! but a container runtime that creates the pod's namespace from inside the pod's cgroup
+//! (podman with runc: the infra container unshares it) makes them the pod's, and this program
+//! sees them. Neighbour discovery (ICMPv6 133 to 137 with hop limit 255) and MLD (130 to 132
+//! and 143, behind an 8-byte hop-by-hop header, hop limit 1) then pass: without them an IPv6
+//! pod cannot reach its neighbours at all. Nothing in the cgroup can send either: they need a
+//! raw ICMPv6 socket (refused by `sock_create`) or hop-by-hop options (CAP_NET_RAW), a ping
+//! socket sends echo requests only, and their hop limits keep them on the link.
 //!
 //! DNS to the agent's resolver passes. Denies are counted and reported; audit mode reports
 //! and passes. An error drops.
@@ -64,6 +71,7 @@ const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_HOPOPTS: u8 = 0;
 const ICMP_ECHO: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const SOCK_DGRAM: u32 = 2;
@@ -131,6 +139,9 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                     // kernel would put before it, need CAP_NET_RAW and are dropped below as
                     // another protocol.
                     return Ok(drop_packet(&dst, 0, next, reason::ROUTE, hook::EGRESS));
+                }
+                if link_control(ctx, next, h[7])? {
+                    return Ok(PASS);
                 }
                 // An extension header before ICMPv6 leaves `next` at that header: dropped
                 // below as another protocol (a ping socket adds none unless asked to).
@@ -214,6 +225,32 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             Ok(judge_echo(skb, &addr, proto))
         }
         other => Ok(drop_packet(&addr, 0, other, reason::PROTOCOL, hook::EGRESS)),
+    }
+}
+
+/// Whether an IPv6 packet (next header `next`, hop limit `hop_limit`) is the kernel's own
+/// link control: neighbour discovery (router and neighbour solicitations and advertisements,
+/// redirects: ICMPv6 133 to 137, hop limit 255 as RFC 4861 requires) or an MLD message (130
+/// to 132, 143) behind the 8-byte hop-by-hop header with the router alert, hop limit 1
+/// (RFC 3810). See the module comment for why only the kernel can send these.
+#[inline(always)]
+fn link_control(ctx: &SkBuffContext, next: u8, hop_limit: u8) -> Result<bool, ()> {
+    match next {
+        IPPROTO_ICMPV6 if hop_limit == 255 => {
+            let t: [u8; 4] = read(ctx, 40)?;
+            Ok((133..=137).contains(&t[0]))
+        }
+        IPPROTO_HOPOPTS if hop_limit == 1 => {
+            // Next header, length (in 8-byte units after the first 8), then the options; the
+            // ICMPv6 header follows at 48 when the length is 0.
+            let hbh: [u8; 8] = read(ctx, 40)?;
+            if hbh[0] != IPPROTO_ICMPV6 || hbh[1] != 0 {
+                return Ok(false);
+            }
+            let t: [u8; 4] = read(ctx, 48)?;
+            Ok(matches!(t[0], 130..=132 | 143))
+        }
+        _ => Ok(false),
     }
 }
 

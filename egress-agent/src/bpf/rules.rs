@@ -223,6 +223,10 @@ impl Faults {
         Self::none()
     }
 
+    #[cfg_attr(
+        not(debug_assertions),
+        expect(dead_code, reason = "read only in debug builds")
+    )]
     fn parse(text: &str) -> Self {
         let rules = text
             .lines()

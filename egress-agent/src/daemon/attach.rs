@@ -112,7 +112,8 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
             Ok(p) => (p, Some(Rejected::invalid(&cfg.allowlist, &e))),
             Err(why) => {
                 return Err(anyhow::Error::new(e).context(format!(
-                    "the allowlist is invalid and no last valid policy is kept beside the pins                      of {name:?} ({why:#}); enforcement stays pinned"
+                    "the allowlist is invalid and no last valid policy is kept beside the pins of \
+                     {name:?} ({why:#}); enforcement stays pinned"
                 )));
             }
         },

@@ -99,7 +99,8 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<Rules> {
     Ok((
         contents(&cidr, "CIDR rules")?,
         contents(&inbound, "inbound rules")?,
-        config.get(&0, 0)?.flags,
+        // Name binding's flag is how the programs were attached, not part of the policy.
+        config.get(&0, 0)?.flags & !egress_common::config::FLAG_NAME_BIND,
     ))
 }
 

@@ -56,7 +56,7 @@ use super::{
     inbound,
     judged::judged,
     trace,
-    verdict::{audit_mode, count, lookup},
+    verdict::{audit_mode, count, lookup, lookup_named},
 };
 use crate::maps::{CONFIG, EVENTS};
 
@@ -107,11 +107,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                 // the rest of the header is read (a read of all 20 bytes up front made LLVM
                 // load and assemble every one of them before the first test).
                 let p: [u8; 10] = read(ctx, 0)?;
-                if p[0] & 0x0f == 5
-                    && p[9] == IPPROTO_TCP
-                    && !syn(ctx, 20)?
-                    && !unjudged_flight(skb, cfg)
-                {
+                if p[0] & 0x0f == 5 && p[9] == IPPROTO_TCP && established(ctx, skb, cfg, 20)? {
                     return Ok(PASS);
                 }
                 let h: [u8; 20] = read(ctx, 0)?;
@@ -127,7 +123,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             ETH_P_IPV6 => {
                 // As for IPv4: the established path decides first.
                 let p: [u8; 8] = read(ctx, 0)?;
-                if p[6] == IPPROTO_TCP && !syn(ctx, 40)? && !unjudged_flight(skb, cfg) {
+                if p[6] == IPPROTO_TCP && established(ctx, skb, cfg, 40)? {
                     return Ok(PASS);
                 }
                 let h: [u8; 40] = read(ctx, 0)?;
@@ -160,10 +156,11 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             let headers = l4_off as u32 + u32::from(t[12] >> 4) * 4;
             let payload = ctx.skb.len() > headers;
             if !syn {
-                if payload && unjudged_flight(skb, cfg) {
+                let port = u16::from_be_bytes([t[2], t[3]]);
+                if payload && unjudged_flight(skb, cfg, &addr, port) {
                     return Ok(drop_packet(
                         &addr,
-                        u16::from_be_bytes([t[2], t[3]]),
+                        port,
                         IPPROTO_TCP,
                         reason::NAME,
                         hook::EGRESS,
@@ -180,7 +177,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                     port,
                 ));
             }
-            if payload && unjudged_flight(skb, cfg) {
+            if payload && unjudged_flight(skb, cfg, &addr, port) {
                 // TCP Fast Open data in the SYN of a name-bound connection: no sk_msg program
                 // saw it (the socket joins BOUND only when the handshake completes).
                 return Ok(drop_packet(
@@ -214,7 +211,14 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                     false => PASS,
                 });
             }
-            Ok(judge(&addr, port, PROTO_UDP, IPPROTO_UDP))
+            // Judged in full here (another CPU, a path no hook saw): a destination only
+            // name-checking host rules admit gets its QUIC checked too, whatever the socket's
+            // storage says.
+            let verdict = judge(&addr, port, PROTO_UDP, IPPROTO_UDP);
+            if verdict == PASS && binding && lookup_named(&addr, port, PROTO_UDP) == Ok(true) {
+                return Ok(quic_refused(ctx, &addr, l4_off));
+            }
+            Ok(verdict)
         }
         proto if proto == echo.0 => {
             // Type, code, checksum.
@@ -288,6 +292,12 @@ fn quic_checked(
     if sk.is_null() || super::judged::bind_of(sk, addr, port) != super::judged::BIND_NO_QUIC {
         return PASS;
     }
+    quic_refused(ctx, addr, l4_off)
+}
+
+/// DROP (reason `name`) if the datagram at `l4_off` is a QUIC long-header packet, else PASS.
+#[inline(always)]
+fn quic_refused(ctx: &SkBuffContext, addr: &Addr, l4_off: usize) -> i32 {
     // UDP header, then the QUIC first byte and version.
     let Ok(q) = read::<[u8; 13]>(ctx, l4_off) else {
         // Shorter than a QUIC long header: not one.
@@ -312,36 +322,68 @@ fn name_binding_on(cfg: Option<&Config>) -> bool {
     cfg.is_some_and(|c| c.flags & FLAG_NAME_BIND != 0)
 }
 
-/// Whether the packet's socket is name-bound and its first flight was not judged and let
-/// through: payload sent past `first_flight` (TCP Fast Open data, a send that was already
-/// waiting in `tcp_sendmsg` for the handshake, a socket `sock_ops` could not put in `BOUND`),
-/// or sent after a refused one.
+/// Whether the packet's socket is name-bound to `addr`, `port` and its first flight was not
+/// judged and let through: payload sent past `first_flight` (TCP Fast Open data, a send that
+/// was already waiting in `tcp_sendmsg` for the handshake, a socket `sock_ops` could not put in
+/// `BOUND`), or sent after a refused one. A binding recorded for another destination (a socket
+/// that connected again: `connect4/6` leave a TCP socket's old binding in place rather than
+/// look it up on every connect) is not this connection's.
+/// Costs nothing while name binding is off (`cfg`'s `FLAG_NAME_BIND`); else a socket storage
+/// lookup, which finds nothing for a socket name binding never concerned.
 #[inline(always)]
-/// Costs nothing while name binding is off (`cfg`'s `FLAG_NAME_BIND`); else a socket lookup and
-/// a socket storage lookup, which finds nothing for a socket name binding never concerned.
-fn unjudged_flight(skb: *mut __sk_buff, cfg: Option<&Config>) -> bool {
+fn unjudged_flight(skb: *mut __sk_buff, cfg: Option<&Config>, addr: &Addr, port: u16) -> bool {
+    let b = holding(skb, cfg);
+    // SAFETY: non-null socket storage.
+    !b.is_null() && unsafe { (*b).port == port && (*b).addr == *addr }
+}
+
+/// The binding of the packet's socket when name binding is on and that binding holds payload
+/// back (`BIND_PENDING`, `BIND_REFUSED`), whatever destination it names; else null. Looked
+/// up on the skb's own socket pointer: `bpf_sk_storage_get` takes a `sock_common` and finds
+/// nothing for a request or time-wait socket, so no `bpf_sk_fullsock` call is needed first.
+#[inline(always)]
+fn holding(skb: *mut __sk_buff, cfg: Option<&Config>) -> *mut super::judged::Binding {
+    let none = core::ptr::null_mut();
     if !name_binding_on(cfg) {
-        return false;
+        return none;
     }
-    let sk = full_socket(skb);
+    // SAFETY: reading the skb's socket pointer, checked for null.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return false;
+        return none;
     }
     let b = super::judged::of(sk);
     // SAFETY: non-null socket storage.
-    !b.is_null()
+    if !b.is_null()
         && matches!(
             unsafe { (*b).bind },
             super::judged::BIND_PENDING | super::judged::BIND_REFUSED
         )
+    {
+        return b;
+    }
+    none
 }
 
-/// Whether the TCP segment at `l4_off` bytes into the packet carries SYN (its whole fixed
-/// header up to the flags is read, for the bounds check's sake, see [`read`]).
+/// The established path: whether the TCP segment at `l4_off` (behind a header without
+/// options) passes on its flags alone. Not a SYN, and either without payload (an ACK, a FIN,
+/// a reset: no flight can hide in it) or of a socket no name binding holds back. Anything
+/// else is judged in full below.
 #[inline(always)]
-fn syn(ctx: &SkBuffContext, l4_off: usize) -> Result<bool, ()> {
+fn established(
+    ctx: &SkBuffContext,
+    skb: *mut __sk_buff,
+    cfg: Option<&Config>,
+    l4_off: usize,
+) -> Result<bool, ()> {
+    // Ports, sequence and ack numbers, offset, flags (the whole fixed header up to the flags,
+    // for the bounds check's sake, see [`read`]).
     let t: [u8; 14] = read(ctx, l4_off)?;
-    Ok(t[13] & 0x02 != 0)
+    if t[13] & 0x02 != 0 {
+        return Ok(false);
+    }
+    let headers = l4_off as u32 + u32::from(t[12] >> 4) * 4;
+    Ok(ctx.skb.len() <= headers || holding(skb, cfg).is_null())
 }
 
 /// The packet's full socket, or null (a request socket, a time-wait socket, none).

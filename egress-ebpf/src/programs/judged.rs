@@ -170,11 +170,22 @@ pub const BIND_REFUSED: u8 = 3;
 /// dropped by the backstop (their name is encrypted), other datagrams pass.
 pub const BIND_NO_QUIC: u8 = 4;
 
+const IPPROTO_TCP: u32 = 6;
+
 #[btf_map]
 static BINDING: SkStorage<Binding> = SkStorage::new();
 
 #[inline(always)]
 fn remember_binding(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32, bind: u8) {
+    if bind == BIND_NONE && ip_proto == IPPROTO_TCP {
+        // A TCP connect admitted by address: no lookup of the socket's storage (a helper call
+        // on every connect). A binding left from an earlier connect of the same socket names
+        // that connection's destination, and every reader compares it with its own (`sock_ops`
+        // with the socket's peer, the backstop with the packet's destination); a socket that
+        // left `BOUND` when it disconnected never meets `first_flight` again unless `sock_ops`
+        // binds it anew.
+        return;
+    }
     // SAFETY: the helpers find (or, for a binding, create) the socket's entry; the pointer is
     // tested for null before use.
     unsafe {

@@ -152,7 +152,10 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
             }
             return Ok(());
         }
-        if (*j).bind != BIND_PENDING {
+        // A binding for another destination is an earlier connection's: `connect4/6` do not
+        // clear a TCP socket's binding when it connects again where no name binding applies
+        // (that would cost every connect a socket storage lookup).
+        if (*j).bind != BIND_PENDING || !names_peer(ctx, &*j) {
             return Ok(());
         }
         let mut cookie = bpf_get_socket_cookie(ctx.ops.cast());
@@ -164,6 +167,52 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
             .map_err(|_| ())
     }
 }
+
+/// Whether the binding `j` was recorded for the peer of `ctx`'s socket (address, IPv4
+/// mapped, and port). `remote_port` holds the port in network byte order in its upper 16
+/// bits (the kernel shifts `skc_dport` up on little-endian machines), hence `from_be` of the
+/// whole word.
+#[inline(always)]
+fn names_peer(ctx: &SockOpsContext, j: &judged::Binding) -> bool {
+    if u32::from_be(ctx.remote_port()) as u16 != j.port {
+        return false;
+    }
+    // Every field read, volatile, before any is chosen: with the choice first, LLVM picked the
+    // field's offset in a register, and the verifier refuses a context access at a variable
+    // offset ("dereference of modified ctx ptr").
+    // SAFETY: plain 4-byte loads of context fields the verifier checks.
+    let (family, ip4, w) = unsafe {
+        let o = ctx.ops;
+        (
+            ptr::read_volatile(&raw const (*o).family),
+            ptr::read_volatile(&raw const (*o).remote_ip4),
+            [
+                ptr::read_volatile(&raw const (*o).remote_ip6[0]),
+                ptr::read_volatile(&raw const (*o).remote_ip6[1]),
+                ptr::read_volatile(&raw const (*o).remote_ip6[2]),
+                ptr::read_volatile(&raw const (*o).remote_ip6[3]),
+            ],
+        )
+    };
+    let peer = if family == AF_INET {
+        egress_common::addr_from_v4(ip4.to_ne_bytes())
+    } else {
+        let mut a = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = w[i].to_ne_bytes();
+            a[i * 4] = b[0];
+            a[i * 4 + 1] = b[1];
+            a[i * 4 + 2] = b[2];
+            a[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        a
+    };
+    peer == j.addr
+}
+
+const AF_INET: u32 = 2;
 
 /// What a parser found, as one scalar (a parser is a BPF-to-BPF call returning it in r0: an
 /// enum with a payload, inlined, let LLVM compute the payload of one variant on the path of

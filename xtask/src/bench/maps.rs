@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use egress_common::{
     AllowValue,
-    consts::{PROTO_ANY, PROTO_TCP},
+    consts::{PROTO_ANY, PROTO_NAMED, PROTO_TCP},
     rules::PortRange,
 };
 
@@ -145,11 +145,27 @@ pub fn fill(pins: &Path, (from, to): (u32, u32), (dfrom, dto): (u32, u32)) -> Re
 }
 
 /// Allows `ip` (IPv4) on the given ports and every protocol in the DNS-derived map, expiring
-/// in an hour: a destination the resolver would have answered (with an expiry, as the
-/// resolver writes it, so the programs read the clock as they do in use).
-pub fn allow_dns(pins: &Path, ip: [u8; 4], ports: &[(u16, u16)]) -> Result<()> {
+/// in an hour, and TCP on the `named` ports as name-bound: a destination the resolver would
+/// have answered (with an expiry, as the resolver writes it, so the programs read the clock
+/// as they do in use; the `named` stretches as it writes those of name-checking host rules).
+pub fn allow_dns(
+    pins: &Path,
+    ip: [u8; 4],
+    ports: &[(u16, u16)],
+    named: &[(u16, u16)],
+) -> Result<()> {
     let dns = PinnedMap::open(&pins.join("maps").join("ALLOW_DNS"))?;
     let mut value = allow_value(ports, PROTO_ANY);
+    // Name-bound TCP stretches, as the agent writes them for name-checking host rules.
+    for (i, &(lo, hi)) in named.iter().enumerate() {
+        value.ranges[ports.len() + i] = PortRange {
+            lo,
+            hi,
+            protos: PROTO_TCP | PROTO_NAMED,
+            _pad: 0,
+        };
+    }
+    value.len = (ports.len() + named.len()) as u32;
     value.expires_ns = boottime_ns() + 3_600_000_000_000;
     dns.update(&egress_common::keys::addr_from_v4(ip), &value_bytes(&value))
         .context("cannot write the DNS-derived destination")

@@ -9,6 +9,7 @@ mod connect;
 mod dns;
 mod flood;
 mod maps;
+mod namebound;
 mod progs;
 mod progstats;
 mod report;

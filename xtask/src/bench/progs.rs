@@ -107,6 +107,15 @@ pub struct SideFigures {
 }
 
 impl SideFigures {
+    /// Each program as `hook ns/run×runs/op`, comma-separated.
+    pub fn list(&self) -> String {
+        self.progs
+            .iter()
+            .map(|p| format!("{} {:.0}×{:.2}", p.hook, p.ns_run, p.runs_op))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The figure of the program on `hook` (the first one that ran).
     pub fn on(&self, hook: &str) -> Option<&ProgFigure> {
         self.progs.iter().find(|p| p.hook == hook)
@@ -165,21 +174,48 @@ pub fn measure(
     command: &str,
     reps: usize,
 ) -> Result<(SideFigures, SideFigures)> {
+    let (ra, rb) = abba(reps, |first| match first {
+        true => a.batch(command),
+        false => b.batch(command),
+    })?;
+    Ok((figures(&a.progs, &ra), figures(&b.progs, &rb)))
+}
+
+/// Runs `cmd_a` and `cmd_b` on the same side as A B B A `reps` times with the statistics on,
+/// and returns the per-program figures of each command (name binding's row: the same
+/// programs, a name-bound destination against a `name_check: false` one).
+pub fn measure_commands(
+    side: &mut Side<'_>,
+    cmd_a: &str,
+    cmd_b: &str,
+    reps: usize,
+) -> Result<(SideFigures, SideFigures)> {
+    let (ra, rb) = abba(reps, |first| side.batch(if first { cmd_a } else { cmd_b }))?;
+    Ok((figures(&side.progs, &ra), figures(&side.progs, &rb)))
+}
+
+type Batch = (Vec<Runs>, f64);
+
+/// One warm-up batch each, then A B B A `reps` times (`batch(true)` runs A) with the
+/// statistics on; the summed A and B batches of each repetition.
+fn abba(
+    reps: usize,
+    mut batch: impl FnMut(bool) -> Result<Batch>,
+) -> Result<(Vec<Batch>, Vec<Batch>)> {
     let _stats = StatsOn::enable()?;
-    // Warm-up, thrown away.
-    a.batch(command)?;
-    b.batch(command)?;
+    batch(true)?;
+    batch(false)?;
     let mut ra = Vec::with_capacity(reps);
     let mut rb = Vec::with_capacity(reps);
     for _ in 0..reps {
-        let a1 = a.batch(command)?;
-        let b1 = b.batch(command)?;
-        let b2 = b.batch(command)?;
-        let a2 = a.batch(command)?;
+        let a1 = batch(true)?;
+        let b1 = batch(false)?;
+        let b2 = batch(false)?;
+        let a2 = batch(true)?;
         ra.push(sum(&a1, &a2));
         rb.push(sum(&b1, &b2));
     }
-    Ok((figures(&a.progs, &ra), figures(&b.progs, &rb)))
+    Ok((ra, rb))
 }
 
 fn sum(x: &(Vec<Runs>, f64), y: &(Vec<Runs>, f64)) -> (Vec<Runs>, f64) {

@@ -20,10 +20,14 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_ENABLE_STATS: libc::c_long = 32;
 const BPF_STATS_RUN_TIME: u32 = 0;
+const BPF_OBJ_GET: libc::c_long = 7;
+/// `BPF_SK_MSG_VERDICT`: the attach type of name binding's `first_flight` on its sockhash.
+const BPF_SK_MSG_VERDICT: u32 = 7;
 
 /// The cgroup attach types the bench looks at, with the names the report gives them.
-const ATTACH_TYPES: [(u32, &str); 11] = [
+const ATTACH_TYPES: [(u32, &str); 12] = [
     (2, "sock_create"),
+    (3, "sock_ops"),
     (10, "connect4"),
     (11, "connect6"),
     (14, "sendmsg4"),
@@ -98,16 +102,38 @@ pub fn attached(cgroup: &Path) -> Result<Vec<Prog>> {
     }
     // SAFETY: as above.
     let dir = unsafe { OwnedFd::from_raw_fd(raw) };
+    query(&dir, &ATTACH_TYPES, &cgroup.display().to_string())
+}
+
+/// The `sk_msg` verdict program attached to the sockhash pinned at `pin` (name binding's
+/// `first_flight` on `BOUND`: it has no cgroup, the map holds it).
+pub fn attached_to_map(pin: &Path) -> Result<Vec<Prog>> {
+    let c = CString::new(pin.as_os_str().as_encoded_bytes())?;
+    let mut attr = Attr([0; 128]);
+    attr.0[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+    let fd = bpf(BPF_OBJ_GET, &mut attr)
+        .with_context(|| format!("cannot open pinned map {}", pin.display()))?;
+    // SAFETY: a fresh descriptor the kernel just gave us.
+    let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    query(
+        &map,
+        &[(BPF_SK_MSG_VERDICT, "first_flight (sk_msg)")],
+        &pin.display().to_string(),
+    )
+}
+
+/// The programs of each attach type in `types` on `target` (a cgroup or a map descriptor).
+fn query(target: &OwnedFd, types: &[(u32, &'static str)], what: &str) -> Result<Vec<Prog>> {
     let mut out = Vec::new();
-    for (ty, hook) in ATTACH_TYPES {
+    for &(ty, hook) in types {
         let mut ids = [0u32; 16];
         let mut attr = Attr([0; 128]);
-        attr.0[..4].copy_from_slice(&(dir.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[..4].copy_from_slice(&(target.as_raw_fd() as u32).to_ne_bytes());
         attr.0[4..8].copy_from_slice(&ty.to_ne_bytes());
         attr.0[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
         attr.0[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
         bpf(BPF_PROG_QUERY, &mut attr)
-            .with_context(|| format!("BPF_PROG_QUERY {hook} on {}", cgroup.display()))?;
+            .with_context(|| format!("BPF_PROG_QUERY {hook} on {what}"))?;
         let n = u32::from_ne_bytes(attr.0[24..28].try_into().unwrap_or_default()) as usize;
         for &id in &ids[..n.min(ids.len())] {
             let mut attr = Attr([0; 128]);

@@ -31,6 +31,33 @@ pub fn abba(a: &mut Worker, b: &mut Worker, command: &str, reps: usize) -> Resul
     Ok(out)
 }
 
+/// Runs `cmd_a` and `cmd_b` on one worker as A B B A, `reps` times; one list of pairs per
+/// answer field in `keys`.
+pub fn abba_commands(
+    w: &mut Worker,
+    cmd_a: &str,
+    cmd_b: &str,
+    keys: &[&str],
+    reps: usize,
+) -> Result<Vec<Vec<Pair>>> {
+    let _ = w.ask(cmd_a);
+    let _ = w.ask(cmd_b);
+    let mut out = vec![Vec::with_capacity(reps); keys.len()];
+    for _ in 0..reps {
+        let a1 = w.ask(cmd_a)?;
+        let b1 = w.ask(cmd_b)?;
+        let b2 = w.ask(cmd_b)?;
+        let a2 = w.ask(cmd_a)?;
+        for (k, pairs) in keys.iter().zip(out.iter_mut()) {
+            pairs.push(Pair {
+                a: (a1.f(k) + a2.f(k)) / 2.0,
+                b: (b1.f(k) + b2.f(k)) / 2.0,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Median of `v` (0 when empty).
 pub fn median(v: &[f64]) -> f64 {
     quantile(v, 0.5)

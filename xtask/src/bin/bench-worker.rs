@@ -8,6 +8,12 @@
 //! - `udp ADDR:PORT N`: N unconnected `sendto` of 32 bytes; `ns=` thread CPU per send.
 //! - `stream ADDR:PORT N`: one TCP connection, then N writes of 32 bytes with `TCP_NODELAY`
 //!   (a segment each: the established path); `ns=` thread CPU per write.
+//! - `tls ADDR:PORT N NAME`: N connects, each sending a TLS ClientHello (about 512 bytes, as
+//!   browsers pad it) with server name NAME, then closing (linger 0); `ns=` thread CPU per
+//!   connection setup. A refused first flight fails the command.
+//! - `bulk ADDR:PORT MIB NAME`: one TCP connection, a ClientHello with NAME as its first
+//!   flight, then MIB MiB in 64 KiB writes; `ns=` thread CPU per MiB, `mbps=` MiB/s of wall
+//!   clock.
 //! - `deny ADDR:PORT N`: N connects that must fail with EPERM; wall-clock `p50=`, `p99=`,
 //!   `max=` per connect, `eperm=` how many failed with EPERM.
 //! - `lat ADDR:PORT N`: N allowed connect+close, wall-clock `p50=`, `p99=` per connect.
@@ -66,6 +72,8 @@ fn command(w: &[&str]) -> Res<String> {
         "tcp" => tcp(addr(1)?, num(2)?),
         "udp" => udp(addr(1)?, num(2)?),
         "stream" => stream(addr(1)?, num(2)?),
+        "tls" => tls(addr(1)?, num(2)?, arg(3)?),
+        "bulk" => bulk(addr(1)?, num(2)?, arg(3)?),
         "deny" => deny(addr(1)?, num(2)?),
         "lat" => lat(addr(1)?, num(2)?),
         "flood" => flood(addr(1)?, num(2)?, num(3)?),
@@ -110,6 +118,11 @@ fn socket(ty: libc::c_int) -> Res<OwnedFd> {
 
 /// One connect; Ok(()) when connected, else the errno. Closing sends a RST (linger 0).
 fn connect_once(sa: &libc::sockaddr_in) -> Result<(), i32> {
+    connected(sa).map(drop)
+}
+
+/// A TCP socket with linger 0 (closing it sends a RST), connected to `sa`; else the errno.
+fn connected(sa: &libc::sockaddr_in) -> Result<OwnedFd, i32> {
     let s = socket(libc::SOCK_STREAM).map_err(|_| -1)?;
     let linger = libc::linger {
         l_onoff: 1,
@@ -134,7 +147,7 @@ fn connect_once(sa: &libc::sockaddr_in) -> Result<(), i32> {
         )
     };
     if rc == 0 {
-        Ok(())
+        Ok(s)
     } else {
         Err(io::Error::last_os_error().raw_os_error().unwrap_or(-1))
     }
@@ -209,6 +222,81 @@ fn stream(to: SocketAddrV4, n: u64) -> Res<String> {
     }
     let cpu = thread_cpu_ns() - cpu0;
     Ok(format!("ns={:.1} n={done}", cpu as f64 / done as f64))
+}
+
+/// A TLS 1.3-style ClientHello record naming `sni`, padded (extension 21) to about 512 bytes.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let n = sni.as_bytes();
+    let entry = [&[0u8][..], &(n.len() as u16).to_be_bytes(), n].concat();
+    let list = [&(entry.len() as u16).to_be_bytes()[..], &entry].concat();
+    let mut exts = [&[0u8, 0][..], &(list.len() as u16).to_be_bytes(), &list].concat();
+    let pad = 512usize.saturating_sub(exts.len() + 100).max(1);
+    exts.extend_from_slice(&[0, 21]);
+    exts.extend_from_slice(&(pad as u16).to_be_bytes());
+    exts.resize(exts.len() + pad, 0);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[0x11; 32]);
+    body.push(32);
+    body.extend_from_slice(&[0x22; 32]);
+    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
+fn tls(to: SocketAddrV4, n: u64, sni: &str) -> Res<String> {
+    let sa = sockaddr(to);
+    let hello = client_hello(sni);
+    let start = Instant::now();
+    let cpu0 = thread_cpu_ns();
+    let mut done = 0u64;
+    while done < n && start.elapsed() < MAX_COMMAND {
+        let s = connected(&sa)
+            .map_err(|e| format!("connect {to}: {}", io::Error::from_raw_os_error(e)))?;
+        // SAFETY: valid descriptor and buffer.
+        let sent = unsafe { libc::send(s.as_raw_fd(), hello.as_ptr().cast(), hello.len(), 0) };
+        if sent != hello.len() as isize {
+            return Err(format!(
+                "ClientHello to {to} ({sni}): {}",
+                io::Error::last_os_error()
+            ));
+        }
+        done += 1;
+    }
+    let cpu = thread_cpu_ns() - cpu0;
+    Ok(format!("ns={:.1} n={done}", cpu as f64 / done as f64))
+}
+
+fn bulk(to: SocketAddrV4, mib: u64, sni: &str) -> Res<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(5))
+        .map_err(|e| format!("connect {to}: {e}"))?;
+    io::Write::write_all(&mut s, &client_hello(sni))
+        .map_err(|e| format!("ClientHello to {to} ({sni}): {e}"))?;
+    // The first flight's ACK takes a name-bound socket out of the judged path: what is
+    // measured is the connection after it.
+    std::thread::sleep(Duration::from_millis(20));
+    let chunk = vec![0x5au8; 64 * 1024];
+    let start = Instant::now();
+    let cpu0 = thread_cpu_ns();
+    let mut done = 0u64;
+    while done < mib * 16 && start.elapsed() < MAX_COMMAND {
+        io::Write::write_all(&mut s, &chunk).map_err(|e| format!("write to {to}: {e}"))?;
+        done += 1;
+    }
+    let cpu = thread_cpu_ns() - cpu0;
+    let secs = start.elapsed().as_secs_f64();
+    let mib_done = done as f64 / 16.0;
+    Ok(format!(
+        "ns={:.1} mbps={:.1} n={mib_done}",
+        cpu as f64 / mib_done,
+        mib_done / secs
+    ))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {

@@ -165,6 +165,24 @@ fn name_denies(run: &egress_tests::world::AgentExit) -> Vec<Value> {
         .collect()
 }
 
+/// The `name_why` of every deny with reason `name`, in order.
+fn name_whys(run: &egress_tests::world::AgentExit) -> Vec<Value> {
+    name_denies(run)
+        .iter()
+        .map(|d| d["name_why"].clone())
+        .collect()
+}
+
+/// The bytes each connection of `l` received so far.
+fn lens(l: &EchoListener) -> Vec<usize> {
+    l.data().iter().map(Vec::len).collect()
+}
+
+/// Whether a deny with reason `name` has `field` equal to `value`.
+fn has_name_deny(run: &egress_tests::world::AgentExit, field: &str, value: &str) -> bool {
+    name_denies(run).iter().any(|d| d[field] == value)
+}
+
 /// Every listener connection received exactly nothing.
 fn assert_nothing_arrived(l: &EchoListener, what: &str, run: &egress_tests::world::AgentExit) {
     let data = l.data();
@@ -284,10 +302,7 @@ out["garbage"] = first(443, [b"\x00\x01\x02 hello"])
     }
     assert!(tls.wait_accepted(4, WAIT), "{}", run.context());
     assert_nothing_arrived(&tls, "no name / ECH / two names / garbage", &run);
-    let why: Vec<Value> = name_denies(&run)
-        .iter()
-        .map(|d| d["name_why"].clone())
-        .collect();
+    let why = name_whys(&run);
     assert_eq!(
         why,
         vec![
@@ -322,14 +337,14 @@ out["split_evil"] = first(443, [e[:100], e[100:1500], e[1500:]])
     assert_passed(&run, &out, "split");
     assert_refused(&run, &out, "split_evil");
     assert!(tls.wait_accepted(3, WAIT), "{}", run.context());
-    let lens: Vec<usize> = tls.data().iter().map(Vec::len).collect();
     let size = out["size"].as_u64().unwrap_or(0) as usize;
     assert!(
         poll_lens(&tls, |l| l.len() == 3
             && l[0] == size
             && l[1] > 0
             && l[2] == 0),
-        "large passed whole, split passed, split foreign sent zero bytes: {lens:?}\n{}",
+        "large passed whole, split passed, split foreign sent zero bytes: {:?}\n{}",
+        lens(&tls),
         run.context()
     );
 }
@@ -337,11 +352,7 @@ out["split_evil"] = first(443, [e[:100], e[100:1500], e[1500:]])
 /// Polls the listener's per-connection byte counts until `f` holds (data arrives a moment
 /// after the sender returns).
 fn poll_lens(l: &EchoListener, f: impl Fn(&[usize]) -> bool) -> bool {
-    egress_tests::poll_until(WAIT, || {
-        let lens: Vec<usize> = l.data().iter().map(Vec::len).collect();
-        f(&lens).then_some(())
-    })
-    .is_some()
+    egress_tests::poll_until(WAIT, || f(&lens(l)).then_some(())).is_some()
 }
 
 #[test]
@@ -372,13 +383,10 @@ out["absolute"] = first(80, [b"GET http://evil.example.test/ HTTP/1.1\r\nHost: o
             && l[..3].iter().all(|n| *n > 0)
             && l[3..].iter().all(|n| *n == 0)),
         "the three permitted requests arrived, the five refused sent zero bytes: {:?}\n{}",
-        http.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        lens(&http),
         run.context()
     );
-    let why: Vec<Value> = name_denies(&run)
-        .iter()
-        .map(|d| d["name_why"].clone())
-        .collect();
+    let why = name_whys(&run);
     assert_eq!(
         why,
         [
@@ -411,7 +419,7 @@ out["raw"] = first(443, [b"SSH-2.0-OpenSSH_9.6\r\n"])
     assert!(
         poll_lens(&tls, |l| l.len() == 2 && l.iter().all(|n| *n > 0)),
         "both flights arrived: {:?}\n{}",
-        tls.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        lens(&tls),
         run.context()
     );
     assert!(name_denies(&run).is_empty(), "{}", run.context());
@@ -458,7 +466,7 @@ out["bad"] = two(hello("evil.example.test"), hello("ok.example.test"))
     assert!(
         poll_lens(&tls, |l| l.len() == 2 && l[0] > 1_000 && l[1] == 0),
         "{:?}\n{}",
-        tls.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        lens(&tls),
         run.context()
     );
 }
@@ -501,13 +509,11 @@ out["plain_ok"] = first(443, [hello("ok.example.test")])
     assert!(
         poll_lens(&tls, |l| l.iter().filter(|n| **n > 0).count() == 1),
         "only the plain connection's ClientHello arrived: {:?} {out}\n{}",
-        tls.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        lens(&tls),
         run.context()
     );
     assert!(
-        run.events_of("deny")
-            .iter()
-            .any(|d| d["reason"] == "name" && d["hook"] == "egress"),
+        has_name_deny(&run, "hook", "egress"),
         "the held-back Fast Open data is reported\n{}",
         run.context()
     );
@@ -547,8 +553,8 @@ out["mapped_ok"] = first(443, [hello("ok.example.test")], host="::ffff:198.51.10
         poll_lens(&v6, |l| l.len() == 2 && l[0] > 0 && l[1] == 0)
             && poll_lens(&v4, |l| l.len() == 2 && l[0] == 0 && l[1] > 0),
         "v6 {:?}, mapped {:?}\n{}",
-        v6.data().iter().map(Vec::len).collect::<Vec<_>>(),
-        v4.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        lens(&v6),
+        lens(&v4),
         run.context()
     );
 }
@@ -597,13 +603,7 @@ fn quic_initials_to_a_name_bound_address_are_refused_and_other_udp_passes() {
         "only the datagram that is not a QUIC long header arrived\n{}",
         run.context()
     );
-    assert!(
-        run.events_of("deny")
-            .iter()
-            .any(|d| d["reason"] == "name" && d["proto"] == "udp"),
-        "{}",
-        run.context()
-    );
+    assert!(has_name_deny(&run, "proto", "udp"), "{}", run.context());
 
     // `name_check: false` admits QUIC by address.
     let (world, _tls, _http) = self::world();
@@ -617,4 +617,344 @@ fn quic_initials_to_a_name_bound_address_are_refused_and_other_udp_passes() {
         assert_passed(&run, &out, key);
     }
     assert!(listener.wait_received(3, WAIT), "{}", run.context());
+}
+
+/// Every way the script can hand a socket its first bytes: `through(method, chunks)` connects
+/// to the front-end on 443 and sends the chunks (one flight) through `method`, then reports
+/// `ok` (everything accepted), or the error. `sendmmsg` sends the chunks as two messages of
+/// several iovecs each and reports how many messages the kernel took (`n`).
+const PATHS: &str = r#"
+import ctypes, mmap
+libc = ctypes.CDLL(None, use_errno=True)
+
+class iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+class msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                ("iov", ctypes.POINTER(iovec)), ("iovlen", ctypes.c_size_t),
+                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+
+class mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", msghdr), ("len", ctypes.c_uint32)]
+
+def iovecs(chunks, keep):
+    arr = (iovec * len(chunks))()
+    for i, c in enumerate(chunks):
+        b = ctypes.create_string_buffer(c, len(c))
+        keep.append(b)
+        arr[i].base = ctypes.addressof(b)
+        arr[i].len = len(c)
+    return arr
+
+def sendmmsg(fd, chunks):
+    keep = []
+    half = max(1, len(chunks) // 2)
+    groups = [chunks[:half], chunks[half:]]
+    msgs = (mmsghdr * 2)()
+    for i, g in enumerate(groups):
+        arr = iovecs(g, keep)
+        keep.append(arr)
+        msgs[i].hdr.iov = arr
+        msgs[i].hdr.iovlen = len(g)
+    n = libc.sendmmsg(fd, msgs, 2, 0)
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return n
+
+IORING_OP_WRITEV, IORING_OP_SEND, IORING_OP_SEND_ZC = 2, 26, 47
+
+def uring(fd, chunks, op):
+    """One send through a raw io_uring (no liburing): the SQE's opcode is `op`."""
+    params = ctypes.create_string_buffer(120)
+    ring = libc.syscall(425, 8, params)
+    if ring < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, "io_uring_setup: " + os.strerror(e))
+    u32 = lambda off: int.from_bytes(params.raw[off:off + 4], "little")
+    sq_entries, cq_entries = u32(0), u32(4)
+    sq_tail, sq_mask, sq_array = u32(44), u32(48), u32(64)
+    cq_head, cq_tail, cq_mask, cq_cqes = u32(80), u32(84), u32(88), u32(100)
+    size = max(sq_array + sq_entries * 4, cq_cqes + cq_entries * 16)
+    rings = mmap.mmap(ring, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+    sqes = mmap.mmap(ring, sq_entries * 64, mmap.MAP_SHARED,
+                     mmap.PROT_READ | mmap.PROT_WRITE, offset=0x10000000)
+    keep = []
+    data = b"".join(chunks)
+    buf = ctypes.create_string_buffer(data, len(data))
+    if op == IORING_OP_WRITEV:
+        arr = iovecs(chunks, keep)
+        addr, length = ctypes.addressof(arr), len(chunks)
+    else:
+        addr, length = ctypes.addressof(buf), len(data)
+    sqe = bytearray(64)
+    sqe[0] = op
+    sqe[4:8] = fd.to_bytes(4, "little", signed=True)
+    sqe[16:24] = addr.to_bytes(8, "little")
+    sqe[24:28] = length.to_bytes(4, "little")
+    sqe[32:40] = (7).to_bytes(8, "little")
+    sqes[0:64] = bytes(sqe)
+    tail = int.from_bytes(rings[sq_tail:sq_tail + 4], "little")
+    idx = tail & int.from_bytes(rings[sq_mask:sq_mask + 4], "little")
+    rings[sq_array + idx * 4:sq_array + idx * 4 + 4] = (0).to_bytes(4, "little")
+    rings[sq_tail:sq_tail + 4] = (tail + 1).to_bytes(4, "little")
+    n = libc.syscall(426, ring, 1, 1, 1, None, 0)
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, "io_uring_enter: " + os.strerror(e))
+    head = int.from_bytes(rings[cq_head:cq_head + 4], "little")
+    cqe = cq_cqes + (head & int.from_bytes(rings[cq_mask:cq_mask + 4], "little")) * 16
+    res = int.from_bytes(rings[cqe + 8:cqe + 12], "little", signed=True)
+    # SEND_ZC posts a second completion (the notification) later; the ring goes with it.
+    time.sleep(0.05)
+    os.close(ring)
+    if res < 0:
+        raise OSError(-res, "io_uring completion: " + os.strerror(-res))
+    if res != len(data):
+        raise OSError(0, "io_uring sent %d of %d bytes" % (res, len(data)))
+    return res
+
+def through(method, chunks, host=FRONT, port=443, proto=0):
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, proto)
+    s.settimeout(3)
+    data = b"".join(chunks)
+    r = {"ok": True}
+    try:
+        s.connect((host, port))
+        fd = s.fileno()
+        if method == "sendall":
+            for c in chunks:
+                s.sendall(c)
+        elif method == "sendfile":
+            m = os.memfd_create("flight")
+            os.write(m, data)
+            sent = os.sendfile(fd, m, 0, len(data))
+            os.close(m)
+            if sent != len(data):
+                r = {"ok": False, "error": "short", "sent": sent}
+        elif method == "splice":
+            rd, wr = os.pipe()
+            os.write(wr, data)
+            sent = os.splice(rd, fd, len(data))
+            os.close(rd); os.close(wr)
+            if sent != len(data):
+                r = {"ok": False, "error": "short", "sent": sent}
+        elif method == "writev":
+            sent = os.writev(fd, chunks)
+            if sent != len(data):
+                r = {"ok": False, "error": "short", "sent": sent}
+        elif method == "sendmsg":
+            sent = s.sendmsg(chunks)
+            if sent != len(data):
+                r = {"ok": False, "error": "short", "sent": sent}
+        elif method == "sendmmsg":
+            n = sendmmsg(fd, chunks)
+            r = {"ok": n == 2, "n": n}
+            if n != 2:
+                r["error"] = "partial"
+        elif method.startswith("uring"):
+            op = {"uring_send": IORING_OP_SEND, "uring_writev": IORING_OP_WRITEV,
+                  "uring_send_zc": IORING_OP_SEND_ZC}[method]
+            uring(fd, chunks, op)
+        else:
+            raise ValueError(method)
+        time.sleep(0.05)
+    except OSError as e:
+        r = fail(e)
+        r["message"] = str(e)
+    finally:
+        s.close()
+    return r
+
+def pieces(h):
+    return [h[:3], h[3:9], h[9:60], h[60:]]
+"#;
+
+/// The paths of `PATHS`, each once with the permitted name and once with the foreign one.
+const METHODS: [&str; 8] = [
+    "sendall",
+    "sendfile",
+    "splice",
+    "writev",
+    "sendmsg",
+    "sendmmsg",
+    "uring_send",
+    "uring_writev",
+];
+
+#[test]
+fn every_send_path_meets_the_first_flight_judge() {
+    let (world, tls, _http) = world();
+    let body = format!(
+        "{PATHS}\nfor m in {METHODS:?}:\n    \
+         out[m + '_ok'] = through(m, pieces(hello('ok.example.test')))\n    \
+         out[m + '_evil'] = through(m, pieces(hello('evil.example.test')))\n\
+         for m in ['uring_send_zc']:\n    \
+         out[m + '_ok'] = through(m, pieces(hello('ok.example.test')))\n    \
+         out[m + '_evil'] = through(m, pieces(hello('evil.example.test')))\n\
+         out['mptcp_ok'] = through('sendall', pieces(hello('ok.example.test')), proto=262)\n\
+         out['mptcp_evil'] = through('sendall', pieces(hello('evil.example.test')), proto=262)\n"
+    );
+    let (run, out) = world.run_script(&["--allow-io-uring"], &allowlist(OK_ONLY), PRELUDE, &body);
+    assert_eq!(
+        out["resolved"],
+        serde_json::json!([FRONT]),
+        "{}",
+        run.context()
+    );
+    for m in METHODS {
+        assert_passed(&run, &out, &format!("{m}_ok"));
+        let evil = &out[format!("{m}_evil")];
+        assert_ne!(
+            evil["ok"],
+            true,
+            "{m}: a foreign name must not be accepted whole: {evil}\n{}",
+            run.context()
+        );
+    }
+    // io_uring's zero-copy send needs `SOCK_SUPPORT_ZC`, which the kernel clears on a socket
+    // that joins a sockmap (`sock_replace_proto`): refused before any byte is judged.
+    for key in ["uring_send_zc_ok", "uring_send_zc_evil"] {
+        assert_eq!(
+            out[key]["error"],
+            "ENOTSUP",
+            "{key}: {}\n{}",
+            out[key],
+            run.context()
+        );
+    }
+    // Connections alternate permitted, foreign: every permitted flight arrived whole (the
+    // echo server saw a ClientHello), every foreign one sent nothing; the zero-copy sends and
+    // the MPTCP connections (the last four) sent nothing either. MPTCP writes its subflow
+    // itself, past the subflow's `sk_prot` and so past `first_flight`: the backstop drops the
+    // payload of a subflow whose flight was never judged, permitted name or not (the sender
+    // sees success and stalls; docs/KERNEL-NOTES.md).
+    let n = METHODS.len() * 2 + 4;
+    assert!(
+        poll_lens(&tls, |l| l.len() == n
+            && l[..n - 4].chunks(2).all(|p| p[0] > 60 && p[1] == 0)
+            && l[n - 4..].iter().all(|b| *b == 0)),
+        "per connection (permitted, foreign) for {METHODS:?}: {:?}\n{out}\n{}",
+        lens(&tls),
+        run.context()
+    );
+    let denies: Vec<Value> = name_denies(&run)
+        .into_iter()
+        .filter(|d| d["hook"] == "first_flight")
+        .collect();
+    assert_eq!(
+        denies.len(),
+        METHODS.len(),
+        "one name deny per foreign flight\n{}",
+        run.context()
+    );
+    assert!(
+        has_name_deny(&run, "hook", "egress"),
+        "the MPTCP payload held back by the backstop is reported\n{}",
+        run.context()
+    );
+    assert!(
+        denies.iter().all(|d| d["name"] == "evil.example.test"),
+        "{}",
+        run.context()
+    );
+}
+
+/// `records(h, cuts)`: the ClientHello record `h` re-framed as several TLS records, the
+/// handshake message cut at `cuts` (legal TLS: a handshake message may span records).
+const RECORDS: &str = r#"
+def records(h, cuts):
+    msg = h[5:]
+    bounds = [0] + list(cuts) + [len(msg)]
+    out = b""
+    for a, b in zip(bounds, bounds[1:]):
+        out += b"\x16\x03\x01" + (b - a).to_bytes(2, "big") + msg[a:b]
+    return out
+"#;
+
+#[test]
+fn a_client_hello_fragmented_across_tls_records_is_refused_whatever_its_name() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        &format!(
+            "{RECORDS}\n\
+             out['whole'] = first(443, [hello('ok.example.test')])\n\
+             out['ok'] = first(443, [records(hello('ok.example.test'), [40])])\n\
+             out['ok3'] = first(443, [records(hello('ok.example.test'), [4, 90])])\n\
+             out['evil'] = first(443, [records(hello('evil.example.test'), [40])])\n\
+             # The name in the second record, a lone handshake header in the first.\n\
+             out['evil_late'] = first(443, [records(hello('evil.example.test'), [4])])\n\
+             # Each record a write of its own.\n\
+             r = records(hello('evil.example.test'), [40])\n\
+             out['evil_writes'] = first(443, [r[:45], r[45:]])\n"
+        ),
+    );
+    // Reassembling records in the kernel would double the parser; no mainstream client splits
+    // a ClientHello below the 16 KiB record limit, so a split one is refused, never judged on
+    // its first record alone (which holds no name, or only part of it).
+    assert_passed(&run, &out, "whole");
+    for key in ["ok", "ok3", "evil", "evil_late", "evil_writes"] {
+        assert_refused(&run, &out, key);
+    }
+    assert!(
+        poll_lens(&tls, |l| l.len() == 6
+            && l[0] > 0
+            && l[1..].iter().all(|n| *n == 0)),
+        "only the unfragmented ClientHello arrived: {:?}\n{}",
+        lens(&tls),
+        run.context()
+    );
+    let why = name_whys(&run);
+    assert_eq!(why, vec![Value::from("bad-tls"); 5], "{}", run.context());
+}
+
+#[test]
+fn a_long_lived_connection_keeps_working_after_a_permitted_first_flight() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+s = socket.create_connection((FRONT, 443), timeout=3)
+s.sendall(hello("ok.example.test"))
+sent, errors, t0 = 0, [], time.monotonic()
+# About three seconds of writes of every size, some through other paths.
+for i in range(300):
+    chunk = b"\x17\x03\x03" + bytes([i % 256]) * (1 + (i * 37) % 3000)
+    try:
+        if i % 3 == 0:
+            s.sendall(chunk)
+        elif i % 3 == 1:
+            os.writev(s.fileno(), [chunk[:1], chunk[1:]])
+        else:
+            s.sendmsg([chunk])
+        sent += len(chunk)
+    except OSError as e:
+        errors.append(fail(e)["error"])
+    time.sleep(0.01)
+out["long"] = {"sent": sent, "errors": errors[:5], "secs": time.monotonic() - t0}
+time.sleep(0.3)
+s.close()
+"#,
+    );
+    let long = &out["long"];
+    assert_eq!(
+        long["errors"],
+        serde_json::json!([]),
+        "{long}\n{}",
+        run.context()
+    );
+    assert!(long["secs"].as_f64().unwrap_or(0.0) >= 3.0, "{long}");
+    let sent = long["sent"].as_u64().unwrap_or(0) as usize;
+    assert!(
+        poll_lens(&tls, |l| l.len() == 1 && l[0] > sent),
+        "the ClientHello and all {sent} bytes after it arrived: {:?}\n{}",
+        lens(&tls),
+        run.context()
+    );
+    assert!(name_denies(&run).is_empty(), "{}", run.context());
 }

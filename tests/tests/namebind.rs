@@ -958,3 +958,239 @@ s.close()
     );
     assert!(name_denies(&run).is_empty(), "{}", run.context());
 }
+
+// ----------------------------------------------------------------------------------------
+// Real clients against a real TLS server. Go's `crypto/tls` is not covered: Go is not
+// installed on the machines these tests run on (its ClientHello is one record, like the ones
+// below, so nothing in the judge is specific to it).
+// ----------------------------------------------------------------------------------------
+
+/// A TLS server on the front-end's 443 (outside the enforced cgroup) with a self-signed
+/// certificate for both names. It records, per connection in accept order, how many bytes
+/// arrived before it started the handshake (peeked, up to 3 s), then serves one response.
+const TLS_SERVER: &str = r#"
+import json, socket, ssl, sys, threading
+cert, key, log = sys.argv[1], sys.argv[2], sys.argv[3]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+names = {}
+def sni(conn, name, _ctx):
+    names[id(conn)] = name
+ctx.sni_callback = sni
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("198.51.100.20", 443))
+srv.listen(16)
+print("listening", flush=True)
+lock = threading.Lock()
+def record(n, entry):
+    with lock:
+        with open(log, "a") as f:
+            f.write(json.dumps(dict(entry, n=n)) + "\n")
+def serve(n, c):
+    c.settimeout(3)
+    try:
+        first = len(c.recv(4096, socket.MSG_PEEK))
+    except OSError:
+        first = 0
+    if first == 0:
+        record(n, {"first": 0})
+        c.close()
+        return
+    try:
+        t = ctx.wrap_socket(c, server_side=True)
+        t.recv(4096)
+        t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello-tls-ok")
+        record(n, {"first": first, "sni": names.get(id(t))})
+        t.close()
+    except (OSError, ssl.SSLError) as e:
+        record(n, {"first": first, "error": str(e)})
+n = 0
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(n, c), daemon=True).start()
+    n += 1
+"#;
+
+/// The server of [`TLS_SERVER`], stopped (by pid) on drop.
+struct TlsServer {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    cert: std::path::PathBuf,
+}
+
+impl TlsServer {
+    fn start(world: &DnsWorld) -> Self {
+        let dir = world.dir();
+        let (cert, key) = (dir.join("front.crt"), dir.join("front.key"));
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=ok.example.test", "-addext"])
+            .arg("subjectAltName=DNS:ok.example.test,DNS:evil.example.test")
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "openssl req: {out:?}");
+        // The command runs as an unprivileged user: it reads the certificate.
+        std::fs::set_permissions(&cert, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .expect("chmod");
+        world.add_addr(FRONT.parse().expect("address"));
+        let log = dir.join("tls-server.log");
+        let mut child = world
+            .netns()
+            .command(egress_tests::world::python3())
+            .args(["-c", TLS_SERVER])
+            .arg(&cert)
+            .arg(&key)
+            .arg(&log)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the TLS server starts");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+            .expect("the TLS server says it listens");
+        assert_eq!(line.trim(), "listening");
+        Self { child, log, cert }
+    }
+
+    /// The connections the server recorded so far, by accept order.
+    fn connections(&self) -> Vec<Value> {
+        let mut v: Vec<Value> = std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        v.sort_by_key(|e| e["n"].as_u64());
+        v
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The client script: each client once with the permitted name and once with the foreign
+/// one (after the permitted lookup admitted the address), timed.
+const CLIENTS: &str = r#"
+import http.client, subprocess, urllib.request
+CA = sys.argv[1] if len(sys.argv) > 1 else os.environ["CA"]
+
+def timed(f):
+    t0 = time.monotonic()
+    try:
+        r = f()
+    except Exception as e:
+        r = {"ok": False, "error": repr(e)}
+    r["secs"] = round(time.monotonic() - t0, 3)
+    return r
+
+def run(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    return {"ok": p.returncode == 0, "code": p.returncode, "stdout": p.stdout[-200:],
+            "stderr": p.stderr[-300:]}
+
+ctx = ssl.create_default_context(cafile=CA)
+
+def urllib_get():
+    body = urllib.request.urlopen("https://ok.example.test/", context=ctx, timeout=5).read()
+    return {"ok": body == b"hello-tls-ok", "body": body.decode()}
+
+def httpclient_foreign():
+    c = http.client.HTTPSConnection("evil.example.test", 443, context=ctx, timeout=5)
+    # The foreign name's own lookup is refused: connect to the admitted address instead.
+    c._create_connection = lambda *a, **k: socket.create_connection((FRONT, 443), timeout=5)
+    c.request("GET", "/")
+    return {"ok": True, "body": c.getresponse().read().decode()}
+
+NODE = """
+const https = require('https'), fs = require('fs');
+const [url, servername] = process.argv.slice(1);
+const opts = {ca: fs.readFileSync(process.env.CA), timeout: 5000};
+if (servername) { opts.servername = servername; }
+https.get(url, opts, res => {
+  let body = ''; res.on('data', d => body += d);
+  res.on('end', () => { console.log(body); process.exit(body === 'hello-tls-ok' ? 0 : 3); });
+}).on('error', e => { console.error(e.code || '', e.message); process.exit(2); });
+"""
+
+out["curl_ok"] = timed(lambda: run(["curl", "-sS", "--cacert", CA, "https://ok.example.test/"]))
+out["curl_evil"] = timed(lambda: run(["curl", "-sS", "--cacert", CA, "--resolve",
+    "evil.example.test:443:" + FRONT, "https://evil.example.test/"]))
+out["urllib_ok"] = timed(urllib_get)
+out["httpclient_evil"] = timed(httpclient_foreign)
+out["node_ok"] = timed(lambda: run(["node", "-e", NODE, "https://ok.example.test/"]))
+out["node_evil"] = timed(lambda: run(["node", "-e", NODE, "https://" + FRONT + "/",
+    "evil.example.test"]))
+"#;
+
+#[test]
+fn real_clients_curl_python_node_pass_on_the_permitted_name_and_are_refused_on_a_foreign_one() {
+    require_root();
+    let world = DnsWorld::builder()
+        .address("ok.example.test", FRONT)
+        .address("evil.example.test", FRONT)
+        .start();
+    let server = TlsServer::start(&world);
+    let body = format!(
+        "os.environ['CA'] = {:?}\n{CLIENTS}",
+        server.cert.to_string_lossy()
+    );
+    let (run, out) = run(&world, OK_ONLY, &body);
+    for key in ["curl_ok", "urllib_ok", "node_ok"] {
+        assert_passed(&run, &out, key);
+    }
+    for key in ["curl_evil", "httpclient_evil", "node_evil"] {
+        let r = &out[key];
+        assert_eq!(r["ok"], false, "{key}: {r}\n{}", run.context());
+        // A fast error, no hang: the send fails at once. Node's TLS socket drops the error
+        // of its handshake write (strace: `write(...) = -1 EACCES`, then it waits to read)
+        // and fails only when the peer closes (this server, after 3 s) or its own timeout.
+        if key == "node_evil" {
+            continue;
+        }
+        assert!(
+            r["secs"].as_f64().unwrap_or(99.0) < 2.0,
+            "{key} fails fast: {r}\n{}",
+            run.context()
+        );
+    }
+    // Connections in order: curl, curl, urllib, http.client, node, node.
+    let conns = egress_tests::poll_until(WAIT, || {
+        let c = server.connections();
+        (c.len() == 6).then_some(c)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the server saw six connections: {:?}\n{out}\n{}",
+            server.connections(),
+            run.context()
+        )
+    });
+    for (i, c) in conns.iter().enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(c["sni"], "ok.example.test", "connection {i}: {c}");
+            assert!(c["first"].as_u64().unwrap_or(0) > 0, "connection {i}: {c}");
+        } else {
+            assert_eq!(
+                c["first"], 0,
+                "connection {i} (foreign name): zero bytes arrived: {c}\n{out}"
+            );
+        }
+    }
+    let denies = name_denies(&run);
+    assert_eq!(denies.len(), 3, "{}", run.context());
+    assert!(
+        denies.iter().all(|d| d["name"] == "evil.example.test"),
+        "{}",
+        run.context()
+    );
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use egress_tests::{
     require_root,
-    world::{DnsWorld, EchoListener, UPSTREAM},
+    world::{CLIENT_HELLO_PY, DnsWorld, EchoListener, UPSTREAM},
 };
 use serde_json::Value;
 
@@ -20,9 +20,10 @@ const WAIT: Duration = Duration::from_secs(3);
 /// The shared front-end.
 const FRONT: &str = "198.51.100.20";
 
-/// Helpers for every script: `first(port, chunks)` connects to the front-end and sends the
-/// chunks as separate writes; `hello(...)` builds a TLS ClientHello record by hand.
-const PRELUDE: &str = r#"
+/// Helpers for every script (with [`CLIENT_HELLO_PY`]'s `hello(...)`, which builds a TLS
+/// ClientHello record by hand): `first(port, chunks)` connects to the front-end and sends the
+/// chunks as separate writes.
+const PRELUDE_BASE: &str = r#"
 import errno, json, os, socket, ssl, sys, time
 
 FRONT = "198.51.100.20"
@@ -56,24 +57,6 @@ def first(port, chunks, pause=0.05, host=FRONT):
     finally:
         s.close()
 
-def hello(sni=None, pad=0, ech=False, sni_twice=False, upper=False):
-    exts = b""
-    names = [sni, sni] if sni_twice else ([sni] if sni is not None else [])
-    for n in names:
-        n = (n.upper() if upper else n).encode()
-        entry = b"\x00" + len(n).to_bytes(2, "big") + n
-        lst = len(entry).to_bytes(2, "big") + entry
-        exts += b"\x00\x00" + len(lst).to_bytes(2, "big") + lst
-    if ech:
-        body = os.urandom(40)
-        exts += b"\xfe\x0d" + len(body).to_bytes(2, "big") + body
-    if pad:
-        exts += b"\x00\x15" + pad.to_bytes(2, "big") + b"\x00" * pad
-    body = (b"\x03\x03" + os.urandom(32) + b"\x20" + os.urandom(32) + b"\x00\x02\x13\x01"
-            + b"\x01\x00" + len(exts).to_bytes(2, "big") + exts)
-    hs = b"\x01" + len(body).to_bytes(3, "big") + body
-    return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
-
 def tls(sni, port=443):
     """A real handshake by Python's ssl (OpenSSL): the echo server sends the ClientHello
     back, so the handshake itself fails after the flight left; what matters is whether the
@@ -95,6 +78,11 @@ def tls(sni, port=443):
 
 out = {"pid": os.getpid(), "resolved": resolve("ok.example.test")}
 "#;
+
+/// The script prelude: [`PRELUDE_BASE`] and [`CLIENT_HELLO_PY`].
+fn prelude() -> String {
+    format!("{CLIENT_HELLO_PY}\n{PRELUDE_BASE}")
+}
 
 /// The world, its two listeners (443, 80) and an allowlist with `rules`.
 fn world() -> (DnsWorld, EchoListener, EchoListener) {
@@ -118,7 +106,7 @@ fn allowlist(rules: &str) -> String {
 const OK_ONLY: &str = "  - host: ok.example.test\n    ports: [80, 443]\n";
 
 fn run(world: &DnsWorld, rules: &str, body: &str) -> (egress_tests::world::AgentExit, Value) {
-    let (run, out) = world.run_script(&[], &allowlist(rules), PRELUDE, body);
+    let (run, out) = world.run_script(&[], &allowlist(rules), &prelude(), body);
     assert_eq!(
         out["resolved"],
         serde_json::json!([FRONT]),
@@ -797,7 +785,12 @@ fn every_send_path_meets_the_first_flight_judge() {
          out['mptcp_ok'] = through('sendall', pieces(hello('ok.example.test')), proto=262)\n\
          out['mptcp_evil'] = through('sendall', pieces(hello('evil.example.test')), proto=262)\n"
     );
-    let (run, out) = world.run_script(&["--allow-io-uring"], &allowlist(OK_ONLY), PRELUDE, &body);
+    let (run, out) = world.run_script(
+        &["--allow-io-uring"],
+        &allowlist(OK_ONLY),
+        &prelude(),
+        &body,
+    );
     assert_eq!(
         out["resolved"],
         serde_json::json!([FRONT]),

@@ -161,7 +161,15 @@ fn explain_exit_status_is_0_allowed_1_denied_2_unusable() {
     assert!(
         out.starts_with("api.anthropic.com:443/tcp: allowed by ")
             && out.contains("anthropic-api.yaml:")
-            && out.ends_with("(host api.anthropic.com, ports 443, tcp)\n"),
+            && out
+                .lines()
+                .next()
+                .is_some_and(|l| l.ends_with("(host api.anthropic.com, ports 443, tcp)")),
+        "{out}"
+    );
+    assert!(
+        out.contains("api.anthropic.com:443/tcp: name-bound: ")
+            && out.contains("permitted on 443/tcp (api.anthropic.com, "),
         "{out}"
     );
 

@@ -2081,5 +2081,21 @@ fn name_binding_holds_through_kill_9_and_a_restart() {
                 second.output()
             )
         });
+    // `status`: the kernel's name-binding counters (pinned: all three rounds), and this
+    // agent's denies by reason (written every 2 s).
+    let status = poll_until(WAIT, || {
+        let s = env.status();
+        (s["agent"]["denies_by_reason"]["name"] == 1).then_some(s)
+    })
+    .unwrap_or_else(|| panic!("status counts the name deny: {}", env.status()));
+    assert_eq!(status["name_refused"], 3, "{status}");
+    assert_eq!(status["name_passed"], 3, "{status}");
+    let (code, text, err) = agent_cli(&["status", "--name", env.pins.name()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("names      name-bound first flights passed 3, refused 3\n")
+            && text.contains("name 1 (this agent's events, by reason)"),
+        "{text}"
+    );
     assert_eq!(second.terminate().code(), Some(0), "{}", second.output());
 }

@@ -1187,3 +1187,57 @@ fn real_clients_curl_python_node_pass_on_the_permitted_name_and_are_refused_on_a
         run.context()
     );
 }
+
+#[test]
+fn audit_mode_reports_would_be_name_denies_and_lets_them_through() {
+    let (world, tls, http) = world();
+    let audit = allowlist(OK_ONLY).replace("name: namebind\n", "name: namebind\nmode: audit\n");
+    let (run, out) = world.run_script(
+        &[],
+        &audit,
+        &prelude(),
+        r#"
+out["evil"] = first(443, [hello("evil.example.test")])
+out["nosni"] = first(443, [hello(None)])
+out["http_evil"] = first(80, [b"GET / HTTP/1.1\r\nHost: evil.example.test\r\n\r\n"])
+out["ok"] = first(443, [hello("ok.example.test")])
+"#,
+    );
+    for key in ["evil", "nosni", "http_evil", "ok"] {
+        assert_passed(&run, &out, key);
+    }
+    assert!(
+        poll_lens(&tls, |l| l.len() == 3 && l.iter().all(|n| *n > 0))
+            && poll_lens(&http, |l| l.len() == 1 && l[0] > 0),
+        "every flight arrived: tls {:?}, http {:?}\n{}",
+        lens(&tls),
+        lens(&http),
+        run.context()
+    );
+    let reported: Vec<(Value, Value, Value)> = run
+        .events
+        .iter()
+        .filter(|e| e["reason"] == "name")
+        .map(|e| (e["event"].clone(), e["name_why"].clone(), e["name"].clone()))
+        .collect();
+    assert_eq!(
+        reported,
+        [
+            ("not-permitted", "evil.example.test"),
+            ("no-sni", ""),
+            ("not-permitted", "evil.example.test"),
+        ]
+        .map(|(why, name)| (
+            Value::from("audit"),
+            Value::from(why),
+            if name.is_empty() {
+                Value::Null
+            } else {
+                Value::from(name)
+            }
+        ))
+        .to_vec(),
+        "three would-be name denies reported as audit, the permitted flight not\n{}",
+        run.context()
+    );
+}

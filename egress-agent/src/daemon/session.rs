@@ -503,6 +503,11 @@ async fn keep_state(inputs: StateInputs, dns: Arc<DnsContext>, metrics: Arc<Metr
                 .iter()
                 .cloned()
                 .collect(),
+            denies_by_reason: metrics
+                .denies_by_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             written: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()

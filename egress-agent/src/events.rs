@@ -208,6 +208,7 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::SOCKET_CREATE => "socket_create",
         hook::ACCEPT => "accept",
         hook::FIRST_FLIGHT => "first_flight",
+        hook::SETSOCKOPT => "setsockopt",
         _ => "unknown",
     }
 }

@@ -24,6 +24,10 @@ pub mod hook {
     /// `sk_msg` `first_flight`: the first bytes a name-bound TCP connection sends (TLS SNI,
     /// HTTP Host). The record is a [`super::NameDenyEvent`].
     pub const FIRST_FLIGHT: u8 = 9;
+    /// `cgroup/setsockopt`: `TCP_ULP` on a name-bound socket whose first flight was not
+    /// judged and let through (kernel TLS would have `first_flight` judge the plaintext and
+    /// send its encryption). Reason `NAME`.
+    pub const SETSOCKOPT: u8 = 10;
 }
 
 /// Why a destination was denied.

@@ -655,7 +655,7 @@ fn kill_9_keeps_enforcement_and_a_restarted_agent_adopts_it() {
     assert_eq!(
         links_before.len(),
         env.pins.links_per_generation(),
-        "8 sock_addr + sock_create + egress backstop + ingress + sock_ops (+ family guard) links: {links_before:?}"
+        "8 sock_addr + sock_create + egress backstop + ingress + sock_ops + setsockopt (+ family guard) links: {links_before:?}"
     );
     assert_eq!(generations_before.len(), 1, "{links_before:?}");
     let maps_before = env.pins.maps();

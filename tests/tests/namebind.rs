@@ -1241,3 +1241,51 @@ out["ok"] = first(443, [hello("ok.example.test")])
         run.context()
     );
 }
+
+#[test]
+fn kernel_tls_cannot_be_set_before_the_first_flight_passed() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+TCP_ULP = 31
+def ulp(first_flight=None):
+    s = socket.create_connection((FRONT, 443), timeout=3)
+    r = {}
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        r["nodelay"] = "ok"
+    except OSError as e:
+        r["nodelay"] = fail(e)["error"]
+    if first_flight is not None:
+        s.sendall(first_flight)
+        time.sleep(0.2)
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+        r["ulp"] = "ok"
+    except OSError as e:
+        r["ulp"] = fail(e)["error"]
+    s.close()
+    return r
+out["pending"] = ulp()
+out["passed"] = ulp(hello("ok.example.test"))
+"#,
+    );
+    // Pending: refused by the hook. Passed: the kernel's own answer (this kernel has no
+    // `tls` ULP: ENOENT; with one, kernel TLS would start, its plaintext judged already).
+    assert_eq!(
+        out["pending"],
+        serde_json::json!({"nodelay": "ok", "ulp": "EPERM"}),
+        "{}",
+        run.context()
+    );
+    assert_eq!(out["passed"]["nodelay"], "ok", "{}", run.context());
+    assert_ne!(out["passed"]["ulp"], "EPERM", "{}", run.context());
+    assert!(tls.wait_accepted(2, WAIT), "{}", run.context());
+    let denies = name_denies(&run);
+    assert_eq!(denies.len(), 1, "{}", run.context());
+    assert_eq!(denies[0]["hook"], "setsockopt", "{}", denies[0]);
+    assert_eq!(denies[0]["dst"], FRONT, "{}", denies[0]);
+    assert_eq!(denies[0]["port"], 443, "{}", denies[0]);
+}

@@ -1289,3 +1289,70 @@ out["passed"] = ulp(hello("ok.example.test"))
     assert_eq!(denies[0]["dst"], FRONT, "{}", denies[0]);
     assert_eq!(denies[0]["port"], 443, "{}", denies[0]);
 }
+
+#[test]
+fn a_passed_socket_disconnected_and_connected_again_is_judged_again() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+def disconnect(s):
+    # connect(AF_UNSPEC): tcp_disconnect, the same socket may connect again.
+    sa = (ctypes.c_ubyte * 16)()
+    if libc.connect(s.fileno(), sa, 16) != 0:
+        raise OSError(ctypes.get_errno(), "connect(AF_UNSPEC)")
+def reuse(second):
+    s = socket.create_connection((FRONT, 443), timeout=3)
+    r = {}
+    try:
+        s.sendall(hello("ok.example.test"))
+        time.sleep(0.2)
+        disconnect(s)
+        s.connect((FRONT, 443))
+        s.sendall(second)
+        r["second"] = "sent"
+    except OSError as e:
+        r["second"] = fail(e)["error"]
+    time.sleep(0.1)
+    s.close()
+    return r
+out["evil"] = reuse(hello("evil.example.test"))
+out["ok"] = reuse(hello("ok.example.test"))
+SO_ZEROCOPY, MSG_ZEROCOPY = 60, 0x4000000
+def zerocopy(h):
+    s = socket.create_connection((FRONT, 443), timeout=3)
+    s.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
+    try:
+        s.send(h, MSG_ZEROCOPY)
+        r = {"ok": True}
+    except OSError as e:
+        r = fail(e)
+    time.sleep(0.1)
+    s.close()
+    return r
+out["zc_evil"] = zerocopy(hello("evil.example.test"))
+out["zc_ok"] = zerocopy(hello("ok.example.test"))
+"#,
+    );
+    assert_eq!(out["evil"]["second"], "EACCES", "{}", run.context());
+    assert_eq!(out["ok"]["second"], "sent", "{}", run.context());
+    assert_refused(&run, &out, "zc_evil");
+    assert_passed(&run, &out, "zc_ok");
+    // Four connections from two sockets, then two zero-copy ones: the second life of the
+    // first socket sent nothing; the zero-copy foreign flight nothing.
+    assert!(
+        poll_lens(&tls, |l| l.len() == 6
+            && l[0] > 0
+            && l[1] == 0
+            && l[2] > 0
+            && l[3] > 0
+            && l[4] == 0
+            && l[5] > 0),
+        "{:?}\n{out}\n{}",
+        lens(&tls),
+        run.context()
+    );
+}

@@ -92,17 +92,25 @@ pub struct NameDenyEvent {
     pub event: DenyEvent,
     /// One of the `name_why` constants.
     pub why: u8,
-    /// Always zero.
-    pub _pad: u8,
+    /// The socket's family (`AF_INET` 2 or `AF_INET6` 10): how `local` and the event's
+    /// `addr` name the socket to `sock_diag`.
+    pub family: u8,
     /// Bytes of `name` that count, host byte order.
     pub name_len: u16,
+    /// The socket's local port, host byte order.
+    pub local_port: u16,
     /// Always zero.
-    pub _pad2: u32,
+    pub _pad2: u16,
+    /// The socket's cookie (`bpf_get_socket_cookie`, as `sock_diag` reports it), host order:
+    /// with the addresses, what the agent needs to reset a refused connection.
+    pub cookie: u64,
+    /// The socket's local address, IPv4 mapped, network byte order.
+    pub local: [u8; 16],
     /// The name as sent (not lower-cased), when the flight carried one.
     pub name: [u8; NAME_MAX],
 }
 
-const _: () = assert!(core::mem::size_of::<NameDenyEvent>() == 72 + 8 + NAME_MAX);
+const _: () = assert!(core::mem::size_of::<NameDenyEvent>() == 72 + 8 + 8 + 16 + NAME_MAX);
 
 /// One denied connect or send.
 #[repr(C)]

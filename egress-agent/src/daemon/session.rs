@@ -126,7 +126,8 @@ impl Session {
         enforcer.set_resolver(Some(resolver.addr()))?;
         if let Some(why) = enforcer.name_binding_missing() {
             warnings.push(format!(
-                "name binding (TLS SNI and HTTP Host judged in the kernel) cannot run here:                  {why}. Host rules admit by address only"
+                "name binding (TLS SNI and HTTP Host judged in the kernel) cannot run here: \
+                 {why}. Host rules admit by address only"
             ));
         }
         let enforcer = Arc::new(Mutex::new(enforcer));

@@ -330,7 +330,7 @@ fn try_first_flight(ctx: &SkMsgContext) -> Result<u32, ()> {
     };
     count(COUNTER_NAME_DENY);
     let audit = audit_mode();
-    report(j, f, why, audit);
+    report(ctx, j, f, why, audit);
     if audit {
         release(sk, j, BIND_PASSED);
         return Ok(sk_action::SK_PASS);
@@ -770,8 +770,11 @@ fn name_to_key(f: &mut Flight) -> Result<(), u8> {
     Ok(())
 }
 
+/// `AF_INET6`.
+const AF_INET6: u32 = 10;
+
 /// Reports a refused (or, in audit mode, passed) first flight with the name seen, if any.
-fn report(j: *mut judged::Binding, f: &Flight, why: u8, audited: bool) {
+fn report(ctx: &SkMsgContext, j: *mut judged::Binding, f: &Flight, why: u8, audited: bool) {
     let Some(mut entry) = EVENTS.reserve::<NameDenyEvent>(0) else {
         count(egress_common::consts::COUNTER_RINGBUF_DROP);
         return;
@@ -798,8 +801,35 @@ fn report(j: *mut judged::Binding, f: &Flight, why: u8, audited: bool) {
         d._pad = [0; 2];
         d.comm = comm;
         (*e).why = why;
-        (*e)._pad = 0;
+        // The socket, for the agent to reset a refused connection (clients that drop the
+        // send's error, such as Node's TLS, would otherwise wait for the peer).
+        // Each context field read volatile, at its own fixed offset: a read chosen by a
+        // branch became `ctx + variable offset`, which the verifier refuses ("dereference of
+        // modified ctx ptr").
+        let m = ctx.msg;
+        let family = ptr::read_volatile(&raw const (*m).family);
+        let local_port = ptr::read_volatile(&raw const (*m).local_port);
+        let ip4 = ptr::read_volatile(&raw const (*m).local_ip4);
+        let w = [
+            ptr::read_volatile(&raw const (*m).local_ip6[0]),
+            ptr::read_volatile(&raw const (*m).local_ip6[1]),
+            ptr::read_volatile(&raw const (*m).local_ip6[2]),
+            ptr::read_volatile(&raw const (*m).local_ip6[3]),
+        ];
+        (*e).family = family as u8;
+        (*e).local_port = local_port as u16;
         (*e)._pad2 = 0;
+        (*e).cookie = (*j).cookie;
+        (*e).local = if family == AF_INET6 {
+            let mut a = [0u8; 16];
+            a[0..4].copy_from_slice(&w[0].to_ne_bytes());
+            a[4..8].copy_from_slice(&w[1].to_ne_bytes());
+            a[8..12].copy_from_slice(&w[2].to_ne_bytes());
+            a[12..16].copy_from_slice(&w[3].to_ne_bytes());
+            a
+        } else {
+            egress_common::addr_from_v4(ip4.to_ne_bytes())
+        };
         let has_name = matches!(why, name_why::NOT_PERMITTED | name_why::BAD_NAME);
         let n = if has_name && f.name_len <= NAME_MAX as u32 {
             f.name_len

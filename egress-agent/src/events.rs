@@ -164,7 +164,8 @@ pub fn refused_flight(bytes: &[u8]) -> Option<crate::sys::sockdiag::TcpSocket> {
     // SAFETY: plain old data of this size; read_unaligned needs no alignment.
     let n = unsafe { bytes.as_ptr().cast::<NameDenyEvent>().read_unaligned() };
     let e = &n.event;
-    if e.reason != reason::NAME || e.hook != hook::FIRST_FLIGHT || e.audited != 0 || n.cookie == 0 {
+    let hooked = e.hook == hook::FIRST_FLIGHT || e.hook == hook::EGRESS;
+    if e.reason != reason::NAME || !hooked || e.audited != 0 || n.cookie == 0 {
         return None;
     }
     let v6 = i32::from(n.family) == libc::AF_INET6;
@@ -197,6 +198,7 @@ pub fn name_why_text(code: u8) -> &'static str {
         name_why::UNKNOWN => "unknown-protocol",
         name_why::BAD_NAME => "bad-name",
         name_why::TOO_LARGE => "too-large",
+        name_why::UNJUDGED => "unjudged",
         _ => "error",
     }
 }
@@ -689,9 +691,11 @@ mod tests {
         assert!(s.v6);
         assert_eq!(s.local.0.to_string(), "::ffff:10.0.0.2");
         assert_eq!(s.remote.0.to_string(), "::ffff:198.51.100.20");
-        // Audit mode lets the flight through; the backstop's name denies have no socket.
+        // The backstop's drop of an unjudged flight names its socket too.
+        assert!(refused_flight(&event(hook::EGRESS, 0, 2, v4)).is_some());
+        // Audit mode lets the flight through: nothing to reset.
         assert_eq!(refused_flight(&event(hook::FIRST_FLIGHT, 1, 2, v4)), None);
-        assert_eq!(refused_flight(&event(hook::EGRESS, 0, 2, v4)), None);
+        assert_eq!(refused_flight(&event(hook::CONNECT4, 0, 2, v4)), None);
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub mod name_why {
     pub const TOO_LARGE: u8 = 10;
     /// The program could not read the message (it refuses).
     pub const ERROR: u8 = 11;
+    /// Payload that never met `first_flight` (TCP Fast Open data, MPTCP, a send that was
+    /// already waiting for the handshake), or sent after a refused flight: the backstop drops
+    /// it (hook `egress`).
+    pub const UNJUDGED: u8 = 12;
 }
 
 /// Longest name a [`NameDenyEvent`] carries: a host name is at most 253 bytes.

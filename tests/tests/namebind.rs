@@ -512,7 +512,14 @@ def tfo(payload):
         r = {"ok": True}
     except OSError as e:
         r = fail(e)
-    time.sleep(0.5)
+    # Then wait for the answer: the agent resets the connection whose data was held back.
+    t0 = time.monotonic()
+    try:
+        s.recv(100)
+        r["read"] = "data"
+    except OSError as e:
+        r["read"] = fail(e)["error"]
+    r["read_secs"] = time.monotonic() - t0
     s.close()
     return r
 out["tfo_evil"] = tfo(hello("evil.example.test"))
@@ -534,6 +541,21 @@ out["plain_ok"] = first(443, [hello("ok.example.test")])
         "the held-back Fast Open data is reported\n{}",
         run.context()
     );
+    // Not a stall: the agent resets a connection whose data the backstop held back.
+    for key in ["tfo_evil", "tfo_ok"] {
+        assert_eq!(
+            out[key]["read"],
+            "ECONNABORTED",
+            "{key}: {}\n{}",
+            out[key],
+            run.context()
+        );
+        assert!(
+            out[key]["read_secs"].as_f64().unwrap_or(9.0) < 1.5,
+            "{key}: {}",
+            out[key]
+        );
+    }
 }
 
 #[test]
@@ -812,7 +834,16 @@ fn every_send_path_meets_the_first_flight_judge() {
          out[m + '_ok'] = through(m, pieces(hello('ok.example.test')))\n    \
          out[m + '_evil'] = through(m, pieces(hello('evil.example.test')))\n\
          out['mptcp_ok'] = through('sendall', pieces(hello('ok.example.test')), proto=262)\n\
-         out['mptcp_evil'] = through('sendall', pieces(hello('evil.example.test')), proto=262)\n"
+         out['mptcp_evil'] = through('sendall', pieces(hello('evil.example.test')), proto=262)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)\n\
+         s.settimeout(3)\n\
+         s.connect((FRONT, 443))\n\
+         s.sendall(hello('ok.example.test'))\n\
+         t0 = time.monotonic()\n\
+         try:\n    s.recv(100)\n    out['mptcp_read'] = 'data'\n\
+         except OSError as e:\n    out['mptcp_read'] = fail(e)['error']\n\
+         out['mptcp_read_secs'] = time.monotonic() - t0\n\
+         s.close()\n"
     );
     let (run, out) = world.run_script(
         &["--allow-io-uring"],
@@ -851,13 +882,24 @@ fn every_send_path_meets_the_first_flight_judge() {
     // echo server saw a ClientHello), every foreign one sent nothing; the zero-copy sends and
     // the MPTCP connections (the last four) sent nothing either. MPTCP writes its subflow
     // itself, past the subflow's `sk_prot` and so past `first_flight`: the backstop drops the
-    // payload of a subflow whose flight was never judged, permitted name or not (the sender
-    // sees success and stalls; docs/KERNEL-NOTES.md).
-    let n = METHODS.len() * 2 + 4;
+    // payload of a subflow whose flight was never judged, permitted name or not
+    // (docs/KERNEL-NOTES.md). Not a stall: the agent resets the subflow whose data the
+    // backstop held back, and the sender's read fails at once.
+    assert_eq!(
+        out["mptcp_read"],
+        "ECONNABORTED",
+        "{out}\n{}",
+        run.context()
+    );
+    assert!(
+        out["mptcp_read_secs"].as_f64().unwrap_or(9.0) < 1.5,
+        "{out}"
+    );
+    let n = METHODS.len() * 2 + 5;
     assert!(
         poll_lens(&tls, |l| l.len() == n
-            && l[..n - 4].chunks(2).all(|p| p[0] > 60 && p[1] == 0)
-            && l[n - 4..].iter().all(|b| *b == 0)),
+            && l[..n - 5].chunks(2).all(|p| p[0] > 60 && p[1] == 0)
+            && l[n - 5..].iter().all(|b| *b == 0)),
         "per connection (permitted, foreign) for {METHODS:?}: {:?}\n{out}\n{}",
         lens(&tls),
         run.context()

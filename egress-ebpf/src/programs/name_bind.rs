@@ -770,9 +770,6 @@ fn name_to_key(f: &mut Flight) -> Result<(), u8> {
     Ok(())
 }
 
-/// `AF_INET6`.
-const AF_INET6: u32 = 10;
-
 /// Reports a refused (or, in audit mode, passed) first flight with the name seen, if any.
 fn report(ctx: &SkMsgContext, j: *mut judged::Binding, f: &Flight, why: u8, audited: bool) {
     let Some(mut entry) = EVENTS.reserve::<NameDenyEvent>(0) else {
@@ -820,16 +817,7 @@ fn report(ctx: &SkMsgContext, j: *mut judged::Binding, f: &Flight, why: u8, audi
         (*e).local_port = local_port as u16;
         (*e)._pad2 = 0;
         (*e).cookie = (*j).cookie;
-        (*e).local = if family == AF_INET6 {
-            let mut a = [0u8; 16];
-            a[0..4].copy_from_slice(&w[0].to_ne_bytes());
-            a[4..8].copy_from_slice(&w[1].to_ne_bytes());
-            a[8..12].copy_from_slice(&w[2].to_ne_bytes());
-            a[12..16].copy_from_slice(&w[3].to_ne_bytes());
-            a
-        } else {
-            egress_common::addr_from_v4(ip4.to_ne_bytes())
-        };
+        (*e).local = super::addr::local_addr(family, ip4, w);
         let has_name = matches!(why, name_why::NOT_PERMITTED | name_why::BAD_NAME);
         let n = if has_name && f.name_len <= NAME_MAX as u32 {
             f.name_len

@@ -50,7 +50,8 @@ pub struct DenyRecord {
     pub reason: &'static str,
     /// Which hook decided: `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `sock_create`,
     /// `egress` (the packet backstop), `socket_create` (the family guard), `accept` (a peer
-    /// connecting in to a listening socket, no `inbound:` rule allowing it).
+    /// connecting in to a listening socket, no `inbound:` rule allowing it), `first_flight`
+    /// and `setsockopt` (name binding).
     pub hook: &'static str,
     /// `deny`, or `audit` when audit mode let the call through.
     pub verdict: &'static str,
@@ -65,7 +66,7 @@ pub struct DenyRecord {
     pub name: Option<String>,
     /// `reason: name`: why the first flight was refused (`not-permitted`, `no-sni`, `ech`,
     /// `bad-tls`, `no-host`, `two-hosts`, `h2c`, `unknown-protocol`, `bad-name`, `too-large`,
-    /// `error`).
+    /// `error`; from the backstop, `unjudged`: payload that never met the judge).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name_why: Option<&'static str>,
     /// Present when this line stands for several identical denies (same process,

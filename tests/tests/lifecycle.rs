@@ -1865,7 +1865,11 @@ fn reloads_every_50ms_with_restarts_keep_the_maps_equal_to_the_policy() {
     // The last file written was p1 or p2; end on p2 (one more change), and wait until the
     // agent has applied it.
     let seen = agent.events().len();
-    env.write_allowlist(&format!("# final\n{p2}"));
+    // Renamed over, as the writer did: an in-place write can be read empty by the agent's
+    // 10 ms poll, which rejects it (a valid outcome, but not the one awaited here).
+    let tmp = env.allowlist().with_extension("tmp");
+    fs::write(&tmp, format!("# final\n{p2}")).expect("write the allowlist");
+    fs::rename(&tmp, env.allowlist()).expect("rename the allowlist");
     wait_reloaded(&agent, seen);
 
     for r in &results {

@@ -14,8 +14,8 @@ use egress_common::{
     Addr, AllowValue, Config,
     config::FLAG_AUDIT,
     consts::{
-        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, MAP_ALLOW_CIDR,
-        MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS,
+        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_NAME_DENY, COUNTER_NAME_PASS,
+        COUNTER_RINGBUF_DROP, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,9 @@ pub struct AgentState {
     pub policy_rejected: Option<String>,
     /// Latest deny events, newest last.
     pub latest_denies: Vec<serde_json::Value>,
+    /// This agent's deny events by reason (`no-rule`, `port`, `name`, ...), since it started.
+    #[serde(default)]
+    pub denies_by_reason: std::collections::BTreeMap<String, u64>,
     /// When written (seconds since the epoch).
     pub written: u64,
 }
@@ -102,6 +105,48 @@ pub fn remove_state(name: &str) {
     let _ = fs::remove_dir_all(Path::new(STATE_DIR).join(name));
 }
 
+/// The directories under `states` (`/run/egress`) that nothing owns any more, except `keep`:
+/// an agent's state directory with no pins under `pins` (`/sys/fs/bpf/egress`) whose agent
+/// (the pid in its `state.json`) is gone, and a `run` command's resolver view (`view-<pid>`)
+/// whose agent is gone. Only directories untouched for `min_age`: an agent that is starting
+/// may write its state before it pins.
+pub fn orphan_states(
+    states: &Path,
+    pins: &Path,
+    keep: Option<&str>,
+    min_age: std::time::Duration,
+) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(states) else {
+        return Vec::new();
+    };
+    let alive = |pid: u32| Path::new("/proc").join(pid.to_string()).exists();
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age))
+        })
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            if Some(name.as_str()) == keep || pins.join(&name).exists() {
+                return None;
+            }
+            let owner = match name.strip_prefix("view-") {
+                Some(pid) => pid.parse().ok(),
+                None => fs::read(e.path().join("state.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<AgentState>(&b).ok())
+                    .map(|s| s.pid),
+            };
+            (!owner.is_some_and(alive)).then_some(name)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// What `status` reports.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -121,6 +166,10 @@ pub struct Status {
     pub ringbuf_drops: u64,
     /// Kernel counters.
     pub errors: u64,
+    /// Kernel counters: first flights of name-bound connections judged and let through.
+    pub name_passed: u64,
+    /// Kernel counters: first flights refused by name binding (reported, in audit mode).
+    pub name_refused: u64,
     /// Static CIDR/IP entries.
     pub cidr_entries: usize,
     /// Live DNS-derived addresses.
@@ -180,9 +229,65 @@ pub fn read(name: &str) -> anyhow::Result<Status> {
         denied: sum(COUNTER_DENY),
         ringbuf_drops: sum(COUNTER_RINGBUF_DROP),
         errors: sum(COUNTER_ERROR),
+        name_passed: sum(COUNTER_NAME_PASS),
+        name_refused: sum(COUNTER_NAME_DENY),
         cidr_entries,
         dns_entries,
         agent,
         agent_running,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, path::Path, time::Duration};
+
+    use super::orphan_states;
+
+    /// A scratch directory of this test's own, removed on drop.
+    struct Scratch(std::path::PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn state(dir: &Path, name: &str, pid: u32) {
+        let d = dir.join(name);
+        fs::create_dir_all(&d).unwrap();
+        let json = format!(
+            r#"{{"name":"{name}","pid":{pid},"cgroup":"/x","allowlist":null,"policy":"p","latest_denies":[],"written":0}}"#
+        );
+        fs::write(d.join("state.json"), json).unwrap();
+    }
+
+    #[test]
+    fn only_state_with_neither_pins_nor_a_live_agent_is_an_orphan() {
+        let root = std::env::temp_dir().join(format!("egress-orphans-{}", std::process::id()));
+        let _scratch = Scratch(root.clone());
+        let (states, pins) = (root.join("run"), root.join("bpf"));
+        let me = std::process::id();
+        // No pid is this large (pid_max is at most 2^22).
+        let gone = 9_999_999;
+        state(&states, "dead", gone);
+        state(&states, "live", me);
+        state(&states, "pinned", gone);
+        fs::create_dir_all(pins.join("pinned")).unwrap();
+        state(&states, "kept", gone);
+        fs::create_dir_all(states.join("unreadable")).unwrap();
+        fs::create_dir_all(states.join(format!("view-{gone}"))).unwrap();
+        fs::create_dir_all(states.join(format!("view-{me}"))).unwrap();
+        fs::write(states.join("a-file"), b"").unwrap();
+
+        assert_eq!(
+            orphan_states(&states, &pins, Some("kept"), Duration::ZERO),
+            vec![
+                "dead".to_owned(),
+                "unreadable".to_owned(),
+                format!("view-{gone}")
+            ]
+        );
+        // Fresh directories are left to an agent that may be starting.
+        assert!(orphan_states(&states, &pins, Some("kept"), Duration::from_secs(3600)).is_empty());
+    }
 }

@@ -148,7 +148,8 @@ fn try_setsockopt(ctx: &SockoptContext) -> Result<i32, ()> {
     }
     // SAFETY: non-null socket storage.
     let (bind, addr, port) = unsafe { ((*j).bind, (*j).addr, (*j).port) };
-    if bind != BIND_PENDING && bind != BIND_REFUSED {
+    // A binding for another destination is an earlier connection's (see `names_peer`).
+    if (bind != BIND_PENDING && bind != BIND_REFUSED) || !names_sock_peer(sk, &addr, port) {
         return Ok(VERDICT_ALLOW);
     }
     Ok(deny(
@@ -249,6 +250,28 @@ fn names_peer(ctx: &SockOpsContext, j: &judged::Binding) -> bool {
     };
     let peer = super::addr::local_addr(family, ip4, w);
     peer == j.addr
+}
+
+/// Whether `addr`, `port` (a binding's) are the peer of `sk` (a full socket): `dst_port` is
+/// read as the 4-byte load every kernel accepts (the port in network byte order in its low 16
+/// bits), each address field volatile before the family chooses (see `names_peer`).
+#[inline(always)]
+fn names_sock_peer(sk: *mut bpf_sock, addr: &egress_common::Addr, port: u16) -> bool {
+    // SAFETY: `sk` is the context's non-null socket; plain 4-byte loads the verifier checks.
+    let (family, dport, ip4, w) = unsafe {
+        (
+            ptr::read_volatile(&raw const (*sk).family),
+            ptr::read_volatile((&raw const (*sk).dst_port).cast::<u32>()),
+            ptr::read_volatile(&raw const (*sk).dst_ip4),
+            [
+                ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+                ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+                ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+                ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+            ],
+        )
+    };
+    u16::from_be(dport as u16) == port && super::addr::local_addr(family, ip4, w) == *addr
 }
 
 /// What a parser found, as one scalar (a parser is a BPF-to-BPF call returning it in r0: an

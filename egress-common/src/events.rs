@@ -24,6 +24,10 @@ pub mod hook {
     /// `sk_msg` `first_flight`: the first bytes a name-bound TCP connection sends (TLS SNI,
     /// HTTP Host). The record is a [`super::NameDenyEvent`].
     pub const FIRST_FLIGHT: u8 = 9;
+    /// The packet-socket tripwire (`raw_tracepoint/sys_enter`, `io_uring_submit_req`), where
+    /// the family guard cannot load: the process was killed. The event's `port` holds the
+    /// family, as for [`SOCKET_CREATE`].
+    pub const TRIPWIRE: u8 = 10;
 }
 
 /// Why a destination was denied.

@@ -160,6 +160,7 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
                      AF_VSOCK, ...) are not refused by the kernel here: {why}"
                 ),
             );
+            session::warn(&sink, &tripwire_note(session.tripwire_state()));
             // Packet sockets then bypass every cgroup program.
             "CAP_NET_RAW (drop it from the app container: packet sockets bypass every cgroup \
              program here), "
@@ -210,6 +211,24 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
     }
     session.stop(cfg.detach_on_exit).await?;
     Ok(0)
+}
+
+/// What the packet-socket tripwire does where the family guard cannot run.
+pub fn tripwire_note(state: Result<Option<String>, String>) -> String {
+    match state {
+        Ok(None) => "the packet-socket tripwire is armed instead: a process of the cgroup that \
+                     asks for one of those families (socket, socketpair, io_uring's \
+                     IORING_OP_SOCKET) is killed (SIGKILL) before the socket exists, with a \
+                     deny event (hook tripwire)"
+            .to_owned(),
+        Ok(Some(why)) => format!(
+            "the packet-socket tripwire is armed instead: a process of the cgroup that asks \
+             for one of those families through socket or socketpair is killed (SIGKILL) before \
+             the socket exists, with a deny event (hook tripwire); io_uring's IORING_OP_SOCKET \
+             is not watched ({why})"
+        ),
+        Err(why) => format!("the packet-socket tripwire is not armed either: {why}"),
+    }
 }
 
 /// What stays open to unix sockets under `attach` (issue 15): paths are not judged; abstract

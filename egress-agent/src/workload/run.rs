@@ -159,6 +159,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         // The BPF LSM program refuses them, and reports each attempt.
         None => confinement.leave_families_to_the_kernel(),
         Some(why) => {
+            // A second line behind the seccomp filter (and the only one on io_uring's sockets
+            // with --allow-io-uring).
+            warn(
+                &sink,
+                &crate::daemon::attach::tripwire_note(session.tripwire_state()),
+            );
             warn(
                 &sink,
                 &format!(

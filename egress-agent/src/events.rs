@@ -124,7 +124,10 @@ impl DenyRecord {
     /// [`DenyRecord::worker`]). The family guard runs at socket creation, in the creating
     /// task: always its own. Packet hooks (`egress`, `accept`) name no task (cgroup 0).
     pub fn attribute(&mut self, workload: &mut crate::sys::cgroup::Subtree) {
-        if matches!(self.hook, "socket_create" | "tripwire") || self.cgroup == 0 || workload.contains(self.cgroup) {
+        if matches!(self.hook, "socket_create" | "tripwire")
+            || self.cgroup == 0
+            || workload.contains(self.cgroup)
+        {
             return;
         }
         self.worker = Some(std::mem::take(&mut self.comm));

@@ -277,7 +277,10 @@ fn a_packet_socket_in_the_cgroup_kills_the_process_before_a_frame_leaves() {
         matches!(out, Ok(ref o) if o.ok),
         "a sibling cgroup: {out:?}"
     );
-    assert!(t.sniffer.wait_for(before + 1), "the sibling's frame arrives");
+    assert!(
+        t.sniffer.wait_for(before + 1),
+        "the sibling's frame arrives"
+    );
     assert!(t.enf.poll_denies().is_empty(), "and no event");
 }
 

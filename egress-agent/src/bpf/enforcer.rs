@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{Array, CgroupArray, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash, lpm_trie::LpmTrie},
+    maps::{
+        Array, CgroupArray, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash,
+        lpm_trie::LpmTrie,
+    },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
         RawTracePoint,
@@ -188,7 +191,10 @@ fn io_kiocb_offsets(layouts: Option<&Layouts>) -> (Option<u32>, Option<u32>) {
     let Some(l) = layouts else {
         return (None, None);
     };
-    (l.offset("io_kiocb", "opcode"), l.offset("io_socket", "domain"))
+    (
+        l.offset("io_kiocb", "opcode"),
+        l.offset("io_socket", "domain"),
+    )
 }
 
 /// Programs attached to one cgroup, with handles on their maps.

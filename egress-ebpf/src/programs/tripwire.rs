@@ -109,7 +109,9 @@ fn try_sys_enter(regs: u64, id: u64) -> Result<(), i64> {
     .map_err(i64::from)?;
     let compat = status & TS_COMPAT != 0;
     let (family, ty) = match (compat, id) {
-        (false, _) if id & !X32_SYSCALL_BIT == NR_SOCKET || id & !X32_SYSCALL_BIT == NR_SOCKETPAIR => {
+        (false, _)
+            if id & !X32_SYSCALL_BIT == NR_SOCKET || id & !X32_SYSCALL_BIT == NR_SOCKETPAIR =>
+        {
             (reg(regs, REGS_DI)?, reg(regs, REGS_SI)?)
         }
         (true, NR32_SOCKET | NR32_SOCKETPAIR) => (reg(regs, REGS_BX)?, reg(regs, REGS_CX)?),

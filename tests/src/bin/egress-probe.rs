@@ -884,7 +884,12 @@ fn packet_socket(way: PacketWay) -> io::Result<OwnedFd> {
         PacketWay::Socket => return socket(libc::AF_PACKET, libc::SOCK_RAW, proto),
         PacketWay::SockPacket => return socket(libc::AF_INET, SOCK_PACKET, proto),
         PacketWay::Int80Socket => {
-            let rc = int80(359, libc::AF_PACKET as u32, libc::SOCK_RAW as u32, proto as u32);
+            let rc = int80(
+                359,
+                libc::AF_PACKET as u32,
+                libc::SOCK_RAW as u32,
+                proto as u32,
+            );
             if rc < 0 {
                 return Err(step("socket", io::Error::from_raw_os_error(-rc as i32)));
             }

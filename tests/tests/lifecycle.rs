@@ -1585,19 +1585,15 @@ fn stale_pins_of_deleted_cgroups_are_swept() {
     assert!(live.pins.dir().exists(), "the live agent's pins stay");
 }
 
-/// `attach --require-no-raw`: a root process of the app holding a packet socket (which
-/// bypasses every cgroup program where the family guard cannot load) is a `warning` naming
-/// its pid, for the socket and for CAP_NET_RAW, counted in `egress_raw_risks`, and /readyz
-/// answers 503 until it is gone. Control: ready before, and again after.
+/// `attach --require-no-raw`: a root process of the app holding a packet socket it opened
+/// before the agent attached (the packet-socket tripwire sees sockets being created, not
+/// those already open) is a `warning` naming its pid, for the socket and for CAP_NET_RAW,
+/// counted in `egress_raw_risks`, and /readyz answers 503 until it is gone; a packet socket
+/// asked for once the agent runs kills its process (where the family guard cannot load).
+/// Control: ready again after.
 #[test]
 fn packet_socket_in_the_pod_is_warned_counted_and_fails_readyz() {
     let env = Env::new(ALLOWED_RULE);
-    let mut agent = env.start_agent(&["--health", HEALTH, "--require-no-raw"]);
-    assert_eq!(
-        env.health("/readyz").0,
-        200,
-        "ready with an empty app cgroup"
-    );
     let mut holder = env
         .pod
         .command(env.world.netns(), &env.pod.app(), python3())
@@ -1620,6 +1616,7 @@ fn packet_socket_in_the_pod_is_warned_counted_and_fails_readyz() {
     )
     .expect("the holder's first line");
     assert_eq!(line.trim(), "holding", "the packet socket opens (root)");
+    let mut agent = env.start_agent(&["--health", HEALTH, "--require-no-raw"]);
     let warned = |needle: &str| {
         agent.wait_event(WAIT, |e| {
             e["event"] == "warning"
@@ -1657,6 +1654,34 @@ fn packet_socket_in_the_pod_is_warned_counted_and_fails_readyz() {
         "/readyz stays 503 after the socket closed:\n{}",
         agent.output()
     );
+    let guard = agent
+        .wait_event(WAIT, |e| {
+            e["event"] == "warning"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("not refused by the kernel here"))
+        })
+        .is_some();
+    if guard {
+        // Where the family guard cannot load: the tripwire kills a new one at socket().
+        let status = env
+            .pod
+            .command(env.world.netns(), &env.pod.app(), python3())
+            .arg("-c")
+            .arg("import socket\nsocket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))\n")
+            .stdin(Stdio::null())
+            .status()
+            .expect("python3");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "{status}"
+        );
+        let tripped = agent.wait_event(WAIT, |e| {
+            e["event"] == "deny" && e["hook"] == "tripwire" && e["proto"] == "af_packet"
+        });
+        assert!(tripped.is_some(), "no tripwire deny:\n{}", agent.output());
+    }
     assert!(agent.running());
 }
 

@@ -503,6 +503,8 @@ const _: () = assert!(mem::size_of::<Cqe>() == 16);
 
 const IORING_OP_CONNECT: u8 = 16;
 const IORING_OP_SOCKET: u8 = 45;
+const IORING_OP_SENDMSG: u8 = 9;
+const IOSQE_IO_LINK: u8 = 1 << 2;
 /// `SOCK_PACKET` (libc deprecates it: the point here is that it still works).
 const SOCK_PACKET: libc::c_int = 10;
 const IORING_ENTER_GETEVENTS: libc::c_uint = 1;
@@ -578,6 +580,18 @@ fn iouring_connect(dst: SocketAddr) -> io::Result<()> {
 /// Submits one SQE on a fresh raw io_uring and waits for its completion; its result, or an
 /// error named `what`. Whatever `sqe` points at must outlive the call.
 fn uring_one(sqe: Sqe, what: &str) -> io::Result<i32> {
+    let res = uring(|| vec![sqe], what)?;
+    match res.first() {
+        Some(&r) if r < 0 => Err(step(what, io::Error::from_raw_os_error(-r))),
+        Some(&r) => Ok(r),
+        None => Err(io::Error::other("no completion")),
+    }
+}
+
+/// Sets up a fresh raw io_uring, submits the SQEs `make` returns (called once the ring's
+/// descriptor exists) in one `io_uring_enter`, and waits for all their completions; their
+/// results in completion order.
+fn uring(make: impl FnOnce() -> Vec<Sqe>, what: &str) -> io::Result<Vec<i32>> {
     let mut params = UringParams::default();
     // SAFETY: a valid io_uring_params for the kernel to fill.
     let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, ptr::from_mut(&mut params)) };
@@ -604,62 +618,76 @@ fn uring_one(sqe: Sqe, what: &str) -> io::Result<i32> {
         p.sq_entries as usize * mem::size_of::<Sqe>(),
         IORING_OFF_SQES,
     )?;
+    let batch = make();
+    let n = u32::try_from(batch.len()).map_err(io::Error::other)?;
+    if n > p.sq_entries {
+        return Err(io::Error::other(format!(
+            "{what}: more SQEs than the ring holds"
+        )));
+    }
     let tail = sq.u32_at(p.sq_off.tail).load(Ordering::Acquire);
-    let index = tail & sq.u32_at(p.sq_off.ring_mask).load(Ordering::Relaxed);
-    // SAFETY: `index` is masked to the ring size; the SQE array holds sq_entries entries,
-    // and the array of indices starts at sq_off.array.
-    unsafe {
-        ptr::write(sqes.ptr.cast::<Sqe>().add(index as usize), sqe);
-        ptr::write(
-            sq.ptr
-                .add(p.sq_off.array as usize)
-                .cast::<u32>()
-                .add(index as usize),
-            index,
-        );
+    let mask = sq.u32_at(p.sq_off.ring_mask).load(Ordering::Relaxed);
+    for (i, sqe) in batch.into_iter().enumerate() {
+        let index = tail.wrapping_add(i as u32) & mask;
+        // SAFETY: `index` is masked to the ring size; the SQE array holds sq_entries
+        // entries, and the array of indices starts at sq_off.array.
+        unsafe {
+            ptr::write(sqes.ptr.cast::<Sqe>().add(index as usize), sqe);
+            ptr::write(
+                sq.ptr
+                    .add(p.sq_off.array as usize)
+                    .cast::<u32>()
+                    .add(index as usize),
+                index,
+            );
+        }
     }
     sq.u32_at(p.sq_off.tail)
-        .store(tail.wrapping_add(1), Ordering::Release);
-    // SAFETY: plain syscall; `ss` outlives the wait for the completion.
+        .store(tail.wrapping_add(n), Ordering::Release);
+    // SAFETY: plain syscall; what the SQEs point at outlives the wait for the completions.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_io_uring_enter,
             ring.as_raw_fd(),
-            1u32,
-            1u32,
+            n,
+            n,
             IORING_ENTER_GETEVENTS,
             ptr::null::<libc::c_void>(),
             0usize,
         )
     };
     check(rc, "io_uring_enter")?;
-    let head = cq.u32_at(p.cq_off.head).load(Ordering::Acquire);
-    let ctail = cq.u32_at(p.cq_off.tail).load(Ordering::Acquire);
-    if head == ctail {
+    let mut results = Vec::new();
+    loop {
+        let head = cq.u32_at(p.cq_off.head).load(Ordering::Acquire);
+        let ctail = cq.u32_at(p.cq_off.tail).load(Ordering::Acquire);
+        if head == ctail {
+            break;
+        }
+        let cindex = head & cq.u32_at(p.cq_off.ring_mask).load(Ordering::Relaxed);
+        // SAFETY: masked index into the CQE array at cq_off.cqes.
+        let cqe = unsafe {
+            ptr::read(
+                cq.ptr
+                    .add(p.cq_off.cqes as usize)
+                    .cast::<Cqe>()
+                    .add(cindex as usize),
+            )
+        };
+        cq.u32_at(p.cq_off.head)
+            .store(head.wrapping_add(1), Ordering::Release);
+        results.push(cqe.res);
+    }
+    if results.is_empty() {
         return Err(io::Error::other(
             "io_uring_enter returned without a completion",
         ));
-    }
-    let cindex = head & cq.u32_at(p.cq_off.ring_mask).load(Ordering::Relaxed);
-    // SAFETY: masked index into the CQE array at cq_off.cqes.
-    let cqe = unsafe {
-        ptr::read(
-            cq.ptr
-                .add(p.cq_off.cqes as usize)
-                .cast::<Cqe>()
-                .add(cindex as usize),
-        )
-    };
-    cq.u32_at(p.cq_off.head)
-        .store(head.wrapping_add(1), Ordering::Release);
-    if cqe.res < 0 {
-        return Err(step(what, io::Error::from_raw_os_error(-cqe.res)));
     }
     drop(sqes);
     drop(cq_own);
     drop(sq);
     drop(ring);
-    Ok(cqe.res)
+    Ok(results)
 }
 
 /// `IPV6_CHECKSUM` (include/uapi/linux/in6.h): where the kernel writes the checksum of a raw
@@ -838,6 +866,10 @@ enum PacketWay {
     SockPacket,
     /// io_uring's `IORING_OP_SOCKET`.
     Uring,
+    /// `IORING_OP_SOCKET` and an `IORING_OP_SENDMSG` on the descriptor it will get, in one
+    /// submission (`link`: the send linked to the socket with `IOSQE_IO_LINK`): the frame
+    /// leaves without the process returning to user space in between.
+    UringBatch { link: bool },
 }
 
 impl PacketWay {
@@ -848,6 +880,8 @@ impl PacketWay {
             "packet-socketcall" => Self::Int80Socketcall,
             "sock-packet" => Self::SockPacket,
             "packet-uring" => Self::Uring,
+            "packet-uring-batch" => Self::UringBatch { link: false },
+            "packet-uring-link" => Self::UringBatch { link: true },
             _ => return None,
         })
     }
@@ -920,7 +954,7 @@ fn packet_socket(way: PacketWay) -> io::Result<OwnedFd> {
             }
             rc as RawFd
         }
-        PacketWay::Uring => {
+        PacketWay::Uring | PacketWay::UringBatch { .. } => {
             let sqe = Sqe {
                 opcode: IORING_OP_SOCKET,
                 fd: libc::AF_PACKET,
@@ -935,6 +969,56 @@ fn packet_socket(way: PacketWay) -> io::Result<OwnedFd> {
     };
     // SAFETY: a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `frame` to `ll` through a packet socket io_uring creates and a send in the same submission.
+fn uring_batch(frame: &[u8], ll: &libc::sockaddr_ll, link: bool) -> io::Result<()> {
+    let proto = i32::from((libc::ETH_P_ALL as u16).to_be());
+    let mut iov = libc::iovec {
+        iov_base: frame.as_ptr().cast_mut().cast(),
+        iov_len: frame.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_name = ptr::from_ref(ll).cast_mut().cast();
+    msg.msg_namelen = mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    let results = uring(
+        || {
+            // The descriptor IORING_OP_SOCKET will get: the lowest free one.
+            // SAFETY: plain syscalls on descriptors this process owns.
+            let next = unsafe {
+                let d = libc::dup(0);
+                libc::close(d);
+                d
+            };
+            vec![
+                Sqe {
+                    opcode: IORING_OP_SOCKET,
+                    flags: if link { IOSQE_IO_LINK } else { 0 },
+                    fd: libc::AF_PACKET,
+                    off: libc::SOCK_RAW as u64,
+                    len: proto as u32,
+                    user_data: 1,
+                    ..Sqe::default()
+                },
+                Sqe {
+                    opcode: IORING_OP_SENDMSG,
+                    fd: next,
+                    addr: ptr::from_ref(&msg) as u64,
+                    len: 1,
+                    user_data: 2,
+                    ..Sqe::default()
+                },
+            ]
+        },
+        "IORING_OP_SOCKET+SENDMSG",
+    )?;
+    match results.as_slice() {
+        [a, b] if *a >= 0 && *b == frame.len() as i32 => Ok(()),
+        r => Err(io::Error::other(format!("completions {r:?}"))),
+    }
 }
 
 /// A whole Ethernet/IPv4/UDP frame (from 203.0.113.1, to the broadcast MAC) to `dst`, sent
@@ -955,7 +1039,6 @@ fn packet_on(dst: SocketAddr, iface: &str, way: PacketWay) -> io::Result<()> {
             io::Error::last_os_error(),
         ));
     }
-    let s = packet_socket(way)?;
     // Ethernet, IPv4, UDP, payload. On lo the addresses are all zero (lo ignores them); on
     // another link the frame goes to the broadcast address, which the peer takes. The source
     // must not be a local address: an injected packet (unlike one the stack sent through lo)
@@ -992,6 +1075,10 @@ fn packet_on(dst: SocketAddr, iface: &str, way: PacketWay) -> io::Result<()> {
     pkt[..2].copy_from_slice(&(libc::AF_PACKET as u16).to_ne_bytes());
     pkt[2..2 + iface.len().min(13)].copy_from_slice(&iface.as_bytes()[..iface.len().min(13)]);
     pkt[16..].copy_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
+    if let PacketWay::UringBatch { link } = way {
+        return uring_batch(&frame, &ll, link);
+    }
+    let s = packet_socket(way)?;
     let (addr, len): (*const libc::sockaddr, usize) = match way {
         PacketWay::SockPacket => (pkt.as_ptr().cast(), pkt.len()),
         _ => (

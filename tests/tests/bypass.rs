@@ -1097,52 +1097,55 @@ out["allowed"] = tcp("api.example.com", 443)
     }
 }
 
-#[test]
-fn dns_rebinding_to_metadata() {
-    // A permitted name that answers the cloud metadata address.
+/// A permitted name whose answer is `addr` (a rebinding target): a control shows the listener
+/// on `addr:port` is reachable outside the cgroup; inside, neither the name nor the literal
+/// address connects, both denies are reported, and a warning names the rebinding guard.
+fn rebinding_is_refused(name: &str, addr: &str, port: u16, what: &str) {
     let world = DnsWorld::builder()
         .address("allowed.example.com", "198.51.100.10")
-        .host_record("meta.example.com", &["169.254.169.254"], None)
+        .host_record(name, &[addr], None)
         .start();
-    let metadata = world.listen_tcp("169.254.169.254:80");
+    let listener = world.listen_tcp(&format!("{addr}:{port}"));
     let reachable = world
         .netns()
-        .run_in(|| TcpStream::connect_timeout(&metadata.addr(), WAIT).is_ok());
+        .run_in(|| TcpStream::connect_timeout(&listener.addr(), WAIT).is_ok());
     assert!(
-        reachable && metadata.wait_accepted(1, WAIT),
-        "control: the metadata listener is reachable outside the cgroup"
+        reachable && listener.wait_accepted(1, WAIT),
+        "control: the {what} listener is reachable outside the cgroup"
     );
     let (run, out) = run_script(
         &world,
-        &dns_policy(
-            "  - host: meta.example.com\n    ports: [80]\n    protocol: tcp\n    name_check: false\n",
+        &dns_policy(&format!(
+            "  - host: {name}\n    ports: [{port}]\n    protocol: tcp\n    name_check: false\n"
+        )),
+        &format!(
+            r#"
+out["r"] = resolve("{name}")
+out["by_name"] = tcp("{name}", {port})
+out["literal"] = tcp("{addr}", {port})
+"#
         ),
-        r#"
-out["r"] = resolve("meta.example.com")
-out["by_name"] = tcp("meta.example.com", 80)
-out["literal"] = tcp("169.254.169.254", 80)
-"#,
     );
     assert_script_eperm(&run, &out, "by_name");
     assert_script_eperm(&run, &out, "literal");
     std::thread::sleep(QUIET);
     assert_eq!(
-        metadata.accepted(),
+        listener.accepted(),
         1,
-        "the metadata listener got a connection\n{}",
+        "the {what} listener got a connection\n{}",
         run.context()
     );
     let warned = run.events_of("warning").iter().any(|e| {
         e["message"]
             .as_str()
-            .is_some_and(|m| m.contains("169.254.169.254") && m.contains("rebinding guard"))
+            .is_some_and(|m| m.contains(addr) && m.contains("rebinding guard"))
     });
     assert!(
         warned,
         "a warning names the rebinding guard\n{}",
         run.context()
     );
-    let d = denies_for(&run, "169.254.169.254", 80);
+    let d = denies_for(&run, addr, port);
     assert_eq!(
         d.len(),
         2,
@@ -1151,56 +1154,14 @@ out["literal"] = tcp("169.254.169.254", 80)
     );
 }
 
+/// A permitted name that answers the cloud metadata address.
+#[test]
+fn dns_rebinding_to_metadata() {
+    rebinding_is_refused("meta.example.com", "169.254.169.254", 80, "metadata");
+}
+
+/// A permitted name that answers loopback, where a local proxy or a container engine listens.
 #[test]
 fn dns_rebinding_to_loopback() {
-    // A permitted name that answers loopback, where a local proxy or a container engine listens.
-    let world = DnsWorld::builder()
-        .address("allowed.example.com", "198.51.100.10")
-        .host_record("local.example.com", &["127.0.0.1"], None)
-        .start();
-    let local = world.listen_tcp("127.0.0.1:3128");
-    let reachable = world
-        .netns()
-        .run_in(|| TcpStream::connect_timeout(&local.addr(), WAIT).is_ok());
-    assert!(
-        reachable && local.wait_accepted(1, WAIT),
-        "control: the loopback listener is reachable outside the cgroup"
-    );
-    let (run, out) = run_script(
-        &world,
-        &dns_policy(
-            "  - host: local.example.com\n    ports: [3128]\n    protocol: tcp\n    name_check: false\n",
-        ),
-        r#"
-out["r"] = resolve("local.example.com")
-out["by_name"] = tcp("local.example.com", 3128)
-out["literal"] = tcp("127.0.0.1", 3128)
-"#,
-    );
-    assert_script_eperm(&run, &out, "by_name");
-    assert_script_eperm(&run, &out, "literal");
-    std::thread::sleep(QUIET);
-    assert_eq!(
-        local.accepted(),
-        1,
-        "the loopback listener got a connection\n{}",
-        run.context()
-    );
-    let warned = run.events_of("warning").iter().any(|e| {
-        e["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("127.0.0.1") && m.contains("rebinding guard"))
-    });
-    assert!(
-        warned,
-        "a warning names the rebinding guard\n{}",
-        run.context()
-    );
-    let d = denies_for(&run, "127.0.0.1", 3128);
-    assert_eq!(
-        d.len(),
-        2,
-        "both connects denied and reported\n{}",
-        run.context()
-    );
+    rebinding_is_refused("local.example.com", "127.0.0.1", 3128, "loopback");
 }

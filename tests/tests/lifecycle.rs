@@ -1585,6 +1585,52 @@ fn stale_pins_of_deleted_cgroups_are_swept() {
     assert!(live.pins.dir().exists(), "the live agent's pins stay");
 }
 
+/// A state directory under /run/egress with no pins whose agent is gone (killed before it
+/// pinned, or detached by hand) is removed by `detach --stale` once it is a minute old; a live
+/// agent's state stays, and so does a fresh orphan (an agent may be starting).
+#[test]
+fn state_directories_without_pins_or_agent_are_swept() {
+    let live = Env::new(ALLOWED_RULE);
+    let _agent = live.start_agent(&[]);
+    let make = |name: &str, age: &str| {
+        let dir = std::path::Path::new("/run/egress").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        // No pid is this large (pid_max is at most 2^22).
+        let state = format!(
+            r#"{{"name":"{name}","pid":9999999,"cgroup":"/gone","allowlist":null,"policy":"p","latest_denies":[],"written":0}}"#
+        );
+        std::fs::write(dir.join("state.json"), state).unwrap();
+        let touched = std::process::Command::new("touch")
+            .args(["-d", age])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(touched.success());
+        dir
+    };
+    let old = make(
+        &format!("egress-test-orphan-{}", std::process::id()),
+        "-2 minutes",
+    );
+    let fresh = make(&format!("egress-test-fresh-{}", std::process::id()), "now");
+    let live_state = std::path::Path::new("/run/egress").join(live.pins.name());
+
+    let (code, out, err) = agent_cli(&["detach", "--stale"]);
+    let _ = std::fs::remove_dir_all(&fresh);
+    assert_eq!(code, 0, "detach --stale: {err}");
+    let old_name = old.file_name().unwrap().to_str().unwrap();
+    assert!(
+        out.contains(&format!("removed the state of {old_name}")),
+        "{out}"
+    );
+    assert!(!old.exists(), "the orphaned state is removed");
+    assert!(
+        !out.contains("egress-test-fresh-"),
+        "a fresh one is left: {out}"
+    );
+    assert!(live_state.exists(), "the live agent's state stays");
+}
+
 /// `attach --require-no-raw`: a root process of the app holding a packet socket it opened
 /// before the agent attached (the packet-socket tripwire sees sockets being created, not
 /// those already open) is a `warning` naming its pid, for the socket and for CAP_NET_RAW,

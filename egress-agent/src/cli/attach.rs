@@ -61,7 +61,8 @@ pub struct DetachArgs {
     #[arg(long, value_name = "NAME", value_parser = parse_name, required_unless_present = "stale")]
     name: Option<String>,
     /// Instead: remove the pins of every agent whose cgroup is gone (every pinned link reports
-    /// no cgroup), as each start does.
+    /// no cgroup), and state directories under /run/egress that have no pins and whose agent is
+    /// gone, as each start does.
     #[arg(long, conflicts_with = "name")]
     stale: bool,
 }
@@ -101,9 +102,12 @@ impl DetachArgs {
     pub fn execute(self) -> ExitCode {
         let Some(name) = self.name else {
             return match session::sweep_stale(None) {
-                Ok(names) => {
-                    for n in names {
+                Ok(swept) => {
+                    for n in swept.pins {
                         println!("detached {n} (its cgroup is gone)");
+                    }
+                    for n in swept.states {
+                        println!("removed the state of {n} (no pins, no agent)");
                     }
                     ExitCode::SUCCESS
                 }

@@ -4,7 +4,7 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock, atomic::Ordering},
     time::{Duration, SystemTime},
 };
@@ -97,11 +97,20 @@ impl Session {
         let mut warnings = Vec::new();
 
         match sweep_stale(Some(&cfg.name)) {
-            Ok(swept) if !swept.is_empty() => warnings.push(format!(
-                "removed the pins of {}: their cgroups are gone",
-                swept.join(", ")
-            )),
-            Ok(_) => {}
+            Ok(swept) => {
+                if !swept.pins.is_empty() {
+                    warnings.push(format!(
+                        "removed the pins of {}: their cgroups are gone",
+                        swept.pins.join(", ")
+                    ));
+                }
+                if !swept.states.is_empty() {
+                    warnings.push(format!(
+                        "removed the state directories of {}: no pins, no agent",
+                        swept.states.join(", ")
+                    ));
+                }
+            }
             Err(e) => warnings.push(format!("cannot sweep stale pins: {e:#}")),
         }
         let kernel = Kernel::attach(&cfg, &policy)?;
@@ -588,16 +597,39 @@ pub fn detach_pins(name: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// Removes the pins and state files of every agent whose cgroup is gone (`detach --stale`,
-/// and each start), except `keep`; returns their names.
-pub fn sweep_stale(keep: Option<&str>) -> anyhow::Result<Vec<String>> {
+/// What [`sweep_stale`] removed.
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// Agents whose pins (and state) were removed: their cgroups are gone.
+    pub pins: Vec<String>,
+    /// State directories with no pins and no agent (an agent killed before it unpinned, a
+    /// `run` killed before it cleaned up).
+    pub states: Vec<String>,
+}
+
+/// How long a state directory with no pins is left alone: an agent that is starting may write
+/// its state before it pins.
+const ORPHAN_STATE_MIN_AGE: Duration = Duration::from_secs(60);
+
+/// Removes the pins and state files of every agent whose cgroup is gone, and the state
+/// directories no agent owns (`detach --stale`, and each start), except `keep`.
+pub fn sweep_stale(keep: Option<&str>) -> anyhow::Result<Swept> {
     let root = enforcer::ensure_bpffs()?.join("egress");
-    let names = crate::bpf::stale::stale_names(&root, keep)?;
-    for name in &names {
+    let pins = crate::bpf::stale::stale_names(&root, keep)?;
+    for name in &pins {
         enforcer::remove_pin_dir(&root.join(name))?;
         status::remove_state(name);
     }
-    Ok(names)
+    let states = status::orphan_states(
+        Path::new(status::STATE_DIR),
+        &root,
+        keep,
+        ORPHAN_STATE_MIN_AGE,
+    );
+    for name in &states {
+        status::remove_state(name);
+    }
+    Ok(Swept { pins, states })
 }
 
 /// Writes a warning line.

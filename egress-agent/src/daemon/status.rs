@@ -102,6 +102,48 @@ pub fn remove_state(name: &str) {
     let _ = fs::remove_dir_all(Path::new(STATE_DIR).join(name));
 }
 
+/// The directories under `states` (`/run/egress`) that nothing owns any more, except `keep`:
+/// an agent's state directory with no pins under `pins` (`/sys/fs/bpf/egress`) whose agent
+/// (the pid in its `state.json`) is gone, and a `run` command's resolver view (`view-<pid>`)
+/// whose agent is gone. Only directories untouched for `min_age`: an agent that is starting
+/// may write its state before it pins.
+pub fn orphan_states(
+    states: &Path,
+    pins: &Path,
+    keep: Option<&str>,
+    min_age: std::time::Duration,
+) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(states) else {
+        return Vec::new();
+    };
+    let alive = |pid: u32| Path::new("/proc").join(pid.to_string()).exists();
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age))
+        })
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            if Some(name.as_str()) == keep || pins.join(&name).exists() {
+                return None;
+            }
+            let owner = match name.strip_prefix("view-") {
+                Some(pid) => pid.parse().ok(),
+                None => fs::read(e.path().join("state.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<AgentState>(&b).ok())
+                    .map(|s| s.pid),
+            };
+            (!owner.is_some_and(alive)).then_some(name)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// What `status` reports.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -185,4 +227,58 @@ pub fn read(name: &str) -> anyhow::Result<Status> {
         agent,
         agent_running,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, path::Path, time::Duration};
+
+    use super::orphan_states;
+
+    /// A scratch directory of this test's own, removed on drop.
+    struct Scratch(std::path::PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn state(dir: &Path, name: &str, pid: u32) {
+        let d = dir.join(name);
+        fs::create_dir_all(&d).unwrap();
+        let json = format!(
+            r#"{{"name":"{name}","pid":{pid},"cgroup":"/x","allowlist":null,"policy":"p","latest_denies":[],"written":0}}"#
+        );
+        fs::write(d.join("state.json"), json).unwrap();
+    }
+
+    #[test]
+    fn only_state_with_neither_pins_nor_a_live_agent_is_an_orphan() {
+        let root = std::env::temp_dir().join(format!("egress-orphans-{}", std::process::id()));
+        let _scratch = Scratch(root.clone());
+        let (states, pins) = (root.join("run"), root.join("bpf"));
+        let me = std::process::id();
+        // No pid is this large (pid_max is at most 2^22).
+        let gone = 9_999_999;
+        state(&states, "dead", gone);
+        state(&states, "live", me);
+        state(&states, "pinned", gone);
+        fs::create_dir_all(pins.join("pinned")).unwrap();
+        state(&states, "kept", gone);
+        fs::create_dir_all(states.join("unreadable")).unwrap();
+        fs::create_dir_all(states.join(format!("view-{gone}"))).unwrap();
+        fs::create_dir_all(states.join(format!("view-{me}"))).unwrap();
+        fs::write(states.join("a-file"), b"").unwrap();
+
+        assert_eq!(
+            orphan_states(&states, &pins, Some("kept"), Duration::ZERO),
+            vec![
+                "dead".to_owned(),
+                "unreadable".to_owned(),
+                format!("view-{gone}")
+            ]
+        );
+        // Fresh directories are left to an agent that may be starting.
+        assert!(orphan_states(&states, &pins, Some("kept"), Duration::from_secs(3600)).is_empty());
+    }
 }

@@ -160,10 +160,20 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
                      AF_VSOCK, ...) are not refused by the kernel here: {why}"
                 ),
             );
-            session::warn(&sink, &tripwire_note(session.tripwire_state()));
-            // Packet sockets then bypass every cgroup program.
-            "CAP_NET_RAW (drop it from the app container: packet sockets bypass every cgroup \
-             program here), "
+            let state = session.tripwire_state();
+            let armed = state.is_ok();
+            session::warn(&sink, &tripwire_note(state));
+            // Packet sockets then bypass every cgroup program; the tripwire kills at their
+            // creation, but not what one io_uring submission sends with it, nor a socket
+            // opened before the agent attached.
+            if armed {
+                "CAP_NET_RAW (drop it from the app container: the tripwire kills a process that \
+                 opens a packet socket, but sockets opened before the agent attached, and sends \
+                 in the io_uring submission that created one, bypass every cgroup program), "
+            } else {
+                "CAP_NET_RAW (drop it from the app container: packet sockets bypass every cgroup \
+                 program here), "
+            }
         }
     };
     session::warn(

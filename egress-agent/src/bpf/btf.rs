@@ -18,16 +18,16 @@ pub struct Layouts {
 }
 
 impl Layouts {
-    /// Reads `/sys/kernel/btf/vmlinux`.
-    pub fn from_sys_fs() -> anyhow::Result<Self> {
+    /// Reads the structs named `wanted` from `/sys/kernel/btf/vmlinux`.
+    pub fn from_sys_fs(wanted: &[&str]) -> anyhow::Result<Self> {
         let path = "/sys/kernel/btf/vmlinux";
         let data = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
-        Self::parse(&data).with_context(|| format!("{path}: not BTF this agent can read"))
+        Self::parse(&data, wanted).with_context(|| format!("{path}: not BTF this agent can read"))
     }
 
-    /// Parses a little-endian BTF blob, keeping the members of named structs and unions
-    /// (bitfields at their byte).
-    pub fn parse(data: &[u8]) -> anyhow::Result<Self> {
+    /// Parses a little-endian BTF blob, keeping the members of the structs and unions named
+    /// `wanted` (bitfields at their byte).
+    pub fn parse(data: &[u8], wanted: &[&str]) -> anyhow::Result<Self> {
         let u32_at = |off: usize| -> anyhow::Result<u32> {
             let b = data.get(off..off + 4).context("truncated")?;
             Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -65,7 +65,10 @@ impl Layouts {
                 2 | 7..=12 | 16 | 18 => 0,
                 k => bail!("unknown BTF kind {k}"),
             };
-            if matches!(kind, KIND_STRUCT | KIND_UNION) && name_off != 0 {
+            if matches!(kind, KIND_STRUCT | KIND_UNION)
+                && name_off != 0
+                && wanted.contains(&name(name_off).as_str())
+            {
                 let mut members = HashMap::new();
                 for m in 0..vlen {
                     let base = at + m * 12;
@@ -138,13 +141,19 @@ mod tests {
 
     #[test]
     fn member_offsets_are_read_in_bytes() {
-        let l = Layouts::parse(&blob()).unwrap();
+        assert!(
+            Layouts::parse(&blob(), &["t"])
+                .unwrap()
+                .offset("s", "a")
+                .is_none()
+        );
+        let l = Layouts::parse(&blob(), &["s"]).unwrap();
         assert_eq!(l.offset("s", "a"), Some(0));
         assert_eq!(l.offset("s", "b"), Some(4));
         assert!(l.expect("s", "b", 4).is_ok());
         let e = l.expect("s", "b", 8).unwrap_err().to_string();
         assert_eq!(e, "struct s: b is at byte 4, not 8");
         assert!(l.expect("t", "a", 0).is_err());
-        assert!(Layouts::parse(b"nope").is_err());
+        assert!(Layouts::parse(b"nope", &["s"]).is_err());
     }
 }

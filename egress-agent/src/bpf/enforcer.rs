@@ -247,7 +247,13 @@ impl Enforcer {
         // Parsed once: the loader's relocations and the family guard's hook both need it.
         let btf = Btf::from_sys_fs().ok();
         // Member offsets the tripwire reads kernel memory at (no CO-RE in aya-ebpf).
-        let layouts = Layouts::from_sys_fs();
+        let layouts = Layouts::from_sys_fs(&[
+            "pt_regs",
+            "task_struct",
+            "thread_info",
+            "io_kiocb",
+            "io_socket",
+        ]);
         let (kiocb_opcode, kiocb_domain) = io_kiocb_offsets(layouts.as_ref().ok());
         let (opcode_at, domain_at) = (kiocb_opcode.unwrap_or(0), kiocb_domain.unwrap_or(0));
         let mut loader = EbpfLoader::new();

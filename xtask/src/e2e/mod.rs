@@ -394,9 +394,10 @@ fn main_pod(env: &mut Env, spec: &PodSpec, report: &mut Report) -> Result<()> {
         .to_owned();
     let outcome = match &sent {
         Ok(out) => out.trim().to_owned(),
+        Err(e) if format!("{e:#}").contains("exit status: 137") => "killed (137)".to_owned(),
         Err(e) => format!("{e:#}"),
     };
-    let stopped = outcome.contains("exit status: 137") || outcome.starts_with("errno EPERM");
+    let stopped = outcome == "killed (137)" || outcome.starts_with("errno EPERM");
     report.check(
         "packet-socket-tripped",
         if stopped && logged {

@@ -298,6 +298,36 @@ fn a_packet_socket_in_the_cgroup_kills_the_process_before_a_frame_leaves() {
     assert!(t.enf.poll_denies().is_empty(), "and no event");
 }
 
+/// The tripwire holds for the cgroups below the enforced one (containers of a pod), and lets
+/// the exempt one through (the sidecar's own).
+#[test]
+fn below_the_enforced_cgroup_it_trips_and_the_exempt_cgroup_is_let_through() {
+    let Some(mut t) = Tripped::new("") else {
+        return;
+    };
+    let below = t.cg.child("app");
+    let exempt = t.cg.child("sidecar");
+    t.enf.set_exempt_cgroup(exempt.id()).expect("exempt");
+    let res = t.run_in(&below, "packet");
+    let Err((signal, pid)) = res else {
+        panic!("a packet socket below the enforced cgroup finished: {res:?}");
+    };
+    assert_eq!(signal, Some(libc::SIGKILL));
+    let events = t.events();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_tripped(&events[0], "af_packet", pid, "deny");
+    assert_eq!(events[0].cgroup, below.id(), "{events:#?}");
+
+    let before = t.sniffer.count();
+    let out = t.run_in(&exempt, "packet");
+    assert!(
+        matches!(out, Ok(ref o) if o.ok),
+        "the exempt cgroup: {out:?}"
+    );
+    assert!(t.sniffer.wait_for(before + 1), "its frame arrives");
+    assert!(t.enf.poll_denies().is_empty(), "and no event");
+}
+
 #[test]
 fn a_vsock_kills_too_and_unix_netlink_and_inet_do_not() {
     let Some(mut t) = Tripped::new("") else {

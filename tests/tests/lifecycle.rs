@@ -217,6 +217,20 @@ impl Env {
     }
 
     /// Starts an agent with `extra` arguments and waits until it is ready.
+    /// Root in the app cgroup asks for a packet socket: the signal that ended it (SIGKILL when
+    /// the packet-socket tripwire is armed), `None` when it exited.
+    fn packet_socket_signal(&self) -> Option<i32> {
+        let status = self
+            .pod
+            .command(self.world.netns(), &self.pod.app(), python3())
+            .arg("-c")
+            .arg("import socket\nsocket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))\n")
+            .stdin(Stdio::null())
+            .status()
+            .expect("python3");
+        std::os::unix::process::ExitStatusExt::signal(&status)
+    }
+
     fn start_agent(&self, extra: &[&str]) -> AttachAgent {
         let mut agent = self.attach().args(extra).start();
         agent.wait_ready();
@@ -754,10 +768,19 @@ fn sigterm_keeps_enforcement_unless_detach_on_exit() {
     let mut first = env.start_agent(&[]);
     let out = env.app_tcp(DENIED_IP, 8080);
     assert_eperm("agent running", &out, &first);
+    let tripwire = tripwire_armed(&first);
     assert_eq!(first.terminate().code(), Some(0), "{}", first.output());
 
     let out = env.app_tcp(DENIED_IP, 8080);
     assert_eperm("after SIGTERM", &out, &first);
+    if tripwire {
+        // Pinned with the cgroup programs: armed while no agent runs.
+        assert_eq!(
+            env.packet_socket_signal(),
+            Some(libc::SIGKILL),
+            "tripwire after SIGTERM"
+        );
+    }
     assert_eq!(
         env.pins.links().len(),
         env.pins.links_per_generation(),
@@ -778,6 +801,8 @@ fn sigterm_keeps_enforcement_unless_detach_on_exit() {
     );
     let out = env.app_tcp(DENIED_IP, 8080);
     assert_connected("after SIGTERM with --detach-on-exit", &out, &second);
+    // Detached, the tripwire is gone too (the packet socket opens; the script exits).
+    assert_eq!(env.packet_socket_signal(), None, "tripwire after detach");
     assert!(env.listener(DENIED_IP, 8080).wait_accepted(1, WAIT));
     let (code, _, err) = agent_cli(&["status", "--name", env.pins.name()]);
     assert_eq!(code, 1, "status of a detached name fails: {err}");
@@ -1631,6 +1656,18 @@ fn state_directories_without_pins_or_agent_are_swept() {
     assert!(live_state.exists(), "the live agent's state stays");
 }
 
+/// Whether the agent says the packet-socket tripwire is armed (the family guard cannot load).
+fn tripwire_armed(agent: &AttachAgent) -> bool {
+    agent
+        .wait_event(WAIT, |e| {
+            e["event"] == "warning"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("the packet-socket tripwire is armed"))
+        })
+        .is_some()
+}
+
 /// `attach --require-no-raw`: a root process of the app holding a packet socket it opened
 /// before the agent attached (the packet-socket tripwire sees sockets being created, not
 /// those already open) is a `warning` naming its pid, for the socket and for CAP_NET_RAW,
@@ -1700,29 +1737,9 @@ fn packet_socket_in_the_pod_is_warned_counted_and_fails_readyz() {
         "/readyz stays 503 after the socket closed:\n{}",
         agent.output()
     );
-    let guard = agent
-        .wait_event(WAIT, |e| {
-            e["event"] == "warning"
-                && e["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("not refused by the kernel here"))
-        })
-        .is_some();
-    if guard {
+    if tripwire_armed(&agent) {
         // Where the family guard cannot load: the tripwire kills a new one at socket().
-        let status = env
-            .pod
-            .command(env.world.netns(), &env.pod.app(), python3())
-            .arg("-c")
-            .arg("import socket\nsocket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))\n")
-            .stdin(Stdio::null())
-            .status()
-            .expect("python3");
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(libc::SIGKILL),
-            "{status}"
-        );
+        assert_eq!(env.packet_socket_signal(), Some(libc::SIGKILL));
         let tripped = agent.wait_event(WAIT, |e| {
             e["event"] == "deny" && e["hook"] == "tripwire" && e["proto"] == "af_packet"
         });

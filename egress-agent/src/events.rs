@@ -89,6 +89,7 @@ impl DenyRecord {
     pub fn from_kernel(e: &DenyEvent, boot_offset: Duration) -> Self {
         let proto = match (e.hook, e.ip_proto) {
             // The family guard: no destination; the family rides in `port`.
+            (hook::TRIPWIRE, _) if e.reason == reason::IO_URING => "io_uring".to_owned(),
             (hook::SOCKET_CREATE | hook::TRIPWIRE, _) => family_name(e.port),
             (_, 1) => "icmp".to_owned(),
             (_, 6) => "tcp".to_owned(),
@@ -197,6 +198,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::FAMILY => "family",
         reason::ROUTE => "route",
         reason::NAME => "name",
+        reason::IO_URING => "io-uring",
         _ => "unknown",
     }
 }
@@ -715,6 +717,17 @@ mod tests {
         assert_eq!(
             (r.proto.as_str(), r.hook, r.reason),
             ("af_vsock", "tripwire", "family")
+        );
+        let ring = DenyEvent {
+            hook: hook::TRIPWIRE,
+            reason: reason::IO_URING,
+            port: 425,
+            ..e
+        };
+        let r = DenyRecord::from_kernel(&ring, Duration::ZERO);
+        assert_eq!(
+            (r.proto.as_str(), r.hook, r.reason, r.port),
+            ("io_uring", "tripwire", "io-uring", 425)
         );
         assert_eq!(family_name(40), "af_vsock");
         assert_eq!(family_name(99), "af:99");

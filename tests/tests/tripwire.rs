@@ -162,13 +162,18 @@ struct Tripped {
 impl Tripped {
     /// `None` (said on stderr) where the family guard loads: the tripwire is not armed.
     fn new(header: &str) -> Option<Self> {
+        Self::with_options(header, &EnforcerOptions::default())
+    }
+
+    /// [`Tripped::new`] with `opts`.
+    fn with_options(header: &str, opts: &EnforcerOptions) -> Option<Self> {
         require_root();
         let yaml = format!("version: 1\nname: tripwire\n{header}allow: []\n");
         let policy = policy::parse_str(&yaml, Path::new("tripwire.yaml")).expect("allowlist");
         let link = Link::new();
         let sniffer = Sniffer::new(&link);
         let cg = TestCgroup::new();
-        let enf = Enforcer::attach(cg.path(), &policy, &EnforcerOptions::default())
+        let enf = Enforcer::attach(cg.path(), &policy, opts)
             .unwrap_or_else(|e| panic!("cannot attach to {}: {e:#}", cg.path().display()));
         if enf.family_guard_missing().is_none() {
             eprintln!("NOTE: the family guard loads here; the tripwire is not armed");
@@ -296,6 +301,51 @@ fn a_packet_socket_in_the_cgroup_kills_the_process_before_a_frame_leaves() {
         "the sibling's frame arrives"
     );
     assert!(t.enf.poll_denies().is_empty(), "and no event");
+}
+
+/// `--refuse-io-uring`: the ring itself trips (io_uring_setup), so the submission that would
+/// make a packet socket and send on it never exists. Control: the same probe in a sibling
+/// cgroup gets its frame out.
+#[test]
+fn refusing_io_uring_kills_at_the_ring_so_no_submission_sends() {
+    let opts = EnforcerOptions {
+        refuse_io_uring: true,
+        ..EnforcerOptions::default()
+    };
+    let Some(mut t) = Tripped::with_options("", &opts) else {
+        return;
+    };
+    let way = "packet-uring-batch";
+    if !works_outside(&mut t, way) {
+        return;
+    }
+    let sibling = TestCgroup::new();
+    let before = t.sniffer.count();
+    let out = t.run_in(&sibling, way);
+    assert!(
+        matches!(out, Ok(ref o) if o.ok),
+        "a sibling cgroup: {out:?}"
+    );
+    assert!(
+        t.sniffer.wait_for(before + 1),
+        "the sibling's frame arrives"
+    );
+
+    let before = t.sniffer.count();
+    let res = t.run_in(&t.cg, way);
+    let Err((signal, pid)) = res else {
+        panic!("io_uring in the enforced cgroup finished: {res:?}");
+    };
+    assert_eq!(signal, Some(libc::SIGKILL));
+    let events = t.events();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let ev = &events[0];
+    assert_eq!(
+        (ev.hook, ev.reason, ev.proto.as_str(), ev.port, ev.pid),
+        ("tripwire", "io-uring", "io_uring", 425, pid),
+        "{ev:#?}"
+    );
+    assert!(!t.sniffer.wait_for(before + 1), "no frame reached the peer");
 }
 
 /// The tripwire holds for the cgroups below the enforced one (containers of a pod), and lets

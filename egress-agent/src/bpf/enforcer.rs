@@ -129,6 +129,10 @@ pub struct EnforcerOptions {
     /// Load the programs with verdict tracing on (`TRACE`, see [`super::trace`]) and read
     /// their aya-log records; off, the verifier removes the tracing code.
     pub trace: bool,
+    /// Where the packet-socket tripwire is armed: kill a process of the cgroup at any io_uring
+    /// system call too (`TRIPWIRE_IO_URING`), since one submission can create a packet socket
+    /// and send on it before the kill lands.
+    pub refuse_io_uring: bool,
 }
 
 impl Default for EnforcerOptions {
@@ -139,6 +143,7 @@ impl Default for EnforcerOptions {
             pin_dir: None,
             judged: true,
             trace: false,
+            refuse_io_uring: false,
         }
     }
 }
@@ -256,12 +261,14 @@ impl Enforcer {
         ]);
         let (kiocb_opcode, kiocb_domain) = io_kiocb_offsets(layouts.as_ref().ok());
         let (opcode_at, domain_at) = (kiocb_opcode.unwrap_or(0), kiocb_domain.unwrap_or(0));
+        let refuse_io_uring = u8::from(opts.refuse_io_uring);
         let mut loader = EbpfLoader::new();
         loader
             .btf(btf.as_ref())
             .override_global("JUDGED_ON", &judged_on, true)
             .override_global("IO_KIOCB_OPCODE", &opcode_at, true)
             .override_global("IO_KIOCB_DOMAIN", &domain_at, true)
+            .override_global("TRIPWIRE_IO_URING", &refuse_io_uring, true)
             .override_global(trace::GLOBAL, &trace_on, true)
             .map_max_entries(MAP_ALLOW_CIDR, opts.cidr_capacity)
             .map_max_entries(MAP_ALLOW_DNS, opts.dns_capacity);

@@ -163,7 +163,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             // with --allow-io-uring).
             warn(
                 &sink,
-                &crate::daemon::attach::tripwire_note(session.tripwire_state()),
+                &crate::daemon::attach::tripwire_note(session.tripwire_state(), false),
             );
             warn(
                 &sink,

@@ -37,6 +37,16 @@ static IO_KIOCB_OPCODE: u32 = 64;
 #[unsafe(no_mangle)]
 static IO_KIOCB_DOMAIN: u32 = 8;
 
+/// 1: io_uring's system calls from the cgroup trip too (`attach --refuse-io-uring`); set by the
+/// agent at load.
+#[unsafe(no_mangle)]
+static TRIPWIRE_IO_URING: u8 = 0;
+
+/// `io_uring_setup`, `io_uring_enter`, `io_uring_register`: the same numbers on x86_64, x32
+/// (bit 30 masked) and i386.
+const NR_IO_URING_SETUP: u64 = 425;
+const NR_IO_URING_REGISTER: u64 = 427;
+
 /// x86_64 `socket`, `socketpair`; x32 numbers carry bit 30.
 const NR_SOCKET: u64 = 41;
 const NR_SOCKETPAIR: u64 = 53;
@@ -82,15 +92,21 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(struct pt_regs *regs, long id)
     let id: u64 = ctx.arg(1);
     let native = id & !X32_SYSCALL_BIT;
+    let io_uring = (NR_IO_URING_SETUP..=NR_IO_URING_REGISTER).contains(&native);
     if native != NR_SOCKET
         && native != NR_SOCKETPAIR
         && id != NR32_SOCKETCALL
         && id != NR32_SOCKET
         && id != NR32_SOCKETPAIR
+        && !(io_uring && refuse_io_uring())
     {
         return 0;
     }
     if !enforced() {
+        return 0;
+    }
+    if io_uring {
+        trip_io_uring(native);
         return 0;
     }
     let regs: u64 = ctx.arg(0);
@@ -178,6 +194,30 @@ pub fn io_uring_submit_req(ctx: RawTracePointContext) -> i32 {
         }
     }
     0
+}
+
+/// Whether io_uring's system calls trip (`TRIPWIRE_IO_URING`).
+#[inline(always)]
+fn refuse_io_uring() -> bool {
+    // SAFETY: a read-only global the loader sets before loading.
+    unsafe { core::ptr::read_volatile(&raw const TRIPWIRE_IO_URING) != 0 }
+}
+
+/// Kills the current process for an io_uring system call (unless in audit mode), and reports.
+#[inline(always)]
+fn trip_io_uring(nr: u64) {
+    if !audit_mode() {
+        // SAFETY: a helper taking a signal number.
+        unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGKILL) };
+    }
+    let dst = Destination {
+        addr: [0; 16],
+        // The system call number rides in the port field.
+        port: nr as u16,
+        ip_proto: 0,
+        hook: hook::TRIPWIRE,
+    };
+    deny(&dst, reason::IO_URING);
 }
 
 /// Whether the current task is in the enforced cgroup or below it, and not the exempt one

@@ -253,6 +253,23 @@ fn assert_tripped(ev: &DenyRecord, proto: &str, pid: u32, verdict: &str) {
     assert!(ev.comm.starts_with("egress-probe"), "{ev:#?}");
 }
 
+/// Root in a sibling cgroup the programs are not on sends its frame by `way`, unharmed and
+/// unreported.
+fn sibling_sends(t: &mut Tripped, way: &str) {
+    let sibling = TestCgroup::new();
+    let before = t.sniffer.count();
+    let out = t.run_in(&sibling, way);
+    assert!(
+        matches!(out, Ok(ref o) if o.ok),
+        "{way} in a sibling cgroup: {out:?}"
+    );
+    assert!(
+        t.sniffer.wait_for(before + 1),
+        "the sibling's frame arrives"
+    );
+    assert!(t.enf.poll_denies().is_empty(), "and no event");
+}
+
 /// `way` in the enforced cgroup, where the control shows it working: the probe is killed and
 /// named in one deny event; whether its frame reached the peer (`None`: no control here).
 fn trip(t: &mut Tripped, way: &str) -> Option<bool> {
@@ -289,18 +306,7 @@ fn a_packet_socket_in_the_cgroup_kills_the_process_before_a_frame_leaves() {
     // The tripwire killed no one else: the control still works, and so does root in a sibling
     // cgroup the programs are not on.
     assert!(works_outside(&mut t, "packet"), "the control after");
-    let sibling = TestCgroup::new();
-    let before = t.sniffer.count();
-    let out = t.run_in(&sibling, "packet");
-    assert!(
-        matches!(out, Ok(ref o) if o.ok),
-        "a sibling cgroup: {out:?}"
-    );
-    assert!(
-        t.sniffer.wait_for(before + 1),
-        "the sibling's frame arrives"
-    );
-    assert!(t.enf.poll_denies().is_empty(), "and no event");
+    sibling_sends(&mut t, "packet");
 }
 
 /// `--refuse-io-uring`: the ring itself trips (io_uring_setup), so the submission that would
@@ -319,17 +325,7 @@ fn refusing_io_uring_kills_at_the_ring_so_no_submission_sends() {
     if !works_outside(&mut t, way) {
         return;
     }
-    let sibling = TestCgroup::new();
-    let before = t.sniffer.count();
-    let out = t.run_in(&sibling, way);
-    assert!(
-        matches!(out, Ok(ref o) if o.ok),
-        "a sibling cgroup: {out:?}"
-    );
-    assert!(
-        t.sniffer.wait_for(before + 1),
-        "the sibling's frame arrives"
-    );
+    sibling_sends(&mut t, way);
 
     let before = t.sniffer.count();
     let res = t.run_in(&t.cg, way);

@@ -171,8 +171,9 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
             // opened before the agent attached.
             if armed {
                 "CAP_NET_RAW (drop it from the app container: the tripwire kills a process that \
-                 opens a packet socket, but sockets opened before the agent attached, and sends \
-                 in the io_uring submission that created one, bypass every cgroup program), "
+                 opens a packet socket, but sockets opened before the agent attached, and \
+                 without --refuse-io-uring sends in the io_uring submission that created one, \
+                 bypass every cgroup program), "
             } else {
                 "CAP_NET_RAW (drop it from the app container: packet sockets bypass every cgroup \
                  program here), "

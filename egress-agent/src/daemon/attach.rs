@@ -228,7 +228,7 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
 }
 
 /// What the packet-socket tripwire does where the family guard cannot run.
-pub fn tripwire_note(state: Result<Option<String>, String>, refuse_io_uring: bool) -> String {
+fn tripwire_note(state: Result<Option<String>, String>, refuse_io_uring: bool) -> String {
     match state {
         Ok(None) if refuse_io_uring => "the packet-socket tripwire is armed instead: a process \
                      of the cgroup that asks for one of those families (socket, socketpair), \

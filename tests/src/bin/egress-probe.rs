@@ -870,6 +870,10 @@ enum PacketWay {
     /// submission (`link`: the send linked to the socket with `IOSQE_IO_LINK`): the frame
     /// leaves without the process returning to user space in between.
     UringBatch { link: bool },
+    /// `socket(AF_PACKET)` while another thread sends, in a loop, on the descriptor it will
+    /// get: a frame leaves only if that thread gets a send in between the socket's creation
+    /// and the kill.
+    Race,
 }
 
 impl PacketWay {
@@ -882,6 +886,7 @@ impl PacketWay {
             "packet-uring" => Self::Uring,
             "packet-uring-batch" => Self::UringBatch { link: false },
             "packet-uring-link" => Self::UringBatch { link: true },
+            "packet-race" => Self::Race,
             _ => return None,
         })
     }
@@ -915,7 +920,9 @@ fn int80(nr: u32, a: u32, b: u32, c: u32) -> i64 {
 fn packet_socket(way: PacketWay) -> io::Result<OwnedFd> {
     let proto = i32::from((libc::ETH_P_ALL as u16).to_be());
     let fd = match way {
-        PacketWay::Socket => return socket(libc::AF_PACKET, libc::SOCK_RAW, proto),
+        PacketWay::Socket | PacketWay::Race => {
+            return socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
+        }
         PacketWay::SockPacket => return socket(libc::AF_INET, SOCK_PACKET, proto),
         PacketWay::Int80Socket => {
             let rc = int80(
@@ -969,6 +976,62 @@ fn packet_socket(way: PacketWay) -> io::Result<OwnedFd> {
     };
     // SAFETY: a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `frame` to `ll` from a thread that sends on the descriptor a packet socket will get, in a
+/// loop, while this thread creates it.
+fn race(frame: Vec<u8>, ll: libc::sockaddr_ll) -> io::Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32},
+    };
+    // The descriptor the socket will get: the lowest free one.
+    // SAFETY: plain syscalls on descriptors this process owns.
+    let next = unsafe {
+        let d = libc::dup(0);
+        libc::close(d);
+        d
+    };
+    let (stop, spinning) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU32::new(0)),
+    );
+    let (stop2, spinning2) = (stop.clone(), spinning.clone());
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0u32;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+            // SAFETY: a valid frame and sockaddr_ll; EBADF until the descriptor exists.
+            let n = unsafe {
+                libc::sendto(
+                    next,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    ptr::from_ref(&ll).cast(),
+                    mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            if n > 0 {
+                sent += 1;
+            }
+            spinning2.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
+    });
+    while spinning.load(Ordering::Relaxed) < 1000 {
+        std::hint::spin_loop();
+    }
+    let s = packet_socket(PacketWay::Socket)?;
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap_or(0);
+    drop(s);
+    if sent > 0 {
+        Ok(())
+    } else {
+        Err(io::Error::other("the other thread sent nothing"))
+    }
 }
 
 /// `frame` to `ll` through a packet socket io_uring creates and a send in the same submission.
@@ -1077,6 +1140,9 @@ fn packet_on(dst: SocketAddr, iface: &str, way: PacketWay) -> io::Result<()> {
     pkt[16..].copy_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
     if let PacketWay::UringBatch { link } = way {
         return uring_batch(&frame, &ll, link);
+    }
+    if way == PacketWay::Race {
+        return race(frame, ll);
     }
     let s = packet_socket(way)?;
     let (addr, len): (*const libc::sockaddr, usize) = match way {

@@ -1029,9 +1029,15 @@ mod tests {
         let unread = || -> Vec<grants::Grant> { panic!("the grants were read again") };
 
         // Same rules, a later expiry: the entry's ports, the new expiry, no recompute.
-        let v = next_entry(Some((full, a)), &p, "new.a.test", &added("old.a.test", 60), unread)
-            .unwrap()
-            .expect("the expiry moved: a rewrite");
+        let v = next_entry(
+            Some((full, a)),
+            &p,
+            "new.a.test",
+            &added("old.a.test", 60),
+            unread,
+        )
+        .unwrap()
+        .expect("the expiry moved: a rewrite");
         assert_eq!((ports(&v), v.expires_ns), (ports(&a), 60_000_000_000));
         // Same rules, the same expiry: nothing to write.
         let same = grants::Added {
@@ -1045,21 +1051,27 @@ mod tests {
         );
 
         // Other rules: computed from the names left (here only b names): 443 is gone.
-        let v = next_entry(Some((full, a)), &p, "new.b.test", &added("old.a.test", 60), || {
-            vec![grant("new.b.test", 60), grant("other.b.test", 30)]
-        })
+        let v = next_entry(
+            Some((full, a)),
+            &p,
+            "new.b.test",
+            &added("old.a.test", 60),
+            || vec![grant("new.b.test", 60), grant("other.b.test", 30)],
+        )
         .unwrap()
         .expect("a rewrite");
         assert_eq!((ports(&v), v.expires_ns), (ports(&b), 60_000_000_000));
         // And the other way: a b name pushed out by an a name under a mixed entry.
-        let mixed = AllowValue::from_ranges(
-            a.ranges().iter().chain(b.ranges()).copied(),
-            10_000_000_000,
+        let mixed =
+            AllowValue::from_ranges(a.ranges().iter().chain(b.ranges()).copied(), 10_000_000_000)
+                .unwrap();
+        let v = next_entry(
+            Some((full, mixed)),
+            &p,
+            "y.a.test",
+            &added("old.b.test", 60),
+            || vec![grant("y.a.test", 60), grant("z.a.test", 20)],
         )
-        .unwrap();
-        let v = next_entry(Some((full, mixed)), &p, "y.a.test", &added("old.b.test", 60), || {
-            vec![grant("y.a.test", 60), grant("z.a.test", 20)]
-        })
         .unwrap()
         .expect("a rewrite");
         assert_eq!(ports(&v), ports(&a));

@@ -1050,30 +1050,25 @@ mod tests {
                 .is_none()
         );
 
-        // Other rules: computed from the names left (here only b names): 443 is gone.
-        let v = next_entry(
-            Some((full, a)),
-            &p,
+        // Other rules: computed from the names left, so the pushed-out name's ports go.
+        let rewrite = |cached: AllowValue, name: &str, gone: &str, left: [&str; 2]| {
+            let live = || left.iter().map(|n| grant(n, 60)).collect();
+            next_entry(Some((full, cached)), &p, name, &added(gone, 60), live)
+                .unwrap()
+                .expect("a rewrite")
+        };
+        let v = rewrite(
+            a,
             "new.b.test",
-            &added("old.a.test", 60),
-            || vec![grant("new.b.test", 60), grant("other.b.test", 30)],
-        )
-        .unwrap()
-        .expect("a rewrite");
+            "old.a.test",
+            ["new.b.test", "other.b.test"],
+        );
         assert_eq!((ports(&v), v.expires_ns), (ports(&b), 60_000_000_000));
         // And the other way: a b name pushed out by an a name under a mixed entry.
         let mixed =
             AllowValue::from_ranges(a.ranges().iter().chain(b.ranges()).copied(), 10_000_000_000)
                 .unwrap();
-        let v = next_entry(
-            Some((full, mixed)),
-            &p,
-            "y.a.test",
-            &added("old.b.test", 60),
-            || vec![grant("y.a.test", 60), grant("z.a.test", 20)],
-        )
-        .unwrap()
-        .expect("a rewrite");
+        let v = rewrite(mixed, "y.a.test", "old.b.test", ["y.a.test", "z.a.test"]);
         assert_eq!(ports(&v), ports(&a));
     }
 

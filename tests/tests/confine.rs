@@ -1541,3 +1541,95 @@ echo "bpf_entries=$(ls -A /sys/fs/bpf | tr '\n' ' ')"
         run.output()
     );
 }
+
+/// What a process can do to the process `sys.argv[1]` by its pid: signal it, open its
+/// `/proc/PID/mem`, `pidfd_open` it, `ptrace` it (attached, then detached at once). One
+/// `key=value` line each: 0, or the errno's name.
+const REACH_PY: &str = r#"
+import ctypes, errno, os, sys
+pid = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+def res(rc):
+    return "0" if rc >= 0 else errno.errorcode.get(ctypes.get_errno(), "?")
+try:
+    os.kill(pid, 0); print("kill=0")
+except OSError as e:
+    print("kill=" + errno.errorcode[e.errno])
+try:
+    os.close(os.open("/proc/%d/mem" % pid, os.O_RDWR)); print("mem=0")
+except OSError as e:
+    print("mem=" + errno.errorcode[e.errno])
+rc = libc.syscall(434, pid, 0)  # pidfd_open
+print("pidfd=" + res(rc))
+if rc >= 0:
+    os.close(rc)
+rc = libc.ptrace(16, pid, None, None)  # PTRACE_ATTACH
+print("ptrace=" + res(rc))
+if rc >= 0:
+    os.waitpid(pid, 0x40000000)  # __WALL
+    libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+"#;
+
+/// A process of the same user outside the sandbox is out of reach of a command `run` through
+/// sudo as that user: no signal, no `/proc/PID/mem`, no pidfd, no ptrace, since its pid names
+/// nothing in the command's pid namespace (and the fresh `/proc` shows only the command's own).
+/// Control: the same script outside, as the same user, reaches it.
+#[test]
+fn a_same_user_process_outside_is_out_of_reach() {
+    let netns = TestNetns::new();
+    let scratch = TestDir::new();
+    let py = scratch.path().join("reach.py");
+    fs::write(&py, REACH_PY).expect("cannot write reach.py");
+    fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::set_permissions(&py, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut victim = Command::new("sleep")
+        .arg("60")
+        .uid(65534)
+        .gid(65534)
+        .spawn()
+        .expect("cannot start sleep as 65534");
+    let pid = victim.id().to_string();
+    let reach = |out: &str, key: &str| value(out, key).unwrap_or_default();
+
+    let control = Command::new(python3())
+        .arg(&py)
+        .arg(&pid)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("cannot run python3");
+    let control = String::from_utf8_lossy(&control.stdout).into_owned();
+    for key in ["kill", "mem", "pidfd", "ptrace"] {
+        assert_eq!(
+            reach(&control, key),
+            "0",
+            "control: outside, 65534 cannot {key} its own process, so the test proves \
+             nothing\n{control}"
+        );
+    }
+
+    let mut run = AgentRun::builder(
+        &netns,
+        ALLOW_8080,
+        &[python3().as_ref(), py.as_os_str(), pid.as_ref()],
+    )
+    .env("SUDO_UID", "65534")
+    .env("SUDO_GID", "65534")
+    .start();
+    assert_exit_0(&mut run);
+    let _ = victim.kill();
+    let _ = victim.wait();
+    for (key, want) in [
+        ("kill", "ESRCH"),
+        ("mem", "ENOENT"),
+        ("pidfd", "ESRCH"),
+        ("ptrace", "ESRCH"),
+    ] {
+        assert_eq!(
+            run.expect_value(key),
+            want,
+            "{key} of a process outside\n{}",
+            run.output()
+        );
+    }
+}

@@ -199,10 +199,11 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<DnsOutcom
             .join("; "),
         Some(min >= 3.0),
         format!(
-            "worst ratio {min:.2}×. For hit names the load generator itself tops out near {:.0} \
-             qps (direct to the upstream, which answers from memory), and ours reaches {:.2}× of \
-             that: no server on this machine can be shown answering 3× faster than dnsmasq's \
-             cache. Both servers and the load generator share the machine's {} CPUs",
+            "worst ratio {min:.2}×. Hits: the upstream itself, answering from memory \
+             (direct), reaches {:.0} qps and ours {:.2}× of that; a server 3× faster than \
+             dnsmasq's cache cannot be shown while the load generator and every server share \
+             the machine's {} CPUs (table 2b's CPU/s: no server is at one CPU). Misses: the \
+             ratio is what each forwarding resolver costs per query (its CPU/s in table 2b)",
             q("hit", "direct"),
             q("hit", "ours") / q("hit", "direct").max(1.0),
             ctx.cpus

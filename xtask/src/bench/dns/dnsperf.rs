@@ -259,7 +259,11 @@ pub fn measure(
          the server, the agent or dnsmasq, and the upstream from /proc), on a machine with the \
          CPUs the machine line says: a server near 1.00 is the limit (each of them answers on \
          one thread); the load generator is not, as long as some path goes faster than the one \
-         compared. ours / this: our rate over this path's.",
+         compared. ours / this: our rate over this path's. Reproduce: `sudo \
+         EGRESS_BENCH_ONLY=dns cargo xtask bench` (report in target/BENCHMARKS.dns.md); each \
+         run is `dnsperf -s SERVER -d FILE -c 500 -q 100 -l 2 -t 1 -n N` inside the bench's \
+         network namespace (and, for ours, its enforced cgroup); the latency runs \
+         `-c 20 -Q 1000 -v`.",
     );
     tables.push(lat);
     tables.push(max);

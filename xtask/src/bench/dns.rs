@@ -126,7 +126,7 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<DnsOutcom
             hwm = hwm.max(super::rss_kb(agent_pid).1);
         })?;
         dnsperf::ratios(&fig, &mut report.tables);
-        (fig.lat, fig.qps, hwm.max(fig.agent_hwm_kb))
+        (fig.lat, fig.qps, hwm)
     } else {
         worker_measure(ctx, &mut enf, &mut ctl, agent_pid, report)?
     };

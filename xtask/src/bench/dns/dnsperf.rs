@@ -65,8 +65,6 @@ pub struct Setup<'a> {
 pub struct Figures {
     pub lat: HashMap<(String, String), (f64, f64)>,
     pub qps: HashMap<(String, String), f64>,
-    /// The agent's peak RSS (kB) sampled between runs.
-    pub agent_hwm_kb: u64,
 }
 
 /// Whether dnsperf can be run.
@@ -108,7 +106,8 @@ struct Run {
     cpu: [f64; 3],
 }
 
-/// Runs both measurements for every kind of name; adds tables 2a, 2b and 2c to `tables`.
+/// Runs both measurements for every kind of name, calling `between` after each run; adds
+/// tables 2a and 2b to `tables`.
 pub fn measure(
     s: &Setup,
     rounds: usize,

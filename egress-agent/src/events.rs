@@ -50,7 +50,8 @@ pub struct DenyRecord {
     pub reason: &'static str,
     /// Which hook decided: `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `sock_create`,
     /// `egress` (the packet backstop), `socket_create` (the family guard), `accept` (a peer
-    /// connecting in to a listening socket, no `inbound:` rule allowing it).
+    /// connecting in to a listening socket, no `inbound:` rule allowing it), `first_flight`
+    /// and `setsockopt` (name binding).
     pub hook: &'static str,
     /// `deny`, or `audit` when audit mode let the call through.
     pub verdict: &'static str,
@@ -65,7 +66,7 @@ pub struct DenyRecord {
     pub name: Option<String>,
     /// `reason: name`: why the first flight was refused (`not-permitted`, `no-sni`, `ech`,
     /// `bad-tls`, `no-host`, `two-hosts`, `h2c`, `unknown-protocol`, `bad-name`, `too-large`,
-    /// `error`).
+    /// `error`; from the backstop, `unjudged`: payload that never met the judge).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name_why: Option<&'static str>,
     /// Present when this line stands for several identical denies (same process,
@@ -155,6 +156,36 @@ impl DenyRecord {
     }
 }
 
+/// The socket of a refused first flight (a [`NameDenyEvent`] from `first_flight`, not
+/// audited), for the agent to reset; `None` for any other record.
+pub fn refused_flight(bytes: &[u8]) -> Option<crate::sys::sockdiag::TcpSocket> {
+    if bytes.len() < size_of::<NameDenyEvent>() {
+        return None;
+    }
+    // SAFETY: plain old data of this size; read_unaligned needs no alignment.
+    let n = unsafe { bytes.as_ptr().cast::<NameDenyEvent>().read_unaligned() };
+    let e = &n.event;
+    let hooked = e.hook == hook::FIRST_FLIGHT || e.hook == hook::EGRESS;
+    if e.reason != reason::NAME || !hooked || e.audited != 0 || n.cookie == 0 {
+        return None;
+    }
+    let v6 = i32::from(n.family) == libc::AF_INET6;
+    // An AF_INET6 socket is named by its own addresses (an IPv4-mapped one as such).
+    let ip = |a: &[u8; 16]| {
+        if v6 {
+            IpAddr::V6(std::net::Ipv6Addr::from(*a))
+        } else {
+            ip_from_addr(a)
+        }
+    };
+    Some(crate::sys::sockdiag::TcpSocket {
+        v6,
+        local: (ip(&n.local), n.local_port),
+        remote: (ip(&e.addr), e.port),
+        cookie: n.cookie,
+    })
+}
+
 /// The name of a `name_why` code.
 pub fn name_why_text(code: u8) -> &'static str {
     match code {
@@ -168,6 +199,7 @@ pub fn name_why_text(code: u8) -> &'static str {
         name_why::UNKNOWN => "unknown-protocol",
         name_why::BAD_NAME => "bad-name",
         name_why::TOO_LARGE => "too-large",
+        name_why::UNJUDGED => "unjudged",
         _ => "error",
     }
 }
@@ -208,6 +240,7 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::SOCKET_CREATE => "socket_create",
         hook::ACCEPT => "accept",
         hook::FIRST_FLIGHT => "first_flight",
+        hook::SETSOCKOPT => "setsockopt",
         _ => "unknown",
     }
 }
@@ -606,6 +639,64 @@ mod tests {
         assert_eq!(rfc3339(t), "2026-11-25T13:34:06.123456Z");
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn a_refused_flight_names_its_socket_for_the_reset() {
+        let event = |hook: u8, audited: u8, family: u8, local: [u8; 16]| {
+            let n = NameDenyEvent {
+                event: DenyEvent {
+                    ts_ns: 1,
+                    cgroup_id: 0,
+                    pid: 7,
+                    tid: 7,
+                    uid: 0,
+                    gid: 0,
+                    addr: egress_common::addr_from_v4([198, 51, 100, 20]),
+                    port: 443,
+                    ip_proto: 6,
+                    hook,
+                    reason: reason::NAME,
+                    audited,
+                    _pad: [0; 2],
+                    comm: [0; 16],
+                },
+                why: name_why::NOT_PERMITTED,
+                family,
+                name_len: 0,
+                local_port: 40_000,
+                _pad2: 0,
+                cookie: 0x1_0000_0002,
+                local,
+                name: [0; egress_common::events::NAME_MAX],
+            };
+            // SAFETY: plain old data without padding, viewed as its bytes.
+            unsafe {
+                std::slice::from_raw_parts((&raw const n).cast::<u8>(), size_of::<NameDenyEvent>())
+            }
+            .to_vec()
+        };
+        let v4 = egress_common::addr_from_v4([10, 0, 0, 2]);
+        let s = refused_flight(&event(hook::FIRST_FLIGHT, 0, 2, v4)).unwrap();
+        assert_eq!(
+            s,
+            crate::sys::sockdiag::TcpSocket {
+                v6: false,
+                local: ("10.0.0.2".parse().unwrap(), 40_000),
+                remote: ("198.51.100.20".parse().unwrap(), 443),
+                cookie: 0x1_0000_0002,
+            }
+        );
+        // An AF_INET6 socket keeps its IPv4-mapped addresses as such.
+        let s = refused_flight(&event(hook::FIRST_FLIGHT, 0, 10, v4)).unwrap();
+        assert!(s.v6);
+        assert_eq!(s.local.0.to_string(), "::ffff:10.0.0.2");
+        assert_eq!(s.remote.0.to_string(), "::ffff:198.51.100.20");
+        // The backstop's drop of an unjudged flight names its socket too.
+        assert!(refused_flight(&event(hook::EGRESS, 0, 2, v4)).is_some());
+        // Audit mode lets the flight through: nothing to reset.
+        assert_eq!(refused_flight(&event(hook::FIRST_FLIGHT, 1, 2, v4)), None);
+        assert_eq!(refused_flight(&event(hook::CONNECT4, 0, 2, v4)), None);
     }
 
     #[test]

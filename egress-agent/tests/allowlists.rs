@@ -94,6 +94,43 @@ fn curated_allowlists_say_what_they_are_for_and_whom_to_ask() {
     }
 }
 
+/// Well-known ports of protocols whose first bytes carry no TLS server name or HTTP Host:
+/// SSH, git://, and databases and caches an agent might be given.
+const NAMELESS_PORTS: [(u16, &str); 8] = [
+    (22, "ssh"),
+    (9418, "git://"),
+    (5432, "postgres"),
+    (3306, "mysql"),
+    (6379, "redis"),
+    (27017, "mongodb"),
+    (11211, "memcached"),
+    (1433, "sql server"),
+];
+
+#[test]
+fn host_rules_for_protocols_without_a_name_admit_by_address() {
+    // Name binding refuses a first flight that names nothing: such a rule would never work
+    // unless it says name_check: false.
+    for f in allowlists() {
+        let p = policy::load(&f).unwrap_or_else(|e| panic!("{e}"));
+        for r in &p.rules {
+            if !matches!(r.target, policy::Target::Host(_)) || !r.name_check {
+                continue;
+            }
+            for (port, proto) in NAMELESS_PORTS {
+                assert!(
+                    !r.ports.iter().any(|&(lo, hi)| lo <= port && port <= hi)
+                        || r.ports == [(0, u16::MAX)],
+                    "{}:{}: a host rule on port {port} ({proto}, which carries no name) needs \
+                     name_check: false",
+                    r.origin.file.display(),
+                    r.origin.line
+                );
+            }
+        }
+    }
+}
+
 fn allowed(file: &str, target: &str) -> bool {
     let p = policy::load(&root().join(file)).unwrap_or_else(|e| panic!("{e}"));
     explain::explain(
@@ -161,7 +198,15 @@ fn explain_exit_status_is_0_allowed_1_denied_2_unusable() {
     assert!(
         out.starts_with("api.anthropic.com:443/tcp: allowed by ")
             && out.contains("anthropic-api.yaml:")
-            && out.ends_with("(host api.anthropic.com, ports 443, tcp)\n"),
+            && out
+                .lines()
+                .next()
+                .is_some_and(|l| l.ends_with("(host api.anthropic.com, ports 443, tcp)")),
+        "{out}"
+    );
+    assert!(
+        out.contains("api.anthropic.com:443/tcp: name-bound: ")
+            && out.contains("permitted on 443/tcp (api.anthropic.com, "),
         "{out}"
     );
 

@@ -24,6 +24,10 @@ pub mod hook {
     /// `sk_msg` `first_flight`: the first bytes a name-bound TCP connection sends (TLS SNI,
     /// HTTP Host). The record is a [`super::NameDenyEvent`].
     pub const FIRST_FLIGHT: u8 = 9;
+    /// `cgroup/setsockopt`: `TCP_ULP` on a name-bound socket whose first flight was not
+    /// judged and let through (kernel TLS would have `first_flight` judge the plaintext and
+    /// send its encryption). Reason `NAME`.
+    pub const SETSOCKOPT: u8 = 10;
 }
 
 /// Why a destination was denied.
@@ -74,6 +78,10 @@ pub mod name_why {
     pub const TOO_LARGE: u8 = 10;
     /// The program could not read the message (it refuses).
     pub const ERROR: u8 = 11;
+    /// Payload that never met `first_flight` (TCP Fast Open data, MPTCP, a send that was
+    /// already waiting for the handshake), or sent after a refused flight: the backstop drops
+    /// it (hook `egress`).
+    pub const UNJUDGED: u8 = 12;
 }
 
 /// Longest name a [`NameDenyEvent`] carries: a host name is at most 253 bytes.
@@ -88,17 +96,25 @@ pub struct NameDenyEvent {
     pub event: DenyEvent,
     /// One of the `name_why` constants.
     pub why: u8,
-    /// Always zero.
-    pub _pad: u8,
+    /// The socket's family (`AF_INET` 2 or `AF_INET6` 10): how `local` and the event's
+    /// `addr` name the socket to `sock_diag`.
+    pub family: u8,
     /// Bytes of `name` that count, host byte order.
     pub name_len: u16,
+    /// The socket's local port, host byte order.
+    pub local_port: u16,
     /// Always zero.
-    pub _pad2: u32,
+    pub _pad2: u16,
+    /// The socket's cookie (`bpf_get_socket_cookie`, as `sock_diag` reports it), host order:
+    /// with the addresses, what the agent needs to reset a refused connection.
+    pub cookie: u64,
+    /// The socket's local address, IPv4 mapped, network byte order.
+    pub local: [u8; 16],
     /// The name as sent (not lower-cased), when the flight carried one.
     pub name: [u8; NAME_MAX],
 }
 
-const _: () = assert!(core::mem::size_of::<NameDenyEvent>() == 72 + 8 + NAME_MAX);
+const _: () = assert!(core::mem::size_of::<NameDenyEvent>() == 72 + 8 + 8 + 16 + NAME_MAX);
 
 /// One denied connect or send.
 #[repr(C)]

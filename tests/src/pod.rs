@@ -207,11 +207,12 @@ impl AgentPins {
     }
 
     /// How many link pins one generation has: 8 sock_addr + sock_create + the egress
-    /// backstop + the ingress judge of accepted connections + name binding's `sock_ops`,
-    /// plus the family guard (`socket_create`) where the kernel loads BPF LSM programs.
+    /// backstop + the ingress judge of accepted connections + name binding's `sock_ops` and
+    /// `setsockopt`, plus the family guard (`socket_create`) where the kernel loads BPF LSM
+    /// programs.
     pub fn links_per_generation(&self) -> usize {
         let guard = self.links().iter().any(|l| l.starts_with("socket_create@"));
-        12 + usize::from(guard)
+        13 + usize::from(guard)
     }
 
     /// The names of the pinned maps, sorted.

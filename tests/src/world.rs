@@ -462,6 +462,32 @@ fn parse_queries(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// Python for command scripts: `hello(sni=None, pad=0, ech=False, sni_twice=False,
+/// upper=False)` builds one TLS record holding a ClientHello by hand (TLS 1.3 shape: random,
+/// a session id, one cipher suite), with a `server_name` for `sni` (twice, or upper-cased),
+/// an `encrypted_client_hello` extension, or a padding extension of `pad` bytes.
+pub const CLIENT_HELLO_PY: &str = r#"
+import os
+
+def hello(sni=None, pad=0, ech=False, sni_twice=False, upper=False):
+    exts = b""
+    names = [sni, sni] if sni_twice else ([sni] if sni is not None else [])
+    for n in names:
+        n = (n.upper() if upper else n).encode()
+        entry = b"\x00" + len(n).to_bytes(2, "big") + n
+        lst = len(entry).to_bytes(2, "big") + entry
+        exts += b"\x00\x00" + len(lst).to_bytes(2, "big") + lst
+    if ech:
+        body = os.urandom(40)
+        exts += b"\xfe\x0d" + len(body).to_bytes(2, "big") + body
+    if pad:
+        exts += b"\x00\x15" + pad.to_bytes(2, "big") + b"\x00" * pad
+    body = (b"\x03\x03" + os.urandom(32) + b"\x20" + os.urandom(32) + b"\x00\x02\x13\x01"
+            + b"\x01\x00" + len(exts).to_bytes(2, "big") + exts)
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
+"#;
+
 /// The python3 interpreter for command scripts: the system one when there is one (a shim
 /// in `PATH`, such as pyenv's, would run more than python inside the enforced cgroup).
 pub fn python3() -> &'static str {

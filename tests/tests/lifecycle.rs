@@ -32,7 +32,7 @@ use egress_tests::{
     TestDir,
     pod::{AgentPins, AttachAgent, AttachBuilder, Pod, agent_cli, http_get, metric},
     poll_until, unique_name,
-    world::{DnsWorld, EchoListener, UPSTREAM, python3},
+    world::{CLIENT_HELLO_PY, DnsWorld, EchoListener, UPSTREAM, python3},
 };
 use serde_json::Value;
 
@@ -432,6 +432,19 @@ fn wait_deny(agent: &AttachAgent, pid: &Value, ip: &str, port: u16) -> Value {
         })
 }
 
+/// Waits for the restarted agent's warning that it adopted the pinned state.
+#[track_caller]
+fn wait_adopted(agent: &AttachAgent) {
+    agent
+        .wait_event(WAIT, |e| {
+            e["event"] == "warning"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("adopted the pinned state"))
+        })
+        .unwrap_or_else(|| panic!("no adopted warning\n{}", agent.output()));
+}
+
 /// Waits for a `policy-reloaded` (or fails on a `policy-rejected`) after `seen` events.
 #[track_caller]
 fn wait_reloaded(agent: &AttachAgent, seen: usize) -> Value {
@@ -642,7 +655,7 @@ fn kill_9_keeps_enforcement_and_a_restarted_agent_adopts_it() {
     assert_eq!(
         links_before.len(),
         env.pins.links_per_generation(),
-        "8 sock_addr + sock_create + egress backstop + ingress + sock_ops (+ family guard) links: {links_before:?}"
+        "8 sock_addr + sock_create + egress backstop + ingress + sock_ops + setsockopt (+ family guard) links: {links_before:?}"
     );
     assert_eq!(generations_before.len(), 1, "{links_before:?}");
     let maps_before = env.pins.maps();
@@ -700,14 +713,7 @@ fn kill_9_keeps_enforcement_and_a_restarted_agent_adopts_it() {
 
     // A new agent of the same name adopts the pins.
     let mut second = env.start_agent(&[]);
-    second
-        .wait_event(WAIT, |e| {
-            e["event"] == "warning"
-                && e["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with("adopted the pinned state"))
-        })
-        .unwrap_or_else(|| panic!("no adopted warning\n{}", second.output()));
+    wait_adopted(&second);
     let links_after = env.pins.links();
     let generations_after = env.pins.generations();
     assert_eq!(
@@ -1141,14 +1147,7 @@ fn a_restart_with_trace_verdicts_adopts_the_pins_and_traces() {
     first.kill9();
 
     let mut second = env.start_agent(&["--trace-verdicts"]);
-    second
-        .wait_event(WAIT, |e| {
-            e["event"] == "warning"
-                && e["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with("adopted the pinned state"))
-        })
-        .unwrap_or_else(|| panic!("no adopted warning\n{}", second.output()));
+    wait_adopted(&second);
     assert_eq!(
         env.pins.maps(),
         maps_before,
@@ -1866,7 +1865,11 @@ fn reloads_every_50ms_with_restarts_keep_the_maps_equal_to_the_policy() {
     // The last file written was p1 or p2; end on p2 (one more change), and wait until the
     // agent has applied it.
     let seen = agent.events().len();
-    env.write_allowlist(&format!("# final\n{p2}"));
+    // Renamed over, as the writer did: an in-place write can be read empty by the agent's
+    // 10 ms poll, which rejects it (a valid outcome, but not the one awaited here).
+    let tmp = env.allowlist().with_extension("tmp");
+    fs::write(&tmp, format!("# final\n{p2}")).expect("write the allowlist");
+    fs::rename(&tmp, env.allowlist()).expect("rename the allowlist");
     wait_reloaded(&agent, seen);
 
     for r in &results {
@@ -2035,4 +2038,114 @@ fn attach_with_unix_rules_refuses_other_abstract_names() {
             })
             .unwrap_or_else(|| panic!("no deny line for @{n}\n{}", agent.output()));
     }
+}
+
+/// `allowed.example.com` on 8080, name-bound (the default `name_check`).
+const BOUND_RULE: &str = "  - host: allowed.example.com\n    ports: [8080]\n";
+
+/// Python for [`Env::flights`]: `flight(sni)` connects to the allowed address on 8080 and
+/// sends a ClientHello naming `sni` as its first flight.
+const FLIGHT: &str = r#"
+import time
+def flight(sni):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(3)
+    try:
+        s.connect(("198.51.100.10", 8080))
+        s.sendall(hello(sni))
+        time.sleep(0.05)
+        return {"ok": True}
+    except OSError as e:
+        return fail(e)
+    finally:
+        s.close()
+"#;
+
+impl Env {
+    /// From the app: a ClientHello for the permitted name, then one for a foreign name, to
+    /// the allowed address (admitted by an earlier lookup). Returns `[ok, foreign]`.
+    fn flights(&self) -> [Value; 2] {
+        let out = self.app(&format!(
+            "{CLIENT_HELLO_PY}\n{FLIGHT}\n\
+             out['ok'] = flight('allowed.example.com')\n\
+             out['foreign'] = flight('foreign.example.net')\n"
+        ));
+        [out["ok"].clone(), out["foreign"].clone()]
+    }
+}
+
+#[test]
+fn name_binding_holds_through_kill_9_and_a_restart() {
+    let env = Env::new(BOUND_RULE);
+    let listener = env.listener(ALLOWED_IP, 8080);
+    let check = |when: &str, agent: &AttachAgent, conns: usize| {
+        let [ok, foreign] = env.flights();
+        assert_eq!(
+            ok["ok"],
+            true,
+            "{when}: the permitted name passes: {ok}\n{}",
+            agent.output()
+        );
+        assert_eq!(
+            foreign["error"],
+            "EACCES",
+            "{when}: a foreign SNI is refused: {foreign}\n{}",
+            agent.output()
+        );
+        let lens = poll_until(WAIT, || {
+            let lens: Vec<usize> = listener.data().iter().map(Vec::len).collect();
+            (lens.len() == conns && lens[conns - 2] > 0).then_some(lens)
+        });
+        let lens = lens.unwrap_or_else(|| {
+            panic!(
+                "{when}: {conns} connections, the permitted flight arrived: {:?}\n{}",
+                listener.data().iter().map(Vec::len).collect::<Vec<_>>(),
+                agent.output()
+            )
+        });
+        assert_eq!(
+            lens[conns - 1],
+            0,
+            "{when}: the foreign flight sent zero bytes: {lens:?}\n{}",
+            agent.output()
+        );
+    };
+    let mut first = env.start_agent(&[]);
+    let out = env.app(&format!("out['r'] = resolve('{ALLOWED}')"));
+    assert_eq!(out["r"]["addrs"], Value::from(vec![ALLOWED_IP]), "{out}");
+    check("with the agent", &first, 2);
+
+    first.kill9();
+    check("after kill -9, no agent", &first, 4);
+
+    let mut second = env.start_agent(&[]);
+    wait_adopted(&second);
+    check("after the restart", &second, 6);
+    second
+        .wait_event(WAIT, |e| {
+            e["event"] == "deny" && e["reason"] == "name" && e["name"] == "foreign.example.net"
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the restarted agent reports the name deny\n{}",
+                second.output()
+            )
+        });
+    // `status`: the kernel's name-binding counters (pinned: all three rounds), and this
+    // agent's denies by reason (written every 2 s).
+    let status = poll_until(WAIT, || {
+        let s = env.status();
+        (s["agent"]["denies_by_reason"]["name"] == 1).then_some(s)
+    })
+    .unwrap_or_else(|| panic!("status counts the name deny: {}", env.status()));
+    assert_eq!(status["name_refused"], 3, "{status}");
+    assert_eq!(status["name_passed"], 3, "{status}");
+    let (code, text, err) = agent_cli(&["status", "--name", env.pins.name()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("names      name-bound first flights passed 3, refused 3\n")
+            && text.contains("name 1 (this agent's events, by reason)"),
+        "{text}"
+    );
+    assert_eq!(second.terminate().code(), Some(0), "{}", second.output());
 }

@@ -143,6 +143,8 @@ pub struct Counters {
 enum Link {
     Owned(FdLink),
     Pinned(PinnedLink),
+    /// A bpf_link made without aya (its descriptor): detached when closed.
+    Raw(std::os::fd::OwnedFd),
 }
 
 /// Says why the kernel would not load the family guard, in the words an operator needs.
@@ -383,16 +385,20 @@ impl Enforcer {
         let link = me.keep_link(INGRESS_PROGRAM, link)?;
         me.links.push(link);
         let bound_names = if judged {
-            super::name_bind::attach(&mut me._ebpf, &me.bound, &cgroup_dir)
-                .and_then(|link| me.keep_link(super::name_bind::SOCK_OPS_PROGRAM, link))
+            super::name_bind::attach(&mut me._ebpf, &me.bound, &cgroup_dir).and_then(|a| {
+                Ok(vec![
+                    me.keep_raw_link(super::name_bind::SETSOCKOPT_PROGRAM, a.setsockopt)?,
+                    me.keep_link(super::name_bind::SOCK_OPS_PROGRAM, a.sock_ops)?,
+                ])
+            })
         } else {
             Err(anyhow!(
                 "it needs socket storage in cgroup programs, which this kernel lacks"
             ))
         };
         match bound_names {
-            Ok(link) => {
-                me.links.push(link);
+            Ok(links) => {
+                me.links.extend(links);
                 me.config_value.flags |= FLAG_NAME_BIND;
                 me.write_config()?;
             }
@@ -457,6 +463,25 @@ impl Enforcer {
                 )
             }
             None => Link::Owned(link),
+        })
+    }
+
+    /// [`Enforcer::keep_link`] for a link aya did not make: pinned by hand, then opened again
+    /// as a `PinnedLink`.
+    fn keep_raw_link(&self, name: &str, fd: std::os::fd::OwnedFd) -> anyhow::Result<Link> {
+        Ok(match &self.pin_dir {
+            Some(dir) => {
+                let path = dir
+                    .join("links")
+                    .join(format!("{name}@{}", self.generation));
+                super::unix::obj_pin(std::os::fd::AsFd::as_fd(&fd), &path)
+                    .with_context(|| format!("cannot pin {}", path.display()))?;
+                Link::Pinned(
+                    PinnedLink::from_pin(&path)
+                        .with_context(|| format!("cannot open {}", path.display()))?,
+                )
+            }
+            None => Link::Raw(fd),
         })
     }
 
@@ -713,6 +738,7 @@ impl Enforcer {
         for link in self.links.drain(..) {
             match link {
                 Link::Owned(l) => drop(l),
+                Link::Raw(fd) => drop(fd),
                 Link::Pinned(p) => drop(p.unpin().context("cannot unpin a link")?),
             }
         }

@@ -16,7 +16,7 @@
 use std::{
     ffi::CStr,
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::Path,
 };
 
@@ -190,7 +190,7 @@ pub fn attach(cgroup: &Path, deny_abstract: Option<&[Vec<u8>]>) -> anyhow::Resul
         let prog = prog_load(&program(ring.as_raw_fd(), hook, deny_fd), hook, name)
             .with_context(|| format!("cannot load {}", name.to_string_lossy()))?;
         links.push(
-            link_create(&prog, dir.as_raw_fd(), hook)
+            link_create(prog.as_fd(), dir.as_raw_fd(), hook)
                 .with_context(|| format!("cannot attach {}", name.to_string_lossy()))?,
         );
         progs.push(prog);
@@ -441,12 +441,35 @@ fn prog_load(insns: &[Insn], hook: u32, name: &CStr) -> anyhow::Result<OwnedFd> 
     })
 }
 
-fn link_create(prog: &OwnedFd, cgroup_fd: i32, hook: u32) -> anyhow::Result<OwnedFd> {
+/// `BPF_LINK_CREATE` of `prog` on the cgroup `cgroup_fd` at attach type `hook` (also for
+/// programs aya loads but cannot hand a bpf_link of: `name_bind`'s `setsockopt`).
+pub(super) fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup_fd: i32,
+    hook: u32,
+) -> anyhow::Result<OwnedFd> {
     let mut attr = [0u8; 128];
     put32(&mut attr, 0, prog.as_raw_fd() as u32);
     put32(&mut attr, 4, cgroup_fd as u32);
     put32(&mut attr, 8, hook);
     Ok(bpf(BPF_LINK_CREATE, &mut attr)?)
+}
+
+/// `BPF_OBJ_PIN`: pins the object `fd` (a link) at `path` on a bpffs. Not through [`bpf`]:
+/// it returns 0, not a descriptor.
+pub(super) fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut attr = [0u8; 128];
+    put64(&mut attr, 0, c.as_ptr() as u64);
+    put32(&mut attr, 8, fd.as_raw_fd() as u32);
+    // SAFETY: a zero-padded `union bpf_attr` prefix whose path pointer outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_mut_ptr(), attr.len()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -119,6 +119,26 @@ fn render(s: &Status) -> String {
     );
     row(
         &mut o,
+        "names",
+        format!(
+            "name-bound first flights passed {}, refused {}",
+            s.name_passed, s.name_refused
+        ),
+    );
+    if let Some(a) = s.agent.as_ref().filter(|a| !a.denies_by_reason.is_empty()) {
+        let by: Vec<String> = a
+            .denies_by_reason
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        row(
+            &mut o,
+            "denies",
+            format!("{} (this agent's events, by reason)", by.join(", ")),
+        );
+    }
+    row(
+        &mut o,
         "entries",
         format!("{} cidr/ip, {} from DNS", s.cidr_entries, s.dns_entries),
     );

@@ -164,6 +164,12 @@ fn drain(
             tracing::warn!("short record ({} bytes) in the events ring", item.len());
             continue;
         };
+        if let Some(sock) = crate::events::refused_flight(&item) {
+            // Before the throttle: every refused connection is reset, reported or not.
+            if let Err(err) = crate::sys::sockdiag::destroy_tcp(&sock) {
+                tracing::debug!("cannot reset the refused connection {sock:?}: {err}");
+            }
+        }
         out.metrics.deny(reason_name(e.reason));
         if throttle.admit(&e) {
             let mut rec = DenyRecord::from_kernel(&e, boot_offset);

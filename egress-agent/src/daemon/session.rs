@@ -126,7 +126,8 @@ impl Session {
         enforcer.set_resolver(Some(resolver.addr()))?;
         if let Some(why) = enforcer.name_binding_missing() {
             warnings.push(format!(
-                "name binding (TLS SNI and HTTP Host judged in the kernel) cannot run here:                  {why}. Host rules admit by address only"
+                "name binding (TLS SNI and HTTP Host judged in the kernel) cannot run here: \
+                 {why}. Host rules admit by address only"
             ));
         }
         let enforcer = Arc::new(Mutex::new(enforcer));
@@ -512,6 +513,11 @@ async fn keep_state(inputs: StateInputs, dns: Arc<DnsContext>, metrics: Arc<Metr
                 .iter()
                 .cloned()
                 .collect(),
+            denies_by_reason: metrics
+                .denies_by_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             written: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default()

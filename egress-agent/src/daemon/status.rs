@@ -14,8 +14,8 @@ use egress_common::{
     Addr, AllowValue, Config,
     config::FLAG_AUDIT,
     consts::{
-        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, MAP_ALLOW_CIDR,
-        MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS,
+        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_NAME_DENY, COUNTER_NAME_PASS,
+        COUNTER_RINGBUF_DROP, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,9 @@ pub struct AgentState {
     pub policy_rejected: Option<String>,
     /// Latest deny events, newest last.
     pub latest_denies: Vec<serde_json::Value>,
+    /// This agent's deny events by reason (`no-rule`, `port`, `name`, ...), since it started.
+    #[serde(default)]
+    pub denies_by_reason: std::collections::BTreeMap<String, u64>,
     /// When written (seconds since the epoch).
     pub written: u64,
 }
@@ -163,6 +166,10 @@ pub struct Status {
     pub ringbuf_drops: u64,
     /// Kernel counters.
     pub errors: u64,
+    /// Kernel counters: first flights of name-bound connections judged and let through.
+    pub name_passed: u64,
+    /// Kernel counters: first flights refused by name binding (reported, in audit mode).
+    pub name_refused: u64,
     /// Static CIDR/IP entries.
     pub cidr_entries: usize,
     /// Live DNS-derived addresses.
@@ -222,6 +229,8 @@ pub fn read(name: &str) -> anyhow::Result<Status> {
         denied: sum(COUNTER_DENY),
         ringbuf_drops: sum(COUNTER_RINGBUF_DROP),
         errors: sum(COUNTER_ERROR),
+        name_passed: sum(COUNTER_NAME_PASS),
+        name_refused: sum(COUNTER_NAME_DENY),
         cidr_entries,
         dns_entries,
         agent,

@@ -293,6 +293,49 @@ pub fn destroy_cgroup_sockets(cgroup_id: u64) -> io::Result<usize> {
     Ok(destroyed)
 }
 
+/// One TCP socket, exactly, as `sock_diag` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSocket {
+    /// `AF_INET6` (addresses as the socket holds them, IPv4-mapped included), else `AF_INET`.
+    pub v6: bool,
+    /// Its own address and port.
+    pub local: (IpAddr, u16),
+    /// Its peer.
+    pub remote: (IpAddr, u16),
+    /// Its cookie: a newer socket on the same addresses is left alone.
+    pub cookie: u64,
+}
+
+/// Resets the TCP socket `s` (`SOCK_DESTROY`, as `ss -K` does): its reads and writes fail at
+/// once with `ECONNABORTED`, the peer gets a reset. Name binding calls it for a connection
+/// whose first flight was refused, so a client that drops the send's error (Node's TLS
+/// socket) fails now instead of when the peer gives up. `Ok(false)`: the socket is gone.
+pub fn destroy_tcp(s: &TcpSocket) -> io::Result<bool> {
+    let fd = open()?;
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let family = if s.v6 { libc::AF_INET6 } else { libc::AF_INET };
+    let mut req = Vec::with_capacity(NLMSG_HDR + REQ_LEN);
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    nlmsghdr(&mut req, NLMSG_HDR + REQ_LEN, SOCK_DESTROY, flags, seq);
+    req.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    // inet_diag_find_one_icsk: src is the socket's own side.
+    req.extend_from_slice(&s.local.1.to_be_bytes());
+    req.extend_from_slice(&s.remote.1.to_be_bytes());
+    req.extend_from_slice(&addr_bytes(s.local.0));
+    req.extend_from_slice(&addr_bytes(s.remote.0));
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    // idiag_cookie[2]: low word first (sock_diag_check_cookie).
+    req.extend_from_slice(&(s.cookie as u32).to_ne_bytes());
+    req.extend_from_slice(&((s.cookie >> 32) as u32).to_ne_bytes());
+    send(&fd, &req)?;
+    match read_ack(&fd, seq)? {
+        0 => Ok(true),
+        libc::ENOENT => Ok(false),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// The `INET_DIAG_CGROUP_ID` attribute of an `inet_diag_msg` body, if it has one.
 fn cgroup_of(body: &[u8]) -> Option<u64> {
     let mut attrs = body.get(MSG_LEN..)?;

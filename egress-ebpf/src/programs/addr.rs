@@ -1,6 +1,6 @@
 //! Reads and writes of the destination in a `cgroup/sock_addr` context, shared by the
 //! programs that judge it (`sock_addr`), steer it (`dns`) and restore it (`restore`), so no
-//! program module imports another.
+//! program module imports another; and a socket's own address for name binding's events.
 
 use aya_ebpf::programs::SockAddrContext;
 use egress_common::Addr;
@@ -43,4 +43,24 @@ pub fn write_v6(ctx: &SockAddrContext, a: &Addr, port: u16) {
         sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
         sa.user_port = u32::from(port.to_be());
     }
+}
+
+/// `AF_INET6`.
+const AF_INET6: u32 = 10;
+
+/// A socket's own address as a `NameDenyEvent` carries it: for `AF_INET6` the four words of
+/// the IPv6 address (network byte order, as loaded), else the IPv4 word, mapped. The caller
+/// loads each word at its own fixed offset of its context (a load chosen by a branch became a
+/// variable context offset, which the verifier refuses).
+#[inline(always)]
+pub fn local_addr(family: u32, ip4: u32, ip6: [u32; 4]) -> Addr {
+    if family != AF_INET6 {
+        return egress_common::addr_from_v4(ip4.to_ne_bytes());
+    }
+    let mut a = [0u8; 16];
+    a[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
+    a[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
+    a[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
+    a[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
+    a
 }

@@ -41,7 +41,9 @@
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
-    helpers::{bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_skb_cgroup_id},
+    helpers::{
+        bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_skb_cgroup_id, generated::bpf_get_socket_cookie,
+    },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -49,7 +51,7 @@ use egress_common::{
     Addr, Config, DenyEvent, addr_from_v4,
     config::FLAG_NAME_BIND,
     consts::{COUNTER_BACKSTOP_DROP, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
-    events::{hook, reason},
+    events::{NAME_MAX, NameDenyEvent, hook, name_why, reason},
 };
 
 use super::{
@@ -110,7 +112,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                 if p[0] & 0x0f == 5
                     && p[9] == IPPROTO_TCP
                     && !syn(ctx, 20)?
-                    && !unjudged_flight(skb, cfg)
+                    && unjudged_flight(skb, cfg).is_null()
                 {
                     return Ok(PASS);
                 }
@@ -127,7 +129,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             ETH_P_IPV6 => {
                 // As for IPv4: the established path decides first.
                 let p: [u8; 8] = read(ctx, 0)?;
-                if p[6] == IPPROTO_TCP && !syn(ctx, 40)? && !unjudged_flight(skb, cfg) {
+                if p[6] == IPPROTO_TCP && !syn(ctx, 40)? && unjudged_flight(skb, cfg).is_null() {
                     return Ok(PASS);
                 }
                 let h: [u8; 40] = read(ctx, 0)?;
@@ -160,14 +162,12 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             let headers = l4_off as u32 + u32::from(t[12] >> 4) * 4;
             let payload = ctx.skb.len() > headers;
             if !syn {
-                if payload && unjudged_flight(skb, cfg) {
-                    return Ok(drop_packet(
-                        &addr,
-                        u16::from_be_bytes([t[2], t[3]]),
-                        IPPROTO_TCP,
-                        reason::NAME,
-                        hook::EGRESS,
-                    ));
+                if payload {
+                    let sk = unjudged_flight(skb, cfg);
+                    if !sk.is_null() {
+                        let port = u16::from_be_bytes([t[2], t[3]]);
+                        return Ok(drop_unjudged(skb, sk, &addr, port));
+                    }
                 }
                 return Ok(PASS);
             }
@@ -180,16 +180,13 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                     port,
                 ));
             }
-            if payload && unjudged_flight(skb, cfg) {
+            if payload {
                 // TCP Fast Open data in the SYN of a name-bound connection: no sk_msg program
                 // saw it (the socket joins BOUND only when the handshake completes).
-                return Ok(drop_packet(
-                    &addr,
-                    port,
-                    IPPROTO_TCP,
-                    reason::NAME,
-                    hook::EGRESS,
-                ));
+                let sk = unjudged_flight(skb, cfg);
+                if !sk.is_null() {
+                    return Ok(drop_unjudged(skb, sk, &addr, port));
+                }
             }
             if judged(skb, &addr, port, IPPROTO_TCP) {
                 // connect4/6 allowed this very destination for this socket.
@@ -312,28 +309,89 @@ fn name_binding_on(cfg: Option<&Config>) -> bool {
     cfg.is_some_and(|c| c.flags & FLAG_NAME_BIND != 0)
 }
 
-/// Whether the packet's socket is name-bound and its first flight was not judged and let
-/// through: payload sent past `first_flight` (TCP Fast Open data, a send that was already
-/// waiting in `tcp_sendmsg` for the handshake, a socket `sock_ops` could not put in `BOUND`),
-/// or sent after a refused one.
-#[inline(always)]
+/// The packet's socket if it is name-bound and its first flight was not judged and let
+/// through (else null): payload sent past `first_flight` (TCP Fast Open data, a send that was
+/// already waiting in `tcp_sendmsg` for the handshake, a socket `sock_ops` could not put in
+/// `BOUND`, an MPTCP subflow), or sent after a refused one.
 /// Costs nothing while name binding is off (`cfg`'s `FLAG_NAME_BIND`); else a socket lookup and
 /// a socket storage lookup, which finds nothing for a socket name binding never concerned.
-fn unjudged_flight(skb: *mut __sk_buff, cfg: Option<&Config>) -> bool {
+#[inline(always)]
+fn unjudged_flight(skb: *mut __sk_buff, cfg: Option<&Config>) -> *mut bpf_sock {
     if !name_binding_on(cfg) {
-        return false;
+        return core::ptr::null_mut();
     }
     let sk = full_socket(skb);
     if sk.is_null() {
-        return false;
+        return sk;
     }
     let b = super::judged::of(sk);
     // SAFETY: non-null socket storage.
-    !b.is_null()
+    let unjudged = !b.is_null()
         && matches!(
             unsafe { (*b).bind },
             super::judged::BIND_PENDING | super::judged::BIND_REFUSED
-        )
+        );
+    if unjudged { sk } else { core::ptr::null_mut() }
+}
+
+/// Drops (in audit mode passes) a segment of [`unjudged_flight`]'s socket `sk` to `addr`,
+/// `port`, reported as a [`NameDenyEvent`] (hook `egress`, `name_why` `unjudged`) that names
+/// the socket, so the agent resets the connection: the sender fails at once instead of
+/// retransmitting into the drop.
+fn drop_unjudged(skb: *mut __sk_buff, sk: *mut bpf_sock, addr: &Addr, port: u16) -> i32 {
+    count(COUNTER_BACKSTOP_DROP);
+    let audit = audit_mode();
+    if let Some(mut entry) = EVENTS.reserve::<NameDenyEvent>(0) {
+        let e = entry.as_mut_ptr();
+        // SAFETY: `e` is the reserved record, written whole before submit; `sk` is a full
+        // socket (each field read at its own fixed offset).
+        unsafe {
+            let d = &mut (*e).event;
+            d.ts_ns = bpf_ktime_get_boot_ns();
+            d.cgroup_id = 0;
+            d.pid = 0;
+            d.tid = 0;
+            d.uid = 0;
+            d.gid = 0;
+            d.addr = *addr;
+            d.port = port;
+            d.ip_proto = IPPROTO_TCP;
+            d.hook = hook::EGRESS;
+            d.reason = reason::NAME;
+            d.audited = u8::from(audit);
+            d._pad = [0; 2];
+            d.comm = [0; 16];
+            let family = core::ptr::read_volatile(&raw const (*sk).family);
+            let ip4 = core::ptr::read_volatile(&raw const (*sk).src_ip4);
+            let w = [
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[3]),
+            ];
+            (*e).why = name_why::UNJUDGED;
+            (*e).family = family as u8;
+            (*e).name_len = 0;
+            (*e).local_port = core::ptr::read_volatile(&raw const (*sk).src_port) as u16;
+            (*e)._pad2 = 0;
+            (*e).cookie = bpf_get_socket_cookie(skb.cast());
+            (*e).local = super::addr::local_addr(family, ip4, w);
+            (*e).name = [0; NAME_MAX];
+        }
+        entry.submit(0);
+    } else {
+        count(COUNTER_RINGBUF_DROP);
+    }
+    let verdict = if audit { PASS } else { DROP };
+    trace::verdict(
+        hook::EGRESS,
+        addr,
+        port,
+        u32::from(IPPROTO_TCP),
+        verdict,
+        reason::NAME,
+    );
+    verdict
 }
 
 /// Whether the TCP segment at `l4_off` bytes into the packet carries SYN (its whole fixed

@@ -34,15 +34,15 @@ use aya_ebpf::{
             bpf_msg_pull_data, bpf_sk_storage_delete, bpf_sk_storage_get,
         },
     },
-    macros::{btf_map, map, sk_msg, sock_ops},
+    macros::{btf_map, cgroup_sockopt, map, sk_msg, sock_ops},
     maps::{LpmTrie, SockHash, lpm_trie::Key},
-    programs::{SkMsgContext, SockOpsContext},
+    programs::{SkMsgContext, SockOpsContext, SockoptContext},
 };
 use egress_common::{
     AllowValue,
     consts::{
         BOUND_CAPACITY, COUNTER_ERROR, COUNTER_NAME_DENY, COUNTER_NAME_PASS,
-        DEFAULT_NAMES_CAPACITY, FIRST_FLIGHT_MAX, PROTO_TCP,
+        DEFAULT_NAMES_CAPACITY, FIRST_FLIGHT_MAX, PROTO_TCP, VERDICT_ALLOW, VERDICT_DENY,
     },
     events::{NAME_MAX, NameDenyEvent, hook, name_why, reason},
     names::{EXACT_END, NAME_KEY_BYTES, NameBytes},
@@ -50,7 +50,7 @@ use egress_common::{
 
 use super::{
     judged::{self, BIND_PASSED, BIND_PENDING, BIND_REFUSED},
-    verdict::{audit_mode, count},
+    verdict::{Destination, audit_mode, count, deny},
 };
 use crate::maps::EVENTS;
 
@@ -108,6 +108,59 @@ pub struct Flight {
 
 #[btf_map]
 static FLIGHT: SkStorage<Flight> = SkStorage::new();
+
+/// `SOL_TCP` and `TCP_ULP` (include/uapi/linux/tcp.h).
+const SOL_TCP: i32 = 6;
+const TCP_ULP: i32 = 31;
+
+/// Refuses `setsockopt(SOL_TCP, TCP_ULP)` on a name-bound socket until its first flight was
+/// judged and let through. Kernel TLS (the `tls` ULP) on a socket in `BOUND` makes
+/// `tls_sw_sendmsg` run `first_flight` on the *plaintext* record and send its encryption: with
+/// a key of its own choosing the sender can make a plaintext that reads as a permitted
+/// ClientHello encrypt to one naming another tenant (docs/KERNEL-NOTES.md). A real kTLS user
+/// sets the ULP after its handshake, whose ClientHello was judged. Every other option passes.
+#[cgroup_sockopt(setsockopt)]
+pub fn setsockopt(ctx: SockoptContext) -> i32 {
+    match try_setsockopt(&ctx) {
+        Ok(v) => v,
+        Err(()) => {
+            count(COUNTER_ERROR);
+            VERDICT_DENY
+        }
+    }
+}
+
+fn try_setsockopt(ctx: &SockoptContext) -> Result<i32, ()> {
+    // SAFETY: the context the kernel passed; `level` and `optname` are plain fields.
+    let (level, optname, sk) = unsafe {
+        let o = &*ctx.sockopt;
+        (o.level, o.optname, o.__bindgen_anon_1.sk)
+    };
+    if level != SOL_TCP || optname != TCP_ULP {
+        return Ok(VERDICT_ALLOW);
+    }
+    if sk.is_null() {
+        return Err(());
+    }
+    let j = judged::of(sk);
+    if j.is_null() {
+        return Ok(VERDICT_ALLOW);
+    }
+    // SAFETY: non-null socket storage.
+    let (bind, addr, port) = unsafe { ((*j).bind, (*j).addr, (*j).port) };
+    if bind != BIND_PENDING && bind != BIND_REFUSED {
+        return Ok(VERDICT_ALLOW);
+    }
+    Ok(deny(
+        &Destination {
+            addr,
+            port,
+            ip_proto: 6,
+            hook: hook::SETSOCKOPT,
+        },
+        reason::NAME,
+    ))
+}
 
 #[sock_ops]
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
@@ -277,7 +330,7 @@ fn try_first_flight(ctx: &SkMsgContext) -> Result<u32, ()> {
     };
     count(COUNTER_NAME_DENY);
     let audit = audit_mode();
-    report(j, f, why, audit);
+    report(ctx, j, f, why, audit);
     if audit {
         release(sk, j, BIND_PASSED);
         return Ok(sk_action::SK_PASS);
@@ -718,7 +771,7 @@ fn name_to_key(f: &mut Flight) -> Result<(), u8> {
 }
 
 /// Reports a refused (or, in audit mode, passed) first flight with the name seen, if any.
-fn report(j: *mut judged::Binding, f: &Flight, why: u8, audited: bool) {
+fn report(ctx: &SkMsgContext, j: *mut judged::Binding, f: &Flight, why: u8, audited: bool) {
     let Some(mut entry) = EVENTS.reserve::<NameDenyEvent>(0) else {
         count(egress_common::consts::COUNTER_RINGBUF_DROP);
         return;
@@ -745,8 +798,26 @@ fn report(j: *mut judged::Binding, f: &Flight, why: u8, audited: bool) {
         d._pad = [0; 2];
         d.comm = comm;
         (*e).why = why;
-        (*e)._pad = 0;
+        // The socket, for the agent to reset a refused connection (clients that drop the
+        // send's error, such as Node's TLS, would otherwise wait for the peer).
+        // Each context field read volatile, at its own fixed offset: a read chosen by a
+        // branch became `ctx + variable offset`, which the verifier refuses ("dereference of
+        // modified ctx ptr").
+        let m = ctx.msg;
+        let family = ptr::read_volatile(&raw const (*m).family);
+        let local_port = ptr::read_volatile(&raw const (*m).local_port);
+        let ip4 = ptr::read_volatile(&raw const (*m).local_ip4);
+        let w = [
+            ptr::read_volatile(&raw const (*m).local_ip6[0]),
+            ptr::read_volatile(&raw const (*m).local_ip6[1]),
+            ptr::read_volatile(&raw const (*m).local_ip6[2]),
+            ptr::read_volatile(&raw const (*m).local_ip6[3]),
+        ];
+        (*e).family = family as u8;
+        (*e).local_port = local_port as u16;
         (*e)._pad2 = 0;
+        (*e).cookie = (*j).cookie;
+        (*e).local = super::addr::local_addr(family, ip4, w);
         let has_name = matches!(why, name_why::NOT_PERMITTED | name_why::BAD_NAME);
         let n = if has_name && f.name_len <= NAME_MAX as u32 {
             f.name_len

@@ -198,7 +198,12 @@ fn describe(rule: &Rule) -> String {
         Protocol::Any => "tcp and udp",
         Protocol::Icmp => return format!("{target}, icmp (echo requests)"),
     };
-    format!("{target}, {ports}, {protocol}")
+    let by_address = if matches!(rule.target, Target::Host(_)) && !rule.name_check {
+        ", name_check: false"
+    } else {
+        ""
+    };
+    format!("{target}, {ports}, {protocol}{by_address}")
 }
 
 fn ranges_text(ranges: &[(u16, u16)]) -> String {
@@ -316,7 +321,90 @@ fn name_verdict(
     if port.is_none() && permitting.len() > 1 {
         out.line(format_args!("in all: {}", union_text(&permitting)));
     }
+    binding_note(policy, &permitting, port, transport, out);
     true
+}
+
+/// Name binding (issue 13) for a connection that `hosts` (host rules permitting it) admit
+/// and no `cidr:`/`ip:` rule does: over TCP its first bytes must name a permitted name,
+/// unless one of them says `name_check: false`; over UDP, QUIC Initials are refused.
+fn binding_note(
+    policy: &Policy,
+    hosts: &[&Rule],
+    port: Option<u16>,
+    transport: Option<Transport>,
+    out: &mut Out,
+) {
+    let over = |t: Transport| -> Vec<&Rule> {
+        hosts
+            .iter()
+            .copied()
+            .filter(|r| r.protocol.bits() & t.bit() != 0)
+            .collect()
+    };
+    let (tcp, udp) = (over(Transport::Tcp), over(Transport::Udp));
+    let checking: Vec<&Rule> = tcp.iter().copied().filter(|r| r.name_check).collect();
+    let by_address: Vec<&Rule> = tcp.iter().copied().filter(|r| !r.name_check).collect();
+    let len = out.lines.len();
+    if transport.is_none_or(|t| t == Transport::Tcp) {
+        match port {
+            Some(p) if !checking.is_empty() && by_address.is_empty() => out.line(format_args!(
+                "name-bound: its first bytes must be a TLS ClientHello or an HTTP/1.x request \
+                 naming a name permitted on {p}/tcp ({}); another name, no name, ECH or \
+                 another protocol is refused before a byte leaves (name_check: false admits \
+                 by address)",
+                names_on(policy, &checking, p)
+            )),
+            Some(p) if !by_address.is_empty() => out.line(format_args!(
+                "admitted by address on {p}/tcp: {} has name_check: false, so any name or \
+                 protocol passes",
+                references(&by_address)
+            )),
+            None if !checking.is_empty() => out.line(format_args!(
+                "name-bound over tcp through {}: a connection's first bytes must name a name \
+                 permitted on its port (TLS server_name or HTTP Host); name_check: false \
+                 admits by address",
+                references(&checking)
+            )),
+            _ => {}
+        }
+    }
+    if let (Some(p), Some(Transport::Udp)) = (port, transport)
+        && !udp.is_empty()
+        && udp.iter().all(|r| r.name_check)
+    {
+        out.line(format_args!(
+            "QUIC Initial datagrams on {p}/udp are refused (their name is encrypted, so it \
+             cannot be judged; QUIC clients fall back to TCP, where it is); other datagrams \
+             pass (name_check: false admits QUIC by address)"
+        ));
+    }
+    if policy.mode == Mode::Audit && out.lines.len() > len {
+        out.line(
+            "note: in audit mode a flight name binding would refuse is reported and let through",
+        );
+    }
+}
+
+/// The names a name-bound connection on `port` may carry: every host rule permitting the
+/// port over TCP counts, `name_check` or not (a first flight is judged against all of
+/// them), `first` first. `api.example.com, *.example.org`, at most [`MAX_NAMES`] and `N more`.
+fn names_on(policy: &Policy, first: &[&Rule], port: u16) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for r in first.iter().copied().chain(&policy.rules) {
+        if let Target::Host(h) = &r.target
+            && permits(r, Some(port), Some(Transport::Tcp))
+            && !names.contains(&h.to_string())
+        {
+            names.push(h.to_string());
+        }
+    }
+    let more = names.len().saturating_sub(MAX_NAMES);
+    names.truncate(MAX_NAMES);
+    if more > 0 {
+        names.push(format!("{more} more"));
+    }
+    names.join(", ")
 }
 
 fn allowed_by(rules: &[&Rule], out: &mut Out) {
@@ -482,6 +570,7 @@ fn dns_note(
              while it is an answer for {}",
             names.join(", ")
         ));
+        binding_note(policy, &hosts, port, transport, out);
     }
 }
 

@@ -99,7 +99,12 @@ fn name_allowed_names_the_rule() {
         e.lines,
         [
             "api.anthropic.com:443/tcp: allowed by allowlists/x.yaml:3:5 allow[0] \
-                 (host api.anthropic.com, ports 443, tcp)"
+                 (host api.anthropic.com, ports 443, tcp)",
+            "api.anthropic.com:443/tcp: name-bound: its first bytes must be a TLS \
+                 ClientHello or an HTTP/1.x request naming a name permitted on 443/tcp \
+                 (api.anthropic.com, *.github.com, github.com); another name, no name, ECH or \
+                 another protocol is refused before a byte leaves (name_check: false admits \
+                 by address)"
         ]
     );
 }
@@ -159,7 +164,12 @@ fn several_rules_for_one_name() {
         e.lines,
         [
             "github.com:22/tcp: allowed by allowlists/x.yaml:8:5 allow[2] (host github.com, \
-                 ports 22, 443, tcp and udp)"
+                 ports 22, 443, tcp and udp)",
+            // SSH carries no name: such a rule wants name_check: false.
+            "github.com:22/tcp: name-bound: its first bytes must be a TLS ClientHello or an \
+                 HTTP/1.x request naming a name permitted on 22/tcp (github.com); another \
+                 name, no name, ECH or another protocol is refused before a byte leaves \
+                 (name_check: false admits by address)"
         ]
     );
     let p = policy(
@@ -168,7 +178,7 @@ fn several_rules_for_one_name() {
     );
     let e = run(&p, "a.example.com", None);
     assert!(e.allowed);
-    assert_eq!(e.lines.len(), 3, "{:?}", e.lines);
+    assert_eq!(e.lines.len(), 4, "{:?}", e.lines);
     assert!(e.lines[1].starts_with("a.example.com: also allowed by"));
     assert_eq!(
         e.lines[2],
@@ -194,7 +204,10 @@ fn name_without_port_lists_the_rule() {
         e.lines,
         [
             "api.github.com: allowed by allowlists/x.yaml:6:5 allow[1] (host *.github.com, \
-                 ports 443, tcp and udp)"
+                 ports 443, tcp and udp)",
+            "api.github.com: name-bound over tcp through allow[1] (allowlists/x.yaml:6:5): a \
+                 connection's first bytes must name a name permitted on its port (TLS \
+                 server_name or HTTP Host); name_check: false admits by address"
         ]
     );
     // Only UDP asked for, the rule is TCP only.
@@ -247,6 +260,10 @@ fn addresses_take_every_covering_prefix() {
             "10.1.2.3:443/tcp: host rules allow an address only after DNS answered it for \
                  their name: allowed while it is an answer for api.anthropic.com, *.github.com, \
                  github.com",
+            "10.1.2.3:443/tcp: name-bound: its first bytes must be a TLS ClientHello or an \
+                 HTTP/1.x request naming a name permitted on 443/tcp (api.anthropic.com, \
+                 *.github.com, github.com); another name, no name, ECH or another protocol is \
+                 refused before a byte leaves (name_check: false admits by address)",
         ]
     );
 }
@@ -266,7 +283,8 @@ fn uncovered_addresses_point_at_host_rules() {
     );
     let e = run(&p, "198.51.100.7", None);
     assert!(!e.allowed);
-    assert_eq!(e.lines.len(), 2);
+    assert_eq!(e.lines.len(), 3, "{:?}", e.lines);
+    assert!(e.lines[2].contains("name-bound over tcp"), "{:?}", e.lines);
 }
 
 #[test]
@@ -349,7 +367,12 @@ fn audit_mode_says_nothing_is_blocked() {
     assert!(e.lines.last().unwrap().contains("audit mode"));
     let e = run(&p, "a.example.com:443", None);
     assert!(e.allowed);
-    assert_eq!(e.lines.len(), 1);
+    assert_eq!(e.lines.len(), 3, "{:?}", e.lines);
+    assert_eq!(
+        e.lines[2],
+        "a.example.com:443/tcp: note: in audit mode a flight name binding would refuse is \
+             reported and let through"
+    );
 }
 
 #[test]
@@ -416,5 +439,118 @@ fn a_peer_is_said_to_be_allowed_inbound() {
             .iter()
             .any(|l| l.contains("inbound")),
         "no note where no inbound rule covers the address"
+    );
+}
+
+const SHARED: &str = "version: 1
+allow:
+  - host: api.example.com
+    ports: [443]
+  - host: \"*.cdn.example.com\"
+    ports: [443, 8443]
+    protocol: tcp
+  - host: git.example.com
+    ports: [22]
+    protocol: tcp
+    name_check: false
+  - host: db.example.com
+    ports: [5432, 443]
+    protocol: tcp
+    name_check: false
+  - cidr: 192.0.2.0/24
+    ports: [443]
+";
+
+#[test]
+fn a_destination_admitted_by_host_rules_only_is_name_bound_and_names_what_passes() {
+    let p = policy(SHARED);
+    let e = run(&p, "api.example.com:443", None);
+    assert!(e.allowed);
+    assert_eq!(
+        e.lines[1],
+        "api.example.com:443/tcp: name-bound: its first bytes must be a TLS ClientHello or an \
+             HTTP/1.x request naming a name permitted on 443/tcp (api.example.com, \
+             *.cdn.example.com, db.example.com); another name, no name, ECH or another \
+             protocol is refused before a byte leaves (name_check: false admits by address)",
+        "every host rule's name passes on the port, name_check: false ones too"
+    );
+    // 8443: only the wildcard.
+    let e = run(&p, "x.cdn.example.com:8443", None);
+    assert!(
+        e.lines[1].contains("permitted on 8443/tcp (*.cdn.example.com);"),
+        "{:?}",
+        e.lines
+    );
+    // An address no static rule covers, reached through host rules.
+    let e = run(&p, "198.51.100.9:8443", None);
+    assert!(!e.allowed);
+    assert!(
+        e.lines.last().unwrap().contains("name-bound: ")
+            && e.lines.last().unwrap().contains("(*.cdn.example.com)"),
+        "{:?}",
+        e.lines
+    );
+    // A cidr rule admits by address: never name-bound.
+    let e = run(&p, "192.0.2.7:443", None);
+    assert!(e.allowed);
+    assert_eq!(e.lines.len(), 1, "{:?}", e.lines);
+}
+
+#[test]
+fn name_check_false_is_said_to_admit_by_address() {
+    let p = policy(SHARED);
+    let e = run(&p, "git.example.com:22", None);
+    assert!(e.allowed);
+    assert_eq!(
+        e.lines,
+        [
+            "git.example.com:22/tcp: allowed by allowlists/x.yaml:8:5 allow[2] (host \
+                 git.example.com, ports 22, tcp, name_check: false)",
+            "git.example.com:22/tcp: admitted by address on 22/tcp: allow[2] \
+                 (allowlists/x.yaml:8:5) has name_check: false, so any name or protocol passes",
+        ]
+    );
+    // An address reached through host rules, one of which admits by address on the port.
+    let e = run(&p, "198.51.100.9:443", None);
+    assert!(
+        e.lines
+            .last()
+            .unwrap()
+            .ends_with("allow[3] (allowlists/x.yaml:12:5) has name_check: false, so any name or protocol passes"),
+        "{:?}",
+        e.lines
+    );
+}
+
+#[test]
+fn quic_to_a_name_bound_destination_is_said_to_be_refused() {
+    let p = policy(SHARED);
+    let e = run(&p, "api.example.com:443", Some(Transport::Udp));
+    assert!(e.allowed);
+    assert_eq!(
+        e.lines[1],
+        "api.example.com:443/udp: QUIC Initial datagrams on 443/udp are refused (their name is \
+             encrypted, so it cannot be judged; QUIC clients fall back to TCP, where it is); \
+             other datagrams pass (name_check: false admits QUIC by address)"
+    );
+    let p = policy(
+        "version: 1\nallow:\n  - host: q.example.com\n    ports: [443]\n    name_check: false\n",
+    );
+    let e = run(&p, "q.example.com:443", Some(Transport::Udp));
+    assert_eq!(e.lines.len(), 1, "{:?}", e.lines);
+}
+
+#[test]
+fn the_names_that_pass_are_capped() {
+    let rules: String = (0..6)
+        .map(|i| format!("  - host: n{i}.example.com\n    ports: [443]\n"))
+        .collect();
+    let p = policy(&format!("version: 1\nallow:\n{rules}"));
+    let e = run(&p, "n0.example.com:443", None);
+    assert!(
+        e.lines[1]
+            .contains("(n0.example.com, n1.example.com, n2.example.com, n3.example.com, 2 more)"),
+        "{:?}",
+        e.lines
     );
 }

@@ -98,7 +98,7 @@ struct Run {
     sent: u64,
     lost: u64,
     qps: f64,
-    /// The most frequent response code.
+    /// The first response code of dnsperf's tally (all of them, when nothing failed).
     rcode: String,
     /// Each answered query's latency (ns), from `-v`.
     lat: Vec<f64>,

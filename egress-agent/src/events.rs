@@ -27,7 +27,8 @@ pub struct DenyRecord {
     #[serde(serialize_with = "ser_time")]
     pub ts: SystemTime,
     /// `tcp`, `udp`, or `ip:N` for another IP protocol; for the family guard
-    /// (`hook: socket_create`), the socket's address family (`af_packet`, `af_vsock`, `af:N`).
+    /// (`hook: socket_create`) and the packet-socket tripwire (`hook: tripwire`), the socket's
+    /// address family (`af_packet`, `af_vsock`, `af:N`).
     pub proto: String,
     /// Destination; IPv4-mapped IPv6 is shown as the IPv4 address it carries. For
     /// `hook: accept`, the peer that connected in.
@@ -49,9 +50,10 @@ pub struct DenyRecord {
     /// Why: `no-rule`, `port`, `expired`, `protocol`, `family` or `error`.
     pub reason: &'static str,
     /// Which hook decided: `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `sock_create`,
-    /// `egress` (the packet backstop), `socket_create` (the family guard), `accept` (a peer
-    /// connecting in to a listening socket, no `inbound:` rule allowing it), `first_flight`
-    /// and `setsockopt` (name binding).
+    /// `egress` (the packet backstop), `socket_create` (the family guard), `tripwire` (the
+    /// packet-socket tripwire, where the guard cannot load: the process was killed), `accept`
+    /// (a peer connecting in to a listening socket, no `inbound:` rule allowing it),
+    /// `first_flight` and `setsockopt` (name binding).
     pub hook: &'static str,
     /// `deny`, or `audit` when audit mode let the call through.
     pub verdict: &'static str,
@@ -88,7 +90,8 @@ impl DenyRecord {
     pub fn from_kernel(e: &DenyEvent, boot_offset: Duration) -> Self {
         let proto = match (e.hook, e.ip_proto) {
             // The family guard: no destination; the family rides in `port`.
-            (hook::SOCKET_CREATE, _) => family_name(e.port),
+            (hook::TRIPWIRE, _) if e.reason == reason::IO_URING => "io_uring".to_owned(),
+            (hook::SOCKET_CREATE | hook::TRIPWIRE, _) => family_name(e.port),
             (_, 1) => "icmp".to_owned(),
             (_, 6) => "tcp".to_owned(),
             (_, 17) => "udp".to_owned(),
@@ -123,7 +126,10 @@ impl DenyRecord {
     /// [`DenyRecord::worker`]). The family guard runs at socket creation, in the creating
     /// task: always its own. Packet hooks (`egress`, `accept`) name no task (cgroup 0).
     pub fn attribute(&mut self, workload: &mut crate::sys::cgroup::Subtree) {
-        if self.hook == "socket_create" || self.cgroup == 0 || workload.contains(self.cgroup) {
+        if matches!(self.hook, "socket_create" | "tripwire")
+            || self.cgroup == 0
+            || workload.contains(self.cgroup)
+        {
             return;
         }
         self.worker = Some(std::mem::take(&mut self.comm));
@@ -224,6 +230,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::FAMILY => "family",
         reason::ROUTE => "route",
         reason::NAME => "name",
+        reason::IO_URING => "io-uring",
         _ => "unknown",
     }
 }
@@ -241,6 +248,7 @@ pub fn hook_name(code: u8) -> &'static str {
         hook::ACCEPT => "accept",
         hook::FIRST_FLIGHT => "first_flight",
         hook::SETSOCKOPT => "setsockopt",
+        hook::TRIPWIRE => "tripwire",
         _ => "unknown",
     }
 }
@@ -790,6 +798,27 @@ mod tests {
         assert_eq!(
             (r.proto.as_str(), r.hook, r.reason),
             ("af_packet", "socket_create", "family")
+        );
+        let tripped = DenyEvent {
+            hook: hook::TRIPWIRE,
+            port: 40,
+            ..e
+        };
+        let r = DenyRecord::from_kernel(&tripped, Duration::ZERO);
+        assert_eq!(
+            (r.proto.as_str(), r.hook, r.reason),
+            ("af_vsock", "tripwire", "family")
+        );
+        let ring = DenyEvent {
+            hook: hook::TRIPWIRE,
+            reason: reason::IO_URING,
+            port: 425,
+            ..e
+        };
+        let r = DenyRecord::from_kernel(&ring, Duration::ZERO);
+        assert_eq!(
+            (r.proto.as_str(), r.hook, r.reason, r.port),
+            ("io_uring", "tripwire", "io-uring", 425)
         );
         assert_eq!(family_name(40), "af_vsock");
         assert_eq!(family_name(99), "af:99");

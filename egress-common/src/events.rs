@@ -28,6 +28,10 @@ pub mod hook {
     /// judged and let through (kernel TLS would have `first_flight` judge the plaintext and
     /// send its encryption). Reason `NAME`.
     pub const SETSOCKOPT: u8 = 10;
+    /// The packet-socket tripwire (`raw_tracepoint/sys_enter`, `io_uring_submit_req`), where
+    /// the family guard cannot load: the process was killed. The event's `port` holds the
+    /// family, as for [`SOCKET_CREATE`].
+    pub const TRIPWIRE: u8 = 11;
 }
 
 /// Why a destination was denied.
@@ -51,6 +55,11 @@ pub mod reason {
     /// A name-bound connection's first flight did not carry a name the policy permits for
     /// this port (see [`super::name_why`]).
     pub const NAME: u8 = 8;
+    /// An io_uring system call (`io_uring_setup`, `_enter`, `_register`) in a cgroup whose
+    /// agent refuses io_uring (`attach --refuse-io-uring`, where the family guard cannot
+    /// load): one submission could make a packet socket and send on it before a kill lands.
+    /// The event's `port` holds the system call number.
+    pub const IO_URING: u8 = 9;
 }
 
 /// Why a first flight was refused (`NameDenyEvent::why`).

@@ -35,6 +35,15 @@ impl TestCgroup {
         Self { path }
     }
 
+    /// A cgroup `name` below this one; panics if it cannot. Bind it after this one, so that it
+    /// is dropped (and removed) first.
+    pub fn child(&self, name: &str) -> Self {
+        let path = self.path.join(name);
+        fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot create test cgroup {}: {e}", path.display()));
+        Self { path }
+    }
+
     /// The cgroup's directory.
     pub fn path(&self) -> &Path {
         &self.path

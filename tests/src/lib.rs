@@ -36,7 +36,7 @@ pub use agent::{AgentBuilder, AgentRun};
 pub use cgroup::{TestCgroup, cgroup2_mount, remove_cgroup};
 pub use listener::{TcpListener, UdpListener};
 pub use netns::TestNetns;
-pub use probe::{Outcome, Probe};
+pub use probe::{Outcome, Probe, Unfinished};
 
 /// Counter behind the unique sandbox names `egress-test-{pid}-{n}`.
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);

@@ -209,10 +209,12 @@ impl AgentPins {
     /// How many link pins one generation has: 8 sock_addr + sock_create + the egress
     /// backstop + the ingress judge of accepted connections + name binding's `sock_ops` and
     /// `setsockopt`, plus the family guard (`socket_create`) where the kernel loads BPF LSM
-    /// programs.
+    /// programs, or else the packet-socket tripwire (`sys_enter`, and `io_uring_submit_req`
+    /// where the kernel has io_uring).
     pub fn links_per_generation(&self) -> usize {
-        let guard = self.links().iter().any(|l| l.starts_with("socket_create@"));
-        13 + usize::from(guard)
+        let links = self.links();
+        let has = |p: &str| usize::from(links.iter().any(|l| l.starts_with(p)));
+        13 + has("socket_create@") + has("sys_enter@") + has("io_uring_submit_req@")
     }
 
     /// The names of the pinned maps, sorted.

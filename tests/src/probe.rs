@@ -59,6 +59,24 @@ impl Outcome {
     }
 }
 
+/// A probe that did not finish with a report (killed, or failed to start its action).
+#[derive(Debug)]
+pub struct Unfinished {
+    /// How it ended.
+    pub status: std::process::ExitStatus,
+    /// What it wrote to stderr.
+    pub stderr: String,
+    /// Its pid.
+    pub pid: u32,
+}
+
+impl Unfinished {
+    /// The signal that killed it, if one did.
+    pub fn signal(&self) -> Option<i32> {
+        std::os::unix::process::ExitStatusExt::signal(&self.status)
+    }
+}
+
 /// Builds and runs one `egress-probe ACTION ADDR:PORT`, e.g.
 /// `Probe::new(&netns).in_cgroup(&cg).run(&["tcp-connect", "127.0.0.1:8080"])`.
 ///
@@ -89,6 +107,18 @@ impl<'a> Probe<'a> {
     /// Runs `egress-probe ARGS...` and returns its outcome; panics if the probe could not
     /// run or did not report one.
     pub fn run(&self, args: &[&str]) -> Outcome {
+        match self.run_killable(args) {
+            Ok(o) => o,
+            Err(e) => panic!(
+                "egress-probe {args:?} exited with {}; stderr: {:?}",
+                e.status, e.stderr
+            ),
+        }
+    }
+
+    /// [`Probe::run`] for a probe that may be killed: how one that did not finish with a
+    /// report ended.
+    pub fn run_killable(&self, args: &[&str]) -> Result<Outcome, Unfinished> {
         let bin = probe_bin();
         let procs: Option<(File, PathBuf)> = self.cgroup.map(|cg| {
             let path = cg.path().join("cgroup.procs");
@@ -146,10 +176,13 @@ impl<'a> Probe<'a> {
         if let Some(mut e) = child.stderr.take() {
             let _ = e.read_to_string(&mut stderr);
         }
-        assert!(
-            status.success(),
-            "egress-probe {args:?} exited with {status}; stdout: {stdout:?}; stderr: {stderr:?}"
-        );
+        if !status.success() {
+            return Err(Unfinished {
+                status,
+                stderr,
+                pid: child.id(),
+            });
+        }
         let line = stdout.lines().next().unwrap_or("");
         let outcome = Outcome::parse(line).unwrap_or_else(|e| panic!("{e}; stderr: {stderr:?}"));
         assert_eq!(
@@ -157,6 +190,6 @@ impl<'a> Probe<'a> {
             child.id(),
             "egress-probe reported another pid than the one spawned"
         );
-        outcome
+        Ok(outcome)
     }
 }

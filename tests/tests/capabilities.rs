@@ -99,6 +99,22 @@ fn attach_works_with_exactly_bpf_net_admin_and_perfmon() {
         .in_cgroup(&cg)
         .run(&["tcp-connect", "198.51.100.20:443"]);
     assert!(out.is_eperm(), "enforcement must work: {out:?}");
+    // Where the family guard cannot load, the packet-socket tripwire (raw tracepoints, which
+    // need CAP_PERFMON) is armed with these three too.
+    let events = agent.events();
+    if events.contains("not refused by the kernel here") {
+        assert!(
+            events.contains("the packet-socket tripwire is armed"),
+            "{events}"
+        );
+        let res = Probe::new(&netns)
+            .in_cgroup(&cg)
+            .run_killable(&["vsock-socket", "198.51.100.20:443"]);
+        let Err(u) = res else {
+            panic!("AF_VSOCK in the cgroup finished: {res:?}");
+        };
+        assert_eq!(u.signal(), Some(libc::SIGKILL), "{u:?}");
+    }
 }
 
 #[test]

@@ -6,8 +6,9 @@
 //! The guard needs a kernel that loads BPF LSM programs (6.0+, BPF LSM active). Where the
 //! kernel refuses them (`bpftool feature probe` says `program_type lsm is NOT available`, as
 //! on the locked-down kernel of the machine kind CI runs on), the agent must say why, and the
-//! tests assert the documented gap instead: root with CAP_NET_RAW in an `attach`ed cgroup
-//! can then open a packet socket (`run` confines its command: no CAP_NET_RAW).
+//! tests assert what holds instead: the packet-socket tripwire kills root that asks for such a
+//! socket in an `attach`ed cgroup before the socket exists (`tests/tests/tripwire.rs` tries
+//! every way of asking, with a sniffed veth peer).
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -76,6 +77,23 @@ impl Guarded {
             .run(&[action, TARGET])
     }
 
+    /// Runs the probe inside, where the tripwire should kill it: its pid.
+    fn inside_killed(&self, action: &str) -> u32 {
+        let res = Probe::new(&self.netns)
+            .in_cgroup(&self.cg)
+            .run_killable(&[action, TARGET]);
+        let Err(u) = res else {
+            panic!("{action}: without the family guard, the tripwire kills: {res:?}");
+        };
+        assert!(
+            self.enf.tripwire_missing().is_none(),
+            "{:?}",
+            self.enf.tripwire_missing()
+        );
+        assert_eq!(u.signal(), Some(libc::SIGKILL), "{u:?}");
+        u.pid
+    }
+
     /// Runs the probe as root outside it (the control).
     fn outside(&self, action: &str) -> Outcome {
         Probe::new(&self.netns).run(&[action, TARGET])
@@ -129,13 +147,19 @@ fn root_in_the_cgroup_gets_no_frame_out_of_a_packet_socket() {
         "control: the injected frame reached the listener"
     );
 
-    let out = g.inside("packet");
     if !g.guard() {
-        // The documented gap (docs/THREATS.md): nothing else in the kernel sees the frame.
-        assert!(out.ok, "without the guard the packet socket opens: {out:?}");
-        assert!(target.wait_received(2, WAIT), "and the frame arrives");
+        // The tripwire (docs/THREATS.md): killed before the socket exists.
+        let pid = g.inside_killed("packet");
+        let ev = g.one_event();
+        assert_eq!(
+            (ev.hook, ev.reason, ev.proto.as_str(), ev.pid),
+            ("tripwire", "family", "af_packet", pid),
+            "{ev:#?}"
+        );
+        assert!(!target.wait_received(2, WAIT), "and no frame arrives");
         return;
     }
+    let out = g.inside("packet");
     assert!(out.is_eperm(), "AF_PACKET inside the cgroup: {out:?}");
     assert!(out.failed_at("socket"), "refused when opened: {out:?}");
     let ev = g.one_event();
@@ -157,15 +181,17 @@ fn a_vsock_cannot_even_be_opened() {
         "control: no EPERM outside the cgroup: {out:?}"
     );
 
-    let inside = g.inside("vsock-socket");
     if !g.guard() {
+        let pid = g.inside_killed("vsock-socket");
+        let ev = g.one_event();
         assert_eq!(
-            inside.ok, out.ok,
-            "without the guard, as outside: {inside:?}"
+            (ev.hook, ev.proto.as_str(), ev.pid),
+            ("tripwire", "af_vsock", pid),
+            "{ev:#?}"
         );
         return;
     }
-    let out = inside;
+    let out = g.inside("vsock-socket");
     assert!(out.is_eperm(), "AF_VSOCK inside the cgroup: {out:?}");
     let ev = g.one_event();
     assert_family_event(&ev, "af_vsock", &out, "deny");
@@ -193,10 +219,15 @@ fn audit_mode_reports_the_packet_socket_and_lets_it_open() {
     let out = g.inside("packet");
     assert!(out.ok, "audit mode lets the socket open: {out:?}");
     assert!(target.wait_received(1, WAIT), "and the frame goes out");
+    let ev = g.one_event();
     if !g.guard() {
-        assert!(g.enf.poll_denies().is_empty(), "no program saw it");
+        // The tripwire reports, and kills nothing in audit mode.
+        assert_eq!(
+            (ev.hook, ev.proto.as_str(), ev.pid, ev.verdict),
+            ("tripwire", "af_packet", out.pid, "audit"),
+            "{ev:#?}"
+        );
         return;
     }
-    let ev = g.one_event();
     assert_family_event(&ev, "af_packet", &out, "audit");
 }

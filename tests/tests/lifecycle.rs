@@ -217,6 +217,20 @@ impl Env {
     }
 
     /// Starts an agent with `extra` arguments and waits until it is ready.
+    /// Root in the app cgroup asks for a packet socket: the signal that ended it (SIGKILL when
+    /// the packet-socket tripwire is armed), `None` when it exited.
+    fn packet_socket_signal(&self) -> Option<i32> {
+        let status = self
+            .pod
+            .command(self.world.netns(), &self.pod.app(), python3())
+            .arg("-c")
+            .arg("import socket\nsocket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))\n")
+            .stdin(Stdio::null())
+            .status()
+            .expect("python3");
+        std::os::unix::process::ExitStatusExt::signal(&status)
+    }
+
     fn start_agent(&self, extra: &[&str]) -> AttachAgent {
         let mut agent = self.attach().args(extra).start();
         agent.wait_ready();
@@ -760,10 +774,19 @@ fn sigterm_keeps_enforcement_unless_detach_on_exit() {
     let mut first = env.start_agent(&[]);
     let out = env.app_tcp(DENIED_IP, 8080);
     assert_eperm("agent running", &out, &first);
+    let tripwire = tripwire_armed(&first);
     assert_eq!(first.terminate().code(), Some(0), "{}", first.output());
 
     let out = env.app_tcp(DENIED_IP, 8080);
     assert_eperm("after SIGTERM", &out, &first);
+    if tripwire {
+        // Pinned with the cgroup programs: armed while no agent runs.
+        assert_eq!(
+            env.packet_socket_signal(),
+            Some(libc::SIGKILL),
+            "tripwire after SIGTERM"
+        );
+    }
     assert_eq!(
         env.pins.links().len(),
         env.pins.links_per_generation(),
@@ -784,6 +807,8 @@ fn sigterm_keeps_enforcement_unless_detach_on_exit() {
     );
     let out = env.app_tcp(DENIED_IP, 8080);
     assert_connected("after SIGTERM with --detach-on-exit", &out, &second);
+    // Detached, the tripwire is gone too (the packet socket opens; the script exits).
+    assert_eq!(env.packet_socket_signal(), None, "tripwire after detach");
     assert!(env.listener(DENIED_IP, 8080).wait_accepted(1, WAIT));
     let (code, _, err) = agent_cli(&["status", "--name", env.pins.name()]);
     assert_eq!(code, 1, "status of a detached name fails: {err}");
@@ -1630,19 +1655,27 @@ fn state_directories_without_pins_or_agent_are_swept() {
     assert!(live_state.exists(), "the live agent's state stays");
 }
 
-/// `attach --require-no-raw`: a root process of the app holding a packet socket (which
-/// bypasses every cgroup program where the family guard cannot load) is a `warning` naming
-/// its pid, for the socket and for CAP_NET_RAW, counted in `egress_raw_risks`, and /readyz
-/// answers 503 until it is gone. Control: ready before, and again after.
+/// Whether the agent says the packet-socket tripwire is armed (the family guard cannot load).
+fn tripwire_armed(agent: &AttachAgent) -> bool {
+    agent
+        .wait_event(WAIT, |e| {
+            e["event"] == "warning"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("the packet-socket tripwire is armed"))
+        })
+        .is_some()
+}
+
+/// `attach --require-no-raw`: a root process of the app holding a packet socket it opened
+/// before the agent attached (the packet-socket tripwire sees sockets being created, not
+/// those already open) is a `warning` naming its pid, for the socket and for CAP_NET_RAW,
+/// counted in `egress_raw_risks`, and /readyz answers 503 until it is gone; a packet socket
+/// asked for once the agent runs kills its process (where the family guard cannot load).
+/// Control: ready again after.
 #[test]
 fn packet_socket_in_the_pod_is_warned_counted_and_fails_readyz() {
     let env = Env::new(ALLOWED_RULE);
-    let mut agent = env.start_agent(&["--health", HEALTH, "--require-no-raw"]);
-    assert_eq!(
-        env.health("/readyz").0,
-        200,
-        "ready with an empty app cgroup"
-    );
     let mut holder = env
         .pod
         .command(env.world.netns(), &env.pod.app(), python3())
@@ -1665,6 +1698,7 @@ fn packet_socket_in_the_pod_is_warned_counted_and_fails_readyz() {
     )
     .expect("the holder's first line");
     assert_eq!(line.trim(), "holding", "the packet socket opens (root)");
+    let mut agent = env.start_agent(&["--health", HEALTH, "--require-no-raw"]);
     let warned = |needle: &str| {
         agent.wait_event(WAIT, |e| {
             e["event"] == "warning"
@@ -1702,6 +1736,14 @@ fn packet_socket_in_the_pod_is_warned_counted_and_fails_readyz() {
         "/readyz stays 503 after the socket closed:\n{}",
         agent.output()
     );
+    if tripwire_armed(&agent) {
+        // Where the family guard cannot load: the tripwire kills a new one at socket().
+        assert_eq!(env.packet_socket_signal(), Some(libc::SIGKILL));
+        let tripped = agent.wait_event(WAIT, |e| {
+            e["event"] == "deny" && e["hook"] == "tripwire" && e["proto"] == "af_packet"
+        });
+        assert!(tripped.is_some(), "no tripwire deny:\n{}", agent.output());
+    }
     assert!(agent.running());
 }
 

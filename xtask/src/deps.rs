@@ -6,7 +6,8 @@ use anyhow::{Result, bail};
 use crate::cmd::Cmd;
 
 /// Debian packages the kernel tests and the demo use (`ip netns`, curl, dig, a DNS server,
-/// nft, bpftool to inspect programs, python3 for test peers, `ps`/`pgrep`).
+/// nft, bpftool to inspect programs, python3 for test peers, `ps`/`pgrep`), and dnsperf, the
+/// load generator of `cargo xtask bench`'s DNS part.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
@@ -16,6 +17,7 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "python3",
     "procps",
+    "dnsperf",
 ];
 
 /// Exactly this one: 0.11 and later link against a system LLVM (23) that Debian does not

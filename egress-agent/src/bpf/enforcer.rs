@@ -15,9 +15,13 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash, lpm_trie::LpmTrie},
+    maps::{
+        Array, CgroupArray, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash,
+        lpm_trie::LpmTrie,
+    },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
+        RawTracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -34,6 +38,7 @@ use egress_common::{
 };
 
 use super::{
+    btf::Layouts,
     rules::{self, ApplyError, Contents, Faults, Trie},
     trace,
 };
@@ -84,6 +89,17 @@ pub const SOCK_CREATE_PROGRAM: &str = "sock_create";
 /// netlink and alg (AF_PACKET, AF_VSOCK, ...).
 pub const FAMILY_PROGRAM: &str = "socket_create";
 
+/// The packet-socket tripwire on system calls (`raw_tracepoint/sys_enter`), attached where the
+/// family guard cannot load.
+pub const TRIPWIRE_PROGRAM: &str = "sys_enter";
+
+/// The packet-socket tripwire on io_uring's `IORING_OP_SOCKET`
+/// (`raw_tracepoint/io_uring_submit_req`).
+pub const TRIPWIRE_IO_URING_PROGRAM: &str = "io_uring_submit_req";
+
+/// The tripwire's cgroup array (the enforced cgroup at index 0).
+const TRIPWIRE_CGROUP_MAP: &str = "TRIPWIRE_CGROUP";
+
 /// Where the agent's resolver listens, for DNS steering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResolverAddr {
@@ -113,6 +129,10 @@ pub struct EnforcerOptions {
     /// Load the programs with verdict tracing on (`TRACE`, see [`super::trace`]) and read
     /// their aya-log records; off, the verifier removes the tracing code.
     pub trace: bool,
+    /// Where the packet-socket tripwire is armed: kill a process of the cgroup at any io_uring
+    /// system call too (`TRIPWIRE_IO_URING`), since one submission can create a packet socket
+    /// and send on it before the kill lands.
+    pub refuse_io_uring: bool,
 }
 
 impl Default for EnforcerOptions {
@@ -123,6 +143,7 @@ impl Default for EnforcerOptions {
             pin_dir: None,
             judged: true,
             trace: false,
+            refuse_io_uring: false,
         }
     }
 }
@@ -171,6 +192,18 @@ fn family_guard_load_error(e: aya::programs::ProgramError) -> anyhow::Error {
     }
 }
 
+/// `io_kiocb.opcode` and the offset of `io_socket.domain` in an `io_kiocb` (its command area,
+/// `io_kiocb_to_cmd`, is the request's first bytes), from the kernel's BTF.
+fn io_kiocb_offsets(layouts: Option<&Layouts>) -> (Option<u32>, Option<u32>) {
+    let Some(l) = layouts else {
+        return (None, None);
+    };
+    (
+        l.offset("io_kiocb", "opcode"),
+        l.offset("io_socket", "domain"),
+    )
+}
+
 /// Programs attached to one cgroup, with handles on their maps.
 pub struct Enforcer {
     cgroup: PathBuf,
@@ -192,6 +225,10 @@ pub struct Enforcer {
     boot_offset: Duration,
     /// Why the family guard ([`FAMILY_PROGRAM`]) does not run, when it does not.
     family_guard: Option<String>,
+    /// Where the guard does not run: why the tripwire ([`TRIPWIRE_PROGRAM`]) is not armed
+    /// either, and why its io_uring part is not ([`TRIPWIRE_IO_URING_PROGRAM`]).
+    tripwire: Option<String>,
+    tripwire_io_uring: Option<String>,
     /// The names host rules permit (name binding), and the keys written.
     names: LpmTrie<MapData, NameBytes, AllowValue>,
     name_keys: HashSet<super::name_bind::NameKey>,
@@ -216,10 +253,24 @@ impl Enforcer {
         let trace_on = u8::from(opts.trace);
         // Parsed once: the loader's relocations and the family guard's hook both need it.
         let btf = Btf::from_sys_fs().ok();
+        // Member offsets the tripwire reads kernel memory at (no CO-RE in aya-ebpf).
+        let layouts = Layouts::from_sys_fs(&[
+            "pt_regs",
+            "task_struct",
+            "thread_info",
+            "io_kiocb",
+            "io_socket",
+        ]);
+        let (kiocb_opcode, kiocb_domain) = io_kiocb_offsets(layouts.as_ref().ok());
+        let (opcode_at, domain_at) = (kiocb_opcode.unwrap_or(0), kiocb_domain.unwrap_or(0));
+        let refuse_io_uring = u8::from(opts.refuse_io_uring);
         let mut loader = EbpfLoader::new();
         loader
             .btf(btf.as_ref())
             .override_global("JUDGED_ON", &judged_on, true)
+            .override_global("IO_KIOCB_OPCODE", &opcode_at, true)
+            .override_global("IO_KIOCB_DOMAIN", &domain_at, true)
+            .override_global("TRIPWIRE_IO_URING", &refuse_io_uring, true)
             .override_global(trace::GLOBAL, &trace_on, true)
             .map_max_entries(MAP_ALLOW_CIDR, opts.cidr_capacity)
             .map_max_entries(MAP_ALLOW_DNS, opts.dns_capacity);
@@ -289,6 +340,8 @@ impl Enforcer {
             trace,
             boot_offset: boot_to_wall_offset(),
             family_guard: None,
+            tripwire: None,
+            tripwire_io_uring: None,
             names,
             name_keys,
             bound,
@@ -413,6 +466,14 @@ impl Enforcer {
                     .into(),
             );
         }
+        if me.family_guard.is_some() {
+            let io_uring = kiocb_opcode.zip(kiocb_domain).ok_or_else(|| {
+                anyhow!("the kernel's BTF has no struct io_kiocb.opcode or io_socket.domain")
+            });
+            if let Err(e) = me.attach_tripwire(&cgroup_dir, layouts, io_uring) {
+                me.tripwire = Some(format!("{e:#}"));
+            }
+        }
         me.drop_older_generations()?;
         Ok(me)
     }
@@ -439,6 +500,79 @@ impl Enforcer {
         let link = self.keep_link(FAMILY_PROGRAM, link)?;
         self.links.push(link);
         Ok(())
+    }
+
+    /// Arms the packet-socket tripwire on the cgroup: `sys_enter`, then
+    /// `io_uring_submit_req` (whose failure leaves the first armed, and is remembered).
+    fn attach_tripwire(
+        &mut self,
+        cgroup_dir: &fs::File,
+        layouts: anyhow::Result<Layouts>,
+        io_uring: anyhow::Result<(u32, u32)>,
+    ) -> anyhow::Result<()> {
+        if !cfg!(target_arch = "x86_64") {
+            bail!("the tripwire knows the system call numbers of x86_64 only");
+        }
+        let layouts = layouts?;
+        // The offsets `programs/tripwire.rs` reads the system call's arguments and the
+        // task's compat flag at.
+        for (strukt, member, at) in [
+            ("pt_regs", "bx", 40),
+            ("pt_regs", "cx", 88),
+            ("pt_regs", "si", 104),
+            ("pt_regs", "di", 112),
+            ("task_struct", "thread_info", 0),
+            ("thread_info", "status", 16),
+        ] {
+            layouts.expect(strukt, member, at)?;
+        }
+        let mut cgroups: CgroupArray<_> = self
+            ._ebpf
+            .map_mut(TRIPWIRE_CGROUP_MAP)
+            .ok_or_else(|| anyhow!("map {TRIPWIRE_CGROUP_MAP} missing from the eBPF object"))?
+            .try_into()?;
+        cgroups
+            .set(0, std::os::fd::AsRawFd::as_raw_fd(cgroup_dir), 0)
+            .with_context(|| format!("cannot write {TRIPWIRE_CGROUP_MAP}"))?;
+        let link = self.attach_raw_tracepoint(TRIPWIRE_PROGRAM, "sys_enter")?;
+        self.links.push(link);
+        let on_io_uring = io_uring.and_then(|_| {
+            self.attach_raw_tracepoint(TRIPWIRE_IO_URING_PROGRAM, "io_uring_submit_req")
+        });
+        match on_io_uring {
+            Ok(link) => self.links.push(link),
+            Err(e) => self.tripwire_io_uring = Some(format!("{e:#}")),
+        }
+        Ok(())
+    }
+
+    /// Loads program `name` and attaches it to the raw tracepoint `tp`; the link is kept
+    /// (pinned when pinning).
+    fn attach_raw_tracepoint(&mut self, name: &str, tp: &str) -> anyhow::Result<Link> {
+        let prog: &mut RawTracePoint = self
+            ._ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel rejected program {name}"))?;
+        let id = prog
+            .attach(tp)
+            .with_context(|| format!("cannot attach {name} to the raw tracepoint {tp}"))?;
+        let link: FdLink = prog.take_link(id)?.into();
+        self.keep_link(name, link)
+    }
+
+    /// Where the family guard does not run: why the packet-socket tripwire is not armed
+    /// either (`None`: it is, and kills a process of the cgroup that asks for a refused
+    /// family through `socket`/`socketpair`).
+    pub fn tripwire_missing(&self) -> Option<&str> {
+        self.tripwire.as_deref()
+    }
+
+    /// With the tripwire armed: why it does not watch io_uring's `IORING_OP_SOCKET`.
+    pub fn tripwire_io_uring_missing(&self) -> Option<&str> {
+        self.tripwire_io_uring.as_deref()
     }
 
     /// Why socket families other than unix, inet, inet6, netlink and alg are *not* refused

@@ -8,6 +8,7 @@
 //! May not touch: DNS, the command's process, the CLI, the session's other parts. Nothing
 //! here decides a verdict: the programs do, from what `policy` compiled.
 
+pub mod btf;
 pub mod enforcer;
 pub mod kernel;
 pub mod name_bind;

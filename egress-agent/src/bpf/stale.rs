@@ -3,8 +3,9 @@
 //! nothing any more. When a cgroup is removed the kernel releases its links
 //! (`cgroup_bpf_release` clears each link's cgroup), and the link's info then reports cgroup
 //! id 0 (`bpf_cgroup_link_fill_link_info`). A pin directory is stale when it holds at least one
-//! link and every one of them reports 0; one with no links yet (an agent between pinning its
-//! maps and its links) is never touched.
+//! cgroup link and every one of them reports 0 (the tripwire's raw tracepoint links, of no
+//! cgroup, go with them); one with no links yet (an agent between pinning its maps and its
+//! links) is never touched.
 
 use std::{
     ffi::CString,
@@ -79,21 +80,22 @@ fn link_cgroup_id(pin: &Path) -> io::Result<Option<u64>> {
     Ok((link_type == BPF_LINK_TYPE_CGROUP).then_some(info[2]))
 }
 
-/// Whether the pin directory `dir` is stale: it holds at least one link, and every link is a
-/// cgroup link whose cgroup is gone.
+/// Whether the pin directory `dir` is stale: it holds at least one cgroup link, and every
+/// cgroup link's cgroup is gone. Links of no cgroup (the packet-socket tripwire's raw
+/// tracepoints, which run for every task on the machine until released) go with them.
 pub fn is_stale(dir: &Path) -> bool {
     let Ok(entries) = fs::read_dir(dir.join("links")) else {
         return false;
     };
-    let mut links = 0;
+    let mut cgroup_links = 0;
     for e in entries.flatten() {
-        links += 1;
         match link_cgroup_id(&e.path()) {
-            Ok(Some(0)) => {}
+            Ok(Some(0)) => cgroup_links += 1,
+            Ok(None) => {}
             _ => return false,
         }
     }
-    links > 0
+    cgroup_links > 0
 }
 
 /// The names of the agents under `root` (`/sys/fs/bpf/egress`) whose pins are stale

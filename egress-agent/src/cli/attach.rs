@@ -52,6 +52,12 @@ pub struct AttachArgs {
     /// it they are still reported (warning events, egress_raw_risks).
     #[arg(long)]
     require_no_raw: bool,
+    /// Where the kernel cannot load the family guard (the packet-socket tripwire is armed):
+    /// kill a process of the cgroup at any io_uring system call, with a deny event (reason
+    /// io-uring). Without it, io_uring's IORING_OP_SOCKET trips only for a refused family,
+    /// and sends in that same submission still leave. For workloads that do not use io_uring.
+    #[arg(long)]
+    refuse_io_uring: bool,
 }
 
 /// The arguments of `detach`.
@@ -91,6 +97,7 @@ impl AttachArgs {
             detach_on_exit: self.detach_on_exit,
             trace_verdicts: self.trace_verdicts,
             require_no_raw: self.require_no_raw,
+            refuse_io_uring: self.refuse_io_uring,
             ask: Some(ask),
         }))
     }

@@ -45,6 +45,8 @@ pub struct AttachConfig {
     pub trace_verdicts: bool,
     /// /readyz fails while CAP_NET_RAW or a packet socket is found in the cgroup.
     pub require_no_raw: bool,
+    /// The tripwire kills at any io_uring system call of the cgroup (where it is armed).
+    pub refuse_io_uring: bool,
     /// Ask mode's settings.
     pub ask: Option<crate::daemon::approvals::AskConfig>,
 }
@@ -131,6 +133,7 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
         health: cfg.health,
         enforcer: EnforcerOptions {
             trace: cfg.trace_verdicts,
+            refuse_io_uring: cfg.refuse_io_uring,
             ..EnforcerOptions::default()
         },
         protected: Vec::new(),
@@ -160,9 +163,21 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
                      AF_VSOCK, ...) are not refused by the kernel here: {why}"
                 ),
             );
-            // Packet sockets then bypass every cgroup program.
-            "CAP_NET_RAW (drop it from the app container: packet sockets bypass every cgroup \
-             program here), "
+            let state = session.tripwire_state();
+            let armed = state.is_ok();
+            session::warn(&sink, &tripwire_note(state, cfg.refuse_io_uring));
+            // Packet sockets then bypass every cgroup program; the tripwire kills at their
+            // creation, but not what one io_uring submission sends with it, nor a socket
+            // opened before the agent attached.
+            if armed {
+                "CAP_NET_RAW (drop it from the app container: the tripwire kills a process that \
+                 opens a packet socket, but sockets opened before the agent attached, and \
+                 without --refuse-io-uring sends in the io_uring submission that created one, \
+                 bypass every cgroup program), "
+            } else {
+                "CAP_NET_RAW (drop it from the app container: packet sockets bypass every cgroup \
+                 program here), "
+            }
         }
     };
     session::warn(
@@ -210,6 +225,30 @@ pub async fn attach(cfg: AttachConfig) -> anyhow::Result<i32> {
     }
     session.stop(cfg.detach_on_exit).await?;
     Ok(0)
+}
+
+/// What the packet-socket tripwire does where the family guard cannot run.
+fn tripwire_note(state: Result<Option<String>, String>, refuse_io_uring: bool) -> String {
+    match state {
+        Ok(None) if refuse_io_uring => "the packet-socket tripwire is armed instead: a process \
+                     of the cgroup that asks for one of those families (socket, socketpair), \
+                     or makes any io_uring system call (--refuse-io-uring), is killed (SIGKILL) \
+                     before the socket or the ring exists, with a deny event (hook tripwire)"
+            .to_owned(),
+        Ok(None) => "the packet-socket tripwire is armed instead: a process of the cgroup that \
+                     asks for one of those families (socket, socketpair, io_uring's \
+                     IORING_OP_SOCKET) is killed (SIGKILL) before the socket exists, with a \
+                     deny event (hook tripwire); sends in the io_uring submission that made \
+                     the socket still leave (--refuse-io-uring closes io_uring)"
+            .to_owned(),
+        Ok(Some(why)) => format!(
+            "the packet-socket tripwire is armed instead: a process of the cgroup that asks \
+             for one of those families through socket or socketpair is killed (SIGKILL) before \
+             the socket exists, with a deny event (hook tripwire); io_uring's IORING_OP_SOCKET \
+             is not watched ({why})"
+        ),
+        Err(why) => format!("the packet-socket tripwire is not armed either: {why}"),
+    }
 }
 
 /// What stays open to unix sockets under `attach` (issue 15): paths are not judged; abstract

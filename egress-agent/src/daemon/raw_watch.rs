@@ -2,7 +2,10 @@
 //! (AF_PACKET) sends whole frames below IP, past every cgroup program; where the kernel
 //! cannot load the BPF LSM family guard nothing refuses one to a holder of CAP_NET_RAW
 //! (docs/THREATS.md). `run` refuses the family in its seccomp filter; `attach` cannot filter
-//! the enforced processes, so it looks for them instead, every [`EVERY`]:
+//! the enforced processes: the packet-socket tripwire (`programs/tripwire.rs`) kills one that
+//! asks for a socket, and this watch is the second line, for what the tripwire never sees
+//! being made (a socket opened before the agent attached, a kernel where the tripwire cannot
+//! load either). It looks, every [`EVERY`]:
 //! - each process of the enforced cgroup (its own cgroup excepted) this agent can see: one
 //!   holding CAP_NET_RAW (effective or permitted), and one with an open packet socket (a
 //!   descriptor whose socket inode its network namespace's `/proc/<pid>/net/packet` lists);

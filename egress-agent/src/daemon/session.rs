@@ -263,6 +263,16 @@ impl Session {
             .map(str::to_owned)
     }
 
+    /// Where the family guard cannot run: why the packet-socket tripwire is not armed either
+    /// (`Err`), or, armed, why it does not watch io_uring's `IORING_OP_SOCKET` (`Ok(Some)`).
+    pub fn tripwire_state(&self) -> Result<Option<String>, String> {
+        let enf = self.enforcer.lock().unwrap_or_else(|p| p.into_inner());
+        match enf.tripwire_missing() {
+            Some(why) => Err(why.to_owned()),
+            None => Ok(enf.tripwire_io_uring_missing().map(str::to_owned)),
+        }
+    }
+
     /// Stops the resolver and helpers and drains the last events. With `detach`, also
     /// detaches the programs and removes the pins; without, enforcement stays in the kernel
     /// (fail closed) for a later agent to adopt.

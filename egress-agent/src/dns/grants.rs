@@ -79,15 +79,15 @@ impl Names {
 }
 
 /// An address's state right after [`Grants::add`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Added {
     /// How many names it is granted for.
     pub names: usize,
     /// The latest expiry among them.
     pub latest: Duration,
-    /// Whether another name was dropped to make room ([`NAMES_PER_ADDRESS`]): the entry
-    /// must be computed again from the names left.
-    pub evicted: bool,
+    /// The name dropped to make room ([`NAMES_PER_ADDRESS`]), if one was: the entry must be
+    /// computed again from the names left, unless the dropped name's rules are the new one's.
+    pub evicted: Option<String>,
 }
 
 impl Grants {
@@ -96,7 +96,7 @@ impl Grants {
     pub fn add(&mut self, ip: IpAddr, name: &str, expires: Duration) -> Added {
         self.generation += 1;
         let names = self.by_ip.entry(ip).or_default();
-        let mut evicted = false;
+        let mut evicted = None;
         match names.expiries.get_mut(name) {
             Some(e) => *e = (*e).max(expires),
             None => {
@@ -108,12 +108,12 @@ impl Grants {
                         .map(|(n, _)| n.clone())
                 {
                     names.expiries.remove(&first);
-                    evicted = true;
+                    evicted = Some(first);
                 }
                 names.expiries.insert(name.to_owned(), expires);
             }
         }
-        names.latest = if evicted {
+        names.latest = if evicted.is_some() {
             names.expiries.values().copied().max().unwrap_or_default()
         } else {
             names.latest.max(expires)
@@ -325,7 +325,7 @@ mod tests {
             Added {
                 names: 2,
                 latest: S(20),
-                evicted: false,
+                evicted: None,
             }
         );
         assert_eq!(latest(&g.live(&ip("198.51.100.10"))), S(20));
@@ -437,17 +437,17 @@ mod tests {
         let a = ip("198.51.100.30");
         for i in 0..NAMES_PER_ADDRESS as u64 {
             let added = g.add(a, &format!("n{i}.flood.test"), S(100 + i));
-            assert!(!added.evicted);
+            assert!(added.evicted.is_none());
         }
         // One more: the name that expires first (n0) makes room.
         let added = g.add(a, "late.flood.test", S(50));
-        assert!(added.evicted);
+        assert_eq!(added.evicted.as_deref(), Some("n0.flood.test"));
         assert_eq!(added.names, NAMES_PER_ADDRESS);
         let live = g.live(&a);
         assert!(!live.iter().any(|x| x.name == "n0.flood.test"));
         assert!(live.iter().any(|x| x.name == "late.flood.test"));
         // A name already there is no new name.
-        assert!(!g.add(a, "late.flood.test", S(60)).evicted);
+        assert!(g.add(a, "late.flood.test", S(60)).evicted.is_none());
         for i in 0..10_000u64 {
             g.add(a, &format!("r{i}.flood.test"), S(200 + i));
         }
@@ -465,7 +465,7 @@ mod tests {
             Added {
                 names: 1,
                 latest: S(30),
-                evicted: false,
+                evicted: None,
             }
         );
         assert_eq!(g.live(&ip("2001:db8::1"))[0].expires, S(30));

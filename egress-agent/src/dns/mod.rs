@@ -763,22 +763,46 @@ fn cached_entry(
     added: grants::Added,
     grants: &grants::Grants,
 ) -> anyhow::Result<Option<AllowValue>> {
-    let expires = added.latest.as_nanos() as u64;
     let mut cache = ctx.entries.lock().unwrap_or_else(|p| p.into_inner());
-    let value = match cache.get(&ip) {
-        // A name made room for this one: computed again below.
-        _ if added.evicted => entry_value(policy, &grants.live(&ip))?,
-        // The same names as before: only the expiry moves.
-        Some((n, v)) if *n == added.names => {
+    let value = next_entry(cache.get(&ip).copied(), policy, name, &added, || {
+        grants.live(&ip)
+    })?;
+    if let Some(value) = value {
+        cache.insert(ip, (added.names, value));
+    }
+    Ok(value)
+}
+
+/// [`cached_entry`]'s decision: the entry after `name` was (re)answered, given the entry
+/// computed last (`cached`: from how many names, and the value) and the address's grants now
+/// (`live`, read only when every name's rules must be gathered again); `None`: no rewrite.
+fn next_entry(
+    cached: Option<(usize, AllowValue)>,
+    policy: &Policy,
+    name: &str,
+    added: &grants::Added,
+    live: impl FnOnce() -> Vec<grants::Grant>,
+) -> anyhow::Result<Option<AllowValue>> {
+    let expires = added.latest.as_nanos() as u64;
+    let evicted = added.evicted.as_deref();
+    let value = match cached {
+        // The same names as before: only the expiry moves. So too when a name made room for
+        // this one under the very same rules (a flood of names below one wildcard, all
+        // answered with one address): the union of the names' rules is what it was.
+        Some((n, v))
+            if n == added.names && evicted.is_none_or(|gone| rules_match(policy, gone, name)) =>
+        {
             if expires.saturating_sub(v.expires_ns) <= rewrite_slack(policy).as_nanos() as u64 {
                 return Ok(None);
             }
-            let mut v = *v;
+            let mut v = v;
             v.expires_ns = expires;
             v
         }
+        // A name made room for this one: computed again from the names left.
+        _ if evicted.is_some() => entry_value(policy, &live())?,
         // One more name: merge its rules into the entry.
-        Some((n, v)) if *n + 1 == added.names => {
+        Some((n, v)) if n + 1 == added.names => {
             let rules = policy.host_rules_for(name);
             let mine = policy::rule_value(&rules, expires)
                 .map_err(|e| anyhow::anyhow!("too many port ranges ({} needed)", e.0))?;
@@ -787,10 +811,15 @@ fn cached_entry(
                     anyhow::anyhow!("too many port ranges for one address ({} needed)", e.0)
                 })?
         }
-        _ => entry_value(policy, &grants.live(&ip))?,
+        _ => entry_value(policy, &live())?,
     };
-    cache.insert(ip, (added.names, value));
     Ok(Some(value))
+}
+
+/// Whether names `a` and `b` are covered by the very same rules of `policy`.
+fn rules_match(policy: &Policy, a: &str, b: &str) -> bool {
+    let (a, b) = (policy.host_rules_for(a), policy.host_rules_for(b));
+    a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| std::ptr::eq(*x, *y))
 }
 
 /// How much shorter than promised a kernel entry may stay rather than be rewritten: a
@@ -954,5 +983,100 @@ pub fn system_name_servers() -> Vec<SocketAddr> {
             tracing::warn!("cannot read the system resolver configuration: {e}");
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn policy() -> Policy {
+        policy::parse_str(
+            "version: 1\nallow:\n  - host: \"*.a.test\"\n    ports: [443]\n  - host: \
+             \"*.b.test\"\n    ports: [8443]\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap()
+    }
+
+    fn ports(v: &AllowValue) -> Vec<(u16, u16)> {
+        v.ranges().iter().map(|r| (r.lo, r.hi)).collect()
+    }
+
+    fn grant(name: &str, secs: u64) -> grants::Grant {
+        grants::Grant {
+            name: name.into(),
+            expires: Duration::from_secs(secs),
+        }
+    }
+
+    /// A name that pushed out one under the very same rules moves the expiry only; one that
+    /// pushed out a name under other rules recomputes the entry from the names left, so the
+    /// pushed-out name's ports go with it.
+    #[test]
+    fn an_evicted_name_keeps_the_entry_only_under_the_same_rules() {
+        let p = policy();
+        let full = grants::NAMES_PER_ADDRESS;
+        let a = policy::rule_value(&p.host_rules_for("x.a.test"), 10_000_000_000).unwrap();
+        let b = policy::rule_value(&p.host_rules_for("x.b.test"), 10_000_000_000).unwrap();
+        let added = |gone: &str, secs: u64| grants::Added {
+            names: full,
+            latest: Duration::from_secs(secs),
+            evicted: Some(gone.into()),
+        };
+        let unread = || -> Vec<grants::Grant> { panic!("the grants were read again") };
+
+        // Same rules, a later expiry: the entry's ports, the new expiry, no recompute.
+        let v = next_entry(
+            Some((full, a)),
+            &p,
+            "new.a.test",
+            &added("old.a.test", 60),
+            unread,
+        )
+        .unwrap()
+        .expect("the expiry moved: a rewrite");
+        assert_eq!((ports(&v), v.expires_ns), (ports(&a), 60_000_000_000));
+        // Same rules, the same expiry: nothing to write.
+        let same = grants::Added {
+            latest: Duration::from_secs(10),
+            ..added("old.a.test", 10)
+        };
+        assert!(
+            next_entry(Some((full, a)), &p, "new.a.test", &same, unread)
+                .unwrap()
+                .is_none()
+        );
+
+        // Other rules: computed from the names left, so the pushed-out name's ports go.
+        let rewrite = |cached: AllowValue, name: &str, gone: &str, left: [&str; 2]| {
+            let live = || left.iter().map(|n| grant(n, 60)).collect();
+            next_entry(Some((full, cached)), &p, name, &added(gone, 60), live)
+                .unwrap()
+                .expect("a rewrite")
+        };
+        let v = rewrite(
+            a,
+            "new.b.test",
+            "old.a.test",
+            ["new.b.test", "other.b.test"],
+        );
+        assert_eq!((ports(&v), v.expires_ns), (ports(&b), 60_000_000_000));
+        // And the other way: a b name pushed out by an a name under a mixed entry.
+        let mixed =
+            AllowValue::from_ranges(a.ranges().iter().chain(b.ranges()).copied(), 10_000_000_000)
+                .unwrap();
+        let v = rewrite(mixed, "y.a.test", "old.b.test", ["y.a.test", "z.a.test"]);
+        assert_eq!(ports(&v), ports(&a));
+    }
+
+    #[test]
+    fn rules_match_compares_the_covering_rules() {
+        let p = policy();
+        assert!(rules_match(&p, "x.a.test", "y.z.a.test"));
+        assert!(!rules_match(&p, "x.a.test", "x.b.test"));
+        assert!(rules_match(&p, "x.c.test", "y.c.test"));
     }
 }

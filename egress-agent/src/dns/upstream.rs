@@ -60,26 +60,68 @@ pub async fn exchange(
 }
 
 async fn udp(server: SocketAddr, q: &[u8], id: u16) -> anyhow::Result<Vec<u8>> {
-    let bind: SocketAddr = if server.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
+    let sock = connected_udp(server)?;
+    // Sent before the socket joins the runtime: a fresh socket's send buffer is empty, so the
+    // send goes at once, without a round through the runtime to learn that it may.
+    let sent = match sock.send(q) {
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+        Err(e) => return Err(e.into()),
     };
-    let sock = UdpSocket::bind(bind).await?;
-    sock.connect(server).await?;
-    sock.send(q).await?;
-    // Room for the largest datagram, not zeroed: `recv_buf` writes into spare capacity.
-    let mut buf = Vec::with_capacity(MAX_UDP);
-    loop {
-        buf.clear();
-        // A connected UDP socket only receives from `server`.
-        let n = sock.recv_buf(&mut buf).await?;
-        if n >= 12 && buf[..2] == id.to_be_bytes() && buf[2] & 0x80 != 0 {
-            buf.truncate(n);
-            return Ok(buf);
-        }
-        // A stray or spoofed datagram: keep waiting for the real answer.
+    let sock = UdpSocket::from_std(sock)?;
+    if !sent {
+        sock.send(q).await?;
     }
+    loop {
+        sock.readable().await?;
+        // Read into this thread's buffer, room for the largest datagram, and keep only what
+        // came: no 64 KiB allocation per query. No await while it is borrowed.
+        let answer = RECV_BUF.with_borrow_mut(|buf| match sock.try_recv(buf) {
+            // A connected UDP socket only receives from `server`.
+            Ok(n) if n >= 12 && buf[..2] == id.to_be_bytes() && buf[2] & 0x80 != 0 => {
+                Ok(Some(buf[..n].to_vec()))
+            }
+            // A stray or spoofed datagram: keep waiting for the real answer.
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        })?;
+        if let Some(answer) = answer {
+            return Ok(answer);
+        }
+    }
+}
+
+thread_local! {
+    /// Where each upstream answer over UDP is received (then copied out at its length).
+    static RECV_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_UDP]);
+}
+
+/// A fresh non-blocking UDP socket connected to `server`. `connect` binds it to a random
+/// source port (the kernel's ephemeral choice, as `bind` to port 0 makes), one system call
+/// fewer than binding first.
+fn connected_udp(server: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use std::os::fd::FromRawFd as _;
+    let domain = if server.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the descriptor is owned right below.
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let sock = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+    sock.connect(server)?;
+    Ok(sock)
 }
 
 async fn tcp(server: SocketAddr, q: &[u8], id: u16) -> anyhow::Result<Vec<u8>> {

@@ -159,6 +159,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         // The BPF LSM program refuses them, and reports each attempt.
         None => confinement.leave_families_to_the_kernel(),
         Some(why) => {
+            // A second line behind the seccomp filter (and the only one on io_uring's sockets
+            // with --allow-io-uring).
+            let note = match session.tripwire_state() {
+                Ok(_) => "the packet-socket tripwire is armed too: a process of the command that \
+                          gets past the seccomp filter to one of those families (through \
+                          io_uring's IORING_OP_SOCKET with --allow-io-uring) is killed (SIGKILL), \
+                          with a deny event (hook tripwire)"
+                    .to_owned(),
+                Err(why) => format!("the packet-socket tripwire is not armed either: {why}"),
+            };
+            warn(&sink, &note);
             warn(
                 &sink,
                 &format!(

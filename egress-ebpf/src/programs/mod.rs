@@ -11,4 +11,5 @@ mod sock_addr;
 mod sock_create;
 mod socket_family;
 mod trace;
+mod tripwire;
 mod verdict;

@@ -502,6 +502,11 @@ const _: () = assert!(mem::size_of::<Sqe>() == 64);
 const _: () = assert!(mem::size_of::<Cqe>() == 16);
 
 const IORING_OP_CONNECT: u8 = 16;
+const IORING_OP_SOCKET: u8 = 45;
+const IORING_OP_SENDMSG: u8 = 9;
+const IOSQE_IO_LINK: u8 = 1 << 2;
+/// `SOCK_PACKET` (libc deprecates it: the point here is that it still works).
+const SOCK_PACKET: libc::c_int = 10;
 const IORING_ENTER_GETEVENTS: libc::c_uint = 1;
 const IORING_FEAT_SINGLE_MMAP: u32 = 1;
 const IORING_OFF_SQ_RING: libc::off_t = 0;
@@ -553,6 +558,40 @@ impl Drop for Mapping {
 /// connect(2) syscall), then writes the payload with write(2).
 fn iouring_connect(dst: SocketAddr) -> io::Result<()> {
     let sock = socket(family(dst), libc::SOCK_STREAM, 0)?;
+    let (ss, addr_len) = sockaddr(dst);
+    let sqe = Sqe {
+        opcode: IORING_OP_CONNECT,
+        fd: sock.as_raw_fd(),
+        off: u64::from(addr_len),
+        addr: ptr::from_ref(&ss) as u64,
+        user_data: 1,
+        ..Sqe::default()
+    };
+    // `ss` outlives the wait for the completion.
+    uring_one(sqe, "IORING_OP_CONNECT")?;
+    // SAFETY: a valid buffer on a socket we own.
+    let n = unsafe { libc::write(sock.as_raw_fd(), PAYLOAD.as_ptr().cast(), PAYLOAD.len()) };
+    short_write(check(n as libc::c_long, "write")? as usize)?;
+    // SAFETY: plain syscall on a socket we own.
+    let rc = unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_WR) };
+    check(rc.into(), "shutdown").map(drop)
+}
+
+/// Submits one SQE on a fresh raw io_uring and waits for its completion; its result, or an
+/// error named `what`. Whatever `sqe` points at must outlive the call.
+fn uring_one(sqe: Sqe, what: &str) -> io::Result<i32> {
+    let res = uring(|| vec![sqe], what)?;
+    match res.first() {
+        Some(&r) if r < 0 => Err(step(what, io::Error::from_raw_os_error(-r))),
+        Some(&r) => Ok(r),
+        None => Err(io::Error::other("no completion")),
+    }
+}
+
+/// Sets up a fresh raw io_uring, submits the SQEs `make` returns (called once the ring's
+/// descriptor exists) in one `io_uring_enter`, and waits for all their completions; their
+/// results in completion order.
+fn uring(make: impl FnOnce() -> Vec<Sqe>, what: &str) -> io::Result<Vec<i32>> {
     let mut params = UringParams::default();
     // SAFETY: a valid io_uring_params for the kernel to fill.
     let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, ptr::from_mut(&mut params)) };
@@ -579,80 +618,76 @@ fn iouring_connect(dst: SocketAddr) -> io::Result<()> {
         p.sq_entries as usize * mem::size_of::<Sqe>(),
         IORING_OFF_SQES,
     )?;
-
-    let (ss, addr_len) = sockaddr(dst);
+    let batch = make();
+    let n = u32::try_from(batch.len()).map_err(io::Error::other)?;
+    if n > p.sq_entries {
+        return Err(io::Error::other(format!(
+            "{what}: more SQEs than the ring holds"
+        )));
+    }
     let tail = sq.u32_at(p.sq_off.tail).load(Ordering::Acquire);
-    let index = tail & sq.u32_at(p.sq_off.ring_mask).load(Ordering::Relaxed);
-    let sqe = Sqe {
-        opcode: IORING_OP_CONNECT,
-        fd: sock.as_raw_fd(),
-        off: u64::from(addr_len),
-        addr: ptr::from_ref(&ss) as u64,
-        user_data: 1,
-        ..Sqe::default()
-    };
-    // SAFETY: `index` is masked to the ring size; the SQE array holds sq_entries entries,
-    // and the array of indices starts at sq_off.array.
-    unsafe {
-        ptr::write(sqes.ptr.cast::<Sqe>().add(index as usize), sqe);
-        ptr::write(
-            sq.ptr
-                .add(p.sq_off.array as usize)
-                .cast::<u32>()
-                .add(index as usize),
-            index,
-        );
+    let mask = sq.u32_at(p.sq_off.ring_mask).load(Ordering::Relaxed);
+    for (i, sqe) in batch.into_iter().enumerate() {
+        let index = tail.wrapping_add(i as u32) & mask;
+        // SAFETY: `index` is masked to the ring size; the SQE array holds sq_entries
+        // entries, and the array of indices starts at sq_off.array.
+        unsafe {
+            ptr::write(sqes.ptr.cast::<Sqe>().add(index as usize), sqe);
+            ptr::write(
+                sq.ptr
+                    .add(p.sq_off.array as usize)
+                    .cast::<u32>()
+                    .add(index as usize),
+                index,
+            );
+        }
     }
     sq.u32_at(p.sq_off.tail)
-        .store(tail.wrapping_add(1), Ordering::Release);
-    // SAFETY: plain syscall; `ss` outlives the wait for the completion.
+        .store(tail.wrapping_add(n), Ordering::Release);
+    // SAFETY: plain syscall; what the SQEs point at outlives the wait for the completions.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_io_uring_enter,
             ring.as_raw_fd(),
-            1u32,
-            1u32,
+            n,
+            n,
             IORING_ENTER_GETEVENTS,
             ptr::null::<libc::c_void>(),
             0usize,
         )
     };
     check(rc, "io_uring_enter")?;
-    let head = cq.u32_at(p.cq_off.head).load(Ordering::Acquire);
-    let ctail = cq.u32_at(p.cq_off.tail).load(Ordering::Acquire);
-    if head == ctail {
+    let mut results = Vec::new();
+    loop {
+        let head = cq.u32_at(p.cq_off.head).load(Ordering::Acquire);
+        let ctail = cq.u32_at(p.cq_off.tail).load(Ordering::Acquire);
+        if head == ctail {
+            break;
+        }
+        let cindex = head & cq.u32_at(p.cq_off.ring_mask).load(Ordering::Relaxed);
+        // SAFETY: masked index into the CQE array at cq_off.cqes.
+        let cqe = unsafe {
+            ptr::read(
+                cq.ptr
+                    .add(p.cq_off.cqes as usize)
+                    .cast::<Cqe>()
+                    .add(cindex as usize),
+            )
+        };
+        cq.u32_at(p.cq_off.head)
+            .store(head.wrapping_add(1), Ordering::Release);
+        results.push(cqe.res);
+    }
+    if results.is_empty() {
         return Err(io::Error::other(
             "io_uring_enter returned without a completion",
-        ));
-    }
-    let cindex = head & cq.u32_at(p.cq_off.ring_mask).load(Ordering::Relaxed);
-    // SAFETY: masked index into the CQE array at cq_off.cqes.
-    let cqe = unsafe {
-        ptr::read(
-            cq.ptr
-                .add(p.cq_off.cqes as usize)
-                .cast::<Cqe>()
-                .add(cindex as usize),
-        )
-    };
-    cq.u32_at(p.cq_off.head)
-        .store(head.wrapping_add(1), Ordering::Release);
-    if cqe.res < 0 {
-        return Err(step(
-            "IORING_OP_CONNECT",
-            io::Error::from_raw_os_error(-cqe.res),
         ));
     }
     drop(sqes);
     drop(cq_own);
     drop(sq);
     drop(ring);
-    // SAFETY: a valid buffer on a socket we own.
-    let n = unsafe { libc::write(sock.as_raw_fd(), PAYLOAD.as_ptr().cast(), PAYLOAD.len()) };
-    short_write(check(n as libc::c_long, "write")? as usize)?;
-    // SAFETY: plain syscall on a socket we own.
-    let rc = unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_WR) };
-    check(rc.into(), "shutdown").map(drop)
+    Ok(results)
 }
 
 /// `IPV6_CHECKSUM` (include/uapi/linux/in6.h): where the kernel writes the checksum of a raw
@@ -813,29 +848,273 @@ fn local_sockets(_dst: SocketAddr) -> io::Result<()> {
 }
 
 fn packet(dst: SocketAddr) -> io::Result<()> {
+    packet_on(dst, "lo", PacketWay::Socket)
+}
+
+/// How a packet socket is asked for (the packet-socket tripwire watches each way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PacketWay {
+    /// `socket(AF_PACKET, SOCK_RAW, ...)`, the x86_64 system call.
+    Socket,
+    /// i386 `socket` (359) through `int $0x80` from this 64-bit program: the kernel runs it as
+    /// a 32-bit system call (`TS_COMPAT`), although `cs` is the 64-bit one.
+    Int80Socket,
+    /// i386 `socketcall(SYS_SOCKET, args)` (102) through `int $0x80`, the arguments in memory
+    /// below 4 GiB.
+    Int80Socketcall,
+    /// `socket(AF_INET, SOCK_PACKET, ...)`, which the kernel turns into a packet socket.
+    SockPacket,
+    /// io_uring's `IORING_OP_SOCKET`.
+    Uring,
+    /// `IORING_OP_SOCKET` and an `IORING_OP_SENDMSG` on the descriptor it will get, in one
+    /// submission (`link`: the send linked to the socket with `IOSQE_IO_LINK`): the frame
+    /// leaves without the process returning to user space in between.
+    UringBatch { link: bool },
+    /// `socket(AF_PACKET)` while another thread sends, in a loop, on the descriptor it will
+    /// get: a frame leaves only if that thread gets a send in between the socket's creation
+    /// and the kill.
+    Race,
+}
+
+impl PacketWay {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "packet" => Self::Socket,
+            "packet-int80" => Self::Int80Socket,
+            "packet-socketcall" => Self::Int80Socketcall,
+            "sock-packet" => Self::SockPacket,
+            "packet-uring" => Self::Uring,
+            "packet-uring-batch" => Self::UringBatch { link: false },
+            "packet-uring-link" => Self::UringBatch { link: true },
+            "packet-race" => Self::Race,
+            _ => return None,
+        })
+    }
+}
+
+/// An i386 system call through `int $0x80` (up to three arguments); its raw result.
+#[cfg(target_arch = "x86_64")]
+fn int80(nr: u32, a: u32, b: u32, c: u32) -> i64 {
+    let mut rax = u64::from(nr);
+    // SAFETY: `int $0x80` enters the kernel's 32-bit system call path, which reads eax, ebx,
+    // ecx, edx and may clobber nothing else the compiler relies on (r8-r11 are saved by the
+    // 64-bit entry code and restored; listed as clobbered anyway).
+    unsafe {
+        std::arch::asm!(
+            "push rbx",
+            "mov ebx, {a:e}",
+            "int 0x80",
+            "pop rbx",
+            a = in(reg) a,
+            inout("rax") rax,
+            in("rcx") u64::from(b),
+            in("rdx") u64::from(c),
+            out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+        );
+    }
+    // The 32-bit return value, sign-extended.
+    i64::from(rax as u32 as i32)
+}
+
+/// The packet socket, asked for `way`.
+fn packet_socket(way: PacketWay) -> io::Result<OwnedFd> {
+    let proto = i32::from((libc::ETH_P_ALL as u16).to_be());
+    let fd = match way {
+        PacketWay::Socket | PacketWay::Race => {
+            return socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
+        }
+        PacketWay::SockPacket => return socket(libc::AF_INET, SOCK_PACKET, proto),
+        PacketWay::Int80Socket => {
+            let rc = int80(
+                359,
+                libc::AF_PACKET as u32,
+                libc::SOCK_RAW as u32,
+                proto as u32,
+            );
+            if rc < 0 {
+                return Err(step("socket", io::Error::from_raw_os_error(-rc as i32)));
+            }
+            rc as RawFd
+        }
+        PacketWay::Int80Socketcall => {
+            // The arguments must sit below 4 GiB: the 32-bit call reads a 32-bit pointer.
+            // SAFETY: a fresh private anonymous mapping.
+            let p = unsafe {
+                libc::mmap(
+                    ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(step("mmap(MAP_32BIT)", io::Error::last_os_error()));
+            }
+            let args = [libc::AF_PACKET as u32, libc::SOCK_RAW as u32, proto as u32];
+            // SAFETY: the mapping holds 4096 writable bytes.
+            unsafe { ptr::copy_nonoverlapping(args.as_ptr(), p.cast::<u32>(), 3) };
+            let rc = int80(102, 1, p as u64 as u32, 0);
+            if rc < 0 {
+                return Err(step("socket", io::Error::from_raw_os_error(-rc as i32)));
+            }
+            rc as RawFd
+        }
+        PacketWay::Uring | PacketWay::UringBatch { .. } => {
+            let sqe = Sqe {
+                opcode: IORING_OP_SOCKET,
+                fd: libc::AF_PACKET,
+                off: libc::SOCK_RAW as u64,
+                len: proto as u32,
+                user_data: 1,
+                ..Sqe::default()
+            };
+            let res = uring_one(sqe, "IORING_OP_SOCKET")?;
+            res as RawFd
+        }
+    };
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `frame` to `ll` from a thread that sends on the descriptor a packet socket will get, in a
+/// loop, while this thread creates it.
+fn race(frame: Vec<u8>, ll: libc::sockaddr_ll) -> io::Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32},
+    };
+    // The descriptor the socket will get: the lowest free one.
+    // SAFETY: plain syscalls on descriptors this process owns.
+    let next = unsafe {
+        let d = libc::dup(0);
+        libc::close(d);
+        d
+    };
+    let (stop, spinning) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU32::new(0)),
+    );
+    let (stop2, spinning2) = (stop.clone(), spinning.clone());
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0u32;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+            // SAFETY: a valid frame and sockaddr_ll; EBADF until the descriptor exists.
+            let n = unsafe {
+                libc::sendto(
+                    next,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    ptr::from_ref(&ll).cast(),
+                    mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            if n > 0 {
+                sent += 1;
+            }
+            spinning2.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
+    });
+    while spinning.load(Ordering::Relaxed) < 1000 {
+        std::hint::spin_loop();
+    }
+    let s = packet_socket(PacketWay::Socket)?;
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap_or(0);
+    drop(s);
+    if sent > 0 {
+        Ok(())
+    } else {
+        Err(io::Error::other("the other thread sent nothing"))
+    }
+}
+
+/// `frame` to `ll` through a packet socket io_uring creates and a send in the same submission.
+fn uring_batch(frame: &[u8], ll: &libc::sockaddr_ll, link: bool) -> io::Result<()> {
+    let proto = i32::from((libc::ETH_P_ALL as u16).to_be());
+    let mut iov = libc::iovec {
+        iov_base: frame.as_ptr().cast_mut().cast(),
+        iov_len: frame.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_name = ptr::from_ref(ll).cast_mut().cast();
+    msg.msg_namelen = mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    let results = uring(
+        || {
+            // The descriptor IORING_OP_SOCKET will get: the lowest free one.
+            // SAFETY: plain syscalls on descriptors this process owns.
+            let next = unsafe {
+                let d = libc::dup(0);
+                libc::close(d);
+                d
+            };
+            vec![
+                Sqe {
+                    opcode: IORING_OP_SOCKET,
+                    flags: if link { IOSQE_IO_LINK } else { 0 },
+                    fd: libc::AF_PACKET,
+                    off: libc::SOCK_RAW as u64,
+                    len: proto as u32,
+                    user_data: 1,
+                    ..Sqe::default()
+                },
+                Sqe {
+                    opcode: IORING_OP_SENDMSG,
+                    fd: next,
+                    addr: ptr::from_ref(&msg) as u64,
+                    len: 1,
+                    user_data: 2,
+                    ..Sqe::default()
+                },
+            ]
+        },
+        "IORING_OP_SOCKET+SENDMSG",
+    )?;
+    match results.as_slice() {
+        [a, b] if *a >= 0 && *b == frame.len() as i32 => Ok(()),
+        r => Err(io::Error::other(format!("completions {r:?}"))),
+    }
+}
+
+/// A whole Ethernet/IPv4/UDP frame (from 203.0.113.1, to the broadcast MAC) to `dst`, sent
+/// on `iface` through a packet socket asked for `way`.
+fn packet_on(dst: SocketAddr, iface: &str, way: PacketWay) -> io::Result<()> {
     let SocketAddr::V4(d) = dst else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "packet: IPv4 destinations only",
         ));
     };
-    let s = socket(
-        libc::AF_PACKET,
-        libc::SOCK_RAW,
-        i32::from((libc::ETH_P_IP as u16).to_be()),
-    )?;
-    let lo = CString::new("lo").expect("no NUL");
+    let name = CString::new(iface).map_err(io::Error::other)?;
     // SAFETY: a valid C string.
-    let ifindex = unsafe { libc::if_nametoindex(lo.as_ptr()) };
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if ifindex == 0 {
-        return Err(step("if_nametoindex(lo)", io::Error::last_os_error()));
+        return Err(step(
+            format!("if_nametoindex({iface})"),
+            io::Error::last_os_error(),
+        ));
     }
-    // Ethernet (lo's all-zero addresses), IPv4, UDP, payload. The source must not be a
-    // local address: an injected packet (unlike one the stack sent through lo) is routed on
-    // input, and `fib_validate_source` drops a local source as martian.
+    // Ethernet, IPv4, UDP, payload. On lo the addresses are all zero (lo ignores them); on
+    // another link the frame goes to the broadcast address, which the peer takes. The source
+    // must not be a local address: an injected packet (unlike one the stack sent through lo)
+    // is routed on input, and `fib_validate_source` drops a local source as martian.
     let src = std::net::Ipv4Addr::new(203, 0, 113, 1);
     let udp = udp_datagram(d.port());
-    let mut frame = vec![0u8; 12];
+    let mut frame = if iface == "lo" {
+        vec![0u8; 12]
+    } else {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        f
+    };
     frame.extend_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
     let mut ip = vec![0x45, 0];
     ip.extend_from_slice(&((20 + udp.len()) as u16).to_be_bytes());
@@ -847,21 +1126,41 @@ fn packet(dst: SocketAddr) -> io::Result<()> {
     frame.extend_from_slice(&ip);
     frame.extend_from_slice(&udp);
 
+    // A SOCK_PACKET socket is addressed by device name (`struct sockaddr_pkt`), a packet
+    // socket by index (`struct sockaddr_ll`).
     // SAFETY: all-zero is a valid sockaddr_ll.
     let mut ll: libc::sockaddr_ll = unsafe { mem::zeroed() };
     ll.sll_family = libc::AF_PACKET as u16;
     ll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
     ll.sll_ifindex = ifindex as i32;
     ll.sll_halen = 6;
-    // SAFETY: a valid frame and sockaddr_ll.
+    let mut pkt = [0u8; 18];
+    pkt[..2].copy_from_slice(&(libc::AF_PACKET as u16).to_ne_bytes());
+    pkt[2..2 + iface.len().min(13)].copy_from_slice(&iface.as_bytes()[..iface.len().min(13)]);
+    pkt[16..].copy_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
+    if let PacketWay::UringBatch { link } = way {
+        return uring_batch(&frame, &ll, link);
+    }
+    if way == PacketWay::Race {
+        return race(frame, ll);
+    }
+    let s = packet_socket(way)?;
+    let (addr, len): (*const libc::sockaddr, usize) = match way {
+        PacketWay::SockPacket => (pkt.as_ptr().cast(), pkt.len()),
+        _ => (
+            ptr::from_ref(&ll).cast(),
+            mem::size_of::<libc::sockaddr_ll>(),
+        ),
+    };
+    // SAFETY: a valid frame and socket address of `len` bytes.
     let n = unsafe {
         libc::sendto(
             s.as_raw_fd(),
             frame.as_ptr().cast(),
             frame.len(),
             0,
-            ptr::from_ref(&ll).cast(),
-            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            addr,
+            len as libc::socklen_t,
         )
     };
     let n = check(n as libc::c_long, "sendto")?;
@@ -961,6 +1260,11 @@ fn usage() -> ExitCode {
     for (name, _, help) in ACTIONS {
         text.push_str(&format!("  {name:<16} {help}\n"));
     }
+    text.push_str(
+        "  WAY@IFACE        a frame to ADDR:PORT on IFACE through a packet socket, WAY: packet \
+         (socket), packet-int80 (i386 socket through int 0x80), packet-socketcall (i386 \
+         socketcall), sock-packet (AF_INET/SOCK_PACKET), packet-uring (IORING_OP_SOCKET)\n",
+    );
     eprint!("{text}");
     ExitCode::from(2)
 }
@@ -970,6 +1274,14 @@ fn main() -> ExitCode {
     let [action, dst] = args.as_slice() else {
         return usage();
     };
+    // `WAY@IFACE`: a frame on IFACE through a packet socket asked for one way or another.
+    if let Some((way, iface)) = action.split_once('@')
+        && let Some(way) = PacketWay::parse(way)
+        && let Ok(dst) = dst.parse::<SocketAddr>()
+    {
+        println!("{}", report(&packet_on(dst, iface, way)));
+        return ExitCode::SUCCESS;
+    }
     let Some((_, run, _)) = ACTIONS.iter().find(|(name, _, _)| name == action) else {
         eprintln!("egress-probe: unknown action {action:?}");
         return usage();

@@ -354,17 +354,23 @@ fn main_pod(env: &mut Env, spec: &PodSpec, report: &mut Report) -> Result<()> {
         "errno ENOSYS",
     );
 
-    // A container of the pod with CAP_NET_RAW (what container runtimes grant by default)
-    // opens a packet socket: a warning, the gauge, and /readyz fails (--require-no-raw).
-    let warned = count(&podman.logs("egress"), "packet socket");
-    podman.run(&[
+    // A container of the pod without the app's profile, with CAP_NET_RAW (what container
+    // runtimes grant by default), asks for a packet socket to send a frame. Where the family
+    // guard cannot load (this machine kind), the packet-socket tripwire kills it (137) before
+    // the socket exists, and the sidecar logs a deny with hook `tripwire`; where the guard
+    // loads, socket() fails with EPERM and the deny's hook is `socket_create`.
+    let family_denies = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains(r#""reason":"family""#) && l.contains(r#""proto":"af_packet""#))
+            .count()
+    };
+    let before = family_denies(&podman.logs("egress"));
+    let sent = podman.run(&[
         "run",
-        "--detach",
+        "--rm",
         "--pull=never",
         "--pod",
         &pod.name,
-        "--name",
-        "rawholder",
         "--user=0",
         "--cap-drop=ALL",
         "--cap-add=NET_RAW",
@@ -372,38 +378,35 @@ fn main_pod(env: &mut Env, spec: &PodSpec, report: &mut Report) -> Result<()> {
         "--entrypoint",
         "/usr/local/bin/probe",
         images::APP_IMAGE,
-        "hold-packet",
-        "120",
-    ])?;
-    let seen = poll(Duration::from_secs(15), Duration::from_millis(250), || {
-        count(&podman.logs("egress"), "packet socket") > warned
+        "packet-send",
+        "eth0",
+    ]);
+    let logged = poll(Duration::from_secs(10), Duration::from_millis(250), || {
+        family_denies(&podman.logs("egress")) > before
     });
-    let gauge = pod
-        .http_get(health, "/metrics")
-        .map(|(_, m)| m.contains("egress_raw_risks{kind=\"packet_socket\"} 1"))
-        .unwrap_or(false);
-    let blocked = matches!(pod.http_get(health, "/readyz"), Ok((503, _)));
-    podman.run(&["rm", "--force", "--time", "0", "rawholder"])?;
-    let cleared = poll(Duration::from_secs(15), Duration::from_millis(250), || {
-        matches!(pod.http_get(health, "/readyz"), Ok((200, _)))
-    });
-    let holder = podman.logs("egress");
+    let deny = podman
+        .logs("egress")
+        .lines()
+        .rev()
+        .find(|l| l.contains(r#""reason":"family""#) && l.contains(r#""proto":"af_packet""#))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let outcome = match &sent {
+        Ok(out) => out.trim().to_owned(),
+        Err(e) if format!("{e:#}").contains("exit status: 137") => "killed (137)".to_owned(),
+        Err(e) => format!("{e:#}"),
+    };
+    let stopped = outcome == "killed (137)" || outcome.starts_with("errno EPERM");
     report.check(
-        "packet-socket-detected",
-        if seen && gauge && blocked && cleared {
+        "packet-socket-tripped",
+        if stopped && logged {
             Ok(format!(
-                "{}; egress_raw_risks{{kind=packet_socket}} 1; /readyz 503 until it closed",
-                holder
-                    .lines()
-                    .rev()
-                    .find(|l| l.contains("packet socket"))
-                    .unwrap_or_default()
-                    .trim()
+                "{}; {deny}",
+                outcome.lines().last().unwrap_or_default()
             ))
         } else {
-            Err(format!(
-                "warning: {seen}, gauge: {gauge}, /readyz 503: {blocked}, 200 after: {cleared}"
-            ))
+            Err(format!("probe: {outcome}; deny logged: {logged}"))
         },
     );
 

@@ -6,6 +6,7 @@ Each command prints one line the e2e matches on:
   resolve NAME          rcode <NAME> [addresses...] | timeout: one A query, raw, to resolv.conf's server
   packet                ok | errno <NAME>: opens an AF_PACKET socket
   hold-packet SECONDS   opens an AF_PACKET socket, prints `holding`, keeps it open
+  packet-send IFACE     opens an AF_PACKET socket and sends a broadcast frame on IFACE
   vsock                 ok | errno <NAME>: opens an AF_VSOCK socket (needs no capability)
   first                 the app's first instruction: `first ` + connect 198.51.100.20 80, then idles
 """
@@ -101,6 +102,17 @@ def main(argv: list[str]) -> int:
     elif cmd == "packet":
         try:
             packet().close()
+            print("ok")
+        except OSError as e:
+            print(err(e))
+    elif cmd == "packet-send":
+        try:
+            s = packet()
+            s.bind((argv[1], 0))
+            # Broadcast, from a made-up address, an IPv4 ethertype and a payload.
+            frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + b"probe\n" * 8
+            s.send(frame)
+            s.close()
             print("ok")
         except OSError as e:
             print(err(e))

@@ -525,7 +525,7 @@ pub(super) async fn wait(ctx: &DnsContext, hold: Hold) -> Option<Vec<u8>> {
         audited: Vec::new(),
         once,
     };
-    forward(ctx, pending).await
+    forward(ctx, pending, None).await
 }
 
 fn timeout_event(ctx: &DnsContext, view: &ApprovalRequest, transport: Transport) {

@@ -205,17 +205,32 @@ impl Resolver {
         let v4 = SocketAddr::from((self.addr.v4, self.addr.port));
         let v6 = SocketAddr::from((self.addr.v6, self.addr.port));
         let mut tasks = JoinSet::new();
+        let relay = {
+            use std::os::fd::AsRawFd;
+            let udp = std::iter::once(&self.udp4).chain(&self.udp6);
+            let tcp = std::iter::once(&self.tcp4).chain(&self.tcp6);
+            let listeners = udp
+                .map(AsRawFd::as_raw_fd)
+                .chain(tcp.map(AsRawFd::as_raw_fd))
+                .collect();
+            Arc::new(upstream::Relay::new(
+                listeners,
+                limit.clone(),
+                MAX_IN_FLIGHT,
+            ))
+        };
         let udp = std::iter::once((self.udp4, v4)).chain(self.udp6.map(|u| (u, v6)));
         for (sock, local) in udp {
             let sock = Arc::new(UdpSocket::from_std(sock)?);
-            tasks.spawn(serve_udp(sock, local, ctx.clone(), limit.clone()));
+            let (ctx, limit, relay) = (ctx.clone(), limit.clone(), relay.clone());
+            tasks.spawn(serve_udp(sock, local, ctx, limit, relay));
         }
         let tcp = std::iter::once((self.tcp4, v4)).chain(self.tcp6.map(|t| (t, v6)));
         for (listener, local) in tcp {
             let listener = TcpListener::from_std(listener)?;
             tasks.spawn(serve_tcp(listener, local, ctx.clone(), limit.clone()));
         }
-        tasks.spawn(sweep_forever(ctx.clone()));
+        tasks.spawn(sweep_forever(ctx.clone(), relay));
         let mut stop = stop;
         let _ = stop.wait_for(|s| *s).await;
         tasks.abort_all();
@@ -258,6 +273,7 @@ async fn serve_udp(
     local: SocketAddr,
     ctx: Arc<DnsContext>,
     limit: Arc<Semaphore>,
+    relay: Arc<upstream::Relay>,
 ) {
     let mut buf = vec![0u8; 65_535];
     let mut clients = ratelimit::Limiter::default();
@@ -319,15 +335,31 @@ async fn serve_udp(
             }
             continue;
         };
-        let (sock, ctx) = (sock.clone(), ctx.clone());
-        tokio::spawn(async move {
-            if let Some(reply) = forward(&ctx, pending).await
+        let (sock, ctx, relay) = (sock.clone(), ctx.clone(), relay.clone());
+        let answer = async move {
+            if let Some(reply) = forward(&ctx, pending, Some(&relay)).await
                 && let Err(e) = sock.send_to(&reply, client).await
             {
                 tracing::debug!("dns: cannot answer {client}: {e}");
             }
             drop(permit);
-        });
+            // Off the answer's path: the spent socket closed, the next one opened.
+            relay.tidy(
+                ctx.upstreams
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .first()
+                    .copied(),
+            );
+        };
+        // Run here, on this task, as far as it goes: an answer caught on the CPU (see
+        // `upstream::Relay`) goes out with no hop to a task of its own; one still pending
+        // continues on its own task.
+        let mut answer = Box::pin(answer);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if answer.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(answer);
+        }
     }
 }
 
@@ -397,7 +429,7 @@ pub async fn handle(
             r.report(ctx).await;
             r.reply
         }
-        Step::Forward(pending) => forward(ctx, pending).await,
+        Step::Forward(pending) => forward(ctx, pending, None).await,
         Step::Hold(hold) => held::wait(ctx, hold).await,
     }
 }
@@ -535,8 +567,13 @@ fn screen_query(
 }
 
 /// Forwards a screened query (normalized: [`screen::upstream_query`]) and grants what the
-/// upstream answered before returning it.
-async fn forward(ctx: &DnsContext, pending: Pending) -> Option<Vec<u8>> {
+/// upstream answered before returning it; with `relay`, a UDP query goes through it
+/// ([`upstream::Relay`]).
+async fn forward(
+    ctx: &DnsContext,
+    pending: Pending,
+    relay: Option<&upstream::Relay>,
+) -> Option<Vec<u8>> {
     let Pending {
         msg,
         key,
@@ -556,7 +593,7 @@ async fn forward(ctx: &DnsContext, pending: Pending) -> Option<Vec<u8>> {
             return encode(&reply_to(&msg, ResponseCode::ServFail));
         }
     };
-    let answer = match upstream::exchange(&ctx.upstreams(), &query, transport).await {
+    let answer = match upstream::exchange(&ctx.upstreams(), &query, transport, relay).await {
         Ok(a) => a,
         Err(e) => {
             Metrics::inc(&ctx.metrics.dns_upstream_failures);
@@ -842,10 +879,11 @@ fn entry_value(
         .map_err(|e| anyhow::anyhow!("too many port ranges for one address ({} needed)", e.0))
 }
 
-async fn sweep_forever(ctx: Arc<DnsContext>) {
+async fn sweep_forever(ctx: Arc<DnsContext>, relay: Arc<upstream::Relay>) {
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
         sweep(&ctx);
+        relay.tidy(None);
     }
 }
 

@@ -18,7 +18,7 @@ use egress_common::{
 };
 
 use super::trace;
-use crate::maps::{ALLOW_CIDR, ALLOW_DNS, CONFIG, COUNTERS, EVENTS};
+use crate::maps::{ALLOW_CIDR, ALLOW_DNS, ALLOW_EXACT, CONFIG, COUNTERS, EVENTS};
 
 const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -148,9 +148,18 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
         }
     }
     // Static rules: the longest matching prefix already carries the union of every broader
-    // rule's ports (the agent merges them), so one lookup decides. A static entry that covers
-    // the address but not this port says `port`, over an expired DNS entry.
-    if let Some(v) = ALLOW_CIDR.get(Key::new(128, *addr)) {
+    // rule's ports (the agent merges them), so one lookup decides. An exact (`/32`, `/128`)
+    // entry is that longest prefix whenever it exists, and `ALLOW_EXACT` holds a copy of it:
+    // a hash hit decides without the trie walk, which runs only on a miss. A static entry that
+    // covers the address but not this port says `port`, over an expired DNS entry.
+    // SAFETY: read only, as `ALLOW_DNS` above (the same caveat on an entry rewritten while
+    // read, on a reload: docs/KERNEL-NOTES.md).
+    let exact = unsafe { ALLOW_EXACT.get(addr) };
+    let stat = match exact {
+        Some(v) => Some(v),
+        None => ALLOW_CIDR.get(Key::new(128, *addr)),
+    };
+    if let Some(v) = stat {
         if v.permits(port, proto) {
             return Ok(false);
         }

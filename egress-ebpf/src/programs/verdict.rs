@@ -3,7 +3,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, generated::bpf_ktime_get_coarse_ns,
     },
     maps::lpm_trie::Key,
 };
@@ -132,8 +132,7 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
     // may then mix this entry's value with another DNS entry's (docs/THREATS.md).
     if let Some(v) = unsafe { ALLOW_DNS.get(addr) } {
         // The clock is read only for an entry that expires (a helper call, not inlined).
-        // SAFETY: helper without arguments.
-        if v.expires_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= v.expires_ns {
+        if v.expires_ns != 0 && expiry_clock() >= v.expires_ns {
             why = reason::EXPIRED;
         } else if v.permits(port, proto) {
             let bound = (proto == PROTO_TCP && v.named_tcp(port))
@@ -168,6 +167,34 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
         }
     }
     if named { Ok(true) } else { Err(why) }
+}
+
+/// 1 (the agent's choice from Linux 5.11 on): a DNS-derived entry's expiry is compared with
+/// `bpf_ktime_get_coarse_ns`; 0: with `bpf_ktime_get_boot_ns`. A read-only global the agent
+/// sets at load time: the verifier never walks the branch not taken, so a kernel without the
+/// coarse helper loads the programs with 0.
+///
+/// Why: reading the boot clock cost about 120 ns per verdict here (a clocksource read; the
+/// verdict without it is ~250 ns), the coarse clock about 50 (the timekeeper's last tick,
+/// no clocksource read; docs/KERNEL-NOTES.md). The coarse clock is `CLOCK_MONOTONIC` at tick
+/// resolution, and `expires_ns` is `CLOCK_BOOTTIME` (as the agent writes and sweeps it):
+/// monotonic never runs ahead of boot time, so an entry ends up to one tick late, plus the
+/// time the machine spent suspended since boot; never early. The agent's sweep
+/// (`dns::sweep`, boot time) removes expired entries on time while it runs.
+#[unsafe(no_mangle)]
+static COARSE_CLOCK: u8 = 0;
+
+/// Now, on the clock an entry's expiry is compared with (see [`COARSE_CLOCK`]).
+#[inline(always)]
+fn expiry_clock() -> u64 {
+    // SAFETY: a read-only global the loader sets before loading; helpers without arguments.
+    unsafe {
+        if core::ptr::read_volatile(&raw const COARSE_CLOCK) != 0 {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_boot_ns()
+        }
+    }
 }
 
 /// Whether the calling task belongs to the exempt cgroup (the agent itself, as a sidecar

@@ -430,12 +430,13 @@ fn prog_goals(report: &mut Report, rows: &[ProgRow]) {
         Some(worst <= 1.3),
         format!(
             "worst {worst:.2}×; kernel BPF statistics, table 1p. Beyond the floor's one lookup, \
-             the verdict checks the entry's expiry (a clock read, a helper call) and port \
-             ranges, counts the allow, and writes the JUDGED slot (the socket cookie, a random \
-             tag: ~55-70 ns, which the backstop saves and more per operation, see \
-             docs/KERNEL-NOTES.md); an ip-rule destination also misses the hash and walks the \
-             trie. The statistics' own cost per run (the empty programs) is in both sides: the \
-             raw ratio is judged, the net one is shown beside it"
+             the verdict checks a DNS-derived entry's expiry (the coarse clock, a helper call, \
+             ~50 ns) and its port ranges, counts the allow, and writes the JUDGED slot (the \
+             socket cookie, a random tag: ~55-70 ns, which saves the backstop more per \
+             operation, see docs/KERNEL-NOTES.md); an ip-rule destination misses the \
+             DNS-derived hash before its hit in the exact-rule hash (the trie is walked only \
+             for a real CIDR). The statistics' own cost per run (the empty programs) is in \
+             both sides: the raw ratio is judged, the net one is shown beside it"
         ),
     );
     // Where it runs once per operation (TCP); a UDP batch creates one socket, one cold run.

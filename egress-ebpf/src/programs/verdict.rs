@@ -169,6 +169,29 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
     if named { Ok(true) } else { Err(why) }
 }
 
+/// Whether UDP to `addr`, `port` is admitted only by host rules that check names, expired or
+/// not: a DNS-derived entry marks the port name-checked (`named_udp`) and no static rule admits
+/// it by address. The backstop refuses QUIC long headers there (their server name is
+/// encrypted). Expiry is ignored: a connected socket goes on talking to an expired destination,
+/// but never gets a long header past a name-checking rule that way.
+#[inline(always)]
+pub fn named_only_udp(addr: &Addr, port: u16) -> bool {
+    // SAFETY: read only, as in `lookup_named`.
+    let named = match unsafe { ALLOW_DNS.get(addr) } {
+        Some(v) => v.permits(port, PROTO_UDP) && v.named_udp(port),
+        None => false,
+    };
+    if !named {
+        return false;
+    }
+    // SAFETY: as above.
+    let stat = match unsafe { ALLOW_EXACT.get(addr) } {
+        Some(v) => Some(v),
+        None => ALLOW_CIDR.get(Key::new(128, *addr)),
+    };
+    !stat.is_some_and(|v| v.permits(port, PROTO_UDP))
+}
+
 /// 1 (the agent's choice from Linux 5.11 on): a DNS-derived entry's expiry is compared with
 /// `bpf_ktime_get_coarse_ns`; 0: with `bpf_ktime_get_boot_ns`. A read-only global the agent
 /// sets at load time: the verifier never walks the branch not taken, so a kernel without the

@@ -691,7 +691,12 @@ for qid in (0xc300, 0xffff):
 fn dns_queries_that_look_like_quic_long_headers_reach_the_resolver() {
     let (world, _tls, _http) = world();
     let (run, out) = run(&world, OK_ONLY, DNS_LOOKALIKE);
-    for key in ["dns_c300", "dns_connected_c300", "dns_ffff", "dns_connected_ffff"] {
+    for key in [
+        "dns_c300",
+        "dns_connected_c300",
+        "dns_ffff",
+        "dns_connected_ffff",
+    ] {
         assert_passed(&run, &out, key);
     }
     assert!(name_denies(&run).is_empty(), "{}", run.context());

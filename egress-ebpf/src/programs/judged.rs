@@ -206,4 +206,3 @@ pub fn of(sk: *mut bpf_sock) -> *mut Binding {
         bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0).cast::<Binding>()
     }
 }
-

@@ -2,6 +2,11 @@
 
 /// LPM trie of static `cidr:`/`ip:` rules: `Key<Addr>` to [`crate::AllowValue`].
 pub const MAP_ALLOW_CIDR: &str = "ALLOW_CIDR";
+/// Hash of the exact (`/32`, `/128`) entries of [`MAP_ALLOW_CIDR`], the same values:
+/// [`crate::Addr`] to [`crate::AllowValue`]. A copy beside the trie, so that an `ip:`
+/// destination costs one hash lookup instead of a longest-prefix walk; the trie keeps every
+/// entry and is walked only when this misses.
+pub const MAP_ALLOW_EXACT: &str = "ALLOW_EXACT";
 /// LPM trie of `inbound:` rules: `Key<Addr>` (the peer) to [`crate::AllowValue`] (the local
 /// ports it may connect to, `PROTO_TCP`).
 pub const MAP_ALLOW_INBOUND: &str = "ALLOW_INBOUND";
@@ -81,6 +86,9 @@ pub const MAX_PORT_RANGES: usize = 16;
 /// Default capacity of the static CIDR trie (allocated lazily: LPM tries are never
 /// preallocated).
 pub const DEFAULT_CIDR_CAPACITY: u32 = 1 << 20;
+/// Default capacity of the exact-entry hash (not preallocated: its bucket array, 16 bytes per
+/// slot, is all it takes while empty). Exact entries beyond it stay in the trie alone.
+pub const DEFAULT_EXACT_CAPACITY: u32 = 1 << 16;
 /// Default capacity of the inbound trie (allocated lazily, as the CIDR trie).
 pub const DEFAULT_INBOUND_CAPACITY: u32 = 1 << 16;
 /// Default capacity of the DNS-derived hash.

@@ -9,8 +9,8 @@ use egress_common::{
     Addr, AllowValue, Config,
     config::OrigDst,
     consts::{
-        COUNTER_SLOTS, DEFAULT_CIDR_CAPACITY, DEFAULT_DNS_CAPACITY, DEFAULT_INBOUND_CAPACITY,
-        DNS_ORIG_CAPACITY, EVENTS_RING_BYTES,
+        COUNTER_SLOTS, DEFAULT_CIDR_CAPACITY, DEFAULT_DNS_CAPACITY, DEFAULT_EXACT_CAPACITY,
+        DEFAULT_INBOUND_CAPACITY, DNS_ORIG_CAPACITY, EVENTS_RING_BYTES,
     },
 };
 
@@ -19,6 +19,16 @@ use egress_common::{
 #[map]
 pub static ALLOW_CIDR: LpmTrie<Addr, AllowValue> =
     LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+
+/// The exact (`/32`, `/128`) entries of `ALLOW_CIDR` again, with the same values, up to this
+/// map's capacity: one hash lookup decides an `ip:` destination, and the trie is walked only
+/// on a miss. Not preallocated (`BPF_F_NO_PREALLOC`): memory is taken per entry written.
+#[map]
+pub static ALLOW_EXACT: HashMap<Addr, AllowValue> =
+    HashMap::with_max_entries(DEFAULT_EXACT_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// `BPF_F_NO_PREALLOC`.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// `inbound:` rules: peers (prefixes, IPv4 mapped) that may connect to the cgroup's
 /// listening sockets, each with the local ports (`PROTO_TCP`) they may connect to; merged

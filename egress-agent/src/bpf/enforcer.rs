@@ -16,7 +16,7 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{
-        Array, CgroupArray, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash,
+        Array, CgroupArray, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash,
         lpm_trie::LpmTrie,
     },
     programs::{
@@ -30,8 +30,9 @@ use egress_common::{
     config::FLAG_NAME_BIND,
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
-        DEFAULT_DNS_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_INBOUND, MAP_BOUND,
-        MAP_CONFIG, MAP_COUNTERS, MAP_DNS_ORIG, MAP_EVENTS, MAP_NAMES,
+        DEFAULT_DNS_CAPACITY, DEFAULT_EXACT_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS,
+        MAP_ALLOW_EXACT, MAP_ALLOW_INBOUND, MAP_BOUND, MAP_CONFIG, MAP_COUNTERS, MAP_DNS_ORIG,
+        MAP_EVENTS, MAP_NAMES,
     },
     keys::addr_from_ip,
     names::NameBytes,
@@ -39,7 +40,7 @@ use egress_common::{
 
 use super::{
     btf::Layouts,
-    rules::{self, ApplyError, Contents, Faults, Trie},
+    rules::{self, ApplyError, Exact, Faults, Rules, Trie},
     trace,
 };
 use crate::{
@@ -64,10 +65,11 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 ];
 
 /// Every map, by name (for pinning).
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_NAMES,
     MAP_BOUND,
     MAP_ALLOW_CIDR,
+    MAP_ALLOW_EXACT,
     MAP_ALLOW_INBOUND,
     MAP_ALLOW_DNS,
     MAP_CONFIG,
@@ -116,6 +118,8 @@ pub struct ResolverAddr {
 pub struct EnforcerOptions {
     /// Capacity of the static CIDR trie.
     pub cidr_capacity: u32,
+    /// Capacity of the hash of the trie's exact entries (more stay in the trie alone).
+    pub exact_capacity: u32,
     /// Capacity of the DNS-derived address hash.
     pub dns_capacity: u32,
     /// Pin links and maps under this bpffs directory, so enforcement outlives the agent's
@@ -139,6 +143,7 @@ impl Default for EnforcerOptions {
     fn default() -> Self {
         Self {
             cidr_capacity: DEFAULT_CIDR_CAPACITY,
+            exact_capacity: DEFAULT_EXACT_CAPACITY,
             dns_capacity: DEFAULT_DNS_CAPACITY,
             pin_dir: None,
             judged: true,
@@ -214,6 +219,8 @@ pub struct Enforcer {
     adopted: bool,
     generation: u128,
     cidr: Trie,
+    exact: Exact,
+    exact_capacity: u32,
     inbound: Trie,
     dns: HashMap<MapData, Addr, AllowValue>,
     config: Array<MapData, Config>,
@@ -251,6 +258,9 @@ impl Enforcer {
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
         let judged_on = u8::from(judged);
         let trace_on = u8::from(opts.trace);
+        // `bpf_ktime_get_coarse_ns` (Linux 5.11) for DNS-derived expiry: see `COARSE_CLOCK`
+        // in the programs' verdict.
+        let coarse_clock = u8::from(crate::bpf::kernel::at_least((5, 11)));
         // Parsed once: the loader's relocations and the family guard's hook both need it.
         let btf = Btf::from_sys_fs().ok();
         // Member offsets the tripwire reads kernel memory at (no CO-RE in aya-ebpf).
@@ -272,7 +282,9 @@ impl Enforcer {
             .override_global("IO_KIOCB_DOMAIN", &domain_at, true)
             .override_global("TRIPWIRE_IO_URING", &refuse_io_uring, true)
             .override_global(trace::GLOBAL, &trace_on, true)
+            .override_global("COARSE_CLOCK", &coarse_clock, true)
             .map_max_entries(MAP_ALLOW_CIDR, opts.cidr_capacity)
+            .map_max_entries(MAP_ALLOW_EXACT, opts.exact_capacity)
             .map_max_entries(MAP_ALLOW_DNS, opts.dns_capacity);
         if !opts.trace {
             // Nothing writes the aya-log ring then: one page instead of 128 KiB of kernel memory.
@@ -303,6 +315,13 @@ impl Enforcer {
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
         let cidr = LpmTrie::try_from(take(MAP_ALLOW_CIDR)?)?;
+        let exact = take(MAP_ALLOW_EXACT)?;
+        // An adopted map keeps the capacity it was made with.
+        let exact_capacity = match &exact {
+            Map::HashMap(m) => m.info().map_or(opts.exact_capacity, |i| i.max_entries()),
+            _ => opts.exact_capacity,
+        };
+        let exact: Exact = HashMap::try_from(exact)?;
         let inbound = LpmTrie::try_from(take(MAP_ALLOW_INBOUND)?)?;
         let dns = HashMap::try_from(take(MAP_ALLOW_DNS)?)?;
         let config = Array::try_from(take(MAP_CONFIG)?)?;
@@ -331,6 +350,8 @@ impl Enforcer {
                 .unwrap_or_default()
                 .as_nanos(),
             cidr,
+            exact,
+            exact_capacity,
             inbound,
             dns,
             config,
@@ -668,25 +689,25 @@ impl Enforcer {
         };
         // Compiled, and the maps read, before anything changes: a policy that does not
         // compile, or maps that cannot be read in full, change nothing.
-        let want = (
-            rules::target(&policy::cidr_entries(policy).map_err(|e| fail(e.into()))?),
-            rules::target(&policy::inbound_entries(policy).map_err(|e| fail(e.into()))?),
-        );
-        let have = (
-            rules::contents(&self.cidr, "CIDR rules").map_err(fail)?,
-            rules::contents(&self.inbound, "inbound rules").map_err(fail)?,
-        );
+        let cidr = rules::target(&policy::cidr_entries(policy).map_err(|e| fail(e.into()))?);
+        let inbound = rules::target(&policy::inbound_entries(policy).map_err(|e| fail(e.into()))?);
+        let old_flags = self.config_value.flags;
+        let want = Rules {
+            exact: rules::exact_of(&cidr, self.exact_capacity),
+            cidr,
+            inbound,
+            // Name binding stays as attached.
+            flags: rules::flags(policy) | (old_flags & FLAG_NAME_BIND),
+        };
+        let have = self.read_rules(old_flags).map_err(fail)?;
         // The names trie is not part of the transaction (left for later): after a failed
         // change it holds the new policy's names, which judge only connections to addresses
         // the rolled-back maps admit.
         let names = policy::name_entries(policy);
         self.name_keys =
             super::name_bind::sync(&mut self.names, &self.name_keys, &names).map_err(fail)?;
-        let old_flags = self.config_value.flags;
-        // Name binding stays as attached.
-        let flags = rules::flags(policy) | (old_flags & FLAG_NAME_BIND);
         let mut faults = Faults::from_env();
-        let forward = self.write_rules(&have, &want, flags, &mut faults);
+        let forward = self.write_rules(&have, &want, &mut faults);
         let Err(error) = forward else {
             return Ok(());
         };
@@ -694,14 +715,8 @@ impl Enforcer {
         // concurrent reader's iteration.
         let mut rolled_back = false;
         for _ in 0..2 {
-            let now = (
-                rules::contents(&self.cidr, "CIDR rules").unwrap_or_else(|_| want.0.clone()),
-                rules::contents(&self.inbound, "inbound rules").unwrap_or_else(|_| want.1.clone()),
-            );
-            if self
-                .write_rules(&now, &have, old_flags, &mut Faults::none())
-                .is_ok()
-            {
+            let now = self.read_rules(want.flags).unwrap_or_else(|_| want.clone());
+            if self.write_rules(&now, &have, &mut Faults::none()).is_ok() {
                 rolled_back = true;
                 break;
             }
@@ -709,29 +724,53 @@ impl Enforcer {
         Err(ApplyError { error, rolled_back })
     }
 
-    /// Makes the tries, which hold `have`, hold `want`, sets the config flags, and reads
-    /// everything back.
+    /// What the static rule maps hold now, with `flags` as the config's.
+    fn read_rules(&self, flags: u32) -> anyhow::Result<Rules> {
+        use rules::RuleMap as _;
+        Ok(Rules {
+            cidr: self.cidr.read("CIDR rules")?,
+            exact: self.exact.read("exact rules")?,
+            inbound: self.inbound.read("inbound rules")?,
+            flags,
+        })
+    }
+
+    /// Makes the rule maps, which hold `have`, hold `want` (the trie before its exact copy,
+    /// see [`super::rules`]), sets the config flags, and reads everything back.
     fn write_rules(
         &mut self,
-        have: &(Contents, Contents),
-        want: &(Contents, Contents),
-        flags: u32,
+        have: &Rules,
+        want: &Rules,
         faults: &mut Faults,
     ) -> anyhow::Result<()> {
-        rules::converge(&mut self.cidr, &have.0, &want.0, "CIDR rules", faults)?;
-        rules::converge(&mut self.inbound, &have.1, &want.1, "inbound rules", faults)?;
+        rules::converge(&mut self.cidr, &have.cidr, &want.cidr, "CIDR rules", faults)?;
+        rules::converge(
+            &mut self.exact,
+            &have.exact,
+            &want.exact,
+            "exact rules",
+            faults,
+        )?;
+        rules::converge(
+            &mut self.inbound,
+            &have.inbound,
+            &want.inbound,
+            "inbound rules",
+            faults,
+        )?;
         if faults.on_config() {
             bail!("cannot write the config map: injected fault");
         }
-        self.config_value.flags = flags;
+        self.config_value.flags = want.flags;
         self.write_config()?;
-        rules::verify(&self.cidr, &want.0, "CIDR rules")?;
-        rules::verify(&self.inbound, &want.1, "inbound rules")?;
+        rules::verify(&self.cidr, &want.cidr, "CIDR rules")?;
+        rules::verify(&self.exact, &want.exact, "exact rules")?;
+        rules::verify(&self.inbound, &want.inbound, "inbound rules")?;
         let written = self
             .config
             .get(&0, 0)
             .context("cannot read the config map")?;
-        if written.flags != flags {
+        if written.flags != want.flags {
             bail!("the config map does not hold the policy's flags after writing them");
         }
         Ok(())

@@ -1,6 +1,11 @@
-//! The static rule maps (`ALLOW_CIDR`, `ALLOW_INBOUND`) changed as one transaction: after a
-//! policy change, successful or not, they hold exactly one compiled policy, the new one or
-//! the previous one whole.
+//! The static rule maps (`ALLOW_CIDR`, its exact entries again in `ALLOW_EXACT`,
+//! `ALLOW_INBOUND`) changed as one transaction: after a policy change, successful or not, they
+//! hold exactly one compiled policy, the new one or the previous one whole.
+//!
+//! `ALLOW_EXACT` holds a copy of the trie's `/128` entries (IPv4 `/32`s are mapped `/128`s),
+//! the first of them in key order up to the hash's capacity, with the same values: the
+//! programs look an address up there first and walk the trie only on a miss. The trie is written first and emptied of stale keys before the copy is, so
+//! at every moment an address found in the copy has its old or its new value, never another.
 //!
 //! The maps are read in full before each change (never a remembered key set: a key an earlier
 //! agent wrote, or a write that failed halfway, is seen as it is), the new entries are written
@@ -21,7 +26,10 @@ use aya::maps::{
 use egress_common::{
     Addr, AllowValue, Config,
     config::{FLAG_AUDIT, FLAG_ICMP},
-    consts::{MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_INBOUND, MAP_CONFIG},
+    consts::{
+        DEFAULT_EXACT_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_ALLOW_EXACT, MAP_ALLOW_INBOUND,
+        MAP_CONFIG,
+    },
 };
 
 use crate::policy::{self, CidrEntry, Mode, Policy};
@@ -29,8 +37,72 @@ use crate::policy::{self, CidrEntry, Mode, Policy};
 /// A static rule trie.
 pub type Trie = LpmTrie<MapData, Addr, AllowValue>;
 
-/// What a trie holds: (address, prefix length) to value.
+/// The hash of exact entries beside the CIDR trie.
+pub type Exact = HashMap<MapData, Addr, AllowValue>;
+
+/// What a rule map holds: (address, prefix length) to value (length 128 for every entry of
+/// the exact hash).
 pub type Contents = BTreeMap<(Addr, u32), AllowValue>;
+
+/// A map of static rules: a trie, or the hash of exact entries.
+pub trait RuleMap {
+    /// Every entry; any unreadable entry fails the read (an entry that cannot be read cannot
+    /// be proven to belong to the policy).
+    fn read(&self, what: &str) -> anyhow::Result<Contents>;
+    /// Writes one entry.
+    fn put(&mut self, key: (Addr, u32), value: AllowValue) -> anyhow::Result<()>;
+    /// Removes one entry.
+    fn remove_key(&mut self, key: (Addr, u32)) -> Result<(), MapError>;
+}
+
+impl RuleMap for Trie {
+    fn read(&self, what: &str) -> anyhow::Result<Contents> {
+        contents(self, what)
+    }
+
+    fn put(&mut self, (addr, len): (Addr, u32), value: AllowValue) -> anyhow::Result<()> {
+        Ok(self.insert(&Key::new(len, addr), value, 0)?)
+    }
+
+    fn remove_key(&mut self, (addr, len): (Addr, u32)) -> Result<(), MapError> {
+        self.remove(&Key::new(len, addr))
+    }
+}
+
+impl RuleMap for Exact {
+    fn read(&self, what: &str) -> anyhow::Result<Contents> {
+        let mut out = Contents::new();
+        for item in self.iter() {
+            let (k, v) = item.with_context(|| format!("cannot read the {what} map"))?;
+            out.insert((k, EXACT_LEN), v);
+        }
+        Ok(out)
+    }
+
+    fn put(&mut self, (addr, len): (Addr, u32), value: AllowValue) -> anyhow::Result<()> {
+        if len != EXACT_LEN {
+            bail!("/{len} is not an exact key");
+        }
+        Ok(self.insert(addr, value, 0)?)
+    }
+
+    fn remove_key(&mut self, (addr, _): (Addr, u32)) -> Result<(), MapError> {
+        self.remove(&addr)
+    }
+}
+
+/// The prefix length of an exact entry (an IPv6 address, or a mapped IPv4 one).
+const EXACT_LEN: u32 = 128;
+
+/// The part of the trie's contents `cidr` that the exact hash holds too: its `/128` entries,
+/// the first `capacity` of them in key order (the rest are found by the trie walk alone).
+pub fn exact_of(cidr: &Contents, capacity: u32) -> Contents {
+    cidr.iter()
+        .filter(|((_, len), _)| *len == EXACT_LEN)
+        .take(capacity as usize)
+        .map(|(k, v)| (*k, *v))
+        .collect()
+}
 
 /// Why a policy change failed, and what the maps hold after it.
 #[derive(Debug, thiserror::Error)]
@@ -74,16 +146,28 @@ pub fn flags(policy: &Policy) -> u32 {
     mode | if policy.allows_icmp() { FLAG_ICMP } else { 0 }
 }
 
-/// What the static rule maps hold: the CIDR trie, the inbound trie, the config flags.
-pub type Rules = (Contents, Contents, u32);
+/// What the static rule maps hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// The CIDR trie.
+    pub cidr: Contents,
+    /// The exact hash (the trie's exact entries again, up to its capacity).
+    pub exact: Contents,
+    /// The inbound trie.
+    pub inbound: Contents,
+    /// The config flags.
+    pub flags: u32,
+}
 
-/// What `policy` compiles to.
+/// What `policy` compiles to, with the exact hash at its default capacity.
 pub fn compiled(policy: &Policy) -> anyhow::Result<Rules> {
-    Ok((
-        target(&policy::cidr_entries(policy)?),
-        target(&policy::inbound_entries(policy)?),
-        flags(policy),
-    ))
+    let cidr = target(&policy::cidr_entries(policy)?);
+    Ok(Rules {
+        exact: exact_of(&cidr, DEFAULT_EXACT_CAPACITY),
+        cidr,
+        inbound: target(&policy::inbound_entries(policy)?),
+        flags: flags(policy),
+    })
 }
 
 /// What the maps pinned under `pin_dir` (`/sys/fs/bpf/egress/<name>`) hold, read from the
@@ -94,14 +178,16 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<Rules> {
         MapData::from_pin(maps.join(m)).with_context(|| format!("cannot open pinned map {m}"))
     };
     let cidr: Trie = LpmTrie::try_from(Map::LpmTrie(open(MAP_ALLOW_CIDR)?))?;
+    let exact: Exact = HashMap::try_from(Map::HashMap(open(MAP_ALLOW_EXACT)?))?;
     let inbound: Trie = LpmTrie::try_from(Map::LpmTrie(open(MAP_ALLOW_INBOUND)?))?;
     let config: Array<MapData, Config> = Array::try_from(Map::Array(open(MAP_CONFIG)?))?;
-    Ok((
-        contents(&cidr, "CIDR rules")?,
-        contents(&inbound, "inbound rules")?,
+    Ok(Rules {
+        cidr: contents(&cidr, "CIDR rules")?,
+        exact: exact.read("exact rules")?,
+        inbound: contents(&inbound, "inbound rules")?,
         // Name binding's flag is how the programs were attached, not part of the policy.
-        config.get(&0, 0)?.flags & !egress_common::config::FLAG_NAME_BIND,
-    ))
+        flags: config.get(&0, 0)?.flags & !egress_common::config::FLAG_NAME_BIND,
+    })
 }
 
 /// Reads every entry of the pinned DNS map under `pin_dir` (any unreadable entry fails).
@@ -118,10 +204,10 @@ pub fn read_pinned_dns(pin_dir: &Path) -> anyhow::Result<BTreeMap<IpAddr, AllowV
         .collect()
 }
 
-/// Makes `trie`, which holds `have`, hold exactly `want`: new and changed entries first, then
+/// Makes `map`, which holds `have`, hold exactly `want`: new and changed entries first, then
 /// the removal of keys `want` lacks. Stops at the first error.
 pub fn converge(
-    trie: &mut Trie,
+    map: &mut impl RuleMap,
     have: &Contents,
     want: &Contents,
     what: &'static str,
@@ -137,7 +223,7 @@ pub fn converge(
             Some(Fault::Invalid) => 129,
             _ => len,
         };
-        trie.insert(&Key::new(len, addr), *value, 0)
+        map.put((addr, len), *value)
             .with_context(|| format!("cannot write the {what} map (is it full?)"))?;
     }
     for &(addr, len) in have.keys() {
@@ -147,7 +233,7 @@ pub fn converge(
         if faults.on_remove(what) {
             bail!("cannot remove a stale entry from the {what} map: injected fault");
         }
-        match trie.remove(&Key::new(len, addr)) {
+        match map.remove_key((addr, len)) {
             Ok(()) => {}
             Err(MapError::KeyNotFound) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
@@ -160,9 +246,9 @@ pub fn converge(
     Ok(())
 }
 
-/// Reads `trie` back and fails unless it holds exactly `want`.
-pub fn verify(trie: &Trie, want: &Contents, what: &str) -> anyhow::Result<()> {
-    let now = contents(trie, what)?;
+/// Reads `map` back and fails unless it holds exactly `want`.
+pub fn verify(map: &impl RuleMap, want: &Contents, what: &str) -> anyhow::Result<()> {
+    let now = map.read(what)?;
     if &now != want {
         let extra = now.keys().filter(|k| !want.contains_key(k)).count();
         let missing = want.keys().filter(|k| !now.contains_key(k)).count();
@@ -194,9 +280,10 @@ pub enum Fault {
 
 /// Failures to inject into one policy change, from the file named by `EGRESS_FAULT_FILE`
 /// (debug builds only; read at each change). One per line: `<map> <fault> <n>`, the fault
-/// hitting the `n`th operation of its kind on that map during the change (1-based): `cidr full
-/// 2` fails the second write into the CIDR trie as if it were full, `inbound invalid 1` writes
-/// a key the kernel refuses, `cidr remove 1` fails the first removal, `config config 1` fails
+/// hitting the `n`th operation of its kind on that map (`cidr`, `exact`, `inbound`) during the
+/// change (1-based): `cidr full 2` fails the second write into the CIDR trie as if it were
+/// full, `inbound invalid 1` writes a key the kernel refuses (in the exact hash: a key of
+/// another length, refused before the write), `cidr remove 1` fails the first removal, `config config 1` fails
 /// the config write, `dns read 1` fails reading the first adopted DNS entry. Rollbacks run
 /// without faults.
 #[derive(Debug, Default)]
@@ -290,6 +377,8 @@ impl Faults {
 fn map_name(what: &str) -> &'static str {
     if what.contains("inbound") {
         "inbound"
+    } else if what.contains("exact") {
+        "exact"
     } else {
         "cidr"
     }
@@ -299,6 +388,52 @@ fn map_name(what: &str) -> &'static str {
 mod tests {
     use super::*;
 
+    fn key(last: u8, len: u32) -> (Addr, u32) {
+        let mut a = [0u8; 16];
+        a[15] = last;
+        (a, len)
+    }
+
+    #[test]
+    fn the_exact_hash_copies_the_first_exact_entries_up_to_its_capacity() {
+        let v = |p: u16| {
+            AllowValue::from_ranges(
+                [egress_common::PortRange {
+                    lo: p,
+                    hi: p,
+                    protos: 1,
+                    _pad: 0,
+                }],
+                0,
+            )
+            .unwrap()
+        };
+        let cidr: Contents = [
+            (key(9, 128), v(1)),
+            (key(0, 120), v(2)),
+            (key(3, 128), v(3)),
+            (key(5, 128), v(4)),
+        ]
+        .into_iter()
+        .collect();
+        let all = exact_of(&cidr, 10);
+        assert_eq!(
+            all.into_iter().collect::<Vec<_>>(),
+            vec![
+                (key(3, 128), v(3)),
+                (key(5, 128), v(4)),
+                (key(9, 128), v(1))
+            ],
+            "every /128, with the trie's value; no prefix"
+        );
+        assert_eq!(
+            exact_of(&cidr, 2).into_keys().collect::<Vec<_>>(),
+            vec![key(3, 128), key(5, 128)],
+            "beyond the capacity the last keys stay in the trie alone"
+        );
+        assert!(exact_of(&cidr, 0).is_empty());
+    }
+
     #[test]
     fn fault_lines_hit_the_nth_operation_of_their_map() {
         let mut f =
@@ -306,6 +441,7 @@ mod tests {
         assert_eq!(f.on_insert("CIDR rules"), None);
         assert_eq!(f.on_insert("CIDR rules"), Some(Fault::Full));
         assert_eq!(f.on_insert("inbound rules"), None);
+        assert_eq!(map_name("exact rules"), "exact");
         assert!(f.on_remove("inbound rules"));
         assert!(!f.on_remove("CIDR rules"));
         assert!(f.on_config());

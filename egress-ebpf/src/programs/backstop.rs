@@ -58,7 +58,7 @@ use super::{
     inbound,
     judged::judged,
     trace,
-    verdict::{audit_mode, count, lookup, lookup_named},
+    verdict::{audit_mode, count, lookup, lookup_named, named_only_udp},
 };
 use crate::maps::{CONFIG, EVENTS};
 
@@ -203,7 +203,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             // a name-bound destination's QUIC is checked.
             if connected || judged(skb, &addr, port, IPPROTO_UDP) {
                 return Ok(match binding {
-                    true => quic_checked(ctx, sk, &addr, port, l4_off),
+                    true => quic_checked(ctx, &addr, port, l4_off),
                     false => PASS,
                 });
             }
@@ -212,7 +212,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             // storage says.
             let verdict = judge(&addr, port, PROTO_UDP, IPPROTO_UDP);
             if verdict == PASS && binding && lookup_named(&addr, port, PROTO_UDP) == Ok(true) {
-                return Ok(quic_refused(ctx, &addr, l4_off));
+                return Ok(quic_refused(ctx, &addr, port, l4_off));
             }
             Ok(verdict)
         }
@@ -272,44 +272,41 @@ pub fn read<T: Copy>(ctx: &SkBuffContext, off: usize) -> Result<T, ()> {
     ctx.load(off).map_err(|_| ())
 }
 
-/// PASS, unless the socket's destination is admitted only by name-checking host rules
-/// (`BIND_NO_QUIC`, set by the hook that judged it) and the datagram is a QUIC long-header
-/// packet (form and fixed bits set, a non-zero version: an Initial carries the server name
-/// encrypted, so it cannot be judged). Then DROP (`EPERM` to the sender), reason `name`;
-/// clients fall back to TCP.
+/// PASS, unless the datagram is a QUIC long-header packet (form and fixed bits set, a
+/// non-zero version: an Initial carries the server name encrypted, so it cannot be judged)
+/// and its destination is admitted only by name-checking host rules, expired or not
+/// ([`named_only_udp`]). Then DROP (`EPERM` to the sender), reason `name`; clients fall back
+/// to TCP. The header is read first, so every other datagram passes on it without a lookup;
+/// the lookup follows reloads, which nothing recorded on the socket at its hook would. (A
+/// steered DNS socket's queries, whose first bytes look like a long header when the ID is
+/// 0xc000 or more, go to the resolver, which no entry names.)
 #[inline(always)]
-fn quic_checked(
-    ctx: &SkBuffContext,
-    sk: *mut bpf_sock,
-    addr: &Addr,
-    port: u16,
-    l4_off: usize,
-) -> i32 {
-    if sk.is_null() || super::judged::bind_of(sk, addr, port) != super::judged::BIND_NO_QUIC {
+fn quic_checked(ctx: &SkBuffContext, addr: &Addr, port: u16, l4_off: usize) -> i32 {
+    if !quic_long(ctx, l4_off) || !named_only_udp(addr, port) {
         return PASS;
     }
-    quic_refused(ctx, addr, l4_off)
+    drop_packet(addr, port, IPPROTO_UDP, reason::NAME, hook::EGRESS)
 }
 
-/// DROP (reason `name`) if the datagram at `l4_off` is a QUIC long-header packet, else PASS.
+/// Whether the datagram at `l4_off` is a QUIC long-header packet (after the UDP header, the
+/// first byte and the version).
 #[inline(always)]
-fn quic_refused(ctx: &SkBuffContext, addr: &Addr, l4_off: usize) -> i32 {
-    // UDP header, then the QUIC first byte and version.
-    let Ok(q) = read::<[u8; 13]>(ctx, l4_off) else {
+fn quic_long(ctx: &SkBuffContext, l4_off: usize) -> bool {
+    match read::<[u8; 13]>(ctx, l4_off) {
+        Ok(q) => q[8] & 0xc0 == 0xc0 && (q[9] | q[10] | q[11] | q[12]) != 0,
         // Shorter than a QUIC long header: not one.
-        return PASS;
-    };
-    let long = q[8] & 0xc0 == 0xc0 && (q[9] | q[10] | q[11] | q[12]) != 0;
-    if !long {
+        Err(()) => false,
+    }
+}
+
+/// DROP (reason `name`) if the datagram at `l4_off` (to `port`) is a QUIC long-header
+/// packet, else PASS.
+#[inline(always)]
+fn quic_refused(ctx: &SkBuffContext, addr: &Addr, port: u16, l4_off: usize) -> i32 {
+    if !quic_long(ctx, l4_off) {
         return PASS;
     }
-    drop_packet(
-        addr,
-        u16::from_be_bytes([q[2], q[3]]),
-        IPPROTO_UDP,
-        reason::NAME,
-        hook::EGRESS,
-    )
+    drop_packet(addr, port, IPPROTO_UDP, reason::NAME, hook::EGRESS)
 }
 
 /// Whether `CONFIG` has name binding on.

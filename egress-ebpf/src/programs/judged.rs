@@ -166,35 +166,25 @@ pub const BIND_PENDING: u8 = 1;
 pub const BIND_PASSED: u8 = 2;
 /// Name-bound, first flight refused: every later send is refused too.
 pub const BIND_REFUSED: u8 = 3;
-/// UDP to a destination only name-checking host rules admit: QUIC long-header packets are
-/// dropped by the backstop (their name is encrypted), other datagrams pass.
-pub const BIND_NO_QUIC: u8 = 4;
-
-const IPPROTO_TCP: u32 = 6;
 
 #[btf_map]
 static BINDING: SkStorage<Binding> = SkStorage::new();
 
 #[inline(always)]
 fn remember_binding(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32, bind: u8) {
-    if bind == BIND_NONE && ip_proto == IPPROTO_TCP {
-        // A TCP connect admitted by address: no lookup of the socket's storage (a helper call
-        // on every connect). A binding left from an earlier connect of the same socket names
-        // that connection's destination, and every reader compares it with its own (`sock_ops`
-        // with the socket's peer, the backstop with the packet's destination); a socket that
-        // left `BOUND` when it disconnected never meets `first_flight` again unless `sock_ops`
-        // binds it anew.
+    if bind == BIND_NONE {
+        // Admitted by address (or UDP, which records nothing): no lookup of the socket's
+        // storage (a helper call on every connect and send). A binding left from an earlier
+        // connect of the same socket names that connection's destination, and every reader
+        // compares it with its own (`sock_ops` with the socket's peer, the backstop with the
+        // packet's destination); a socket that left `BOUND` when it disconnected never meets
+        // `first_flight` again unless `sock_ops` binds it anew.
         return;
     }
-    // SAFETY: the helpers find (or, for a binding, create) the socket's entry; the pointer is
-    // tested for null before use.
+    // SAFETY: the helper finds or creates the socket's entry; the pointer is tested for null
+    // before use.
     unsafe {
-        let p = if bind == BIND_NONE {
-            // A socket that was bound before (a UDP socket now sending elsewhere) is no more.
-            BINDING.get_ptr_mut(ctx)
-        } else {
-            BINDING.get_or_insert_ptr_mut(ctx, None)
-        };
+        let p = BINDING.get_or_insert_ptr_mut(ctx, None);
         if p.is_null() {
             return;
         }
@@ -214,22 +204,5 @@ pub fn of(sk: *mut bpf_sock) -> *mut Binding {
     unsafe {
         let map = ptr::addr_of!(BINDING).cast_mut().cast();
         bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0).cast::<Binding>()
-    }
-}
-
-/// The name binding state (`BIND_*`) of `sk` (a full socket) for `addr`, `port`: `BIND_NONE`
-/// without storage or when the binding was recorded for another destination.
-#[inline(always)]
-pub fn bind_of(sk: *mut bpf_sock, addr: &Addr, port: u16) -> u8 {
-    let b = of(sk);
-    if b.is_null() {
-        return BIND_NONE;
-    }
-    // SAFETY: non-null socket storage.
-    unsafe {
-        if (*b).port != port || (*b).addr != *addr {
-            return BIND_NONE;
-        }
-        (*b).bind
     }
 }

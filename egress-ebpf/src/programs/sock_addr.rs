@@ -194,9 +194,10 @@ fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) 
     let named = admit == ADMIT_NAMED && name_binding();
     match admit {
         ADMIT_PLAIN | ADMIT_NAMED => {
+            // UDP records nothing: the backstop checks a QUIC long header against the
+            // destination's admission when it sees one (`quic_checked`).
             let bind = match (named, ip_proto) {
                 (true, IPPROTO_TCP) => judged::BIND_PENDING,
-                (true, IPPROTO_UDP) => judged::BIND_NO_QUIC,
                 _ => judged::BIND_NONE,
             };
             judged::remember(ctx, &dst.addr, dst.port, ip_proto, bind);
@@ -213,7 +214,6 @@ fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) 
 }
 
 const IPPROTO_TCP: u32 = 6;
-const IPPROTO_UDP: u32 = 17;
 
 /// `user_port` holds the port in network byte order in its low 16 bits (as stored in memory).
 #[inline(always)]

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, generated::bpf_ktime_get_coarse_ns,
     },
     maps::lpm_trie::Key,
 };
@@ -18,7 +18,7 @@ use egress_common::{
 };
 
 use super::trace;
-use crate::maps::{ALLOW_CIDR, ALLOW_DNS, CONFIG, COUNTERS, EVENTS};
+use crate::maps::{ALLOW_CIDR, ALLOW_DNS, ALLOW_EXACT, CONFIG, COUNTERS, EVENTS};
 
 const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -132,8 +132,7 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
     // may then mix this entry's value with another DNS entry's (docs/THREATS.md).
     if let Some(v) = unsafe { ALLOW_DNS.get(addr) } {
         // The clock is read only for an entry that expires (a helper call, not inlined).
-        // SAFETY: helper without arguments.
-        if v.expires_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= v.expires_ns {
+        if v.expires_ns != 0 && expiry_clock() >= v.expires_ns {
             why = reason::EXPIRED;
         } else if v.permits(port, proto) {
             let bound = (proto == PROTO_TCP && v.named_tcp(port))
@@ -148,9 +147,18 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
         }
     }
     // Static rules: the longest matching prefix already carries the union of every broader
-    // rule's ports (the agent merges them), so one lookup decides. A static entry that covers
-    // the address but not this port says `port`, over an expired DNS entry.
-    if let Some(v) = ALLOW_CIDR.get(Key::new(128, *addr)) {
+    // rule's ports (the agent merges them), so one lookup decides. An exact (`/32`, `/128`)
+    // entry is that longest prefix whenever it exists, and `ALLOW_EXACT` holds a copy of it:
+    // a hash hit decides without the trie walk, which runs only on a miss. A static entry that
+    // covers the address but not this port says `port`, over an expired DNS entry.
+    // SAFETY: read only, as `ALLOW_DNS` above (the same caveat on an entry rewritten while
+    // read, on a reload: docs/KERNEL-NOTES.md).
+    let exact = unsafe { ALLOW_EXACT.get(addr) };
+    let stat = match exact {
+        Some(v) => Some(v),
+        None => ALLOW_CIDR.get(Key::new(128, *addr)),
+    };
+    if let Some(v) = stat {
         if v.permits(port, proto) {
             return Ok(false);
         }
@@ -159,6 +167,57 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
         }
     }
     if named { Ok(true) } else { Err(why) }
+}
+
+/// Whether UDP to `addr`, `port` is admitted only by host rules that check names, expired or
+/// not: a DNS-derived entry marks the port name-checked (`named_udp`) and no static rule admits
+/// it by address. The backstop refuses QUIC long headers there (their server name is
+/// encrypted). Expiry is ignored: a connected socket goes on talking to an expired destination,
+/// but never gets a long header past a name-checking rule that way.
+#[inline(always)]
+pub fn named_only_udp(addr: &Addr, port: u16) -> bool {
+    // SAFETY: read only, as in `lookup_named`.
+    let named = match unsafe { ALLOW_DNS.get(addr) } {
+        Some(v) => v.permits(port, PROTO_UDP) && v.named_udp(port),
+        None => false,
+    };
+    if !named {
+        return false;
+    }
+    // SAFETY: as above.
+    let stat = match unsafe { ALLOW_EXACT.get(addr) } {
+        Some(v) => Some(v),
+        None => ALLOW_CIDR.get(Key::new(128, *addr)),
+    };
+    !stat.is_some_and(|v| v.permits(port, PROTO_UDP))
+}
+
+/// 1 (the agent's choice from Linux 5.11 on): a DNS-derived entry's expiry is compared with
+/// `bpf_ktime_get_coarse_ns`; 0: with `bpf_ktime_get_boot_ns`. A read-only global the agent
+/// sets at load time: the verifier never walks the branch not taken, so a kernel without the
+/// coarse helper loads the programs with 0.
+///
+/// Why: reading the boot clock cost about 120 ns per verdict here (a clocksource read; the
+/// verdict without it is ~250 ns), the coarse clock about 50 (the timekeeper's last tick,
+/// no clocksource read; docs/KERNEL-NOTES.md). The coarse clock is `CLOCK_MONOTONIC` at tick
+/// resolution, and `expires_ns` is `CLOCK_BOOTTIME` (as the agent writes and sweeps it):
+/// monotonic never runs ahead of boot time, so an entry ends up to one tick late, plus the
+/// time the machine spent suspended since boot; never early. The agent's sweep
+/// (`dns::sweep`, boot time) removes expired entries on time while it runs.
+#[unsafe(no_mangle)]
+static COARSE_CLOCK: u8 = 0;
+
+/// Now, on the clock an entry's expiry is compared with (see [`COARSE_CLOCK`]).
+#[inline(always)]
+fn expiry_clock() -> u64 {
+    // SAFETY: a read-only global the loader sets before loading; helpers without arguments.
+    unsafe {
+        if core::ptr::read_volatile(&raw const COARSE_CLOCK) != 0 {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_boot_ns()
+        }
+    }
 }
 
 /// Whether the calling task belongs to the exempt cgroup (the agent itself, as a sidecar

@@ -44,7 +44,7 @@ pub struct Enforced {
     pub netns: PathBuf,
     pub cgroup: PathBuf,
     pub events: PathBuf,
-    /// (size, ALLOW_CIDR bytes, ALLOW_DNS bytes, cidr entries, dns entries).
+    /// (size, ALLOW_CIDR + ALLOW_EXACT bytes, ALLOW_DNS bytes, cidr entries, dns entries).
     pub memory: Vec<(u32, u64, u64, u32, u32)>,
 }
 
@@ -198,13 +198,14 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<Enforced>
             .collect::<Result<_, _>>()?;
         floor.load(sb, &ctx.floor_bin, size, &to)?;
         let floor_s = t.elapsed().as_secs_f64();
-        let cm = maps::memlock(&pins.join("maps").join("ALLOW_CIDR")).unwrap_or(0);
+        let cm = maps::memlock(&pins.join("maps").join("ALLOW_CIDR")).unwrap_or(0)
+            + maps::memlock(&pins.join("maps").join("ALLOW_EXACT")).unwrap_or(0);
         let dm = maps::memlock(&pins.join("maps").join("ALLOW_DNS")).unwrap_or(0);
         memory.push((size, cm, dm, cidr_n + 1, dns_n + 1));
         table.note(format!(
-            "{size} entries: {cidr_n} in the CIDR trie, {dns_n} in the DNS-derived hash (plus \
-             the two destinations); written in {fill_s:.1} s through the bpf syscall; \
-             nftables set loaded in {nft_s:.1} s{}; the floor's hash holds {size} + 2 \
+            "{size} entries: {cidr_n} in the CIDR trie (its /32s also in the exact hash, up to \
+             its 65,536), {dns_n} in the DNS-derived hash (plus the two destinations); written \
+             in {fill_s:.1} s through the bpf syscall; nftables set loaded in {nft_s:.1} s{}; the floor's hash holds {size} + 2 \
              entries (loaded and filled in {floor_s:.1} s).",
             match &nft_ok {
                 Ok(()) => String::new(),
@@ -429,12 +430,13 @@ fn prog_goals(report: &mut Report, rows: &[ProgRow]) {
         Some(worst <= 1.3),
         format!(
             "worst {worst:.2}×; kernel BPF statistics, table 1p. Beyond the floor's one lookup, \
-             the verdict checks the entry's expiry (a clock read, a helper call) and port \
-             ranges, counts the allow, and writes the JUDGED slot (the socket cookie, a random \
-             tag: ~55-70 ns, which the backstop saves and more per operation, see \
-             docs/KERNEL-NOTES.md); an ip-rule destination also misses the hash and walks the \
-             trie. The statistics' own cost per run (the empty programs) is in both sides: the \
-             raw ratio is judged, the net one is shown beside it"
+             the verdict checks a DNS-derived entry's expiry (the coarse clock, a helper call, \
+             ~50 ns) and its port ranges, counts the allow, and writes the JUDGED slot (the \
+             socket cookie, a random tag: ~55-70 ns, which saves the backstop more per \
+             operation, see docs/KERNEL-NOTES.md); an ip-rule destination misses the \
+             DNS-derived hash before its hit in the exact-rule hash (the trie is walked only \
+             for a real CIDR). The statistics' own cost per run (the empty programs) is in \
+             both sides: the raw ratio is judged, the net one is shown beside it"
         ),
     );
     // Where it runs once per operation (TCP); a UDP batch creates one socket, one cold run.

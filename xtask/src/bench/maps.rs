@@ -124,18 +124,31 @@ pub fn dns_entry(i: u32) -> u32 {
     0x6440_0000 + (i.wrapping_mul(2_654_435_761) & 0x003f_ffff)
 }
 
-/// Writes CIDR entries `from..to` into the trie and DNS entries `dfrom..dto` into the hash.
+/// Writes CIDR entries `from..to` into the trie and DNS entries `dfrom..dto` into the hash;
+/// each `/32` also into the exact hash beside the trie while it has room, as the agent writes
+/// exact entries (beyond its capacity they are in the trie alone).
 pub fn fill(pins: &Path, (from, to): (u32, u32), (dfrom, dto): (u32, u32)) -> Result<()> {
     let cidr = PinnedMap::open(&pins.join("maps").join("ALLOW_CIDR"))?;
+    let exact = PinnedMap::open(&pins.join("maps").join("ALLOW_EXACT"))?;
     let dns = PinnedMap::open(&pins.join("maps").join("ALLOW_DNS"))?;
     let value = value_bytes(&allow_value(&[(443, 443)], PROTO_TCP));
     let mut key = [0u8; 20];
+    let mut exact_full = false;
     for i in from..to {
         let (ip, len) = cidr_entry(i);
         key[..4].copy_from_slice(&(96 + len).to_ne_bytes());
         key[4..].copy_from_slice(&mapped(ip));
         cidr.update(&key, &value)
             .with_context(|| format!("cannot write CIDR entry {i}"))?;
+        if len == 32 && !exact_full {
+            match exact.update(&key[4..], &value) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::E2BIG) => exact_full = true,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot write exact entry {i}"));
+                }
+            }
+        }
     }
     for i in dfrom..dto {
         dns.update(&mapped(dns_entry(i)), &value)

@@ -53,7 +53,8 @@ pub fn run(
     let (pid, ready, _) = sb.agent(&instance, &ns, &cg, &file)?;
     let (rss, hwm) = super::rss_kb(pid);
     let pins = Path::new("/sys/fs/bpf/egress").join(&instance);
-    let trie = maps::memlock(&pins.join("maps").join("ALLOW_CIDR")).unwrap_or(0);
+    let trie = maps::memlock(&pins.join("maps").join("ALLOW_CIDR")).unwrap_or(0)
+        + maps::memlock(&pins.join("maps").join("ALLOW_EXACT")).unwrap_or(0);
     sb.stop_agent(&instance);
 
     let mut t1 = Table::new(
@@ -76,7 +77,7 @@ pub fn run(
     t1.row(vec![
         "`egress-agent attach` until `ready` (parse, load programs, write the trie, attach, resolver)".into(),
         format!("{:.2} s", ready.as_secs_f64()),
-        format!("RSS {} MiB (peak {} MiB); CIDR trie {} MiB in the kernel", rss / 1024, hwm / 1024, trie >> 20),
+        format!("RSS {} MiB (peak {} MiB); CIDR trie and exact hash {} MiB in the kernel", rss / 1024, hwm / 1024, trie >> 20),
     ]);
     report.tables.push(t1);
 
@@ -96,7 +97,9 @@ pub fn run(
     ]);
     for &(size, cm, dm, cn, dn) in &enf.memory {
         t2.row(vec![
-            format!("kernel maps at {size} entries: ALLOW_CIDR ({cn}) / ALLOW_DNS ({dn})"),
+            format!(
+                "kernel maps at {size} entries: ALLOW_CIDR + ALLOW_EXACT ({cn}) / ALLOW_DNS ({dn})"
+            ),
             format!(
                 "{} KiB / {} KiB; per 1,000 entries: trie {:.1} KiB{}",
                 cm / 1024,

@@ -2,6 +2,10 @@
 //! enforced cgroup. Built for `bpfel-unknown-none` by `egress-agent/build.rs`.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target's `core` offers no atomic read-modify-write (no
+// compare-and-exchange), but BPF has an atomic add (`programs/name_bind.rs`, `take_scratch`).
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics: atomic_xadd, see above")]
 
 mod maps;
 mod programs;

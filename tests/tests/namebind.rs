@@ -1469,3 +1469,61 @@ out["zc_ok"] = zerocopy(hello("ok.example.test"))
         run.context()
     );
 }
+
+/// `first_flight` judges each flight in a per-CPU buffer slot it holds from the copy to the
+/// verdict (issue 14). Senders on every CPU at once, permitted and foreign names, whole and
+/// split (corked, judged again from the first byte on each run), must each get the verdict
+/// of their own bytes; and the slots must all be given back: with a slot kept on any path
+/// (a refusal, a cork), a CPU's four slots run out within a few dozen flights and every later
+/// flight fails, the permitted ones included.
+#[test]
+fn concurrent_flights_are_judged_each_on_its_own_bytes_and_free_their_slot() {
+    let (world, _tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+import threading
+ok = hello("ok.example.test")
+evil = hello("evil.example.test")
+kinds = {
+    "ok": lambda: first(443, [ok], pause=0),
+    "evil": lambda: first(443, [evil], pause=0),
+    "ok_split": lambda: first(443, [ok[:40], ok[40:]], pause=0.002),
+    "evil_split": lambda: first(443, [evil[:40], evil[40:]], pause=0.002),
+    "http_ok": lambda: first(80, [b"GET / HTTP/1.1\r\nHost: ok.example.test\r\n\r\n"], pause=0),
+    "http_evil": lambda: first(80, [b"GET / HTTP/1.1\r\nHost: evil.example.test\r\n\r\n"], pause=0),
+}
+results = []
+def worker(t):
+    for i in range(12):
+        for k, f in kinds.items():
+            results.append((t, i, k, f()))
+threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+wrong = [(t, i, k, r) for (t, i, k, r) in results
+         if (r["ok"] if "evil" in k else not r["ok"]) or ("evil" in k and r.get("error") != "EACCES")]
+out["flights"] = len(results)
+out["wrong"] = wrong[:10]
+out["after"] = [first(443, [ok], pause=0) for _ in range(4)]
+"#,
+    );
+    assert_eq!(out["flights"], 6 * 12 * 6, "{}", run.context());
+    assert_eq!(
+        out["wrong"],
+        serde_json::json!([]),
+        "each flight gets its own verdict (permitted passes, foreign EACCES)\n{}",
+        run.context()
+    );
+    for (i, r) in out["after"].as_array().into_iter().flatten().enumerate() {
+        assert_eq!(
+            r["ok"],
+            true,
+            "a permitted flight after 432 judged ones still passes (no slot kept), #{i}: {r}\n{}",
+            run.context()
+        );
+    }
+}

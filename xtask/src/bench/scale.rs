@@ -101,7 +101,7 @@ pub fn run(
                 "kernel maps at {size} entries: ALLOW_CIDR + ALLOW_EXACT ({cn}) / ALLOW_DNS ({dn})"
             ),
             format!(
-                "{} KiB / {} KiB; per 1,000 entries: trie {:.1} KiB{}",
+                "{} KiB / {} KiB; per 1,000 entries: trie and exact hash {:.1} KiB{}",
                 cm / 1024,
                 dm / 1024,
                 cm as f64 / 1024.0 / (cn as f64 / 1000.0),
@@ -119,7 +119,9 @@ pub fn run(
     t2.note(
         "memlock as bpftool reports it (kernel 6.4+: the map's actual usage). The DNS-derived \
          hash is preallocated for its 65,536 entries whatever its fill; the LPM trie allocates \
-         per entry (a node of 16+20+112 bytes plus slab overhead, and intermediate nodes).",
+         per entry (a node of 16+20+112 bytes plus slab overhead, and intermediate nodes); \
+         the exact-rule hash beside it is not preallocated, but its bucket array (16 bytes for \
+         each of its 65,536 slots, 1 MiB) is there from the start.",
     );
     report.tables.push(t2);
     Ok(())

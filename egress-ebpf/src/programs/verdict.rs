@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use egress_common::{
-    Addr, DenyEvent,
+    Addr, AllowValue, DenyEvent,
     config::{FLAG_AUDIT, FLAG_ICMP, FLAG_NAME_BIND},
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_TCP,
@@ -146,19 +146,9 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
             why = reason::PORT;
         }
     }
-    // Static rules: the longest matching prefix already carries the union of every broader
-    // rule's ports (the agent merges them), so one lookup decides. An exact (`/32`, `/128`)
-    // entry is that longest prefix whenever it exists, and `ALLOW_EXACT` holds a copy of it:
-    // a hash hit decides without the trie walk, which runs only on a miss. A static entry that
-    // covers the address but not this port says `port`, over an expired DNS entry.
-    // SAFETY: read only, as `ALLOW_DNS` above (the same caveat on an entry rewritten while
-    // read, on a reload: docs/KERNEL-NOTES.md).
-    let exact = unsafe { ALLOW_EXACT.get(addr) };
-    let stat = match exact {
-        Some(v) => Some(v),
-        None => ALLOW_CIDR.get(Key::new(128, *addr)),
-    };
-    if let Some(v) = stat {
+    // Static rules: one entry decides (`static_entry`). A static entry that covers the
+    // address but not this port says `port`, over an expired DNS entry.
+    if let Some(v) = static_entry(addr) {
         if v.permits(port, proto) {
             return Ok(false);
         }
@@ -184,12 +174,21 @@ pub fn named_only_udp(addr: &Addr, port: u16) -> bool {
     if !named {
         return false;
     }
-    // SAFETY: as above.
-    let stat = match unsafe { ALLOW_EXACT.get(addr) } {
+    !static_entry(addr).is_some_and(|v| v.permits(port, PROTO_UDP))
+}
+
+/// The static rule entry for `addr`: the longest matching prefix, which already carries the
+/// union of every broader rule's ports (the agent merges them), so one entry decides. An
+/// exact (`/32`, `/128`) entry is that longest prefix whenever it exists, and `ALLOW_EXACT`
+/// holds a copy of it: a hash hit decides without the trie walk, which runs only on a miss.
+#[inline(always)]
+fn static_entry(addr: &Addr) -> Option<&'static AllowValue> {
+    // SAFETY: read only, as `ALLOW_DNS` in `lookup_named` (the same caveat on an entry
+    // rewritten while read, on a reload: docs/KERNEL-NOTES.md).
+    match unsafe { ALLOW_EXACT.get(addr) } {
         Some(v) => Some(v),
         None => ALLOW_CIDR.get(Key::new(128, *addr)),
-    };
-    !stat.is_some_and(|v| v.permits(port, PROTO_UDP))
+    }
 }
 
 /// 1 (the agent's choice from Linux 5.11 on): a DNS-derived entry's expiry is compared with

@@ -84,6 +84,13 @@ pub struct TcpListener(Server);
 impl TcpListener {
     /// Listens on `addr` (e.g. `127.0.0.1:8080`, `[::1]:8080`) inside `netns`.
     pub fn bind(netns: &TestNetns, addr: &str) -> Self {
+        Self::bind_with_read_timeout(netns, addr, READ_TIMEOUT)
+    }
+
+    /// As [`Self::bind`], but a connection is read for up to `timeout` before it is recorded
+    /// with what arrived: for a connection made long before its peer writes (one handed to a
+    /// command that first has to start an agent).
+    pub fn bind_with_read_timeout(netns: &TestNetns, addr: &str, timeout: Duration) -> Self {
         let want: SocketAddr = addr
             .parse()
             .unwrap_or_else(|e| panic!("bad listener address {addr}: {e}"));
@@ -103,7 +110,7 @@ impl TcpListener {
                     let Ok((mut stream, _peer)) = listener.accept() else {
                         continue;
                     };
-                    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+                    let _ = stream.set_read_timeout(Some(timeout));
                     let mut data = Vec::new();
                     // A timeout still records the connection, with what arrived so far.
                     let _ = stream.read_to_end(&mut data);

@@ -218,6 +218,11 @@ except OSError as e:
     print(f"write={e.errno}", flush=True)
 "#;
 
+/// How long a listener reads an inherited connection, accepted at once but written (or not)
+/// only after the agent started: until our end closes, not the default 2 s (an agent start
+/// under CI's load took longer, and the connection was recorded empty before "leak" came).
+const INHERITED_WAIT: Duration = Duration::from_secs(60);
+
 /// A connected TCP socket to `listener` (in the test's namespace, at an address no rule
 /// allows), inheritable (no close-on-exec), as a caller's shell might have had it open.
 fn inheritable_connection(netns: &TestNetns, listener: &TcpListener) -> std::net::TcpStream {
@@ -235,7 +240,7 @@ fn inheritable_connection(netns: &TestNetns, listener: &TcpListener) -> std::net
 fn an_inherited_socket_does_not_reach_the_command() {
     use std::os::fd::AsRawFd as _;
     let netns = TestNetns::new();
-    let listener = TcpListener::bind(&netns, "127.0.0.1:9999");
+    let listener = TcpListener::bind_with_read_timeout(&netns, "127.0.0.1:9999", INHERITED_WAIT);
     let conn = inheritable_connection(&netns, &listener);
     let fd = conn.as_raw_fd().to_string();
     let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", WRITE_FD, &fd]).start();
@@ -261,7 +266,7 @@ fn an_inherited_socket_does_not_reach_the_command() {
 fn pass_fd_passes_one_descriptor_on_purpose() {
     use std::os::fd::AsRawFd as _;
     let netns = TestNetns::new();
-    let listener = TcpListener::bind(&netns, "127.0.0.1:9999");
+    let listener = TcpListener::bind_with_read_timeout(&netns, "127.0.0.1:9999", INHERITED_WAIT);
     let conn = inheritable_connection(&netns, &listener);
     let fd = conn.as_raw_fd().to_string();
     let mut run = AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", WRITE_FD, &fd])

@@ -348,40 +348,15 @@ fn an_empty_allowlist_denies_everything() {
 
 #[test]
 fn allowed_destinations_are_reached_over_every_family_and_action() {
-    reach_every_family_and_action(&EnforcerOptions::default());
-}
-
-#[test]
-fn without_the_judged_slot_the_backstop_judges_in_full_and_still_lets_allowed_traffic_through() {
-    // `JUDGED_ON` = 0: every SYN and unconnected datagram is judged by the backstop in full (what
-    // a retransmitted SYN or a task moved between CPUs meets), and the verifier must accept the
-    // programs with the slot's code pruned.
-    reach_every_family_and_action(&EnforcerOptions {
-        judged: false,
-        ..EnforcerOptions::default()
-    });
-    let mut sb = Sandbox::with_options(
-        "",
-        "\n  - ip: 127.0.0.1\n    ports: [8080]\n",
-        &EnforcerOptions {
-            judged: false,
-            ..EnforcerOptions::default()
-        },
-    );
-    sb.denied("udp-sendto", "198.51.100.20:8080");
-    sb.denied("tcp-connect", "198.51.100.20:8080");
-}
-
-fn reach_every_family_and_action(opts: &EnforcerOptions) {
-    let mut sb = Sandbox::with_options(
-        "",
+    // Every SYN and unconnected datagram is judged again by the backstop (its socket's hook
+    // judged it a moment before): both must let allowed traffic through.
+    let mut sb = Sandbox::new(
         r#"
   - ip: 127.0.0.1
     ports: [8080]
   - ip: "::1"
     ports: [8080]
 "#,
-        opts,
     );
     let tcp4 = sb.tcp_listener("127.0.0.1:8080");
     let tcp6 = sb.tcp_listener("[::1]:8080");

@@ -126,10 +126,6 @@ pub struct EnforcerOptions {
     /// process (a killed agent leaves the cgroup closed, never open). `None`: links live as
     /// long as the [`Enforcer`].
     pub pin_dir: Option<PathBuf>,
-    /// Let the backstop pass the SYN or datagram its socket's hook allowed a moment before,
-    /// in the same system call (`JUDGED`, one slot per CPU); `false` judges every SYN and
-    /// unconnected datagram again.
-    pub judged: bool,
     /// Load the programs with verdict tracing on (`TRACE`, see [`super::trace`]) and read
     /// their aya-log records; off, the verifier removes the tracing code.
     pub trace: bool,
@@ -146,7 +142,6 @@ impl Default for EnforcerOptions {
             exact_capacity: DEFAULT_EXACT_CAPACITY,
             dns_capacity: DEFAULT_DNS_CAPACITY,
             pin_dir: None,
-            judged: true,
             trace: false,
             refuse_io_uring: false,
         }
@@ -251,12 +246,10 @@ impl Enforcer {
     /// Loads the programs, writes `policy`'s static rules and mode, and attaches to the
     /// cgroup v2 directory `cgroup`.
     pub fn attach(cgroup: &Path, policy: &Policy, opts: &EnforcerOptions) -> anyhow::Result<Self> {
-        let judged = opts.judged;
         crate::bpf::kernel::check()?;
         crate::sys::caps::check()?;
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
-        let judged_on = u8::from(judged);
         let trace_on = u8::from(opts.trace);
         // `bpf_ktime_get_coarse_ns` (Linux 5.11) for DNS-derived expiry: see `COARSE_CLOCK`
         // in the programs' verdict.
@@ -277,7 +270,6 @@ impl Enforcer {
         let mut loader = EbpfLoader::new();
         loader
             .btf(btf.as_ref())
-            .override_global("JUDGED_ON", &judged_on, true)
             .override_global("IO_KIOCB_OPCODE", &opcode_at, true)
             .override_global("IO_KIOCB_DOMAIN", &domain_at, true)
             .override_global("TRIPWIRE_IO_URING", &refuse_io_uring, true)
@@ -458,18 +450,13 @@ impl Enforcer {
             .map_err(|e| anyhow!("{INGRESS_PROGRAM}: not a bpf_link: {e:?}"))?;
         let link = me.keep_link(INGRESS_PROGRAM, link)?;
         me.links.push(link);
-        let bound_names = if judged {
+        let bound_names =
             super::name_bind::attach(&mut me._ebpf, &me.bound, &cgroup_dir).and_then(|a| {
                 Ok(vec![
                     me.keep_raw_link(super::name_bind::SETSOCKOPT_PROGRAM, a.setsockopt)?,
                     me.keep_link(super::name_bind::SOCK_OPS_PROGRAM, a.sock_ops)?,
                 ])
-            })
-        } else {
-            Err(anyhow!(
-                "it needs socket storage in cgroup programs, which this kernel lacks"
-            ))
-        };
+            });
         match bound_names {
             Ok(links) => {
                 me.links.extend(links);

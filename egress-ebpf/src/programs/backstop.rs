@@ -11,8 +11,6 @@
 //!   allowed now (sendmsg4/6 judged it a moment ago; the backstop catches a path that did not).
 //!   "Connected UDP socket" means a SOCK_DGRAM/IPPROTO_UDP socket with a peer: a raw socket
 //!   carrying hand-made UDP can be connected too, but no hook judged its connect;
-//! - a SYN or unconnected datagram to the destination its socket's own hook allowed a moment
-//!   ago (in the same system call) passes without a second lookup (`super::judged`);
 //! - ICMP echo requests (type 8 over IPv4, ICMPv6 type 128 over IPv6) must go to a
 //!   destination whose entry permits ICMP (`protocol: icmp`), judged on every packet: an
 //!   unconnected `sendto` on a ping socket runs no sendmsg hook (`ping_v4_sendmsg` and
@@ -55,9 +53,8 @@ use egress_common::{
 };
 
 use super::{
-    inbound,
-    judged::judged,
-    trace,
+    binding::{self, BIND_PENDING, BIND_REFUSED, Binding},
+    inbound, trace,
     verdict::{audit_mode, count, lookup, lookup_named, named_only_udp},
 };
 use crate::maps::{CONFIG, EVENTS};
@@ -169,12 +166,7 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             }
             let port = u16::from_be_bytes([t[2], t[3]]);
             if ack {
-                return Ok(judge_syn_ack(
-                    skb,
-                    &addr,
-                    u16::from_be_bytes([t[0], t[1]]),
-                    port,
-                ));
+                return Ok(judge_syn_ack(&addr, u16::from_be_bytes([t[0], t[1]]), port));
             }
             if payload {
                 // TCP Fast Open data in the SYN of a name-bound connection: no sk_msg program
@@ -183,10 +175,6 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
                 if !sk.is_null() {
                     return Ok(drop_unjudged(skb, sk, &addr, port));
                 }
-            }
-            if judged(skb, &addr, port, IPPROTO_TCP) {
-                // connect4/6 allowed this very destination for this socket.
-                return Ok(PASS);
             }
             Ok(judge(&addr, port, PROTO_TCP, IPPROTO_TCP))
         }
@@ -199,22 +187,14 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             }
             let u: [u8; 4] = read(ctx, l4_off)?;
             let port = u16::from_be_bytes([u[2], u[3]]);
-            // Judged at connect, or sendmsg4/6 allowed this very destination for this socket:
-            // a name-bound destination's QUIC is checked.
-            if connected || judged(skb, &addr, port, IPPROTO_UDP) {
-                return Ok(match binding {
-                    true => quic_checked(ctx, &addr, port, l4_off),
-                    false => PASS,
-                });
+            // Judged at connect: a name-bound destination's QUIC is checked.
+            if connected {
+                return Ok(quic_checked(ctx, &addr, port, l4_off));
             }
-            // Judged in full here (another CPU, a path no hook saw): a destination only
-            // name-checking host rules admit gets its QUIC checked too, whatever the socket's
-            // storage says.
-            let verdict = judge(&addr, port, PROTO_UDP, IPPROTO_UDP);
-            if verdict == PASS && binding && lookup_named(&addr, port, PROTO_UDP) == Ok(true) {
-                return Ok(quic_refused(ctx, &addr, port, l4_off));
-            }
-            Ok(verdict)
+            // An unconnected send, judged now (sendmsg4/6 judged it a moment ago; this catches
+            // a path that did not): a destination only name-checking host rules admit gets its
+            // QUIC checked too.
+            Ok(judge_udp(ctx, &addr, port, l4_off, binding))
         }
         proto if proto == echo.0 => {
             // Type, code, checksum.
@@ -344,7 +324,7 @@ fn unjudged_flight(
 /// up on the skb's own socket pointer: `bpf_sk_storage_get` takes a `sock_common` and finds
 /// nothing for a request or time-wait socket, so no `bpf_sk_fullsock` call is needed first.
 #[inline(always)]
-fn holding(skb: *mut __sk_buff, cfg: Option<&Config>) -> *mut super::judged::Binding {
+fn holding(skb: *mut __sk_buff, cfg: Option<&Config>) -> *mut Binding {
     let none = core::ptr::null_mut();
     if !name_binding_on(cfg) {
         return none;
@@ -354,14 +334,9 @@ fn holding(skb: *mut __sk_buff, cfg: Option<&Config>) -> *mut super::judged::Bin
     if sk.is_null() {
         return none;
     }
-    let b = super::judged::of(sk);
+    let b = binding::of(sk);
     // SAFETY: non-null socket storage.
-    if !b.is_null()
-        && matches!(
-            unsafe { (*b).bind },
-            super::judged::BIND_PENDING | super::judged::BIND_REFUSED
-        )
-    {
+    if !b.is_null() && matches!(unsafe { (*b).bind }, BIND_PENDING | BIND_REFUSED) {
         return b;
     }
     none
@@ -487,10 +462,7 @@ fn judge_echo(skb: *mut __sk_buff, addr: &Addr, ip_proto: u8) -> i32 {
 /// A SYN-ACK to `peer` from `local_port`: the reply to a peer connecting in (a listener's
 /// request socket, or a TCP Fast Open child socket), or the second SYN of a simultaneous open
 /// (then the socket's own connect judged `peer` and `peer_port`).
-fn judge_syn_ack(skb: *mut __sk_buff, peer: &Addr, local_port: u16, peer_port: u16) -> i32 {
-    if judged(skb, peer, peer_port, IPPROTO_TCP) {
-        return PASS;
-    }
+fn judge_syn_ack(peer: &Addr, local_port: u16, peer_port: u16) -> i32 {
     match inbound::verdict(peer, local_port, peer_port) {
         None => PASS,
         // In audit mode `ingress` already reported this peer when its SYN came in.
@@ -505,11 +477,33 @@ fn judge(addr: &Addr, port: u16, bit: u8, ip_proto: u8) -> i32 {
     }
     match lookup(addr, port, bit) {
         None => PASS,
-        // In audit mode the connect/sendmsg hooks already reported this destination: one
-        // event per would-be deny, not two.
-        Some(_) if audit_mode() => PASS,
-        Some(why) => drop_packet(addr, port, ip_proto, why, hook::EGRESS),
+        Some(why) => refused(addr, port, ip_proto, why),
     }
+}
+
+/// An unconnected UDP datagram to `addr`, `port`: [`judge`]'s verdict, with the QUIC check of a
+/// destination only name-checking host rules admit while name binding is on (`binding`),
+/// from the same lookup.
+#[inline(always)]
+fn judge_udp(ctx: &SkBuffContext, addr: &Addr, port: u16, l4_off: usize, binding: bool) -> i32 {
+    if to_resolver(addr, port) {
+        return PASS;
+    }
+    match lookup_named(addr, port, PROTO_UDP) {
+        Ok(true) if binding => quic_refused(ctx, addr, port, l4_off),
+        Ok(_) => PASS,
+        Err(why) => refused(addr, port, IPPROTO_UDP, why),
+    }
+}
+
+/// The backstop's deny of a destination the socket hooks judge too: in audit mode they already
+/// reported it (one event per would-be deny, not two), so the packet passes.
+#[inline(always)]
+fn refused(addr: &Addr, port: u16, ip_proto: u8, why: u8) -> i32 {
+    if audit_mode() {
+        return PASS;
+    }
+    drop_packet(addr, port, ip_proto, why, hook::EGRESS)
 }
 
 /// DNS steered to the agent's resolver (the destination after the rewrite).

@@ -2,9 +2,9 @@
 
 mod addr;
 mod backstop;
+mod binding;
 mod dns;
 mod inbound;
-mod judged;
 mod name_bind;
 mod restore;
 mod sock_addr;

@@ -2,7 +2,7 @@
 //! must send, as its first bytes, a TLS ClientHello whose `server_name` or an HTTP/1.x request
 //! whose `Host` the policy permits on that port. Judged before a byte leaves:
 //!
-//! - `connect4/6` mark such a socket `BIND_PENDING` in its `BINDING` socket storage (`judged`);
+//! - `connect4/6` mark such a socket `BIND_PENDING` in its `BINDING` socket storage (`binding`);
 //! - `sock_ops` (cgroup `sock_ops`) puts it in `BOUND` (a sockhash) when its handshake
 //!   completes, before the application can send;
 //! - `first_flight` (`sk_msg`, attached to `BOUND`) runs on each send of a socket in `BOUND`:
@@ -55,7 +55,7 @@ use egress_common::{
 };
 
 use super::{
-    judged::{self, BIND_PASSED, BIND_PENDING, BIND_REFUSED},
+    binding::{self, BIND_PASSED, BIND_PENDING, BIND_REFUSED},
     verdict::{Destination, audit_mode, count, deny},
 };
 use crate::maps::EVENTS;
@@ -156,7 +156,7 @@ fn try_setsockopt(ctx: &SockoptContext) -> Result<i32, ()> {
     if sk.is_null() {
         return Err(());
     }
-    let j = judged::of(sk);
+    let j = binding::of(sk);
     if j.is_null() {
         return Ok(VERDICT_ALLOW);
     }
@@ -205,7 +205,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     if sk.is_null() {
         return Err(());
     }
-    let j = judged::of(sk);
+    let j = binding::of(sk);
     if j.is_null() {
         return Ok(());
     }
@@ -241,7 +241,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
 /// bits (the kernel shifts `skc_dport` up on little-endian machines), hence `from_be` of the
 /// whole word.
 #[inline(always)]
-fn names_peer(ctx: &SockOpsContext, j: &judged::Binding) -> bool {
+fn names_peer(ctx: &SockOpsContext, j: &binding::Binding) -> bool {
     if u32::from_be(ctx.remote_port()) as u16 != j.port {
         return false;
     }
@@ -327,7 +327,7 @@ fn try_first_flight(ctx: &SkMsgContext) -> Result<u32, ()> {
     if sk.is_null() {
         return Err(());
     }
-    let j = judged::of(sk);
+    let j = binding::of(sk);
     if j.is_null() {
         return Err(());
     }
@@ -397,7 +397,7 @@ fn put_scratch(f: *mut Flight) {
 #[inline(always)]
 fn judge_flight(
     ctx: &SkMsgContext,
-    j: *mut judged::Binding,
+    j: *mut binding::Binding,
     f: &mut Flight,
     size: u32,
     avail: u32,
@@ -454,7 +454,7 @@ fn judge_flight(
 /// `BOUND` when its first flight is acknowledged; a refused one stays, and every later send
 /// is refused).
 #[inline(always)]
-fn release(j: *mut judged::Binding, state: u8) {
+fn release(j: *mut binding::Binding, state: u8) {
     // SAFETY: a non-null storage pointer.
     unsafe { (*j).bind = state };
 }
@@ -878,7 +878,7 @@ fn name_to_key(f: &mut Flight) -> Result<(), u8> {
 }
 
 /// Reports a refused (or, in audit mode, passed) first flight with the name seen, if any.
-fn report(ctx: &SkMsgContext, j: *mut judged::Binding, f: &Flight, why: u8, audited: bool) {
+fn report(ctx: &SkMsgContext, j: *mut binding::Binding, f: &Flight, why: u8, audited: bool) {
     let Some(mut entry) = EVENTS.reserve::<NameDenyEvent>(0) else {
         count(egress_common::consts::COUNTER_RINGBUF_DROP);
         return;

@@ -7,10 +7,10 @@ use egress_common::{Addr, addr_from_v4, events::hook};
 
 use super::{
     addr::read_v6,
+    binding,
     dns::{is_dns, steer_v4, steer_v6, steering},
-    judged,
     verdict::{
-        ADMIT_NAMED, ADMIT_PLAIN, Destination, decide, deny_on_error, exempt, name_binding,
+        ADMIT_NAMED, ADMIT_NONE, Destination, decide, deny_on_error, exempt, name_binding,
         port_of_proto,
     },
 };
@@ -178,7 +178,8 @@ fn judge_connected(
     judge(ctx, addr, port, ip_proto, hook)
 }
 
-/// The verdict; an allow is remembered on the socket for the packet backstop.
+/// The verdict; a name-bound TCP connect (or an audit-mode pass of one that would be denied)
+/// is recorded on its socket for `sock_ops`, `first_flight` and the backstop.
 #[inline(always)]
 fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) -> Result<i32, ()> {
     let dst = Destination {
@@ -188,25 +189,17 @@ fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) 
         hook,
     };
     let (verdict, admit) = decide(&dst)?;
-    if verdict != VERDICT_ALLOW {
+    if ip_proto != IPPROTO_TCP || !name_binding() {
         return Ok(verdict);
     }
-    let named = admit == ADMIT_NAMED && name_binding();
     match admit {
-        ADMIT_PLAIN | ADMIT_NAMED => {
-            // UDP records nothing: the backstop checks a QUIC long header against the
-            // destination's admission when it sees one (`quic_checked`).
-            let bind = match (named, ip_proto) {
-                (true, IPPROTO_TCP) => judged::BIND_PENDING,
-                _ => judged::BIND_NONE,
-            };
-            judged::remember(ctx, &dst.addr, dst.port, ip_proto, bind);
+        ADMIT_NAMED if verdict == VERDICT_ALLOW => {
+            binding::remember(ctx, &dst.addr, dst.port, ip_proto, binding::BIND_PENDING);
         }
         // An audit-mode pass of a deny: its first flight is judged and reported too (so
-        // `learn` sees whether the traffic carried a name), but with protocol 0, so that the
-        // backstop's shortcut (`judged`) never takes it for an allow.
-        _ if ip_proto == IPPROTO_TCP && name_binding() => {
-            judged::remember(ctx, &dst.addr, dst.port, 0, judged::BIND_PENDING);
+        // `learn` sees whether the traffic carried a name), with protocol 0: never an allow.
+        ADMIT_NONE if verdict == VERDICT_ALLOW => {
+            binding::remember(ctx, &dst.addr, dst.port, 0, binding::BIND_PENDING);
         }
         _ => {}
     }

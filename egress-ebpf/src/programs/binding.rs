@@ -1,0 +1,80 @@
+//! Name binding state of a socket (issue 13), kept in socket storage (`BINDING`): what the
+//! connect hook admitted a name-bound connection to, and how far its first flight got. Created
+//! only for a socket name binding concerns, so the common connect allocates nothing.
+
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::bpf_sock, btf_maps::SkStorage, helpers::generated::bpf_sk_storage_get,
+    macros::btf_map, programs::SockAddrContext,
+};
+use egress_common::Addr;
+
+/// Name binding state of a socket, in socket storage: created only by a name-bound TCP connect
+/// (or an audit-mode pass of a deny, whose first flight is judged and reported).
+#[repr(C)]
+pub struct Binding {
+    /// Destination, IPv4 mapped, network byte order.
+    pub addr: Addr,
+    /// Destination port, host byte order.
+    pub port: u16,
+    ip_proto: u8,
+    /// One of the `BIND_*` constants.
+    pub bind: u8,
+    _pad: [u8; 4],
+    /// The socket's cookie, its key in `BOUND` (written by `sock_ops` when it binds it).
+    pub cookie: u64,
+}
+
+/// Not name-bound: admitted by an `ip`/`cidr` rule or a `name_check: false` host rule.
+pub const BIND_NONE: u8 = 0;
+/// Name-bound, first flight not judged yet: `sock_ops` puts it in `BOUND` at the handshake.
+pub const BIND_PENDING: u8 = 1;
+/// Name-bound, first flight judged and let through.
+pub const BIND_PASSED: u8 = 2;
+/// Name-bound, first flight refused: every later send is refused too.
+pub const BIND_REFUSED: u8 = 3;
+
+#[btf_map]
+static BINDING: SkStorage<Binding> = SkStorage::new();
+
+/// Records on `ctx`'s socket that its hook admitted `addr`, `port` over `ip_proto` and whether
+/// that binds the connection to names (`bind`, a `BIND_*` constant; `ip_proto` 0 for an
+/// audit-mode pass of a deny, whose first flight is judged and reported but never let through
+/// as an allow). `BIND_NONE` records nothing.
+#[inline(always)]
+pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32, bind: u8) {
+    if bind == BIND_NONE {
+        // Admitted by address (or UDP, which records nothing): no lookup of the socket's
+        // storage (a helper call on every connect and send). A binding left from an earlier
+        // connect of the same socket names that connection's destination, and every reader
+        // compares it with its own (`sock_ops` with the socket's peer, the backstop with the
+        // packet's destination); a socket that left `BOUND` when it disconnected never meets
+        // `first_flight` again unless `sock_ops` binds it anew.
+        return;
+    }
+    // SAFETY: the helper finds or creates the socket's entry; the pointer is tested for null
+    // before use.
+    unsafe {
+        let p = BINDING.get_or_insert_ptr_mut(ctx, None);
+        if p.is_null() {
+            return;
+        }
+        (*p).addr = *addr;
+        (*p).port = port;
+        (*p).ip_proto = ip_proto as u8;
+        (*p).bind = bind;
+    }
+}
+
+/// The binding storage of `sk` (any socket pointer the verifier accepts for
+/// `bpf_sk_storage_get`: `bpf_sock_ops.sk`, `sk_msg_md.sk`, a full socket from an skb), not
+/// created; null if none.
+#[inline(always)]
+pub fn of(sk: *mut bpf_sock) -> *mut Binding {
+    // SAFETY: the caller checked `sk` for null; the map pointer is the map's own definition.
+    unsafe {
+        let map = ptr::addr_of!(BINDING).cast_mut().cast();
+        bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0).cast::<Binding>()
+    }
+}

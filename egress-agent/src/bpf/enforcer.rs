@@ -251,9 +251,6 @@ impl Enforcer {
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
         let trace_on = u8::from(opts.trace);
-        // `bpf_ktime_get_coarse_ns` (Linux 5.11) for DNS-derived expiry: see `COARSE_CLOCK`
-        // in the programs' verdict.
-        let coarse_clock = u8::from(crate::bpf::kernel::at_least((5, 11)));
         // Parsed once: the loader's relocations and the family guard's hook both need it.
         let btf = Btf::from_sys_fs().ok();
         // Member offsets the tripwire reads kernel memory at (no CO-RE in aya-ebpf).
@@ -274,7 +271,6 @@ impl Enforcer {
             .override_global("IO_KIOCB_DOMAIN", &domain_at, true)
             .override_global("TRIPWIRE_IO_URING", &refuse_io_uring, true)
             .override_global(trace::GLOBAL, &trace_on, true)
-            .override_global("COARSE_CLOCK", &coarse_clock, true)
             .map_max_entries(MAP_ALLOW_CIDR, opts.cidr_capacity)
             .map_max_entries(MAP_ALLOW_EXACT, opts.exact_capacity)
             .map_max_entries(MAP_ALLOW_DNS, opts.dns_capacity);

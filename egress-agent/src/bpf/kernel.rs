@@ -30,12 +30,6 @@ pub fn check() -> anyhow::Result<()> {
     }
 }
 
-/// Whether the running kernel is `version` or newer (`false` when the release cannot be read).
-pub fn at_least(version: (u32, u32)) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    parse_release(&release).is_some_and(|v| v >= version)
-}
-
 /// Whether the BPF LSM is among the active LSMs (`None`: cannot tell). Read from
 /// securityfs; where it is not mounted (as on some VMs and in containers), a short-lived
 /// child mounts it in a mount namespace of its own, which needs `CAP_SYS_ADMIN`.

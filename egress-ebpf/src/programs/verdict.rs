@@ -1,11 +1,14 @@
 //! The one verdict shared by every hook: is this destination, port and protocol allowed?
 
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, generated::bpf_ktime_get_coarse_ns,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, generated::bpf_jiffies64,
     },
-    maps::lpm_trie::Key,
+    macros::map,
+    maps::{PerCpuArray, lpm_trie::Key},
 };
 use egress_common::{
     Addr, AllowValue, DenyEvent,
@@ -191,31 +194,48 @@ fn static_entry(addr: &Addr) -> Option<&'static AllowValue> {
     }
 }
 
-/// 1 (the agent's choice from Linux 5.11 on): a DNS-derived entry's expiry is compared with
-/// `bpf_ktime_get_coarse_ns`; 0: with `bpf_ktime_get_boot_ns`. A read-only global the agent
-/// sets at load time: the verifier never walks the branch not taken, so a kernel without the
-/// coarse helper loads the programs with 0.
-///
-/// Why: reading the boot clock cost about 120 ns per verdict here (a clocksource read; the
-/// verdict without it is ~250 ns), the coarse clock about 50 (the timekeeper's last tick,
-/// no clocksource read; docs/KERNEL-NOTES.md). The coarse clock is `CLOCK_MONOTONIC` at tick
-/// resolution, and `expires_ns` is `CLOCK_BOOTTIME` (as the agent writes and sweeps it):
-/// monotonic never runs ahead of boot time, so an entry ends up to one tick late, plus the
-/// time the machine spent suspended since boot; never early. The agent's sweep
-/// (`dns::sweep`, boot time) removes expired entries on time while it runs.
-#[unsafe(no_mangle)]
-static COARSE_CLOCK: u8 = 0;
+/// The boot clock as last read on this CPU, and the jiffy it was read in.
+#[repr(C)]
+pub struct ClockCache {
+    jiffies: u64,
+    boot_ns: u64,
+}
 
-/// Now, on the clock an entry's expiry is compared with (see [`COARSE_CLOCK`]).
+/// One [`ClockCache`] per CPU (see [`expiry_clock`]).
+#[map]
+static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// Now on `CLOCK_BOOTTIME` (the clock the agent writes and sweeps `expires_ns` on), at most
+/// one tick behind: `bpf_ktime_get_boot_ns` read once per jiffy and CPU, and kept in `CLOCK`
+/// for every verdict later in that jiffy.
+///
+/// Why: the boot clock is a clocksource read, ~120 ns per verdict on this VM (the verdict
+/// without it is ~250 ns), and `bpf_ktime_get_coarse_ns` still a helper call (~50, and
+/// monotonic time, which lags boot time by the time spent suspended). `bpf_jiffies64` is
+/// inlined by the verifier into one load of `jiffies` (docs/KERNEL-NOTES.md). The jiffy is
+/// read before the clock, so a cached time was read in its jiffy or later: a verdict may see
+/// now up to one tick late, never early, and an entry ends at most a tick late. A hook that
+/// preempts another between its two stores on this CPU may pair a jiffy with an older time:
+/// later still, never earlier.
 #[inline(always)]
 fn expiry_clock() -> u64 {
-    // SAFETY: a read-only global the loader sets before loading; helpers without arguments.
+    // SAFETY: helpers without arguments; `c` is this CPU's slot, which stays this CPU's for the
+    // run (migration is off), read and written with volatile accesses in the order shown.
     unsafe {
-        if core::ptr::read_volatile(&raw const COARSE_CLOCK) != 0 {
-            bpf_ktime_get_coarse_ns()
-        } else {
-            bpf_ktime_get_boot_ns()
+        let jiffy = bpf_jiffies64();
+        let Some(c) = CLOCK.get_ptr_mut(0) else {
+            return bpf_ktime_get_boot_ns();
+        };
+        if read_volatile(&raw const (*c).jiffies) == jiffy {
+            let cached = read_volatile(&raw const (*c).boot_ns);
+            if cached != 0 {
+                return cached;
+            }
         }
+        let now = bpf_ktime_get_boot_ns();
+        write_volatile(&raw mut (*c).boot_ns, now);
+        write_volatile(&raw mut (*c).jiffies, jiffy);
+        now
     }
 }
 

@@ -430,11 +430,10 @@ fn prog_goals(report: &mut Report, rows: &[ProgRow]) {
         Some(worst <= 1.3),
         format!(
             "worst {worst:.2}×; kernel BPF statistics, table 1p. Beyond the floor's one lookup, \
-             the verdict checks a DNS-derived entry's expiry (the coarse clock, a helper call, \
-             ~50 ns) and its port ranges, checks the exempt cgroup and DNS steering first and \
-             counts the allow; an ip-rule destination misses the \
-             DNS-derived hash before its hit in the exact-rule hash (the trie is walked only \
-             for a real CIDR). The statistics' own cost per run (the empty programs) is in \
+             the verdict checks the exempt cgroup and DNS steering, a DNS-derived entry's \
+             expiry (the boot clock, read once per jiffy and CPU) and its port ranges, and \
+             counts the allow; an ip-rule destination misses the DNS-derived hash before its \
+             hit in the exact-rule hash (the trie is walked only for a real CIDR). The statistics' own cost per run (the empty programs) is in \
              both sides: the raw ratio is judged, the net one is shown beside it"
         ),
     );

@@ -19,15 +19,13 @@ pub struct Binding {
     /// Destination port, host byte order.
     pub port: u16,
     ip_proto: u8,
-    /// One of the `BIND_*` constants.
+    /// One of the `BIND_*` constants (a socket admitted by address has no storage).
     pub bind: u8,
     _pad: [u8; 4],
     /// The socket's cookie, its key in `BOUND` (written by `sock_ops` when it binds it).
     pub cookie: u64,
 }
 
-/// Not name-bound: admitted by an `ip`/`cidr` rule or a `name_check: false` host rule.
-pub const BIND_NONE: u8 = 0;
 /// Name-bound, first flight not judged yet: `sock_ops` puts it in `BOUND` at the handshake.
 pub const BIND_PENDING: u8 = 1;
 /// Name-bound, first flight judged and let through.
@@ -38,21 +36,17 @@ pub const BIND_REFUSED: u8 = 3;
 #[btf_map]
 static BINDING: SkStorage<Binding> = SkStorage::new();
 
-/// Records on `ctx`'s socket that its hook admitted `addr`, `port` over `ip_proto` and whether
-/// that binds the connection to names (`bind`, a `BIND_*` constant; `ip_proto` 0 for an
-/// audit-mode pass of a deny, whose first flight is judged and reported but never let through
-/// as an allow). `BIND_NONE` records nothing.
+/// Marks `ctx`'s socket name-bound (`BIND_PENDING`) to `addr`, `port` over `ip_proto` (0 for
+/// an audit-mode pass of a deny, whose first flight is judged and reported but never let
+/// through as an allow), creating its storage.
+///
+/// A connect admitted by address records nothing: no lookup of the socket's storage (a helper
+/// call) on every connect. A binding left from an earlier connect of the same socket names that
+/// connection's destination, and every reader compares it with its own (`sock_ops` with the
+/// socket's peer, the backstop with the packet's destination); a socket that left `BOUND` when
+/// it disconnected never meets `first_flight` again unless `sock_ops` binds it anew.
 #[inline(always)]
-pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32, bind: u8) {
-    if bind == BIND_NONE {
-        // Admitted by address (or UDP, which records nothing): no lookup of the socket's
-        // storage (a helper call on every connect and send). A binding left from an earlier
-        // connect of the same socket names that connection's destination, and every reader
-        // compares it with its own (`sock_ops` with the socket's peer, the backstop with the
-        // packet's destination); a socket that left `BOUND` when it disconnected never meets
-        // `first_flight` again unless `sock_ops` binds it anew.
-        return;
-    }
+pub fn pending(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) {
     // SAFETY: the helper finds or creates the socket's entry; the pointer is tested for null
     // before use.
     unsafe {
@@ -63,7 +57,7 @@ pub fn remember(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32, bi
         (*p).addr = *addr;
         (*p).port = port;
         (*p).ip_proto = ip_proto as u8;
-        (*p).bind = bind;
+        (*p).bind = BIND_PENDING;
     }
 }
 

@@ -194,12 +194,12 @@ fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) 
     }
     match admit {
         ADMIT_NAMED if verdict == VERDICT_ALLOW => {
-            binding::remember(ctx, &dst.addr, dst.port, ip_proto, binding::BIND_PENDING);
+            binding::pending(ctx, &dst.addr, dst.port, ip_proto);
         }
         // An audit-mode pass of a deny: its first flight is judged and reported too (so
         // `learn` sees whether the traffic carried a name), with protocol 0: never an allow.
         ADMIT_NONE if verdict == VERDICT_ALLOW => {
-            binding::remember(ctx, &dst.addr, dst.port, 0, binding::BIND_PENDING);
+            binding::pending(ctx, &dst.addr, dst.port, 0);
         }
         _ => {}
     }

@@ -486,12 +486,15 @@ fn judge(addr: &Addr, port: u16, bit: u8, ip_proto: u8) -> i32 {
 /// from the same lookup.
 #[inline(always)]
 fn judge_udp(ctx: &SkBuffContext, addr: &Addr, port: u16, l4_off: usize, binding: bool) -> i32 {
+    if !binding {
+        return judge(addr, port, PROTO_UDP, IPPROTO_UDP);
+    }
     if to_resolver(addr, port) {
         return PASS;
     }
     match lookup_named(addr, port, PROTO_UDP) {
-        Ok(true) if binding => quic_refused(ctx, addr, port, l4_off),
-        Ok(_) => PASS,
+        Ok(true) => quic_refused(ctx, addr, port, l4_off),
+        Ok(false) => PASS,
         Err(why) => refused(addr, port, IPPROTO_UDP, why),
     }
 }

@@ -112,10 +112,12 @@ pub fn port_of_proto(ip_proto: u32, port: u16) -> u16 {
     }
 }
 
-/// `None` when allowed, else the reason for the deny.
+/// `None` when allowed, else the reason for the deny. A DNS-derived entry that permits decides
+/// at once: whether static rules admit the address too (which only says whether the
+/// connection is name-bound) is not looked up.
 #[inline(always)]
 pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
-    lookup_named(addr, port, proto).err()
+    admission::<false>(addr, port, proto).err()
 }
 
 /// `Ok(named)` when allowed (`named`: TCP or UDP admitted only by host rules that check names:
@@ -123,6 +125,13 @@ pub fn lookup(addr: &Addr, port: u16, proto: u8) -> Option<u8> {
 /// for the deny.
 #[inline(always)]
 pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
+    admission::<true>(addr, port, proto)
+}
+
+/// [`lookup_named`]; without `NAMED`, `Ok(false)` for every allow (whether it is name-bound is
+/// not worked out).
+#[inline(always)]
+fn admission<const NAMED: bool>(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
     let mut why = reason::NO_RULE;
     let mut named = false;
     // DNS-derived addresses first: host rules are the usual way in, and an exact hash lookup
@@ -138,6 +147,9 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
         if v.expires_ns != 0 && expiry_clock() >= v.expires_ns {
             why = reason::EXPIRED;
         } else if v.permits(port, proto) {
+            if !NAMED {
+                return Ok(false);
+            }
             let bound = (proto == PROTO_TCP && v.named_tcp(port))
                 || (proto == PROTO_UDP && v.named_udp(port));
             if !bound {

@@ -629,8 +629,8 @@ fn goals(report: &mut Report, rows: &[GoalRow]) {
                 None
             },
             "an unconnected send runs two programs: sendmsg4 (the verdict: a hash lookup for a \
-             DNS-derived destination, the trie only when that misses) and the egress backstop \
-             (which passes the datagram on the verdict its socket's hook remembered). Each Δ is \
+             DNS-derived destination, the exact-rule hash and then the trie only when that \
+             misses) and the egress backstop (which judges the datagram again). Each Δ is \
              judged against its own size's noise floor (±, the A/A pair); 20,000-call batches \
              of ~4 µs keep that floor far below the TCP one"
                 .into(),

@@ -227,7 +227,8 @@ static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
 /// inlined by the verifier into one load of `jiffies` (docs/KERNEL-NOTES.md). The jiffy is
 /// read before the clock, so a cached time was read in its jiffy or later: a verdict may see
 /// now up to one tick late, never early, and an entry ends at most a tick late. A hook that
-/// preempts another between its two stores on this CPU may pair a jiffy with an older time:
+/// preempts another between its two stores on this CPU may pair a jiffy with an older time (by
+/// as long as the preempted hook was held up between its clock read and its stores):
 /// later still, never earlier.
 #[inline(always)]
 fn expiry_clock() -> u64 {

@@ -17,7 +17,7 @@
 //! `cargo build -p egress-agent && cargo test -p egress-tests --test lifecycle -- --test-threads=1`.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs::{self, File},
     io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
@@ -1084,6 +1084,132 @@ fn configmap_data_symlink_swap_is_applied() {
     let out = env.app_resolve_and_connect(SECOND);
     assert_connected("the new version's host rule", &out, &agent);
     assert_eq!(agent.terminate().code(), Some(0), "{}", agent.output());
+}
+
+/// The copies of static entries in the pinned DNS map: address to port ranges.
+fn pinned_copies(env: &Env) -> BTreeMap<String, Vec<(u16, u16)>> {
+    egress_agent::bpf::copies::read_pinned(&env.pins.dir())
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .into_iter()
+        .map(|(ip, v)| {
+            (
+                ip.to_string(),
+                v.ranges().iter().map(|r| (r.lo, r.hi)).collect(),
+            )
+        })
+        .collect()
+}
+
+/// An address rule's exact entry is copied into the DNS-derived map (one lookup decides an
+/// `ip:` destination); the copy follows every reload: a changed port is judged by the new
+/// one, a removed rule leaves no copy behind that still allows.
+#[test]
+fn an_address_rules_copy_in_the_dns_map_follows_reloads() {
+    let env = Env::new(&format!("{ALLOWED_RULE}{DENIED_IP_RULE}"));
+    let mut agent = env.start_agent(&[]);
+    assert_eq!(
+        pinned_copies(&env).get(DENIED_IP),
+        Some(&vec![(8080, 8080)]),
+        "the address rule is copied: {:?}",
+        pinned_copies(&env)
+    );
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_connected("the address rule", &out, &agent);
+    assert_eq!(
+        env.status()["dns_entries"],
+        0,
+        "a copy is no DNS-derived entry"
+    );
+
+    let seen = agent.events().len();
+    env.write_allowlist(&policy(&format!(
+        "{ALLOWED_RULE}  - cidr: {DENIED_IP}/32\n    ports: [9090]\n"
+    )));
+    wait_reloaded(&agent, seen);
+    assert_eq!(
+        pinned_copies(&env).get(DENIED_IP),
+        Some(&vec![(9090, 9090)])
+    );
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("the port the new rule dropped", &out, &agent);
+    let deny = wait_deny(&agent, &out["pid"], DENIED_IP, 8080);
+    assert_eq!(deny["reason"], "port", "{deny}");
+
+    let seen = agent.events().len();
+    env.write_allowlist(&policy(ALLOWED_RULE));
+    wait_reloaded(&agent, seen);
+    assert_eq!(
+        pinned_copies(&env),
+        BTreeMap::new(),
+        "no copy outlives its rule"
+    );
+    let out = env.app_tcp(DENIED_IP, 9090);
+    assert_eperm("the removed address rule", &out, &agent);
+    let deny = wait_deny(&agent, &out["pid"], DENIED_IP, 9090);
+    assert_eq!(deny["reason"], "no-rule", "{deny}");
+    assert_eq!(agent.terminate().code(), Some(0), "{}", agent.output());
+}
+
+/// A DNS answer for an address an address rule names replaces its copy (the static entry
+/// still decides its own ports); the copy is back once the DNS-derived entry goes.
+#[test]
+fn a_dns_answer_replaces_the_copy_and_its_removal_brings_it_back() {
+    let dns = |env: &Env| {
+        egress_agent::bpf::rules::read_pinned_dns(&env.pins.dir())
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .contains_key(&DENIED_IP.parse().expect("ip"))
+    };
+    let name_rule = format!("  - host: {DENIED_NAME}\n    ports: [9090]\n    name_check: false\n");
+    let env = Env::new(&format!("{DENIED_IP_RULE}{name_rule}"));
+    let mut agent = env.start_agent(&[]);
+    assert!(
+        pinned_copies(&env).contains_key(DENIED_IP) && !dns(&env),
+        "a copy before any answer"
+    );
+    let out = env.app_dig(DENIED_NAME);
+    assert_eq!(out["r"]["status"], "NOERROR", "{out}");
+    assert!(
+        !pinned_copies(&env).contains_key(DENIED_IP) && dns(&env),
+        "the answer's entry in place of the copy"
+    );
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_connected("the address rule's port, past the DNS entry", &out, &agent);
+
+    let seen = agent.events().len();
+    env.write_allowlist(&policy(DENIED_IP_RULE));
+    wait_reloaded(&agent, seen);
+    assert!(
+        pinned_copies(&env).contains_key(DENIED_IP) && !dns(&env),
+        "the copy is back with the entry gone"
+    );
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_connected("the address rule", &out, &agent);
+    assert_eq!(agent.terminate().code(), Some(0), "{}", agent.output());
+}
+
+/// An agent restarted with the address rule removed (while it was down) removes the copy
+/// the earlier agent wrote before it judges anything.
+#[test]
+fn restart_without_the_address_rule_drops_its_adopted_copy() {
+    let env = Env::new(&format!("{ALLOWED_RULE}{DENIED_IP_RULE}"));
+    let mut first = env.start_agent(&[]);
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_connected("the address rule", &out, &first);
+    first.kill9();
+    assert!(
+        pinned_copies(&env).contains_key(DENIED_IP),
+        "the copy is pinned after the kill"
+    );
+
+    env.write_allowlist(&policy(ALLOWED_RULE));
+    let second = env.start_agent(&[]);
+    assert_eq!(
+        pinned_copies(&env),
+        BTreeMap::new(),
+        "no adopted copy outlives its rule"
+    );
+    let out = env.app_tcp(DENIED_IP, 8080);
+    assert_eperm("the removed address rule, after the restart", &out, &second);
 }
 
 #[test]

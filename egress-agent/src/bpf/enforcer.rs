@@ -40,6 +40,7 @@ use egress_common::{
 
 use super::{
     btf::Layouts,
+    copies::{self, Copies},
     rules::{self, ApplyError, Exact, Faults, Rules, Trie},
     trace,
 };
@@ -217,7 +218,9 @@ pub struct Enforcer {
     exact: Exact,
     exact_capacity: u32,
     inbound: Trie,
-    dns: HashMap<MapData, Addr, AllowValue>,
+    dns: copies::DnsMap,
+    /// The exact static entries copied into `dns` (one lookup for `ip:` destinations).
+    copies: Copies,
     config: Array<MapData, Config>,
     config_value: Config,
     counters: PerCpuArray<MapData, u64>,
@@ -311,7 +314,15 @@ impl Enforcer {
         };
         let exact: Exact = HashMap::try_from(exact)?;
         let inbound = LpmTrie::try_from(take(MAP_ALLOW_INBOUND)?)?;
-        let dns = HashMap::try_from(take(MAP_ALLOW_DNS)?)?;
+        let dns = take(MAP_ALLOW_DNS)?;
+        let dns_capacity = match &dns {
+            Map::HashMap(m) => m.info().map_or(opts.dns_capacity, |i| i.max_entries()),
+            _ => opts.dns_capacity,
+        };
+        let dns: copies::DnsMap = HashMap::try_from(dns)?;
+        // Copies an earlier agent wrote, to follow the policy below; an adopted map that
+        // cannot be read is emptied (`clear_dns`) before anything is written.
+        let adopted_copies = Copies::adopt(&dns, dns_capacity);
         let config = Array::try_from(take(MAP_CONFIG)?)?;
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         let events = RingBuf::try_from(take(MAP_EVENTS)?)?;
@@ -342,6 +353,7 @@ impl Enforcer {
             exact_capacity,
             inbound,
             dns,
+            copies: Copies::new(dns_capacity),
             config,
             config_value,
             counters,
@@ -357,6 +369,15 @@ impl Enforcer {
             name_binding: None,
             _ebpf: ebpf,
         };
+        match adopted_copies {
+            Ok(c) => me.copies = c,
+            Err(e) => {
+                let removed = me
+                    .clear_dns()
+                    .with_context(|| format!("{e:#}, and the DNS map cannot be emptied"))?;
+                tracing::warn!("{e:#}: the {removed} adopted DNS entries are removed");
+            }
+        }
         me.apply_policy(policy)?;
         if let Some(dir) = &opts.pin_dir {
             let links = dir.join("links");
@@ -749,6 +770,8 @@ impl Enforcer {
         rules::verify(&self.cidr, &want.cidr, "CIDR rules")?;
         rules::verify(&self.exact, &want.exact, "exact rules")?;
         rules::verify(&self.inbound, &want.inbound, "inbound rules")?;
+        // After the static maps are checked: a copy never outlives its static entry.
+        self.copies.follow(&mut self.dns, &want.exact)?;
         let written = self
             .config
             .get(&0, 0)
@@ -798,20 +821,38 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Allows `ip` with `value` (its ports and expiry) in the DNS-derived map.
+    /// Allows `ip` with `value` (its ports and expiry) in the DNS-derived map, over the copy
+    /// of a static entry there; copies make room when the map is full.
     pub fn allow_dns(&mut self, ip: IpAddr, value: AllowValue) -> anyhow::Result<()> {
-        self.dns
-            .insert(addr_from_ip(ip), value, 0)
-            .with_context(|| format!("cannot allow {ip}: the DNS address map is full"))
+        let addr = addr_from_ip(ip);
+        loop {
+            match self.dns.insert(addr, value, 0) {
+                Ok(()) => {
+                    self.copies.replaced(&addr);
+                    return Ok(());
+                }
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG)
+                        && self.copies.evict(&mut self.dns) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot allow {ip}: the DNS address map is full")
+                    });
+                }
+            }
+        }
     }
 
-    /// Removes `ip` from the DNS-derived map.
+    /// Removes `ip` from the DNS-derived map (its static entry's copy, if any, goes back).
     pub fn forget_dns(&mut self, ip: IpAddr) {
-        let _ = self.dns.remove(&addr_from_ip(ip));
+        let addr = addr_from_ip(ip);
+        let _ = self.dns.remove(&addr);
+        self.copies.restore(&mut self.dns, &addr);
     }
 
-    /// The DNS-derived entries; an entry that cannot be read (or a walk that stops) fails
-    /// the read: an adopted entry nobody can account for must not stay behind unowned.
+    /// The DNS-derived entries (not the copies of static entries); an entry that cannot be
+    /// read (or a walk that stops) fails the read: an adopted entry nobody can account for
+    /// must not stay behind unowned.
     /// (`dns read N` in `EGRESS_FAULT_FILE` fails the Nth read, debug builds only.)
     pub fn dns_entries(&self) -> anyhow::Result<Vec<(Addr, AllowValue)>> {
         let mut faults = Faults::from_env();
@@ -823,17 +864,20 @@ impl Enforcer {
                 }
                 item.context("cannot read the DNS map")
             })
+            .filter(|item| !item.as_ref().is_ok_and(|(_, v)| copies::is_copy(v)))
             .collect()
     }
 
     /// Removes every DNS-derived entry (each name resolves, and is granted, anew); fails
-    /// unless the map is then read back empty.
+    /// unless the map is then read back empty. The copies of static entries are written
+    /// again after.
     pub fn clear_dns(&mut self) -> anyhow::Result<usize> {
         let mut removed = 0;
         for _ in 0..3 {
             // A walk that stops early still names keys to remove; the next pass sees the rest.
             let keys: Vec<Addr> = self.dns.keys().map_while(Result::ok).collect();
             if keys.is_empty() && self.dns.keys().next().is_none() {
+                self.copies.refill(&mut self.dns);
                 return Ok(removed);
             }
             for k in keys {

@@ -9,6 +9,7 @@
 //! here decides a verdict: the programs do, from what `policy` compiled.
 
 pub mod btf;
+pub mod copies;
 pub mod enforcer;
 pub mod kernel;
 pub mod name_bind;

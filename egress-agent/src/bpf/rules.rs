@@ -190,7 +190,8 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<Rules> {
     })
 }
 
-/// Reads every entry of the pinned DNS map under `pin_dir` (any unreadable entry fails).
+/// Reads every DNS-derived entry of the pinned DNS map under `pin_dir` (any unreadable
+/// entry fails; the copies of static entries, see [`super::copies`], are left out).
 pub fn read_pinned_dns(pin_dir: &Path) -> anyhow::Result<BTreeMap<IpAddr, AllowValue>> {
     let path = pin_dir.join("maps").join(MAP_ALLOW_DNS);
     let map = MapData::from_pin(&path)
@@ -201,6 +202,7 @@ pub fn read_pinned_dns(pin_dir: &Path) -> anyhow::Result<BTreeMap<IpAddr, AllowV
             let (k, v) = item.context("cannot read the DNS map")?;
             Ok((egress_common::keys::ip_from_addr(&k), v))
         })
+        .filter(|item| !item.as_ref().is_ok_and(|(_, v)| super::copies::is_copy(v)))
         .collect()
 }
 

@@ -203,7 +203,8 @@ pub fn read(name: &str) -> anyhow::Result<Status> {
     let dns_entries = dns
         .iter()
         .filter_map(Result::ok)
-        .filter(|(_, v)| v.expires_ns == 0 || v.expires_ns > now)
+        // Live DNS-derived entries; the copies of static entries never expire.
+        .filter(|(_, v)| !crate::bpf::copies::is_copy(v) && v.expires_ns > now)
         .count();
     let cidr: LpmTrie<MapData, Addr, AllowValue> =
         LpmTrie::try_from(Map::LpmTrie(open(MAP_ALLOW_CIDR)?))?;

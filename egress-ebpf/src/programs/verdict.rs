@@ -134,8 +134,12 @@ pub fn lookup_named(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
 fn admission<const NAMED: bool>(addr: &Addr, port: u16, proto: u8) -> Result<bool, u8> {
     let mut why = reason::NO_RULE;
     let mut named = false;
-    // DNS-derived addresses first: host rules are the usual way in, and an exact hash lookup
-    // is cheaper than a longest-prefix walk that would miss.
+    // `ALLOW_DNS` first: it holds the DNS-derived addresses (host rules, the usual way in)
+    // and, where no DNS-derived entry is, a copy of the exact static entry (`expires_ns` 0,
+    // the same value as in `ALLOW_EXACT`; the agent's `bpf::copies`), so an `ip:` destination
+    // is decided by this one lookup too. A copy that does not permit falls through to the
+    // static entry it copies, which says the same: the verdict and its reason are those of
+    // the static rules alone.
     // SAFETY: the value is only read, through a pointer the kernel keeps valid (preallocated
     // elements are never freed). It is NOT a snapshot: the element of a key the agent
     // replaces or removes goes back to the map's free elements at once, with no grace period,

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use egress_common::{
     AllowValue,
-    consts::{PROTO_ANY, PROTO_NAMED, PROTO_TCP},
+    consts::{DEFAULT_DNS_CAPACITY, PROTO_ANY, PROTO_NAMED, PROTO_TCP},
     rules::PortRange,
 };
 
@@ -126,7 +126,9 @@ pub fn dns_entry(i: u32) -> u32 {
 
 /// Writes CIDR entries `from..to` into the trie and DNS entries `dfrom..dto` into the hash;
 /// each `/32` also into the exact hash beside the trie while it has room, as the agent writes
-/// exact entries (beyond its capacity they are in the trie alone).
+/// exact entries (beyond its capacity they are in the trie alone), and its copy into the DNS
+/// hash while that has room, up to a quarter of its capacity, as the agent writes copies
+/// (`egress_agent::bpf::copies`; DNS entries first: the agent evicts copies for them).
 pub fn fill(pins: &Path, (from, to): (u32, u32), (dfrom, dto): (u32, u32)) -> Result<()> {
     let cidr = PinnedMap::open(&pins.join("maps").join("ALLOW_CIDR"))?;
     let exact = PinnedMap::open(&pins.join("maps").join("ALLOW_EXACT"))?;
@@ -134,6 +136,7 @@ pub fn fill(pins: &Path, (from, to): (u32, u32), (dfrom, dto): (u32, u32)) -> Re
     let value = value_bytes(&allow_value(&[(443, 443)], PROTO_TCP));
     let mut key = [0u8; 20];
     let mut exact_full = false;
+    let mut copies = Vec::new();
     for i in from..to {
         let (ip, len) = cidr_entry(i);
         key[..4].copy_from_slice(&(96 + len).to_ne_bytes());
@@ -142,7 +145,7 @@ pub fn fill(pins: &Path, (from, to): (u32, u32), (dfrom, dto): (u32, u32)) -> Re
             .with_context(|| format!("cannot write CIDR entry {i}"))?;
         if len == 32 && !exact_full {
             match exact.update(&key[4..], &value) {
-                Ok(()) => {}
+                Ok(()) => copies.push(mapped(ip)),
                 Err(e) if e.raw_os_error() == Some(libc::E2BIG) => exact_full = true,
                 Err(e) => {
                     return Err(e).with_context(|| format!("cannot write exact entry {i}"));
@@ -153,6 +156,14 @@ pub fn fill(pins: &Path, (from, to): (u32, u32), (dfrom, dto): (u32, u32)) -> Re
     for i in dfrom..dto {
         dns.update(&mapped(dns_entry(i)), &value)
             .with_context(|| format!("cannot write DNS entry {i}"))?;
+    }
+    let cap = (DEFAULT_DNS_CAPACITY / 4) as usize;
+    for addr in copies.iter().take(cap.saturating_sub(from as usize)) {
+        match dns.update(addr, &value) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::E2BIG) => break,
+            Err(e) => return Err(e).context("cannot write a copy of an exact entry"),
+        }
     }
     Ok(())
 }

@@ -97,7 +97,7 @@ pub fn run() -> Result<()> {
         "sudo EGRESS_BENCH_ONLY=progs cargo xtask bench    # table 1p alone (per-program figures, ~3 min), report in target/BENCHMARKS.progs.md".into(),
         "sudo EGRESS_BENCH_ONLY=progs EGRESS_BENCH_SIZES=10000 cargo xtask bench    # one size only (any comma-separated list)".into(),
         "# floor: egress-bench-floor <cgroup> <entries> <map pin> (connect4 + sendmsg4, one hash lookup each; empty sock_create and cgroup_skb/egress)".into(),
-        "# each measured batch: bench-worker in its own netns + cgroup, e.g. `tcp 198.51.100.10:8080 2000`".into(),
+        "# each measured batch: bench-worker in its own netns + cgroup, e.g. `tcp 198.51.100.10:8080 2000` (a spread row: `tcp 198.51.100.32:8080,198.51.100.33:8080,... 2000`)".into(),
         "# enforcement: egress-agent attach --cgroup <cgroup> --allowlist <file> --name <n> --detach-on-exit".into(),
         "# nftables peer: socket cgroupv2 level 1 \"<cgroup>\" ip daddr != @allowed reject (output hook, own netns)".into(),
         "# dnsmasq peer: --server=192.0.2.53 --nftset=/example.com/4#inet#egress_bench_dns#allowed".into(),
@@ -106,7 +106,10 @@ pub fn run() -> Result<()> {
         format!(
             "Per-operation cost: thread CPU time (CLOCK_THREAD_CPUTIME_ID) around a batch of \
              2,000 TCP connect+close (SO_LINGER 0) or 20,000 UDP sendto, to a listener on a \
-             documentation address on lo of the worker's own network namespace. Batches \
+             documentation address on lo of the worker's own network namespace (the rows \
+             \"16 destinations\" of table 1p: 16 addresses in turn, each kind its own, so \
+             lookups find their key out of cache and at 16 places in the hash chains, as with \
+             an agent talking to many destinations). Batches \
              alternate A B B A between the enforced side and an identical unenforced control \
              (own netns and cgroup), {} repetitions after one warm-up batch each; the figure is \
              the median over repetitions of mean(A) − mean(B).",

@@ -3,9 +3,10 @@
 //! answer is one line on stdout, `ok key=value ...` or `err message`.
 //!
 //! Commands:
-//! - `tcp ADDR:PORT N`: N connect+close (linger 0: a RST, no TIME_WAIT); `ns=` thread CPU
-//!   time per operation.
-//! - `udp ADDR:PORT N`: N unconnected `sendto` of 32 bytes; `ns=` thread CPU per send.
+//! - `tcp ADDR:PORT[,ADDR:PORT...] N`: N connect+close (linger 0: a RST, no TIME_WAIT), to
+//!   the destinations in turn; `ns=` thread CPU time per operation.
+//! - `udp ADDR:PORT[,ADDR:PORT...] N`: N unconnected `sendto` of 32 bytes, to the
+//!   destinations in turn; `ns=` thread CPU per send.
 //! - `stream ADDR:PORT N`: one TCP connection, then N writes of 32 bytes with `TCP_NODELAY`
 //!   (a segment each: the established path); `ns=` thread CPU per write.
 //! - `tls ADDR:PORT N NAME`: N connects, each sending a TLS ClientHello (about 512 bytes, as
@@ -68,9 +69,15 @@ fn command(w: &[&str]) -> Res<String> {
     };
     let num = |i: usize| -> Res<u64> { arg(i)?.parse().map_err(|e| format!("{e}")) };
     let addr = |i: usize| -> Res<SocketAddrV4> { arg(i)?.parse().map_err(|e| format!("{e}")) };
+    let addrs = |i: usize| -> Res<Vec<SocketAddrV4>> {
+        arg(i)?
+            .split(',')
+            .map(|a| a.parse().map_err(|e| format!("{a}: {e}")))
+            .collect()
+    };
     match arg(0)? {
-        "tcp" => tcp(addr(1)?, num(2)?),
-        "udp" => udp(addr(1)?, num(2)?),
+        "tcp" => tcp(&addrs(1)?, num(2)?),
+        "udp" => udp(&addrs(1)?, num(2)?),
         "stream" => stream(addr(1)?, num(2)?),
         "tls" => tls(addr(1)?, num(2)?, arg(3)?),
         "bulk" => bulk(addr(1)?, num(2)?, arg(3)?),
@@ -153,28 +160,28 @@ fn connected(sa: &libc::sockaddr_in) -> Result<OwnedFd, i32> {
     }
 }
 
-fn tcp(to: SocketAddrV4, n: u64) -> Res<String> {
-    let sa = sockaddr(to);
+fn tcp(to: &[SocketAddrV4], n: u64) -> Res<String> {
+    let sas: Vec<_> = to.iter().copied().map(sockaddr).collect();
     let start = Instant::now();
     let cpu0 = thread_cpu_ns();
     let mut failed = 0u64;
     let mut done = 0u64;
     while done < n && start.elapsed() < MAX_COMMAND {
-        if connect_once(&sa).is_err() {
+        if connect_once(&sas[done as usize % sas.len()]).is_err() {
             failed += 1;
         }
         done += 1;
     }
     let cpu = thread_cpu_ns() - cpu0;
     if failed > 0 {
-        return Err(format!("{failed} of {done} connects to {to} failed"));
+        return Err(format!("{failed} of {done} connects to {to:?} failed"));
     }
     Ok(format!("ns={:.1} n={done}", cpu as f64 / done as f64))
 }
 
-fn udp(to: SocketAddrV4, n: u64) -> Res<String> {
+fn udp(to: &[SocketAddrV4], n: u64) -> Res<String> {
     let s = socket(libc::SOCK_DGRAM)?;
-    let sa = sockaddr(to);
+    let sas: Vec<_> = to.iter().copied().map(sockaddr).collect();
     let payload = [0x5au8; 32];
     let start = Instant::now();
     let cpu0 = thread_cpu_ns();
@@ -188,7 +195,7 @@ fn udp(to: SocketAddrV4, n: u64) -> Res<String> {
                 payload.as_ptr().cast(),
                 payload.len(),
                 0,
-                (&raw const sa).cast(),
+                (&raw const sas[done as usize % sas.len()]).cast(),
                 mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
             )
         };
@@ -200,7 +207,7 @@ fn udp(to: SocketAddrV4, n: u64) -> Res<String> {
     let cpu = thread_cpu_ns() - cpu0;
     if failed > 0 {
         return Err(format!(
-            "{failed} of {done} sends to {to} failed: {}",
+            "{failed} of {done} sends to {to:?} failed: {}",
             io::Error::last_os_error()
         ));
     }

@@ -51,18 +51,26 @@ impl AllowValue {
     /// Whether `port` (host order) over protocol bit `proto` is allowed.
     #[inline(always)]
     pub fn permits(&self, port: u16, proto: u8) -> bool {
+        self.permitting(port, proto).is_some()
+    }
+
+    /// The `protos` of the first range that permits `proto` to `port`, which decides (the
+    /// agent writes disjoint stretches): whether it is name-bound ([`PROTO_NAMED`],
+    /// [`PROTO_NAMED_UDP`]) is read from the same scan.
+    #[inline(always)]
+    pub fn permitting(&self, port: u16, proto: u8) -> Option<u8> {
         let mut i = 0;
         while i < MAX_PORT_RANGES {
             if i as u32 >= self.len {
-                return false;
+                return None;
             }
             let r = &self.ranges[i];
             if r.protos & proto != 0 && r.lo <= port && port <= r.hi {
-                return true;
+                return Some(r.protos);
             }
             i += 1;
         }
-        false
+        None
     }
 
     /// Whether TCP to `port` is admitted by this entry only as name-bound: the range that
@@ -82,18 +90,8 @@ impl AllowValue {
 
     #[inline(always)]
     fn named(&self, port: u16, proto: u8, flag: u8) -> bool {
-        let mut i = 0;
-        while i < MAX_PORT_RANGES {
-            if i as u32 >= self.len {
-                return false;
-            }
-            let r = &self.ranges[i];
-            if r.protos & proto != 0 && r.lo <= port && port <= r.hi {
-                return r.protos & flag != 0;
-            }
-            i += 1;
-        }
-        false
+        self.permitting(port, proto)
+            .is_some_and(|protos| protos & flag != 0)
     }
 }
 

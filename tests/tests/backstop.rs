@@ -23,8 +23,12 @@ use egress_tests::{TestCgroup, TestNetns, require_root};
 /// Opens its sockets at once, then sends one packet per line read on stdin and prints the
 /// outcome of each.
 const SCRIPT: &str = r#"
-import json, socket, sys
+import json, os, socket, struct, sys
+# One CPU: a send and the raw send after it meet the same per-CPU slot (`recent`).
+os.sched_setaffinity(0, {0})
 icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+# Hand-made UDP (no socket hook judges a raw socket's sends; sock_create refuses new ones).
+raw_udp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 conn = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 conn.connect(("198.51.100.20", 5001))
@@ -40,10 +44,20 @@ def icmp_message(kind):
     c = ~s & 0xffff
     hdr[2], hdr[3] = c >> 8, c & 0xff
     return bytes(hdr)
+def raw_to(host, port):
+    raw_udp.sendto(struct.pack("!HHHH", 40000, port, 9, 0) + b"x", (host, 0))
 for line in sys.stdin:
     what = line.strip()
     try:
-        if what == "icmp":
+        if what.startswith("pair "):
+            # An allowed send, then at once a raw datagram to another destination.
+            _, host, port = what.split()
+            udp.sendto(b"x", ("198.51.100.20", 5000))
+            raw_to(host, int(port))
+        elif what.startswith("raw-udp "):
+            _, host, port = what.split()
+            raw_to(host, int(port))
+        elif what == "icmp":
             icmp.sendto(icmp_message(8), ("198.51.100.20", 0))
         elif what == "icmp-timestamp":
             icmp.sendto(icmp_message(13), ("198.51.100.20", 0))
@@ -224,4 +238,52 @@ fn a_udp_socket_connected_before_enforcement_keeps_only_its_peer() {
     );
     let unconnected = sender.send("udp");
     assert_eq!(unconnected["errno"], libc::EPERM, "{unconnected}");
+}
+
+/// The backstop passes the packet of a send the socket hook allowed a moment ago on the same
+/// CPU without looking it up again (`recent`, issue 14). That shortcut must match exactly what
+/// was allowed: a raw UDP datagram (a socket opened before enforcement: no socket hook judges
+/// it) sent at once after an allowed send, on the same CPU, to another port or another address
+/// is still dropped, and reported by the backstop; to the allowed destination it passes.
+#[test]
+fn the_backstop_passes_only_the_destination_just_allowed() {
+    require_root();
+    let netns = TestNetns::new();
+    netns.add_lo_address("198.51.100.20/32");
+    netns.add_lo_address("198.51.100.21/32");
+    let cg = TestCgroup::new();
+    let mut sender = Sender::start(&netns, &cg);
+    let policy = policy::parse_str(
+        "version: 1\nallow:\n  - ip: 198.51.100.20\n    ports: [5000]\n    protocol: udp\n",
+        Path::new("backstop.yaml"),
+    )
+    .expect("policy");
+    let mut enf = Enforcer::attach(cg.path(), &policy, &EnforcerOptions::default())
+        .expect("attach to the test cgroup");
+
+    for _ in 0..20 {
+        for (to, why) in [
+            ("198.51.100.20 5001", "port"),
+            ("198.51.100.21 5000", "no-rule"),
+        ] {
+            let out = sender.send(&format!("pair {to}"));
+            assert_eq!(
+                (out["ok"].clone(), out["errno"].clone()),
+                (serde_json::json!(false), serde_json::json!(libc::EPERM)),
+                "a raw datagram to {to} right after an allowed send is dropped ({why}): {out}"
+            );
+        }
+    }
+    let out = sender.send("raw-udp 198.51.100.20 5000");
+    assert_eq!(out["ok"], true, "the allowed destination passes: {out}");
+    let events = enf.poll_denies();
+    for (port, why) in [(5001, "port"), (5000, "no-rule")] {
+        assert!(
+            events.iter().any(|e| e.hook == "egress"
+                && e.proto == "udp"
+                && e.port == port
+                && e.reason == why),
+            "the backstop reported the drop to port {port} ({why}): {events:?}"
+        );
+    }
 }

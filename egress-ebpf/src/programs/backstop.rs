@@ -34,6 +34,10 @@
 //! raw ICMPv6 socket (refused by `sock_create`) or hop-by-hop options (CAP_NET_RAW), a ping
 //! socket sends echo requests only, and their hop limits keep them on the link.
 //!
+//! A SYN or an unconnected datagram whose IPv4 destination, port and protocol a socket hook
+//! allowed last on this CPU, in the current jiffy, passes on that allow (`super::recent`): the
+//! packet of the connect or send just judged, without its second lookup.
+//!
 //! DNS to the agent's resolver passes. Denies are counted and reported; audit mode reports
 //! and passes. An error drops.
 
@@ -54,7 +58,7 @@ use egress_common::{
 
 use super::{
     binding::{self, BIND_PENDING, BIND_REFUSED, Binding},
-    inbound, trace,
+    inbound, recent, trace,
     verdict::{audit_mode, count, lookup, lookup_named, named_only_udp},
 };
 use crate::maps::{CONFIG, EVENTS};
@@ -472,7 +476,8 @@ fn judge_syn_ack(peer: &Addr, local_port: u16, peer_port: u16) -> i32 {
 }
 
 fn judge(addr: &Addr, port: u16, bit: u8, ip_proto: u8) -> i32 {
-    if to_resolver(addr, port) {
+    // The packet of a connect or send the socket hook allowed a moment ago on this CPU.
+    if recent::allowed(addr, port, bit).is_some() || to_resolver(addr, port) {
         return PASS;
     }
     match lookup(addr, port, bit) {
@@ -489,10 +494,12 @@ fn judge_udp(ctx: &SkBuffContext, addr: &Addr, port: u16, l4_off: usize, binding
     if !binding {
         return judge(addr, port, PROTO_UDP, IPPROTO_UDP);
     }
-    if to_resolver(addr, port) {
-        return PASS;
-    }
-    match lookup_named(addr, port, PROTO_UDP) {
+    let admitted = match recent::allowed(addr, port, PROTO_UDP) {
+        Some(named) => Ok(named),
+        None if to_resolver(addr, port) => return PASS,
+        None => lookup_named(addr, port, PROTO_UDP),
+    };
+    match admitted {
         Ok(true) => quic_refused(ctx, addr, port, l4_off),
         Ok(false) => PASS,
         Err(why) => refused(addr, port, IPPROTO_UDP, why),

@@ -6,6 +6,7 @@ mod binding;
 mod dns;
 mod inbound;
 mod name_bind;
+mod recent;
 mod restore;
 mod sock_addr;
 mod sock_create;

@@ -14,13 +14,13 @@ use egress_common::{
     Addr, AllowValue, DenyEvent,
     config::{FLAG_AUDIT, FLAG_ICMP, FLAG_NAME_BIND},
     consts::{
-        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_TCP,
-        PROTO_UDP, VERDICT_ALLOW, VERDICT_DENY,
+        COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_NAMED,
+        PROTO_NAMED_UDP, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_DENY,
     },
     events::reason,
 };
 
-use super::trace;
+use super::{recent, trace};
 use crate::maps::{ALLOW_CIDR, ALLOW_DNS, ALLOW_EXACT, CONFIG, COUNTERS, EVENTS};
 
 const IPPROTO_ICMP: u32 = 1;
@@ -51,11 +51,15 @@ pub const ADMIT_NAMED: u8 = 2;
 /// destination was admitted (`ADMIT_*`).
 #[inline(always)]
 pub fn decide(dst: &Destination) -> Result<(i32, u8), ()> {
+    // The jiffy the lookup begins in: an allow is kept for the backstop (`recent`) only when
+    // it is still the jiffy after it.
+    let since = recent::jiffy();
     let why = match proto_bit(dst.ip_proto) {
         None => reason::PROTOCOL,
         Some(bit) => match lookup_named(&dst.addr, dst.port, bit) {
             Ok(named) => {
                 count(COUNTER_ALLOW);
+                recent::remember(since, &dst.addr, dst.port, bit, named);
                 trace::verdict(
                     dst.hook,
                     &dst.addr,
@@ -150,12 +154,13 @@ fn admission<const NAMED: bool>(addr: &Addr, port: u16, proto: u8) -> Result<boo
         // The clock is read only for an entry that expires (a helper call, not inlined).
         if v.expires_ns != 0 && expiry_clock() >= v.expires_ns {
             why = reason::EXPIRED;
-        } else if v.permits(port, proto) {
+        } else if let Some(protos) = v.permitting(port, proto) {
             if !NAMED {
                 return Ok(false);
             }
-            let bound = (proto == PROTO_TCP && v.named_tcp(port))
-                || (proto == PROTO_UDP && v.named_udp(port));
+            // The range that permits says whether it is name-bound (one scan of the ranges).
+            let bound = (proto == PROTO_TCP && protos & PROTO_NAMED != 0)
+                || (proto == PROTO_UDP && protos & PROTO_NAMED_UDP != 0);
             if !bound {
                 return Ok(false);
             }
@@ -187,7 +192,7 @@ fn admission<const NAMED: bool>(addr: &Addr, port: u16, proto: u8) -> Result<boo
 pub fn named_only_udp(addr: &Addr, port: u16) -> bool {
     // SAFETY: read only, as in `lookup_named`.
     let named = match unsafe { ALLOW_DNS.get(addr) } {
-        Some(v) => v.permits(port, PROTO_UDP) && v.named_udp(port),
+        Some(v) => v.named_udp(port),
         None => false,
     };
     if !named {

@@ -25,7 +25,7 @@ use egress_tests::{TestCgroup, TestNetns, require_root};
 const SCRIPT: &str = r#"
 import json, os, socket, struct, sys
 # One CPU: a send and the raw send after it meet the same per-CPU slot (`recent`).
-os.sched_setaffinity(0, {0})
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 # Hand-made UDP (no socket hook judges a raw socket's sends; sock_create refuses new ones).
 raw_udp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)

@@ -33,8 +33,8 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use aya::maps::{HashMap, Map, MapData, MapError};
-use egress_common::{Addr, AllowValue, consts::MAP_ALLOW_DNS};
+use aya::maps::{HashMap, MapData, MapError};
+use egress_common::{Addr, AllowValue};
 
 use super::rules::Contents;
 
@@ -51,18 +51,7 @@ pub fn is_copy(value: &AllowValue) -> bool {
 
 /// The copies in the pinned DNS map under `pin_dir` (any unreadable entry fails).
 pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<BTreeMap<IpAddr, AllowValue>> {
-    let path = pin_dir.join("maps").join(MAP_ALLOW_DNS);
-    let map = MapData::from_pin(&path)
-        .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-    let dns: DnsMap = HashMap::try_from(Map::HashMap(map))?;
-    let mut out = BTreeMap::new();
-    for item in dns.iter() {
-        let (k, v) = item.context("cannot read the DNS map")?;
-        if is_copy(&v) {
-            out.insert(egress_common::keys::ip_from_addr(&k), v);
-        }
-    }
-    Ok(out)
+    super::rules::read_pinned_dns_where(pin_dir, is_copy)
 }
 
 /// The copies written, and what they copy.

@@ -193,17 +193,27 @@ pub fn read_pinned(pin_dir: &Path) -> anyhow::Result<Rules> {
 /// Reads every DNS-derived entry of the pinned DNS map under `pin_dir` (any unreadable
 /// entry fails; the copies of static entries, see [`super::copies`], are left out).
 pub fn read_pinned_dns(pin_dir: &Path) -> anyhow::Result<BTreeMap<IpAddr, AllowValue>> {
+    read_pinned_dns_where(pin_dir, |v| !super::copies::is_copy(v))
+}
+
+/// The entries of the pinned DNS map under `pin_dir` whose value `keep` accepts, by address
+/// (any unreadable entry fails).
+pub fn read_pinned_dns_where(
+    pin_dir: &Path,
+    keep: impl Fn(&AllowValue) -> bool,
+) -> anyhow::Result<BTreeMap<IpAddr, AllowValue>> {
     let path = pin_dir.join("maps").join(MAP_ALLOW_DNS);
     let map = MapData::from_pin(&path)
         .with_context(|| format!("cannot open pinned map {}", path.display()))?;
     let dns: HashMap<MapData, Addr, AllowValue> = HashMap::try_from(Map::HashMap(map))?;
-    dns.iter()
-        .map(|item| {
-            let (k, v) = item.context("cannot read the DNS map")?;
-            Ok((egress_common::keys::ip_from_addr(&k), v))
-        })
-        .filter(|item| !item.as_ref().is_ok_and(|(_, v)| super::copies::is_copy(v)))
-        .collect()
+    let mut out = BTreeMap::new();
+    for item in dns.iter() {
+        let (k, v) = item.context("cannot read the DNS map")?;
+        if keep(&v) {
+            out.insert(egress_common::keys::ip_from_addr(&k), v);
+        }
+    }
+    Ok(out)
 }
 
 /// Makes `map`, which holds `have`, hold exactly `want`: new and changed entries first, then

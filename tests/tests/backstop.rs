@@ -129,6 +129,13 @@ impl Drop for Sender {
     }
 }
 
+/// Attaches the programs to `cg` with the allowlist `yaml`.
+fn enforce(cg: &TestCgroup, yaml: &str) -> Enforcer {
+    let policy = policy::parse_str(yaml, Path::new("backstop.yaml")).expect("policy");
+    Enforcer::attach(cg.path(), &policy, &EnforcerOptions::default())
+        .expect("attach to the test cgroup")
+}
+
 /// `InEchos` of the namespace (`/proc/net/snmp` read from inside it).
 fn in_echos(netns: &TestNetns) -> u64 {
     let text = netns
@@ -164,13 +171,10 @@ fn a_socket_opened_before_enforcement_cannot_send_what_no_rule_allows() {
         "control: the namespace received the echo request"
     );
 
-    let policy = policy::parse_str(
+    let mut enf = enforce(
+        &cg,
         "version: 1\nallow:\n  - ip: 127.0.0.1\n    ports: [8080]\n",
-        Path::new("backstop.yaml"),
-    )
-    .expect("policy");
-    let mut enf = Enforcer::attach(cg.path(), &policy, &EnforcerOptions::default())
-        .expect("attach to the test cgroup");
+    );
 
     let before = in_echos(&netns);
     let out = sender.send("icmp");
@@ -217,13 +221,10 @@ fn a_udp_socket_connected_before_enforcement_keeps_only_its_peer() {
     netns.add_lo_address("198.51.100.20/32");
     let cg = TestCgroup::new();
     let mut sender = Sender::start(&netns, &cg);
-    let policy = policy::parse_str(
+    let _enf = enforce(
+        &cg,
         "version: 1\nallow:\n  - ip: 127.0.0.1\n    ports: [8080]\n",
-        Path::new("backstop.yaml"),
-    )
-    .expect("policy");
-    let _enf = Enforcer::attach(cg.path(), &policy, &EnforcerOptions::default())
-        .expect("attach to the test cgroup");
+    );
 
     let plain = sender.send("udp-connected");
     assert_eq!(
@@ -253,13 +254,10 @@ fn the_backstop_passes_only_the_destination_just_allowed() {
     netns.add_lo_address("198.51.100.21/32");
     let cg = TestCgroup::new();
     let mut sender = Sender::start(&netns, &cg);
-    let policy = policy::parse_str(
+    let mut enf = enforce(
+        &cg,
         "version: 1\nallow:\n  - ip: 198.51.100.20\n    ports: [5000]\n    protocol: udp\n",
-        Path::new("backstop.yaml"),
-    )
-    .expect("policy");
-    let mut enf = Enforcer::attach(cg.path(), &policy, &EnforcerOptions::default())
-        .expect("attach to the test cgroup");
+    );
 
     for _ in 0..20 {
         for (to, why) in [

@@ -1,9 +1,10 @@
 //! The reference floor of `cargo xtask bench` (issue 14), never loaded by the agent: a
 //! `cgroup/connect4` and a `cgroup/sendmsg4` program that do one hash lookup of the IPv4
-//! destination (mapped, as egress keys it) in a map of the same key and value types as
-//! `ALLOW_DNS`, and allow only what they find. What any cgroup-BPF enforcement pays at least;
-//! egress's programs are measured against it. Loaded by `egress-bench-floor` (a bench-only
-//! binary of egress-agent), which sizes the map at load time.
+//! destination (mapped, as egress keys it) in a map of `ALLOW_DNS`'s key and value types, and
+//! allow only what they find. What any cgroup-BPF enforcement pays at least; egress's programs
+//! are measured against it. Loaded by `egress-bench-floor` (a bench-only binary of
+//! egress-agent), which gives it the measured agent's own pinned `ALLOW_DNS` as its map: the
+//! same key in the same map (hash seed, bucket, chain) as egress's first lookup.
 //!
 //! Beside them, a `cgroup/sock_create` and a `cgroup_skb/egress` program that do nothing but
 //! allow: what the kernel's run-time statistics read for an empty program (the timing's own
@@ -18,7 +19,7 @@ use aya_ebpf::{
 };
 use egress_common::{Addr, AllowValue, addr_from_v4};
 
-/// The allowed destinations; the loader sets the capacity (1 here: never used unsized).
+/// The allowed destinations: replaced at load by the pinned map the loader is given.
 #[map]
 static FLOOR: HashMap<Addr, AllowValue> = HashMap::with_max_entries(1, 0);
 

@@ -1,16 +1,18 @@
 //! The reference floor of `cargo xtask bench`, never part of enforcement: loads the
 //! `egress-floor` object (a `cgroup/connect4` and a `cgroup/sendmsg4` program doing one hash
-//! lookup each, and an empty `cgroup/sock_create` and `cgroup_skb/egress`), sizes its map at
-//! load time, attaches all four to a cgroup the bench created, pins
-//! the map so the bench can fill it, prints `ready`, and holds the links until its stdin
-//! closes (or it is killed: the links go with its descriptors).
+//! lookup each, and an empty `cgroup/sock_create` and `cgroup_skb/egress`) with its map taken
+//! from a pin (the bench passes the measured agent's own `ALLOW_DNS`: the floor then looks up
+//! the same key in the same map object, with the same hash seed, bucket and chain, as egress's
+//! first lookup), attaches all four to a cgroup the bench created, prints `ready`, and holds
+//! the links until its stdin closes (or it is killed: the links go with its descriptors). The
+//! pin is the agent's: it is left in place.
 //!
-//! Usage: `egress-bench-floor CGROUP ENTRIES MAP_PIN`.
+//! Usage: `egress-bench-floor CGROUP MAP_PIN`.
 
 use std::{
     fs,
     io::{self, BufRead as _, Write as _},
-    path::PathBuf,
+    path::Path,
     process::ExitCode,
 };
 
@@ -36,21 +38,25 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [cgroup, entries, pin] = args.as_slice() else {
-        anyhow::bail!("usage: egress-bench-floor CGROUP ENTRIES MAP_PIN");
+    let [cgroup, pin] = args.as_slice() else {
+        anyhow::bail!("usage: egress-bench-floor CGROUP MAP_PIN");
     };
-    let entries: u32 = entries.parse().context("ENTRIES is not a number")?;
-    let pin = PathBuf::from(pin);
+    let pin = Path::new(pin);
+    // Reused, never created: a missing pin would otherwise make the loader create a map there.
+    if !pin.exists() {
+        anyhow::bail!("no map pinned at {}", pin.display());
+    }
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("cannot open cgroup {cgroup}"))?;
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries("FLOOR", entries.max(1))
+        .map_pin_path("FLOOR", pin)
         .load(FLOOR_OBJECT)
-        .context("cannot load the floor object")?;
-    ebpf.map_mut("FLOOR")
-        .ok_or_else(|| anyhow!("map FLOOR missing"))?
-        .pin(&pin)
-        .with_context(|| format!("cannot pin the map at {}", pin.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot load the floor object on the map at {}",
+                pin.display()
+            )
+        })?;
     for name in PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -90,7 +96,6 @@ fn run() -> anyhow::Result<()> {
             break;
         }
     }
-    let _ = fs::remove_file(&pin);
     drop(ebpf);
     Ok(())
 }

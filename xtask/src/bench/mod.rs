@@ -96,7 +96,7 @@ pub fn run() -> Result<()> {
         "sudo cargo xtask bench    # builds release egress-agent and bench-worker, then runs parts 1-4".into(),
         "sudo EGRESS_BENCH_ONLY=progs cargo xtask bench    # table 1p alone (per-program figures, ~3 min), report in target/BENCHMARKS.progs.md".into(),
         "sudo EGRESS_BENCH_ONLY=progs EGRESS_BENCH_SIZES=10000 cargo xtask bench    # one size only (any comma-separated list)".into(),
-        "# floor: egress-bench-floor <cgroup> <entries> <map pin> (connect4 + sendmsg4, one hash lookup each; empty sock_create and cgroup_skb/egress)".into(),
+        "# floor: egress-bench-floor <cgroup> <egress's ALLOW_DNS pin> (connect4 + sendmsg4, one hash lookup each in that map; empty sock_create and cgroup_skb/egress)".into(),
         "# each measured batch: bench-worker in its own netns + cgroup, e.g. `tcp 198.51.100.10:8080 2000` (a spread row: `tcp 198.51.100.32:8080,198.51.100.33:8080,... 2000`)".into(),
         "# enforcement: egress-agent attach --cgroup <cgroup> --allowlist <file> --name <n> --detach-on-exit".into(),
         "# nftables peer: socket cgroupv2 level 1 \"<cgroup>\" ip daddr != @allowed reject (output hook, own netns)".into(),
@@ -128,9 +128,10 @@ pub fn run() -> Result<()> {
             .into(),
         "The floor: `egress-floor` (built by the agent's eBPF pipeline, loaded only by the \
          bench-only `egress-bench-floor`), a cgroup/connect4 and a cgroup/sendmsg4 program that \
-         do one hash lookup of the destination in a map of the same key and value types as \
-         egress's DNS-derived one, sized and filled to the row's entry count, on a cgroup of its \
-         own; it is a column of table 1 (outside view, ABBA against the same control) and the \
+         do one hash lookup of the destination in egress's own DNS-derived hash (the agent's \
+         pinned `ALLOW_DNS`, reused: the same key, hash seed, bucket and chain as the first \
+         lookup of egress's verdict, which finds every destination measured there, an `ip:` one \
+         as the copy of its exact entry), on a cgroup of its own; it is a column of table 1 (outside view, ABBA against the same control) and the \
          reference of table 1p (kernel BPF statistics, in the same run)."
             .into(),
         "The established-flow row: one TCP connection to a sink that reads, then 20,000 \

@@ -3,8 +3,11 @@
 //!
 //! The floor is `egress-bench-floor` (a bench-only binary of egress-agent, built from the
 //! project's eBPF pipeline): a `cgroup/connect4` and a `cgroup/sendmsg4` program doing one
-//! hash lookup each, in a map of the same key and value types as egress's DNS-derived one,
-//! holding as many entries as the size measured, attached to a cgroup of its own.
+//! hash lookup each, in the measured agent's own DNS-derived map (`ALLOW_DNS`, reused from its
+//! pin), attached to a cgroup of its own. Sharing the map object makes the floor's lookup the
+//! very lookup egress's verdict begins with: the same key, hash seed, bucket and chain (a map
+//! of its own drew another seed, and a single destination's place in its chain then moved
+//! either ratio by a third from one load to the next).
 
 use std::{
     fs,
@@ -14,48 +17,33 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use egress_common::consts::PROTO_ANY;
 
 use super::{
-    maps,
     progstats::{Prog, Runs, StatsOn, attached},
     sandbox::{Sandbox, Worker},
     stats::median,
 };
 
-/// The floor's programs on the floor's cgroup, resized for each allowlist size.
+/// The floor's programs on the floor's cgroup, reloaded for each allowlist size.
 pub struct Floor {
     pub cgroup: PathBuf,
-    pin: PathBuf,
     helper: Option<(u32, ChildStdin)>,
 }
 
 impl Floor {
-    pub fn new(sb: &mut Sandbox, cgroup: PathBuf) -> Self {
-        let pin = Path::new("/sys/fs/bpf").join(sb.name("floor-map"));
-        sb.pins.push(pin.clone());
+    pub fn new(cgroup: PathBuf) -> Self {
         Self {
             cgroup,
-            pin,
             helper: None,
         }
     }
 
-    /// (Re)loads the floor with a map of `size` entries plus `allowed` (the destinations the
-    /// bench connects to), filled, and its two programs attached.
-    pub fn load(
-        &mut self,
-        sb: &mut Sandbox,
-        bin: &Path,
-        size: u32,
-        allowed: &[[u8; 4]],
-    ) -> Result<()> {
+    /// (Re)loads the floor on the map pinned at `map_pin` (the measured agent's `ALLOW_DNS`,
+    /// which holds every destination the bench connects to), its programs attached.
+    pub fn load(&mut self, sb: &mut Sandbox, bin: &Path, map_pin: &Path) -> Result<()> {
         self.stop(sb);
-        let entries = size + allowed.len() as u32;
         let mut cmd = std::process::Command::new(bin);
-        cmd.arg(&self.cgroup)
-            .arg(entries.to_string())
-            .arg(&self.pin);
+        cmd.arg(&self.cgroup).arg(map_pin);
         let (pid, stdin, stdout) = sb.spawn(cmd, "floor.log")?;
         self.helper = Some((pid, stdin));
         let mut line = String::new();
@@ -66,27 +54,15 @@ impl Floor {
             let log = fs::read_to_string(sb.dir.join("floor.log")).unwrap_or_default();
             bail!("egress-bench-floor did not start: {log}");
         }
-        let map = maps::PinnedMap::open(&self.pin)?;
-        let value = maps::value_bytes(&maps::allow_value(&[(1, 65535)], PROTO_ANY));
-        for ip in allowed {
-            map.update(&egress_common::keys::addr_from_v4(*ip), &value)
-                .context("cannot fill the floor map")?;
-        }
-        for i in 0..size {
-            let key = egress_common::keys::addr_from_v4(maps::dns_entry(i).to_be_bytes());
-            map.update(&key, &value)
-                .with_context(|| format!("cannot write floor entry {i}"))?;
-        }
         Ok(())
     }
 
-    /// Detaches the floor (its helper ends and its links with it).
+    /// Detaches the floor (its helper ends and its links with it; the map is the agent's).
     pub fn stop(&mut self, sb: &mut Sandbox) {
         if let Some((pid, stdin)) = self.helper.take() {
             drop(stdin);
             sb.wait_pid(pid);
         }
-        let _ = fs::remove_file(&self.pin);
     }
 }
 

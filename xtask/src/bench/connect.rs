@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result};
 
 use super::{
     Ctx, maps, namebound,
-    progs::{Floor, Side, SideFigures, measure},
+    progs::{Floor, Side, SideFigures, measure, paired, paired_ratio},
     report::{Report, Table},
     sandbox::{Sandbox, Worker, listen, sa},
     stats::{Summary, abba, us},
@@ -236,7 +236,7 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<Enforced>
             "floor ns/run × runs/op",
             "floor ns/op",
             "ns/op egress ÷ floor",
-            "verdict program ns/run ÷ floor's",
+            "verdict program ns/run ÷ floor's (median of per-repetition ratios)",
         ],
     );
     let mut prog_rows: Vec<ProgRow> = Vec::new();
@@ -408,7 +408,7 @@ fn verdict_hook(label: &str) -> &'static str {
 fn prog_row(size: u32, label: &str, e: &SideFigures, f: &SideFigures) -> Vec<String> {
     let hook = verdict_hook(label);
     let ratio = match (e.on(hook), f.on(hook)) {
-        (Some(a), Some(b)) => format!("{hook}: {:.2}×", a.ns_run / b.ns_run.max(1.0)),
+        (Some(a), Some(b)) => format!("{hook}: {:.2}×", paired_ratio(a, b)),
         _ => "—".into(),
     };
     let floor_op = f.ns_op_of(hook);
@@ -474,21 +474,22 @@ fn prog_goals(report: &mut Report, rows: &[ProgRow]) {
     for r in &big {
         let hook = verdict_hook(&r.1);
         if let (Some(a), Some(b)) = (r.2.on(hook), r.3.on(hook)) {
-            let q = a.ns_run / b.ns_run.max(1.0);
+            let q = paired_ratio(a, b);
             worst = worst.max(q);
             // Net of the statistics' own cost per run: the floor's empty cgroup_skb program in
             // the same row (it runs on every packet of every row).
-            let empty = r.3.on(BACKSTOP).map_or(0.0, |p| p.ns_run);
+            let e = r.3.on(BACKSTOP);
+            let empty = e.map_or(0.0, |p| p.ns_run);
+            let net = paired(a, b, e, |x, y, z| (x - z) / (y - z).max(1.0));
             text.push(format!(
-                "{} @{}: {:.0} / {:.0} ns = {q:.2}× (net of an empty program's {empty:.0}: \
-                 {:.0} / {:.0} = {:.2}×)",
+                "{} @{}: {:.0} / {:.0} ns, {q:.2}× (net of an empty program's {empty:.0}: \
+                 {:.0} / {:.0}, {net:.2}×)",
                 short(&r.1),
                 r.0,
                 a.ns_run,
                 b.ns_run,
                 a.ns_run - empty,
                 b.ns_run - empty,
-                (a.ns_run - empty) / (b.ns_run - empty).max(1.0)
             ));
         }
     }
@@ -504,7 +505,10 @@ fn prog_goals(report: &mut Report, rows: &[ProgRow]) {
              the copy of its exact entry (one lookup; the trie is walked only for a real CIDR). \
              Rows marked ×16 cycle through 16 destinations (their keys out of cache between \
              lookups); the others repeat one. The statistics' own cost per run (the empty \
-             programs) is in both sides: the raw ratio is judged, the net one is shown beside it"
+             programs) is in both sides: the raw ratio is judged, the net one is shown beside \
+             it. Each ratio is the median over repetitions of the ratio within one repetition \
+             (egress and floor batches adjacent, A B B A), not the ratio of the two medians \
+             shown: a moment of load on the shared machine slows both sides of one repetition"
         ),
     );
     // Where it runs once per operation (TCP); a UDP batch creates one socket, one cold run.

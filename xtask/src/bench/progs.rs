@@ -72,6 +72,40 @@ pub struct ProgFigure {
     pub hook: &'static str,
     pub ns_run: f64,
     pub runs_op: f64,
+    /// ns/run in each repetition (A B B A order kept: the same index on both sides is the
+    /// same repetition), for ratios taken within a repetition ([`paired`]).
+    pub per_rep: Vec<f64>,
+}
+
+/// The median over repetitions of `f(a, b, empty)`, each taken within one repetition: `a` and
+/// `b` ran in adjacent batches (A B B A), so whatever slowed the machine for a moment slowed
+/// both, and the ratio of the two leaves it out where a ratio of two medians keeps it. `empty`
+/// (a program that does nothing, on `b`'s side) is passed along for net ratios.
+pub fn paired(
+    a: &ProgFigure,
+    b: &ProgFigure,
+    empty: Option<&ProgFigure>,
+    f: impl Fn(f64, f64, f64) -> f64,
+) -> f64 {
+    let per: Vec<f64> = a
+        .per_rep
+        .iter()
+        .zip(&b.per_rep)
+        .enumerate()
+        .map(|(i, (&x, &y))| {
+            f(
+                x,
+                y,
+                empty.and_then(|e| e.per_rep.get(i)).map_or(0.0, |&e| e),
+            )
+        })
+        .collect();
+    median(&per)
+}
+
+/// `a` ÷ `b`, within each repetition ([`paired`]).
+pub fn paired_ratio(a: &ProgFigure, b: &ProgFigure) -> f64 {
+    paired(a, b, None, |x, y, _| x / y.max(1.0))
 }
 
 /// What one side's programs cost per operation.
@@ -217,10 +251,12 @@ fn figures(progs: &[Prog], reps: &[(Vec<Runs>, f64)]) -> SideFigures {
         let per = |f: &dyn Fn(&Runs, f64) -> f64| {
             median(&runs.iter().map(|(r, n)| f(r, *n)).collect::<Vec<_>>())
         };
+        let ns_run = |r: &Runs| r.ns as f64 / r.cnt.max(1) as f64;
         out.progs.push(ProgFigure {
             hook: p.hook,
-            ns_run: per(&|r, _| r.ns as f64 / r.cnt.max(1) as f64),
+            ns_run: per(&|r, _| ns_run(r)),
             runs_op: per(&|r, n| r.cnt as f64 / n.max(1.0)),
+            per_rep: runs.iter().map(|(r, _)| ns_run(r)).collect(),
         });
     }
     out.total_ns_op = median(

@@ -267,3 +267,30 @@ fn figures(progs: &[Prog], reps: &[(Vec<Runs>, f64)]) -> SideFigures {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fig(per_rep: &[f64]) -> ProgFigure {
+        ProgFigure {
+            hook: "connect4",
+            ns_run: median(per_rep),
+            runs_op: 1.0,
+            per_rep: per_rep.to_vec(),
+        }
+    }
+
+    #[test]
+    fn ratios_are_taken_within_each_repetition() {
+        // The second repetition ran while the machine was slow for both sides.
+        let (a, b) = (fig(&[120.0, 240.0, 130.0]), fig(&[100.0, 200.0, 100.0]));
+        assert!((paired_ratio(&a, &b) - 1.2).abs() < 1e-9);
+        // The ratio of the two medians keeps the slow repetition in egress's median.
+        assert!((a.ns_run / b.ns_run - 1.3).abs() < 1e-9);
+        // Net of an empty program, per repetition too: 60/40, 180/140, 70/40.
+        let empty = fig(&[60.0, 60.0, 60.0]);
+        let net = paired(&a, &b, Some(&empty), |x, y, z| (x - z) / (y - z));
+        assert!((net - 1.5).abs() < 1e-9);
+    }
+}

@@ -151,7 +151,8 @@ fn admission<const NAMED: bool>(addr: &Addr, port: u16, proto: u8) -> Result<boo
     // reads (docs/KERNEL-NOTES.md, "Values of ALLOW_DNS read while rewritten"): the decision
     // may then mix this entry's value with another DNS entry's (docs/THREATS.md).
     if let Some(v) = unsafe { ALLOW_DNS.get(addr) } {
-        // The clock is read only for an entry that expires (a helper call, not inlined).
+        // The clock is read only for an entry that expires (`expiry_clock`: this CPU's cached boot
+        // time, the clock helper called once per jiffy).
         if v.expires_ns != 0 && expiry_clock() >= v.expires_ns {
             why = reason::EXPIRED;
         } else if let Some(protos) = v.permitting(port, proto) {

@@ -369,7 +369,7 @@ pub fn listen(
             }
             let mut sockets = Vec::new();
             for a in &tcp {
-                match TcpListener::bind(a) {
+                match bind_tcp(a) {
                     Ok(l) => {
                         thread::spawn(move || {
                             for s in l.incoming() {
@@ -384,7 +384,7 @@ pub fn listen(
                 }
             }
             for a in &sink {
-                match TcpListener::bind(a) {
+                match bind_tcp(a) {
                     Ok(l) => {
                         thread::spawn(move || {
                             for mut s in l.incoming().flatten() {
@@ -418,6 +418,23 @@ pub fn listen(
         })
         .context("cannot start the listener thread")?;
     rx.recv().context("the listener thread ended")?
+}
+
+/// Accept queue of a bench listener: std's 128 overflowed a few hundred times per full run
+/// (a 2,000-connect batch fills 128 in a few ms whenever the accept thread is not running), and
+/// every overflow costs the connecting side a SYN retransmitted a second later. The worker's
+/// namespace caps it at its own `net.core.somaxconn` (4096 by default).
+const BACKLOG: libc::c_int = 4096;
+
+/// A TCP listener on `a` with a [`BACKLOG`]-deep accept queue (`listen` again on a listening
+/// socket only resizes its queue).
+fn bind_tcp(a: &SocketAddrV4) -> io::Result<TcpListener> {
+    let l = TcpListener::bind(a)?;
+    // SAFETY: a listening socket this function owns.
+    if unsafe { libc::listen(l.as_raw_fd(), BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(l)
 }
 
 /// An IPv4 socket address.

@@ -316,6 +316,32 @@ fn udp_connected() {
     );
 }
 
+/// An IPv4 address given with family `AF_UNSPEC`: `udp_sendmsg` sends to it as to an
+/// `AF_INET` one, and `sendmsg4` sees family 0 with the address in place.
+#[test]
+fn udp_sendto_af_unspec() {
+    check_denied(
+        "udp-unspec",
+        "198.51.100.20:443",
+        "198.51.100.20:443",
+        "sendmsg4",
+    );
+}
+
+/// The same on a socket connected to an allowed peer (DNS, steered to the resolver): the
+/// datagram goes to the address given, not to the peer, so the peer's verdict must not be
+/// taken for it (sendmsg4 once read family 0 as a connected send), and the backstop must not
+/// pass it as the connected socket's.
+#[test]
+fn udp_connected_socket_sendto_af_unspec() {
+    check_denied(
+        "udp-connected-unspec",
+        "198.51.100.20:443",
+        "198.51.100.20:443",
+        "sendmsg4",
+    );
+}
+
 #[test]
 fn udp_sendmmsg() {
     // The first datagram is denied, so sendmmsg fails as a whole (no second try, one event).

@@ -1,8 +1,9 @@
 //! Reads and writes of the destination in a `cgroup/sock_addr` context, shared by the
 //! programs that judge it (`sock_addr`), steer it (`dns`) and restore it (`restore`), so no
-//! program module imports another; and a socket's own address for name binding's events.
+//! program module imports another; a socket's own address for name binding's events, and its
+//! peer's port (the sock_addr hooks and the backstop read it).
 
-use aya_ebpf::programs::SockAddrContext;
+use aya_ebpf::{bindings::bpf_sock, programs::SockAddrContext};
 use egress_common::Addr;
 
 /// The IPv6 address in `user_ip6`, network byte order.
@@ -57,10 +58,29 @@ pub fn local_addr(family: u32, ip4: u32, ip6: [u32; 4]) -> Addr {
     if family != AF_INET6 {
         return egress_common::addr_from_v4(ip4.to_ne_bytes());
     }
+    from_words(ip6)
+}
+
+/// An IPv6 address from the four words of a `bpf_sock` field (network byte order, as loaded).
+#[inline(always)]
+pub fn from_words(w: [u32; 4]) -> Addr {
     let mut a = [0u8; 16];
-    a[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
-    a[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
-    a[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
-    a[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
+    a[0..4].copy_from_slice(&w[0].to_ne_bytes());
+    a[4..8].copy_from_slice(&w[1].to_ne_bytes());
+    a[8..12].copy_from_slice(&w[2].to_ne_bytes());
+    a[12..16].copy_from_slice(&w[3].to_ne_bytes());
     a
+}
+
+/// `bpf_sock.dst_port`, read as the 4-byte load every kernel accepts (a `__u32` until 5.18,
+/// a `__be16` and padding since, with 4-byte loads kept for compatibility): the port in
+/// network byte order in its low 16 bits.
+///
+/// # Safety
+/// `sk` is a socket pointer the verifier knows (a context's socket, an skb's).
+#[inline(always)]
+pub unsafe fn sk_dst_port(sk: *mut bpf_sock) -> u16 {
+    // SAFETY: the caller passes a socket pointer; `dst_port` starts a 4-byte slot.
+    let raw = unsafe { core::ptr::read_volatile((&raw const (*sk).dst_port).cast::<u32>()) };
+    u16::from_be(raw as u16)
 }

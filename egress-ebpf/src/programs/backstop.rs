@@ -7,7 +7,8 @@
 //!   catches a SYN-ACK whose SYN it did not see). Every other segment belongs to a
 //!   connection that was judged when it opened and passes without reading more than the
 //!   flags: expiry never cuts a live connection;
-//! - UDP: a connected UDP socket was judged at connect and passes; an unconnected send must be
+//! - UDP: a connected UDP socket's datagram to its peer was judged at connect and passes; any
+//!   other datagram (an unconnected send, or a connected socket's `sendto` elsewhere) must be
 //!   allowed now (sendmsg4/6 judged it a moment ago; the backstop catches a path that did not).
 //!   "Connected UDP socket" means a SOCK_DGRAM/IPPROTO_UDP socket with a peer: a raw socket
 //!   carrying hand-made UDP can be connected too, but no hook judged its connect;
@@ -41,6 +42,8 @@
 //! DNS to the agent's resolver passes. Denies are counted and reported; audit mode reports
 //! and passes. An error drops.
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
     helpers::{
@@ -54,9 +57,11 @@ use egress_common::{
     config::FLAG_NAME_BIND,
     consts::{COUNTER_BACKSTOP_DROP, COUNTER_RINGBUF_DROP, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     events::{NAME_MAX, NameDenyEvent, hook, name_why, reason},
+    keys::is_v4_mapped,
 };
 
 use super::{
+    addr::{from_words, sk_dst_port},
     binding::{self, BIND_PENDING, BIND_REFUSED, Binding},
     inbound, recent, trace,
     verdict::{audit_mode, count, lookup, lookup_named, named_only_udp},
@@ -183,14 +188,12 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, ()> {
             Ok(judge(&addr, port, PROTO_TCP, IPPROTO_TCP))
         }
         IPPROTO_UDP => {
-            let sk = full_socket(skb);
-            let connected = connected(sk, u32::from(IPPROTO_UDP));
+            let connected = connected_to(skb, u32::from(IPPROTO_UDP), &addr, port_at(ctx, l4_off)?);
             let binding = name_binding_on(cfg);
             if connected && !binding {
                 return Ok(PASS);
             }
-            let u: [u8; 4] = read(ctx, l4_off)?;
-            let port = u16::from_be_bytes([u[2], u[3]]);
+            let port = port_at(ctx, l4_off)?;
             // Judged at connect: a name-bound destination's QUIC is checked.
             if connected {
                 return Ok(quic_checked(ctx, &addr, port, l4_off));
@@ -436,6 +439,50 @@ fn full_socket(skb: *mut __sk_buff) -> *mut bpf_sock {
             return core::ptr::null_mut();
         }
         bpf_sk_fullsock(sk)
+    }
+}
+
+/// The destination port of the UDP header at `l4_off`.
+#[inline(always)]
+fn port_at(ctx: &SkBuffContext, l4_off: usize) -> Result<u16, ()> {
+    let u: [u8; 4] = read(ctx, l4_off)?;
+    Ok(u16::from_be_bytes([u[2], u[3]]))
+}
+
+/// Whether the packet's socket is a connected SOCK_DGRAM socket of `protocol` ([`connected`])
+/// and the packet goes to its peer, `addr`, `port`. A connected UDP socket can still send
+/// elsewhere (`sendto` with an address, which `sendmsg4/6` judge): only what goes to the peer
+/// its connect was judged for passes as the connected socket's.
+///
+/// State, peer and port are read first, on the socket as the skb holds it (`sock_common`
+/// fields, valid for every kind of socket): an unconnected send's socket is not established,
+/// and is decided without the `bpf_sk_fullsock` call that its type and protocol need (the
+/// backstop's run on an unconnected datagram went from 101 to 82-85 ns/run, issue 14).
+#[inline(always)]
+fn connected_to(skb: *mut __sk_buff, protocol: u32, addr: &Addr, port: u16) -> bool {
+    // SAFETY: reading the skb's socket pointer, checked for null; state, peer and port are
+    // `sock_common` fields the verifier allows on it, each loaded at its fixed offset.
+    unsafe {
+        let sk = (*skb).__bindgen_anon_2.sk;
+        if sk.is_null() || (*sk).state != STATE_ESTABLISHED || sk_dst_port(sk) != port {
+            return false;
+        }
+        // Every word is loaded before either is chosen: loads on two branches that fill the
+        // same bytes were merged into one load at a chosen offset, pointer arithmetic the
+        // verifier refuses on a socket.
+        let ip4 = read_volatile(&raw const (*sk).dst_ip4);
+        let w = [
+            read_volatile(&raw const (*sk).dst_ip6[0]),
+            read_volatile(&raw const (*sk).dst_ip6[1]),
+            read_volatile(&raw const (*sk).dst_ip6[2]),
+            read_volatile(&raw const (*sk).dst_ip6[3]),
+        ];
+        let peer = if is_v4_mapped(addr) {
+            addr_from_v4(ip4.to_ne_bytes())
+        } else {
+            from_words(w)
+        };
+        peer == *addr && connected(bpf_sk_fullsock(sk), protocol)
     }
 }
 

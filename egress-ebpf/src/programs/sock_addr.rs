@@ -2,11 +2,13 @@
 //! included, which connects through the same `pre_connect` path), connected UDP, and
 //! unconnected UDP sends. All four read the destination and share [`super::verdict`].
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use egress_common::{Addr, addr_from_v4, events::hook};
 
 use super::{
-    addr::read_v6,
+    addr::{from_words, read_v6, sk_dst_port},
     binding,
     dns::{is_dns, steer_v4, steer_v6, steering},
     verdict::{
@@ -57,23 +59,33 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         return Ok(VERDICT_ALLOW);
     }
     // SAFETY: the kernel hands every cgroup/sock_addr program a valid `bpf_sock_addr`; the
-    // verifier checks each field access (4-byte loads, as it requires).
-    let sa = unsafe { &*ctx.sock_addr };
-    if hook == hook::SENDMSG4 && sa.user_family == 0 {
+    // verifier checks each field access (4-byte loads, as it requires). Each field is loaded
+    // once, here, into a value: a pointer into the context kept for a later load is one the
+    // verifier refuses ("dereference of modified ctx ptr").
+    let (family, ip4, user_port, protocol) = unsafe {
+        let sa = ctx.sock_addr;
+        (
+            read_volatile(&raw const (*sa).user_family),
+            read_volatile(&raw const (*sa).user_ip4),
+            read_volatile(&raw const (*sa).user_port),
+            read_volatile(&raw const (*sa).protocol),
+        )
+    };
+    if hook == hook::SENDMSG4 && without_address(family, user_port, ip4) {
         // A send without an address: a connected socket (see `connected_v4`).
         let (addr, port) = connected_v4(ctx);
-        return judge_connected(ctx, addr, port, sa.protocol, hook);
+        return judge_connected(ctx, addr, port, protocol, hook);
     }
     // `user_ip4` holds the address in network byte order: its in-memory bytes are the octets.
-    let addr = addr_from_v4(sa.user_ip4.to_ne_bytes());
-    let port = port_of(sa.user_port);
-    if is_dns(port, sa.protocol)
+    let addr = addr_from_v4(ip4.to_ne_bytes());
+    let port = port_of(user_port);
+    if is_dns(port, protocol)
         && let Some(cfg) = steering()
     {
         steer_v4(ctx, cfg, &addr, port);
         return Ok(VERDICT_ALLOW);
     }
-    judge(ctx, addr, port, sa.protocol, hook)
+    judge(ctx, addr, port, protocol, hook)
 }
 
 #[inline(always)]
@@ -81,21 +93,45 @@ fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
     if exempt() {
         return Ok(VERDICT_ALLOW);
     }
-    // SAFETY: as in `try_v4`.
-    let sa = unsafe { &*ctx.sock_addr };
-    if hook == hook::SENDMSG6 && sa.user_family == 0 {
+    // SAFETY: as in `try_v4` (`user_ip4` is not a field IPv6 hooks may read).
+    let (family, user_port, protocol) = unsafe {
+        let sa = ctx.sock_addr;
+        (
+            read_volatile(&raw const (*sa).user_family),
+            read_volatile(&raw const (*sa).user_port),
+            read_volatile(&raw const (*sa).protocol),
+        )
+    };
+    if hook == hook::SENDMSG6 && without_address(family, user_port, 0) {
         let (addr, port) = connected_v6(ctx);
-        return judge_connected(ctx, addr, port, sa.protocol, hook);
+        return judge_connected(ctx, addr, port, protocol, hook);
     }
     let addr = read_v6(ctx);
-    let port = port_of(sa.user_port);
-    if is_dns(port, sa.protocol)
+    let port = port_of(user_port);
+    if is_dns(port, protocol)
         && let Some(cfg) = steering()
     {
         steer_v6(ctx, cfg, &addr, port);
         return Ok(VERDICT_ALLOW);
     }
-    judge(ctx, addr, port, sa.protocol, hook)
+    judge(ctx, addr, port, protocol, hook)
+}
+
+/// Whether a send came without an address (`msg_name` NULL): the kernel then shows a zeroed
+/// `sockaddr_storage`, family, address and port all 0.
+///
+/// Family 0 alone does not say so. `udp_sendmsg` takes an address given with family
+/// `AF_UNSPEC` as an IPv4 one and sends the datagram there, even from a socket connected
+/// elsewhere; the hook sees family 0 with that address and its port (never 0: the kernel
+/// refuses port 0 before the hook). Read as "no address", that send took the verdict of the
+/// socket's connected peer (a DNS socket steered to the resolver passes), and the backstop
+/// passed the datagram as a connected socket's: any UDP destination was reachable. Such a
+/// send is judged on the address it carries, as an `AF_INET` one is. (`udpv6_sendmsg` turns an
+/// `AF_UNSPEC` address into none before its hook: there family 0 is always the zeroed one.)
+/// `ip4` is `user_ip4` for `sendmsg4`, 0 for `sendmsg6`.
+#[inline(always)]
+fn without_address(family: u32, user_port: u32, ip4: u32) -> bool {
+    family == 0 && user_port == 0 && ip4 == 0
 }
 
 /// The destination of the connected socket whose send runs `sendmsg4` without an address.
@@ -128,35 +164,13 @@ fn connected_v6(ctx: &SockAddrContext) -> (Addr, u16) {
     unsafe {
         let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
         let w = [
-            (*sk).dst_ip6[0].to_ne_bytes(),
-            (*sk).dst_ip6[1].to_ne_bytes(),
-            (*sk).dst_ip6[2].to_ne_bytes(),
-            (*sk).dst_ip6[3].to_ne_bytes(),
+            (*sk).dst_ip6[0],
+            (*sk).dst_ip6[1],
+            (*sk).dst_ip6[2],
+            (*sk).dst_ip6[3],
         ];
-        let mut a = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            a[i * 4] = w[i][0];
-            a[i * 4 + 1] = w[i][1];
-            a[i * 4 + 2] = w[i][2];
-            a[i * 4 + 3] = w[i][3];
-            i += 1;
-        }
-        (a, sk_dst_port(sk))
+        (from_words(w), sk_dst_port(sk))
     }
-}
-
-/// `bpf_sock.dst_port`, read as the 4-byte load every kernel accepts (a `__u32` until 5.18,
-/// a `__be16` and padding since, with 4-byte loads kept for compatibility): the port in
-/// network byte order in its low 16 bits.
-///
-/// # Safety
-/// `sk` is the context's socket pointer.
-#[inline(always)]
-unsafe fn sk_dst_port(sk: *mut aya_ebpf::bindings::bpf_sock) -> u16 {
-    // SAFETY: the caller passes the context's socket; `dst_port` starts a 4-byte slot.
-    let raw = unsafe { core::ptr::read_volatile((&raw const (*sk).dst_port).cast::<u32>()) };
-    port_of(raw)
 }
 
 /// A connected socket's send: its resolver (a DNS socket `connect4/6` steered) passes, as the

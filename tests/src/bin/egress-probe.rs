@@ -64,6 +64,18 @@ const ACTIONS: &[(&str, Action, &str)] = &[
          a traffic class (IP_TOS/IPV6_TCLASS), a packet info, UDP_SEGMENT with a traffic class",
     ),
     (
+        "udp-unspec",
+        udp_unspec,
+        "sendto() from an unconnected UDP socket, the IPv4 address given with family AF_UNSPEC \
+         (udp_sendmsg takes it as IPv4)",
+    ),
+    (
+        "udp-connected-unspec",
+        udp_connected_unspec,
+        "connect() a UDP socket to port 53 of ADDR (DNS, which egress steers to its resolver), \
+         then sendto() ADDR:PORT given with family AF_UNSPEC",
+    ),
+    (
         "udp-sendmmsg",
         udp_sendmmsg,
         "sendmmsg() of two datagrams from an unconnected UDP socket",
@@ -146,6 +158,32 @@ fn udp_connect(dst: SocketAddr) -> io::Result<()> {
     s.connect(dst)?;
     let n = s.send(PAYLOAD)?;
     short_write(n)
+}
+
+/// `sendto` of [`PAYLOAD`] on `s` to the IPv4 `dst` given with family `AF_UNSPEC`: for an
+/// IPv4 UDP socket the kernel sends to the address all the same, and the cgroup hook sees
+/// family 0 with the address and port in place.
+fn send_unspec(s: &UdpSocket, dst: SocketAddr) -> io::Result<()> {
+    if !dst.is_ipv4() {
+        return Err(io::Error::other("AF_UNSPEC sends take an IPv4 address"));
+    }
+    let (mut ss, len) = sockaddr(dst);
+    ss.ss_family = libc::AF_UNSPEC as libc::sa_family_t;
+    send_to_raw(s.as_raw_fd(), PAYLOAD, 0, &ss, len, "sendto (AF_UNSPEC)")
+}
+
+fn udp_unspec(dst: SocketAddr) -> io::Result<()> {
+    let s = udp_socket(dst)?;
+    send_unspec(&s, dst)
+}
+
+/// A socket connected to DNS (allowed: steered to the resolver), then a send elsewhere.
+fn udp_connected_unspec(dst: SocketAddr) -> io::Result<()> {
+    let s = udp_socket(dst)?;
+    let mut dns = dst;
+    dns.set_port(53);
+    s.connect(dns).map_err(|e| step("connect (port 53)", e))?;
+    send_unspec(&s, dst)
 }
 
 /// `udp_connect`, with control messages on each send (as QUIC stacks set ECN and GSO): the
@@ -330,6 +368,18 @@ fn send_to(
     what: &str,
 ) -> io::Result<()> {
     let (ss, len) = sockaddr(dst);
+    send_to_raw(fd, buf, flags, &ss, len, what)
+}
+
+/// [`send_to`] with the C address as given.
+fn send_to_raw(
+    fd: RawFd,
+    buf: &[u8],
+    flags: libc::c_int,
+    ss: &libc::sockaddr_storage,
+    len: libc::socklen_t,
+    what: &str,
+) -> io::Result<()> {
     // SAFETY: valid buffer and address of the given lengths.
     let n = unsafe {
         libc::sendto(
@@ -337,7 +387,7 @@ fn send_to(
             buf.as_ptr().cast(),
             buf.len(),
             flags,
-            ptr::from_ref(&ss).cast(),
+            ptr::from_ref(ss).cast(),
             len,
         )
     };

@@ -12,13 +12,14 @@ use std::{
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::Path,
     process::{Child, ChildStdin, ChildStdout, Stdio},
+    time::Duration,
 };
 
 use egress_agent::{
     bpf::enforcer::{Enforcer, EnforcerOptions},
     policy,
 };
-use egress_tests::{TestCgroup, TestNetns, require_root};
+use egress_tests::{TestCgroup, TestNetns, UdpListener, require_root};
 
 /// Opens its sockets at once, then sends one packet per line read on stdin and prints the
 /// outcome of each.
@@ -210,15 +211,18 @@ fn a_socket_opened_before_enforcement_cannot_send_what_no_rule_allows() {
 }
 
 /// What the backstop does not do, as README and THREATS say: a UDP socket connected before
-/// the programs were attached (`attach` on a running workload) keeps sending to its peer with
-/// a plain `send` (no socket hook runs on that path, and the backstop passes connected UDP:
-/// it cannot tell when the connect was judged). A send of the same socket that carries a
-/// control message runs `sendmsg4` and is judged as its connected peer: denied here.
+/// the programs were attached (`attach` on a running workload) keeps sending to its peer, with
+/// a plain `send` (no socket hook runs on that path) or with a control message (`sendmsg4` runs
+/// without an address and passes a connected socket's send: the datagram can only go to the
+/// peer), and the backstop passes a connected socket's datagram to its peer: it cannot tell
+/// when the connect was judged. Anywhere else is judged: an unconnected send is denied.
 #[test]
 fn a_udp_socket_connected_before_enforcement_keeps_only_its_peer() {
     require_root();
     let netns = TestNetns::new();
     netns.add_lo_address("198.51.100.20/32");
+    // The peer listens: no port-unreachable comes back to fail the next send.
+    let peer = UdpListener::bind(&netns, "198.51.100.20:5001");
     let cg = TestCgroup::new();
     let mut sender = Sender::start(&netns, &cg);
     let _enf = enforce(
@@ -233,9 +237,13 @@ fn a_udp_socket_connected_before_enforcement_keeps_only_its_peer() {
     );
     let cmsg = sender.send("udp-connected-cmsg");
     assert_eq!(
-        (cmsg["ok"].clone(), cmsg["errno"].clone()),
-        (serde_json::json!(false), serde_json::json!(libc::EPERM)),
-        "with a control message it is judged: {cmsg}"
+        cmsg["ok"], true,
+        "with a control message it goes to the same peer, and passes too: {cmsg}"
+    );
+    assert!(
+        peer.wait_received(2, Duration::from_secs(2)),
+        "both datagrams reached the peer ({} did)",
+        peer.received()
     );
     let unconnected = sender.send("udp");
     assert_eq!(unconnected["errno"], libc::EPERM, "{unconnected}");

@@ -705,11 +705,21 @@ for server in ("@203.0.113.53", "@2001:db8::53"):
     );
 }
 
+/// An upstream that answers short.example.com with 198.51.100.15, TTL 1 s.
+fn short_ttl_world() -> DnsWorld {
+    DnsWorld::builder()
+        .host_record("short.example.com", &["198.51.100.15"], Some(1))
+        .start()
+}
+
+/// A policy with `rules`, whose answers expire at their TTL (no minimum, no grace).
+fn expiring(rules: &str) -> String {
+    policy_with("0s", "0s", UPSTREAM, rules)
+}
+
 #[test]
 fn short_ttl_keeps_the_open_connection_but_denies_a_new_one() {
-    let world = DnsWorld::builder()
-        .host_record("short.example.com", &["198.51.100.15"], Some(1))
-        .start();
+    let world = short_ttl_world();
     // dnsmasq itself answers with TTL 1.
     let direct =
         parse_dig(&world.dig(&["@192.0.2.53", "+time=2", "+tries=1", "short.example.com"]));
@@ -721,10 +731,7 @@ fn short_ttl_keeps_the_open_connection_but_denies_a_new_one() {
     let l = world.listen_tcp("198.51.100.15:8080");
     let (run, out) = run_script(
         &world,
-        &policy_with(
-            "0s",
-            "0s",
-            UPSTREAM,
+        &expiring(
             "  - host: short.example.com\n    ports: [8080]\n    protocol: tcp\n    name_check: false\n",
         ),
         r#"
@@ -786,6 +793,68 @@ out["late"] = tcp("198.51.100.15", 8080)
         "short.example.com",
         "the deny names the host the address was answered for: {d}\n{}",
         run.context()
+    );
+}
+
+/// Expiry never cuts a live connected UDP flow either, whatever its sends carry: a QUIC stack
+/// sets ECN with an `IP_TOS` control message on every send, which takes the kernel off its
+/// connected fast path and runs `sendmsg4` with no address. Past the TTL (and the sweep), plain
+/// sends and sends with a control message on the socket connected within it both still arrive;
+/// a new unconnected send to the same address is denied.
+#[test]
+fn short_ttl_keeps_a_connected_udp_socket_sending_with_control_messages() {
+    let world = short_ttl_world();
+    let l = world.listen_udp("198.51.100.15:8443");
+    let (run, out) = run_script(
+        &world,
+        &expiring(
+            "  - host: short.example.com\n    ports: [8443]\n    protocol: udp\n    name_check: false\n",
+        ),
+        r#"
+out["r"] = resolve("short.example.com")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("198.51.100.15", 8443))
+ect0 = [(socket.IPPROTO_IP, socket.IP_TOS, (2).to_bytes(4, sys.byteorder))]
+def sent(f):
+    try:
+        f()
+        return {"ok": True}
+    except OSError as e:
+        return fail(e)
+out["early_plain"] = sent(lambda: s.send(b"early-plain"))
+out["early_cmsg"] = sent(lambda: s.sendmsg([b"early-cmsg"], ect0))
+time.sleep(3)
+out["late_plain"] = sent(lambda: s.send(b"late-plain"))
+out["late_cmsg"] = sent(lambda: s.sendmsg([b"late-cmsg"], ect0))
+out["late_new"] = udp_sendto("198.51.100.15", 8443)
+"#,
+    );
+    assert_resolved(&run, &out, "r", &["198.51.100.15"]);
+    for key in ["early_plain", "early_cmsg", "late_plain", "late_cmsg"] {
+        assert_eq!(
+            out[key]["ok"],
+            true,
+            "{key}: the socket connected within the TTL keeps sending: {}\n{}",
+            out[key],
+            run.context()
+        );
+    }
+    assert!(
+        l.wait_received(4, WAIT),
+        "all four datagrams arrive: {:?}\n{}",
+        l.payloads(),
+        run.context()
+    );
+    assert_eperm(&run, &out, "late_new");
+    let got: Vec<String> = l
+        .payloads()
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert_eq!(
+        got,
+        ["early-plain", "early-cmsg", "late-plain", "late-cmsg"],
+        "only the connected socket's datagrams arrived"
     );
 }
 

@@ -683,9 +683,9 @@ fn audit_mode_allows_and_reports() {
 }
 
 /// A connected UDP socket's `sendmsg` with control messages (a traffic class, a packet info,
-/// UDP_SEGMENT) runs `sendmsg4/6` with no address (the kernel shows zeros): judged as the
-/// socket's connected peer, an allowed peer gets all three datagrams and no deny event (each
-/// was denied as `udp 0.0.0.0:0 no-rule` before); a denied peer is still refused at connect.
+/// UDP_SEGMENT) runs `sendmsg4/6` with no address (the kernel shows zeros) and goes to the
+/// socket's peer: an allowed peer gets all three datagrams and no deny event (each was denied
+/// as `udp 0.0.0.0:0 no-rule` before); a denied peer is still refused at connect.
 #[test]
 fn connected_udp_sends_with_control_messages_are_judged_as_the_connected_peer() {
     for (family, listen, target) in [

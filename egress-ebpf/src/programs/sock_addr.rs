@@ -8,7 +8,7 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use egress_common::{Addr, addr_from_v4, events::hook};
 
 use super::{
-    addr::{from_words, read_v6, sk_dst_port},
+    addr::read_v6,
     binding,
     dns::{is_dns, steer_v4, steer_v6, steering},
     verdict::{
@@ -72,9 +72,7 @@ fn try_v4(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         )
     };
     if hook == hook::SENDMSG4 && without_address(family, user_port, ip4) {
-        // A send without an address: a connected socket (see `connected_v4`).
-        let (addr, port) = connected_v4(ctx);
-        return judge_connected(ctx, addr, port, protocol, hook);
+        return connected_send();
     }
     // `user_ip4` holds the address in network byte order: its in-memory bytes are the octets.
     let addr = addr_from_v4(ip4.to_ne_bytes());
@@ -103,8 +101,7 @@ fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
         )
     };
     if hook == hook::SENDMSG6 && without_address(family, user_port, 0) {
-        let (addr, port) = connected_v6(ctx);
-        return judge_connected(ctx, addr, port, protocol, hook);
+        return connected_send();
     }
     let addr = read_v6(ctx);
     let port = port_of(user_port);
@@ -134,62 +131,24 @@ fn without_address(family: u32, user_port: u32, ip4: u32) -> bool {
     family == 0 && user_port == 0 && ip4 == 0
 }
 
-/// The destination of the connected socket whose send runs `sendmsg4` without an address.
+/// The verdict on a connected socket's send that left the kernel's fast path: allowed, as a
+/// send on the fast path is (that one runs no hook at all).
 ///
 /// `udp_sendmsg` skips the hook for a connected socket only on its fast path: a send with
 /// control messages (`IP_TOS`, `IP_PKTINFO`, `IP_TTL`, ...; before 5.x `UDP_SEGMENT` as well)
 /// leaves it and runs the hook with a NULL address, which
-/// `__cgroup_bpf_run_filter_sock_addr` shows as a zeroed `sockaddr_storage` (`user_family`
-/// 0, address 0, port 0) while the datagram goes to the socket's own destination
-/// (`inet_daddr`, `inet_dport`; a rewrite is ignored). Judging the zeros denied such sends
-/// to an allowed peer as `0.0.0.0:0` (QUIC stacks set ECN through `IP_TOS` on every send).
-/// So the socket's destination is read from `ctx->sk` (a `PTR_TO_SOCKET`, never NULL in a
-/// sock_addr program). An IPv6 socket connected to an IPv4-mapped peer reaches this hook too
-/// (`udpv6_sendmsg` hands it to `udp_sendmsg`); `dst_ip4` holds that peer.
+/// `__cgroup_bpf_run_filter_sock_addr` shows as a zeroed `sockaddr_storage`, while the
+/// datagram goes to the socket's own peer (`inet_daddr`, `inet_dport`; a rewrite is ignored).
+/// `udpv6_sendmsg` does the same, and hands a socket connected to an IPv4-mapped peer to
+/// `udp_sendmsg`. So the datagram goes only where the socket's judged connect pointed, and the
+/// backstop passes it there too. Judging the peer again, as these hooks did before, cut a live
+/// flow when its DNS entry expired or a reload dropped its rule (QUIC stacks set ECN with
+/// `IP_TOS` on every send), while plain sends on the same socket went on: expiry and reloads
+/// never cut a live connection. (A socket connected before `attach` keeps its one peer either
+/// way: docs/THREATS.md.)
 #[inline(always)]
-fn connected_v4(ctx: &SockAddrContext) -> (Addr, u16) {
-    // SAFETY: the verifier types `sk` as a valid socket and checks each field load.
-    unsafe {
-        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
-        let ip = (*sk).dst_ip4;
-        (addr_from_v4(ip.to_ne_bytes()), sk_dst_port(sk))
-    }
-}
-
-/// [`connected_v4`] for `sendmsg6` (`udpv6_sendmsg` has the same fast path and the same NULL
-/// address): the socket's `dst_ip6`, four 4-byte loads.
-#[inline(always)]
-fn connected_v6(ctx: &SockAddrContext) -> (Addr, u16) {
-    // SAFETY: as in `connected_v4`.
-    unsafe {
-        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
-        let w = [
-            (*sk).dst_ip6[0],
-            (*sk).dst_ip6[1],
-            (*sk).dst_ip6[2],
-            (*sk).dst_ip6[3],
-        ];
-        (from_words(w), sk_dst_port(sk))
-    }
-}
-
-/// A connected socket's send: its resolver (a DNS socket `connect4/6` steered) passes, as the
-/// connect did; any other destination takes the verdict.
-#[inline(always)]
-fn judge_connected(
-    ctx: &SockAddrContext,
-    addr: Addr,
-    port: u16,
-    ip_proto: u32,
-    hook: u8,
-) -> Result<i32, ()> {
-    if let Some(cfg) = steering()
-        && port == cfg.dns_port
-        && (addr == addr_from_v4(cfg.dns_v4) || addr == cfg.dns_v6)
-    {
-        return Ok(VERDICT_ALLOW);
-    }
-    judge(ctx, addr, port, ip_proto, hook)
+fn connected_send() -> Result<i32, ()> {
+    Ok(VERDICT_ALLOW)
 }
 
 /// The verdict; a name-bound TCP connect (or an audit-mode pass of one that would be denied)

@@ -1,7 +1,7 @@
 //! Reads and writes of the destination in a `cgroup/sock_addr` context, shared by the
 //! programs that judge it (`sock_addr`), steer it (`dns`) and restore it (`restore`), so no
-//! program module imports another; a socket's own address for name binding's events, and its
-//! peer's port (the sock_addr hooks and the backstop read it).
+//! program module imports another; and reads of a `bpf_sock`: its own address for name
+//! binding's events, its peer for the backstop.
 
 use aya_ebpf::{bindings::bpf_sock, programs::SockAddrContext};
 use egress_common::Addr;

@@ -120,11 +120,12 @@ fn try_v6(ctx: &SockAddrContext, hook: u8) -> Result<i32, ()> {
 /// Family 0 alone does not say so. `udp_sendmsg` takes an address given with family
 /// `AF_UNSPEC` as an IPv4 one and sends the datagram there, even from a socket connected
 /// elsewhere; the hook sees family 0 with that address and its port (never 0: the kernel
-/// refuses port 0 before the hook). Read as "no address", that send took the verdict of the
-/// socket's connected peer (a DNS socket steered to the resolver passes), and the backstop
-/// passed the datagram as a connected socket's: any UDP destination was reachable. Such a
-/// send is judged on the address it carries, as an `AF_INET` one is. (`udpv6_sendmsg` turns an
-/// `AF_UNSPEC` address into none before its hook: there family 0 is always the zeroed one.)
+/// refuses port 0 before the hook). Read as "no address", that send passed as the connected
+/// socket's (once, judged as its peer: a DNS socket steered to the resolver passed), and the
+/// backstop passed the datagram as a connected socket's: any UDP destination was reachable.
+/// Such a send is judged on the address it carries, as an `AF_INET` one is. (`udpv6_sendmsg`
+/// turns an `AF_UNSPEC` address into none before its hook: there family 0 is always the zeroed
+/// one.)
 /// `ip4` is `user_ip4` for `sendmsg4`, 0 for `sendmsg6`.
 #[inline(always)]
 fn without_address(family: u32, user_port: u32, ip4: u32) -> bool {

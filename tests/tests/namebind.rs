@@ -1527,3 +1527,90 @@ out["after"] = [first(443, [ok], pause=0) for _ in range(4)]
         );
     }
 }
+
+/// A socket whose option memory (`sk_omem_alloc`, bounded by `net.core.optmem_max`) is full
+/// before it connects: the name binding's socket storage is charged to that memory, so the
+/// connect hook cannot create it. Any process can fill it: `TCP_MD5SIG` keys (136 bytes each,
+/// no capability needed) for peers the connection never talks to, until `ENOMEM`. The connect
+/// passed with no binding before, and a foreign name went out unjudged; now it is refused at
+/// connect (`EPERM`, a deny with reason `error`) and nothing arrives.
+#[test]
+fn a_socket_whose_option_memory_is_full_cannot_connect_to_a_name_bound_destination() {
+    let (world, tls, _http) = world();
+    let (run, out) = run(
+        &world,
+        OK_ONLY,
+        r#"
+import struct
+
+TCP_MD5SIG_EXT = 32
+TCP_MD5SIG_FLAG_PREFIX = 1
+
+def md5_key(s, addr, prefix):
+    peer = struct.pack("=H2x4s", socket.AF_INET, socket.inet_aton(addr)).ljust(128, b"\0")
+    cmd = struct.pack("=BBHi", TCP_MD5SIG_FLAG_PREFIX, prefix, 1, 0) + b"k".ljust(80, b"\0")
+    s.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG_EXT, peer + cmd)
+
+def starved(sni):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(3)
+    r = {"keys": 0, "full": False}
+    try:
+        # Keys for documentation peers outside the front-end's /24 (an address and each prefix
+        # length is a key of its own), until the option memory is full.
+        keys = [(f"{net}.{h}", p) for p in range(32, 24, -1)
+                for net in ("192.0.2", "203.0.113") for h in range(1, 255)]
+        for a, p in keys:
+            try:
+                md5_key(s, a, p)
+                r["keys"] += 1
+            except OSError as e:
+                if e.errno != errno.ENOMEM:
+                    raise
+                r["full"] = True
+                break
+        s.connect((FRONT, 443))
+        s.sendall(hello(sni))
+        r["ok"] = True
+    except OSError as e:
+        r.update(fail(e))
+    finally:
+        s.close()
+    return r
+
+out["starved"] = starved("evil.example.test")
+out["after"] = first(443, [hello("ok.example.test")])
+"#,
+    );
+    let s = &out["starved"];
+    assert_eq!(
+        s["full"],
+        true,
+        "the script filled the socket's option memory (keys until ENOMEM): {s}\n{}",
+        run.context()
+    );
+    assert_eq!(s["ok"], false, "refused: {s}\n{}", run.context());
+    assert_eq!(
+        s["error"],
+        "EPERM",
+        "refused at connect: {s}\n{}",
+        run.context()
+    );
+    assert!(
+        run.events_of("deny")
+            .iter()
+            .any(|d| d["reason"] == "error" && d["dst"] == FRONT && d["port"] == 443),
+        "a deny with reason error names the destination\n{}",
+        run.context()
+    );
+    assert_passed(&run, &out, "after");
+    assert!(tls.wait_accepted(1, WAIT), "{}", run.context());
+    let arrived: Vec<_> = tls.data().into_iter().filter(|d| !d.is_empty()).collect();
+    assert_eq!(
+        arrived.len(),
+        1,
+        "one flight arrived, the permitted one: {:?}\n{}",
+        arrived.iter().map(Vec::len).collect::<Vec<_>>(),
+        run.context()
+    );
+}

@@ -38,7 +38,12 @@ static BINDING: SkStorage<Binding> = SkStorage::new();
 
 /// Marks `ctx`'s socket name-bound (`BIND_PENDING`) to `addr`, `port` over `ip_proto` (0 for
 /// an audit-mode pass of a deny, whose first flight is judged and reported but never let
-/// through as an allow), creating its storage.
+/// through as an allow), creating its storage. Returns false when the storage cannot be
+/// created: the caller must then refuse the connect, since nothing would hold its first flight
+/// back. The kernel charges socket storage to the socket's option memory (`sk_omem_alloc`,
+/// bounded by `net.core.optmem_max`), which the socket's own process can fill beforehand
+/// (`TCP_MD5SIG` keys need no capability), so this fails on demand, not only under memory
+/// pressure.
 ///
 /// A connect admitted by address records nothing: no lookup of the socket's storage (a helper
 /// call) on every connect. A binding left from an earlier connect of the same socket names that
@@ -46,19 +51,21 @@ static BINDING: SkStorage<Binding> = SkStorage::new();
 /// socket's peer, the backstop with the packet's destination); a socket that left `BOUND` when
 /// it disconnected never meets `first_flight` again unless `sock_ops` binds it anew.
 #[inline(always)]
-pub fn pending(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) {
+#[must_use]
+pub fn pending(ctx: &SockAddrContext, addr: &Addr, port: u16, ip_proto: u32) -> bool {
     // SAFETY: the helper finds or creates the socket's entry; the pointer is tested for null
     // before use.
     unsafe {
         let p = BINDING.get_or_insert_ptr_mut(ctx, None);
         if p.is_null() {
-            return;
+            return false;
         }
         (*p).addr = *addr;
         (*p).port = port;
         (*p).ip_proto = ip_proto as u8;
         (*p).bind = BIND_PENDING;
     }
+    true
 }
 
 /// The binding storage of `sk` (any socket pointer the verifier accepts for

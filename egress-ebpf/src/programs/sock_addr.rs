@@ -12,8 +12,8 @@ use super::{
     binding,
     dns::{is_dns, steer_v4, steer_v6, steering},
     verdict::{
-        ADMIT_NAMED, ADMIT_NONE, Destination, decide, deny_on_error, exempt, name_binding,
-        port_of_proto,
+        ADMIT_NAMED, ADMIT_NONE, Destination, decide, deny_error, deny_on_error, exempt,
+        name_binding, port_of_proto,
     },
 };
 use egress_common::consts::VERDICT_ALLOW;
@@ -167,13 +167,19 @@ fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) 
         return Ok(verdict);
     }
     match admit {
+        // A name-bound connect whose binding cannot be recorded is refused: it would carry
+        // any name to the address (see `binding::pending`). Never allowed in audit mode: an
+        // error.
         ADMIT_NAMED if verdict == VERDICT_ALLOW => {
-            binding::pending(ctx, &dst.addr, dst.port, ip_proto);
+            if !binding::pending(ctx, &dst.addr, dst.port, ip_proto) {
+                return Ok(deny_error(&dst));
+            }
         }
         // An audit-mode pass of a deny: its first flight is judged and reported too (so
         // `learn` sees whether the traffic carried a name), with protocol 0: never an allow.
+        // Without storage it goes unreported, as audit mode lets it through anyway.
         ADMIT_NONE if verdict == VERDICT_ALLOW => {
-            binding::pending(ctx, &dst.addr, dst.port, 0);
+            let _ = binding::pending(ctx, &dst.addr, dst.port, 0);
         }
         _ => {}
     }

@@ -79,16 +79,29 @@ pub fn decide(dst: &Destination) -> Result<(i32, u8), ()> {
 /// The verdict when a program failed before it could decide: deny, count and report.
 #[inline(always)]
 pub fn deny_on_error(hook: u8) -> i32 {
-    count(COUNTER_ERROR);
-    let dst = Destination {
+    deny_error(&Destination {
         addr: [0; 16],
         port: 0,
         ip_proto: 0,
         hook,
-    };
-    // An error never allows, not even in audit mode.
-    report(&dst, reason::ERROR, false);
+    })
+}
+
+/// The verdict when a program failed on `dst` (known): deny, count and report it, reason
+/// `error`. An error never allows, not even in audit mode.
+#[inline(always)]
+pub fn deny_error(dst: &Destination) -> i32 {
+    count(COUNTER_ERROR);
+    report(dst, reason::ERROR, false);
     count(COUNTER_DENY);
+    trace::verdict(
+        dst.hook,
+        &dst.addr,
+        dst.port,
+        dst.ip_proto,
+        VERDICT_DENY,
+        reason::ERROR,
+    );
     VERDICT_DENY
 }
 

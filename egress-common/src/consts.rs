@@ -28,6 +28,10 @@ pub const MAP_NAMES: &str = "NAMES";
 /// Sockhash of name-bound TCP sockets whose first flight is not judged yet, by socket cookie;
 /// the `first_flight` sk_msg program runs on every send of a socket in it.
 pub const MAP_BOUND: &str = "BOUND";
+/// Socket storage: a name-bound socket's binding (what its connect was admitted to, how far its
+/// first flight got). Pinned with the other maps: a restarted agent's programs must find the
+/// bindings of the sockets connected before it (the backstop holds back their payload).
+pub const MAP_BINDING: &str = "BINDING";
 /// Capacity of `NAMES` (allocated lazily, as every LPM trie).
 pub const DEFAULT_NAMES_CAPACITY: u32 = 1 << 16;
 /// Capacity of `BOUND`: name-bound connections between their handshake and their first flight.

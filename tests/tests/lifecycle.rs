@@ -299,13 +299,18 @@ impl Env {
 
     /// A connection from the app that stays open.
     fn live_connection(&self, ip: &str, port: u16) -> LiveConnection {
+        self.live_script(LIVE_SCRIPT, &[ip, &port.to_string()])
+    }
+
+    /// `script` from the app, with `args`, kept running: it prints a JSON line when ready
+    /// (`ok` true), then one per line it reads (see [`LiveConnection::exchange`]).
+    fn live_script(&self, script: &str, args: &[&str]) -> LiveConnection {
         let mut child = self
             .pod
             .command(self.world.netns(), &self.pod.app(), python3())
             .arg("-c")
-            .arg(LIVE_SCRIPT)
-            .arg(ip)
-            .arg(port.to_string())
+            .arg(script)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -319,7 +324,7 @@ impl Env {
             stdout,
         };
         let first = live.line();
-        assert_eq!(first["ok"], true, "the live connection opens: {first}");
+        assert_eq!(first["ok"], true, "the live script is ready: {first}");
         live
     }
 
@@ -2319,4 +2324,96 @@ fn name_binding_holds_through_kill_9_and_a_restart() {
         "{text}"
     );
     assert_eq!(second.terminate().code(), Some(0), "{}", second.output());
+}
+
+/// Python for [`name_bound_connections_open_across_a_restart_keep_their_binding`]: three
+/// connections to the name-bound address, opened at once (the last over MPTCP, whose subflow
+/// only the backstop judges); at a line on stdin, a ClientHello for the permitted name on the
+/// first and for a foreign name on the others.
+const PENDING_SCRIPT: &str = r#"
+import errno, json, socket, sys, time
+conns = {}
+try:
+    for k, proto in (("ok", 0), ("foreign", 0), ("mptcp", 262)):
+        conns[k] = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+        conns[k].settimeout(3)
+        conns[k].connect(("198.51.100.10", 8080))
+    print(json.dumps({"ok": True}), flush=True)
+except OSError as e:
+    print(json.dumps({"ok": False, "error": str(e)}), flush=True)
+    sys.exit(0)
+sys.stdin.readline()
+out = {}
+for k, sni in (("ok", "allowed.example.com"), ("foreign", "foreign.example.net"),
+               ("mptcp", "foreign.example.net")):
+    try:
+        conns[k].sendall(hello(sni))
+        time.sleep(0.05)
+        out[k] = {"ok": True}
+    except OSError as e:
+        out[k] = {"ok": False, "error": errno.errorcode.get(e.errno, str(e))}
+print(json.dumps(out), flush=True)
+"#;
+
+/// Connections to a name-bound address opened before the agent is killed and restarted, whose
+/// first flights are sent after the restart: they are judged as if nothing happened. The
+/// socket storage that records each one's binding is pinned with the other maps; before, the
+/// restarted agent's programs started from an empty one, so the permitted flight failed
+/// (`EACCES`, an error) and the backstop no longer knew which payload to hold back.
+#[test]
+fn name_bound_connections_open_across_a_restart_keep_their_binding() {
+    let env = Env::new(BOUND_RULE);
+    let listener = env.listener(ALLOWED_IP, 8080);
+    let mut first = env.start_agent(&[]);
+    let out = env.app(&format!("out['r'] = resolve('{ALLOWED}')"));
+    assert_eq!(out["r"]["addrs"], Value::from(vec![ALLOWED_IP]), "{out}");
+    let script = format!("{CLIENT_HELLO_PY}\n{PENDING_SCRIPT}");
+    let mut open = env.live_script(&script, &[]);
+    first.kill9();
+    let second = env.start_agent(&[]);
+    wait_adopted(&second);
+    let out = open.exchange();
+    assert_eq!(
+        out["ok"]["ok"],
+        true,
+        "the permitted flight passes: {out}\n{}",
+        second.output()
+    );
+    assert_eq!(
+        out["foreign"]["error"],
+        "EACCES",
+        "the foreign flight is refused: {out}\n{}",
+        second.output()
+    );
+    let lens = poll_until(WAIT, || {
+        let lens: Vec<usize> = listener.data().iter().map(Vec::len).collect();
+        (lens.len() == 3 && lens.iter().any(|&n| n > 0)).then_some(lens)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "three connections, the permitted flight arrived: {:?}\n{}",
+            listener.data().iter().map(Vec::len).collect::<Vec<_>>(),
+            second.output()
+        )
+    });
+    // Give the MPTCP subflow's payload time to arrive, were it let out.
+    std::thread::sleep(Duration::from_millis(300));
+    let lens: Vec<usize> = listener.data().iter().map(Vec::len).collect();
+    assert_eq!(
+        lens.iter().filter(|&&n| n > 0).count(),
+        1,
+        "only the permitted flight arrived; the foreign ones (plain and MPTCP) sent zero \
+         bytes: {lens:?}\n{out}\n{}",
+        second.output()
+    );
+    second
+        .wait_event(WAIT, |e| {
+            e["event"] == "deny" && e["reason"] == "name" && e["name"] == "foreign.example.net"
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the restarted agent reports the name deny\n{}",
+                second.output()
+            )
+        });
 }

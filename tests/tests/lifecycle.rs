@@ -2250,6 +2250,20 @@ impl Env {
     }
 }
 
+/// Waits for `agent`'s name deny of `foreign.example.net` (a restarted agent reports it).
+fn wait_foreign_name_deny(agent: &AttachAgent) {
+    agent
+        .wait_event(WAIT, |e| {
+            e["event"] == "deny" && e["reason"] == "name" && e["name"] == "foreign.example.net"
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the restarted agent reports the name deny\n{}",
+                agent.output()
+            )
+        });
+}
+
 #[test]
 fn name_binding_holds_through_kill_9_and_a_restart() {
     let env = Env::new(BOUND_RULE);
@@ -2297,16 +2311,7 @@ fn name_binding_holds_through_kill_9_and_a_restart() {
     let mut second = env.start_agent(&[]);
     wait_adopted(&second);
     check("after the restart", &second, 6);
-    second
-        .wait_event(WAIT, |e| {
-            e["event"] == "deny" && e["reason"] == "name" && e["name"] == "foreign.example.net"
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "the restarted agent reports the name deny\n{}",
-                second.output()
-            )
-        });
+    wait_foreign_name_deny(&second);
     // `status`: the kernel's name-binding counters (pinned: all three rounds), and this
     // agent's denies by reason (written every 2 s).
     let status = poll_until(WAIT, || {
@@ -2385,17 +2390,16 @@ fn name_bound_connections_open_across_a_restart_keep_their_binding() {
         "the foreign flight is refused: {out}\n{}",
         second.output()
     );
-    let lens = poll_until(WAIT, || {
+    let arrived = poll_until(WAIT, || {
         let lens: Vec<usize> = listener.data().iter().map(Vec::len).collect();
-        (lens.len() == 3 && lens.iter().any(|&n| n > 0)).then_some(lens)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "three connections, the permitted flight arrived: {:?}\n{}",
-            listener.data().iter().map(Vec::len).collect::<Vec<_>>(),
-            second.output()
-        )
+        (lens.len() == 3 && lens.iter().any(|&n| n > 0)).then_some(())
     });
+    assert!(
+        arrived.is_some(),
+        "three connections, the permitted flight arrived: {:?}\n{}",
+        listener.data().iter().map(Vec::len).collect::<Vec<_>>(),
+        second.output()
+    );
     // Give the MPTCP subflow's payload time to arrive, were it let out.
     std::thread::sleep(Duration::from_millis(300));
     let lens: Vec<usize> = listener.data().iter().map(Vec::len).collect();
@@ -2406,14 +2410,5 @@ fn name_bound_connections_open_across_a_restart_keep_their_binding() {
          bytes: {lens:?}\n{out}\n{}",
         second.output()
     );
-    second
-        .wait_event(WAIT, |e| {
-            e["event"] == "deny" && e["reason"] == "name" && e["name"] == "foreign.example.net"
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "the restarted agent reports the name deny\n{}",
-                second.output()
-            )
-        });
+    wait_foreign_name_deny(&second);
 }

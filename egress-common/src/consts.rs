@@ -32,6 +32,9 @@ pub const MAP_BOUND: &str = "BOUND";
 /// first flight got). Pinned with the other maps: a restarted agent's programs must find the
 /// bindings of the sockets connected before it (the backstop holds back their payload).
 pub const MAP_BINDING: &str = "BINDING";
+/// One-element array: how many sockets' bindings hold payload back (see the eBPF
+/// `binding::HELD`); pinned with `BINDING`, whose marks it counts.
+pub const MAP_HELD: &str = "HELD";
 /// Capacity of `NAMES` (allocated lazily, as every LPM trie).
 pub const DEFAULT_NAMES_CAPACITY: u32 = 1 << 16;
 /// Capacity of `BOUND`: name-bound connections between their handshake and their first flight.

@@ -2324,20 +2324,29 @@ fn name_binding_holds_through_kill_9_and_a_restart() {
     let (code, text, err) = agent_cli(&["status", "--name", env.pins.name()]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        text.contains("names      name-bound first flights passed 3, refused 3\n")
-            && text.contains("name 1 (this agent's events, by reason)"),
+        text.contains(
+            "names      name-bound first flights passed 3, refused 3; open connections held \
+             back 0\n"
+        ) && text.contains("name 1 (this agent's events, by reason)"),
         "{text}"
     );
     assert_eq!(second.terminate().code(), Some(0), "{}", second.output());
 }
 
-/// Python for [`name_bound_connections_open_across_a_restart_keep_their_binding`]: three
-/// connections to the name-bound address, opened at once (the last over MPTCP, whose subflow
-/// only the backstop judges); at a line on stdin, a ClientHello for the permitted name on the
-/// first and for a foreign name on the others.
+/// Python for [`name_bound_connections_open_across_a_restart_keep_their_binding`]: a connect
+/// to a name-bound port nobody listens on (refused), then three connections to the name-bound
+/// address, opened at once (the last over MPTCP, whose subflow only the backstop judges); at a
+/// line on stdin, a ClientHello for the permitted name on the first and for a foreign name on
+/// the others.
 const PENDING_SCRIPT: &str = r#"
 import errno, json, socket, sys, time
 conns = {}
+try:
+    socket.create_connection(("198.51.100.10", 8081), timeout=3)
+    print(json.dumps({"ok": False, "error": "8081 answered"}), flush=True)
+    sys.exit(0)
+except ConnectionRefusedError:
+    pass
 try:
     for k, proto in (("ok", 0), ("foreign", 0), ("mptcp", 262)):
         conns[k] = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
@@ -2365,15 +2374,20 @@ print(json.dumps(out), flush=True)
 /// socket storage that records each one's binding is pinned with the other maps; before, the
 /// restarted agent's programs started from an empty one, so the permitted flight failed
 /// (`EACCES`, an error) and the backstop no longer knew which payload to hold back.
+///
+/// `status` counts the connections held back (`name_held`, the count that lets the backstop
+/// skip the socket lookup on every payload segment while it is 0): the three open ones, not the
+/// refused connect; none once the flights are judged and the connections closed.
 #[test]
 fn name_bound_connections_open_across_a_restart_keep_their_binding() {
-    let env = Env::new(BOUND_RULE);
+    let env = Env::new("  - host: allowed.example.com\n    ports: [8080, 8081]\n");
     let listener = env.listener(ALLOWED_IP, 8080);
     let mut first = env.start_agent(&[]);
     let out = env.app(&format!("out['r'] = resolve('{ALLOWED}')"));
     assert_eq!(out["r"]["addrs"], Value::from(vec![ALLOWED_IP]), "{out}");
     let script = format!("{CLIENT_HELLO_PY}\n{PENDING_SCRIPT}");
     let mut open = env.live_script(&script, &[]);
+    assert_eq!(env.status()["name_held"], 3, "{}", first.output());
     first.kill9();
     let second = env.start_agent(&[]);
     wait_adopted(&second);
@@ -2411,4 +2425,12 @@ fn name_bound_connections_open_across_a_restart_keep_their_binding() {
         second.output()
     );
     wait_foreign_name_deny(&second);
+    drop(open);
+    let held = poll_until(WAIT, || (env.status()["name_held"] == 0).then_some(()));
+    assert!(
+        held.is_some(),
+        "no connection is held back once all are judged and closed: {}\n{}",
+        env.status(),
+        second.output()
+    );
 }

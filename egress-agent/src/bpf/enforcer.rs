@@ -32,7 +32,7 @@ use egress_common::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_RINGBUF_DROP, DEFAULT_CIDR_CAPACITY,
         DEFAULT_DNS_CAPACITY, DEFAULT_EXACT_CAPACITY, MAP_ALLOW_CIDR, MAP_ALLOW_DNS,
         MAP_ALLOW_EXACT, MAP_ALLOW_INBOUND, MAP_BINDING, MAP_BOUND, MAP_CONFIG, MAP_COUNTERS,
-        MAP_DNS_ORIG, MAP_EVENTS, MAP_NAMES,
+        MAP_DNS_ORIG, MAP_EVENTS, MAP_HELD, MAP_NAMES,
     },
     keys::addr_from_ip,
     names::NameBytes,
@@ -66,10 +66,11 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 ];
 
 /// Every map, by name (for pinning).
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_NAMES,
     MAP_BOUND,
     MAP_BINDING,
+    MAP_HELD,
     MAP_ALLOW_CIDR,
     MAP_ALLOW_EXACT,
     MAP_ALLOW_INBOUND,

@@ -121,8 +121,8 @@ fn render(s: &Status) -> String {
         &mut o,
         "names",
         format!(
-            "name-bound first flights passed {}, refused {}",
-            s.name_passed, s.name_refused
+            "name-bound first flights passed {}, refused {}; open connections held back {}",
+            s.name_passed, s.name_refused, s.name_held
         ),
     );
     if let Some(a) = s.agent.as_ref().filter(|a| !a.denies_by_reason.is_empty()) {

@@ -15,7 +15,7 @@ use egress_common::{
     config::FLAG_AUDIT,
     consts::{
         COUNTER_ALLOW, COUNTER_DENY, COUNTER_ERROR, COUNTER_NAME_DENY, COUNTER_NAME_PASS,
-        COUNTER_RINGBUF_DROP, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS,
+        COUNTER_RINGBUF_DROP, MAP_ALLOW_CIDR, MAP_ALLOW_DNS, MAP_CONFIG, MAP_COUNTERS, MAP_HELD,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -170,6 +170,10 @@ pub struct Status {
     pub name_passed: u64,
     /// Kernel counters: first flights refused by name binding (reported, in audit mode).
     pub name_refused: u64,
+    /// Name-bound connections open now whose first flight is awaited or was refused (the
+    /// backstop looks the socket of each payload segment up only while this is not 0; a
+    /// connect that failed before its SYN was built is not counted). 0 for pins without it.
+    pub name_held: u64,
     /// Static CIDR/IP entries.
     pub cidr_entries: usize,
     /// Live DNS-derived addresses.
@@ -195,6 +199,11 @@ pub fn read(name: &str) -> anyhow::Result<Status> {
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?))?;
     let sum = |slot: u32| -> u64 { counters.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+    let name_held = open(MAP_HELD)
+        .ok()
+        .and_then(|m| Array::<MapData, u64>::try_from(Map::Array(m)).ok())
+        .and_then(|a| a.get(&0, 0).ok())
+        .unwrap_or(0);
     let config: Array<MapData, Config> = Array::try_from(Map::Array(open(MAP_CONFIG)?))?;
     let cfg = config.get(&0, 0).unwrap_or_default();
     let dns: HashMap<MapData, Addr, AllowValue> =
@@ -232,6 +241,7 @@ pub fn read(name: &str) -> anyhow::Result<Status> {
         errors: sum(COUNTER_ERROR),
         name_passed: sum(COUNTER_NAME_PASS),
         name_refused: sum(COUNTER_NAME_DENY),
+        name_held,
         cidr_entries,
         dns_entries,
         agent,

@@ -333,7 +333,7 @@ fn unjudged_flight(
 #[inline(always)]
 fn holding(skb: *mut __sk_buff, cfg: Option<&Config>) -> *mut Binding {
     let none = core::ptr::null_mut();
-    if !name_binding_on(cfg) {
+    if !name_binding_on(cfg) || !binding::any_held() {
         return none;
     }
     // SAFETY: reading the skb's socket pointer, checked for null.

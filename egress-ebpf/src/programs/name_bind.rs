@@ -30,7 +30,8 @@ use core::{
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
-        bpf_sock, sk_action,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, bpf_sock, sk_action,
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -195,10 +196,20 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 /// RTT callbacks: the ACK of its first flight runs this program again, which removes a
 /// passed socket from `BOUND` and stops the callbacks. From then on its sends go straight to
 /// `tcp_sendmsg`.
+///
+/// Before that, at the start of the active open (`TCP_CONNECT_CB`, before a SYN is built, Fast
+/// Open data included), a socket whose binding holds payload back (pending or refused) is
+/// counted in `HELD` and asks for state callbacks; it stays counted until its first flight
+/// passes (`first_flight`) or it closes (the state callback to `TCP_CLOSE`, whatever the path:
+/// a refused SYN, a reset, a close, a disconnect). The state callback flag marks a counted
+/// socket here: the end of the handshake looks up the storage of no other socket.
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_RTT_CB {
-        return Ok(());
+    match op {
+        BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_RTT_CB => {}
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {}
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB if ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG != 0 => {}
+        _ => return Ok(()),
     }
     // SAFETY: `sk` is a field of every sock_ops context (Linux 5.10+); checked for null.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
@@ -211,14 +222,43 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     }
     // SAFETY: a non-null socket storage pointer.
     unsafe {
-        if op == BPF_SOCK_OPS_RTT_CB {
-            if (*j).bind == BIND_PASSED {
-                let cookie = (*j).cookie;
-                let map = ptr::addr_of!(BOUND).cast_mut().cast();
-                bpf_map_delete_elem(map, ptr::addr_of!(cookie).cast());
-                let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+        match op {
+            BPF_SOCK_OPS_TCP_CONNECT_CB => {
+                // Every binding the backstop would act on is counted, whatever destination it
+                // names (one left from an earlier connection is counted for nothing, until
+                // this one closes): the count must never read 0 while the backstop would have
+                // held a byte back.
+                if (*j).bind != BIND_PENDING && (*j).bind != BIND_REFUSED {
+                    return Ok(());
+                }
+                // Counted first: a socket whose callbacks could not be set stays counted, and
+                // the backstop keeps looking its payload up (closed, never open).
+                if !binding::hold(j) {
+                    return Err(());
+                }
+                return ctx
+                    .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+                    .map_err(|_| ());
             }
-            return Ok(());
+            BPF_SOCK_OPS_STATE_CB => {
+                binding::unhold(j);
+                let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+                return Ok(());
+            }
+            BPF_SOCK_OPS_RTT_CB => {
+                if (*j).bind == BIND_PASSED {
+                    let cookie = (*j).cookie;
+                    let map = ptr::addr_of!(BOUND).cast_mut().cast();
+                    bpf_map_delete_elem(map, ptr::addr_of!(cookie).cast());
+                    // No more callbacks: the socket is no longer counted (its flight passed).
+                    let _ = ctx.set_cb_flags(
+                        (ctx.cb_flags() & !(BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG))
+                            as i32,
+                    );
+                }
+                return Ok(());
+            }
+            _ => {}
         }
         // A binding for another destination is an earlier connection's: `connect4/6` do not
         // clear a TCP socket's binding when it connects again where no name binding applies
@@ -452,11 +492,15 @@ fn judge_flight(
 
 /// Ends the judging of a socket: records `state` (`sock_ops` takes a passed socket out of
 /// `BOUND` when its first flight is acknowledged; a refused one stays, and every later send
-/// is refused).
+/// is refused). A passed socket holds nothing back any more: it leaves `HELD`'s count (a
+/// refused one stays counted until it closes).
 #[inline(always)]
 fn release(j: *mut binding::Binding, state: u8) {
     // SAFETY: a non-null storage pointer.
     unsafe { (*j).bind = state };
+    if state == BIND_PASSED {
+        binding::unhold(j);
+    }
 }
 
 /// Copies the first `avail` (at most `FIRST_FLIGHT_MAX`) bytes of the message, pulled into

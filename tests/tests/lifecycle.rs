@@ -2434,3 +2434,66 @@ fn name_bound_connections_open_across_a_restart_keep_their_binding() {
         second.output()
     );
 }
+
+/// A name-bound connect refused because its socket's binding cannot be recorded (its option
+/// memory, which the kernel charges socket storage to, filled first with `TCP_MD5SIG_EXT`
+/// keys) is counted as a deny and an error, not also as an allow (as it was: the lookup's
+/// allow was counted before the storage failed).
+#[test]
+fn a_name_bound_connect_refused_for_want_of_socket_storage_is_no_allow_in_status() {
+    let env = Env::new("  - host: allowed.example.com\n    ports: [8080]\n");
+    let _listener = env.listener(ALLOWED_IP, 8080);
+    let agent = env.start_agent(&[]);
+    let out = env.app(&format!("out['r'] = resolve('{ALLOWED}')"));
+    assert_eq!(out["r"]["addrs"], Value::from(vec![ALLOWED_IP]), "{out}");
+    let before = env.status();
+    let out = env.app(&format!(
+        r#"
+import struct
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(3)
+out["full"] = False
+# Keys for documentation peers other than the listener's /24 (an address and each prefix
+# length is a key of its own), until the option memory is full.
+for p in range(32, 24, -1):
+    for net in ("192.0.2", "203.0.113"):
+        for h in range(1, 255):
+            peer = struct.pack("=H2x4s", socket.AF_INET,
+                               socket.inet_aton(f"{{net}}.{{h}}")).ljust(128, b"\0")
+            cmd = struct.pack("=BBHi", 1, p, 1, 0) + b"k".ljust(80, b"\0")
+            try:
+                s.setsockopt(socket.IPPROTO_TCP, 32, peer + cmd)
+            except OSError as e:
+                if e.errno != errno.ENOMEM:
+                    raise
+                out["full"] = True
+                break
+        if out["full"]:
+            break
+    if out["full"]:
+        break
+try:
+    s.connect(("{ALLOWED_IP}", 8080))
+    out["r"] = {{"ok": True}}
+except OSError as e:
+    out["r"] = fail(e)
+"#
+    ));
+    assert_eq!(out["full"], true, "option memory filled: {out}");
+    assert_eq!(
+        out["r"]["error"],
+        "EPERM",
+        "refused: {out}\n{}",
+        agent.output()
+    );
+    let after = env.status();
+    let delta = |k: &str| {
+        after[k].as_u64().unwrap_or_default() as i64 - before[k].as_u64().unwrap_or_default() as i64
+    };
+    assert_eq!(
+        (delta("allowed"), delta("denied"), delta("errors")),
+        (0, 1, 1),
+        "one deny, one error, no allow\nbefore: {before}\nafter: {after}\n{}",
+        agent.output()
+    );
+}

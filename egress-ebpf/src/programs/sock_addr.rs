@@ -12,8 +12,8 @@ use super::{
     binding,
     dns::{is_dns, steer_v4, steer_v6, steering},
     verdict::{
-        ADMIT_NAMED, ADMIT_NONE, Destination, decide, deny_error, deny_on_error, exempt,
-        name_binding, port_of_proto,
+        ADMIT_NAMED, ADMIT_NONE, Destination, decide, deny_on_error, exempt, name_binding,
+        port_of_proto, revoke_error,
     },
 };
 use egress_common::consts::VERDICT_ALLOW;
@@ -169,10 +169,10 @@ fn judge(ctx: &SockAddrContext, addr: Addr, port: u16, ip_proto: u32, hook: u8) 
     match admit {
         // A name-bound connect whose binding cannot be recorded is refused: it would carry
         // any name to the address (see `binding::pending`). Never allowed in audit mode: an
-        // error.
+        // error, and no longer counted as an allow.
         ADMIT_NAMED if verdict == VERDICT_ALLOW => {
             if !binding::pending(ctx, &dst.addr, dst.port, ip_proto) {
-                return Ok(deny_error(&dst));
+                return Ok(revoke_error(&dst));
             }
         }
         // An audit-mode pass of a deny: its first flight is judged and reported too (so

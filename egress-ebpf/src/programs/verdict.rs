@@ -105,6 +105,14 @@ pub fn deny_error(dst: &Destination) -> i32 {
     VERDICT_DENY
 }
 
+/// The verdict on an allow [`decide`] counted that cannot stand (a name-bound connect whose
+/// binding cannot be recorded): its allow is taken back, then it is denied as an error.
+#[inline(always)]
+pub fn revoke_error(dst: &Destination) -> i32 {
+    uncount(COUNTER_ALLOW);
+    deny_error(dst)
+}
+
 /// The `PROTO_*` bit a socket protocol is judged under. An ICMP datagram ("ping") socket
 /// reaches connect4/6 (`ping_pre_connect`, Linux 5.17 and later) with `protocol`
 /// IPPROTO_ICMP or IPPROTO_ICMPV6; it exists only when `sock_create` let it be created
@@ -361,5 +369,15 @@ pub fn count(slot: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot: no other writer runs on this CPU while this program does.
         unsafe { *c += 1 };
+    }
+}
+
+/// Takes back one that [`count`] added to a per-CPU counter in the same run (so on the same
+/// CPU: the slot never goes below 0).
+#[inline(always)]
+fn uncount(slot: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: as in [`count`].
+        unsafe { *c = (*c).wrapping_sub(1) };
     }
 }

@@ -16,6 +16,7 @@ mod report;
 mod sandbox;
 mod scale;
 mod stats;
+mod tax;
 
 use std::{fs, path::PathBuf, time::Instant};
 

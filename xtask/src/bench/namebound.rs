@@ -12,7 +12,7 @@ use super::{
     Ctx,
     connect::DNS_DST,
     progs::{Side, measure_commands},
-    progstats::{attached, attached_to_map},
+    progstats::{attached, attached_to_machine, attached_to_map},
     report::{Report, Table},
     sandbox::Worker,
     stats::{Summary, abba_commands, us},
@@ -62,6 +62,7 @@ pub fn run(
     let progs = || -> Result<_> {
         let mut p = attached(cgroup)?;
         p.extend(attached_to_map(&pins.join("maps").join("BOUND"))?);
+        p.extend(attached_to_machine(pins)?);
         Ok(p)
     };
     let (setup_named, setup_plain) = {

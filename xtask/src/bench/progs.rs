@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    progstats::{Prog, Runs, StatsOn, attached},
+    progstats::{Prog, Runs, StatsOn, attached, attached_to_machine},
     sandbox::{Sandbox, Worker},
     stats::median,
 };
@@ -151,6 +151,14 @@ impl<'a> Side<'a> {
             worker,
             progs: attached(cgroup)?,
         })
+    }
+
+    /// The enforced side: the programs on its cgroup and those the agent pinned at `pins`
+    /// attached to the whole machine (the tripwire, where it is armed).
+    pub fn egress(worker: &'a mut Worker, cgroup: &Path, pins: &Path) -> Result<Self> {
+        let mut progs = attached(cgroup)?;
+        progs.extend(attached_to_machine(pins)?);
+        Ok(Self { worker, progs })
     }
 
     fn snapshot(&self) -> Result<Vec<Runs>> {

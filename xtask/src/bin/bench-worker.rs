@@ -86,6 +86,7 @@ fn command(w: &[&str]) -> Res<String> {
         "flood" => flood(addr(1)?, num(2)?, num(3)?),
         "dns-rate" => dns_rate(addr(1)?, arg(2)?, num(3)?, num(4)?),
         "dns-max" => dns_max(addr(1)?, arg(2)?, num(3)?, num(4)?),
+        "getppid" => getppid(num(1)?),
         "pid" => Ok(format!("pid={}", std::process::id())),
         other => Err(format!("unknown command {other}")),
     }
@@ -177,6 +178,19 @@ fn tcp(to: &[SocketAddrV4], n: u64) -> Res<String> {
         return Err(format!("{failed} of {done} connects to {to:?} failed"));
     }
     Ok(format!("ns={:.1} n={done}", cpu as f64 / done as f64))
+}
+
+/// `n` calls of the cheapest system call: what entering and leaving the kernel costs this
+/// thread (a tracepoint on `sys_enter` anywhere on the machine puts every call on the slow
+/// path).
+fn getppid(n: u64) -> Res<String> {
+    let cpu0 = thread_cpu_ns();
+    for _ in 0..n {
+        // SAFETY: no arguments, no memory.
+        unsafe { libc::syscall(libc::SYS_getppid) };
+    }
+    let cpu = thread_cpu_ns() - cpu0;
+    Ok(format!("ns={:.1} n={n}", cpu as f64 / n.max(1) as f64))
 }
 
 fn udp(to: &[SocketAddrV4], n: u64) -> Res<String> {

@@ -698,6 +698,99 @@ fn agent_objects(ready: &Value) -> AgentObjects {
     }
 }
 
+/// Asks for a vsock (no capability needed) and a packet socket, prints `vsock=` and
+/// `packet=` (`ok` or the errno), `checked=1`, then waits for the file `argv[1]`.
+const FAMILIES_PY: &str = r#"
+import os, socket, sys, time
+for name, fam, ty in (("vsock", 40, socket.SOCK_STREAM), ("packet", 17, socket.SOCK_RAW)):
+    try:
+        socket.socket(fam, ty, 0).close()
+        print(f"{name}=ok", flush=True)
+    except OSError as e:
+        print(f"{name}={e.errno}", flush=True)
+print("checked=1", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+"#;
+
+/// The links attached to the raw tracepoint `sys_enter` on the whole machine: a program
+/// there makes every task enter every system call through the slow path.
+fn sys_enter_links() -> BTreeSet<u64> {
+    bpftool(&["link", "show"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["type"] == "raw_tracepoint" && l["tp_name"] == "sys_enter")
+        .filter_map(|l| l["id"].as_u64())
+        .collect()
+}
+
+/// Where the family guard cannot load, `run` puts no program on `sys_enter`: the command's
+/// seccomp filter refuses the families the tripwire's half there watches, before that
+/// tracepoint, and a program there would slow every system call of every task on the machine.
+/// Inside, a vsock and a packet socket are still refused (`EPERM`, the command goes on, not
+/// killed); the io_uring half of the tripwire stays armed (for `--allow-io-uring`).
+#[test]
+fn run_puts_no_program_on_the_machine_s_system_calls() {
+    let netns = TestNetns::new();
+    let scratch = TestDir::new();
+    let go_file = scratch.path().join("go");
+    let before = sys_enter_links();
+    let mut run = AgentRun::builder(
+        &netns,
+        ALLOW_8080,
+        &[
+            python3().as_ref(),
+            "-c".as_ref(),
+            FAMILIES_PY.as_ref(),
+            go_file.as_os_str(),
+        ],
+    )
+    .start();
+    let ready = run.wait_ready();
+    wait_for(&mut run, "checked");
+    let during = sys_enter_links();
+    let pins = files_below(&pin_dir(ready["name"].as_str().expect("ready.name")));
+    go(&go_file);
+    assert_exit_0(&mut run);
+
+    let eperm = libc::EPERM.to_string();
+    for family in ["vsock", "packet"] {
+        assert_eq!(
+            run.expect_value(family),
+            eperm,
+            "{family} inside the run\n{}",
+            run.output()
+        );
+    }
+    let new: Vec<_> = during.difference(&before).collect();
+    assert!(
+        new.is_empty(),
+        "the run attached {new:?} to sys_enter\n{}",
+        run.output()
+    );
+    let guard_missing = run.events_of("warning").iter().any(|w| {
+        w["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("family guard (BPF LSM) cannot run")
+    });
+    let pinned = |prefix: &str| {
+        pins.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+    };
+    assert!(!pinned("sys_enter@"), "{pins:?}");
+    if guard_missing {
+        assert!(
+            pinned("io_uring_submit_req@"),
+            "the io_uring half of the tripwire is not armed: {pins:?}\n{}",
+            run.output()
+        );
+    }
+}
+
 /// The `bpf: [[LABEL, ERRNO], ...]` line a [`BPF_PY`] run printed.
 fn bpf_results(out: &str) -> Option<Vec<(String, i32)>> {
     let line = out.lines().find_map(|l| l.strip_prefix("bpf: "))?;

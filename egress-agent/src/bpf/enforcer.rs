@@ -136,6 +136,13 @@ pub struct EnforcerOptions {
     /// system call too (`TRIPWIRE_IO_URING`), since one submission can create a packet socket
     /// and send on it before the kill lands.
     pub refuse_io_uring: bool,
+    /// Where the packet-socket tripwire is armed: its `sys_enter` half too. While a program
+    /// is on that tracepoint, every task of the machine enters every system call through
+    /// the slow path (docs/KERNEL-NOTES.md). `run` leaves it off: its command's seccomp
+    /// filter refuses the same families on the same calls before the tracepoint, so the half
+    /// would never fire there; the `io_uring_submit_req` half stays (io_uring's sockets pass
+    /// that filter with `--allow-io-uring`).
+    pub syscall_tripwire: bool,
 }
 
 impl Default for EnforcerOptions {
@@ -147,6 +154,7 @@ impl Default for EnforcerOptions {
             pin_dir: None,
             trace: false,
             refuse_io_uring: false,
+            syscall_tripwire: true,
         }
     }
 }
@@ -497,7 +505,8 @@ impl Enforcer {
             let io_uring = kiocb_opcode.zip(kiocb_domain).ok_or_else(|| {
                 anyhow!("the kernel's BTF has no struct io_kiocb.opcode or io_socket.domain")
             });
-            if let Err(e) = me.attach_tripwire(&cgroup_dir, layouts, io_uring) {
+            let syscalls = opts.syscall_tripwire;
+            if let Err(e) = me.attach_tripwire(&cgroup_dir, layouts, io_uring, syscalls) {
                 me.tripwire = Some(format!("{e:#}"));
             }
         }
@@ -529,13 +538,14 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Arms the packet-socket tripwire on the cgroup: `sys_enter`, then
+    /// Arms the packet-socket tripwire on the cgroup: `sys_enter` (when `syscalls`), then
     /// `io_uring_submit_req` (whose failure leaves the first armed, and is remembered).
     fn attach_tripwire(
         &mut self,
         cgroup_dir: &fs::File,
         layouts: anyhow::Result<Layouts>,
         io_uring: anyhow::Result<(u32, u32)>,
+        syscalls: bool,
     ) -> anyhow::Result<()> {
         if !cfg!(target_arch = "x86_64") {
             bail!("the tripwire knows the system call numbers of x86_64 only");
@@ -561,8 +571,10 @@ impl Enforcer {
         cgroups
             .set(0, std::os::fd::AsRawFd::as_raw_fd(cgroup_dir), 0)
             .with_context(|| format!("cannot write {TRIPWIRE_CGROUP_MAP}"))?;
-        let link = self.attach_raw_tracepoint(TRIPWIRE_PROGRAM, "sys_enter")?;
-        self.links.push(link);
+        if syscalls {
+            let link = self.attach_raw_tracepoint(TRIPWIRE_PROGRAM, "sys_enter")?;
+            self.links.push(link);
+        }
         let on_io_uring = io_uring.and_then(|_| {
             self.attach_raw_tracepoint(TRIPWIRE_IO_URING_PROGRAM, "io_uring_submit_req")
         });

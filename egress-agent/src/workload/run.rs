@@ -148,6 +148,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         health: None,
         enforcer: EnforcerOptions {
             trace: config.trace_verdicts,
+            // The command's seccomp filter refuses the families the tripwire's `sys_enter`
+            // half watches, on the same calls and before that tracepoint: the half would never
+            // fire, and would slow every system call of the machine.
+            syscall_tripwire: false,
             ..EnforcerOptions::default()
         },
         protected: confinement.protected(),
@@ -162,11 +166,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
             // A second line behind the seccomp filter (and the only one on io_uring's sockets
             // with --allow-io-uring).
             let note = match session.tripwire_state() {
-                Ok(_) => "the packet-socket tripwire is armed too: a process of the command that \
-                          gets past the seccomp filter to one of those families (through \
-                          io_uring's IORING_OP_SOCKET with --allow-io-uring) is killed (SIGKILL), \
-                          with a deny event (hook tripwire)"
+                Ok(None) => "the packet-socket tripwire is armed too, on io_uring: a process of \
+                             the command that gets past the seccomp filter to one of those \
+                             families (through io_uring's IORING_OP_SOCKET with \
+                             --allow-io-uring) is killed (SIGKILL), with a deny event (hook \
+                             tripwire). Its sys_enter half is not attached: the filter refuses \
+                             the same families on every system call before that tracepoint, \
+                             which would slow every system call of the machine"
                     .to_owned(),
+                Ok(Some(why)) => {
+                    format!("the packet-socket tripwire is not armed on io_uring: {why}")
+                }
                 Err(why) => format!("the packet-socket tripwire is not armed either: {why}"),
             };
             warn(&sink, &note);

@@ -134,10 +134,7 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<Enforced>
     // The control's worker times every task's system calls before the agent starts and once
     // it runs (table 1t): back to back.
     let mut ctl = sb.worker(&ctx.worker_bin, &ctl_ns, Some(&ctl_cg), "ctl")?;
-    let tax_cmds = tax::commands(
-        &format!("udp {DNS_DST}:{UDP_PORT} {UDP_BATCH}"),
-        &format!("tcp {DNS_DST}:{TCP_PORT} {TCP_BATCH}"),
-    );
+    let tax_cmds = tax::commands(&format!("udp {DNS_DST}:{UDP_PORT} {UDP_BATCH}"));
     let others = progstats::sys_enter_programs()?;
     let tax_before = tax::sample(&mut ctl, &tax_cmds, ctx.reps)?;
     let instance = sb.name("enf");

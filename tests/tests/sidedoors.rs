@@ -12,7 +12,9 @@
 
 use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::Path, time::Duration};
 
-use egress_tests::{AgentRun, TcpListener, TestDir, TestNetns, unique_name, value, world::python3};
+use egress_tests::{
+    AgentRun, TcpListener, TestDir, TestNetns, probe_bin, unique_name, value, world::python3,
+};
 
 /// Allows only 127.0.0.1 port 8080.
 const ALLOW_8080: &str =
@@ -338,6 +340,57 @@ fn io_uring_is_refused_where_the_family_guard_cannot_run_unless_allowed() {
             run.output()
         );
     }
+}
+
+/// `run --allow-io-uring` where the family guard cannot load: io_uring's `IORING_OP_SOCKET`
+/// gets past the seccomp family filter, and the tripwire's io_uring half (the only half `run`
+/// attaches) kills the command before the packet socket exists, with a deny event.
+#[test]
+fn run_with_io_uring_allowed_still_kills_a_packet_socket_made_through_it() {
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "0".to_owned());
+    if disabled != "0" {
+        eprintln!("NOTE: io_uring is disabled on this kernel ({disabled}): nothing to trip");
+        return;
+    }
+    let netns = TestNetns::new();
+    let probe = probe_bin();
+    let probe = probe.to_str().expect("utf-8 path");
+    let mut run = AgentRun::builder(
+        &netns,
+        ALLOW_8080,
+        &[probe, "packet-uring@lo", "127.0.0.1:9"],
+    )
+    .arg("--allow-io-uring")
+    .start();
+    let code = run.exit_code();
+    let guard_missing = run.events_of("warning").iter().any(|w| {
+        w["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("family guard (BPF LSM) cannot run")
+    });
+    let tripped = run
+        .events_of("deny")
+        .into_iter()
+        .find(|e| e["hook"] == "tripwire" && e["proto"] == "af_packet");
+    if !guard_missing {
+        // The guard refuses the socket itself (EPERM, hook socket_create): nothing trips.
+        assert!(tripped.is_none(), "{}", run.output());
+        return;
+    }
+    assert_eq!(
+        code,
+        128 + libc::SIGKILL,
+        "the command was not killed\n{}",
+        run.output()
+    );
+    assert!(
+        tripped.is_some(),
+        "no tripwire deny event\n{}",
+        run.output()
+    );
 }
 
 /// Pushes Ctrl-A into its terminal with TIOCSTI: `tiocsti=ok` or `tiocsti=<errno>`.

@@ -163,23 +163,22 @@ pub async fn run(config: RunConfig) -> anyhow::Result<i32> {
         // The BPF LSM program refuses them, and reports each attempt.
         None => confinement.leave_families_to_the_kernel(),
         Some(why) => {
-            // A second line behind the seccomp filter (and the only one on io_uring's sockets
-            // with --allow-io-uring).
-            let note = match session.tripwire_state() {
-                Ok(None) => "the packet-socket tripwire is armed too, on io_uring: a process of \
-                             the command that gets past the seccomp filter to one of those \
-                             families (through io_uring's IORING_OP_SOCKET with \
-                             --allow-io-uring) is killed (SIGKILL), with a deny event (hook \
-                             tripwire). Its sys_enter half is not attached: the filter refuses \
-                             the same families on every system call before that tracepoint, \
-                             which would slow every system call of the machine"
-                    .to_owned(),
-                Ok(Some(why)) => {
-                    format!("the packet-socket tripwire is not armed on io_uring: {why}")
-                }
-                Err(why) => format!("the packet-socket tripwire is not armed either: {why}"),
-            };
-            warn(&sink, &note);
+            // With --allow-io-uring, io_uring's sockets pass the seccomp filter: the
+            // tripwire's io_uring half is the line there (its sys_enter half is not attached,
+            // see `syscall_tripwire` above). Without it, io_uring is refused too.
+            if config.allow_io_uring {
+                let note = match session.tripwire_state() {
+                    Ok(None) => "the packet-socket tripwire watches io_uring: a process of the \
+                                 command that asks for one of those families through \
+                                 IORING_OP_SOCKET is killed (SIGKILL), with a deny event (hook \
+                                 tripwire)"
+                        .to_owned(),
+                    Ok(Some(why)) | Err(why) => {
+                        format!("the packet-socket tripwire does not watch io_uring: {why}")
+                    }
+                };
+                warn(&sink, &note);
+            }
             warn(
                 &sink,
                 &format!(

@@ -134,9 +134,13 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<Enforced>
     // The control's worker times every task's system calls before the agent starts and once
     // it runs (table 1t): back to back.
     let mut ctl = sb.worker(&ctx.worker_bin, &ctl_ns, Some(&ctl_cg), "ctl")?;
-    let tax_cmds = tax::commands(&format!("udp {DNS_DST}:{UDP_PORT} {UDP_BATCH}"));
+    let tax_cmds = tax::commands();
     let others = progstats::sys_enter_programs()?;
     let tax_before = tax::sample(&mut ctl, &tax_cmds, ctx.reps)?;
+    let run_instance = sb.name("run");
+    sb.run_agent(&run_instance, &ctl2_ns, &allowlist)?;
+    let tax_run = tax::sample(&mut ctl, &tax_cmds, ctx.reps)?;
+    sb.stop_agent(&run_instance);
     let instance = sb.name("enf");
     let (agent_pid, _, events) = sb.agent(&instance, &enf_ns, &enf_cg, &allowlist)?;
     let pins = Path::new("/sys/fs/bpf/egress").join(&instance);
@@ -145,7 +149,16 @@ pub fn run(sb: &mut Sandbox, ctx: &Ctx, report: &mut Report) -> Result<Enforced>
         .iter()
         .map(|p| p.hook)
         .collect();
-    let tax_table = tax::table(&tax_cmds, &tax_before, &tax_during, &armed, others);
+    let tax_table = tax::table(
+        &tax_cmds,
+        &tax_before,
+        &[
+            ("`run` running", &tax_run),
+            ("`attach` running", &tax_during),
+        ],
+        &armed,
+        others,
+    );
     let dns_ip: std::net::Ipv4Addr = DNS_DST.parse()?;
     for a in &dnss {
         let ip: std::net::Ipv4Addr = a.parse()?;

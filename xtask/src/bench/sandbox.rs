@@ -183,23 +183,50 @@ impl Sandbox {
             .arg(allowlist)
             .args(["--name", instance, "--detach-on-exit", "--events"])
             .arg(&events);
+        let (pid, took) = self.until_ready(cmd, instance, &events, "attach")?;
+        Ok((pid, took, events))
+    }
+
+    /// Starts `egress-agent run` of a `sleep` in `netns` (the agent makes its own cgroup),
+    /// waiting for its ready event; stop it with [`Sandbox::stop_agent`].
+    pub fn run_agent(&mut self, instance: &str, netns: &Path, allowlist: &Path) -> Result<u32> {
+        let events = self.dir.join(format!("{instance}.events.jsonl"));
+        let mut cmd = Self::command(&self.agent_bin, netns, None)?;
+        cmd.arg("run")
+            .arg("--allowlist")
+            .arg(allowlist)
+            .args(["--name", instance, "--events"])
+            .arg(&events)
+            .args(["--", "sleep", "600"]);
+        Ok(self.until_ready(cmd, instance, &events, "run")?.0)
+    }
+
+    /// Spawns the agent `cmd` and waits for the ready event in `events`: its pid, and how
+    /// long it took.
+    fn until_ready(
+        &mut self,
+        cmd: Command,
+        instance: &str,
+        events: &Path,
+        what: &str,
+    ) -> Result<(u32, Duration)> {
         let start = Instant::now();
         let pid = self.spawn_daemon(cmd, &format!("{instance}.log"))?;
         self.agents.push((instance.to_owned(), pid));
         loop {
-            let text = fs::read_to_string(&events).unwrap_or_default();
+            let text = fs::read_to_string(events).unwrap_or_default();
             if text.contains(r#""event":"ready""#) {
-                return Ok((pid, start.elapsed(), events));
+                return Ok((pid, start.elapsed()));
             }
             if let Some(c) = self.children.iter_mut().find(|c| c.id() == pid)
                 && let Ok(Some(status)) = c.try_wait()
             {
                 let log = fs::read_to_string(self.dir.join(format!("{instance}.log")))
                     .unwrap_or_default();
-                bail!("egress-agent attach exited ({status}) before ready:\n{log}");
+                bail!("egress-agent {what} exited ({status}) before ready:\n{log}");
             }
             if start.elapsed() > Duration::from_secs(120) {
-                bail!("egress-agent attach was not ready within 120 s");
+                bail!("egress-agent {what} was not ready within 120 s");
             }
             crate::interrupt::check()?;
             thread::sleep(Duration::from_millis(20));

@@ -462,6 +462,33 @@ fn parse_queries(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// Python for command scripts: `fill_option_memory(s)` adds `TCP_MD5SIG_EXT` keys (136 bytes
+/// each, no capability needed) to TCP socket `s`, for documentation peers outside
+/// 198.51.100.0/24 (each address and prefix length a key of its own), until the kernel answers
+/// `ENOMEM`: the socket's option memory (`sk_omem_alloc`, bounded by `net.core.optmem_max`),
+/// which socket storage is charged to, is then full. Returns `(keys added, full)`.
+pub const FILL_OPTION_MEMORY_PY: &str = r#"
+import errno, socket, struct
+
+def fill_option_memory(s):
+    keys = 0
+    for prefix in range(32, 24, -1):
+        for net in ("192.0.2", "203.0.113"):
+            for h in range(1, 255):
+                peer = struct.pack("=H2x4s", socket.AF_INET,
+                                   socket.inet_aton(f"{net}.{h}")).ljust(128, b"\0")
+                # TCP_MD5SIG_FLAG_PREFIX, the prefix length, a 1-byte key.
+                cmd = struct.pack("=BBHi", 1, prefix, 1, 0) + b"k".ljust(80, b"\0")
+                try:
+                    s.setsockopt(socket.IPPROTO_TCP, 32, peer + cmd)  # TCP_MD5SIG_EXT
+                except OSError as e:
+                    if e.errno != errno.ENOMEM:
+                        raise
+                    return keys, True
+                keys += 1
+    return keys, False
+"#;
+
 /// Python for command scripts: `hello(sni=None, pad=0, ech=False, sni_twice=False,
 /// upper=False)` builds one TLS record holding a ClientHello by hand (TLS 1.3 shape: random,
 /// a session id, one cipher suite), with a `server_name` for `sni` (twice, or upper-cased),

@@ -32,7 +32,7 @@ use egress_tests::{
     TestDir,
     pod::{AgentPins, AttachAgent, AttachBuilder, Pod, agent_cli, http_get, metric},
     poll_until, unique_name,
-    world::{CLIENT_HELLO_PY, DnsWorld, EchoListener, UPSTREAM, python3},
+    world::{CLIENT_HELLO_PY, DnsWorld, EchoListener, FILL_OPTION_MEMORY_PY, UPSTREAM, python3},
 };
 use serde_json::Value;
 
@@ -2449,29 +2449,10 @@ fn a_name_bound_connect_refused_for_want_of_socket_storage_is_no_allow_in_status
     let before = env.status();
     let out = env.app(&format!(
         r#"
-import struct
+{FILL_OPTION_MEMORY_PY}
 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 s.settimeout(3)
-out["full"] = False
-# Keys for documentation peers other than the listener's /24 (an address and each prefix
-# length is a key of its own), until the option memory is full.
-for p in range(32, 24, -1):
-    for net in ("192.0.2", "203.0.113"):
-        for h in range(1, 255):
-            peer = struct.pack("=H2x4s", socket.AF_INET,
-                               socket.inet_aton(f"{{net}}.{{h}}")).ljust(128, b"\0")
-            cmd = struct.pack("=BBHi", 1, p, 1, 0) + b"k".ljust(80, b"\0")
-            try:
-                s.setsockopt(socket.IPPROTO_TCP, 32, peer + cmd)
-            except OSError as e:
-                if e.errno != errno.ENOMEM:
-                    raise
-                out["full"] = True
-                break
-        if out["full"]:
-            break
-    if out["full"]:
-        break
+out["keys"], out["full"] = fill_option_memory(s)
 try:
     s.connect(("{ALLOWED_IP}", 8080))
     out["r"] = {{"ok": True}}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use egress_tests::{
     require_root,
-    world::{CLIENT_HELLO_PY, DnsWorld, EchoListener, UPSTREAM},
+    world::{CLIENT_HELLO_PY, DnsWorld, EchoListener, FILL_OPTION_MEMORY_PY, UPSTREAM},
 };
 use serde_json::Value;
 
@@ -1540,35 +1540,16 @@ fn a_socket_whose_option_memory_is_full_cannot_connect_to_a_name_bound_destinati
     let (run, out) = run(
         &world,
         OK_ONLY,
-        r#"
-import struct
-
-TCP_MD5SIG_EXT = 32
-TCP_MD5SIG_FLAG_PREFIX = 1
-
-def md5_key(s, addr, prefix):
-    peer = struct.pack("=H2x4s", socket.AF_INET, socket.inet_aton(addr)).ljust(128, b"\0")
-    cmd = struct.pack("=BBHi", TCP_MD5SIG_FLAG_PREFIX, prefix, 1, 0) + b"k".ljust(80, b"\0")
-    s.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG_EXT, peer + cmd)
+        &format!(
+            r#"
+{FILL_OPTION_MEMORY_PY}
 
 def starved(sni):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(3)
-    r = {"keys": 0, "full": False}
+    r = {{"keys": 0, "full": False}}
     try:
-        # Keys for documentation peers outside the front-end's /24 (an address and each prefix
-        # length is a key of its own), until the option memory is full.
-        keys = [(f"{net}.{h}", p) for p in range(32, 24, -1)
-                for net in ("192.0.2", "203.0.113") for h in range(1, 255)]
-        for a, p in keys:
-            try:
-                md5_key(s, a, p)
-                r["keys"] += 1
-            except OSError as e:
-                if e.errno != errno.ENOMEM:
-                    raise
-                r["full"] = True
-                break
+        r["keys"], r["full"] = fill_option_memory(s)
         s.connect((FRONT, 443))
         s.sendall(hello(sni))
         r["ok"] = True
@@ -1580,7 +1561,8 @@ def starved(sni):
 
 out["starved"] = starved("evil.example.test")
 out["after"] = first(443, [hello("ok.example.test")])
-"#,
+"#
+        ),
     );
     let s = &out["starved"];
     assert_eq!(

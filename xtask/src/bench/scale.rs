@@ -97,7 +97,11 @@ pub fn run(
     ]);
     // Per 1,000 entries: what the trie and exact hash grew by over the smallest size, per
     // entry added. Divided by its own count, a 10-entry row shows the fixed bucket array.
-    let base = enf.memory.first().map(|&(_, cm, _, cn, _)| (cm, cn));
+    let base = enf
+        .memory
+        .iter()
+        .min_by_key(|m| m.3)
+        .map(|&(_, cm, _, cn, _)| (cm, cn));
     for &(size, cm, dm, cn, dn) in &enf.memory {
         let growth = match base {
             Some((bm, bn)) if cn > bn => format!(

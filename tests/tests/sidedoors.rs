@@ -342,6 +342,50 @@ fn io_uring_is_refused_where_the_family_guard_cannot_run_unless_allowed() {
     }
 }
 
+/// `request_key("user", <argv[1]>, NULL, 0)` on x86_64 or aarch64: prints `request_key=ok` or
+/// `request_key=<errno>`. With no callout the kernel only searches the caller's keyrings: it
+/// starts no helper, so the control outside runs nothing as root.
+const REQUEST_KEY: &str = r#"
+import ctypes, platform, sys
+libc = ctypes.CDLL(None, use_errno=True)
+nr = {"x86_64": 249, "aarch64": 218}[platform.machine()]
+r = libc.syscall(nr, b"user", sys.argv[1].encode(), None, 0)
+print(f"request_key={'ok' if r >= 0 else ctypes.get_errno()}", flush=True)
+"#;
+
+/// The kernel's key request: a key the caller's keyrings lack, asked for with a callout,
+/// makes the kernel run `/sbin/request-key` as root in the root cgroup and the machine's
+/// namespaces, with the description the caller chose (where keyutils is installed, a
+/// `dns_resolver` key has the host's resolver look that description up: a name out past the
+/// agent's resolver). `run` answers `request_key` with `ENOSYS`, as a kernel without keys
+/// would, whatever its arguments; the control shows that this kernel has keys (outside, the
+/// same call fails with `ENOKEY`, or whatever else it fails with, never `ENOSYS`).
+#[test]
+fn request_key_is_refused_so_no_key_helper_runs_outside() {
+    let desc = format!("egress-test:{}", unique_name());
+    let out = std::process::Command::new(python3())
+        .args(["-c", REQUEST_KEY, &desc])
+        .output()
+        .expect("python3");
+    let outside = value(&String::from_utf8_lossy(&out.stdout), "request_key")
+        .unwrap_or_else(|| panic!("control printed nothing: {out:?}"));
+    assert_ne!(
+        outside,
+        libc::ENOSYS.to_string(),
+        "control: this kernel has no keys, so the test proves nothing"
+    );
+    let netns = TestNetns::new();
+    let mut run =
+        AgentRun::builder(&netns, ALLOW_8080, &[python3(), "-c", REQUEST_KEY, &desc]).start();
+    assert!(run.wait().success(), "{}", run.output());
+    assert_eq!(
+        run.expect_value("request_key"),
+        libc::ENOSYS.to_string(),
+        "request_key inside (outside it answered {outside})\n{}",
+        run.output()
+    );
+}
+
 /// `run --allow-io-uring` where the family guard cannot load: io_uring's `IORING_OP_SOCKET`
 /// gets past the seccomp family filter, and the tripwire's io_uring half (the only half `run`
 /// attaches) kills the command before the packet socket exists, with a deny event.

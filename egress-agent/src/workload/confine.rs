@@ -16,8 +16,8 @@
 //! 4. a capability bounding set (and inheritable and ambient sets) without the dropped
 //!    capabilities, so not even a setuid-root binary gets them back;
 //! 5. `no_new_privs`, after the identity change, and a seccomp filter that answers `clone3`
-//!    with ENOSYS and refuses sockets of families other than unix, inet, inet6, netlink and
-//!    alg (see `crate::workload::seccomp`);
+//!    and `request_key` with ENOSYS and refuses sockets of families other than unix, inet,
+//!    inet6, netlink and alg (see `crate::workload::seccomp`);
 //! 6. no deputies: a private `/run`, the host's other unix sockets masked, abstract sockets
 //!    scoped by Landlock, and a resolver view (see `crate::workload::deputies`).
 
@@ -262,7 +262,7 @@ impl Confinement {
 
     /// Leaves socket families to the family guard (the BPF LSM program, which also reports
     /// each refusal, and sees sockets io_uring creates too): the seccomp filter keeps its
-    /// `clone3` and terminal rules.
+    /// `clone3`, `request_key` and terminal rules.
     pub fn leave_families_to_the_kernel(&mut self) {
         self.seccomp = crate::workload::seccomp::filter(crate::workload::seccomp::Rules {
             families: false,
@@ -572,7 +572,9 @@ impl Confinement {
 /// places a new process in any cgroup whose `cgroup.procs` the caller could write, checked on
 /// the inode only: the read-only mount does not stop it, and the cgroup namespace only does
 /// when cgroup2 is mounted with `nsdelegate`, not a setting we may change on a shared host),
-/// and sockets of families other than unix, inet, inet6, netlink and alg answer EPERM.
+/// `request_key` answers ENOSYS (the kernel's key request runs a root helper outside the
+/// sandbox), and sockets of families other than unix, inet, inet6, netlink and alg answer
+/// EPERM.
 unsafe fn install_seccomp(filter: &[libc::sock_filter]) -> io::Result<()> {
     let prog = libc::sock_fprog {
         len: filter.len() as u16,

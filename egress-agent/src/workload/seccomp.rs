@@ -6,6 +6,11 @@
 //! - io_uring answers `ENOSYS` where the family rule is on (see [`Rules::io_uring`]);
 //! - `clone3` answers `ENOSYS`: `clone3(CLONE_INTO_CGROUP)` could place a child in another
 //!   cgroup (docs/KERNEL-NOTES.md); glibc falls back to `clone`, which cannot name one;
+//! - `request_key` answers `ENOSYS`, as on a kernel built without keys: a key the caller's
+//!   keyrings lack makes the kernel run `/sbin/request-key` as root, in the root cgroup and the
+//!   machine's namespaces, with the description the caller chose; with keyutils installed, a
+//!   `dns_resolver` key resolves that description through the host's resolver, a name out past
+//!   the agent's (docs/THREATS.md). `add_key` and `keyctl` start no helper and stay;
 //! - `socket` and `socketpair` of a family other than unix, inet, inet6, netlink and alg answer
 //!   `EPERM`: a packet socket, a vsock to the hypervisor's host, TIPC, RDS, SMC and the rest
 //!   carry data past every cgroup socket hook. This is the family guard of the BPF LSM program
@@ -52,6 +57,7 @@ struct Abi {
     socketpair: u32,
     ioctl: u32,
     setsockopt: u32,
+    request_key: u32,
     /// Bits to clear from the number first (x32's flag).
     mask: u32,
 }
@@ -63,6 +69,7 @@ const NATIVE: Option<Abi> = Some(Abi {
     socketpair: 53,
     ioctl: 16,
     setsockopt: 54,
+    request_key: 249,
     mask: !0x4000_0000,
 });
 #[cfg(target_arch = "aarch64")]
@@ -72,6 +79,7 @@ const NATIVE: Option<Abi> = Some(Abi {
     socketpair: 199,
     ioctl: 29,
     setsockopt: 208,
+    request_key: 218,
     mask: !0,
 });
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -86,6 +94,7 @@ const COMPAT: Option<(Abi, u32)> = Some((
         socketpair: 360,
         ioctl: 54,
         setsockopt: 366,
+        request_key: 287,
         mask: !0,
     },
     // socketcall
@@ -216,6 +225,7 @@ fn abi_rules(abi: &Abi, socketcall: Option<u32>, rules: Rules) -> Vec<Op> {
     use Op::*;
     let mut ops = vec![
         JeqTo(SYS_CLONE3, "enosys"),
+        JeqTo(abi.request_key, "enosys"),
         JeqTo(abi.ioctl, "ioctl"),
         JeqTo(abi.setsockopt, "setsockopt"),
     ];
@@ -329,6 +339,17 @@ mod tests {
         assert_eq!(run(&p, i386, 102, 1), eperm, "socketcall");
         assert_eq!(run(&p, x86_64, 435, 0), enosys);
         assert_eq!(run(&p, i386, 435, 0), enosys);
+        // request_key, on every entry point; add_key and keyctl pass.
+        assert_eq!(run(&p, x86_64, 249, 0), enosys, "request_key");
+        assert_eq!(
+            run(&p, x86_64, 249 | 0x4000_0000, 0),
+            enosys,
+            "x32 request_key"
+        );
+        assert_eq!(run(&p, i386, 287, 0), enosys, "i386 request_key");
+        for (arch, nr) in [(x86_64, 248), (x86_64, 250), (i386, 286), (i386, 288)] {
+            assert_eq!(run(&p, arch, nr, 0), RET_ALLOW, "add_key/keyctl {nr}");
+        }
         // Everything else passes: read, connect, the x86_64 number 102 (getuid).
         assert_eq!(run(&p, x86_64, 0, 17), RET_ALLOW);
         assert_eq!(run(&p, x86_64, 42, 17), RET_ALLOW);
@@ -395,6 +416,13 @@ mod tests {
         let arch = NATIVE.map_or(0, |n| n.arch);
         assert_eq!(run(&p, arch, 435, 0), RET_ERRNO | libc::ENOSYS as u32);
         assert_eq!(run(&p, arch, 41, 17), RET_ALLOW);
+        if let Some(n) = NATIVE {
+            assert_eq!(
+                run(&p, arch, n.request_key, 0),
+                RET_ERRNO | libc::ENOSYS as u32,
+                "request_key, whatever the rules"
+            );
+        }
     }
 
     #[test]

@@ -20,7 +20,9 @@
 //! On x86_64 the i386 entry points are covered too (a 32-bit binary runs under the same
 //! filter): `socket`/`socketpair` are judged the same way, and `socketcall`, whose arguments
 //! sit behind a pointer the filter cannot read, answers `EPERM` (glibc has used the direct
-//! calls since Linux 4.3).
+//! calls since Linux 4.3). A system call through any other ABI, whose numbers this filter
+//! does not know (AArch32 on an arm64 kernel built with `COMPAT`), kills the process: let
+//! through, it would pass every rule above, `clone3` included.
 
 /// The families a confined command may open.
 pub const ALLOWED_FAMILIES: [u32; 5] = [
@@ -121,6 +123,8 @@ const OFF_ARG1: u32 = 24;
 const OFF_ARG2: u32 = 32;
 
 const RET_ALLOW: u32 = 0x7fff_0000;
+/// `SECCOMP_RET_KILL_PROCESS` (Linux 4.14).
+const RET_KILL_PROCESS: u32 = 0x8000_0000;
 const RET_ERRNO: u32 = 0x0005_0000;
 
 /// One instruction, with jumps to labels resolved by [`assemble`].
@@ -165,8 +169,9 @@ pub fn filter(rules: Rules) -> Vec<libc::sock_filter> {
     if let Some((compat, _)) = &COMPAT {
         ops.push(JeqTo(compat.arch, "compat"));
     }
-    // Another ABI: nothing of ours to judge.
-    ops.push(Ret(RET_ALLOW));
+    // Another ABI (AArch32 on arm64): its numbers are not known here, so nothing could be
+    // judged; closed rather than open.
+    ops.push(Ret(RET_KILL_PROCESS));
     ops.push(Label("native"));
     ops.push(Ld(OFF_NR));
     if native.mask != !0 {
@@ -354,7 +359,9 @@ mod tests {
         assert_eq!(run(&p, x86_64, 0, 17), RET_ALLOW);
         assert_eq!(run(&p, x86_64, 42, 17), RET_ALLOW);
         assert_eq!(run(&p, x86_64, 102, 17), RET_ALLOW);
-        assert_eq!(run(&p, 0x1234, 41, 17), RET_ALLOW, "an unknown ABI");
+        assert_eq!(run(&p, 0x1234, 41, 17), RET_KILL_PROCESS, "an unknown ABI");
+        // AArch32's, as an arm64 kernel reports it: no number of it is judged, so none runs.
+        assert_eq!(run(&p, 0x4000_0028, 20, 0), RET_KILL_PROCESS, "AArch32");
         // The terminal ioctls, on both entry points; other ioctls pass.
         for (arch, ioctl) in [(x86_64, 16), (i386, 54)] {
             assert_eq!(run(&p, arch, ioctl, TIOCSTI), eperm, "TIOCSTI");
